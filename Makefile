@@ -1,0 +1,37 @@
+# The two commands of the README: `make demo` and `make test`. Each creates
+# the virtual environment, installs the project and the system packages it
+# needs when they are missing, then runs.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TRIAL_ARGS ?= tests
+
+.PHONY: demo test lint typecheck bench install clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml scripts/system-deps
+	PYTHON=$(PYTHON) scripts/system-deps
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# "compat" puts the checkout itself on sys.path, which is what lets
+	# Twisted find twisted/plugins (no __init__.py there, on purpose).
+	$(BIN)/python -m pip install -q -e '.[dev]' --config-settings editable_mode=compat
+	touch $@
+
+demo: install
+	$(BIN)/cpsdmp demo
+
+test: install
+	$(BIN)/python -m twisted.trial $(TRIAL_ARGS)
+
+lint: install
+	$(BIN)/ruff check cpsdmp tests benchmarks twisted
+	$(BIN)/ruff format --check cpsdmp tests benchmarks twisted
+
+typecheck: install
+	$(BIN)/mypy cpsdmp
+
+clean:
+	rm -rf $(VENV) build *.egg-info _trial_temp* twisted/plugins/dropin.cache

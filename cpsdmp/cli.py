@@ -1,0 +1,40 @@
+"""
+The C{cpsdmp} command: each subcommand lives beside the code it drives and
+registers itself through an C{add_parser(subparsers)} function that sets
+C{func} on its parser. C{func(args)} returns the exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# Module that defines each subcommand, in the order `--help` lists them.
+SUBCOMMANDS = [
+    "cpsdmp.agent.testcard_cli",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cpsdmp",
+        description="Talk to the French DMP with a CPS card left in the "
+        "professional's workstation.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers.required = True
+    for name in SUBCOMMANDS:
+        importlib.import_module(name).add_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    status: int = args.func(args)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

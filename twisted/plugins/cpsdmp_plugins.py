@@ -1,0 +1,13 @@
+"""
+The `twist` plugins of cpsdmp. This folder has no __init__.py on purpose:
+Twisted gathers every `twisted/plugins` directory on sys.path.
+"""
+
+from twisted.application.service import ServiceMaker
+
+cpsagent = ServiceMaker(
+    "cpsdmp CPS agent",
+    "cpsdmp.agent.tap",
+    "The workstation agent that signs with the CPS card through PKCS#11.",
+    "cpsagent",
+)
