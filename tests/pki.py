@@ -15,11 +15,13 @@ from cryptography.x509.oid import NameOID
 Key = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 
 
-def self_signed(key: Key, name: str = "cpsdmp unit test") -> tuple[Key, x509.Certificate]:
+def self_signed(
+    key: Key, name: str = "cpsdmp unit test"
+) -> tuple[Key, x509.Certificate]:
     """
     @return: C{key} and a one-day self-signed certificate for it.
     """
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     cert = (
         x509.CertificateBuilder()

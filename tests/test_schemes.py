@@ -31,7 +31,9 @@ class SignatureSchemeTests(SynchronousTestCase):
         self.assertIsInstance(
             SignatureScheme.rsa_pss_rsae_sha512.hash_algorithm, hashes.SHA512
         )
-        self.assertIsInstance(SignatureScheme.rsa_pkcs1_sha1.hash_algorithm, hashes.SHA1)
+        self.assertIsInstance(
+            SignatureScheme.rsa_pkcs1_sha1.hash_algorithm, hashes.SHA1
+        )
 
     def test_wrong_key_type(self) -> None:
         """

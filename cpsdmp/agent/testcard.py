@@ -1,0 +1,480 @@
+"""
+A test CPS card and the test PKI around it, all kept in one folder.
+
+The card is a SoftHSM2 token set up the way a real CPS card is: the keys are
+generated on the token by OpenSC's C{pkcs11-tool} (so they never exist
+outside it), the certificates are then issued for their public keys and
+written beside them with the card's labels and C{CKA_ID}s. The
+authentication key accepts only C{CKM_RSA_PKCS}, like a CPS3 card, so no
+test can pass with a mechanism the real card refuses. A PKCS#12 "soft card"
+with the same holder serves on machines without SoftHSM2.
+
+Everything lives in the folder: SoftHSM2 gets its own C{softhsm2.conf} there
+and the system's configuration is never read or written. C{testcard.json}
+describes the result; running the initialisation again reuses it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import secrets
+import shutil
+import subprocess
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.serialization import pkcs12
+
+from cpsdmp.agent import pki
+
+AUTHENTICATION_KEY_LABEL = "CPS_PRIV_AUT"
+SIGNATURE_KEY_LABEL = "CPS_PRIV_SIG"
+AUTHENTICATION_CERTIFICATE_LABEL = "Certificat d'Authentification CPS"
+SIGNATURE_CERTIFICATE_LABEL = "Certificat de Signature CPS"
+AUTHENTICATION_ID = "01"
+SIGNATURE_ID = "02"
+
+DEFAULT_PIN = "1234"
+DEFAULT_TOKEN_LABEL = "CPS TEST"
+
+DEFAULT_PROFESSIONAL = pki.Professional(
+    id="810001234567",
+    given_name="Marie",
+    family_name="DURAND-TEST",
+    profession="Médecin",
+    profession_code="10",
+    specialty="G15_10/SM54",
+    organization="CABINET CPSDMP TEST",
+)
+
+# Where Debian and other distributions put SoftHSM2's PKCS#11 module.
+SOFTHSM2_MODULES = (
+    "/usr/lib/softhsm/libsofthsm2.so",
+    "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+    "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
+    "/usr/lib64/pkcs11/libsofthsm2.so",
+    "/usr/local/lib/softhsm/libsofthsm2.so",
+    "/opt/homebrew/lib/softhsm/libsofthsm2.so",
+)
+
+
+class TestCardError(Exception):
+    """
+    The test card could not be made; the message says which step failed.
+    """
+
+
+def find_softhsm2_module() -> str | None:
+    """
+    @return: the path of SoftHSM2's PKCS#11 module, or C{None} if it is not
+        installed (C{CPSDMP_SOFTHSM2_MODULE} overrides the search).
+    """
+    explicit = os.environ.get("CPSDMP_SOFTHSM2_MODULE")
+    candidates = [explicit] if explicit else SOFTHSM2_MODULES
+    for candidate in candidates:
+        if candidate and Path(candidate).is_file():
+            return candidate
+    return None
+
+
+def softhsm2_missing() -> str | None:
+    """
+    @return: why a SoftHSM2 test card cannot be made here, or C{None} if it can.
+    """
+    if find_softhsm2_module() is None:
+        return "SoftHSM2's PKCS#11 module is not installed (Debian: softhsm2)"
+    for tool, package in [("softhsm2-util", "softhsm2"), ("pkcs11-tool", "opensc")]:
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed (Debian: {package})"
+    return None
+
+
+@dataclass
+class TestCard:
+    """
+    What C{testcard.json} describes: the card, its PIN, and the test PKI.
+
+    Paths are absolute. C{pkcs11_module}, C{token_label} and
+    C{softhsm2_conf} are C{None} for a soft-card-only setup.
+    """
+
+    __test__ = False  # not a test case, whatever its name says
+
+    directory: str
+    pin: str
+    pkcs11_module: str | None
+    token_label: str | None
+    softhsm2_conf: str | None
+    soft_card: str
+    soft_card_signature: str
+    ca_root: str
+    ca_intermediates: list[str]
+    sandbox_cert: str
+    sandbox_key: str
+    professional: dict[str, str]
+    so_pin: str | None = None
+    files: list[str] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str]) -> TestCard:
+        """
+        @raise TestCardError: when the folder holds no test card.
+        """
+        path = Path(directory) / "testcard.json"
+        try:
+            content: dict[str, Any] = json.loads(path.read_text("utf-8"))
+        except FileNotFoundError:
+            raise TestCardError(
+                f"no test card in {directory}: run `cpsdmp testcard init --dir "
+                f"{directory}` first"
+            ) from None
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in content.items() if k in known})
+
+    @property
+    def has_token(self) -> bool:
+        return self.pkcs11_module is not None
+
+    def is_complete(self) -> bool:
+        """
+        @return: whether every file the description names is still there.
+        """
+        return all(Path(self.directory, name).exists() for name in self.files)
+
+    def environment(self) -> dict[str, str]:
+        """
+        @return: the environment variables a process needs to open the token.
+        """
+        return {"SOFTHSM2_CONF": self.softhsm2_conf} if self.softhsm2_conf else {}
+
+    def ca_root_certificate(self) -> x509.Certificate:
+        return x509.load_pem_x509_certificate(Path(self.ca_root).read_bytes())
+
+    def ca_intermediate_certificates(self) -> list[x509.Certificate]:
+        return [
+            x509.load_pem_x509_certificate(Path(p).read_bytes())
+            for p in self.ca_intermediates
+        ]
+
+
+@contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    with open(directory / ".testcard.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def init_testcard(
+    directory: str | os.PathLike[str],
+    *,
+    softhsm: bool | None = None,
+    pin: str = DEFAULT_PIN,
+    token_label: str = DEFAULT_TOKEN_LABEL,
+    professional: pki.Professional = DEFAULT_PROFESSIONAL,
+) -> TestCard:
+    """
+    Make the test PKI and the test card in C{directory}, or reuse them.
+
+    @param softhsm: C{True} to require a SoftHSM2 token, C{False} for a soft
+        card only, C{None} for a token when SoftHSM2 is installed.
+    @raise TestCardError: when a step fails, naming it.
+    """
+    folder = Path(directory).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    with _locked(folder):
+        if (folder / "testcard.json").exists():
+            existing = TestCard.load(folder)
+            wants_token = softhsm if softhsm is not None else existing.has_token
+            if existing.is_complete() and existing.has_token == wants_token:
+                return existing
+        if softhsm is None:
+            softhsm = softhsm2_missing() is None
+        elif softhsm and (reason := softhsm2_missing()):
+            raise TestCardError(f"cannot make a SoftHSM2 test card: {reason}")
+        return _build(folder, softhsm, pin, token_label, professional)
+
+
+def _write(path: Path, data: bytes, *, secret: bool = False) -> str:
+    path.write_bytes(data)
+    if secret:
+        path.chmod(0o600)
+    return path.name
+
+
+def _pem(certificate: x509.Certificate) -> bytes:
+    return certificate.public_bytes(serialization.Encoding.PEM)
+
+
+def _build(
+    folder: Path,
+    softhsm: bool,
+    pin: str,
+    token_label: str,
+    professional: pki.Professional,
+) -> TestCard:
+    files: list[str] = []
+
+    root = pki.make_root()
+    persons = pki.make_intermediate(root, "TEST AC IGC-SANTE ELEMENTAIRE PERSONNES")
+    servers = pki.make_intermediate(root, "TEST AC IGC-SANTE ELEMENTAIRE ORGANISATIONS")
+    files.append(_write(folder / "ca-root.pem", _pem(root.certificate)))
+    files.append(_write(folder / "ca-persons.pem", _pem(persons.certificate)))
+    files.append(_write(folder / "ca-servers.pem", _pem(servers.certificate)))
+
+    sandbox_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    sandbox_certificate = pki.server_certificate(
+        servers, sandbox_key.public_key(), ["localhost"], ["127.0.0.1", "::1"]
+    )
+    files.append(
+        _write(
+            folder / "sandbox.pem",
+            _pem(sandbox_certificate) + _pem(servers.certificate),
+        )
+    )
+    files.append(
+        _write(
+            folder / "sandbox-key.pem",
+            sandbox_key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            ),
+            secret=True,
+        )
+    )
+
+    chain = [persons.certificate, root.certificate]
+    for usage, name in [
+        ("authentication", "soft-card.p12"),
+        ("signature", "soft-card-signature.p12"),
+    ]:
+        files.append(
+            _write(
+                folder / name,
+                _soft_card(persons, chain, professional, usage, pin),
+                secret=True,
+            )
+        )
+
+    token: dict[str, Any] = {
+        "pkcs11_module": None,
+        "token_label": None,
+        "softhsm2_conf": None,
+        "so_pin": None,
+    }
+    if softhsm:
+        token = _make_token(folder, persons, professional, pin, token_label)
+        files += ["softhsm2.conf", "tokens"]
+
+    card = TestCard(
+        directory=str(folder),
+        pin=pin,
+        soft_card=str(folder / "soft-card.p12"),
+        soft_card_signature=str(folder / "soft-card-signature.p12"),
+        ca_root=str(folder / "ca-root.pem"),
+        ca_intermediates=[
+            str(folder / "ca-persons.pem"),
+            str(folder / "ca-servers.pem"),
+        ],
+        sandbox_cert=str(folder / "sandbox.pem"),
+        sandbox_key=str(folder / "sandbox-key.pem"),
+        professional={
+            "id": professional.id,
+            "name": professional.name,
+            "given_name": professional.given_name,
+            "family_name": professional.family_name,
+            "profession": professional.profession,
+            "profession_code": professional.profession_code,
+            "specialty": professional.specialty,
+            "organization": professional.organization,
+        },
+        files=files,
+        **token,
+    )
+    description = json.dumps(asdict(card), indent=2, ensure_ascii=False)
+    _write(folder / "testcard.json", description.encode("utf-8") + b"\n", secret=True)
+    return card
+
+
+def _soft_card(
+    authority: pki.Authority,
+    chain: Sequence[x509.Certificate],
+    professional: pki.Professional,
+    usage: str,
+    pin: str,
+) -> bytes:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    certificate = pki.card_certificate(authority, key.public_key(), professional, usage)
+    label = (
+        AUTHENTICATION_CERTIFICATE_LABEL
+        if usage == "authentication"
+        else SIGNATURE_CERTIFICATE_LABEL
+    )
+    return pkcs12.serialize_key_and_certificates(
+        label.encode("utf-8"),
+        key,
+        certificate,
+        list(chain),
+        serialization.BestAvailableEncryption(pin.encode("utf-8")),
+    )
+
+
+class _Tools:
+    """
+    The command-line tools that set up a SoftHSM2 token, bound to the test
+    card's own configuration.
+    """
+
+    def __init__(self, module: str, conf: Path, token_label: str, pin: str) -> None:
+        self._module = module
+        self._token_label = token_label
+        self._pin = pin
+        self._env = {**os.environ, "SOFTHSM2_CONF": str(conf)}
+
+    def run(self, step: str, argv: list[str]) -> bytes:
+        try:
+            completed = subprocess.run(
+                argv, env=self._env, capture_output=True, timeout=120, check=False
+            )
+        except subprocess.TimeoutExpired:
+            raise TestCardError(f"{step}: {argv[0]} did not finish in 120 s") from None
+        if completed.returncode != 0:
+            # The PIN is on the command line; never echo the command itself.
+            detail = completed.stderr.decode("utf-8", "replace").strip()
+            raise TestCardError(f"{step} failed ({argv[0]}): {detail}")
+        return completed.stdout
+
+    def pkcs11(self, step: str, *arguments: str) -> bytes:
+        return self.run(
+            step,
+            [
+                "pkcs11-tool",
+                "--module",
+                self._module,
+                "--token-label",
+                self._token_label,
+                "--login",
+                "--pin",
+                self._pin,
+                *arguments,
+            ],
+        )
+
+
+def _make_token(
+    folder: Path,
+    authority: pki.Authority,
+    professional: pki.Professional,
+    pin: str,
+    token_label: str,
+) -> dict[str, Any]:
+    module = find_softhsm2_module()
+    assert module is not None
+    tokens = folder / "tokens"
+    if tokens.exists():
+        shutil.rmtree(tokens)
+    tokens.mkdir(mode=0o700)
+    conf = folder / "softhsm2.conf"
+    conf.write_text(
+        f"directories.tokendir = {tokens}\n"
+        "objectstore.backend = file\n"
+        "log.level = ERROR\n"
+        "slots.removable = false\n",
+        "utf-8",
+    )
+    so_pin = secrets.token_hex(8)
+    tools = _Tools(module, conf, token_label, pin)
+    tools.run(
+        "initialising the SoftHSM2 token",
+        [
+            "softhsm2-util",
+            "--init-token",
+            "--free",
+            "--label",
+            token_label,
+            "--so-pin",
+            so_pin,
+            "--pin",
+            pin,
+        ],
+    )
+
+    keys: Mapping[str, tuple[str, str, str, str]] = {
+        "authentication": (
+            AUTHENTICATION_ID,
+            AUTHENTICATION_KEY_LABEL,
+            AUTHENTICATION_CERTIFICATE_LABEL,
+            # The CPS3 authentication key signs a caller-made DigestInfo only.
+            "RSA-PKCS",
+        ),
+        "signature": (
+            SIGNATURE_ID,
+            SIGNATURE_KEY_LABEL,
+            SIGNATURE_CERTIFICATE_LABEL,
+            "RSA-PKCS,SHA1-RSA-PKCS,SHA256-RSA-PKCS,SHA384-RSA-PKCS,SHA512-RSA-PKCS",
+        ),
+    }
+    for usage, (key_id, key_label, certificate_label, mechanisms) in keys.items():
+        tools.pkcs11(
+            f"generating the {usage} key on the token",
+            "--keypairgen",
+            "--key-type",
+            "rsa:2048",
+            "--id",
+            key_id,
+            "--label",
+            key_label,
+            "--usage-sign",
+            "--allowed-mechanisms",
+            mechanisms,
+        )
+        public_der = folder / f"{usage}-public.der"
+        tools.pkcs11(
+            f"reading the {usage} public key",
+            "--read-object",
+            "--type",
+            "pubkey",
+            "--id",
+            key_id,
+            "--output-file",
+            str(public_der),
+        )
+        public_key = serialization.load_der_public_key(public_der.read_bytes())
+        public_der.unlink()
+        if not isinstance(public_key, rsa.RSAPublicKey):
+            raise TestCardError(f"the token made a non-RSA {usage} key")
+        certificate = pki.card_certificate(authority, public_key, professional, usage)
+        certificate_der = folder / f"{usage}.der"
+        certificate_der.write_bytes(
+            certificate.public_bytes(serialization.Encoding.DER)
+        )
+        tools.pkcs11(
+            f"writing the {usage} certificate to the token",
+            "--write-object",
+            str(certificate_der),
+            "--type",
+            "cert",
+            "--id",
+            key_id,
+            "--label",
+            certificate_label,
+        )
+        certificate_der.unlink()
+
+    return {
+        "pkcs11_module": module,
+        "token_label": token_label,
+        "softhsm2_conf": str(conf),
+        "so_pin": so_pin,
+    }

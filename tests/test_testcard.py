@@ -1,0 +1,304 @@
+"""
+Tests for the test PKI and the test CPS card: what a real card holds, where
+the real card holds it, and nothing written outside the card's folder.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import ipaddress
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import pkcs12
+from cryptography.x509.verification import (
+    Criticality,
+    ExtensionPolicy,
+    PolicyBuilder,
+    Store,
+)
+from twisted.trial.unittest import TestCase
+
+from cpsdmp.agent import testcard
+from cpsdmp.agent.testcard import TestCard, init_testcard
+
+
+@functools.cache
+def _token_card() -> TestCard:
+    return init_testcard(Path("testcard-token").absolute(), softhsm=True)
+
+
+@functools.cache
+def _soft_card() -> TestCard:
+    return init_testcard(Path("testcard-soft").absolute(), softhsm=False)
+
+
+def _objects(card: TestCard) -> str:
+    """
+    List the token's objects with OpenSC, as a person checking a card would.
+    """
+    assert card.pkcs11_module and card.token_label
+    return subprocess.run(
+        [
+            "pkcs11-tool",
+            "--module",
+            card.pkcs11_module,
+            "--token-label",
+            card.token_label,
+            "--login",
+            "--pin",
+            card.pin,
+            "--list-objects",
+        ],
+        env={**os.environ, **card.environment()},
+        capture_output=True,
+        check=True,
+        timeout=60,
+    ).stdout.decode("utf-8", "replace")
+
+
+def _blocks(listing: str) -> list[dict[str, str]]:
+    blocks: list[dict[str, str]] = []
+    for line in listing.splitlines():
+        if line.endswith("Object; RSA 2048 bits") or " Object;" in line:
+            blocks.append({"kind": line.split(" Object;")[0]})
+        elif blocks and ":" in line:
+            key, _, value = line.strip().partition(":")
+            blocks[-1][key.strip()] = value.strip()
+    return blocks
+
+
+class TokenTestCardTests(TestCase):
+    """
+    A SoftHSM2 test card, made once for these tests.
+    """
+
+    def setUp(self) -> None:
+        self.card = _token_card()
+        self.directory = Path(self.card.directory)
+
+    def test_description(self) -> None:
+        """
+        testcard.json names every part with absolute paths that exist.
+        """
+        description = json.loads((self.directory / "testcard.json").read_text())
+        for key in [
+            "pin",
+            "pkcs11_module",
+            "token_label",
+            "softhsm2_conf",
+            "soft_card",
+            "ca_root",
+            "ca_intermediates",
+            "sandbox_cert",
+            "sandbox_key",
+            "professional",
+        ]:
+            self.assertIn(key, description)
+        for key in [
+            "soft_card",
+            "ca_root",
+            "sandbox_cert",
+            "sandbox_key",
+            "softhsm2_conf",
+        ]:
+            self.assertTrue(Path(description[key]).is_absolute())
+            self.assertTrue(Path(description[key]).exists(), key)
+        self.assertEqual(
+            set(description["professional"]) >= {"id", "name", "profession"}, True
+        )
+        self.assertEqual(TestCard.load(self.directory), self.card)
+
+    def test_objects_like_a_real_card(self) -> None:
+        """
+        The token holds the real card's key and certificate labels, each key
+        linked to its certificate by CKA_ID, and the authentication key
+        accepts CKM_RSA_PKCS alone.
+        """
+        blocks = _blocks(_objects(self.card))
+        by_label = {(b["kind"], b.get("label")): b for b in blocks}
+        auth_key = by_label[("Private Key", "CPS_PRIV_AUT")]
+        sig_key = by_label[("Private Key", "CPS_PRIV_SIG")]
+        auth_cert = by_label[("Certificate", "Certificat d'Authentification CPS")]
+        sig_cert = by_label[("Certificate", "Certificat de Signature CPS")]
+        self.assertEqual(auth_key["ID"], auth_cert["ID"])
+        self.assertEqual(sig_key["ID"], sig_cert["ID"])
+        self.assertNotEqual(auth_key["ID"], sig_key["ID"])
+        self.assertEqual(auth_key["Allowed mechanisms"], "RSA-PKCS")
+        self.assertIn("never extractable", auth_key["Access"])
+        self.assertIn("never extractable", sig_key["Access"])
+
+    def test_authentication_key_refuses_other_mechanisms(self) -> None:
+        """
+        SoftHSM2 enforces the restriction: SHA256-RSA-PKCS on the
+        authentication key fails, as on a CPS3 card.
+        """
+        data = self.directory / "refused-input"
+        data.write_bytes(b"some handshake bytes")
+        result = subprocess.run(
+            [
+                "pkcs11-tool",
+                "--module",
+                self.card.pkcs11_module or "",
+                "--token-label",
+                self.card.token_label or "",
+                "--login",
+                "--pin",
+                self.card.pin,
+                "--sign",
+                "--mechanism",
+                "SHA256-RSA-PKCS",
+                "--id",
+                testcard.AUTHENTICATION_ID,
+                "--input-file",
+                str(data),
+            ],
+            env={**os.environ, **self.card.environment()},
+            capture_output=True,
+            timeout=60,
+        )
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn(b"CKR_MECHANISM_INVALID", result.stderr)
+
+    def test_idempotent(self) -> None:
+        """
+        A second initialisation reuses the card: same root, same token.
+        """
+        root = Path(self.card.ca_root).read_bytes()
+        listing = _objects(self.card)
+        again = init_testcard(self.directory)
+        self.assertEqual(again, self.card)
+        self.assertEqual(Path(again.ca_root).read_bytes(), root)
+        self.assertEqual(_objects(again), listing)
+
+    def test_softhsm_configuration_is_its_own(self) -> None:
+        """
+        The token lives in the card's folder, through its own configuration.
+        """
+        conf = Path(self.card.softhsm2_conf or "").read_text()
+        self.assertIn(f"directories.tokendir = {self.directory / 'tokens'}", conf)
+        self.assertNotIn("SOFTHSM2_CONF", os.environ)
+
+
+class PkiTests(TestCase):
+    """
+    The test hierarchy validates the way the DMP and its clients validate.
+    """
+
+    def setUp(self) -> None:
+        self.card = _soft_card()
+
+    def _store(self) -> Store:
+        return Store([self.card.ca_root_certificate()])
+
+    def test_sandbox_certificate_for_loopback(self) -> None:
+        """
+        The local DMP's certificate validates for localhost and 127.0.0.1.
+        """
+        chain = x509.load_pem_x509_certificates(
+            Path(self.card.sandbox_cert).read_bytes()
+        )
+        for name in [
+            x509.DNSName("localhost"),
+            x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+        ]:
+            verifier = PolicyBuilder().store(self._store()).build_server_verifier(name)
+            verified = verifier.verify(chain[0], chain[1:])
+            self.assertEqual(verified[-1], self.card.ca_root_certificate())
+        wrong = (
+            PolicyBuilder()
+            .store(self._store())
+            .build_server_verifier(x509.DNSName("lps2.dmp.gouv.fr"))
+        )
+        with self.assertRaises(x509.verification.VerificationError):
+            wrong.verify(chain[0], chain[1:])
+
+    def test_soft_card(self) -> None:
+        """
+        The soft card opens with the PIN only; its authentication certificate
+        is a client certificate of the persons CA naming the professional.
+        """
+        data = Path(self.card.soft_card).read_bytes()
+        with self.assertRaises(ValueError):
+            pkcs12.load_pkcs12(data, b"0000")
+        loaded = pkcs12.load_pkcs12(data, self.card.pin.encode())
+        assert loaded.cert is not None
+        leaf = loaded.cert.certificate
+        intermediates = [c.certificate for c in loaded.additional_certs]
+        # CPS certificates carry no subjectAltName, which the Web PKI
+        # defaults require of a client; the rest of those defaults applies.
+        ee_policy = ExtensionPolicy.webpki_defaults_ee().may_be_present(
+            x509.SubjectAlternativeName, Criticality.AGNOSTIC, None
+        )
+        verifier = (
+            PolicyBuilder()
+            .store(self._store())
+            .extension_policies(
+                ca_policy=ExtensionPolicy.webpki_defaults_ca(), ee_policy=ee_policy
+            )
+            .build_client_verifier()
+        )
+        result = verifier.verify(leaf, intermediates)
+        self.assertEqual(
+            result.chain[1].subject.rfc4514_string(),
+            "CN=TEST AC IGC-SANTE ELEMENTAIRE PERSONNES,OU=IGC-SANTE TEST,"
+            "O=ASIP-SANTE,C=FR",
+        )
+        common_name = leaf.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+        self.assertEqual(
+            common_name[0].value,
+            f"{self.card.professional['id']}/{self.card.professional['name']}",
+        )
+        title = leaf.subject.get_attributes_for_oid(x509.NameOID.TITLE)
+        self.assertEqual(title[0].value, self.card.professional["profession"])
+        self.assertGreater(
+            leaf.not_valid_after_utc,
+            datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=365),
+        )
+
+    def test_soft_only_card_has_no_token(self) -> None:
+        self.assertFalse(self.card.has_token)
+        self.assertIsNone(self.card.softhsm2_conf)
+        self.assertFalse(Path(self.card.directory, "tokens").exists())
+
+
+def _source_root() -> str:
+    import cpsdmp
+
+    return str(Path(cpsdmp.__file__).parent.parent)
+
+
+class CommandTests(TestCase):
+    def test_init_command(self) -> None:
+        """
+        `cpsdmp testcard init --dir DIR` makes the card and says where.
+        """
+        directory = Path("testcard-cli").absolute()
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "cpsdmp.cli",
+                "testcard",
+                "init",
+                "--dir",
+                str(directory),
+            ],
+            capture_output=True,
+            timeout=120,
+            text=True,
+            env={**os.environ, "PYTHONPATH": _source_root()},
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn(str(directory / "testcard.json"), result.stdout)
+        self.assertTrue(TestCard.load(directory).is_complete())
+
+    def test_missing_card_message(self) -> None:
+        with self.assertRaises(testcard.TestCardError) as raised:
+            TestCard.load(Path("no-such-card").absolute())
+        self.assertIn("cpsdmp testcard init", str(raised.exception))
