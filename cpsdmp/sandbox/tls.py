@@ -12,7 +12,7 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from OpenSSL import SSL, crypto
+from OpenSSL import crypto
 from twisted.internet.ssl import AcceptableCiphers, CertificateOptions, TLSVersion
 
 # The suites the DMP accepts from software (OpenSSL names).
@@ -36,12 +36,9 @@ class _DmpServerOptions(CertificateOptions):
         self, *, client_ca_names: list[crypto.X509Name], **kwargs: Any
     ) -> None:
         super().__init__(**kwargs)
-        self._client_ca_names = client_ca_names
-
-    def getContext(self) -> SSL.Context:
-        context = super().getContext()
-        context.set_client_ca_list(self._client_ca_names)
-        return context
+        # OpenSSL forbids changing a context once a connection used it: name
+        # the authorities once, on the context every connection shares.
+        super().getContext().set_client_ca_list(client_ca_names)
 
 
 def dmp_server_options(
