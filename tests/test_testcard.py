@@ -302,3 +302,17 @@ class CommandTests(TestCase):
         with self.assertRaises(testcard.TestCardError) as raised:
             TestCard.load(Path("no-such-card").absolute())
         self.assertIn("cpsdmp testcard init", str(raised.exception))
+
+    def test_damaged_description_remade(self) -> None:
+        """
+        A damaged testcard.json is reported by load, and init remakes the card.
+        """
+        directory = Path("testcard-damaged").absolute()
+        directory.mkdir()
+        (directory / "testcard.json").write_text('{"pin": "1234"}')
+        with self.assertRaises(testcard.TestCardError) as raised:
+            TestCard.load(directory)
+        self.assertIn("lacks", str(raised.exception))
+        card = init_testcard(directory, softhsm=False)
+        self.assertTrue(card.is_complete())
+        self.assertEqual(TestCard.load(directory), card)

@@ -130,14 +130,25 @@ class TestCard:
         """
         path = Path(directory) / "testcard.json"
         try:
-            content: dict[str, Any] = json.loads(path.read_text("utf-8"))
+            content = json.loads(path.read_text("utf-8"))
         except FileNotFoundError:
             raise TestCardError(
                 f"no test card in {directory}: run `cpsdmp testcard init --dir "
                 f"{directory}` first"
             ) from None
+        except (ValueError, UnicodeDecodeError) as e:
+            raise TestCardError(f"{path} is not valid JSON: {e}") from None
         known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in content.items() if k in known})
+        if not isinstance(content, dict):
+            raise TestCardError(f"{path} does not describe a test card")
+        try:
+            return cls(**{k: v for k, v in content.items() if k in known})
+        except TypeError:
+            missing = sorted(known - set(content) - {"so_pin", "files"})
+            raise TestCardError(
+                f"{path} lacks {', '.join(missing)}: run `cpsdmp testcard init "
+                f"--dir {directory}` again to remake the card"
+            ) from None
 
     @property
     def has_token(self) -> bool:
@@ -193,8 +204,11 @@ def init_testcard(
     folder = Path(directory).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     with _locked(folder):
-        if (folder / "testcard.json").exists():
-            existing = TestCard.load(folder)
+        try:
+            existing: TestCard | None = TestCard.load(folder)
+        except TestCardError:
+            existing = None  # absent or damaged: made anew below
+        if existing is not None:
             wants_token = softhsm if softhsm is not None else existing.has_token
             if existing.is_complete() and existing.has_token == wants_token:
                 return existing
