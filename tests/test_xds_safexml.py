@@ -1,5 +1,5 @@
 """
-Tests for L{cpsdmp.xds.safexml}: hostile XML is refused before it can hurt.
+Tests for L{cpsdmp.protocols.safexml}: hostile XML is refused before it can hurt.
 """
 
 import os
@@ -7,7 +7,7 @@ import tempfile
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from cpsdmp.xds.safexml import XmlRefused, chunked, iter_events, parse_xml
+from cpsdmp.protocols.safexml import XmlRefused, chunked, iter_events, parse_xml
 
 BILLION_LAUGHS = b"""<?xml version="1.0"?>
 <!DOCTYPE lolz [

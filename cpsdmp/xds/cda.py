@@ -40,7 +40,7 @@ from cpsdmp.xds.ebrim import (
     new_entry_uuid,
     xds_time,
 )
-from cpsdmp.xds.safexml import XmlRefused, chunked, iter_events
+from cpsdmp.protocols.safexml import XmlRefused, chunked, iter_events
 
 HL7 = "urn:hl7-org:v3"
 NS = {"h": HL7}

@@ -18,7 +18,7 @@ from cpsdmp.xds.context import (
     PRACTICE_SETTING_SYSTEM,
 )
 from cpsdmp.xds.ebrim import CodedValue, MetadataError
-from cpsdmp.xds.safexml import XmlRefused
+from cpsdmp.protocols.safexml import XmlRefused
 
 
 def _coded(default_scheme: str) -> Any:
