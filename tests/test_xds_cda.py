@@ -13,10 +13,10 @@ import textwrap
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from cpsdmp.protocols.safexml import XmlRefused
 from cpsdmp.xds.cda import CdaError, document_entry, hl7_time_to_utc, read_header
 from cpsdmp.xds.context import Structure, StructureIdentifier
 from cpsdmp.xds.ebrim import CodedValue
-from cpsdmp.protocols.safexml import XmlRefused
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTOR = CodedValue("SA07", "1.2.250.1.71.4.2.4", "Cabinet individuel")

@@ -24,6 +24,7 @@ from datetime import datetime, timedelta, timezone
 
 from lxml import etree
 
+from cpsdmp.protocols.safexml import XmlRefused, chunked, iter_events
 from cpsdmp.xds.context import Structure, SubmissionDefaults
 from cpsdmp.xds.ebrim import (
     IDNPS_OID,
@@ -40,7 +41,6 @@ from cpsdmp.xds.ebrim import (
     new_entry_uuid,
     xds_time,
 )
-from cpsdmp.protocols.safexml import XmlRefused, chunked, iter_events
 
 HL7 = "urn:hl7-org:v3"
 NS = {"h": HL7}

@@ -12,13 +12,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cpsdmp.protocols.safexml import XmlRefused
 from cpsdmp.xds.cda import CLASS_CODE_SYSTEM, CdaError, document_entry
 from cpsdmp.xds.context import (
     ACTIVITY_SECTOR_SYSTEM,
     PRACTICE_SETTING_SYSTEM,
 )
 from cpsdmp.xds.ebrim import CodedValue, MetadataError
-from cpsdmp.protocols.safexml import XmlRefused
 
 
 def _coded(default_scheme: str) -> Any:
