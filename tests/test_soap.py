@@ -224,3 +224,26 @@ class FaultTests(SynchronousTestCase):
         )
         error = self.assertRaises(SoapError, read_message, "text/xml", data)
         self.assertIn("SOAP 1.2", str(error))
+
+
+class HostileAnswerTests(SynchronousTestCase):
+    def test_billion_laughs_and_xxe(self) -> None:
+        """
+        A DMP answer carrying a DOCTYPE (billion laughs or external entity)
+        is refused before any expansion, in a plain or an MTOM body.
+        """
+        from cpsdmp.protocols.safexml import XmlRefused
+        from tests.test_xds_safexml import BILLION_LAUGHS, xxe
+
+        for payload in [BILLION_LAUGHS, xxe("/etc/passwd")]:
+            self.assertRaises(XmlRefused, read_message, "application/soap+xml", payload)
+            mime = (
+                b"--b\r\nContent-Type: application/xop+xml\r\n"
+                b"Content-ID: <r>\r\n\r\n" + payload + b"\r\n--b--\r\n"
+            )
+            self.assertRaises(
+                XmlRefused,
+                read_message,
+                'multipart/related; boundary="b"; start="<r>"',
+                mime,
+            )
