@@ -92,20 +92,14 @@ def envelope(
         placed after the addressing headers.
     @return: the C{soap:Envelope} element.
     """
-    root = etree.Element(f"{{{SOAP12}}}Envelope", nsmap={"soap": SOAP12})
+    root = etree.Element(f"{{{SOAP12}}}Envelope", nsmap={"soap": SOAP12, "wsa": WSA})
     header = etree.SubElement(root, f"{{{SOAP12}}}Header")
     must = {f"{{{SOAP12}}}mustUnderstand": "true"}
 
-    etree.SubElement(
-        header, f"{{{WSA}}}Action", must, nsmap={"wsa": WSA}
-    ).text = addressing.action
-    etree.SubElement(
-        header, f"{{{WSA}}}MessageID", nsmap={"wsa": WSA}
-    ).text = addressing.message_id
-    etree.SubElement(
-        header, f"{{{WSA}}}To", must, nsmap={"wsa": WSA}
-    ).text = addressing.to
-    reply_to = etree.SubElement(header, f"{{{WSA}}}ReplyTo", nsmap={"wsa": WSA})
+    etree.SubElement(header, f"{{{WSA}}}Action", must).text = addressing.action
+    etree.SubElement(header, f"{{{WSA}}}MessageID").text = addressing.message_id
+    etree.SubElement(header, f"{{{WSA}}}To", must).text = addressing.to
+    reply_to = etree.SubElement(header, f"{{{WSA}}}ReplyTo")
     etree.SubElement(reply_to, f"{{{WSA}}}Address").text = addressing.reply_to
     for block in header_blocks:
         header.append(block)
