@@ -30,12 +30,21 @@ STRUCTURE = Structure(
 )
 
 
+LEGAL = (
+    '<legalAuthenticator><time value="20240102"/><signatureCode code="S"/>'
+    '<assignedEntity><id root="1.2.250.1.71.4.2.1" extension="899900063480"/>'
+    "</assignedEntity></legalAuthenticator>"
+)
+
+
 def cda(
     *,
     patient: str = '<id root="1.2.250.1.213.1.4.10" extension="279035121518989"/>',
     effective: str = "20240102103000+0100",
     title: str = "<title>Compte rendu</title>",
     body: str = "<structuredBody><component><section/></component></structuredBody>",
+    legal: str = LEGAL,
+    start: str = "20240102100000+0100",
 ) -> bytes:
     return textwrap.dedent(
         f"""\
@@ -56,6 +65,9 @@ def cda(
             <assignedPerson><name><given>Max</given><family>LIBRE</family></name>
             </assignedPerson>
           </assignedAuthor></author>
+          {legal}
+          <documentationOf><serviceEvent><effectiveTime>
+            <low value="{start}"/></effectiveTime></serviceEvent></documentationOf>
           <component>{body}</component>
         </ClinicalDocument>
         """
@@ -118,6 +130,29 @@ class DeriveTests(SynchronousTestCase):
                 CdaError, document_entry, cda(effective=value), STRUCTURE
             )
             self.assertIn("effectiveTime", str(error))
+
+    def test_missing_legal_and_service(self) -> None:
+        """
+        The DMP requires a legalAuthenticator and a service start time: their
+        absence is named.
+        """
+        error = self.assertRaises(CdaError, document_entry, cda(legal=""), STRUCTURE)
+        self.assertIn("legalAuthenticator", str(error))
+        data = cda().replace(b"<low", b"<high")
+        error = self.assertRaises(CdaError, document_entry, data, STRUCTURE)
+        self.assertIn("documentationOf/serviceEvent/effectiveTime/low", str(error))
+
+    def test_source_patient_id(self) -> None:
+        """
+        The producer's own patient identifier becomes the sourcePatientId;
+        without one, the INS does.
+        """
+        entry = document_entry(cda(), STRUCTURE)
+        self.assertEqual(entry.sourcePatientId, str(entry.patientId))
+        ipp = '<id root="1.2.3.4.567" extension="IPP42"/>'
+        patient = '<id root="1.2.250.1.213.1.4.10" extension="279035121518989"/>'
+        entry = document_entry(cda(patient=patient + ipp), STRUCTURE)
+        self.assertEqual(entry.sourcePatientId, "IPP42^^^&1.2.3.4.567&ISO^PI")
 
     def test_missing_title(self) -> None:
         """

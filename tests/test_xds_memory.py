@@ -73,6 +73,11 @@ class LargeSubmissionTests(SynchronousTestCase):
                 b'extension="279035121518989"/></patientRole></recordTarget>'
                 b'<author><assignedAuthor><id root="1.2.250.1.71.4.2.1" '
                 b'extension="899900063480"/></assignedAuthor></author>'
+                b"<legalAuthenticator><time/><signatureCode/><assignedEntity>"
+                b'<id root="1.2.250.1.71.4.2.1" extension="899900063480"/>'
+                b"</assignedEntity></legalAuthenticator>"
+                b'<documentationOf><serviceEvent><effectiveTime><low value="20240102"/>'
+                b"</effectiveTime></serviceEvent></documentationOf>"
                 b'<component><nonXMLBody><text mediaType="application/pdf" '
                 b'representation="B64">'
             )

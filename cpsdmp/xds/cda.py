@@ -39,6 +39,7 @@ from cpsdmp.xds.ebrim import (
     PatientId,
     Person,
     new_entry_uuid,
+    source_patient_id,
     xds_time,
 )
 
@@ -303,10 +304,13 @@ def _authors(root: etree._Element) -> list[Author]:
             person = _person(author, where)
         institution = _organization(_one(author, "h:representedOrganization"))
         specialty = _code(_one(author, "h:code"))
+        function = _one(author, "../h:functionCode")
+        role = function.get("displayName") if function is not None else None
         authors.append(
             Author(
                 person=person,
                 institutions=(institution,) if institution else (),
+                roles=(role,) if role else (),
                 specialties=(specialty,) if specialty else (),
             )
         )
@@ -323,6 +327,16 @@ def _patient_id(root: etree._Element) -> PatientId:
         "the CDA header has no recordTarget/patientRole/id with an INS root "
         f"({', '.join(sorted(INS_OIDS))}): the DMP needs the patient's INS"
     )
+
+
+def _source_patient_id(root: etree._Element, patient: PatientId) -> str:
+    # The producer's own identifier (IPP) when the CDA gives one, else the
+    # INS (CI-SIS mapping of sourcePatientId).
+    for identifier in root.xpath("h:recordTarget/h:patientRole/h:id", namespaces=NS):
+        extension, authority = identifier.get("extension"), identifier.get("root")
+        if extension and authority and authority not in INS_OIDS:
+            return source_patient_id(extension, authority, "PI")
+    return str(patient)
 
 
 def _unique_id(root: etree._Element) -> str:
@@ -415,27 +429,30 @@ def document_entry(
             "and no structure is configured"
         )
 
-    service = _one(root, "h:documentationOf/h:serviceEvent/h:effectiveTime")
-    start = stop = None
-    if service is not None:
-        low = _one(service, "h:low/@value")
-        high = _one(service, "h:high/@value")
-        where = "documentationOf/serviceEvent/effectiveTime"
-        start = hl7_time_to_utc(str(low), f"{where}/low") if low else None
-        stop = hl7_time_to_utc(str(high), f"{where}/high") if high else None
+    where = "documentationOf/serviceEvent/effectiveTime"
+    low = _one(root, f"h:{where.replace('/', '/h:')}/h:low/@value")
+    if low is None and "serviceStartTime" not in overrides:
+        raise CdaError(f"the CDA header has no {where}/low/@value (serviceStartTime)")
+    high = _one(root, f"h:{where.replace('/', '/h:')}/h:high/@value")
+    start = hl7_time_to_utc(str(low), f"{where}/low") if low else None
+    stop = hl7_time_to_utc(str(high), f"{where}/high") if high else None
 
     legal = _one(root, "h:legalAuthenticator/h:assignedEntity")
+    if legal is None and "legalAuthenticator" not in overrides:
+        raise CdaError("the CDA header has no legalAuthenticator/assignedEntity")
     references = [
         f"{i.get('extension')}^^^&{i.get('root')}&ISO^{REFERENCE_ID_ORDER}"
         for i in root.xpath("h:inFulfillmentOf/h:order/h:id", namespaces=NS)
         if i.get("extension") and i.get("root")
     ]
     digest = DocumentHash.of(document)
+    patient = _patient_id(root)
 
     entry = DocumentEntry(
         entryUUID=new_entry_uuid(),
         uniqueId=_unique_id(root),
-        patientId=_patient_id(root),
+        patientId=patient,
+        sourcePatientId=_source_patient_id(root, patient),
         mimeType="text/xml",
         classCode=class_code,  # type: ignore[arg-type]
         typeCode=type_code,

@@ -133,6 +133,14 @@ class MetadataError(ValueError):
 
 
 # HL7 v2 data types ------------------------------------------------------------
+def source_patient_id(identifier: str, authority: str, kind: str = "PI") -> str:
+    """
+    @return: a CX for the sourcePatientId: the producer's own patient
+        identifier (IPP, type C{PI}) or the INS (type C{NH}).
+    """
+    return f"{_hl7_escape(identifier)}^^^&{authority}&ISO^{kind}"
+
+
 def _hl7_escape(text: str) -> str:
     # HL7 v2 escapes for the delimiters ^ & ~ | and the escape \.
     return (
@@ -534,7 +542,7 @@ class DocumentEntry:
     languageCode: str
     title: str
     authors: list[Author]
-    sourcePatientId: PatientId | None = None
+    sourcePatientId: str | None = None
     hash: str | None = None
     size: int | None = None
     serviceStartTime: str | None = None
@@ -639,8 +647,8 @@ class DocumentEntry:
             slots.append(Slot("serviceStopTime", [self.serviceStopTime]))
         if self.size is not None:
             slots.append(Slot("size", [str(self.size)]))
-        source = self.sourcePatientId or self.patientId
-        slots.append(Slot("sourcePatientId", [str(source)]))
+        source = self.sourcePatientId or str(self.patientId)
+        slots.append(Slot("sourcePatientId", [source]))
         return slots
 
     @classmethod
@@ -701,6 +709,7 @@ class DocumentEntry:
             languageCode=first("languageCode") or "",
             title=_localized(element, "Name") or "",
             authors=authors,
+            sourcePatientId=first("sourcePatientId"),
             hash=first("hash"),
             size=int(size) if size is not None else None,
             serviceStartTime=first("serviceStartTime"),
@@ -725,7 +734,7 @@ class DocumentEntry:
             "entryUUID": self.entryUUID,
             "uniqueId": self.uniqueId,
             "patientId": str(self.patientId),
-            "sourcePatientId": str(self.sourcePatientId or self.patientId),
+            "sourcePatientId": self.sourcePatientId or str(self.patientId),
             "mimeType": self.mimeType,
             "title": self.title,
             "comments": self.comments,

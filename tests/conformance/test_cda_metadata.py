@@ -99,6 +99,17 @@ class ExampleCdaTests(SynchronousTestCase):
             f"{ins.get('extension')}^^^&{ins.get('root')}&ISO^NH",
             name,
         )
+        others = [
+            i
+            for i in tree.xpath("h:recordTarget/h:patientRole/h:id", namespaces=NS)
+            if i.get("root") not in INS_ROOTS
+        ]
+        self.assertEqual(
+            entry.sourcePatientId,
+            f"{others[0].get('extension')}^^^&{others[0].get('root')}&ISO^PI"
+            if others
+            else str(entry.patientId),
+        )
         self.assertEqual(entry.typeCode.code, first(tree, "h:code/@code"))
         self.assertEqual(entry.typeCode.scheme, first(tree, "h:code/@codeSystem"))
         self.assertEqual(entry.title, first(tree, "h:title"))
