@@ -834,6 +834,44 @@ class SubmissionSet:
             )
         return element
 
+    @classmethod
+    def from_element(cls, element: etree._Element) -> SubmissionSet:
+        """
+        Read a C{rim:RegistryPackage} classified as a submission set.
+
+        @raise MetadataError: a mandatory attribute is absent.
+        """
+        me = element.get("id", "")
+        slots = _slot_map(element)
+        classifications = _classifications(element)
+        identifiers = _identifiers(element)
+        content = classifications.get(SubmissionSetScheme.contentTypeCode)
+        patient = identifiers.get(SubmissionSetScheme.patientId)
+        unique = identifiers.get(SubmissionSetScheme.uniqueId)
+        source = identifiers.get(SubmissionSetScheme.sourceId)
+        times = slots.get("submissionTime")
+        if not (content and patient and unique and source and times):
+            raise MetadataError(
+                f"SubmissionSet {me} lacks contentTypeCode, patientId, uniqueId, "
+                "sourceId or submissionTime"
+            )
+        return cls(
+            entryUUID=me,
+            uniqueId=unique,
+            sourceId=source,
+            patientId=PatientId.parse(patient),
+            submissionTime=times[0],
+            contentTypeCode=content[0][0],
+            authors=[
+                Author.from_slots(author_slots)
+                for _, author_slots in classifications.get(
+                    SubmissionSetScheme.author, []
+                )
+            ],
+            title=_localized(element, "Name"),
+            comments=_localized(element, "Description"),
+        )
+
 
 # Associations ---------------------------------------------------------------------
 @dataclass
@@ -860,6 +898,28 @@ class Association:
         for slot in self.slots:
             element.append(slot.to_element())
         return element
+
+    @classmethod
+    def from_element(cls, element: etree._Element) -> Association:
+        """
+        Read a C{rim:Association}.
+        """
+        return cls(
+            associationType=element.get("associationType", ""),
+            sourceObject=element.get("sourceObject", ""),
+            targetObject=element.get("targetObject", ""),
+            slots=[Slot(name, values) for name, values in _slot_map(element).items()],
+            id=element.get("id", ""),
+        )
+
+    def slot(self, name: str) -> str | None:
+        """
+        @return: the first value of the slot C{name}, if any.
+        """
+        for slot in self.slots:
+            if slot.name == name and slot.values:
+                return slot.values[0].strip()
+        return None
 
     @classmethod
     def has_member(cls, submission_set: str, target: str, **slots: str) -> Association:

@@ -50,6 +50,7 @@ from cpsdmp.xds.transactions import (
     MASQUE_PS,
     DmpEndpoints,
     FindDocuments,
+    HL7Error,
     OutgoingMessage,
     existence_test,
     find_documents,
@@ -219,6 +220,38 @@ class ExistenceTests(SynchronousTestCase):
         self.assertEqual(result.status, "active")
         self.assertIn(("1.2.250.1.213.1.4.10", "207058575627097"), result.identifiers)
         self.assertEqual(result.attentions["STATUT_MT"], "true")
+
+    def test_not_found(self) -> None:
+        """
+        An answer without patient and with queryResponseCode NF says the
+        DMP does not exist.
+        """
+        data = example_message("td0.2_response.xml")
+        start = data.index(b"<subject contextConductionInd")
+        end = data.index(b"</subject>", start) + len(b"</subject>")
+        data = (data[:start] + data[end:]).replace(
+            b'<queryResponseCode code="OK"/>', b'<queryResponseCode code="NF"/>'
+        )
+        result = read_existence(read_message(SOAP_XML, data))
+        self.assertFalse(result.exists)
+        self.assertEqual(result.response_code, "NF")
+
+    def test_application_error(self) -> None:
+        """
+        An AE acknowledgement raises with the DMP's code and text.
+        """
+        data = example_message("td0.2_response.xml").replace(
+            b'<acknowledgement typeCode="AA">',
+            b'<acknowledgement typeCode="AE"><acknowledgementDetail typeCode="E">'
+            b'<code code="DMP_INS_INCONNU" codeSystem="1.2.250.1.213.4.1.2.1"/>'
+            b"<text>INS inconnu</text></acknowledgementDetail>",
+        )
+        self.assertIn(b'typeCode="AE"', data)
+        error = self.assertRaises(
+            HL7Error, read_existence, read_message(SOAP_XML, data)
+        )
+        self.assertEqual(error.code, "DMP_INS_INCONNU")
+        self.assertIn("INS inconnu", str(error))
 
 
 class SubmissionTests(SynchronousTestCase):
