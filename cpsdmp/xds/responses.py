@@ -13,12 +13,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from lxml import etree
+from twisted.logger import Logger
 
 from cpsdmp.xds.ebrim import RS
 
 SUCCESS = "urn:oasis:names:tc:ebxml-regrep:ResponseStatusType:Success"
 PARTIAL_SUCCESS = "urn:ihe:iti:2007:ResponseStatusType:PartialSuccess"
 FAILURE = "urn:oasis:names:tc:ebxml-regrep:ResponseStatusType:Failure"
+
+_log = Logger()
 SEVERITY_ERROR = "urn:oasis:names:tc:ebxml-regrep:ErrorSeverityType:Error"
 SEVERITY_WARNING = "urn:oasis:names:tc:ebxml-regrep:ErrorSeverityType:Warning"
 
@@ -136,6 +139,11 @@ def raise_for_status(result: RegistryResult) -> RegistryResult:
     @raise PartialSuccess: on C{PartialSuccess}.
     @raise RegistryFailure: on C{Failure} or any other status.
     """
+    _log.info(
+        "DMP answer {status} {codes}",
+        status=result.status.rsplit(":", 1)[-1],
+        codes=",".join(e.code for e in result.errors) or "-",
+    )
     if result.status == SUCCESS:
         return result
     if result.status == PARTIAL_SUCCESS:
