@@ -71,13 +71,22 @@ class SoapFault(SoapError):
 @dataclass(frozen=True)
 class Addressing:
     """
-    The WS-Addressing headers of a request.
+    The WS-Addressing headers of a message: a request has a ReplyTo, an
+    answer a RelatesTo naming the request's MessageID.
     """
 
     action: str
-    to: str
+    to: str = WSA_ANONYMOUS
     message_id: str = field(default_factory=lambda: uuid.uuid4().urn)
-    reply_to: str = WSA_ANONYMOUS
+    reply_to: str | None = WSA_ANONYMOUS
+    relates_to: str | None = None
+
+    @classmethod
+    def answer(cls, action: str, request_id: str | None) -> Addressing:
+        """
+        @return: the headers of an answer to the request C{request_id}.
+        """
+        return cls(action, reply_to=None, relates_to=request_id)
 
 
 def envelope(
@@ -99,8 +108,11 @@ def envelope(
     etree.SubElement(header, f"{{{WSA}}}Action", must).text = addressing.action
     etree.SubElement(header, f"{{{WSA}}}MessageID").text = addressing.message_id
     etree.SubElement(header, f"{{{WSA}}}To", must).text = addressing.to
-    reply_to = etree.SubElement(header, f"{{{WSA}}}ReplyTo")
-    etree.SubElement(reply_to, f"{{{WSA}}}Address").text = addressing.reply_to
+    if addressing.reply_to is not None:
+        reply_to = etree.SubElement(header, f"{{{WSA}}}ReplyTo")
+        etree.SubElement(reply_to, f"{{{WSA}}}Address").text = addressing.reply_to
+    if addressing.relates_to is not None:
+        etree.SubElement(header, f"{{{WSA}}}RelatesTo").text = addressing.relates_to
     for block in header_blocks:
         header.append(block)
 
