@@ -18,12 +18,15 @@ made of the HTTP answer. Nothing here opens a connection.
 from __future__ import annotations
 
 import copy
+import io
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from lxml import etree
+from twisted.internet import task
+from twisted.web.client import FileBodyProducer
 
 from cpsdmp.protocols.soap import (
     Addressing,
@@ -171,13 +174,19 @@ class OutgoingMessage:
         """
         return b"".join(self.parts())
 
-    def producer(self) -> MtomBodyProducer:
+    def producer(
+        self, cooperator: task.Cooperator | None = None
+    ) -> MtomBodyProducer | FileBodyProducer:
         """
-        @return: an C{IBodyProducer} writing the body without copying it.
+        @param cooperator: schedules the writes (the global one by default).
+        @return: an C{IBodyProducer} for C{twisted.web}'s Agent; an MTOM body
+            is written in slices, without copying its documents.
         """
         if self._mtom is None:
-            raise ValueError("only MTOM messages have a streaming producer")
-        return MtomBodyProducer(self._mtom)
+            return FileBodyProducer(  # type: ignore[no-untyped-call]
+                io.BytesIO(self.body()), cooperator or task
+            )
+        return MtomBodyProducer(self._mtom, cooperator)
 
 
 def _message(

@@ -716,3 +716,36 @@ class UpdateTests(SynchronousTestCase):
             unmasked.find(f"{{{RIM}}}RegistryObjectList/{{{RIM}}}ExtrinsicObject")
         )
         self.assertNotIn(MASQUE_PS, again.confidentialityCode)
+
+
+class ProducerTests(SynchronousTestCase):
+    def test_both_kinds(self) -> None:
+        """
+        Plain and MTOM requests both give a body producer whose output is
+        the body, with its length announced.
+        """
+        from twisted.internet import task
+        from twisted.internet.testing import StringTransport
+
+        from cpsdmp.protocols.soap import MtomBodyProducer
+
+        entry, data = cda_entries()[0]
+        submission = new_submission(
+            [(entry, data)], PROFESSIONAL, STRUCTURE, SOFTWARE, DEFAULTS
+        )
+        clock = task.Clock()
+        cooperator = task.Cooperator(
+            scheduler=lambda call: clock.callLater(0, call), started=True
+        )
+        for message in [
+            existence_test(ENDPOINTS, VIHF, PATIENT),
+            provide_and_register(ENDPOINTS, VIHF, submission),
+        ]:
+            producer = message.producer(cooperator)
+            self.assertEqual(isinstance(producer, MtomBodyProducer), message.mtom)
+            transport = StringTransport()
+            done = producer.startProducing(transport)
+            while not done.called:
+                clock.advance(0)
+            self.assertEqual(transport.value(), message.body())
+            self.assertEqual(producer.length, len(transport.value()))
