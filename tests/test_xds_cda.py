@@ -88,6 +88,16 @@ class DeriveTests(SynchronousTestCase):
         self.assertEqual(entry.classCode.code, "10")
         self.assertEqual(entry.authors[0].institutions, ())
 
+    def test_memoryview(self) -> None:
+        """
+        A document given as a memoryview (a part of a received body) gives
+        the same entry as its bytes.
+        """
+        data = cda()
+        entry = document_entry(memoryview(data), STRUCTURE)
+        self.assertEqual(entry.hash, document_entry(data, STRUCTURE).hash)
+        self.assertEqual(entry.size, len(data))
+
     def test_overrides(self) -> None:
         """
         An override wins over the CDA; an unknown attribute is refused.

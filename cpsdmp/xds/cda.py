@@ -190,7 +190,8 @@ class CdaHeader:
 
 
 def read_header(
-    document: bytes | Iterable[bytes], max_header_bytes: int = MAX_HEADER_BYTES
+    document: bytes | memoryview | Iterable[bytes],
+    max_header_bytes: int = MAX_HEADER_BYTES,
 ) -> CdaHeader:
     """
     Parse a CDA until its body starts.
@@ -199,7 +200,11 @@ def read_header(
     @raise CdaError: not a CDA, or no body.
     @raise XmlRefused: unsafe or malformed XML.
     """
-    chunks = chunked(document) if isinstance(document, bytes) else document
+    chunks = (
+        chunked(document)
+        if isinstance(document, bytes | bytearray | memoryview)
+        else document
+    )
     root = None
     body = None
     in_component = False
@@ -358,7 +363,7 @@ def _format_code(header: CdaHeader) -> CodedValue | None:
 
 
 def document_entry(
-    document: bytes,
+    document: bytes | memoryview,
     structure: Structure | None = None,
     defaults: SubmissionDefaults | None = None,
     overrides: dict[str, object] | None = None,
