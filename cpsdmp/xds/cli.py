@@ -1,0 +1,108 @@
+"""
+C{cpsdmp metadata CDA.xml}: print the XDS DocumentEntry that submitting this
+CDA to the DMP would carry, keyed by XDS attribute names, so that a
+professional or an integrator can check it before anything is sent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from cpsdmp.protocols.safexml import XmlRefused
+from cpsdmp.xds.cda import CLASS_CODE_SYSTEM, CdaError, document_entry
+from cpsdmp.xds.context import (
+    ACTIVITY_SECTOR_SYSTEM,
+    PRACTICE_SETTING_SYSTEM,
+)
+from cpsdmp.xds.ebrim import CodedValue, MetadataError
+
+
+def _coded(default_scheme: str) -> Any:
+    def parse(value: str) -> CodedValue:
+        # code, or code^display, or code^display^scheme (an HL7 v2 CE).
+        code, _, rest = value.partition("^")
+        display, _, scheme = rest.partition("^")
+        if not code:
+            raise argparse.ArgumentTypeError(f"{value!r} has no code")
+        return CodedValue(code, scheme or default_scheme, display)
+
+    return parse
+
+
+def add_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "metadata",
+        help="show the XDS metadata a submission of a CDA would carry",
+        description="Derive the XDS DocumentEntry of a CDA document as the DMP "
+        "would receive it. Codes are given as code[^display[^codingScheme]].",
+    )
+    parser.add_argument("cda", type=Path, help="the CDA document")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.add_argument(
+        "--class-code", type=_coded(CLASS_CODE_SYSTEM), help="classCode to use"
+    )
+    parser.add_argument(
+        "--format-code", type=_coded(""), help="formatCode to use (with its scheme)"
+    )
+    parser.add_argument(
+        "--practice-setting",
+        type=_coded(PRACTICE_SETTING_SYSTEM),
+        help="practiceSettingCode when the CDA has none, or to replace it",
+    )
+    parser.add_argument(
+        "--facility-type",
+        type=_coded(ACTIVITY_SECTOR_SYSTEM),
+        help="healthcareFacilityTypeCode when the CDA has none, or to replace it",
+    )
+    parser.add_argument("--title", help="title to use")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides: dict[str, object] = {}
+    for option, name in [
+        ("class_code", "classCode"),
+        ("format_code", "formatCode"),
+        ("practice_setting", "practiceSettingCode"),
+        ("facility_type", "healthcareFacilityTypeCode"),
+        ("title", "title"),
+    ]:
+        value = getattr(args, option)
+        if value is not None:
+            overrides[name] = value
+    try:
+        data = args.cda.read_bytes()
+        entry = document_entry(data, overrides=overrides)
+    except OSError as error:
+        print(
+            f"cpsdmp metadata: cannot read {args.cda}: {error.strerror}",
+            file=sys.stderr,
+        )
+        return 2
+    except (CdaError, XmlRefused, MetadataError) as error:
+        print(f"cpsdmp metadata: {args.cda}: {error}", file=sys.stderr)
+        return 1
+    values = entry.as_dict()
+    if args.json:
+        print(json.dumps(values, ensure_ascii=False, indent=2))
+        return 0
+    for name, value in values.items():
+        if isinstance(value, dict):
+            value = CodedValue(
+                value["code"], value["codingScheme"], value["display"]
+            ).to_ce()
+        elif isinstance(value, list):
+            value = " ~ ".join(
+                CodedValue(v["code"], v["codingScheme"], v["display"]).to_ce()
+                if isinstance(v, dict) and "code" in v
+                else json.dumps(v, ensure_ascii=False)
+                if isinstance(v, dict)
+                else str(v)
+                for v in value
+            )
+        print(f"{name}: {'' if value is None else value}")
+    return 0

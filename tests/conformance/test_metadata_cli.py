@@ -1,0 +1,110 @@
+"""
+Tests for C{cpsdmp metadata}: the command prints, for an ANS example CDA,
+the metadata a submission would carry, under XDS attribute names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+from contextlib import redirect_stderr, redirect_stdout
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from cpsdmp.xds import cli
+from tests.conformance.material import example_cdas
+
+
+def run(*argv: str) -> tuple[int, str, str]:
+    parser = argparse.ArgumentParser(prog="cpsdmp")
+    cli.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["metadata", *argv])
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        status = args.func(args)
+    return status, out.getvalue(), err.getvalue()
+
+
+def example(name: str):
+    return next(p for p in example_cdas() if p.name.startswith(name))
+
+
+class MetadataCommandTests(SynchronousTestCase):
+    def test_json(self) -> None:
+        """
+        C{--json} prints the DocumentEntry keyed by XDS names, with the hash
+        and size of the file's bytes.
+        """
+        path = example("BIO-CR-BIO")
+        status, out, _ = run(str(path), "--json")
+        self.assertEqual(status, 0)
+        values = json.loads(out)
+        for key in [
+            "patientId",
+            "typeCode",
+            "classCode",
+            "creationTime",
+            "title",
+            "confidentialityCode",
+            "formatCode",
+            "authorPerson",
+            "size",
+            "hash",
+        ]:
+            self.assertIn(key, values)
+        data = path.read_bytes()
+        self.assertEqual(values["hash"], hashlib.sha1(data).hexdigest())
+        self.assertEqual(values["size"], len(data))
+        self.assertEqual(values["typeCode"]["code"], "11502-2")
+        self.assertEqual(
+            values["patientId"], "279035121518989^^^&1.2.250.1.213.1.4.10&ISO^NH"
+        )
+
+    def test_text(self) -> None:
+        """
+        Without C{--json}, one line per attribute, codes as CE.
+        """
+        status, out, _ = run(str(example("DOC_NON_STRUCTURE")))
+        self.assertEqual(status, 0)
+        self.assertIn(
+            "formatCode: urn:ihe:iti:xds-sd:pdf:2008^Document PDF^"
+            "1.3.6.1.4.1.19376.1.2.3\n",
+            out,
+        )
+
+    def test_unknown_class_then_override(self) -> None:
+        """
+        A typeCode without classCode mapping fails with exit status 1 and a
+        message naming it; C{--class-code} fixes it.
+        """
+        path = str(example("DLU-EHPAD-FLUDR"))
+        status, _, err = run(path)
+        self.assertEqual(status, 1)
+        self.assertIn("74207-2", err)
+        status, out, _ = run(path, "--json", "--class-code", "11^Synthèse")
+        self.assertEqual(status, 0)
+        self.assertEqual(
+            json.loads(out)["classCode"],
+            {
+                "code": "11",
+                "codingScheme": "1.2.250.1.213.1.1.4.1",
+                "display": "Synthèse",
+            },
+        )
+
+    def test_override_title(self) -> None:
+        """
+        Options override what the CDA says.
+        """
+        status, out, _ = run(str(example("VAC-NOTE")), "--json", "--title", "Autre")
+        self.assertEqual(json.loads(out)["title"], "Autre")
+
+    def test_missing_file(self) -> None:
+        """
+        A missing file is exit status 2 with its name.
+        """
+        status, _, err = run("/nonexistent/cda.xml")
+        self.assertEqual(status, 2)
+        self.assertIn("/nonexistent/cda.xml", err)

@@ -1,0 +1,235 @@
+"""
+The submission-set signature: made through an asynchronous signer, checked
+here independently of L{cpsdmp.xds.signature.verify} (digests and signature
+value recomputed in the test), refused when anything is altered, and
+carried in a TD2.1 that stays valid against the XDS.b schema.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from lxml import etree
+from twisted.internet import defer, task
+from twisted.trial.unittest import SynchronousTestCase
+
+from cpsdmp.xds.ebrim import AssociationType
+from cpsdmp.xds.signature import (
+    DS,
+    PURPOSE_SOURCE,
+    SIGNATURE_CLASS,
+    SIGNATURE_FORMAT,
+    SignatureInvalid,
+    local_signer,
+    sign_submission,
+    verify,
+)
+from cpsdmp.xds.transactions import new_submission, provide_and_register
+from tests.conformance.material import XDSB_XSD, assert_valid
+from tests.conformance.test_transactions import (
+    ENDPOINTS,
+    VIHF,
+    cda_entries,
+    inline_xop,
+)
+from tests.pki import self_signed
+from tests.xdsvalues import DEFAULTS, PROFESSIONAL, SOFTWARE, STRUCTURE
+
+NS = {"ds": DS}
+KEY, CERTIFICATE = self_signed(rsa.generate_private_key(65537, 2048), "Dr LIBRE")
+
+
+def submission():
+    return new_submission(
+        cda_entries()[:2], PROFESSIONAL, STRUCTURE, SOFTWARE, DEFAULTS
+    )
+
+
+def c14n(element: etree._Element) -> bytes:
+    return etree.tostring(element, method="c14n", exclusive=True)
+
+
+class SignatureTests(SynchronousTestCase):
+    def signed(self, signer=None, key=KEY, certificate=CERTIFICATE, **kw):
+        return self.successResultOf(
+            sign_submission(
+                submission(),
+                signer or local_signer(key),
+                certificate,
+                PROFESSIONAL,
+                STRUCTURE,
+                **kw,
+            )
+        )
+
+    def test_independent_check(self) -> None:
+        """
+        The SignatureValue verifies over the exclusive C14N of SignedInfo
+        with the certificate's key, every SignedInfo digest matches its
+        target, and the manifest lists each document's SHA-256 by uniqueId.
+        """
+        signed = self.signed()
+        data = signed.documents[-1].data
+        root = etree.fromstring(data)
+        signed_info = root.find("ds:SignedInfo", NS)
+        KEY.public_key().verify(
+            base64.b64decode(root.findtext("ds:SignatureValue", namespaces=NS)),
+            c14n(signed_info),
+            padding.PKCS1v15(),
+            hashes.SHA256(),
+        )
+        for reference in signed_info.iterfind("ds:Reference", NS):
+            target = root.xpath("//*[@Id=$i]", i=reference.get("URI")[1:])[0]
+            self.assertEqual(
+                base64.b64decode(reference.findtext("ds:DigestValue", namespaces=NS)),
+                hashlib.sha256(c14n(target)).digest(),
+            )
+        listed = {
+            r.get("URI"): base64.b64decode(r.findtext("ds:DigestValue", namespaces=NS))
+            for r in root.iterfind("ds:Object/ds:Manifest/ds:Reference", NS)
+        }
+        self.assertEqual(
+            listed,
+            {
+                "urn:oid:" + d.entry.uniqueId: hashlib.sha256(d.data).digest()
+                for d in signed.documents[:-1]
+            },
+        )
+        properties = {
+            p.get("Id"): p.text
+            for p in root.iterfind(
+                "ds:Object/ds:SignatureProperties/ds:SignatureProperty", NS
+            )
+        }
+        self.assertEqual(
+            properties,
+            {
+                "purposeOfSignature": PURPOSE_SOURCE,
+                "setId": signed.submission_set.uniqueId,
+            },
+        )
+        self.assertEqual(
+            root.xpath(
+                "//*[local-name()='SigningCertificate']//ds:DigestValue/text()",
+                namespaces=NS,
+            ),
+            [base64.b64encode(CERTIFICATE.fingerprint(hashes.SHA256())).decode()],
+        )
+
+    def test_entry_and_associations(self) -> None:
+        """
+        The signature is a document of the submission with the DSG codes, a
+        member of the set, and signs the set.
+        """
+        signed = self.signed()
+        signature = signed.documents[-1]
+        self.assertEqual(len(signed.documents), 3)
+        self.assertEqual(signature.entry.classCode, SIGNATURE_CLASS)
+        self.assertEqual(signature.entry.formatCode, SIGNATURE_FORMAT)
+        self.assertEqual(signature.entry.hash, hashlib.sha1(signature.data).hexdigest())
+        self.assertEqual(signature.entry.patientId, signed.submission_set.patientId)
+        kinds = {
+            (a.associationType, a.sourceObject, a.targetObject)
+            for a in signed.associations
+        }
+        set_id = signed.submission_set.entryUUID
+        self.assertIn((AssociationType.signs, signature.entry.entryUUID, set_id), kinds)
+        self.assertIn(
+            (AssociationType.HasMember, set_id, signature.entry.entryUUID), kinds
+        )
+
+    def test_td21_valid(self) -> None:
+        """
+        A signed TD2.1 is still valid, with the signature as a binary part.
+        """
+        message = provide_and_register(ENDPOINTS, VIHF, self.signed())
+        self.assertEqual(len(message.attachments), 3)
+        assert_valid(self, XDSB_XSD, inline_xop(message))
+
+    def test_tampering(self) -> None:
+        """
+        A changed document byte, a changed signed property or another
+        document set fails verification, naming what differs.
+        """
+        signed = self.signed()
+        data = bytes(signed.documents[-1].data)
+        documents = {d.entry.uniqueId: d.data for d in signed.documents[:-1]}
+        self.assertEqual(
+            verify(data, documents).serial_number, CERTIFICATE.serial_number
+        )
+
+        first = signed.documents[0].entry.uniqueId
+        altered = dict(documents, **{first: bytes(documents[first]) + b" "})
+        error = self.assertRaises(SignatureInvalid, verify, data, altered)
+        self.assertIn(first, str(error))
+
+        moved = data.replace(b"<xades:SigningTime>", b"<xades:SigningTime>1")
+        self.assertNotEqual(moved, data)
+        self.assertRaises(SignatureInvalid, verify, moved, documents)
+
+        fewer = dict(list(documents.items())[:1])
+        self.assertRaises(SignatureInvalid, verify, data, fewer)
+
+    def test_wrong_key(self) -> None:
+        """
+        A signer whose key is not the certificate's is caught before the
+        signature is used.
+        """
+        other = rsa.generate_private_key(65537, 2048)
+        failure = self.failureResultOf(
+            sign_submission(
+                submission(), local_signer(other), CERTIFICATE, PROFESSIONAL, STRUCTURE
+            ),
+            SignatureInvalid,
+        )
+        self.assertIn("SignatureValue", str(failure.value))
+
+    def test_late_signer(self) -> None:
+        """
+        A signer that answers later (the card through the agent) is waited
+        for; one that never answers times out.
+        """
+        pending: list[tuple[bytes, str, defer.Deferred[bytes]]] = []
+
+        def later(data: bytes, algorithm: str) -> defer.Deferred[bytes]:
+            d: defer.Deferred[bytes] = defer.Deferred()
+            pending.append((data, algorithm, d))
+            return d
+
+        clock = task.Clock()
+        result = sign_submission(
+            submission(), later, CERTIFICATE, PROFESSIONAL, STRUCTURE, clock=clock
+        )
+        self.assertNoResult(result)
+        data, algorithm, waiting = pending[0]
+        self.assertEqual(algorithm, "SHA256WithRSA")
+        waiting.callback(KEY.sign(data, padding.PKCS1v15(), hashes.SHA256()))
+        self.assertEqual(len(self.successResultOf(result).documents), 3)
+
+        never = sign_submission(
+            submission(),
+            later,
+            CERTIFICATE,
+            PROFESSIONAL,
+            STRUCTURE,
+            clock=clock,
+            timeout=30,
+        )
+        clock.advance(31)
+        self.failureResultOf(never, defer.TimeoutError)
+
+    def test_ecdsa(self) -> None:
+        """
+        An EC key's DER signature is stored as r||s and verifies.
+        """
+        key, certificate = self_signed(ec.generate_private_key(ec.SECP256R1()))
+        signed = self.signed(
+            key=key, certificate=certificate, algorithm="SHA256WithECDSA"
+        )
+        root = etree.fromstring(signed.documents[-1].data)
+        self.assertEqual(
+            len(base64.b64decode(root.findtext("ds:SignatureValue", namespaces=NS))), 64
+        )

@@ -1,0 +1,275 @@
+"""
+Tests for L{cpsdmp.xds.cda} with documents built here: what a professional
+may hand us by mistake is refused with a message naming what is wrong.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from cpsdmp.protocols.safexml import XmlRefused
+from cpsdmp.xds.cda import CdaError, document_entry, hl7_time_to_utc, read_header
+from cpsdmp.xds.context import Structure, StructureIdentifier
+from cpsdmp.xds.ebrim import CodedValue
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SECTOR = CodedValue("SA07", "1.2.250.1.71.4.2.4", "Cabinet individuel")
+PRACTICE = CodedValue("AMBULATOIRE", "1.2.250.1.213.1.1.4.9", "Ambulatoire")
+STRUCTURE = Structure(
+    "Cabinet du Dr Test",
+    StructureIdentifier.RPPS_PRACTICE,
+    "99990006348",
+    SECTOR,
+    PRACTICE,
+)
+
+
+LEGAL = (
+    '<legalAuthenticator><time value="20240102"/><signatureCode code="S"/>'
+    '<assignedEntity><id root="1.2.250.1.71.4.2.1" extension="899900063480"/>'
+    "</assignedEntity></legalAuthenticator>"
+)
+
+
+def cda(
+    *,
+    patient: str = '<id root="1.2.250.1.213.1.4.10" extension="279035121518989"/>',
+    effective: str = "20240102103000+0100",
+    title: str = "<title>Compte rendu</title>",
+    body: str = "<structuredBody><component><section/></component></structuredBody>",
+    legal: str = LEGAL,
+    start: str = "20240102100000+0100",
+) -> bytes:
+    return textwrap.dedent(
+        f"""\
+        <?xml version="1.0" encoding="UTF-8"?>
+        <ClinicalDocument xmlns="urn:hl7-org:v3">
+          <typeId root="2.16.840.1.113883.1.3" extension="POCD_HD000040"/>
+          <templateId root="1.2.250.1.213.1.1.1.55"/>
+          <id root="1.2.3.4.5" extension="42"/>
+          <code code="11502-2" codeSystem="2.16.840.1.113883.6.1"
+                displayName="CR d'examens biologiques"/>
+          {title}
+          <effectiveTime value="{effective}"/>
+          <confidentialityCode code="N" codeSystem="2.16.840.1.113883.5.25"/>
+          <languageCode code="fr-FR"/>
+          <recordTarget><patientRole>{patient}</patientRole></recordTarget>
+          <author><time value="20240102"/><assignedAuthor>
+            <id root="1.2.250.1.71.4.2.1" extension="899900063480"/>
+            <assignedPerson><name><given>Max</given><family>LIBRE</family></name>
+            </assignedPerson>
+          </assignedAuthor></author>
+          {legal}
+          <documentationOf><serviceEvent><effectiveTime>
+            <low value="{start}"/></effectiveTime></serviceEvent></documentationOf>
+          <component>{body}</component>
+        </ClinicalDocument>
+        """
+    ).encode()
+
+
+class DeriveTests(SynchronousTestCase):
+    def test_minimal(self) -> None:
+        """
+        A minimal CDA with a configured structure gives a complete entry:
+        the facility and practice codes come from the structure.
+        """
+        entry = document_entry(cda(), STRUCTURE)
+        self.assertEqual(entry.uniqueId, "1.2.3.4.5^42")
+        self.assertEqual(entry.creationTime, "20240102093000")
+        self.assertEqual(entry.healthcareFacilityTypeCode, SECTOR)
+        self.assertEqual(entry.practiceSettingCode, PRACTICE)
+        self.assertEqual(entry.classCode.code, "10")
+        self.assertEqual(entry.authors[0].institutions, ())
+
+    def test_memoryview(self) -> None:
+        """
+        A document given as a memoryview (a part of a received body) gives
+        the same entry as its bytes.
+        """
+        data = cda()
+        entry = document_entry(memoryview(data), STRUCTURE)
+        self.assertEqual(entry.hash, document_entry(data, STRUCTURE).hash)
+        self.assertEqual(entry.size, len(data))
+
+    def test_overrides(self) -> None:
+        """
+        An override wins over the CDA; an unknown attribute is refused.
+        """
+        entry = document_entry(cda(), STRUCTURE, overrides={"title": "Autre"})
+        self.assertEqual(entry.title, "Autre")
+        self.assertRaises(
+            ValueError, document_entry, cda(), STRUCTURE, overrides={"nope": 1}
+        )
+
+    def test_not_a_cda(self) -> None:
+        """
+        XML that is not a ClinicalDocument is refused as such.
+        """
+        error = self.assertRaises(
+            CdaError, document_entry, b"<html><body/></html>", STRUCTURE
+        )
+        self.assertIn("not a CDA", str(error))
+
+    def test_no_ins(self) -> None:
+        """
+        A CDA whose patient has only a local identifier has no INS.
+        """
+        error = self.assertRaises(
+            CdaError,
+            document_entry,
+            cda(patient='<id root="1.2.3.4.567" extension="123"/>'),
+            STRUCTURE,
+        )
+        self.assertIn("recordTarget/patientRole/id", str(error))
+        self.assertIn("INS", str(error))
+
+    def test_bad_dates(self) -> None:
+        """
+        A malformed effectiveTime, and a time of day without zone, are
+        refused naming the element.
+        """
+        for value in ["2024-01-02", "20241302103000+0100", "20240102103000"]:
+            error = self.assertRaises(
+                CdaError, document_entry, cda(effective=value), STRUCTURE
+            )
+            self.assertIn("effectiveTime", str(error))
+
+    def test_missing_legal_and_service(self) -> None:
+        """
+        The DMP requires a legalAuthenticator and a service start time: their
+        absence is named.
+        """
+        error = self.assertRaises(CdaError, document_entry, cda(legal=""), STRUCTURE)
+        self.assertIn("legalAuthenticator", str(error))
+        data = cda().replace(b"<low", b"<high")
+        error = self.assertRaises(CdaError, document_entry, data, STRUCTURE)
+        self.assertIn("documentationOf/serviceEvent/effectiveTime/low", str(error))
+
+    def test_source_patient_id(self) -> None:
+        """
+        The producer's own patient identifier becomes the sourcePatientId;
+        without one, the INS does.
+        """
+        entry = document_entry(cda(), STRUCTURE)
+        self.assertEqual(entry.sourcePatientId, str(entry.patientId))
+        ipp = '<id root="1.2.3.4.567" extension="IPP42"/>'
+        patient = '<id root="1.2.250.1.213.1.4.10" extension="279035121518989"/>'
+        entry = document_entry(cda(patient=patient + ipp), STRUCTURE)
+        self.assertEqual(entry.sourcePatientId, "IPP42^^^&1.2.3.4.567&ISO^PI")
+
+    def test_missing_title(self) -> None:
+        """
+        A missing mandatory element is named.
+        """
+        error = self.assertRaises(CdaError, document_entry, cda(title=""), STRUCTURE)
+        self.assertIn("title", str(error))
+
+    def test_no_structure(self) -> None:
+        """
+        Without facility code in the CDA nor a structure, the element is
+        named.
+        """
+        error = self.assertRaises(CdaError, document_entry, cda())
+        self.assertIn("healthCareFacility", str(error))
+
+    def test_no_body(self) -> None:
+        """
+        A CDA without component is refused.
+        """
+        data = cda().replace(b"<component>", b"<x>").replace(b"</component>", b"</x>")
+        self.assertRaises(CdaError, document_entry, data, STRUCTURE)
+
+    def test_xxe(self) -> None:
+        """
+        A CDA carrying an external entity is refused.
+        """
+        data = (
+            cda()
+            .replace(
+                b'<?xml version="1.0" encoding="UTF-8"?>',
+                b'<?xml version="1.0"?><!DOCTYPE ClinicalDocument '
+                b'[<!ENTITY x SYSTEM "file:///etc/passwd">]>',
+            )
+            .replace(b"Compte rendu", b"&x;")
+        )
+        self.assertRaises(XmlRefused, document_entry, data, STRUCTURE)
+
+    def test_n1_media_type(self) -> None:
+        """
+        An N1 body gives the formatCode of its media type.
+        """
+        body = (
+            '<nonXMLBody><text mediaType="text/plain" representation="B64">'
+            "SGVsbG8=</text></nonXMLBody>"
+        )
+        entry = document_entry(cda(body=body), STRUCTURE)
+        self.assertEqual(entry.formatCode.code, "urn:ihe:iti:xds-sd:text:2008")
+        header = read_header(cda(body=body))
+        self.assertEqual((header.body, header.media_type), ("nonXMLBody", "text/plain"))
+
+
+class TimeTests(SynchronousTestCase):
+    def test_conversions(self) -> None:
+        """
+        Zone offsets are applied; dates stay dates.
+        """
+        self.assertEqual(hl7_time_to_utc("20240101003000+0100", "x"), "20231231233000")
+        self.assertEqual(hl7_time_to_utc("202401010030-0230", "x"), "20240101030000")
+        self.assertEqual(hl7_time_to_utc("20240101", "x"), "20240101")
+
+
+LARGE = """
+import resource, sys, time
+from cpsdmp.xds.cda import document_entry
+from cpsdmp.xds.context import Structure, StructureIdentifier
+from cpsdmp.xds.ebrim import CodedValue
+code = CodedValue("X", "1.2.3")
+structure = Structure("S", StructureIdentifier.FINESS, "123456789", code, code)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+with open(sys.argv[1], "rb") as f:
+    data = f.read()
+entry = document_entry(data, structure)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(before, after, entry.size)
+"""
+
+
+class LargeDocumentTests(SynchronousTestCase):
+    def test_hundred_megabytes(self) -> None:
+        """
+        Deriving the metadata of a 100 MB N1 document costs little more than
+        the document itself: the body is never parsed. Measured in a fresh
+        process with getrusage.
+        """
+        size = 100 * 1024 * 1024
+        head, tail = cda(
+            body='<nonXMLBody><text mediaType="application/pdf" '
+            'representation="B64">@@</text></nonXMLBody>'
+        ).split(b"@@")
+        with tempfile.NamedTemporaryFile(delete=False, suffix=".xml") as f:
+            f.write(head)
+            block = b"QUJD" * (1024 * 1024 // 4)
+            for _ in range(size // len(block)):
+                f.write(block)
+            f.write(tail)
+        self.addCleanup(os.unlink, f.name)
+        result = subprocess.run(
+            [sys.executable, "-c", LARGE, f.name],
+            capture_output=True,
+            check=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "PYTHONPATH": ROOT},
+        )
+        before, after, measured = (int(v) for v in result.stdout.split())
+        self.assertEqual(measured, os.path.getsize(f.name))
+        growth = (after - before) * 1024
+        # The bytes themselves (100 MB) plus a bounded margin.
+        self.assertLess(growth, measured * 1.3, f"peak RSS grew by {growth} bytes")

@@ -1,0 +1,117 @@
+"""
+Tests for L{cpsdmp.protocols.safexml}: hostile XML is refused before it can hurt.
+"""
+
+import os
+import tempfile
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from cpsdmp.protocols.safexml import XmlRefused, chunked, iter_events, parse_xml
+
+BILLION_LAUGHS = b"""<?xml version="1.0"?>
+<!DOCTYPE lolz [
+ <!ENTITY lol "lol">
+ <!ENTITY lol1 "&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;">
+ <!ENTITY lol2 "&lol1;&lol1;&lol1;&lol1;&lol1;&lol1;&lol1;&lol1;&lol1;&lol1;">
+ <!ENTITY lol3 "&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;">
+ <!ENTITY lol4 "&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;">
+ <!ENTITY lol5 "&lol4;&lol4;&lol4;&lol4;&lol4;&lol4;&lol4;&lol4;&lol4;&lol4;">
+ <!ENTITY lol6 "&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;">
+ <!ENTITY lol7 "&lol6;&lol6;&lol6;&lol6;&lol6;&lol6;&lol6;&lol6;&lol6;&lol6;">
+ <!ENTITY lol8 "&lol7;&lol7;&lol7;&lol7;&lol7;&lol7;&lol7;&lol7;&lol7;&lol7;">
+ <!ENTITY lol9 "&lol8;&lol8;&lol8;&lol8;&lol8;&lol8;&lol8;&lol8;&lol8;&lol8;">
+]>
+<lolz>&lol9;</lolz>
+"""
+
+
+def xxe(path: str) -> bytes:
+    return (
+        b'<?xml version="1.0"?>\n<!DOCTYPE r [<!ENTITY x SYSTEM "file://'
+        + path.encode()
+        + b'">]>\n<r>&x;</r>'
+    )
+
+
+class ParseTests(SynchronousTestCase):
+    def test_plain(self) -> None:
+        """
+        An ordinary document parses.
+        """
+        root = parse_xml(b"<a xmlns='urn:x'><b>1</b></a>")
+        self.assertEqual(root.findtext("{urn:x}b"), "1")
+
+    def test_billion_laughs(self) -> None:
+        """
+        A billion-laughs payload is refused with a message that names the
+        DOCTYPE, and nothing is expanded.
+        """
+        error = self.assertRaises(
+            XmlRefused, parse_xml, BILLION_LAUGHS, what="DMP answer"
+        )
+        self.assertIn("DMP answer", str(error))
+        self.assertIn("DOCTYPE", str(error))
+
+    def test_xxe_not_read(self) -> None:
+        """
+        An external entity pointing at a local file is refused, and the
+        file's content appears nowhere.
+        """
+        with tempfile.NamedTemporaryFile("w", delete=False) as secret:
+            secret.write("TOP-SECRET-CONTENT")
+        self.addCleanup(os.unlink, secret.name)
+        error = self.assertRaises(XmlRefused, parse_xml, xxe(secret.name))
+        self.assertNotIn("TOP-SECRET", str(error))
+        self.assertIn("DOCTYPE", str(error))
+
+    def test_too_large(self) -> None:
+        """
+        A document larger than the limit is refused before parsing.
+        """
+        error = self.assertRaises(
+            XmlRefused, parse_xml, b"<a>" + b"x" * 100 + b"</a>", max_bytes=50
+        )
+        self.assertIn("50", str(error))
+
+    def test_malformed(self) -> None:
+        """
+        Malformed XML is an L{XmlRefused}, not an lxml error.
+        """
+        self.assertRaises(XmlRefused, parse_xml, b"<a><b></a>")
+        self.assertRaises(XmlRefused, parse_xml, b"")
+
+    def test_encoding_override(self) -> None:
+        """
+        An ISO-8859-1 document without declaration parses when told.
+        """
+        root = parse_xml("<a>Médecin</a>".encode("latin-1"), encoding="iso-8859-1")
+        self.assertEqual(root.text, "Médecin")
+
+
+class IterEventsTests(SynchronousTestCase):
+    def test_events(self) -> None:
+        """
+        Events come in document order from chunks of any size.
+        """
+        data = b"<a><b>1</b><c/></a>"
+        tags = [
+            element.tag
+            for event, element in iter_events(chunked(data, 3), events=("start",))
+        ]
+        self.assertEqual(tags, ["a", "b", "c"])
+
+    def test_billion_laughs(self) -> None:
+        """
+        The incremental parser refuses a DOCTYPE as well.
+        """
+        self.assertRaises(XmlRefused, list, iter_events(chunked(BILLION_LAUGHS, 7)))
+
+    def test_limit(self) -> None:
+        """
+        Feeding more than the limit stops with L{XmlRefused}.
+        """
+        data = b"<a>" + b"<b/>" * 1000 + b"</a>"
+        self.assertRaises(
+            XmlRefused, list, iter_events(chunked(data, 100), max_bytes=1000)
+        )
