@@ -74,7 +74,9 @@ def dmp_server_options(
         requireCertificate=True,
         raiseMinimumTo=TLSVersion.TLSv1_2,
         lowerMaximumSecurityTo=TLSVersion.TLSv1_2,
-        acceptableCiphers=AcceptableCiphers.fromOpenSSLCipherString(DMP_CIPHERS),
+        acceptableCiphers=AcceptableCiphers.fromOpenSSLCipherString(  # type: ignore[no-untyped-call]
+            DMP_CIPHERS
+        ),
         enableSessions=True,
         enableSessionTickets=True,
     )
