@@ -414,7 +414,7 @@ class Pkcs11Backend:
             KeyUsage, tuple[pkcs11.PrivateKey, list[x509.Certificate]]
         ] = {}
 
-    def _lib(self) -> Any:
+    def library(self) -> Any:
         """
         Load and initialise the module, with C{environment} set for the time
         of its C_Initialize only (SoftHSM2 reads SOFTHSM2_CONF then).
@@ -433,7 +433,7 @@ class Pkcs11Backend:
                     os.environ[name] = value
 
     def _token(self) -> Any:
-        lib = self._lib()
+        lib = self.library()
         try:
             if self.token_label:
                 return lib.get_token(token_label=self.token_label)
