@@ -291,14 +291,16 @@ class WorkerCard:
         return self.backend.description
 
     def start(self) -> None:
-        self._pool.start()
+        if not self._pool.started:
+            self._pool.start()
 
     def stop(self) -> None:
         """
         Finish the queued operations, then release the card.
         """
-        self._pool.callInThread(self.backend.close)
-        self._pool.stop()
+        if self._pool.started and not self._pool.joined:
+            self._pool.callInThread(self.backend.close)
+            self._pool.stop()
 
     def _run(self, f: Callable[..., _T], *args: Any) -> Deferred[_T]:
         return deferToThreadPool(self._reactor, self._pool, f, *args)

@@ -482,10 +482,17 @@ class AgentResource(Resource):
             )
 
 
+# A refused body up to this size is drained before the connection closes, so
+# that the caller reads the 413 rather than a connection reset; beyond it the
+# connection closes at once.
+_DRAIN_LIMIT = 1024 * 1024
+
+
 class _LimitedRequest(server.Request):
     """
     A request that refuses a body over L{MAX_BODY} as soon as its length is
-    known (or, when chunked, as soon as it grows past it), without reading it.
+    known (or, when chunked, as soon as it grows past it): the 413 goes out
+    at once and the rest of the body is discarded, never stored.
     """
 
     _refused = False
@@ -493,25 +500,32 @@ class _LimitedRequest(server.Request):
 
     def gotLength(self, length: int | None) -> None:
         if length is not None and length > MAX_BODY:
-            self._refuse()
+            self._refuse(close_now=length > _DRAIN_LIMIT)
             return
         super().gotLength(length)  # type: ignore[no-untyped-call]
 
     def handleContentChunk(self, data: bytes) -> None:
-        if self._refused:
-            return
         self._received += len(data)
+        if self._refused:
+            if self._received > _DRAIN_LIMIT:
+                self._close()
+            return
         if self._received > MAX_BODY:
-            self._refuse()
+            self._refuse(close_now=False)
             return
         super().handleContentChunk(data)  # type: ignore[no-untyped-call]
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if self._refused:
+            self._close()
             return
         super().requestReceived(command, path, version)  # type: ignore[no-untyped-call]
 
-    def _refuse(self) -> None:
+    def _close(self) -> None:
+        if self.channel is not None:
+            self.channel.loseConnection()  # type: ignore[no-untyped-call]
+
+    def _refuse(self, close_now: bool) -> None:
         self._refused = True
         problem = Problem(
             413,
@@ -533,7 +547,8 @@ class _LimitedRequest(server.Request):
             head.append(b"Access-Control-Allow-Origin: " + origin)
         assert self.channel is not None and self.channel.transport is not None
         self.channel.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + payload)
-        self.channel.loseConnection()  # type: ignore[no-untyped-call]
+        if close_now:
+            self._close()
 
 
 def agent_site(resource: AgentResource) -> server.Site:
