@@ -16,13 +16,19 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL, crypto
 from treq.client import HTTPClient
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError, fail
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    TimeoutError,
+    fail,
+    succeed,
+)
 from twisted.internet.error import ConnectError
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.internet.interfaces import IConsumer, IOpenSSLClientConnectionCreator
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IPolicyForHTTPS
+from twisted.web.iweb import IBodyProducer, IPolicyForHTTPS
 from zope.interface import implementer
 
 from cpsdmp.agent import problems
@@ -172,6 +178,32 @@ class PinnedCertificatePolicy:
         return _PinnedCreator(self)
 
 
+@implementer(IBodyProducer)
+class _BytesProducer:
+    """
+    A request body written whole at once, so that it leaves in the same TCP
+    segment as the request's head (treq's default producer writes it on a
+    later turn of the reactor, a separate segment that costs a round trip).
+    """
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        consumer.write(self._body)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
 def _reactor_or_default(reactor: Any) -> Any:
     if reactor is None:
         from twisted.internet import reactor as default
@@ -202,7 +234,7 @@ class _Channel:
             pool=self._pool,
             connectTimeout=timeout,
         )
-        self.http = HTTPClient(agent)
+        self.http = HTTPClient(agent, data_to_body_producer=_BytesProducer)
 
     def request(
         self,
