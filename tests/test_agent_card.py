@@ -273,7 +273,11 @@ class _FakeToken:
         self.slot = self
         self.logins = 0
 
+    removed = False
+
     def get_token(self) -> _FakeToken:
+        if self.removed:
+            raise p11errors.TokenNotPresent()
         fresh = _FakeToken(None, self._after)
         fresh.flags = self._after
         return fresh
@@ -331,6 +335,18 @@ class Pkcs11FaultTests(SynchronousTestCase):
             backend.login("1111")
         self.assertIn("PUK", str(raised.exception))
 
+    def test_removed_between_uses(self) -> None:
+        """
+        The presence check notices a card taken out, and forgets the session.
+        """
+        token = _FakeToken(None, pkcs11.TokenFlag(0))
+        backend = _FakeTokenBackend(token)
+        backend.login("1234")
+        backend.check_present()
+        token.removed = True
+        self.assertRaises(CardRemoved, backend.check_present)
+        self.assertRaises(NotLoggedIn, backend.chain, KeyUsage.authentication)
+
     def test_removed_during_use(self) -> None:
         for error in (
             p11errors.DeviceRemoved,
@@ -360,6 +376,9 @@ class _RecordingBackend:
         self.threads.add(threading.get_ident())
 
     def logout(self) -> None:
+        pass
+
+    def check_present(self) -> None:
         pass
 
     def chain(self, usage: KeyUsage) -> list[x509.Certificate]:

@@ -542,6 +542,7 @@ class _FaultBackend:
         self.login_error = login_error
         self.sign_error = sign_error
         self.logins = 0
+        self.present = True
         self.inner = token_backend()
 
     def login(self, pin: str) -> None:
@@ -552,6 +553,13 @@ class _FaultBackend:
 
     def logout(self) -> None:
         self.inner.logout()
+
+    def check_present(self) -> None:
+        if not self.present:
+            from cpsdmp.agent.card import CardRemoved as CardCardRemoved
+
+            raise CardCardRemoved()
+        self.inner.check_present()
 
     def chain(self, usage: KeyUsage) -> list[x509.Certificate]:
         return self.inner.chain(usage)
@@ -621,3 +629,29 @@ class FaultTests(TestCase):
         self.assertEqual(failure.problem["status"], 503)
         backend.sign_error = None
         yield self.assertFailure(client.sign(b"x", "SHA256WithRSA"), TokenExpired)
+
+    @inlineCallbacks
+    def test_card_taken_out_between_calls(self) -> Any:
+        """
+        The agent notices a card taken out while nobody calls, and ends the
+        sessions then; GET /cps/card says so too.
+        """
+        backend = _FaultBackend(None, None)
+        agent = yield self.start(backend)
+        context = yield open_session(
+            agent.url, shared_testcard().pin, agent.fingerprint
+        )
+        client = CpsAgentClient.from_context(context)
+        self.addCleanup(client.close)
+        yield client.card()
+        yield agent.resource.watch_card()
+        yield client.card()
+        backend.present = False
+        yield agent.resource.watch_card()
+        yield self.assertFailure(client.card(), TokenExpired)
+        context = yield open_session(
+            agent.url, shared_testcard().pin, agent.fingerprint
+        )
+        client = CpsAgentClient.from_context(context)
+        self.addCleanup(client.close)
+        yield self.assertFailure(client.card(), CardRemoved)

@@ -7,8 +7,10 @@ overhead per signature.
 
 The agent runs as `twist cpsagent --testcard DIR` in its own process, as on a
 workstation; the client is CpsAgentClient (treq, one persistent connection
-pool). The direct measure makes, in this process, exactly the card calls the
-agent makes: hash, DigestInfo, CKM_RSA_PKCS with the authentication key.
+pool). A third measure runs the same agent over a card that signs in no time
+(instant_agent.py): the agent's own cost per signature. The direct measure
+makes, in this process, exactly the card calls the agent makes: hash,
+DigestInfo, CKM_RSA_PKCS with the authentication key.
 """
 
 from __future__ import annotations
@@ -85,30 +87,49 @@ class _Agent(ProcessProtocol):
         self.ended.callback(None)
 
 
+LISTEN = "tcp:0:interface=127.0.0.1"
+
+
+def twist_cpsagent(card: TestCard) -> list[str]:
+    """
+    @return: the command line of the agent on the test card's token.
+    """
+    return [
+        sys.executable,
+        "-m",
+        "twisted",
+        "--log-format",
+        "text",
+        "cpsagent",
+        "--testcard",
+        card.directory,
+        "--listen",
+        LISTEN,
+    ]
+
+
+def instant_agent(card: TestCard) -> list[str]:
+    """
+    @return: the command line of the same agent over a card that signs in
+        no time.
+    """
+    script = Path(__file__).with_name("instant_agent.py")
+    return [sys.executable, str(script), card.directory, LISTEN]
+
+
 async def through_agent(
-    reactor: Any, card: TestCard, count: int, concurrency: int
+    reactor: Any, card: TestCard, command: list[str], count: int, concurrency: int
 ) -> tuple[list[float], float]:
     """
     @return: the seconds each of C{count} sequential signatures took through
-        the agent, and the wall time of C{count} more with C{concurrency} in
-        flight.
+        the agent C{command} starts, and the wall time of C{count} more with
+        C{concurrency} in flight.
     """
     agent = _Agent()
     process = reactor.spawnProcess(
         agent,
-        sys.executable,
-        [
-            sys.executable,
-            "-m",
-            "twisted",
-            "--log-format",
-            "text",
-            "cpsagent",
-            "--testcard",
-            card.directory,
-            "--listen",
-            "tcp:0:interface=127.0.0.1",
-        ],
+        command[0],
+        command,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     try:
@@ -153,7 +174,10 @@ async def run(reactor: Any, arguments: argparse.Namespace) -> None:
 
     direct_times = direct(card, arguments.count)
     agent_times, wall = await through_agent(
-        reactor, card, arguments.count, arguments.concurrency
+        reactor, card, twist_cpsagent(card), arguments.count, arguments.concurrency
+    )
+    instant_times, _ = await through_agent(
+        reactor, card, instant_agent(card), arguments.count, 1
     )
 
     results = {
@@ -161,6 +185,7 @@ async def run(reactor: Any, arguments: argparse.Namespace) -> None:
         "key": "CPS_PRIV_AUT, RSA 2048, CKM_RSA_PKCS over SHA-256 DigestInfo",
         "direct": summary(direct_times),
         "agent_sequential": summary(agent_times),
+        "agent_instant_card": summary(instant_times),
         "agent_concurrent": {
             "concurrency": arguments.concurrency,
             "per_second": arguments.count / wall,
@@ -177,7 +202,12 @@ async def run(reactor: Any, arguments: argparse.Namespace) -> None:
     d, a = results["direct"], results["agent_sequential"]
     print(f"{arguments.count} signatures each way, {results['key']}")
     print(f"{'':24}{'sig/s':>10}{'mean ms':>10}{'median ms':>11}{'p95 ms':>9}")
-    for label, r in (("direct python-pkcs11", d), ("agent, one at a time", a)):
+    rows = (
+        ("direct python-pkcs11", d),
+        ("agent, one at a time", a),
+        ("agent, instant card", results["agent_instant_card"]),
+    )
+    for label, r in rows:
         print(
             f"{label:24}{r['per_second']:10.1f}{r['mean_ms']:10.2f}"
             f"{r['median_ms']:11.2f}{r['p95_ms']:9.2f}"
@@ -188,7 +218,8 @@ async def run(reactor: Any, arguments: argparse.Namespace) -> None:
     )
     o = results["overhead_ms"]
     print(
-        f"overhead per signature: {o['mean']:.2f} ms mean, {o['median']:.2f} ms median"
+        f"overhead per signature (agent - direct): {o['mean']:.2f} ms mean, "
+        f"{o['median']:.2f} ms median"
     )
 
 

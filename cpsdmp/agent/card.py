@@ -248,6 +248,12 @@ class CardBackend(Protocol):
         Lock the card.
         """
 
+    def check_present(self) -> None:
+        """
+        Raise L{CardRemoved} if the card left the reader since the login (the
+        session is then gone), L{NoCard} if there is no card at all.
+        """
+
     def chain(self, usage: KeyUsage) -> list[x509.Certificate]:
         """
         @return: the certificate of the key for C{usage}, then its issuers up
@@ -329,11 +335,19 @@ class WorkerCard:
         """
 
         def read() -> Holder:
+            self.backend.check_present()
             return holder_from_certificate(
                 self.backend.chain(KeyUsage.authentication)[0]
             )
 
         return self._run(read)
+
+    def check_present(self) -> Deferred[None]:
+        """
+        @return: a Deferred that fires with C{None} if the card is in the
+            reader, or fails with L{CardRemoved} or L{NoCard}.
+        """
+        return self._run(self.backend.check_present)
 
     def sign(
         self, usage: KeyUsage, algorithm: Algorithm, data: bytes
@@ -412,6 +426,7 @@ class Pkcs11Backend:
         )
         self._intermediates = list(intermediates)
         self._session: pkcs11.Session | None = None
+        self._slot: Any = None
         self._keys: dict[
             KeyUsage, tuple[pkcs11.PrivateKey, list[x509.Certificate]]
         ] = {}
@@ -464,6 +479,7 @@ class Pkcs11Backend:
             raise PinBlocked()
         try:
             self._session = token.open(user_pin=pin)
+            self._slot = token.slot
         except p11errors.PinIncorrect:
             flags = self._fresh_flags(token)
             if flags & pkcs11.TokenFlag.USER_PIN_LOCKED:
@@ -489,6 +505,16 @@ class Pkcs11Backend:
 
     def logout(self) -> None:
         self._drop_session()
+
+    def check_present(self) -> None:
+        if self._session is None:
+            self._token()
+            return
+        try:
+            self._slot.get_token()
+        except (*_REMOVED, p11errors.NoSuchToken) as e:
+            self._gone()
+            raise CardRemoved() from e
 
     def _key(self, usage: KeyUsage) -> tuple[Any, list[x509.Certificate]]:
         if usage in self._keys:
@@ -603,6 +629,12 @@ class SoftCardBackend:
 
     def logout(self) -> None:
         self._keys.clear()
+
+    def check_present(self) -> None:
+        path = self._files[KeyUsage.authentication]
+        if not path.is_file():
+            self._keys.clear()
+            raise NoCard(f"the soft card {path} is gone")
 
     def _key(self, usage: KeyUsage) -> tuple[rsa.RSAPrivateKey, list[x509.Certificate]]:
         if not self._keys:

@@ -86,6 +86,8 @@ class ICardLike(Protocol):
 
     def holder(self) -> Deferred[Holder]: ...
 
+    def check_present(self) -> Deferred[None]: ...
+
     def sign(
         self, usage: KeyUsage, algorithm: Algorithm, data: bytes
     ) -> Deferred[tuple[bytes, float]]: ...
@@ -192,6 +194,25 @@ class AgentResource(Resource):
             (b"GET", "signatureCertificate"): (self._signature_chain, True),
             (b"POST", "sign"): (self._sign, True),
         }
+
+    def watch_card(self) -> Deferred[None]:
+        """
+        Ask whether the card is still in the reader; if it left, end every
+        session at once rather than at the next call.
+
+        @return: a Deferred that fires with C{None} once checked.
+        """
+        return Deferred.fromCoroutine(self._watch_card())
+
+    async def _watch_card(self) -> None:
+        try:
+            await self.card.check_present()
+        except (CardRemoved, NoCard):
+            if len(self.tokens):
+                _log.info("card out of the reader: sessions ended")
+                self.tokens.drop_all()
+        except Exception:
+            _log.failure("could not check that the card is in the reader")
 
     # Dispatch
 

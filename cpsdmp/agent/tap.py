@@ -22,6 +22,7 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
@@ -37,6 +38,9 @@ from cpsdmp.agent.resource import AgentResource, agent_site
 _log = Logger()
 
 DEFAULT_LISTEN = "tcp:10035:interface=127.0.0.1"
+
+# Seconds between two checks that the card is still in the reader.
+CARD_WATCH_INTERVAL = 2.0
 
 
 class Options(usage.Options):
@@ -217,11 +221,14 @@ class AgentService(Service):
         self.resource = resource
         self._tls = tls
         self.port: IListeningPort | None = None
+        self._watch = LoopingCall(resource.watch_card)
+        self._watch.clock = reactor
         self.listening: Deferred[IListeningPort] = Deferred()
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
         self.card.start()
+        self._watch.start(CARD_WATCH_INTERVAL, now=False)
         endpoint = serverFromString(self._reactor, self._listen)  # type: ignore[no-untyped-call]
         factory = TLSMemoryBIOFactory(self._tls, False, agent_site(self.resource))
         d = endpoint.listen(factory)
@@ -246,6 +253,8 @@ class AgentService(Service):
     def stopService(self) -> Deferred[None] | None:
         super().stopService()  # type: ignore[no-untyped-call]
         port, self.port = self.port, None
+        if self._watch.running:
+            self._watch.stop()
         self.card.stop()
         if port is not None:
             stopped: Deferred[None] | None = port.stopListening()
