@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -543,6 +544,7 @@ class _FaultBackend:
         self.sign_error = sign_error
         self.logins = 0
         self.present = True
+        self.hold: threading.Event | None = None
         self.inner = token_backend()
 
     def login(self, pin: str) -> None:
@@ -565,6 +567,8 @@ class _FaultBackend:
         return self.inner.chain(usage)
 
     def sign_digest(self, usage: KeyUsage, algorithm: Any, digest: bytes) -> bytes:
+        if self.hold is not None:
+            self.hold.wait(30)
         if self.sign_error is not None:
             raise self.sign_error
         return self.inner.sign_digest(usage, algorithm, digest)
@@ -655,3 +659,26 @@ class FaultTests(TestCase):
         client = CpsAgentClient.from_context(context)
         self.addCleanup(client.close)
         yield self.assertFailure(client.card(), CardRemoved)
+
+    @inlineCallbacks
+    def test_timeout(self) -> Any:
+        """
+        A card that does not answer in time: the client gives up after its
+        timeout with an error that says so.
+        """
+        backend = _FaultBackend(None, None)
+        backend.hold = threading.Event()
+        agent = yield self.start(backend)
+        self.addCleanup(backend.hold.set)  # runs before the agent stops
+        context = yield open_session(
+            agent.url, shared_testcard().pin, agent.fingerprint
+        )
+        client = CpsAgentClient.from_context(context, timeout=0.5)
+        self.addCleanup(client.close)
+        started = reactor.seconds()  # type: ignore[attr-defined]
+        failure = yield self.assertFailure(
+            client.sign(b"x", "SHA256WithRSA"), AgentUnreachable
+        )
+        self.assertLess(reactor.seconds() - started, 5)  # type: ignore[attr-defined]
+        self.assertIn("did not answer", str(failure))
+        self.assertIn("0.5 s", str(failure))

@@ -478,6 +478,9 @@ class Pkcs11Backend:
         if token.flags & pkcs11.TokenFlag.USER_PIN_LOCKED:
             raise PinBlocked()
         try:
+            # python-pkcs11 opens the session and logs in as one call; when
+            # the login fails, the session it opened stays open (not logged
+            # in) until the module is finalised, one per refused PIN.
             self._session = token.open(user_pin=pin)
             self._slot = token.slot
         except p11errors.PinIncorrect:

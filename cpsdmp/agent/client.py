@@ -249,7 +249,14 @@ class _Channel:
             L{AgentError}.
         """
         d = Deferred.fromCoroutine(self._request(method, path, headers, body))
-        d.addTimeout(self.timeout, self.reactor)
+
+        def timed_out(result: object, timeout: float) -> object:
+            raise AgentUnreachable(
+                f"the agent at {self.url} did not answer {method} {path} "
+                f"within {timeout:g} s"
+            )
+
+        d.addTimeout(self.timeout, self.reactor, onTimeoutCancel=timed_out)
         d.addErrback(self._failed, method, path)
         return d
 

@@ -366,6 +366,8 @@ class AgentResource(Resource):
     def _write_json(
         self, request: Request, body: dict[str, Any], code: int = 200
     ) -> None:
+        if request._disconnected:
+            return  # the caller gave up; the card's work is done anyway
         payload = json.dumps(body).encode()
         request.setResponseCode(code)
         request.setHeader(b"Content-Type", b"application/json")
@@ -416,8 +418,9 @@ class AgentResource(Resource):
         self.tokens.drop_all()
         await self.card.logout()
         _log.info("card locked by {caller}", caller=request.getClientAddress().host)
-        request.setResponseCode(204)
-        request.finish()
+        if not request._disconnected:
+            request.setResponseCode(204)
+            request.finish()
 
     async def _card(self, request: Request, rest: list[str]) -> None:
         holder = await self.card.holder()
@@ -491,6 +494,8 @@ class AgentResource(Resource):
             duration_ms=round((time.perf_counter() - started) * 1000, 2),
             card_ms=round(card_seconds * 1000, 2),
         )
+        if request._disconnected:
+            return
         if self._wants_raw(request):
             request.setHeader(b"Content-Type", b"application/octet-stream")
             request.setHeader(b"Cache-Control", b"no-store")
