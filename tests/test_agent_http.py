@@ -9,6 +9,7 @@ import base64
 import json
 import threading
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from cryptography import x509
@@ -23,7 +24,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from zope.interface.verify import verifyObject
 
 from cpsdmp.agent import problems
-from cpsdmp.agent.card import ALGORITHMS, KeyUsage
+from cpsdmp.agent.card import ALGORITHMS, KeyUsage, SoftCardBackend
 from cpsdmp.agent.client import (
     AgentCertificateMismatch,
     AgentUnreachable,
@@ -682,3 +683,31 @@ class FaultTests(TestCase):
         self.assertLess(reactor.seconds() - started, 5)  # type: ignore[attr-defined]
         self.assertIn("did not answer", str(failure))
         self.assertIn("0.5 s", str(failure))
+
+
+class SoftCardAgentTests(AgentTestCase):
+    """
+    The same agent over the PKCS#12 soft card.
+    """
+
+    def backend(self) -> Any:
+        card = shared_testcard()
+        return SoftCardBackend(
+            Path(card.soft_card),
+            Path(card.soft_card_signature),
+            card.ca_intermediate_certificates(),
+        )
+
+    @inlineCallbacks
+    def test_sign_and_card(self) -> Any:
+        client = yield self.client()
+        card = yield client.card()
+        self.assertEqual(card["holder"]["id"], self.testcard.professional["id"])
+        chain = yield client.certificate_chain()
+        verify_client_chain(chain, self.testcard)
+        for name in ALGORITHMS:
+            signature = yield client.sign(b"soft", name)
+            _verify(chain[0], signature, b"soft", name)
+        yield self.assertFailure(
+            open_session(self.agent.url, "0000", self.agent.fingerprint), WrongPin
+        )
