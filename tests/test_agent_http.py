@@ -16,11 +16,19 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from treq.client import HTTPClient
 from twisted.internet import reactor
-from twisted.internet.defer import gatherResults, inlineCallbacks
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, succeed
+from twisted.internet.endpoints import (
+    TCP4ClientEndpoint,
+    connectProtocol,
+    wrapClientTLS,
+)
+from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
+from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from cpsdmp.agent import problems
@@ -54,6 +62,44 @@ def _verify(
     public_key = certificate.public_key()
     assert isinstance(public_key, rsa.RSAPublicKey)
     public_key.verify(signature, data, padding.PKCS1v15(), ALGORITHMS[name].hash())
+
+
+@implementer(IBodyProducer)
+class _UnknownLength:
+    """
+    A body whose length is not announced, so that it goes chunked.
+    """
+
+    length = UNKNOWN_LENGTH
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+
+    def startProducing(self, consumer: Any) -> Deferred[None]:
+        for start in range(0, len(self._body), 8192):
+            consumer.write(self._body[start : start + 8192])
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class _Collector(Protocol):
+    def __init__(self) -> None:
+        self.data = b""
+        self.closed: Deferred[None] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason: Any) -> None:
+        self.closed.callback(None)
 
 
 class _Answer:
@@ -393,6 +439,52 @@ class SignTests(AgentTestCase):
             "POST", path, headers, b"x" * 64 * 1024, context["token"]
         )
         self.assertEqual(answer.code, 200)
+
+    @inlineCallbacks
+    def test_body_refused_before_it_is_sent(self) -> Any:
+        """
+        A request announcing 10 MB gets its 413 right after its head, without
+        sending a byte of body, and the connection closes.
+        """
+        context = yield self.session()
+        host, port = self.agent.url.removeprefix("https://").split(":")
+        endpoint = wrapClientTLS(
+            PinnedCertificatePolicy(self.agent.fingerprint).creatorForNetloc(
+                host.encode(), int(port)
+            ),
+            TCP4ClientEndpoint(reactor, host, int(port)),
+        )
+        collector = _Collector()
+        yield connectProtocol(endpoint, collector)
+        collector.transport.write(  # type: ignore[union-attr]
+            b"POST /cps/sign/for/authentication/SHA256WithRSA HTTP/1.1\r\n"
+            b"Host: 127.0.0.1\r\n"
+            b"Authorization: Bearer " + context["token"].encode() + b"\r\n"
+            b"Content-Type: application/octet-stream\r\n"
+            b"Content-Length: 10000000\r\n\r\n"
+        )
+        yield collector.closed.addTimeout(10, reactor)
+        self.assertTrue(collector.data.startswith(b"HTTP/1.1 413 "), collector.data)
+        self.assertIn(problems.BODY_TOO_LARGE.encode(), collector.data)
+
+    @inlineCallbacks
+    def test_chunked_body_too_large(self) -> Any:
+        """
+        A body sent without a length (chunked) is refused once it passes
+        64 KiB.
+        """
+        context = yield self.session()
+        response = yield self.raw().request(
+            "POST",
+            self.agent.url + "/cps/sign/for/authentication/SHA256WithRSA",
+            headers={
+                "Content-Type": ["application/octet-stream"],
+                "Authorization": [f"Bearer {context['token']}"],
+            },
+            data=_UnknownLength(b"x" * (80 * 1024)),
+        )
+        answer = _Answer(response.code, response.headers, (yield response.content()))
+        self.assertProblem(answer, 413, problems.BODY_TOO_LARGE)
 
     @inlineCallbacks
     def test_log(self) -> Any:
