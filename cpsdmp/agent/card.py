@@ -1,0 +1,660 @@
+"""
+Access to the professional's card: the keys and certificates of a CPS card
+through PKCS#11, or of a PKCS#12 soft card, behind one asynchronous face whose
+every operation runs, in order, on a single worker thread.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import pkcs11
+import pkcs11.exceptions as p11errors
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
+from cryptography.hazmat.primitives.serialization import pkcs12
+from cryptography.x509.oid import NameOID
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+_log = Logger()
+_T = TypeVar("_T")
+
+
+class KeyUsage(enum.Enum):
+    """
+    The two keys of a CPS card.
+    """
+
+    authentication = "authentication"
+    signature = "signature"
+
+
+# The labels of the private keys on a CPS card.
+KEY_LABELS = {
+    KeyUsage.authentication: "CPS_PRIV_AUT",
+    KeyUsage.signature: "CPS_PRIV_SIG",
+}
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """
+    A signature algorithm the agent offers: PKCS#1 v1.5 over one hash.
+    """
+
+    name: str
+    hash: type[hashes.HashAlgorithm]
+    # The DER encoding of DigestInfo up to the digest itself
+    # (RFC 8017, section 9.2, note 1).
+    digest_info_prefix: bytes
+
+    def digest(self, data: bytes) -> bytes:
+        hasher = hashes.Hash(self.hash())
+        hasher.update(data)
+        return hasher.finalize()
+
+    def digest_info(self, digest: bytes) -> bytes:
+        """
+        @return: the DER DigestInfo that CKM_RSA_PKCS signs for C{digest}.
+        """
+        return self.digest_info_prefix + digest
+
+
+ALGORITHMS: dict[str, Algorithm] = {
+    a.name: a
+    for a in (
+        Algorithm(
+            "SHA256WithRSA",
+            hashes.SHA256,
+            bytes.fromhex("3031300d060960864801650304020105000420"),
+        ),
+        Algorithm(
+            "SHA384WithRSA",
+            hashes.SHA384,
+            bytes.fromhex("3041300d060960864801650304020205000430"),
+        ),
+        Algorithm(
+            "SHA512WithRSA",
+            hashes.SHA512,
+            bytes.fromhex("3051300d060960864801650304020305000440"),
+        ),
+        Algorithm(
+            "SHA1WithRSA",
+            hashes.SHA1,
+            bytes.fromhex("3021300906052b0e03021a05000414"),
+        ),
+    )
+}
+
+
+class UnknownAlgorithm(ValueError):
+    """
+    A signature algorithm the agent does not offer.
+    """
+
+
+def algorithm_named(name: str) -> Algorithm:
+    """
+    @return: the algorithm called C{name}.
+    @raise UnknownAlgorithm: naming the supported ones.
+    """
+    try:
+        return ALGORITHMS[name]
+    except KeyError:
+        raise UnknownAlgorithm(
+            f"unknown signature algorithm {name!r}; the card signs with "
+            + ", ".join(ALGORITHMS)
+        ) from None
+
+
+@dataclass(frozen=True)
+class Holder:
+    """
+    Who the card belongs to, as its authentication certificate says.
+    """
+
+    id: str
+    name: str
+    profession: str
+
+
+def holder_from_certificate(certificate: x509.Certificate) -> Holder:
+    """
+    Read the holder's identifier (RPPS-style), name and profession from a
+    card certificate's subject.
+    """
+    subject = certificate.subject
+
+    def first(oid: x509.ObjectIdentifier) -> str:
+        values = subject.get_attributes_for_oid(oid)
+        return str(values[0].value) if values else ""
+
+    common_name = first(NameOID.COMMON_NAME)
+    identifier = first(NameOID.SERIAL_NUMBER)
+    head, _, tail = common_name.partition("/")
+    if not identifier and head.strip().isdigit():
+        identifier = head.strip()
+    name = " ".join(
+        part for part in (first(NameOID.GIVEN_NAME), first(NameOID.SURNAME)) if part
+    )
+    if not name:
+        name = tail.strip() if tail else common_name
+    profession = first(NameOID.TITLE) or first(NameOID.ORGANIZATIONAL_UNIT_NAME)
+    return Holder(id=identifier, name=name, profession=profession)
+
+
+class CardError(Exception):
+    """
+    The card refused or could not do what was asked; the message says what the
+    professional can do about it.
+    """
+
+
+class WrongPin(CardError):
+    """
+    The PIN was refused. C{tries_left} is C{None} when the card does not say.
+    """
+
+    def __init__(self, tries_left: int | None, count_low: bool = False) -> None:
+        self.tries_left = tries_left
+        if tries_left is not None:
+            plural = "try" if tries_left == 1 else "tries"
+            message = f"wrong PIN: {tries_left} {plural} left before the card blocks"
+        elif count_low:
+            message = (
+                "wrong PIN: the card has seen wrong PINs before and will block "
+                "after a few more"
+            )
+        else:
+            message = (
+                "wrong PIN: the card does not tell how many tries remain; "
+                "it blocks after a few wrong PINs"
+            )
+        super().__init__(message)
+
+
+class PinBlocked(CardError):
+    """
+    The PIN is blocked; the card must be unblocked with its PUK.
+    """
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(
+            message
+            or "PIN blocked: 0 tries left; unblock the card with its PUK "
+            "(unblocking code) before using it again"
+        )
+
+
+class NoCard(CardError):
+    """
+    No card, or not the expected one, is in the reader.
+    """
+
+
+class CardRemoved(CardError):
+    """
+    The card was taken out while the agent was using it.
+    """
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(
+            message or "the card was removed: insert it and enter the PIN again"
+        )
+
+
+class NotLoggedIn(CardError):
+    """
+    The card is locked: no PIN has been entered since it was inserted or locked.
+    """
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(message or "the card is locked: enter the PIN again")
+
+
+class KeyNotFound(CardError):
+    """
+    The card lacks the key or certificate asked for.
+    """
+
+
+class CardBackend(Protocol):
+    """
+    The blocking operations of one card. Only the worker thread of a
+    L{WorkerCard} calls them, one at a time.
+    """
+
+    description: str
+
+    def login(self, pin: str) -> None:
+        """
+        Unlock the card with C{pin}, verified by the card even when it was
+        already unlocked. Raise L{WrongPin}, L{PinBlocked} or L{NoCard}.
+        """
+
+    def logout(self) -> None:
+        """
+        Lock the card.
+        """
+
+    def check_present(self) -> None:
+        """
+        Raise L{CardRemoved} if the card left the reader since the login (the
+        session is then gone), L{NoCard} if there is no card at all.
+        """
+
+    def chain(self, usage: KeyUsage) -> list[x509.Certificate]:
+        """
+        @return: the certificate of the key for C{usage}, then its issuers up
+            to, not including, the root.
+        """
+
+    def sign_digest(
+        self, usage: KeyUsage, algorithm: Algorithm, digest: bytes
+    ) -> bytes:
+        """
+        @return: the PKCS#1 v1.5 signature of C{digest}, a hash by C{algorithm}.
+        """
+
+    def close(self) -> None:
+        """
+        Release the card for good.
+        """
+
+
+class WorkerCard:
+    """
+    A card whose operations run on one dedicated thread, in the order they
+    are asked, so that concurrent callers queue rather than fail and the
+    reactor never waits on the card.
+    """
+
+    def __init__(
+        self, backend: CardBackend, reactor: IReactorFromThreads | None = None
+    ):
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            reactor = _reactor  # type: ignore[assignment]
+        assert reactor is not None
+        self.backend = backend
+        self._reactor = reactor
+        self._pool = ThreadPool(1, 1, name="cpsdmp-card")
+
+    @property
+    def description(self) -> str:
+        return self.backend.description
+
+    def start(self) -> None:
+        if not self._pool.started:
+            self._pool.start()
+
+    def stop(self) -> None:
+        """
+        Finish the queued operations, then release the card.
+        """
+        if self._pool.started and not self._pool.joined:
+            self._pool.callInThread(self.backend.close)
+            self._pool.stop()
+
+    def _run(self, f: Callable[..., _T], *args: Any) -> Deferred[_T]:
+        return deferToThreadPool(self._reactor, self._pool, f, *args)
+
+    def login(self, pin: str) -> Deferred[None]:
+        """
+        @return: a Deferred that fires with C{None} once the card accepted
+            C{pin}, or fails with a L{CardError}.
+        """
+        return self._run(self.backend.login, pin)
+
+    def logout(self) -> Deferred[None]:
+        return self._run(self.backend.logout)
+
+    def chain(self, usage: KeyUsage) -> Deferred[list[x509.Certificate]]:
+        """
+        @return: a Deferred that fires with the chain of the key for
+            C{usage}, leaf first, root excluded.
+        """
+        return self._run(self.backend.chain, usage)
+
+    def holder(self) -> Deferred[Holder]:
+        """
+        @return: a Deferred that fires with the holder named by the
+            authentication certificate.
+        """
+
+        def read() -> Holder:
+            self.backend.check_present()
+            return holder_from_certificate(
+                self.backend.chain(KeyUsage.authentication)[0]
+            )
+
+        return self._run(read)
+
+    def check_present(self) -> Deferred[None]:
+        """
+        @return: a Deferred that fires with C{None} if the card is in the
+            reader, or fails with L{CardRemoved} or L{NoCard}.
+        """
+        return self._run(self.backend.check_present)
+
+    def sign(
+        self, usage: KeyUsage, algorithm: Algorithm, data: bytes
+    ) -> Deferred[tuple[bytes, float]]:
+        """
+        Hash C{data} and have the card sign the hash.
+
+        @return: a Deferred that fires with the signature and the seconds
+            the card took.
+        """
+
+        def sign() -> tuple[bytes, float]:
+            started = time.perf_counter()
+            signature = self.backend.sign_digest(
+                usage, algorithm, algorithm.digest(data)
+            )
+            return signature, time.perf_counter() - started
+
+        return self._run(sign)
+
+
+def build_chain(
+    leaf: x509.Certificate, candidates: Iterable[x509.Certificate]
+) -> list[x509.Certificate]:
+    """
+    @return: C{leaf} followed by its issuers found among C{candidates}, up to
+        and excluding the self-signed root.
+    """
+    pool = list(candidates)
+    chain = [leaf]
+    while chain[-1].issuer != chain[-1].subject:
+        issuer = next(
+            (
+                c
+                for c in pool
+                if c.subject == chain[-1].issuer
+                and c.subject != c.issuer
+                and c not in chain
+            ),
+            None,
+        )
+        if issuer is None:
+            break
+        chain.append(issuer)
+    return chain
+
+
+# What PKCS#11 answers when the token left the reader under our session.
+_REMOVED = (
+    p11errors.DeviceRemoved,
+    p11errors.TokenNotPresent,
+    p11errors.SessionHandleInvalid,
+    p11errors.SessionClosed,
+    p11errors.DeviceError,
+)
+
+
+class Pkcs11Backend:
+    """
+    A CPS card, or a SoftHSM2 token made like one, through a PKCS#11 module.
+    It keeps one session, logged in, for as long as the card stays unlocked.
+    """
+
+    def __init__(
+        self,
+        module: str,
+        token_label: str | None = None,
+        intermediates: Sequence[x509.Certificate] = (),
+        environment: Mapping[str, str] | None = None,
+    ) -> None:
+        self.module = module
+        self.token_label = token_label
+        self._environment = dict(environment or {})
+        self.description = (
+            f"PKCS#11 token {token_label or '(first present)'} in {module}"
+        )
+        self._intermediates = list(intermediates)
+        self._session: pkcs11.Session | None = None
+        self._slot: Any = None
+        self._keys: dict[
+            KeyUsage, tuple[pkcs11.PrivateKey, list[x509.Certificate]]
+        ] = {}
+
+    def library(self) -> Any:
+        """
+        Load and initialise the module, with C{environment} set for the time
+        of its C_Initialize only (SoftHSM2 reads SOFTHSM2_CONF then).
+        """
+        saved = {name: os.environ.get(name) for name in self._environment}
+        os.environ.update(self._environment)
+        try:
+            return pkcs11.lib(self.module)
+        except (p11errors.PKCS11Error, OSError) as e:
+            raise NoCard(f"cannot load the PKCS#11 module {self.module}: {e}") from e
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+
+    def _token(self) -> Any:
+        lib = self.library()
+        try:
+            if self.token_label:
+                return lib.get_token(token_label=self.token_label)
+            for slot in lib.get_slots(token_present=True):
+                return slot.get_token()
+        except p11errors.NoSuchToken:
+            pass
+        except p11errors.TokenNotPresent:
+            pass
+        which = f"labelled {self.token_label!r} " if self.token_label else ""
+        raise NoCard(f"no card {which}in the reader: insert the CPS card")
+
+    def _drop_session(self) -> None:
+        session, self._session = self._session, None
+        self._keys.clear()
+        if session is not None:
+            try:
+                session.close()
+            except p11errors.PKCS11Error:
+                pass
+
+    def login(self, pin: str) -> None:
+        self._drop_session()
+        token = self._token()
+        if token.flags & pkcs11.TokenFlag.USER_PIN_LOCKED:
+            raise PinBlocked()
+        try:
+            # python-pkcs11 opens the session and logs in as one call; when
+            # the login fails, the session it opened stays open (not logged
+            # in) until the module is finalised, one per refused PIN.
+            self._session = token.open(user_pin=pin)
+            self._slot = token.slot
+        except p11errors.PinIncorrect:
+            flags = self._fresh_flags(token)
+            if flags & pkcs11.TokenFlag.USER_PIN_LOCKED:
+                raise PinBlocked() from None
+            final = bool(flags & pkcs11.TokenFlag.USER_PIN_FINAL_TRY)
+            count_low = bool(flags & pkcs11.TokenFlag.USER_PIN_COUNT_LOW)
+            raise WrongPin(1 if final else None, count_low) from None
+        except (p11errors.PinLenRange, p11errors.PinInvalid):
+            raise WrongPin(None) from None
+        except p11errors.PinLocked:
+            raise PinBlocked() from None
+        except _REMOVED as e:
+            raise NoCard(f"the card left the reader during login ({e!r})") from e
+        _log.info("card unlocked: {description}", description=self.description)
+
+    @staticmethod
+    def _fresh_flags(token: Any) -> pkcs11.TokenFlag:
+        try:
+            flags: pkcs11.TokenFlag = token.slot.get_token().flags
+            return flags
+        except p11errors.PKCS11Error:
+            return pkcs11.TokenFlag(0)
+
+    def logout(self) -> None:
+        self._drop_session()
+
+    def check_present(self) -> None:
+        if self._session is None:
+            self._token()
+            return
+        try:
+            self._slot.get_token()
+        except (*_REMOVED, p11errors.NoSuchToken) as e:
+            self._gone()
+            raise CardRemoved() from e
+
+    def _key(self, usage: KeyUsage) -> tuple[Any, list[x509.Certificate]]:
+        if usage in self._keys:
+            return self._keys[usage]
+        if self._session is None:
+            raise NotLoggedIn()
+        session = self._session
+        label = KEY_LABELS[usage]
+        try:
+            key = session.get_key(
+                object_class=pkcs11.ObjectClass.PRIVATE_KEY, label=label
+            )
+            certificates = [
+                x509.load_der_x509_certificate(obj[pkcs11.Attribute.VALUE])
+                for obj in session.get_objects(
+                    {pkcs11.Attribute.CLASS: pkcs11.ObjectClass.CERTIFICATE}
+                )
+            ]
+            leaf_objects = list(
+                session.get_objects(
+                    {
+                        pkcs11.Attribute.CLASS: pkcs11.ObjectClass.CERTIFICATE,
+                        pkcs11.Attribute.ID: key.id,
+                    }
+                )
+            )
+        except p11errors.NoSuchKey:
+            raise KeyNotFound(f"the card has no private key labelled {label}") from None
+        except p11errors.UserNotLoggedIn:
+            self._drop_session()
+            raise NotLoggedIn() from None
+        except _REMOVED as e:
+            self._gone()
+            raise CardRemoved() from e
+        if not leaf_objects:
+            raise KeyNotFound(f"the card has no certificate for its key {label}")
+        leaf = x509.load_der_x509_certificate(leaf_objects[0][pkcs11.Attribute.VALUE])
+        found: tuple[Any, list[x509.Certificate]] = (
+            key,
+            build_chain(leaf, certificates + self._intermediates),
+        )
+        self._keys[usage] = found
+        return found
+
+    def _gone(self) -> None:
+        self._session = None
+        self._keys.clear()
+
+    def chain(self, usage: KeyUsage) -> list[x509.Certificate]:
+        return list(self._key(usage)[1])
+
+    def sign_digest(
+        self, usage: KeyUsage, algorithm: Algorithm, digest: bytes
+    ) -> bytes:
+        key, _ = self._key(usage)
+        try:
+            # The card's way: CKM_RSA_PKCS over a DigestInfo we encode.
+            signature: bytes = key.sign(
+                algorithm.digest_info(digest), mechanism=pkcs11.Mechanism.RSA_PKCS
+            )
+        except p11errors.UserNotLoggedIn:
+            self._drop_session()
+            raise NotLoggedIn() from None
+        except _REMOVED as e:
+            self._gone()
+            raise CardRemoved() from e
+        return signature
+
+    def close(self) -> None:
+        self._drop_session()
+
+
+class SoftCardBackend:
+    """
+    A card made of PKCS#12 files (one per key, each with its chain), unlocked
+    by their password as PIN: for machines without a PKCS#11 token.
+    """
+
+    def __init__(
+        self,
+        authentication: Path,
+        signature: Path | None = None,
+        intermediates: Sequence[x509.Certificate] = (),
+    ) -> None:
+        self._files = {KeyUsage.authentication: authentication}
+        if signature is not None:
+            self._files[KeyUsage.signature] = signature
+        self._intermediates = list(intermediates)
+        self.description = f"soft card {authentication}"
+        self._keys: dict[
+            KeyUsage, tuple[rsa.RSAPrivateKey, list[x509.Certificate]]
+        ] = {}
+
+    def login(self, pin: str) -> None:
+        self._keys.clear()
+        keys = {}
+        for usage, path in self._files.items():
+            try:
+                data = path.read_bytes()
+            except OSError as e:
+                raise NoCard(f"cannot read the soft card {path}: {e.strerror}") from e
+            try:
+                key, leaf, extra = pkcs12.load_key_and_certificates(data, pin.encode())
+            except ValueError:
+                raise WrongPin(None) from None
+            if not isinstance(key, rsa.RSAPrivateKey) or leaf is None:
+                raise KeyNotFound(
+                    f"the soft card {path} holds no RSA key and certificate"
+                )
+            keys[usage] = (key, build_chain(leaf, list(extra) + self._intermediates))
+        self._keys = keys
+
+    def logout(self) -> None:
+        self._keys.clear()
+
+    def check_present(self) -> None:
+        path = self._files[KeyUsage.authentication]
+        if not path.is_file():
+            self._keys.clear()
+            raise NoCard(f"the soft card {path} is gone")
+
+    def _key(self, usage: KeyUsage) -> tuple[rsa.RSAPrivateKey, list[x509.Certificate]]:
+        if not self._keys:
+            raise NotLoggedIn()
+        try:
+            return self._keys[usage]
+        except KeyError:
+            raise KeyNotFound(f"the soft card has no {usage.value} key") from None
+
+    def chain(self, usage: KeyUsage) -> list[x509.Certificate]:
+        return list(self._key(usage)[1])
+
+    def sign_digest(
+        self, usage: KeyUsage, algorithm: Algorithm, digest: bytes
+    ) -> bytes:
+        key, _ = self._key(usage)
+        return key.sign(digest, padding.PKCS1v15(), utils.Prehashed(algorithm.hash()))
+
+    def close(self) -> None:
+        self._keys.clear()

@@ -1,0 +1,510 @@
+"""
+The agent seen from elsewhere: a treq client built from an agent context that
+talks to exactly the agent whose TLS certificate the context names, and
+serves the TLS client as an L{IRemoteKey}.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+from OpenSSL import SSL, crypto
+from treq.client import HTTPClient
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    TimeoutError,
+    fail,
+    succeed,
+)
+from twisted.internet.error import ConnectError
+from twisted.internet.interfaces import IConsumer, IOpenSSLClientConnectionCreator
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IBodyProducer, IPolicyForHTTPS
+from zope.interface import implementer
+
+from cpsdmp.agent import problems
+from cpsdmp.protocols.tls.interfaces import IRemoteKey
+from cpsdmp.protocols.tls.schemes import SignatureScheme
+
+DEFAULT_TIMEOUT = 30.0
+
+# The TLS signature schemes the card's keys serve, and the agent's name of each.
+SCHEME_ALGORITHMS: Mapping[SignatureScheme, str] = {
+    SignatureScheme.rsa_pkcs1_sha256: "SHA256WithRSA",
+    SignatureScheme.rsa_pkcs1_sha384: "SHA384WithRSA",
+    SignatureScheme.rsa_pkcs1_sha512: "SHA512WithRSA",
+}
+
+
+class AgentError(Exception):
+    """
+    The agent refused or failed; C{problem} is its problem document, if any.
+    """
+
+    def __init__(self, message: str, problem: Mapping[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.problem = dict(problem or {})
+
+
+class AgentUnreachable(AgentError):
+    """
+    No answer from the agent: not started, not listening there, or too slow.
+    """
+
+
+class AgentCertificateMismatch(AgentError):
+    """
+    Something answered at the agent's address with another TLS certificate
+    than the agent context names.
+    """
+
+
+class TokenExpired(AgentError):
+    """
+    The context's token is expired or unknown: the professional must enter
+    the PIN again.
+    """
+
+
+class WrongPin(AgentError):
+    """
+    The card refused the PIN; C{tries_left} is C{None} when it did not say.
+    """
+
+    @property
+    def tries_left(self) -> int | None:
+        value = self.problem.get("triesLeft")
+        return value if isinstance(value, int) else None
+
+
+class PinBlocked(AgentError):
+    """
+    The card's PIN is blocked.
+    """
+
+
+class NoCard(AgentError):
+    """
+    No card (or not the right one) in the workstation's reader.
+    """
+
+
+class CardRemoved(AgentError):
+    """
+    The card was taken out during the operation.
+    """
+
+
+_ERRORS: Mapping[str, type[AgentError]] = {
+    problems.WRONG_PIN: WrongPin,
+    problems.PIN_BLOCKED: PinBlocked,
+    problems.NO_CARD: NoCard,
+    problems.KEY_NOT_FOUND: NoCard,
+    problems.CARD_REMOVED: CardRemoved,
+    problems.TOKEN_MISSING: TokenExpired,
+    problems.TOKEN_EXPIRED: TokenExpired,
+    problems.CARD_LOCKED: TokenExpired,
+}
+
+
+def parse_fingerprint(value: str) -> bytes:
+    """
+    @return: the digest of a C{"sha256:<hex>"} fingerprint.
+    @raise ValueError: for anything else.
+    """
+    algorithm, _, hexdigest = value.partition(":")
+    digest = bytes.fromhex(hexdigest.replace(":", "")) if algorithm == "sha256" else b""
+    if len(digest) != 32:
+        raise ValueError(f"not a sha256:<hex> certificate fingerprint: {value!r}")
+    return digest
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _PinnedCreator:
+    def __init__(self, policy: PinnedCertificatePolicy) -> None:
+        self._policy = policy
+
+    def _verify(
+        self,
+        connection: SSL.Connection,
+        certificate: crypto.X509,
+        errno: int,
+        depth: int,
+        ok: int,
+    ) -> bool:
+        # Only the agent's own certificate matters; it is self-signed, so
+        # OpenSSL's own verdict ("ok") is not what decides.
+        if depth != 0:
+            return True
+        der = certificate.to_cryptography().public_bytes(Encoding.DER)
+        digest = hashlib.sha256(der).digest()
+        if hmac.compare_digest(digest, self._policy.digest):
+            return True
+        self._policy.refused = "sha256:" + digest.hex()
+        return False
+
+    def clientConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
+        context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+        context.set_min_proto_version(SSL.TLS1_2_VERSION)
+        context.set_verify(SSL.VERIFY_PEER, self._verify)
+        connection = SSL.Connection(context, None)
+        connection.set_app_data(tlsProtocol)
+        connection.set_connect_state()
+        return connection
+
+
+@implementer(IPolicyForHTTPS)
+class PinnedCertificatePolicy:
+    """
+    Accept an HTTPS server only if its certificate's SHA-256 is the pinned
+    one; C{refused} keeps the fingerprint of the last certificate refused.
+    """
+
+    def __init__(self, tls_fingerprint: str) -> None:
+        self.fingerprint = tls_fingerprint
+        self.digest = parse_fingerprint(tls_fingerprint)
+        self.refused: str | None = None
+
+    def creatorForNetloc(self, hostname: bytes, port: int) -> _PinnedCreator:
+        return _PinnedCreator(self)
+
+
+@implementer(IBodyProducer)
+class _BytesProducer:
+    """
+    A request body written whole at once, so that it leaves in the same TCP
+    segment as the request's head (treq's default producer writes it on a
+    later turn of the reactor, a separate segment that costs a round trip).
+    """
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        consumer.write(self._body)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+def _reactor_or_default(reactor: Any) -> Any:
+    if reactor is None:
+        from twisted.internet import reactor as default
+
+        return default
+    return reactor
+
+
+class _Channel:
+    """
+    HTTPS to one agent with one persistent connection pool, pinned, with a
+    timeout on every call, mapping failures and problems to exceptions.
+    """
+
+    def __init__(self, url: str, tls_fingerprint: str, reactor: Any, timeout: float):
+        self.url = url.rstrip("/")
+        self.reactor = _reactor_or_default(reactor)
+        self.timeout = timeout
+        self.policy = PinnedCertificatePolicy(tls_fingerprint)
+        # twisted.web.client carries no annotations: hence the Any.
+        make_pool: Any = HTTPConnectionPool
+        make_agent: Any = Agent
+        self._pool = make_pool(self.reactor, persistent=True)
+        self._pool.maxPersistentPerHost = 8
+        agent = make_agent(
+            self.reactor,
+            contextFactory=self.policy,
+            pool=self._pool,
+            connectTimeout=timeout,
+        )
+        self.http = HTTPClient(agent, data_to_body_producer=_BytesProducer)
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        headers: Mapping[str, str],
+        body: bytes | None = None,
+    ) -> Deferred[tuple[int, Mapping[str, Any] | bytes]]:
+        """
+        @return: a Deferred that fires with the status and the JSON body (or
+            the raw body when not JSON) of a 2xx answer, or fails with an
+            L{AgentError}.
+        """
+        d = Deferred.fromCoroutine(self._request(method, path, headers, body))
+
+        def timed_out(result: object, timeout: float) -> object:
+            raise AgentUnreachable(
+                f"the agent at {self.url} did not answer {method} {path} "
+                f"within {timeout:g} s"
+            )
+
+        d.addTimeout(self.timeout, self.reactor, onTimeoutCancel=timed_out)
+        d.addErrback(self._failed, method, path)
+        return d
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        headers: Mapping[str, str],
+        body: bytes | None,
+    ) -> tuple[int, Mapping[str, Any] | bytes]:
+        response = await self.http.request(
+            method,
+            self.url + path,
+            headers=Headers({k: [v] for k, v in headers.items()}),
+            data=body,
+        )
+        content: bytes = await response.content()
+        content_type = (response.headers.getRawHeaders("content-type") or [""])[0]
+        is_json = content_type.split(";")[0].strip().endswith("json")
+        if 200 <= response.code < 300:
+            if is_json:
+                return response.code, _json(content)
+            return response.code, content
+        problem = _json(content) if is_json else {}
+        detail = problem.get("detail") or f"HTTP {response.code}"
+        error = _ERRORS.get(str(problem.get("type")), AgentError)
+        raise error(f"the agent answered {method} {path}: {detail}", problem)
+
+    def _failed(self, failure: Failure, method: str, path: str) -> Failure:
+        error = failure.value
+        if isinstance(error, AgentError):
+            return failure
+        if self.policy.refused is not None:
+            seen, self.policy.refused = self.policy.refused, None
+            raise AgentCertificateMismatch(
+                f"refusing {self.url}: its TLS certificate is {seen}, the agent "
+                f"context names {self.policy.fingerprint}; it is another agent "
+                f"or a restarted one, so open a new session"
+            )
+        if isinstance(error, (TimeoutError, CancelledError)):
+            raise AgentUnreachable(
+                f"the agent at {self.url} did not answer {method} {path} "
+                f"within {self.timeout:g} s"
+            )
+        if isinstance(error, ConnectError):
+            raise AgentUnreachable(
+                f"cannot reach the agent at {self.url} ({error}): is cpsagent "
+                "running on the workstation?"
+            )
+        raise AgentUnreachable(
+            f"no answer from the agent at {self.url} to {method} {path}: {error!r}"
+        )
+
+    def close(self) -> Deferred[None]:
+        closing: Deferred[None] = self._pool.closeCachedConnections()
+        return closing
+
+
+def _json(content: bytes) -> dict[str, Any]:
+    import json
+
+    try:
+        value = json.loads(content)
+    except ValueError:
+        raise AgentError("the agent answered with malformed JSON") from None
+    if not isinstance(value, dict):
+        raise AgentError("the agent answered with JSON that is not an object")
+    return value
+
+
+def open_session(
+    url: str,
+    pin: str,
+    tls_fingerprint: str,
+    reactor: Any = None,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> Deferred[dict[str, Any]]:
+    """
+    Unlock the card with C{pin}, as the frontend does.
+
+    @return: a Deferred that fires with the agent context.
+    """
+    channel = _Channel(url, tls_fingerprint, reactor, timeout)
+    body = _dumps({"pin": pin})
+    d = channel.request(
+        "POST", "/cps/session", {"Content-Type": "application/json"}, body
+    )
+
+    def context(answer: tuple[int, Mapping[str, Any] | bytes]) -> dict[str, Any]:
+        _, content = answer
+        if not isinstance(content, Mapping):
+            raise AgentError("the agent answered a session with no JSON")
+        return dict(content)
+
+    def closed(result: Any) -> Any:
+        return channel.close().addCallback(lambda _: result)
+
+    return d.addCallback(context).addBoth(closed)
+
+
+def _dumps(value: Mapping[str, Any]) -> bytes:
+    import json
+
+    return json.dumps(value).encode()
+
+
+def _certificates(content: Mapping[str, Any] | bytes) -> list[x509.Certificate]:
+    if not isinstance(content, Mapping):
+        raise AgentError("the agent answered a certificate request with no JSON")
+    try:
+        ders = [content["certificate"], *content.get("chain", [])]
+        return [x509.load_der_x509_certificate(base64.b64decode(d)) for d in ders]
+    except (KeyError, TypeError, ValueError) as e:
+        raise AgentError(f"the agent sent an unreadable certificate: {e}") from e
+
+
+@implementer(IRemoteKey)
+class CpsAgentClient:
+    """
+    The professional's card, through the agent an agent context names.
+    """
+
+    supported_signature_schemes: Sequence[SignatureScheme] = tuple(SCHEME_ALGORITHMS)
+
+    def __init__(
+        self,
+        url: str,
+        token: str,
+        tls_fingerprint: str,
+        reactor: Any = None,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
+        self.url = url
+        self._token = token
+        self._channel = _Channel(url, tls_fingerprint, reactor, timeout)
+
+    @classmethod
+    def from_context(
+        cls,
+        context: Mapping[str, Any],
+        reactor: Any = None,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> CpsAgentClient:
+        """
+        @param context: C{{"url", "token", "tlsFingerprint", ...}} as the
+            agent handed it out.
+        """
+        try:
+            return cls(
+                str(context["url"]),
+                str(context["token"]),
+                str(context["tlsFingerprint"]),
+                reactor,
+                timeout,
+            )
+        except KeyError as e:
+            raise ValueError(f"the agent context lacks {e.args[0]!r}") from None
+
+    def __repr__(self) -> str:
+        return f"<CpsAgentClient {self.url}>"
+
+    def _headers(self, **extra: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self._token}", **extra}
+
+    def close(self) -> Deferred[None]:
+        """
+        Close the pooled connections to the agent.
+        """
+        return self._channel.close()
+
+    def card(self) -> Deferred[dict[str, Any]]:
+        """
+        @return: a Deferred that fires with the card's description:
+            C{{"present": True, "holder": {"id", "name", "profession"}}}.
+        """
+        d = self._channel.request("GET", "/cps/card", self._headers())
+        return d.addCallback(
+            lambda answer: dict(answer[1]) if isinstance(answer[1], Mapping) else {}
+        )
+
+    def _chain(self, path: str) -> Deferred[list[x509.Certificate]]:
+        d = self._channel.request("GET", path, self._headers())
+        return d.addCallback(lambda answer: _certificates(answer[1]))
+
+    def certificate_chain(self) -> Deferred[list[x509.Certificate]]:
+        """
+        @return: a Deferred that fires with the authentication certificate
+            and its intermediates.
+        """
+        return self._chain("/cps/authenticationCertificate")
+
+    def signature_certificate_chain(self) -> Deferred[list[x509.Certificate]]:
+        """
+        @return: a Deferred that fires with the signature certificate and its
+            intermediates.
+        """
+        return self._chain("/cps/signatureCertificate")
+
+    def _sign(self, usage: str, data: bytes, algorithm: str) -> Deferred[bytes]:
+        d = self._channel.request(
+            "POST",
+            f"/cps/sign/for/{usage}/{algorithm}",
+            self._headers(
+                **{
+                    "Content-Type": "application/octet-stream",
+                    "Accept": "application/octet-stream",
+                }
+            ),
+            data,
+        )
+
+        def signature(answer: tuple[int, Mapping[str, Any] | bytes]) -> bytes:
+            content = answer[1]
+            if isinstance(content, Mapping):
+                return base64.b64decode(content["signature"])
+            return content
+
+        return d.addCallback(signature)
+
+    def sign(self, data: bytes, algorithm: str | SignatureScheme) -> Deferred[bytes]:
+        """
+        Sign C{data} with the card's authentication key. C{algorithm} is an
+        agent algorithm name (C{"SHA256WithRSA"}) or a TLS signature scheme.
+
+        @return: a Deferred that fires with the PKCS#1 v1.5 signature.
+        """
+        if isinstance(algorithm, SignatureScheme):
+            name = SCHEME_ALGORITHMS.get(algorithm)
+            if name is None:
+                return fail(
+                    ValueError(f"the CPS card does not sign with {algorithm.name}")
+                )
+            algorithm = name
+        return self._sign("authentication", data, algorithm)
+
+    def sign_for_signature(self, data: bytes, algorithm: str) -> Deferred[bytes]:
+        """
+        Sign C{data} with the card's signature (non-repudiation) key.
+
+        @return: a Deferred that fires with the PKCS#1 v1.5 signature.
+        """
+        return self._sign("signature", data, algorithm)
+
+    def lock(self) -> Deferred[None]:
+        """
+        Lock the card and end every session of the agent.
+
+        @return: a Deferred that fires with C{None} once the agent locked it.
+        """
+        d = self._channel.request("DELETE", "/cps/session", self._headers())
+        return d.addCallback(lambda _: None)

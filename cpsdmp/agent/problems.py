@@ -1,0 +1,26 @@
+"""
+The problem documents (RFC 9457) the agent answers with, shared by the agent
+that writes them and the client that reads them.
+"""
+
+from __future__ import annotations
+
+# The "type" member of each problem the agent reports.
+PREFIX = "urn:cpsdmp:agent:"
+WRONG_PIN = PREFIX + "wrong-pin"
+PIN_BLOCKED = PREFIX + "pin-blocked"
+NO_CARD = PREFIX + "no-card"
+CARD_REMOVED = PREFIX + "card-removed"
+CARD_LOCKED = PREFIX + "card-locked"
+KEY_NOT_FOUND = PREFIX + "key-not-found"
+TOKEN_MISSING = PREFIX + "token-missing"
+TOKEN_EXPIRED = PREFIX + "token-expired"
+BODY_TOO_LARGE = PREFIX + "body-too-large"
+BAD_REQUEST = PREFIX + "bad-request"
+UNKNOWN_ALGORITHM = PREFIX + "unknown-algorithm"
+FORBIDDEN_ORIGIN = PREFIX + "forbidden-origin"
+NOT_FOUND = PREFIX + "not-found"
+METHOD_NOT_ALLOWED = PREFIX + "method-not-allowed"
+INTERNAL = PREFIX + "internal-error"
+
+CONTENT_TYPE = "application/problem+json"

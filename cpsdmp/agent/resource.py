@@ -1,0 +1,586 @@
+"""
+The agent's REST face: open a session with the PIN, read the card's
+certificates and have its keys sign, every call but the first carrying the
+session's bearer token. Errors are RFC 9457 problem documents.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime
+import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import IO, Any, Protocol, cast
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import http, server
+from twisted.web.resource import Resource
+
+from cpsdmp.agent import problems
+from cpsdmp.agent.card import (
+    KEY_LABELS,
+    Algorithm,
+    CardError,
+    CardRemoved,
+    Holder,
+    KeyNotFound,
+    KeyUsage,
+    NoCard,
+    NotLoggedIn,
+    PinBlocked,
+    UnknownAlgorithm,
+    WrongPin,
+    algorithm_named,
+)
+from cpsdmp.agent.tokens import TokenStore
+
+_log = Logger()
+
+# The largest request body the agent reads; larger ones are refused from
+# their announced length, before their body is read.
+MAX_BODY = 64 * 1024
+
+
+class Request(Protocol):
+    """
+    The parts of L{twisted.web.server.Request} the resource uses (twisted.web
+    carries no annotations of its own).
+    """
+
+    method: bytes
+    postpath: list[bytes] | None
+    content: IO[bytes] | None
+    finished: int
+    _disconnected: bool
+
+    def getHeader(self, key: bytes) -> bytes | None: ...
+
+    def setHeader(self, name: bytes, value: bytes) -> None: ...
+
+    def setResponseCode(self, code: int) -> None: ...
+
+    def write(self, data: bytes) -> None: ...
+
+    def finish(self) -> None: ...
+
+    def getClientAddress(self) -> Any: ...
+
+
+class ICardLike(Protocol):
+    """
+    What the resource needs from a card (see L{cpsdmp.agent.card.WorkerCard}).
+    """
+
+    def login(self, pin: str) -> Deferred[None]: ...
+
+    def logout(self) -> Deferred[None]: ...
+
+    def chain(self, usage: KeyUsage) -> Deferred[list[x509.Certificate]]: ...
+
+    def holder(self) -> Deferred[Holder]: ...
+
+    def check_present(self) -> Deferred[None]: ...
+
+    def sign(
+        self, usage: KeyUsage, algorithm: Algorithm, data: bytes
+    ) -> Deferred[tuple[bytes, float]]: ...
+
+
+class Problem(Exception):
+    """
+    An answer other than success, rendered as a problem document.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        type: str,
+        title: str,
+        detail: str,
+        headers: dict[str, str] | None = None,
+        **extra: Any,
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.type = type
+        self.title = title
+        self.detail = detail
+        self.headers = headers or {}
+        self.extra = extra
+
+    def document(self) -> dict[str, Any]:
+        return {
+            "type": self.type,
+            "title": self.title,
+            "status": self.status,
+            "detail": self.detail,
+            **self.extra,
+        }
+
+
+_BEARER_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="cpsagent"'}
+
+
+def _card_problem(error: CardError) -> Problem:
+    if isinstance(error, WrongPin):
+        return Problem(
+            401,
+            problems.WRONG_PIN,
+            "Wrong PIN",
+            str(error),
+            triesLeft=error.tries_left,
+        )
+    if isinstance(error, PinBlocked):
+        return Problem(423, problems.PIN_BLOCKED, "PIN blocked", str(error))
+    if isinstance(error, CardRemoved):
+        return Problem(503, problems.CARD_REMOVED, "Card removed", str(error))
+    if isinstance(error, NoCard):
+        return Problem(503, problems.NO_CARD, "No card", str(error))
+    if isinstance(error, NotLoggedIn):
+        return Problem(
+            401, problems.CARD_LOCKED, "Card locked", str(error), _BEARER_CHALLENGE
+        )
+    if isinstance(error, KeyNotFound):
+        return Problem(503, problems.KEY_NOT_FOUND, "Key not on the card", str(error))
+    return Problem(503, problems.NO_CARD, "Card unavailable", str(error))
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _rfc3339(seconds: float) -> str:
+    moment = datetime.datetime.fromtimestamp(int(seconds), datetime.UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+Handler = Callable[[Request, list[str]], Awaitable[Any]]
+
+
+class AgentResource(Resource):
+    """
+    The whole C{/cps} tree. C{url} and C{tls_fingerprint} go into every agent
+    context; the service sets them once it listens.
+    """
+
+    isLeaf = True
+
+    def __init__(
+        self,
+        card: ICardLike,
+        clock: IReactorTime,
+        session_idle: float = 900.0,
+        allow_origin: str | None = None,
+    ) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.card = card
+        self.clock = clock
+        self.tokens = TokenStore(clock, session_idle)
+        self.allow_origin = allow_origin
+        self.url = ""
+        self.tls_fingerprint = ""
+        self._routes: dict[tuple[bytes, str], tuple[Handler, bool]] = {
+            (b"POST", "session"): (self._open_session, False),
+            (b"DELETE", "session"): (self._lock, True),
+            (b"GET", "card"): (self._card, True),
+            (b"GET", "authenticationCertificate"): (self._authentication_chain, True),
+            (b"GET", "signatureCertificate"): (self._signature_chain, True),
+            (b"POST", "sign"): (self._sign, True),
+        }
+
+    def watch_card(self) -> Deferred[None]:
+        """
+        Ask whether the card is still in the reader; if it left, end every
+        session at once rather than at the next call.
+
+        @return: a Deferred that fires with C{None} once checked.
+        """
+        return Deferred.fromCoroutine(self._watch_card())
+
+    async def _watch_card(self) -> None:
+        try:
+            await self.card.check_present()
+        except (CardRemoved, NoCard):
+            if len(self.tokens):
+                _log.info("card out of the reader: sessions ended")
+                self.tokens.drop_all()
+        except Exception:
+            _log.failure("could not check that the card is in the reader")
+
+    # Dispatch
+
+    def render(self, request: http.Request) -> int:
+        exchange = cast(Request, request)
+        d = ensureDeferred(self._answer(exchange))
+        d.addErrback(self._internal_error, exchange)
+        return server.NOT_DONE_YET
+
+    async def _answer(self, request: Request) -> None:
+        try:
+            self._check_origin(request)
+            if request.method == b"OPTIONS":
+                self._preflight(request)
+                return
+            segments = [s.decode("utf-8", "replace") for s in request.postpath or []]
+            if len(segments) < 2 or segments[0] != "cps":
+                raise Problem(404, problems.NOT_FOUND, "Not found", "no such endpoint")
+            route = self._routes.get((request.method, segments[1]))
+            if route is None:
+                if any(name == segments[1] for _, name in self._routes):
+                    raise Problem(
+                        405,
+                        problems.METHOD_NOT_ALLOWED,
+                        "Method not allowed",
+                        f"{request.method.decode()} is not allowed on this endpoint",
+                    )
+                raise Problem(404, problems.NOT_FOUND, "Not found", "no such endpoint")
+            handler, needs_token = route
+            if needs_token:
+                self._authorize(request)
+            await handler(request, segments[2:])
+        except Problem as problem:
+            self._write_problem(request, problem)
+        except CardError as error:
+            if isinstance(error, (CardRemoved, NoCard, NotLoggedIn, PinBlocked)):
+                self.tokens.drop_all()
+            self._write_problem(request, _card_problem(error))
+
+    def _internal_error(self, failure: Failure, request: Request) -> None:
+        """
+        Log a bug and answer 500 rather than leave the caller waiting.
+        """
+        _log.failure("the agent failed to answer", failure)
+        if not request.finished and not request._disconnected:
+            self._write_problem(
+                request,
+                Problem(500, problems.INTERNAL, "Agent error", "see the agent's log"),
+            )
+
+    # CORS
+
+    def _check_origin(self, request: Request) -> None:
+        origin = request.getHeader(b"origin")
+        if origin is None:
+            return
+        if self.allow_origin is None or origin.decode("latin-1") != self.allow_origin:
+            raise Problem(
+                403,
+                problems.FORBIDDEN_ORIGIN,
+                "Origin not allowed",
+                "the agent answers only the origin it was started with "
+                "(--allow-origin)",
+            )
+        request.setHeader(b"Access-Control-Allow-Origin", origin)
+        request.setHeader(b"Vary", b"Origin")
+
+    def _preflight(self, request: Request) -> None:
+        if request.getHeader(b"origin") is None:
+            raise Problem(
+                405,
+                problems.METHOD_NOT_ALLOWED,
+                "Method not allowed",
+                "not a preflight",
+            )
+        request.setResponseCode(204)
+        request.setHeader(
+            b"Access-Control-Allow-Methods", b"GET, POST, DELETE, OPTIONS"
+        )
+        request.setHeader(
+            b"Access-Control-Allow-Headers", b"Authorization, Content-Type, Accept"
+        )
+        request.setHeader(b"Access-Control-Max-Age", b"600")
+        if request.getHeader(b"access-control-request-private-network") == b"true":
+            request.setHeader(b"Access-Control-Allow-Private-Network", b"true")
+        request.finish()
+
+    # Tokens
+
+    def _authorize(self, request: Request) -> None:
+        header = request.getHeader(b"authorization")
+        scheme, _, token = (header or b"").decode("latin-1").partition(" ")
+        if header is None or scheme.lower() != "bearer" or not token.strip():
+            raise Problem(
+                401,
+                problems.TOKEN_MISSING,
+                "Token missing",
+                "this call needs the agent context's token in an "
+                "'Authorization: Bearer' header",
+                _BEARER_CHALLENGE,
+            )
+        if not self.tokens.check(token.strip()):
+            raise Problem(
+                401,
+                problems.TOKEN_EXPIRED,
+                "Token expired",
+                "the token is expired or unknown (the card was locked, removed or "
+                "the agent restarted): enter the PIN again",
+                {"WWW-Authenticate": 'Bearer realm="cpsagent", error="invalid_token"'},
+            )
+
+    # Bodies
+
+    def _json_body(self, request: Request) -> dict[str, Any]:
+        assert request.content is not None
+        raw = request.content.read()
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise Problem(
+                400, problems.BAD_REQUEST, "Bad JSON", "the body is not valid JSON"
+            ) from None
+        if not isinstance(body, dict):
+            raise Problem(
+                400, problems.BAD_REQUEST, "Bad JSON", "the body must be a JSON object"
+            )
+        return body
+
+    @staticmethod
+    def _string_member(body: dict[str, Any], name: str) -> str:
+        value = body.get(name)
+        if not isinstance(value, str):
+            raise Problem(
+                400,
+                problems.BAD_REQUEST,
+                "Bad request",
+                f"the body needs a string member {name!r}",
+            )
+        return value
+
+    @staticmethod
+    def _content_type(request: Request) -> str:
+        value = request.getHeader(b"content-type") or b"application/json"
+        return value.decode("latin-1").split(";")[0].strip().lower()
+
+    @staticmethod
+    def _wants_raw(request: Request) -> bool:
+        accept = (request.getHeader(b"accept") or b"").decode("latin-1").lower()
+        return "application/octet-stream" in accept and "json" not in accept
+
+    def _write_json(
+        self, request: Request, body: dict[str, Any], code: int = 200
+    ) -> None:
+        if request._disconnected:
+            return  # the caller gave up; the card's work is done anyway
+        payload = json.dumps(body).encode()
+        request.setResponseCode(code)
+        request.setHeader(b"Content-Type", b"application/json")
+        request.setHeader(b"Cache-Control", b"no-store")
+        request.setHeader(b"Content-Length", str(len(payload)).encode())
+        request.write(payload)
+        request.finish()
+
+    def _write_problem(self, request: Request, problem: Problem) -> None:
+        if request.finished or request._disconnected:
+            return
+        payload = json.dumps(problem.document()).encode()
+        request.setResponseCode(problem.status)
+        request.setHeader(b"Content-Type", problems.CONTENT_TYPE.encode())
+        request.setHeader(b"Cache-Control", b"no-store")
+        for name, value in problem.headers.items():
+            request.setHeader(name.encode(), value.encode())
+        request.setHeader(b"Content-Length", str(len(payload)).encode())
+        request.write(payload)
+        request.finish()
+
+    # Endpoints
+
+    async def _open_session(self, request: Request, rest: list[str]) -> None:
+        if rest:
+            raise Problem(404, problems.NOT_FOUND, "Not found", "no such endpoint")
+        pin = self._string_member(self._json_body(request), "pin")
+        try:
+            await self.card.login(pin)
+        except (WrongPin, PinBlocked, NoCard):
+            # The card is locked now: no earlier token may use it.
+            self.tokens.drop_all()
+            raise
+        token, expires = self.tokens.issue()
+        _log.info("session opened for {caller}", caller=request.getClientAddress().host)
+        self._write_json(
+            request,
+            {
+                "url": self.url,
+                "token": token,
+                "tlsFingerprint": self.tls_fingerprint,
+                "expires": _rfc3339(expires),
+            },
+            201,
+        )
+
+    async def _lock(self, request: Request, rest: list[str]) -> None:
+        self.tokens.drop_all()
+        await self.card.logout()
+        _log.info("card locked by {caller}", caller=request.getClientAddress().host)
+        if not request._disconnected:
+            request.setResponseCode(204)
+            request.finish()
+
+    async def _card(self, request: Request, rest: list[str]) -> None:
+        holder = await self.card.holder()
+        self._write_json(
+            request,
+            {
+                "present": True,
+                "holder": {
+                    "id": holder.id,
+                    "name": holder.name,
+                    "profession": holder.profession,
+                },
+            },
+        )
+
+    async def _chain(self, request: Request, usage: KeyUsage) -> None:
+        chain = await self.card.chain(usage)
+        self._write_json(
+            request,
+            {
+                "certificate": _b64(chain[0].public_bytes(Encoding.DER)),
+                "chain": [_b64(c.public_bytes(Encoding.DER)) for c in chain[1:]],
+            },
+        )
+
+    async def _authentication_chain(self, request: Request, rest: list[str]) -> None:
+        await self._chain(request, KeyUsage.authentication)
+
+    async def _signature_chain(self, request: Request, rest: list[str]) -> None:
+        await self._chain(request, KeyUsage.signature)
+
+    async def _sign(self, request: Request, rest: list[str]) -> None:
+        if (
+            len(rest) != 3
+            or rest[0] != "for"
+            or rest[1] not in ("authentication", "signature")
+        ):
+            raise Problem(404, problems.NOT_FOUND, "Not found", "no such endpoint")
+        usage = KeyUsage(rest[1])
+        try:
+            algorithm = algorithm_named(rest[2])
+        except UnknownAlgorithm as e:
+            raise Problem(
+                400, problems.UNKNOWN_ALGORITHM, "Unknown algorithm", str(e)
+            ) from None
+
+        if self._content_type(request) == "application/octet-stream":
+            assert request.content is not None
+            data = request.content.read()
+        else:
+            encoded = self._string_member(self._json_body(request), "data")
+            try:
+                data = base64.b64decode(encoded, validate=True)
+            except (binascii.Error, ValueError):
+                raise Problem(
+                    400,
+                    problems.BAD_REQUEST,
+                    "Bad base64",
+                    "'data' is not valid base64",
+                ) from None
+
+        started = time.perf_counter()
+        signature, card_seconds = await self.card.sign(usage, algorithm, data)
+        _log.info(
+            "signed {length} bytes with {algorithm} by key {key} for {caller} "
+            "in {duration_ms} ms (card {card_ms} ms)",
+            length=len(data),
+            algorithm=algorithm.name,
+            key=KEY_LABELS[usage],
+            caller=request.getClientAddress().host,
+            duration_ms=round((time.perf_counter() - started) * 1000, 2),
+            card_ms=round(card_seconds * 1000, 2),
+        )
+        if request._disconnected:
+            return
+        if self._wants_raw(request):
+            request.setHeader(b"Content-Type", b"application/octet-stream")
+            request.setHeader(b"Cache-Control", b"no-store")
+            request.setHeader(b"Content-Length", str(len(signature)).encode())
+            request.write(signature)
+            request.finish()
+        else:
+            self._write_json(
+                request, {"signature": _b64(signature), "algorithm": algorithm.name}
+            )
+
+
+# A refused body up to this size is drained before the connection closes, so
+# that the caller reads the 413 rather than a connection reset; beyond it the
+# connection closes at once.
+_DRAIN_LIMIT = 1024 * 1024
+
+
+class _LimitedRequest(server.Request):
+    """
+    A request that refuses a body over L{MAX_BODY} as soon as its length is
+    known (or, when chunked, as soon as it grows past it): the 413 goes out
+    at once and the rest of the body is discarded, never stored.
+    """
+
+    _refused = False
+    _received = 0
+
+    def gotLength(self, length: int | None) -> None:
+        if length is not None and length > MAX_BODY:
+            self._refuse(close_now=length > _DRAIN_LIMIT)
+            return
+        super().gotLength(length)  # type: ignore[no-untyped-call]
+
+    def handleContentChunk(self, data: bytes) -> None:
+        self._received += len(data)
+        if self._refused:
+            if self._received > _DRAIN_LIMIT:
+                self._close()
+            return
+        if self._received > MAX_BODY:
+            self._refuse(close_now=False)
+            return
+        super().handleContentChunk(data)  # type: ignore[no-untyped-call]
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if self._refused:
+            self._close()
+            return
+        super().requestReceived(command, path, version)  # type: ignore[no-untyped-call]
+
+    def _close(self) -> None:
+        if self.channel is not None:
+            self.channel.loseConnection()  # type: ignore[no-untyped-call]
+
+    def _refuse(self, close_now: bool) -> None:
+        self._refused = True
+        problem = Problem(
+            413,
+            problems.BODY_TOO_LARGE,
+            "Body too large",
+            f"the agent accepts request bodies of at most {MAX_BODY} bytes",
+        )
+        payload = json.dumps(problem.document()).encode()
+        head = [
+            b"HTTP/1.1 413 Payload Too Large",
+            b"Content-Type: " + problems.CONTENT_TYPE.encode(),
+            b"Content-Length: " + str(len(payload)).encode(),
+            b"Connection: close",
+        ]
+        origin = self.getHeader(b"origin")
+        site = getattr(self.channel, "site", None)
+        allowed = getattr(getattr(site, "resource", None), "allow_origin", None)
+        if origin is not None and allowed is not None and origin == allowed.encode():
+            head.append(b"Access-Control-Allow-Origin: " + origin)
+        assert self.channel is not None and self.channel.transport is not None
+        self.channel.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + payload)
+        if close_now:
+            self._close()
+
+
+def agent_site(resource: AgentResource) -> server.Site:
+    """
+    @return: a site serving C{resource} at its root with the body limit.
+    """
+    site = server.Site(resource, requestFactory=_LimitedRequest)  # type: ignore[no-untyped-call]
+    site.displayTracebacks = False
+    return site

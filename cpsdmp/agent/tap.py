@@ -1,0 +1,294 @@
+"""
+C{twist cpsagent}: the options of the workstation agent and the service that
+serves its REST resource over HTTPS, with the card behind it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import ipaddress
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from OpenSSL import crypto
+from twisted.application.service import IService, Service
+from twisted.internet import ssl
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python import usage
+
+from cpsdmp.agent.card import (
+    CardBackend,
+    Pkcs11Backend,
+    SoftCardBackend,
+    WorkerCard,
+)
+from cpsdmp.agent.resource import AgentResource, agent_site
+
+_log = Logger()
+
+DEFAULT_LISTEN = "tcp:10035:interface=127.0.0.1"
+
+# Seconds between two checks that the card is still in the reader.
+CARD_WATCH_INTERVAL = 2.0
+
+
+class Options(usage.Options):
+    """
+    The command line of C{twist cpsagent}.
+    """
+
+    synopsis = "[options]"
+    longdesc = (
+        "Serve the CPS card of this workstation over HTTPS on the loopback: "
+        "a PIN opens a session whose token lets a backend read the card's "
+        "certificates and have its keys sign."
+    )
+
+    optParameters = [
+        ["listen", None, DEFAULT_LISTEN, "Endpoint to serve HTTPS on."],
+        [
+            "tls-cert",
+            None,
+            None,
+            "PEM certificate of the agent (default: self-signed).",
+        ],
+        ["tls-key", None, None, "PEM private key for --tls-cert."],
+        ["pkcs11-module", None, None, "PKCS#11 module of the card reader."],
+        ["token-label", None, None, "Label of the card's token (default: the first)."],
+        ["soft-card", None, None, "PKCS#12 file of the authentication key."],
+        ["soft-card-signature", None, None, "PKCS#12 file of the signature key."],
+        ["testcard", None, None, "Use the test card made in this folder."],
+        ["allow-origin", None, None, "The one web origin allowed to call (CORS)."],
+        ["session-idle", None, 900.0, "Seconds a token lives unused.", float],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self["intermediates"] = []
+
+    def opt_intermediate(self, path: str) -> None:
+        """
+        PEM file of an intermediate CA to complete the card's chain (repeatable).
+        """
+        self["intermediates"].append(path)
+
+    def postOptions(self) -> None:
+        if not (self["testcard"] or self["soft-card"] or self["pkcs11-module"]):
+            raise usage.UsageError(
+                "say where the card is: --pkcs11-module, --soft-card or --testcard"
+            )
+        if bool(self["tls-cert"]) != bool(self["tls-key"]):
+            raise usage.UsageError("--tls-cert and --tls-key go together")
+        if self["session-idle"] <= 0:
+            raise usage.UsageError("--session-idle must be positive")
+
+
+def _load_certificates(paths: list[str]) -> list[x509.Certificate]:
+    certificates: list[x509.Certificate] = []
+    for path in paths:
+        certificates.extend(x509.load_pem_x509_certificates(Path(path).read_bytes()))
+    return certificates
+
+
+def card_backend(options: Options | dict[str, Any]) -> CardBackend:
+    """
+    @return: the card the options name: a test card's token (or its soft
+        card when it has no token), a soft card, or a PKCS#11 module.
+    """
+    intermediates = _load_certificates(list(options.get("intermediates") or []))
+    if options.get("testcard"):
+        from cpsdmp.agent.testcard import TestCard
+
+        card = TestCard.load(options["testcard"])
+        intermediates += card.ca_intermediate_certificates()
+        if card.pkcs11_module and not options.get("soft-card"):
+            return Pkcs11Backend(
+                card.pkcs11_module,
+                options.get("token-label") or card.token_label,
+                intermediates,
+                card.environment(),
+            )
+        return SoftCardBackend(
+            Path(options.get("soft-card") or card.soft_card),
+            Path(card.soft_card_signature),
+            intermediates,
+        )
+    if options.get("soft-card"):
+        signature = options.get("soft-card-signature")
+        return SoftCardBackend(
+            Path(options["soft-card"]),
+            Path(signature) if signature else None,
+            intermediates,
+        )
+    return Pkcs11Backend(
+        options["pkcs11-module"], options.get("token-label"), intermediates
+    )
+
+
+def self_signed_identity() -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """
+    @return: a fresh key and a certificate for it naming the loopback, made
+        at each start so that a restart also changes the pinned fingerprint.
+    """
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "cpsdmp agent")])
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=365))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [
+                    x509.DNSName("localhost"),
+                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                    x509.IPAddress(ipaddress.ip_address("::1")),
+                ]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return key, certificate
+
+
+def fingerprint(certificate: x509.Certificate) -> str:
+    """
+    @return: C{"sha256:<hex>"} of the certificate's DER, as agent contexts
+        carry it.
+    """
+    der = certificate.public_bytes(serialization.Encoding.DER)
+    return "sha256:" + hashlib.sha256(der).hexdigest()
+
+
+def tls_options(key: Any, certificate: x509.Certificate) -> ssl.CertificateOptions:
+    """
+    @return: server TLS settings (TLS 1.2 or later) for C{key} and C{certificate}.
+    """
+    return ssl.CertificateOptions(
+        privateKey=crypto.PKey.from_cryptography_key(key),
+        certificate=crypto.X509.from_cryptography(certificate),
+        raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+    )
+
+
+def agent_url(address: Any) -> str:
+    """
+    @return: the https URL a local caller reaches a listening C{address} at.
+    """
+    if isinstance(address, IPv6Address):
+        host = "::1" if address.host in ("::", "") else address.host
+        return f"https://[{host}]:{address.port}"
+    if isinstance(address, IPv4Address):
+        host = "127.0.0.1" if address.host in ("0.0.0.0", "") else address.host
+        return f"https://{host}:{address.port}"
+    return ""
+
+
+class AgentService(Service):
+    """
+    Listen with TLS on the endpoint, serve the resource, run the card's
+    worker thread; C{listening} fires with the port once it listens.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        listen: str,
+        card: WorkerCard,
+        resource: AgentResource,
+        tls: ssl.CertificateOptions,
+    ) -> None:
+        self._reactor = reactor
+        self._listen = listen
+        self.card = card
+        self.resource = resource
+        self._tls = tls
+        self.port: IListeningPort | None = None
+        self._watch = LoopingCall(resource.watch_card)
+        self._watch.clock = reactor
+        self.listening: Deferred[IListeningPort] = Deferred()
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        self.card.start()
+        self._watch.start(CARD_WATCH_INTERVAL, now=False)
+        endpoint = serverFromString(self._reactor, self._listen)  # type: ignore[no-untyped-call]
+        factory = TLSMemoryBIOFactory(self._tls, False, agent_site(self.resource))
+        d = endpoint.listen(factory)
+        d.addCallbacks(self._listened, self._not_listening)
+
+    def _listened(self, port: IListeningPort) -> None:
+        self.port = port
+        self.resource.url = agent_url(port.getHost())
+        _log.info(
+            "cpsagent listening on {url} (TLS certificate {fingerprint}), card: {card}",
+            url=self.resource.url,
+            fingerprint=self.resource.tls_fingerprint,
+            card=self.card.description,
+        )
+        self.listening.callback(port)
+
+    def _not_listening(self, failure: Any) -> None:
+        _log.failure("cpsagent cannot listen on {listen}", failure, listen=self._listen)
+        self.listening.errback(failure)
+        self._reactor.callLater(0, self._reactor.stop)
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()  # type: ignore[no-untyped-call]
+        port, self.port = self.port, None
+        if self._watch.running:
+            self._watch.stop()
+        self.card.stop()
+        if port is not None:
+            stopped: Deferred[None] | None = port.stopListening()
+            return stopped
+        return None
+
+
+def makeService(options: Options, reactor: Any = None) -> IService:
+    """
+    @return: the agent service the options describe.
+    """
+    if reactor is None:
+        from twisted.internet import reactor as _reactor
+
+        reactor = _reactor
+    if options["tls-cert"]:
+        certificate = x509.load_pem_x509_certificate(
+            Path(options["tls-cert"]).read_bytes()
+        )
+        key: Any = serialization.load_pem_private_key(
+            Path(options["tls-key"]).read_bytes(), password=None
+        )
+    else:
+        key, certificate = self_signed_identity()
+    card = WorkerCard(card_backend(options), reactor)
+    resource = AgentResource(
+        card,
+        reactor,
+        session_idle=options["session-idle"],
+        allow_origin=options["allow-origin"],
+    )
+    resource.tls_fingerprint = fingerprint(certificate)
+    service = AgentService(
+        reactor, options["listen"], card, resource, tls_options(key, certificate)
+    )
+    service.setName("cpsagent")  # type: ignore[no-untyped-call]
+    return service

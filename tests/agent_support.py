@@ -1,0 +1,130 @@
+"""
+What the agent's tests share: one SoftHSM2 test card per test process (SoftHSM2
+reads its configuration once, when the PKCS#11 module is initialised, and
+python-pkcs11 loads the module once per process), and a running agent on a
+free loopback port.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.x509.verification import (
+    Criticality,
+    ExtensionPolicy,
+    PolicyBuilder,
+    Store,
+)
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.trial.unittest import TestCase
+
+from cpsdmp.agent.card import CardBackend, Pkcs11Backend, WorkerCard
+from cpsdmp.agent.resource import AgentResource
+from cpsdmp.agent.tap import (
+    AgentService,
+    fingerprint,
+    self_signed_identity,
+    tls_options,
+)
+from cpsdmp.agent.testcard import TestCard, init_testcard
+
+
+def verify_client_chain(chain: list[x509.Certificate], testcard: TestCard) -> None:
+    """
+    Validate a card chain, leaf first, as a TLS client chain under the test
+    root; CPS certificates carry no subjectAltName, so that alone is relaxed.
+    """
+    ee_policy = ExtensionPolicy.webpki_defaults_ee().may_be_present(
+        x509.SubjectAlternativeName, Criticality.AGNOSTIC, None
+    )
+    verifier = (
+        PolicyBuilder()
+        .store(Store([testcard.ca_root_certificate()]))
+        .extension_policies(
+            ca_policy=ExtensionPolicy.webpki_defaults_ca(), ee_policy=ee_policy
+        )
+        .build_client_verifier()
+    )
+    verifier.verify(chain[0], chain[1:])
+
+
+@functools.cache
+def shared_testcard() -> TestCard:
+    """
+    @return: the test card of this test process, made on first use in a
+        temporary folder removed at exit.
+    """
+    folder = Path(tempfile.mkdtemp(prefix="cpsdmp-agent-tests-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return init_testcard(folder / "card", softhsm=True)
+
+
+def token_backend(token_label: str | None = None) -> Pkcs11Backend:
+    """
+    @return: a PKCS#11 backend on the shared test card's token.
+    """
+    card = shared_testcard()
+    assert card.pkcs11_module is not None
+    return Pkcs11Backend(
+        card.pkcs11_module,
+        token_label or card.token_label,
+        card.ca_intermediate_certificates(),
+        card.environment(),
+    )
+
+
+class RunningAgent:
+    """
+    An agent serving HTTPS on a free loopback port, for one test.
+    """
+
+    def __init__(
+        self,
+        backend: CardBackend,
+        clock: IReactorTime | None = None,
+        session_idle: float = 900.0,
+        allow_origin: str | None = None,
+    ) -> None:
+        key, self.certificate = self_signed_identity()
+        self.fingerprint = fingerprint(self.certificate)
+        self.card = WorkerCard(backend, reactor)  # type: ignore[arg-type]
+        self.resource = AgentResource(
+            self.card,
+            clock or reactor,  # type: ignore[arg-type]
+            session_idle=session_idle,
+            allow_origin=allow_origin,
+        )
+        self.resource.tls_fingerprint = self.fingerprint
+        self.service = AgentService(
+            reactor,
+            "tcp:0:interface=127.0.0.1",
+            self.card,
+            self.resource,
+            tls_options(key, self.certificate),
+        )
+
+    @property
+    def url(self) -> str:
+        return self.resource.url
+
+
+def start_agent(
+    testcase: TestCase, backend: CardBackend, **kwargs: Any
+) -> Deferred[RunningAgent]:
+    """
+    Start an agent over C{backend}, stopped when C{testcase} ends.
+
+    @return: a Deferred that fires with the L{RunningAgent} once it listens.
+    """
+    agent = RunningAgent(backend, **kwargs)
+    agent.service.startService()
+    testcase.addCleanup(agent.service.stopService)
+    return agent.service.listening.addCallback(lambda _: agent)

@@ -1,0 +1,805 @@
+"""
+Tests of the agent over real HTTPS on the loopback, with the SoftHSM2 test
+card behind it, through CpsAgentClient and through plain treq requests.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from treq.client import HTTPClient
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, succeed
+from twisted.internet.endpoints import (
+    TCP4ClientEndpoint,
+    connectProtocol,
+    wrapClientTLS,
+)
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
+from twisted.trial.unittest import TestCase
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from cpsdmp.agent import problems
+from cpsdmp.agent.card import ALGORITHMS, KeyUsage, SoftCardBackend
+from cpsdmp.agent.client import (
+    AgentCertificateMismatch,
+    AgentUnreachable,
+    CardRemoved,
+    CpsAgentClient,
+    NoCard,
+    PinBlocked,
+    PinnedCertificatePolicy,
+    TokenExpired,
+    WrongPin,
+    open_session,
+)
+from cpsdmp.protocols.tls.interfaces import IRemoteKey
+from cpsdmp.protocols.tls.schemes import SignatureScheme, verify_signature
+from tests.agent_support import (
+    RunningAgent,
+    shared_testcard,
+    start_agent,
+    token_backend,
+    verify_client_chain,
+)
+
+
+def _verify(
+    certificate: x509.Certificate, signature: bytes, data: bytes, name: str
+) -> None:
+    public_key = certificate.public_key()
+    assert isinstance(public_key, rsa.RSAPublicKey)
+    public_key.verify(signature, data, padding.PKCS1v15(), ALGORITHMS[name].hash())
+
+
+@implementer(IBodyProducer)
+class _UnknownLength:
+    """
+    A body whose length is not announced, so that it goes chunked.
+    """
+
+    length = UNKNOWN_LENGTH
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+
+    def startProducing(self, consumer: Any) -> Deferred[None]:
+        for start in range(0, len(self._body), 8192):
+            consumer.write(self._body[start : start + 8192])
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class _Collector(Protocol):
+    def __init__(self) -> None:
+        self.data = b""
+        self.closed: Deferred[None] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason: Any) -> None:
+        self.closed.callback(None)
+
+
+class _Answer:
+    def __init__(self, code: int, headers: Any, body: bytes) -> None:
+        self.code = code
+        self.headers = headers
+        self.body = body
+
+    def header(self, name: str) -> str | None:
+        values = self.headers.getRawHeaders(name)
+        return values[0] if values else None
+
+    def json(self) -> dict[str, Any]:
+        value: dict[str, Any] = json.loads(self.body)
+        return value
+
+
+class AgentTestCase(TestCase):
+    """
+    An agent on the test card's token, and raw HTTPS requests to it.
+    """
+
+    clock: Clock | None = None
+    allow_origin: str | None = None
+
+    @inlineCallbacks
+    def setUp(self) -> Any:
+        self.testcard = shared_testcard()
+        kwargs: dict[str, Any] = {"allow_origin": self.allow_origin}
+        if self.clock is not None:
+            kwargs["clock"] = self.clock
+        self.agent: RunningAgent = yield start_agent(self, self.backend(), **kwargs)
+
+    def backend(self) -> Any:
+        return token_backend()
+
+    def raw(self, agent: RunningAgent | None = None) -> HTTPClient:
+        agent = agent or self.agent
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        return HTTPClient(
+            Agent(
+                reactor,
+                contextFactory=PinnedCertificatePolicy(agent.fingerprint),
+                pool=pool,
+            )
+        )
+
+    @inlineCallbacks
+    def request(
+        self,
+        method: str,
+        path: str,
+        headers: Mapping[str, str] | None = None,
+        body: bytes | None = None,
+        token: str | None = None,
+    ) -> Any:
+        all_headers = dict(headers or {})
+        if token is not None:
+            all_headers["Authorization"] = f"Bearer {token}"
+        response = yield self.raw().request(
+            method,
+            self.agent.url + path,
+            headers={k: [v] for k, v in all_headers.items()},
+            data=body,
+        )
+        content = yield response.content()
+        return _Answer(response.code, response.headers, content)
+
+    @inlineCallbacks
+    def session(self, pin: str | None = None) -> Any:
+        context = yield open_session(
+            self.agent.url, pin or self.testcard.pin, self.agent.fingerprint
+        )
+        return context
+
+    @inlineCallbacks
+    def client(self) -> Any:
+        context = yield self.session()
+        client = CpsAgentClient.from_context(context, timeout=20)
+        self.addCleanup(client.close)
+        return client
+
+    def assertProblem(self, answer: _Answer, status: int, type: str) -> dict[str, Any]:
+        self.assertEqual(answer.code, status, answer.body)
+        self.assertEqual(answer.header("content-type"), "application/problem+json")
+        document = answer.json()
+        self.assertEqual(document["status"], status)
+        self.assertEqual(document["type"], type)
+        self.assertTrue(document["title"])
+        self.assertTrue(document["detail"])
+        return document
+
+
+class SessionTests(AgentTestCase):
+    @inlineCallbacks
+    def test_context(self) -> Any:
+        """
+        The PIN opens a session whose context names this agent, its
+        certificate and a 256-bit token.
+        """
+        context = yield self.session()
+        self.assertEqual(set(context), {"url", "token", "tlsFingerprint", "expires"})
+        self.assertEqual(context["url"], self.agent.url)
+        self.assertTrue(context["url"].startswith("https://127.0.0.1:"))
+        self.assertEqual(context["tlsFingerprint"], self.agent.fingerprint)
+        self.assertEqual(len(base64.urlsafe_b64decode(context["token"] + "=")), 32)
+        self.assertRegex(context["expires"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+
+    @inlineCallbacks
+    def test_card(self) -> Any:
+        client = yield self.client()
+        card = yield client.card()
+        professional = self.testcard.professional
+        self.assertEqual(
+            card,
+            {
+                "present": True,
+                "holder": {
+                    "id": professional["id"],
+                    "name": professional["name"],
+                    "profession": professional["profession"],
+                },
+            },
+        )
+
+    @inlineCallbacks
+    def test_wrong_pin(self) -> Any:
+        """
+        A wrong PIN is 401 saying the card does not tell the tries left, and
+        it ends the sessions opened before it.
+        """
+        client = yield self.client()
+        answer = yield self.request(
+            "POST",
+            "/cps/session",
+            {"Content-Type": "application/json"},
+            b'{"pin": "0000"}',
+        )
+        document = self.assertProblem(answer, 401, problems.WRONG_PIN)
+        self.assertIn("triesLeft", document)
+        self.assertIsNone(document["triesLeft"])
+        self.assertIn("wrong PIN", document["detail"])
+        yield self.assertFailure(client.card(), TokenExpired)
+        yield self.assertFailure(
+            open_session(self.agent.url, "0000", self.agent.fingerprint), WrongPin
+        )
+
+    @inlineCallbacks
+    def test_missing_token(self) -> Any:
+        for path in ("/cps/card", "/cps/authenticationCertificate"):
+            answer = yield self.request("GET", path)
+            self.assertProblem(answer, 401, problems.TOKEN_MISSING)
+            self.assertEqual(
+                answer.header("www-authenticate"), 'Bearer realm="cpsagent"'
+            )
+        answer = yield self.request("GET", "/cps/card", token="not-a-token")
+        self.assertProblem(answer, 401, problems.TOKEN_EXPIRED)
+        self.assertIn("invalid_token", answer.header("www-authenticate") or "")
+
+    @inlineCallbacks
+    def test_delete_drops_token(self) -> Any:
+        """
+        Locking ends the session: the token no longer works.
+        """
+        client = yield self.client()
+        yield client.card()
+        yield client.lock()
+        yield self.assertFailure(client.sign(b"x", "SHA256WithRSA"), TokenExpired)
+
+    @inlineCallbacks
+    def test_bad_json(self) -> Any:
+        for body in (b"{not json", b'["pin"]', b'{"pin": 1234}', b"\xff\xfe"):
+            answer = yield self.request(
+                "POST", "/cps/session", {"Content-Type": "application/json"}, body
+            )
+            self.assertProblem(answer, 400, problems.BAD_REQUEST)
+
+    @inlineCallbacks
+    def test_unknown_endpoint(self) -> Any:
+        answer = yield self.request("GET", "/cps/nothing")
+        self.assertProblem(answer, 404, problems.NOT_FOUND)
+        answer = yield self.request("GET", "/cps/session")
+        self.assertProblem(answer, 405, problems.METHOD_NOT_ALLOWED)
+
+
+class ExpiryTests(AgentTestCase):
+    def setUp(self) -> Any:
+        self.clock = Clock()
+        self.clock.advance(1_800_000_000)
+        return super().setUp()
+
+    @inlineCallbacks
+    def test_idle_token_expires(self) -> Any:
+        """
+        A token unused for the idle time (900 s) is refused; each use pushes
+        the expiry back.
+        """
+        assert self.clock is not None
+        client = yield self.client()
+        self.clock.advance(899)
+        yield client.card()
+        self.clock.advance(899)
+        yield client.card()
+        self.clock.advance(900)
+        failure = yield self.assertFailure(client.card(), TokenExpired)
+        self.assertEqual(failure.problem["status"], 401)
+
+
+class SignTests(AgentTestCase):
+    @inlineCallbacks
+    def test_each_algorithm(self) -> Any:
+        """
+        Each algorithm, with each key, signs through the agent; the signature
+        verifies with the certificate the agent serves, whose chain
+        validates against the test root.
+        """
+        client = yield self.client()
+        data = b"the bytes a CertificateVerify covers"
+        auth_chain = yield client.certificate_chain()
+        sig_chain = yield client.signature_certificate_chain()
+        verify_client_chain(auth_chain, self.testcard)
+        self.assertNotEqual(auth_chain[0], sig_chain[0])
+        for name in ALGORITHMS:
+            signature = yield client.sign(data, name)
+            _verify(auth_chain[0], signature, data, name)
+            signature = yield client.sign_for_signature(data, name)
+            _verify(sig_chain[0], signature, data, name)
+
+    @inlineCallbacks
+    def test_json_and_raw(self) -> Any:
+        """
+        The JSON form and the octet-stream form give the same signature.
+        """
+        context = yield self.session()
+        token = context["token"]
+        path = "/cps/sign/for/authentication/SHA384WithRSA"
+        data = bytes(range(256)) * 4
+        as_json = yield self.request(
+            "POST",
+            path,
+            {"Content-Type": "application/json"},
+            json.dumps({"data": base64.b64encode(data).decode()}).encode(),
+            token,
+        )
+        self.assertEqual(as_json.code, 200, as_json.body)
+        self.assertEqual(as_json.json()["algorithm"], "SHA384WithRSA")
+        raw = yield self.request(
+            "POST",
+            path,
+            {
+                "Content-Type": "application/octet-stream",
+                "Accept": "application/octet-stream",
+            },
+            data,
+            token,
+        )
+        self.assertEqual(raw.code, 200)
+        self.assertEqual(raw.header("content-type"), "application/octet-stream")
+        self.assertEqual(base64.b64decode(as_json.json()["signature"]), raw.body)
+
+    @inlineCallbacks
+    def test_remote_key(self) -> Any:
+        """
+        The client is an IRemoteKey whose signatures verify under each scheme
+        it offers, and that refuses the others.
+        """
+        client = yield self.client()
+        verifyObject(IRemoteKey, client)
+        chain = yield client.certificate_chain()
+        for scheme in client.supported_signature_schemes:
+            signature = yield client.sign(b"transcript", scheme)
+            self.assertTrue(
+                verify_signature(
+                    chain[0].public_key(), scheme, signature, b"transcript"
+                )
+            )
+        yield self.assertFailure(
+            client.sign(b"x", SignatureScheme.rsa_pss_rsae_sha256), ValueError
+        )
+
+    @inlineCallbacks
+    def test_fifty_concurrent(self) -> Any:
+        """
+        Fifty signatures asked at once are all answered, each valid.
+        """
+        client = yield self.client()
+        chain = yield client.certificate_chain()
+        messages = [b"message %d" % i for i in range(50)]
+        signatures = yield gatherResults(
+            [client.sign(m, "SHA256WithRSA") for m in messages]
+        )
+        self.assertEqual(len(signatures), 50)
+        for message, signature in zip(messages, signatures, strict=True):
+            _verify(chain[0], signature, message, "SHA256WithRSA")
+
+    @inlineCallbacks
+    def test_unknown_algorithm(self) -> Any:
+        context = yield self.session()
+        answer = yield self.request(
+            "POST",
+            "/cps/sign/for/authentication/SHA256WithECDSA",
+            {"Content-Type": "application/json"},
+            b'{"data": "AAAA"}',
+            context["token"],
+        )
+        document = self.assertProblem(answer, 400, problems.UNKNOWN_ALGORITHM)
+        for name in ALGORITHMS:
+            self.assertIn(name, document["detail"])
+
+    @inlineCallbacks
+    def test_bad_base64(self) -> Any:
+        context = yield self.session()
+        for body in (b'{"data": "not base64!"}', b'{"data": 12}', b"{"):
+            answer = yield self.request(
+                "POST",
+                "/cps/sign/for/signature/SHA256WithRSA",
+                {"Content-Type": "application/json"},
+                body,
+                context["token"],
+            )
+            self.assertProblem(answer, 400, problems.BAD_REQUEST)
+
+    @inlineCallbacks
+    def test_body_too_large(self) -> Any:
+        """
+        A body over 64 KiB is refused with 413, by its announced length; one
+        of exactly 64 KiB is signed.
+        """
+        context = yield self.session()
+        path = "/cps/sign/for/authentication/SHA256WithRSA"
+        headers = {"Content-Type": "application/octet-stream"}
+        answer = yield self.request(
+            "POST", path, headers, b"x" * (64 * 1024 + 1), context["token"]
+        )
+        self.assertProblem(answer, 413, problems.BODY_TOO_LARGE)
+        answer = yield self.request(
+            "POST", path, headers, b"x" * 64 * 1024, context["token"]
+        )
+        self.assertEqual(answer.code, 200)
+
+    @inlineCallbacks
+    def test_body_refused_before_it_is_sent(self) -> Any:
+        """
+        A request announcing 10 MB gets its 413 right after its head, without
+        sending a byte of body, and the connection closes.
+        """
+        context = yield self.session()
+        host, port = self.agent.url.removeprefix("https://").split(":")
+        endpoint = wrapClientTLS(
+            PinnedCertificatePolicy(self.agent.fingerprint).creatorForNetloc(
+                host.encode(), int(port)
+            ),
+            TCP4ClientEndpoint(reactor, host, int(port)),
+        )
+        collector = _Collector()
+        yield connectProtocol(endpoint, collector)
+        collector.transport.write(  # type: ignore[union-attr]
+            b"POST /cps/sign/for/authentication/SHA256WithRSA HTTP/1.1\r\n"
+            b"Host: 127.0.0.1\r\n"
+            b"Authorization: Bearer " + context["token"].encode() + b"\r\n"
+            b"Content-Type: application/octet-stream\r\n"
+            b"Content-Length: 10000000\r\n\r\n"
+        )
+        yield collector.closed.addTimeout(10, reactor)
+        self.assertTrue(collector.data.startswith(b"HTTP/1.1 413 "), collector.data)
+        self.assertIn(problems.BODY_TOO_LARGE.encode(), collector.data)
+
+    @inlineCallbacks
+    def test_chunked_body_too_large(self) -> Any:
+        """
+        A body sent without a length (chunked) is refused once it passes
+        64 KiB.
+        """
+        context = yield self.session()
+        response = yield self.raw().request(
+            "POST",
+            self.agent.url + "/cps/sign/for/authentication/SHA256WithRSA",
+            headers={
+                "Content-Type": ["application/octet-stream"],
+                "Authorization": [f"Bearer {context['token']}"],
+            },
+            data=_UnknownLength(b"x" * (80 * 1024)),
+        )
+        answer = _Answer(response.code, response.headers, (yield response.content()))
+        self.assertProblem(answer, 413, problems.BODY_TOO_LARGE)
+
+    @inlineCallbacks
+    def test_log(self) -> Any:
+        """
+        Each signature is logged with its algorithm, length, key, caller and
+        duration, and no event carries the PIN, the token or the data.
+        """
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        context = yield self.session()
+        client = CpsAgentClient.from_context(context)
+        self.addCleanup(client.close)
+        data = b"SECRET-DOCUMENT-CONTENT"
+        yield client.sign_for_signature(data, "SHA512WithRSA")
+        signed = [e for e in events if e.get("log_format", "").startswith("signed")]
+        self.assertEqual(len(signed), 1)
+        event = signed[0]
+        self.assertEqual(event["algorithm"], "SHA512WithRSA")
+        self.assertEqual(event["length"], len(data))
+        self.assertEqual(event["key"], "CPS_PRIV_SIG")
+        self.assertEqual(event["caller"], "127.0.0.1")
+        self.assertGreater(event["duration_ms"], 0)
+        self.assertIn("log_time", event)
+        everything = repr(events)
+        for secret in (context["token"], "SECRET-DOCUMENT", self.testcard.pin + '"'):
+            self.assertNotIn(secret, everything)
+
+
+class NoTokenTests(AgentTestCase):
+    def backend(self) -> Any:
+        return token_backend("NO SUCH CARD")
+
+    @inlineCallbacks
+    def test_no_card(self) -> Any:
+        """
+        No token with the card's label: 503, naming what to do.
+        """
+        answer = yield self.request(
+            "POST",
+            "/cps/session",
+            {"Content-Type": "application/json"},
+            b'{"pin": "1234"}',
+        )
+        document = self.assertProblem(answer, 503, problems.NO_CARD)
+        self.assertIn("insert the CPS card", document["detail"])
+        yield self.assertFailure(
+            open_session(self.agent.url, "1234", self.agent.fingerprint), NoCard
+        )
+
+
+class PinningTests(AgentTestCase):
+    @inlineCallbacks
+    def test_other_certificate_refused(self) -> Any:
+        """
+        A client whose context names another agent's certificate refuses this
+        one, saying which certificate it saw.
+        """
+        other: RunningAgent = yield start_agent(self, token_backend())
+        context = yield self.session()
+        forged = dict(context, tlsFingerprint=other.fingerprint)
+        client = CpsAgentClient.from_context(forged)
+        self.addCleanup(client.close)
+        failure = yield self.assertFailure(client.card(), AgentCertificateMismatch)
+        self.assertIn(self.agent.fingerprint, str(failure))
+        self.assertIn(other.fingerprint, str(failure))
+        # The right context works on the same port.
+        genuine = CpsAgentClient.from_context(context)
+        self.addCleanup(genuine.close)
+        card = yield genuine.card()
+        self.assertTrue(card["present"])
+
+    @inlineCallbacks
+    def test_unreachable(self) -> Any:
+        context = yield self.session()
+        yield self.agent.service.stopService()
+        client = CpsAgentClient.from_context(context, timeout=5)
+        self.addCleanup(client.close)
+        failure = yield self.assertFailure(client.card(), AgentUnreachable)
+        self.assertIn(self.agent.url, str(failure))
+
+
+class CorsTests(AgentTestCase):
+    allow_origin = "https://frontend.example"
+
+    @inlineCallbacks
+    def test_preflight(self) -> Any:
+        answer = yield self.request(
+            "OPTIONS",
+            "/cps/sign/for/authentication/SHA256WithRSA",
+            {
+                "Origin": self.allow_origin,
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization, content-type",
+            },
+        )
+        self.assertEqual(answer.code, 204)
+        self.assertEqual(
+            answer.header("access-control-allow-origin"), self.allow_origin
+        )
+        self.assertIn("POST", answer.header("access-control-allow-methods") or "")
+        self.assertIn(
+            "Authorization", answer.header("access-control-allow-headers") or ""
+        )
+
+    @inlineCallbacks
+    def test_allowed_origin(self) -> Any:
+        answer = yield self.request(
+            "POST",
+            "/cps/session",
+            {"Origin": self.allow_origin, "Content-Type": "application/json"},
+            json.dumps({"pin": self.testcard.pin}).encode(),
+        )
+        self.assertEqual(answer.code, 201)
+        self.assertEqual(
+            answer.header("access-control-allow-origin"), self.allow_origin
+        )
+
+    @inlineCallbacks
+    def test_other_origin_refused(self) -> Any:
+        """
+        Another origin gets no CORS grant, and its requests are not run: a
+        page elsewhere cannot try PINs.
+        """
+        answer = yield self.request(
+            "OPTIONS", "/cps/session", {"Origin": "https://evil.example"}
+        )
+        self.assertProblem(answer, 403, problems.FORBIDDEN_ORIGIN)
+        self.assertIsNone(answer.header("access-control-allow-origin"))
+        answer = yield self.request(
+            "POST",
+            "/cps/session",
+            {"Origin": "https://evil.example", "Content-Type": "text/plain"},
+            b'{"pin": "0000"}',
+        )
+        self.assertProblem(answer, 403, problems.FORBIDDEN_ORIGIN)
+
+
+class _FaultBackend:
+    """
+    A card that fails the way a real CPS card can and SoftHSM2 cannot.
+    """
+
+    description = "a card that fails"
+
+    def __init__(
+        self, login_error: Exception | None, sign_error: Exception | None
+    ) -> None:
+        self.login_error = login_error
+        self.sign_error = sign_error
+        self.logins = 0
+        self.present = True
+        self.hold: threading.Event | None = None
+        self.inner = token_backend()
+
+    def login(self, pin: str) -> None:
+        self.logins += 1
+        if self.login_error is not None:
+            raise self.login_error
+        self.inner.login(pin)
+
+    def logout(self) -> None:
+        self.inner.logout()
+
+    def check_present(self) -> None:
+        if not self.present:
+            from cpsdmp.agent.card import CardRemoved as CardCardRemoved
+
+            raise CardCardRemoved()
+        self.inner.check_present()
+
+    def chain(self, usage: KeyUsage) -> list[x509.Certificate]:
+        return self.inner.chain(usage)
+
+    def sign_digest(self, usage: KeyUsage, algorithm: Any, digest: bytes) -> bytes:
+        if self.hold is not None:
+            self.hold.wait(30)
+        if self.sign_error is not None:
+            raise self.sign_error
+        return self.inner.sign_digest(usage, algorithm, digest)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class FaultTests(TestCase):
+    """
+    The faults only a real card produces, from a fake card behind the card
+    interface, one fault each.
+    """
+
+    @inlineCallbacks
+    def start(self, backend: _FaultBackend) -> Any:
+        agent: RunningAgent = yield start_agent(self, backend)
+        return agent
+
+    @inlineCallbacks
+    def test_pin_blocked(self) -> Any:
+        from cpsdmp.agent.card import PinBlocked as CardPinBlocked
+
+        backend = _FaultBackend(CardPinBlocked(), None)
+        agent = yield self.start(backend)
+        failure = yield self.assertFailure(
+            open_session(agent.url, "1234", agent.fingerprint), PinBlocked
+        )
+        self.assertEqual(failure.problem["status"], 423)
+        self.assertIn("PUK", failure.problem["detail"])
+
+    @inlineCallbacks
+    def test_tries_left(self) -> Any:
+        from cpsdmp.agent.card import WrongPin as CardWrongPin
+
+        backend = _FaultBackend(CardWrongPin(1), None)
+        agent = yield self.start(backend)
+        failure = yield self.assertFailure(
+            open_session(agent.url, "1111", agent.fingerprint), WrongPin
+        )
+        self.assertEqual(failure.tries_left, 1)
+        self.assertEqual(failure.problem["triesLeft"], 1)
+        self.assertEqual(backend.logins, 1)
+
+    @inlineCallbacks
+    def test_card_removed(self) -> Any:
+        """
+        A card taken out during a signature: 503, and every token is dropped.
+        """
+        from cpsdmp.agent.card import CardRemoved as CardCardRemoved
+
+        backend = _FaultBackend(None, CardCardRemoved())
+        agent = yield self.start(backend)
+        context = yield open_session(
+            agent.url, shared_testcard().pin, agent.fingerprint
+        )
+        client = CpsAgentClient.from_context(context)
+        self.addCleanup(client.close)
+        failure = yield self.assertFailure(
+            client.sign(b"x", "SHA256WithRSA"), CardRemoved
+        )
+        self.assertEqual(failure.problem["status"], 503)
+        backend.sign_error = None
+        yield self.assertFailure(client.sign(b"x", "SHA256WithRSA"), TokenExpired)
+
+    @inlineCallbacks
+    def test_card_taken_out_between_calls(self) -> Any:
+        """
+        The agent notices a card taken out while nobody calls, and ends the
+        sessions then; GET /cps/card says so too.
+        """
+        backend = _FaultBackend(None, None)
+        agent = yield self.start(backend)
+        context = yield open_session(
+            agent.url, shared_testcard().pin, agent.fingerprint
+        )
+        client = CpsAgentClient.from_context(context)
+        self.addCleanup(client.close)
+        yield client.card()
+        yield agent.resource.watch_card()
+        yield client.card()
+        backend.present = False
+        yield agent.resource.watch_card()
+        yield self.assertFailure(client.card(), TokenExpired)
+        context = yield open_session(
+            agent.url, shared_testcard().pin, agent.fingerprint
+        )
+        client = CpsAgentClient.from_context(context)
+        self.addCleanup(client.close)
+        yield self.assertFailure(client.card(), CardRemoved)
+
+    @inlineCallbacks
+    def test_timeout(self) -> Any:
+        """
+        A card that does not answer in time: the client gives up after its
+        timeout with an error that says so.
+        """
+        backend = _FaultBackend(None, None)
+        backend.hold = threading.Event()
+        agent = yield self.start(backend)
+        self.addCleanup(backend.hold.set)  # runs before the agent stops
+        context = yield open_session(
+            agent.url, shared_testcard().pin, agent.fingerprint
+        )
+        client = CpsAgentClient.from_context(context, timeout=0.5)
+        self.addCleanup(client.close)
+        started = reactor.seconds()  # type: ignore[attr-defined]
+        failure = yield self.assertFailure(
+            client.sign(b"x", "SHA256WithRSA"), AgentUnreachable
+        )
+        self.assertLess(reactor.seconds() - started, 5)  # type: ignore[attr-defined]
+        self.assertIn("did not answer", str(failure))
+        self.assertIn("0.5 s", str(failure))
+
+
+class SoftCardAgentTests(AgentTestCase):
+    """
+    The same agent over the PKCS#12 soft card.
+    """
+
+    def backend(self) -> Any:
+        card = shared_testcard()
+        return SoftCardBackend(
+            Path(card.soft_card),
+            Path(card.soft_card_signature),
+            card.ca_intermediate_certificates(),
+        )
+
+    @inlineCallbacks
+    def test_sign_and_card(self) -> Any:
+        client = yield self.client()
+        card = yield client.card()
+        self.assertEqual(card["holder"]["id"], self.testcard.professional["id"])
+        chain = yield client.certificate_chain()
+        verify_client_chain(chain, self.testcard)
+        for name in ALGORITHMS:
+            signature = yield client.sign(b"soft", name)
+            _verify(chain[0], signature, b"soft", name)
+        yield self.assertFailure(
+            open_session(self.agent.url, "0000", self.agent.fingerprint), WrongPin
+        )

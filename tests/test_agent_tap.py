@@ -1,0 +1,199 @@
+"""
+Tests for C{twist cpsagent}: its options, its plugin, and the command itself
+run as a separate process.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from twisted.application.service import IServiceMaker
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.protocol import ProcessProtocol
+from twisted.plugin import getPlugins
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from cpsdmp.agent import tap
+from cpsdmp.agent.card import Pkcs11Backend, SoftCardBackend
+from cpsdmp.agent.client import CpsAgentClient, open_session
+from tests.agent_support import shared_testcard
+
+
+def _source_root() -> str:
+    import cpsdmp
+
+    return str(Path(cpsdmp.__file__).parent.parent)
+
+
+def _options(*argv: str) -> tap.Options:
+    options = tap.Options()
+    options.parseOptions(list(argv))
+    return options
+
+
+class OptionsTests(SynchronousTestCase):
+    def test_defaults(self) -> None:
+        options = _options("--pkcs11-module", "/usr/lib/cps.so")
+        self.assertEqual(options["listen"], "tcp:10035:interface=127.0.0.1")
+        self.assertEqual(options["session-idle"], 900.0)
+        self.assertIsNone(options["allow-origin"])
+
+    def test_card_required(self) -> None:
+        self.assertRaises(usage.UsageError, _options)
+
+    def test_tls_pair(self) -> None:
+        self.assertRaises(
+            usage.UsageError, _options, "--soft-card", "x.p12", "--tls-cert", "a.pem"
+        )
+
+    def test_testcard_token(self) -> None:
+        card = shared_testcard()
+        backend = tap.card_backend(_options("--testcard", card.directory))
+        assert isinstance(backend, Pkcs11Backend)
+        self.assertEqual(backend.token_label, card.token_label)
+        self.assertEqual(backend.module, card.pkcs11_module)
+
+    def test_soft_card(self) -> None:
+        card = shared_testcard()
+        backend = tap.card_backend(
+            _options("--testcard", card.directory, "--soft-card", card.soft_card)
+        )
+        self.assertIsInstance(backend, SoftCardBackend)
+
+    def test_given_tls_identity(self) -> None:
+        """
+        With --tls-cert and --tls-key, the contexts name that certificate.
+        """
+        key, certificate = tap.self_signed_identity()
+        cert_path = Path(self.mktemp() + ".pem")
+        key_path = Path(self.mktemp() + "-key.pem")
+        cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+        key_path.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        options = _options(
+            "--soft-card",
+            shared_testcard().soft_card,
+            "--tls-cert",
+            str(cert_path),
+            "--tls-key",
+            str(key_path),
+        )
+        service = tap.makeService(options)
+        assert isinstance(service, tap.AgentService)
+        self.assertEqual(service.resource.tls_fingerprint, tap.fingerprint(certificate))
+
+
+class PluginTests(SynchronousTestCase):
+    def test_plugin(self) -> None:
+        """
+        Twisted finds the cpsagent plugin, which builds the agent's service.
+        """
+        import twisted.plugins
+
+        makers = {m.tapname: m for m in getPlugins(IServiceMaker, twisted.plugins)}
+        self.assertIn("cpsagent", makers)
+        self.assertIs(makers["cpsagent"].options, tap.Options)
+
+
+class _Output(ProcessProtocol):
+    """
+    Collect a process's output; C{listening} fires with its URL and TLS
+    fingerprint as soon as it logs them.
+    """
+
+    def __init__(self) -> None:
+        self.output = b""
+        self.listening: Deferred[tuple[str, str]] = Deferred()
+        self.ended: Deferred[None] = Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+        found = re.search(
+            rb"listening on (https://\S+) \(TLS certificate (sha256:[0-9a-f]{64})\)",
+            self.output,
+        )
+        if found and not self.listening.called:
+            self.listening.callback((found.group(1).decode(), found.group(2).decode()))
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Any) -> None:
+        if not self.listening.called:
+            self.listening.errback(
+                AssertionError(
+                    f"cpsagent ended: {self.output.decode(errors='replace')}"
+                )
+            )
+        self.ended.callback(None)
+
+
+class CommandTests(TestCase):
+    timeout = 60
+
+    def twist(self, *argv: str) -> _Output:
+        output = _Output()
+        env = {**os.environ, "PYTHONPATH": _source_root()}
+        transport = reactor.spawnProcess(  # type: ignore[attr-defined]
+            output,
+            sys.executable,
+            [sys.executable, "-m", "twisted", *argv],
+            env=env,
+        )
+
+        def stop() -> Deferred[None]:
+            if not output.ended.called:
+                transport.signalProcess("TERM")
+            return output.ended
+
+        self.addCleanup(stop)
+        return output
+
+    @inlineCallbacks
+    def test_help_lists_cpsagent(self) -> Any:
+        output = self.twist("--help")
+        output.listening.addErrback(lambda _: None)  # it does not serve
+        yield output.ended
+        self.assertIn(b"cpsagent", output.output)
+
+    @inlineCallbacks
+    def test_twist_cpsagent(self) -> Any:
+        """
+        C{twist cpsagent --testcard DIR} serves HTTPS on the port it was
+        given; a session opens with the test card's PIN and a signature made
+        through it verifies.
+        """
+        card = shared_testcard()
+        output = self.twist(
+            "--log-format",
+            "text",
+            "cpsagent",
+            "--testcard",
+            card.directory,
+            "--listen",
+            "tcp:0:interface=127.0.0.1",
+        )
+        url, fingerprint = yield output.listening.addTimeout(30, reactor)
+        self.assertTrue(url.startswith("https://127.0.0.1:"))
+        context = yield open_session(url, card.pin, fingerprint)
+        client = CpsAgentClient.from_context(context)
+        self.addCleanup(client.close)
+        chain = yield client.certificate_chain()
+        signature = yield client.sign(b"hello", "SHA256WithRSA")
+        public_key = chain[0].public_key()
+        assert isinstance(public_key, rsa.RSAPublicKey)
+        public_key.verify(signature, b"hello", padding.PKCS1v15(), hashes.SHA256())
+        self.assertNotIn(context["token"].encode(), output.output)
+        self.assertNotIn(b"hello", output.output)
