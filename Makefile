@@ -33,5 +33,11 @@ lint: install
 typecheck: install
 	$(BIN)/mypy cpsdmp
 
+# Benchmarks print their figures; each README in benchmarks/ says how to read
+# them. They are never part of `make test`.
+bench: install
+	$(BIN)/python benchmarks/agent/bench.py
+	$(BIN)/python benchmarks/xds/bench.py
+
 clean:
 	rm -rf $(VENV) build *.egg-info _trial_temp* twisted/plugins/dropin.cache

@@ -172,10 +172,7 @@ class WrongPin(CardError):
             plural = "try" if tries_left == 1 else "tries"
             message = f"wrong PIN: {tries_left} {plural} left before the card blocks"
         elif count_low:
-            message = (
-                "wrong PIN: the card has seen wrong PINs before and will block "
-                "after a few more"
-            )
+            message = "wrong PIN: the card warns that few tries remain before it blocks"
         else:
             message = (
                 "wrong PIN: the card does not tell how many tries remain; "
