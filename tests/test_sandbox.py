@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import io
 import os
 import socket
@@ -32,7 +33,7 @@ from twisted.web.client import (
     readBody,
 )
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IPolicyForHTTPS
+from twisted.web.iweb import UNKNOWN_LENGTH, IPolicyForHTTPS
 from zope.interface import implementer
 
 from cpsdmp.agent.testcard import TestCard, init_testcard
@@ -42,6 +43,7 @@ from cpsdmp.xds.cda import CdaError, document_entry
 from cpsdmp.xds.context import Professional
 from cpsdmp.xds.ebrim import (
     INS_OID_TEST,
+    RIM,
     CodedValue,
     DocumentEntry,
     DocumentEntryScheme,
@@ -50,10 +52,11 @@ from cpsdmp.xds.ebrim import (
     new_entry_uuid,
     uuid_oid,
 )
-from cpsdmp.xds.responses import RegistryFailure
+from cpsdmp.xds.responses import PartialSuccess, RegistryFailure
 from cpsdmp.xds.signature import local_signer
 from cpsdmp.xds.submit import SigningIdentity, prepare_td21
 from cpsdmp.xds.transactions import (
+    DMP_REPOSITORY_ID,
     MASQUE_PS,
     DmpEndpoints,
     FindDocuments,
@@ -72,7 +75,8 @@ from cpsdmp.xds.transactions import (
     update_visibility,
 )
 from cpsdmp.xds.vihf import WSSE, VihfRequest
-from tests.conformance.material import example_cdas
+from tests.conformance.material import QUERY_XSD, RS_XSD, assert_valid, example_cdas
+from tests.conformance.test_transactions import HL7_XSD
 from tests.xdsvalues import DEFAULTS, SOFTWARE, STRUCTURE
 from tests.xdsvalues import PROFESSIONAL as SOMEONE_ELSE
 
@@ -586,6 +590,174 @@ class RefusalTests(SandboxTestCase):
         self.assertIn("handshake failure", str(failure.reasons[0].value))
 
 
+class QueryTests(SandboxTestCase):
+    @inlineCallbacks
+    def stored(self, *prefixes: str) -> Any:
+        """
+        @return: a Deferred firing with the entries, as the registry shows
+            them, of one submission of the example CDAs named.
+        """
+        entries = [_entry(_cda(prefix)) for prefix in prefixes]
+        yield self.submit(self.td21(entries))
+        shown = []
+        for entry, _ in entries:
+            (found,) = yield self.get(entry.uniqueId)
+            shown.append(found)
+        return shown
+
+    @inlineCallbacks
+    def test_references_and_entry_uuids(self):  # type: ignore[no-untyped-def]
+        """
+        FindDocuments answers ObjectRefs when asked; GetDocuments finds by
+        entryUUID; the registry adds status, version, hash, size and the
+        repository.
+        """
+        first, second = yield self.stored("BIO", "VAC-NOTE")
+        answer = yield self.post(
+            find_documents(
+                self.endpoints,
+                self.vihf(),
+                FindDocuments(CDA_PATIENT),
+                return_type="ObjectRef",
+            )
+        )
+        result = read_query(answer)
+        self.assertEqual(result.entries, [])
+        self.assertEqual(result.references, [first.entryUUID, second.entryUUID])
+        answer = yield self.post(
+            get_documents(self.endpoints, self.vihf(), entry_uuids=[second.entryUUID])
+        )
+        (entry,) = read_query(answer).entries
+        self.assertEqual(entry.uniqueId, second.uniqueId)
+        self.assertEqual(entry.availabilityStatus, Status.Approved)
+        self.assertEqual(entry.version, "1")
+        self.assertEqual(entry.logicalId, second.entryUUID)
+        self.assertEqual(entry.repositoryUniqueId, DMP_REPOSITORY_ID)
+        data = _cda("VAC-NOTE")
+        self.assertEqual(entry.size, len(data))
+        self.assertEqual(entry.hash, hashlib.sha1(data).hexdigest())
+
+    @inlineCallbacks
+    def test_confidentiality_and_class_filters(self):  # type: ignore[no-untyped-def]
+        """
+        Only the masked document has MASQUE_PS; a classCode filter keeps the
+        documents of that class.
+        """
+        first, second = yield self.stored("BIO", "VAC-NOTE")
+        yield self.submit(self.mask(second))
+        masked = yield self.find(confidentiality_codes=[MASQUE_PS])
+        self.assertEqual([e.uniqueId for e in masked], [second.uniqueId])
+        same_class = yield self.find(class_codes=[first.classCode])
+        self.assertIn(first.uniqueId, [e.uniqueId for e in same_class])
+        yield self.submit(self.mask(masked[0], masked=False))
+        self.assertEqual((yield self.find(confidentiality_codes=[MASQUE_PS])), [])
+        (current,) = yield self.get(second.uniqueId)
+        self.assertEqual(current.version, "3")
+
+    @inlineCallbacks
+    def test_deleted(self):  # type: ignore[no-untyped-def]
+        """
+        A deleted document is found only when deleted ones are asked for,
+        and can no longer be retrieved.
+        """
+        (entry,) = yield self.stored("VAC-NOTE")
+        yield self.submit(self.update(entry, Status.Deleted))
+        self.assertEqual((yield self.find()), [])
+        deleted = yield self.find(statuses=[Status.Deleted])
+        self.assertEqual([e.uniqueId for e in deleted], [entry.uniqueId])
+        codes = yield self.refused(
+            retrieve_documents(self.endpoints, self.vihf(), [entry.uniqueId]),
+            read_retrieve,
+        )
+        self.assertEqual(codes, ["XDSMissingDocument"])
+
+    @inlineCallbacks
+    def test_partial_retrieval(self):  # type: ignore[no-untyped-def]
+        """
+        Asked for a known and an unknown document, the DMP answers
+        PartialSuccess with the known one and an error for the other.
+        """
+        (entry,) = yield self.stored("VAC-NOTE")
+        answer = yield self.post(
+            retrieve_documents(self.endpoints, self.vihf(), [entry.uniqueId, "1.2.3"])
+        )
+        failure = self.assertRaises(PartialSuccess, read_retrieve, answer)
+        self.assertEqual(failure.code, "XDSMissingDocument")
+        parts = list(answer.attachments.values())
+        self.assertEqual([bytes(p) for p in parts], [_cda("VAC-NOTE")])
+
+    @inlineCallbacks
+    def test_query_parameters(self):  # type: ignore[no-untyped-def]
+        """
+        A FindDocuments without status, a GetDocuments without identifiers
+        and an unknown stored query are refused with the IHE codes.
+        """
+        codes = yield self.refused(
+            find_documents(
+                self.endpoints, self.vihf(), FindDocuments(CDA_PATIENT, statuses=())
+            ),
+            read_query,
+        )
+        self.assertEqual(codes, ["XDSStoredQueryParamNumber"])
+        message = get_documents(self.endpoints, self.vihf(), unique_ids=["1.2.3"])
+        query = message.envelope.find(f".//{{{RIM}}}AdhocQuery")
+        for slot in list(query):
+            query.remove(slot)
+        codes = yield self.refused(message, read_query)
+        self.assertEqual(codes, ["XDSStoredQueryParamNumber"])
+        query.set("id", "urn:uuid:00000000-0000-0000-0000-000000000000")
+        codes = yield self.refused(message, read_query)
+        self.assertEqual(codes, ["XDSUnknownStoredQuery"])
+
+    @inlineCallbacks
+    def test_unsafe_xml(self):  # type: ignore[no-untyped-def]
+        """
+        A request with a DOCTYPE is not parsed: a sender fault says why.
+        """
+        response = yield self.agent.request(
+            b"POST",
+            self.endpoints.patients.encode(),
+            Headers({b"content-type": [b"application/soap+xml"]}),
+            FileBodyProducer(
+                io.BytesIO(
+                    b'<?xml version="1.0"?><!DOCTYPE e [<!ENTITY x "y">]>'
+                    b'<e xmlns="http://www.w3.org/2003/05/soap-envelope">&x;</e>'
+                )
+            ),
+        )
+        body = yield readBody(response)
+        self.assertEqual(response.code, 500)
+        fault = self.assertRaises(
+            SoapFault,
+            read_message,
+            response.headers.getRawHeaders(b"content-type")[0].decode(),
+            body,
+        )
+        self.assertEqual((fault.code, fault.subcodes), ("soap:Sender", []))
+        self.assertIn("DOCTYPE", fault.reason)
+
+    @inlineCallbacks
+    def test_answers_valid(self):  # type: ignore[no-untyped-def]
+        """
+        The sandbox's answers are valid against the DMP's schemas: a refusal,
+        a query answer with entries, a TD0.2 answer.
+        """
+        yield self.stored("BIO")
+        answer = yield self.post(
+            self.td21([_entry(_cda(), hash="0" * 40)]),
+        )
+        assert_valid(self, RS_XSD, answer.body)
+        answer = yield self.post(
+            find_documents(self.endpoints, self.vihf(), FindDocuments(CDA_PATIENT))
+        )
+        self.assertEqual(len(read_query(answer).entries), 1)
+        assert_valid(self, QUERY_XSD, answer.body)
+        answer = yield self.post(
+            existence_test(self.endpoints, self.vihf(), CDA_PATIENT)
+        )
+        assert_valid(self, HL7_XSD + "PRPA_IN201308UV02.xsd", answer.body)
+
+
 class LimitTests(SandboxTestCase):
     max_request_bytes = 48 * 1024
 
@@ -610,6 +782,25 @@ class LimitTests(SandboxTestCase):
         yield readBody(response)
         self.assertEqual(response.code, 413)
         self.assertEqual((yield self.service.store.count("documents")), 1)
+
+    @inlineCallbacks
+    def test_chunked_request_too_large(self):  # type: ignore[no-untyped-def]
+        """
+        A body without announced length is counted as it comes and refused
+        once over the limit.
+        """
+        message = self.td21([_entry(_cda("VAC_"))])
+        producer = FileBodyProducer(io.BytesIO(message.body()))
+        producer.length = UNKNOWN_LENGTH
+        response = yield self.agent.request(
+            b"POST",
+            message.url.encode(),
+            Headers({b"content-type": [message.content_type]}),
+            producer,
+        )
+        yield readBody(response)
+        self.assertEqual(response.code, 413)
+        self.assertEqual((yield self.service.store.count("documents")), 0)
 
 
 class _Output(ProcessProtocol):
@@ -705,5 +896,5 @@ class TwistTests(TestCase):
         self.assertTrue(read_existence(answer).exists)
         yield stop()
         log = output.output.decode(errors="replace")
-        self.assertIn("PRPA_IN201307UV02 patient 279…: OK", log)
+        self.assertIn("TD0.2 PRPA_IN201307UV02 patient 279…: OK", log)
         self.assertNotIn(CDA_PATIENT.ins, log)

@@ -83,7 +83,13 @@ from cpsdmp.xds.requests import (
     read_retrieve_request,
     read_submit_objects,
 )
-from cpsdmp.xds.responses import FAILURE, PARTIAL_SUCCESS, SUCCESS, RegistryError
+from cpsdmp.xds.responses import (
+    FAILURE,
+    PARTIAL_SUCCESS,
+    SEVERITY_ERROR,
+    SUCCESS,
+    RegistryError,
+)
 from cpsdmp.xds.transactions import (
     ACTION_EXISTENCE,
     ACTION_PROVIDE_AND_REGISTER,
@@ -115,6 +121,15 @@ WSA_FAULT_ACTION = "http://www.w3.org/2005/08/addressing/soap/fault"
 INVALID_SECURITY = "InvalidSecurity"
 FAILED_AUTHENTICATION = "FailedAuthentication"
 
+#: The DMP transaction of each action, for the log.
+TRANSACTIONS = {
+    ACTION_EXISTENCE: "TD0.2",
+    ACTION_PROVIDE_AND_REGISTER: "TD2.1",
+    ACTION_STORED_QUERY: "TD3.1",
+    ACTION_RETRIEVE: "TD3.2",
+    ACTION_UPDATE: "TD3.3",
+}
+
 _STATUS_NAMES = {
     Status.Approved: "approved",
     Status.Archived: "archived",
@@ -124,17 +139,26 @@ _STATUS_NAMES = {
 
 class Fault(Exception):
     """
-    A request the sandbox answers with a SOAP 1.2 fault.
+    A request the sandbox answers with a SOAP 1.2 sender fault; C{subcode}
+    names the standard fault (WS-Security, WS-Addressing) when there is one.
     """
 
     def __init__(
-        self, subcode: str, reason: str, namespace: str = WSSE, prefix: str = "wsse"
+        self,
+        subcode: str | None,
+        reason: str,
+        namespace: str = WSSE,
+        prefix: str = "wsse",
     ) -> None:
         super().__init__(reason)
         self.subcode = subcode
         self.namespace = namespace
         self.prefix = prefix
         self.reason = reason
+
+    @property
+    def code(self) -> str:
+        return f"{self.prefix}:{self.subcode}" if self.subcode else "soap:Sender"
 
 
 class Refused(Exception):
@@ -148,12 +172,7 @@ class Refused(Exception):
 
 
 def _error(code: str, context: str, location: str = "") -> RegistryError:
-    return RegistryError(
-        code,
-        context,
-        "urn:oasis:names:tc:ebxml-regrep:ErrorSeverityType:Error",
-        location,
-    )
+    return RegistryError(code, context, SEVERITY_ERROR, location)
 
 
 def mask_patient(patient: PatientId | None) -> str:
@@ -185,8 +204,9 @@ def fault_message(fault: Fault, request_id: str | None) -> bytes:
     element = etree.Element(f"{s}Fault", nsmap={fault.prefix: fault.namespace})
     code = etree.SubElement(element, f"{s}Code")
     etree.SubElement(code, f"{s}Value").text = "soap:Sender"
-    subcode = etree.SubElement(code, f"{s}Subcode")
-    etree.SubElement(subcode, f"{s}Value").text = f"{fault.prefix}:{fault.subcode}"
+    if fault.subcode:
+        subcode = etree.SubElement(code, f"{s}Subcode")
+        etree.SubElement(subcode, f"{s}Value").text = fault.code
     reason = etree.SubElement(element, f"{s}Reason")
     text = etree.SubElement(reason, f"{s}Text")
     text.set("{http://www.w3.org/XML/1998/namespace}lang", "en")
@@ -213,7 +233,7 @@ class Sandbox:
         try:
             patient = read_existence_request(message.body)
         except MetadataError as error:
-            raise Fault("InvalidMessage", str(error), WSA, "wsa") from None
+            raise Fault(None, str(error)) from None
         record = await self.store.patient(patient)
         answer = plain_answer(
             existence_response(message.body, record),
@@ -380,9 +400,20 @@ class Sandbox:
                 found = await self.store.find(find)
                 return answer(found, (), query.return_type, find.patient)
             if query.query_id == GET_DOCUMENTS:
+                entry_uuids = query.values("$XDSDocumentEntryEntryUUID")
+                unique_ids = query.values("$XDSDocumentEntryUniqueId")
+                if bool(entry_uuids) == bool(unique_ids):
+                    raise Refused(
+                        [
+                            _error(
+                                "XDSStoredQueryParamNumber",
+                                "GetDocuments needs either $XDSDocumentEntryEntryUUID "
+                                "or $XDSDocumentEntryUniqueId",
+                            )
+                        ]
+                    )
                 found = await self.store.get(
-                    entry_uuids=query.values("$XDSDocumentEntryEntryUUID"),
-                    unique_ids=query.values("$XDSDocumentEntryUniqueId"),
+                    entry_uuids=entry_uuids, unique_ids=unique_ids
                 )
                 return answer(found, (), query.return_type)
         except Refused as refused:
@@ -405,7 +436,7 @@ class Sandbox:
         try:
             asked = read_retrieve_request(message.body)
         except MetadataError as error:
-            raise Fault("InvalidMessage", str(error), WSA, "wsa") from None
+            raise Fault(None, str(error)) from None
         documents = []
         errors = []
         for repository, unique_id in asked:
@@ -529,6 +560,11 @@ class Sandbox:
                 [_error(refusal.code, str(refusal), refusal.location)], patient
             )
         return answer(patient=patient)
+
+
+def _transaction(action: str) -> str:
+    name = action.rsplit(":", 1)[-1]
+    return f"{TRANSACTIONS[action]} {name}" if action in TRANSACTIONS else name
 
 
 def _outcome(status: str, errors: Sequence[RegistryError]) -> str:
@@ -722,7 +758,7 @@ class SoapService(Resource):
             try:
                 message = read_message(content_type, body)
             except (SoapError, ValueError) as error:
-                raise Fault("InvalidMessage", str(error), WSA, "wsa") from None
+                raise Fault(None, str(error)) from None
             request_id = message.addressing("MessageID")
             action = message.addressing("Action") or "-"
             if action not in self.actions:
@@ -744,9 +780,9 @@ class SoapService(Resource):
         except Fault as fault:
             _log.info(
                 "{action} patient {patient}: fault {code}",
-                action=action.rsplit(":", 1)[-1],
+                action=_transaction(action),
                 patient="-",
-                code=f"{fault.prefix}:{fault.subcode}",
+                code=fault.code,
             )
             self._write(
                 request,
@@ -759,7 +795,7 @@ class SoapService(Resource):
             return
         _log.info(
             "{action} patient {patient}: {outcome}",
-            action=action.rsplit(":", 1)[-1],
+            action=_transaction(action),
             patient=mask_patient(patient),
             outcome=outcome,
         )

@@ -250,9 +250,9 @@ def coded(code: str, scheme: str) -> str:
     return f"{code}^^{scheme}"
 
 
-def _time_bound(value: str, upper: bool) -> str:
-    # XDS times have a variable precision: pad them to the second.
-    return value.ljust(14, "9" if upper else "0")
+def _time_bound(value: str) -> str:
+    # XDS times have a variable precision: compare them to the second.
+    return value.ljust(14, "0")
 
 
 def _stored(row: Sequence[Any]) -> StoredEntry:
@@ -614,11 +614,11 @@ class Store:
             ]:
                 if low is not None:
                     where.append(f"substr({column} || '00000000000000', 1, 14) >= ?")
-                    values.append(_time_bound(low, upper=False))
+                    values.append(_time_bound(low))
                 if high is not None:
                     # IHE: the upper bound is exclusive.
                     where.append(f"substr({column} || '00000000000000', 1, 14) < ?")
-                    values.append(_time_bound(high, upper=False))
+                    values.append(_time_bound(high))
             cursor.execute(
                 f"SELECT {self._COLUMNS}, confidentiality FROM entries "
                 f"WHERE {' AND '.join(where)} ORDER BY rowid",
