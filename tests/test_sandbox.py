@@ -478,6 +478,19 @@ class RefusalTests(SandboxTestCase):
         self.assertEqual((yield self.service.store.count("documents")), 1)
 
     @inlineCallbacks
+    def test_same_submission_twice(self):  # type: ignore[no-untyped-def]
+        """
+        The very same TD2.1 sent again (a client retrying) is refused and
+        stores nothing more.
+        """
+        message = self.td21([_entry(_cda())])
+        yield self.submit(message)
+        codes = yield self.refused(message)
+        self.assertEqual(codes, ["XDSDuplicateUniqueIdInRegistry"])
+        for table in ["documents", "entries", "submission_sets", "associations"]:
+            self.assertEqual((yield self.service.store.count(table)), 1, table)
+
+    @inlineCallbacks
     def test_hash_and_size(self):  # type: ignore[no-untyped-def]
         """
         Metadata whose hash or size is not that of the bytes is refused.

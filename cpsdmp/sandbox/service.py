@@ -38,6 +38,7 @@ from cpsdmp.protocols.soap import (
     SoapError,
     SoapResponse,
     envelope,
+    plain_content_type,
     plain_message,
     read_message,
 )
@@ -68,6 +69,7 @@ from cpsdmp.xds.answers import (
 from cpsdmp.xds.ebrim import (
     LCM,
     RIM,
+    Association,
     AssociationType,
     DocumentEntry,
     DocumentHash,
@@ -218,9 +220,9 @@ def fault_message(fault: Fault, request_id: str | None) -> bytes:
 
 class Sandbox:
     """
-    The DMP's behaviour over a L{Store}: one method per transaction, each
-    taking the read SOAP request and returning a Deferred that fires with
-    the L{Answer} and the outcome code to log.
+    The DMP's behaviour over a L{Store}: one coroutine per transaction, each
+    taking the read SOAP request and returning the L{Answer}, the outcome
+    to log and the patient concerned.
     """
 
     def __init__(self, store: Store) -> None:
@@ -265,7 +267,7 @@ class Sandbox:
         patient = submission_set.patientId
         objects = _objects_by_id(message.body.find(f"{{{LCM}}}SubmitObjectsRequest"))
 
-        errors = []
+        errors = _unidentified(submitted.associations, objects)
         if await self.store.patient(patient) is None:
             errors.append(
                 _error(
@@ -498,7 +500,7 @@ class Sandbox:
                 [_error("XDSUnknownPatientId", f"patient {patient} has no DMP")]
             )
 
-        errors: list[RegistryError] = []
+        errors = _unidentified(submitted.associations, objects)
         changes = []
         previous: dict[str, str] = {}
         for association in submitted.associations:
@@ -580,6 +582,25 @@ def _objects_by_id(holder: etree._Element | None) -> dict[str, etree._Element]:
         element.get("id", ""): element
         for element in holder.iterfind(f"{{{RIM}}}RegistryObjectList/*")
     }
+
+
+def _unidentified(
+    associations: Sequence[Association], objects: dict[str, etree._Element]
+) -> list[RegistryError]:
+    """
+    @return: an error for each association without an id of its own.
+    """
+    return [
+        _error(
+            "XDSRegistryMetadataError",
+            f"an association from {a.sourceObject} to {a.targetObject} has no id",
+            a.sourceObject,
+        )
+        for a in associations
+        if not a.id
+        or objects.get(a.id) is None
+        or objects[a.id].tag != f"{{{RIM}}}Association"
+    ]
 
 
 def _entry_errors(
@@ -742,12 +763,12 @@ class SoapService(Resource):
     def render_POST(self, request: server.Request) -> Any:
         finished = [False]
         request.notifyFinish().addBoth(lambda _: finished.__setitem__(0, True))
-        Deferred.fromCoroutine(self._answer(request)).addErrback(
+        Deferred.fromCoroutine(self._answer(request, finished)).addErrback(
             self._crashed, request, finished
         )
         return server.NOT_DONE_YET
 
-    async def _answer(self, request: server.Request) -> None:
+    async def _answer(self, request: server.Request, finished: list[bool]) -> None:
         content_type = (request.getHeader(b"content-type") or b"").decode("latin-1")
         assert request.content is not None
         body = request.content.read()
@@ -784,12 +805,13 @@ class SoapService(Resource):
                 patient="-",
                 code=fault.code,
             )
+            # SOAP 1.2 would have 400 for a sender fault; the DMP, like
+            # most SOAP stacks, answers every fault with 500.
             self._write(
                 request,
+                finished,
                 500,
-                'application/soap+xml; charset=UTF-8; action="'
-                + WSA_FAULT_ACTION
-                + '"',
+                plain_content_type(WSA_FAULT_ACTION),
                 [fault_message(fault, request_id)],
             )
             return
@@ -799,17 +821,18 @@ class SoapService(Resource):
             patient=mask_patient(patient),
             outcome=outcome,
         )
-        self._write(request, 200, answer.content_type, answer.parts())
+        self._write(request, finished, 200, answer.content_type, answer.parts())
 
     def _write(
         self,
         request: server.Request,
+        finished: list[bool],
         code: int,
         content_type: str,
         parts: Sequence[bytes | memoryview],
     ) -> None:
-        if request.finished or request._disconnected:
-            return
+        if finished[0]:
+            return  # the client left: nobody to answer
         request.setResponseCode(code)
         request.setHeader(b"content-type", content_type.encode("ascii"))
         request.setHeader(b"content-length", str(sum(len(p) for p in parts)).encode())

@@ -261,6 +261,24 @@ def _stored(row: Sequence[Any]) -> StoredEntry:
     )
 
 
+def _refusing_conflicts(work: Callable[..., None]) -> Callable[..., None]:
+    """
+    @return: C{work}, with a clash with an identifier already stored turned
+        into a L{StoreRefusal} (the transaction is rolled back either way).
+    """
+
+    def guarded(*arguments: object) -> None:
+        try:
+            work(*arguments)
+        except sqlite3.IntegrityError as error:
+            raise StoreRefusal(
+                "XDSRegistryError",
+                f"an identifier of the request is already used ({error})",
+            ) from None
+
+    return guarded
+
+
 class Store:
     """
     The sandbox's SQLite database, used from the reactor through Deferreds.
@@ -345,7 +363,7 @@ class Store:
             L{StoreRefusal} (a uniqueId already known, an unknown replaced
             document) with nothing stored.
         """
-        return self._run(self._submit, submission)
+        return self._run(_refusing_conflicts(self._submit), submission)
 
     def _submit(self, cursor: adbapi.Transaction, submission: NewSubmission) -> None:
         self._insert_set(cursor, submission.submission_set, submission.metadata)
@@ -499,7 +517,7 @@ class Store:
             L{StoreRefusal} (unknown document, status or version that is not
             the current one) with nothing changed.
         """
-        return self._run(self._update, update)
+        return self._run(_refusing_conflicts(self._update), update)
 
     def _update(self, cursor: adbapi.Transaction, update: Update) -> None:
         self._insert_set(cursor, update.submission_set, update.metadata)
