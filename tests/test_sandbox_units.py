@@ -40,6 +40,10 @@ class OptionsTests(SynchronousTestCase):
         C{--client-ca} are needed; C{--client-ca} repeats.
         """
         self.assertRaises(usage.UsageError, Options().parseOptions, [])
+        error = self.assertRaises(
+            usage.UsageError, Options().parseOptions, ["--testcard", "nowhere"]
+        )
+        self.assertIn("cpsdmp testcard init", str(error))
         self.assertRaises(
             usage.UsageError, Options().parseOptions, ["--cert", "c", "--key", "k"]
         )

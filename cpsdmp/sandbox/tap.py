@@ -67,16 +67,18 @@ class Options(usage.Options):
 
     def opt_client_ca(self, path: str) -> None:
         """
-        PEM file of an authority whose card certificates are accepted
-        (repeatable).
+        PEM file of an authority whose card certificates are accepted (repeatable).
         """
         self["client-cas"].append(path)
 
     def postOptions(self) -> None:
         if self["testcard"]:
-            from cpsdmp.agent.testcard import TestCard
+            from cpsdmp.agent.testcard import TestCard, TestCardError
 
-            card = TestCard.load(self["testcard"])
+            try:
+                card = TestCard.load(self["testcard"])
+            except TestCardError as error:
+                raise usage.UsageError(str(error)) from None
             self["cert"] = self["cert"] or card.sandbox_cert
             self["key"] = self["key"] or card.sandbox_key
             if not self["client-cas"]:
