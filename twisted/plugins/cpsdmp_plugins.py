@@ -11,3 +11,10 @@ cpsagent = ServiceMaker(
     "The workstation agent that signs with the CPS card through PKCS#11.",
     "cpsagent",
 )
+
+dmpsandbox = ServiceMaker(
+    "cpsdmp DMP sandbox",
+    "cpsdmp.sandbox.tap",
+    "A local DMP for development and tests: mutual TLS, SOAP services, SQLite.",
+    "dmpsandbox",
+)

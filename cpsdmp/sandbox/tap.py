@@ -1,0 +1,196 @@
+# twisted.web, twisted.enterprise and twisted.application are not annotated.
+# mypy: disable-error-code="no-untyped-call"
+"""
+C{twist dmpsandbox}: the local DMP's command line and the service that opens
+its SQLite database and serves its web services over mutual TLS.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort, IReactorCore
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python import usage
+
+from cpsdmp.sandbox.service import DEFAULT_MAX_REQUEST_BYTES, make_site
+from cpsdmp.sandbox.store import Store
+from cpsdmp.sandbox.tls import dmp_server_options
+
+_log = Logger()
+
+DEFAULT_LISTEN = "tcp:10443:interface=127.0.0.1"
+DEFAULT_DB = "dmpsandbox.sqlite"
+
+
+class Options(usage.Options):
+    """
+    The command line of C{twist dmpsandbox}.
+    """
+
+    synopsis = "[options]"
+    longdesc = (
+        "A local DMP for development and tests: the DMP's TLS settings with "
+        "client certificates checked against the test PKI, its SOAP services "
+        "for TD0.2, TD2.1, TD3.1, TD3.2 and TD3.3, and the documents kept in "
+        "SQLite."
+    )
+
+    optParameters = [
+        ["listen", None, DEFAULT_LISTEN, "Endpoint to serve HTTPS on (always TLS)."],
+        ["db", None, DEFAULT_DB, "SQLite file of the documents (made if missing)."],
+        [
+            "testcard",
+            None,
+            None,
+            "Take certificate, key and client CAs from this test card folder.",
+        ],
+        ["cert", None, None, "PEM chain of the server: its certificate first."],
+        ["key", None, None, "PEM private key of the server."],
+        [
+            "max-request-bytes",
+            None,
+            DEFAULT_MAX_REQUEST_BYTES,
+            "Largest request body accepted.",
+            int,
+        ],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["client-cas"] = []
+
+    def opt_client_ca(self, path: str) -> None:
+        """
+        PEM file of an authority whose card certificates are accepted (repeatable).
+        """
+        self["client-cas"].append(path)
+
+    def postOptions(self) -> None:
+        if self["testcard"]:
+            from cpsdmp.agent.testcard import TestCard, TestCardError
+
+            try:
+                card = TestCard.load(self["testcard"])
+            except TestCardError as error:
+                raise usage.UsageError(str(error)) from None
+            self["cert"] = self["cert"] or card.sandbox_cert
+            self["key"] = self["key"] or card.sandbox_key
+            if not self["client-cas"]:
+                self["client-cas"] = [card.ca_root, *card.ca_intermediates]
+        if not (self["cert"] and self["key"] and self["client-cas"]):
+            raise usage.UsageError(
+                "say which certificate to serve and which cards to accept: "
+                "--testcard DIR, or --cert, --key and --client-ca"
+            )
+        if self["max-request-bytes"] <= 0:
+            raise usage.UsageError("--max-request-bytes must be positive")
+
+
+class SandboxService(Service):
+    """
+    Opens the database, then listens; stops listening, then closes it.
+    """
+
+    def __init__(
+        self,
+        listen: str,
+        db: str,
+        cert: str,
+        key: str,
+        client_cas: Sequence[str],
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        reactor: Any = None,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self.reactor = reactor
+        self.listen_on = listen
+        self.db = db
+        self.tls = dmp_server_options(cert, key, list(client_cas))
+        self.max_request_bytes = max_request_bytes
+        self.store: Store | None = None
+        self.port: IListeningPort | None = None
+        self._starting: Deferred[IListeningPort] | None = None
+
+    def start(self) -> Deferred[IListeningPort]:
+        """
+        @return: a Deferred that fires with the listening port once the
+            database is ready and the port open.
+        """
+        store = self.store = Store(self.db)
+        site = make_site(store, self.max_request_bytes)
+        factory = TLSMemoryBIOFactory(self.tls, False, site)
+        endpoint = serverFromString(self.reactor, self.listen_on)
+
+        def listening(port: IListeningPort) -> IListeningPort:
+            self.port = port
+            host = port.getHost()
+            _log.info(
+                "DMP sandbox on https://{host}:{port}/si-dmp-server/v2/services, "
+                "database {db}",
+                host=getattr(host, "host", "?"),
+                port=getattr(host, "port", "?"),
+                db=self.db,
+            )
+            return port
+
+        self._starting = (
+            store.open()
+            .addCallback(lambda _: endpoint.listen(factory))
+            .addCallback(listening)
+        )
+        return self._starting
+
+    def startService(self) -> None:
+        super().startService()
+
+        def failed(failure: Any) -> None:
+            _log.failure("the DMP sandbox could not start", failure)
+            core: IReactorCore = self.reactor
+            core.stop()
+
+        self.start().addErrback(failed)
+
+    def stopService(self) -> Deferred[None]:
+        """
+        @return: a Deferred that fires once the port is closed and the
+            database too.
+        """
+        super().stopService()
+
+        def close(_: object) -> None:
+            if self.store is not None:
+                self.store.close()
+                self.store = None
+
+        done: Deferred[None] = Deferred()
+        done.addCallback(close)
+        port, self.port = self.port, None
+        stopped = port.stopListening() if port is not None else None
+        if stopped is None:
+            done.callback(None)
+        else:
+            stopped.chainDeferred(done)
+        return done
+
+
+def makeService(options: Options) -> SandboxService:
+    """
+    @return: the service C{twist dmpsandbox} runs.
+    """
+    return SandboxService(
+        options["listen"],
+        options["db"],
+        options["cert"],
+        options["key"],
+        options["client-cas"],
+        options["max-request-bytes"],
+    )
