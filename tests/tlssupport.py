@@ -443,3 +443,50 @@ class CountingKey:
     def sign(self, data: bytes, scheme: object) -> Deferred[bytes]:
         self.sign_calls += 1
         return self._key.sign(data, scheme)  # type: ignore[arg-type]
+
+
+# SSL_OP_NO_EXTENDED_MASTER_SECRET in OpenSSL 3.0 (not exposed by pyOpenSSL)
+SSL_OP_NO_EXTENDED_MASTER_SECRET = 0x00000001
+
+
+class ServerContext:
+    """
+    A pyOpenSSL server context for Twisted's C{listenSSL}: TLS 1.2 only,
+    the client certificate required and checked against the test client CA
+    unless C{client_auth} is false.
+    """
+
+    def __init__(
+        self,
+        identity: str = "server-rsa",
+        client_auth: bool = True,
+        extended_master_secret: bool = True,
+        tickets: bool = True,
+    ) -> None:
+        from OpenSSL import SSL, crypto
+
+        p = pki()
+        ident = p[identity]
+        ctx = SSL.Context(SSL.TLS_METHOD)
+        ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+        ctx.set_max_proto_version(SSL.TLS1_2_VERSION)
+        ctx.use_privatekey(crypto.PKey.from_cryptography_key(ident.key))  # type: ignore[arg-type]
+        ctx.use_certificate(crypto.X509.from_cryptography(ident.chain[0]))
+        for extra in ident.chain[1:]:
+            ctx.add_extra_chain_cert(crypto.X509.from_cryptography(extra))
+        if client_auth:
+            ctx.get_cert_store().add_cert(crypto.X509.from_cryptography(p.client_root))  # type: ignore[union-attr]
+            ctx.set_verify(
+                SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT,
+                lambda conn, cert, errno, depth, ok: bool(ok),
+            )
+            ctx.add_client_ca(crypto.X509.from_cryptography(p.client_root))
+        if not extended_master_secret:
+            ctx.set_options(SSL_OP_NO_EXTENDED_MASTER_SECRET)
+        if not tickets:
+            ctx.set_options(SSL.OP_NO_TICKET)
+        ctx.set_session_id(b"cpsdmp-tests")
+        self._context = ctx
+
+    def getContext(self) -> object:
+        return self._context
