@@ -425,6 +425,7 @@ class ResumptionTests(SynchronousTestCase):
         pair = Pair(_config(key, session_cache=cache))
         key.release_chain()
         key.calls[-1][1].errback(RuntimeError("no"))
+        self.assertEqual(pair.state, State.FAILED)
         self.assertEqual(len(cache), 0)
 
 
