@@ -25,9 +25,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
+from cpsdmp.protocols.tls.interfaces import IRemoteKey
 from cpsdmp.protocols.tls.localkey import LocalKey
 
 Key = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
@@ -425,6 +428,7 @@ class CollectorFactory(Factory):
         return p
 
 
+@implementer(IRemoteKey)
 class CountingKey:
     """
     Wraps an L{IRemoteKey} and counts the calls to it.
@@ -449,6 +453,7 @@ class CountingKey:
 SSL_OP_NO_EXTENDED_MASTER_SECRET = 0x00000001
 
 
+@implementer(IOpenSSLContextFactory)
 class ServerContext:
     """
     A pyOpenSSL server context for Twisted's C{listenSSL}: TLS 1.2 only,
