@@ -14,6 +14,7 @@ from collections.abc import Sequence
 # Module that defines each subcommand, in the order `--help` lists them.
 SUBCOMMANDS = [
     "cpsdmp.agent.testcard_cli",
+    "cpsdmp.protocols.tls.probe",
 ]
 
 

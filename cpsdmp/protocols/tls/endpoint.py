@@ -26,6 +26,8 @@ from cpsdmp.protocols.tls.protocol import TLSClientProtocol
 
 
 class _TLSFactory(Factory):
+    noisy = False
+
     def __init__(
         self,
         wrapped: IProtocolFactory,

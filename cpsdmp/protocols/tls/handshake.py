@@ -351,6 +351,7 @@ class ClientHandshake:
         step = self.state.value
         self._enter(State.FAILED)
         self._cancel_pending()
+        self._forget_offered_session()
         if alert is not None:
             self._write(self._records.seal(ContentType.alert, bytes((2, alert))))
         _log.info(
@@ -368,6 +369,12 @@ class ClientHandshake:
         self._enter(State.FAILED)
         self._cancel_pending()
         self._on_failed(exception)
+
+    def _forget_offered_session(self) -> None:
+        # A session whose resumption went wrong is not offered again.
+        cache = self.config.session_cache
+        if cache is not None and self._offered_session is not None:
+            cache.discard(self._cache_key)
 
     def _cancel_pending(self) -> None:
         pending, self._pending = self._pending, None
