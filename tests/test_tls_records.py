@@ -109,7 +109,7 @@ class OpenSSLRecordTests(SynchronousTestCase):
                 self.assertEqual(plaintext, b"from OpenSSL " + suite.name.encode())
 
                 # our record as the client, sequence 1, read by OpenSSL
-                body = client_write.seal(23, 1, b"from cpsdmp")
+                body = b"".join(client_write.seal(23, 1, b"from cpsdmp"))
                 server.bio_write(struct.pack(">BHH", 23, 0x0303, len(body)) + body)
                 self.assertEqual(server.recv(100), b"from cpsdmp")
 
@@ -206,7 +206,7 @@ class ProtectionTests(SynchronousTestCase):
         RFC 5288: the record starts with the 8-byte explicit nonce (here the
         sequence number), and the salt stays implicit.
         """
-        body = AESGCMProtection(bytes(16), b"salt").seal(23, 0x0102, b"abc")
+        body = b"".join(AESGCMProtection(bytes(16), b"salt").seal(23, 0x0102, b"abc"))
         self.assertEqual(body[:8], (0x0102).to_bytes(8, "big"))
         self.assertEqual(len(body), 8 + 3 + 16)
 
@@ -216,10 +216,12 @@ class ProtectionTests(SynchronousTestCase):
         the nonce.
         """
         p = ChaCha20Poly1305Protection(bytes(32), bytes(12))
-        self.assertEqual(len(p.seal(23, 0, b"abc")), 3 + 16)
-        self.assertNotEqual(p.seal(23, 0, b"abc"), p.seal(23, 1, b"abc"))
+        self.assertEqual(len(b"".join(p.seal(23, 0, b"abc"))), 3 + 16)
+        self.assertNotEqual(
+            b"".join(p.seal(23, 0, b"abc")), b"".join(p.seal(23, 1, b"abc"))
+        )
         with self.assertRaises(ProtocolViolation):
-            p.open(23, 1, p.seal(23, 0, b"abc"))
+            p.open(23, 1, b"".join(p.seal(23, 0, b"abc")))
 
     def test_cbc_padding_and_mac_errors_look_alike(self) -> None:
         """
@@ -231,7 +233,7 @@ class ProtectionTests(SynchronousTestCase):
 
         key, mac_key = bytes(range(32)), bytes(48)
         p = AESCBCProtection(key, mac_key, hashes.SHA384())
-        body = p.seal(23, 5, b"hello world")
+        body = b"".join(p.seal(23, 5, b"hello world"))
         self.assertEqual(p.open(23, 5, body), b"hello world")
         iv, ciphertext = body[:16], body[16:]
         plain = bytearray(

@@ -350,6 +350,7 @@ class OpenSSLServer:
         ]
         if ident.chain[1:]:
             command += ["-cert_chain", ident.chain_file]
+        self.quiet = "-quiet" in args
         self.process = subprocess.Popen(
             command + list(args),
             stdin=subprocess.PIPE,
@@ -362,11 +363,21 @@ class OpenSSLServer:
         while time.monotonic() < deadline:
             if "ACCEPT" in self.output():
                 return
+            if self.quiet and self._accepts():
+                return
             if self.process.poll() is not None:
                 raise RuntimeError(f"openssl s_server exited: {self.output()}")
             time.sleep(0.02)
         self.stop()
         raise RuntimeError(f"openssl s_server not ready after {timeout} s")
+
+    def _accepts(self) -> bool:
+        # -quiet hides the ACCEPT line: try a TCP connection instead.
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+        except OSError:
+            return False
+        return True
 
     def output(self) -> str:
         with open(self.log_path, "rb") as f:

@@ -67,7 +67,7 @@ from cpsdmp.protocols.tls.suites import (
     CipherSuite,
     NamedGroup,
 )
-from cpsdmp.protocols.tls.validation import check_server_chain, is_ip_literal
+from cpsdmp.protocols.tls.validation import VerifiedChains, is_ip_literal
 
 _log = Logger()
 
@@ -135,6 +135,7 @@ class TLSClientConfig:
     handshake_timeout: float = 60.0
     # The time at which the server chain is checked; None means now.
     verification_time: datetime.datetime | None = None
+    verified_chains: VerifiedChains = field(default_factory=VerifiedChains)
 
     def identity(self) -> Hashable:
         if self.client_identity is not None:
@@ -557,7 +558,7 @@ class ClientHandshake:
                 AlertDescription.bad_certificate,
                 "the server sent an unreadable certificate",
             ) from None
-        verified = check_server_chain(
+        verified = self.config.verified_chains.check(
             chain, self.config.roots, self.host, self.config.verification_time
         )
         key = chain[0].public_key()

@@ -331,7 +331,9 @@ class TLSClientProtocol(Protocol):
         if not self._established_now or self.disconnecting or not self.connected:
             return
         if self.transport is not None and data:
-            self.transport.write(self._records.seal(ContentType.application_data, data))
+            self.transport.writeSequence(
+                self._records.seal_pieces(ContentType.application_data, data)
+            )
 
     def writeSequence(self, data: Iterable[bytes]) -> None:
         self.write(b"".join(data))

@@ -19,6 +19,9 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cpsdmp.protocols.tls.alerts import AlertDescription, ProtocolViolation
 from cpsdmp.protocols.tls.suites import BulkCipher, CipherSuite
 
+# A plaintext fragment: a view into the caller's data, to avoid a copy.
+Data = bytes | memoryview
+
 TLS12 = 0x0303
 MAX_PLAINTEXT = 2**14  # RFC 5246, section 6.2.1
 MAX_CIPHERTEXT = 2**14 + 2048  # RFC 5246, section 6.2.3
@@ -43,11 +46,11 @@ def _bad_mac() -> ProtocolViolation:
 class RecordProtection(Protocol):
     """
     One direction's record protection: C{seal} turns a plaintext fragment
-    into the record body, C{open} the reverse, both under sequence number
-    C{seq}.
+    into the pieces of the record body (kept apart to save a copy on the
+    hot path), C{open} the reverse, both under sequence number C{seq}.
     """
 
-    def seal(self, content_type: int, seq: int, plaintext: bytes) -> bytes: ...
+    def seal(self, content_type: int, seq: int, plaintext: Data) -> list[bytes]: ...
 
     def open(self, content_type: int, seq: int, fragment: bytes) -> bytes: ...
 
@@ -57,8 +60,8 @@ class NullProtection:
     The protection before the first ChangeCipherSpec: none.
     """
 
-    def seal(self, content_type: int, seq: int, plaintext: bytes) -> bytes:
-        return plaintext
+    def seal(self, content_type: int, seq: int, plaintext: Data) -> list[bytes]:
+        return [bytes(plaintext)]
 
     def open(self, content_type: int, seq: int, fragment: bytes) -> bytes:
         return fragment
@@ -74,17 +77,19 @@ class AESGCMProtection:
         self._aead = AESGCM(key)
         self._salt = salt
 
-    def seal(self, content_type: int, seq: int, plaintext: bytes) -> bytes:
+    def seal(self, content_type: int, seq: int, plaintext: Data) -> list[bytes]:
         explicit = _SEQ.pack(seq)
         aad = _AAD.pack(seq, content_type, TLS12, len(plaintext))
-        return explicit + self._aead.encrypt(self._salt + explicit, plaintext, aad)
+        return [explicit, self._aead.encrypt(self._salt + explicit, plaintext, aad)]
 
     def open(self, content_type: int, seq: int, fragment: bytes) -> bytes:
         if len(fragment) < 8 + 16:
             raise _bad_mac()
         aad = _AAD.pack(seq, content_type, TLS12, len(fragment) - 24)
         try:
-            return self._aead.decrypt(self._salt + fragment[:8], fragment[8:], aad)
+            return self._aead.decrypt(
+                self._salt + fragment[:8], memoryview(fragment)[8:], aad
+            )
         except Exception:
             raise _bad_mac() from None
 
@@ -102,9 +107,9 @@ class ChaCha20Poly1305Protection:
     def _nonce(self, seq: int) -> bytes:
         return (self._iv ^ seq).to_bytes(12, "big")
 
-    def seal(self, content_type: int, seq: int, plaintext: bytes) -> bytes:
+    def seal(self, content_type: int, seq: int, plaintext: Data) -> list[bytes]:
         aad = _AAD.pack(seq, content_type, TLS12, len(plaintext))
-        return self._aead.encrypt(self._nonce(seq), plaintext, aad)
+        return [self._aead.encrypt(self._nonce(seq), plaintext, aad)]
 
     def open(self, content_type: int, seq: int, fragment: bytes) -> bytes:
         if len(fragment) < 16:
@@ -129,19 +134,19 @@ class AESCBCProtection:
         self._mac = hmac.HMAC(mac_key, mac_hash)
         self._mac_length = mac_hash.digest_size
 
-    def _tag(self, seq: int, content_type: int, plaintext: bytes) -> bytes:
+    def _tag(self, seq: int, content_type: int, plaintext: Data) -> bytes:
         h = self._mac.copy()
         h.update(_AAD.pack(seq, content_type, TLS12, len(plaintext)))
         h.update(plaintext)
         return h.finalize()
 
-    def seal(self, content_type: int, seq: int, plaintext: bytes) -> bytes:
+    def seal(self, content_type: int, seq: int, plaintext: Data) -> list[bytes]:
         iv = os.urandom(16)
-        body = plaintext + self._tag(seq, content_type, plaintext)
+        body = bytes(plaintext) + self._tag(seq, content_type, plaintext)
         pad = 15 - len(body) % 16
         body += bytes((pad,)) * (pad + 1)
         encryptor = Cipher(self._algorithm, modes.CBC(iv)).encryptor()
-        return iv + encryptor.update(body) + encryptor.finalize()
+        return [iv, encryptor.update(body) + encryptor.finalize()]
 
     def open(self, content_type: int, seq: int, fragment: bytes) -> bytes:
         mac_length = self._mac_length
@@ -213,6 +218,7 @@ class RecordLayer:
 
     def __init__(self, max_fragment: int = MAX_PLAINTEXT) -> None:
         self._buffer = bytearray()
+        self._offset = 0
         self._read: RecordProtection = NullProtection()
         self._write: RecordProtection = NullProtection()
         self._read_seq = 0
@@ -231,26 +237,35 @@ class RecordLayer:
         self._read_seq = 0
         self.read_protected = True
 
+    def seal_pieces(self, content_type: int, data: bytes) -> list[bytes]:
+        """
+        @return: the records carrying C{data}, fragmented as needed, as
+            pieces to write in order (for C{writeSequence}).
+        """
+        out: list[bytes] = []
+        step = self._max_fragment
+        write = self._write
+        view = memoryview(data)
+        for start in range(0, max(len(data), 1), step):
+            pieces = write.seal(
+                content_type, self._write_seq, view[start : start + step]
+            )
+            self._write_seq += 1
+            out.append(_HEADER.pack(content_type, TLS12, sum(map(len, pieces))))
+            out += pieces
+        return out
+
     def seal(self, content_type: int, data: bytes) -> bytes:
         """
         @return: the records carrying C{data}, fragmented as needed.
         """
-        out = []
-        step = self._max_fragment
-        write = self._write
-        for start in range(0, max(len(data), 1), step):
-            body = write.seal(content_type, self._write_seq, data[start : start + step])
-            self._write_seq += 1
-            out.append(_HEADER.pack(content_type, TLS12, len(body)))
-            out.append(body)
-        return b"".join(out)
+        return b"".join(self.seal_pieces(content_type, data))
 
     def feed(self, data: bytes) -> None:
+        if self._offset:
+            del self._buffer[: self._offset]
+            self._offset = 0
         self._buffer += data
-
-    @property
-    def buffered(self) -> int:
-        return len(self._buffer)
 
     def next_record(self) -> tuple[int, bytes] | None:
         """
@@ -260,9 +275,10 @@ class RecordLayer:
         @raise ProtocolViolation: on a malformed, oversized or forged record.
         """
         buffer = self._buffer
-        if len(buffer) < 5:
+        start = self._offset
+        if len(buffer) - start < 5:
             return None
-        content_type, version, length = _HEADER.unpack_from(buffer)
+        content_type, version, length = _HEADER.unpack_from(buffer, start)
         if content_type not in _CONTENT_TYPES:
             raise ProtocolViolation(
                 AlertDescription.unexpected_message,
@@ -278,10 +294,12 @@ class RecordLayer:
                 AlertDescription.record_overflow,
                 f"record of {length} bytes exceeds the 2^14 + 2048 limit",
             )
-        if len(buffer) < 5 + length:
+        end = start + 5 + length
+        if len(buffer) < end:
             return None
-        fragment = bytes(buffer[5 : 5 + length])
-        del buffer[: 5 + length]
+        # Records are consumed by moving an offset; feed() compacts once.
+        fragment = bytes(buffer[start + 5 : end])
+        self._offset = end
         plaintext = self._read.open(content_type, self._read_seq, fragment)
         self._read_seq += 1
         if len(plaintext) > MAX_PLAINTEXT:

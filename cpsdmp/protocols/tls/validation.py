@@ -90,3 +90,38 @@ def check_server_chain(
             "the server chain does not lead to a trusted root "
             f"({leaf.issuer.rfc4514_string()} issued the certificate): {e}",
         ) from None
+
+
+class VerifiedChains:
+    """
+    Remembers the chains already verified for a host against given roots, so
+    that reconnecting to the same server skips path building and the name
+    check; the validity dates are checked again on every use.
+    """
+
+    def __init__(self, size: int = 64) -> None:
+        self._size = size
+        self._chains: dict[tuple[object, ...], list[x509.Certificate]] = {}
+
+    def check(
+        self,
+        chain: Sequence[x509.Certificate],
+        roots: Sequence[x509.Certificate],
+        host: str,
+        now: datetime.datetime | None = None,
+    ) -> list[x509.Certificate]:
+        """
+        Like L{check_server_chain}, from memory when possible.
+        """
+        when = now or datetime.datetime.now(datetime.UTC)
+        key = (host, tuple(roots), tuple(chain))
+        verified = self._chains.get(key)
+        if verified is not None and all(
+            c.not_valid_before_utc <= when <= c.not_valid_after_utc for c in verified
+        ):
+            return verified
+        verified = check_server_chain(chain, roots, host, when)
+        if len(self._chains) >= self._size:
+            self._chains.pop(next(iter(self._chains)))
+        self._chains[key] = verified
+        return verified
