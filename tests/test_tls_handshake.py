@@ -522,6 +522,42 @@ class ScriptedServerTests(SynchronousTestCase):
         self.assertEqual(self._alert(transport), AlertDescription.illegal_parameter)
         self.assertIn("group 25", str(results[0].value))
 
+    def test_forged_server_key_exchange(self) -> None:
+        """
+        An X25519 share whose signature does not verify with the server
+        certificate is decrypt_error; a signature scheme we did not offer is
+        illegal_parameter.
+        """
+        chain = [c.public_bytes(serialization_der()) for c in pki()["server-rsa"].chain]
+        for scheme, alert in [
+            (b"\x04\x01", AlertDescription.decrypt_error),
+            (b"\x02\x01", AlertDescription.illegal_parameter),  # rsa_pkcs1_sha1
+        ]:
+            client, transport, results = self._client()
+            ske = (
+                b"\x03"
+                + struct.pack(">H", 29)
+                + vector(os.urandom(32), 1)
+                + scheme
+                + vector(os.urandom(256), 2)
+            )
+            self._send(
+                client,
+                _server_hello([(ExtensionType.extended_master_secret, b"")])
+                + encode_certificate(chain)
+                + handshake(HandshakeType.server_key_exchange, ske),
+            )
+            self.assertEqual(self._alert(transport), alert)
+            self.assertIn(State.WAIT_SERVER_KEY_EXCHANGE.value, str(results[0].value))
+
+    def test_record_overflow_alert(self) -> None:
+        """
+        A record with more than 2^14 bytes of plaintext: record_overflow.
+        """
+        client, transport, results = self._client()
+        self._send(client, bytes(2**14 + 1))
+        self.assertEqual(self._alert(transport), AlertDescription.record_overflow)
+
     def test_unexpected_message(self) -> None:
         client, transport, results = self._client()
         self._send(client, handshake(HandshakeType.server_hello_done, b""))

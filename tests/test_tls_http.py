@@ -6,6 +6,8 @@ server (OpenSSL through pyOpenSSL) that requires a client certificate.
 
 from __future__ import annotations
 
+import hashlib
+import os
 from typing import Any
 
 from OpenSSL import SSL
@@ -40,6 +42,10 @@ class WhoAmI(Resource):
         # pyOpenSSL has no public call for this; ask OpenSSL directly.
         reused = bool(_lib.SSL_session_reused(tls._ssl))
         return f"{subject}|{port}|{reused}".encode()
+
+    def render_POST(self, request: Request) -> bytes:
+        body = request.content.read()
+        return f"{len(body)}|{hashlib.sha256(body).hexdigest()}".encode()
 
 
 class AgentTests(TestCase):
@@ -106,6 +112,10 @@ class AgentTests(TestCase):
         response = yield client.get(self.url.decode())
         text = yield response.text()
         self.assertIn("CN=Dr Test CPS", text)
+        body = os.urandom(3 * 2**20 + 5)  # several records, through a producer
+        response = yield client.post(self.url.decode(), data=body)
+        text = yield response.text()
+        self.assertEqual(text, f"{len(body)}|{hashlib.sha256(body).hexdigest()}")
         self.assertEqual(self.card.sign_calls, 1)
 
     @inlineCallbacks

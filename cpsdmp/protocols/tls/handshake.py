@@ -128,11 +128,14 @@ class TLSClientConfig:
     groups: Sequence[NamedGroup] = DEFAULT_GROUPS
     alpn: Sequence[bytes] = ()
     session_cache: SessionCache | None = None
-    # Who the sessions in the cache belong to; defaults to the key object.
+    # Who the sessions in the cache belong to (say, the card holder's
+    # certificate fingerprint); defaults to the key object itself, so that
+    # two key objects never share a session.
     client_identity: Hashable | None = None
     allow_no_extended_master_secret: bool = False
+    # Each call to the key holder; the whole handshake, those calls included.
     remote_key_timeout: float = 30.0
-    handshake_timeout: float = 60.0
+    handshake_timeout: float = 90.0
     # The time at which the server chain is checked; None means now.
     verification_time: datetime.datetime | None = None
     verified_chains: VerifiedChains = field(default_factory=VerifiedChains)
