@@ -257,9 +257,6 @@ class ClientHandshake:
         self._transcript += raw
         self._write(self._records.seal(ContentType.handshake, raw))
 
-    def _send_change_cipher_spec(self) -> None:
-        self._write(self._records.seal(ContentType.change_cipher_spec, b"\x01"))
-
     def _install_keys(self) -> tuple[RecordProtection, RecordProtection]:
         assert self._suite is not None
         block = prf.key_block(
@@ -404,6 +401,11 @@ class ClientHandshake:
                 AlertDescription.unexpected_message,
                 f"unexpected {name} message",
             )
+        if msg_type == HandshakeType.finished:
+            # Checked against the transcript before it joins it.
+            self._finished(body, raw)
+            return
+        self._transcript += raw
         if msg_type == HandshakeType.server_hello:
             self._server_hello(body)
         elif msg_type == HandshakeType.certificate:
@@ -417,23 +419,9 @@ class ClientHandshake:
                 raise _violation(
                     AlertDescription.decode_error, "malformed ServerHelloDone"
                 )
-            self._transcript += raw
             self._server_hello_done()
-            return
-        elif msg_type == HandshakeType.new_session_ticket:
-            if not self._expect_ticket or self._ticket is not None:
-                raise _violation(
-                    AlertDescription.unexpected_message,
-                    "NewSessionTicket the server did not announce",
-                )
-            self._ticket = NewSessionTicket.decode(body)
-        elif msg_type == HandshakeType.finished:
-            self._finished(body)
-            if self.state is State.WAIT_RESUMED_FINISHED:
-                self._transcript += raw
-                self._finish_resumption()
-            return
-        self._transcript += raw
+        else:
+            self._new_session_ticket(body)
 
     def _server_hello(self, body: bytes) -> None:
         config = self.config
@@ -826,7 +814,15 @@ class ClientHandshake:
         if self.state is not State.WAIT_RESUMED_FINISHED:
             self._enter(State.WAIT_CHANGE_CIPHER_SPEC)
 
-    def _finished(self, body: bytes) -> None:
+    def _new_session_ticket(self, body: bytes) -> None:
+        if not self._expect_ticket or self._ticket is not None:
+            raise _violation(
+                AlertDescription.unexpected_message,
+                "NewSessionTicket the server did not announce",
+            )
+        self._ticket = NewSessionTicket.decode(body)
+
+    def _finished(self, body: bytes, raw: bytes) -> None:
         expected = prf.verify_data(
             self._hash, self._master_secret, b"server finished", self._transcript_hash()
         )
@@ -835,11 +831,10 @@ class ClientHandshake:
                 AlertDescription.decrypt_error,
                 "the server Finished does not match the handshake",
             )
-        if self.state is State.WAIT_FINISHED:
-            self._established()
-
-    def _finish_resumption(self) -> None:
-        self._send_finished()
+        self._transcript += raw
+        if self.state is State.WAIT_RESUMED_FINISHED:
+            # An abbreviated handshake: our Finished comes second.
+            self._send_finished()
         self._established()
 
     def _established(self) -> None:

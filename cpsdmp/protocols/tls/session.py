@@ -7,7 +7,7 @@ that one professional's session never serves another.
 from __future__ import annotations
 
 from collections.abc import Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from cryptography import x509
 from twisted.internet.interfaces import IReactorTime
@@ -33,7 +33,6 @@ class Session:
     created: float
     group: str = ""
     lifetime_hint: int = 0
-    extra: dict[str, object] = field(default_factory=dict)
 
 
 CacheKey = tuple[str, Hashable]
