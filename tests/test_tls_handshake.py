@@ -607,3 +607,61 @@ class ReassemblerTests(SynchronousTestCase):
         self.assertEqual(r.next_message()[0], 14)
         self.assertIsNone(r.next_message())
         self.assertTrue(r.pending)
+
+
+def _client_hello_extensions(host: str, **kw: Any) -> dict[int, bytes]:
+    """
+    @return: the extensions of the ClientHello our protocol sends to C{host}.
+    """
+    client = TLSClientProtocol(Collector(), _config(None, **kw), host, 443, Clock())
+    transport = StringTransport()
+    client.makeConnection(transport)
+    record = transport.value()
+    assert record[0] == 22
+    body = record[5 + 4 :]
+    offset = 2 + 32
+    offset += 1 + body[offset]  # session_id
+    offset += 2 + int.from_bytes(body[offset : offset + 2], "big")  # suites
+    offset += 1 + body[offset]  # compression methods
+    end = offset + 2 + int.from_bytes(body[offset : offset + 2], "big")
+    offset += 2
+    extensions = {}
+    while offset < end:
+        ext_type, length = struct.unpack(">HH", body[offset : offset + 4])
+        extensions[ext_type] = body[offset + 4 : offset + 4 + length]
+        offset += 4 + length
+    assert offset == len(body)
+    return extensions
+
+
+class ClientHelloTests(SynchronousTestCase):
+    def test_extensions_by_name(self) -> None:
+        """
+        To a DNS name: server_name with that host, the groups in order,
+        uncompressed points, EMS, an empty renegotiation_info, an empty
+        session_ticket, no ALPN unless asked.
+        """
+        ext = _client_hello_extensions("dmp.example")
+        self.assertEqual(
+            ext[ExtensionType.server_name], b"\x00\x0e\x00\x00\x0bdmp.example"
+        )
+        self.assertEqual(
+            ext[ExtensionType.supported_groups], b"\x00\x06\x00\x1d\x00\x17\x00\x18"
+        )
+        self.assertEqual(ext[ExtensionType.ec_point_formats], b"\x01\x00")
+        self.assertEqual(ext[ExtensionType.extended_master_secret], b"")
+        self.assertEqual(ext[ExtensionType.renegotiation_info], b"\x00")
+        self.assertEqual(ext[ExtensionType.session_ticket], b"")
+        self.assertIn(b"\x04\x01", ext[ExtensionType.signature_algorithms])
+        self.assertNotIn(ExtensionType.application_layer_protocol_negotiation, ext)
+
+    def test_no_sni_for_ip(self) -> None:
+        for host in ("127.0.0.1", "::1"):
+            self.assertNotIn(ExtensionType.server_name, _client_hello_extensions(host))
+
+    def test_alpn_when_asked(self) -> None:
+        ext = _client_hello_extensions("dmp.example", alpn=[b"http/1.1"])
+        self.assertEqual(
+            ext[ExtensionType.application_layer_protocol_negotiation],
+            b"\x00\x09\x08http/1.1",
+        )

@@ -107,3 +107,23 @@ class ProbeCommandTests(OpenSSLServerMixin, TestCase):
         )
         self.assertEqual(status, 2)
         self.assertIn("not an https URL", err.decode())
+
+    @inlineCallbacks
+    def test_agent_context_needs_the_agent_client(self) -> Any:
+        """
+        Without the agent client in this tree, --agent-context says so and
+        exits with status 2; with it, an unreadable context is reported.
+        """
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as f:
+            json.dump({"url": "https://127.0.0.1:1/", "token": "x"}, f)
+        out, err, status = yield self._probe(
+            "https://localhost/", "--ca", pki().root_file, "--agent-context", path
+        )
+        try:
+            import cpsdmp.agent.client  # noqa: F401
+        except ImportError:
+            self.assertEqual(status, 2)
+            self.assertIn("agent client not available", err.decode())
+        else:
+            self.assertNotEqual(status, 0)

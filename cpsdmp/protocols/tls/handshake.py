@@ -202,6 +202,8 @@ class ClientHandshake:
         self.config = config
         self.host = host
         self.port = port
+        # RFC 6066, section 3: no server_name for an address literal
+        self._host_is_ip = is_ip_literal(host)
         self._records = records
         self._write = write
         self._clock = clock
@@ -291,7 +293,7 @@ class ClientHandshake:
             random=self._client_random,
             session_id=session_id,
             cipher_suites=[s.code for s in config.suites],
-            server_name=None if is_ip_literal(self.host) else self.host,
+            server_name=None if self._host_is_ip else self.host,
             groups=[int(g) for g in config.groups],
             signature_schemes=[int(s) for s in SERVER_SIGNATURE_SCHEMES],
             alpn=list(config.alpn),
@@ -449,7 +451,7 @@ class ClientHandshake:
             ExtensionType.ec_point_formats,
             ExtensionType.session_ticket,
         }
-        if not is_ip_literal(self.host):
+        if not self._host_is_ip:
             offered.add(ExtensionType.server_name)
         if config.alpn:
             offered.add(ExtensionType.application_layer_protocol_negotiation)
@@ -647,7 +649,6 @@ class ClientHandshake:
         key = self.config.remote_key
         if self._certificate_requested and key is not None:
             self._enter(State.WAIT_CLIENT_CERTIFICATE)
-            _log.info("TLS client certificate asked from the key holder")
             self._wait(key.certificate_chain(), self._got_chain)
             return
         if self._certificate_requested:
