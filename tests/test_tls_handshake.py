@@ -665,3 +665,25 @@ class ClientHelloTests(SynchronousTestCase):
             ext[ExtensionType.application_layer_protocol_negotiation],
             b"\x00\x09\x08http/1.1",
         )
+
+
+class EstablishedErrorTests(SynchronousTestCase):
+    def test_forged_record_after_handshake(self) -> None:
+        """
+        A record that fails its check once established: bad_record_mac is
+        sent and the application learns why the connection ended.
+        """
+        from cpsdmp.protocols.tls.alerts import ConnectionFailed
+
+        pair = Pair(_config(pki()["client-rsa"].local_key()))
+        pair.server.send(b"genuine")
+        record = bytearray(pair.server.bio_read(1 << 20))
+        record[-1] ^= 1
+        pair.client.dataReceived(bytes(record))
+        self.assertTrue(pair.transport.disconnecting)
+        pair.pump()
+        self.assertIn("bad record mac", str(pair.server_error))
+        pair.client.connectionLost(Failure(ConnectionDone()))
+        self.assertIsInstance(pair.app.reason.value, ConnectionFailed)
+        self.assertIn("bad_record_mac", str(pair.app.reason.value))
+        self.assertEqual(bytes(pair.app.received), b"")

@@ -81,6 +81,18 @@ class HandshakeFailed(TLSError):
         self.alert = alert
 
 
+class ConnectionFailed(TLSError):
+    """
+    An established connection broke the protocol (a forged record, an
+    unexpected message); we sent the fatal C{alert} and closed.
+    """
+
+    def __init__(self, reason: str, alert: AlertDescription) -> None:
+        super().__init__(f"TLS connection failed: {reason} (sent alert {alert.name})")
+        self.reason = reason
+        self.alert = alert
+
+
 class AlertReceived(TLSError):
     """
     The server sent a fatal alert (or a warning we cannot go on after).

@@ -29,6 +29,7 @@ from cpsdmp.protocols.tls.alerts import (
     AlertDescription,
     AlertLevel,
     AlertReceived,
+    ConnectionFailed,
     HandshakeFailed,
     ProtocolViolation,
     TLSError,
@@ -281,7 +282,7 @@ class TLSClientProtocol(Protocol):
 
     def _violation(self, violation: ProtocolViolation) -> None:
         if self._established_now or self._handshake is None:
-            self._error = HandshakeFailed("after the handshake", str(violation))
+            self._error = ConnectionFailed(str(violation), violation.description)
             self._send_alert(AlertLevel.fatal, violation.description)
             self.disconnecting = True
             if self.transport is not None:
