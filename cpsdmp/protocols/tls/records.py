@@ -52,7 +52,7 @@ class RecordProtection(Protocol):
 
     def seal(self, content_type: int, seq: int, plaintext: Data) -> list[bytes]: ...
 
-    def open(self, content_type: int, seq: int, fragment: bytes) -> bytes: ...
+    def open(self, content_type: int, seq: int, fragment: Data) -> bytes: ...
 
 
 class NullProtection:
@@ -63,8 +63,8 @@ class NullProtection:
     def seal(self, content_type: int, seq: int, plaintext: Data) -> list[bytes]:
         return [bytes(plaintext)]
 
-    def open(self, content_type: int, seq: int, fragment: bytes) -> bytes:
-        return fragment
+    def open(self, content_type: int, seq: int, fragment: Data) -> bytes:
+        return bytes(fragment)
 
 
 class AESGCMProtection:
@@ -82,14 +82,12 @@ class AESGCMProtection:
         aad = _AAD.pack(seq, content_type, TLS12, len(plaintext))
         return [explicit, self._aead.encrypt(self._salt + explicit, plaintext, aad)]
 
-    def open(self, content_type: int, seq: int, fragment: bytes) -> bytes:
+    def open(self, content_type: int, seq: int, fragment: Data) -> bytes:
         if len(fragment) < 8 + 16:
             raise _bad_mac()
         aad = _AAD.pack(seq, content_type, TLS12, len(fragment) - 24)
         try:
-            return self._aead.decrypt(
-                self._salt + fragment[:8], memoryview(fragment)[8:], aad
-            )
+            return self._aead.decrypt(self._salt + fragment[:8], fragment[8:], aad)
         except Exception:
             raise _bad_mac() from None
 
@@ -111,7 +109,7 @@ class ChaCha20Poly1305Protection:
         aad = _AAD.pack(seq, content_type, TLS12, len(plaintext))
         return [self._aead.encrypt(self._nonce(seq), plaintext, aad)]
 
-    def open(self, content_type: int, seq: int, fragment: bytes) -> bytes:
+    def open(self, content_type: int, seq: int, fragment: Data) -> bytes:
         if len(fragment) < 16:
             raise _bad_mac()
         aad = _AAD.pack(seq, content_type, TLS12, len(fragment) - 16)
@@ -148,12 +146,13 @@ class AESCBCProtection:
         encryptor = Cipher(self._algorithm, modes.CBC(iv)).encryptor()
         return [iv, encryptor.update(body) + encryptor.finalize()]
 
-    def open(self, content_type: int, seq: int, fragment: bytes) -> bytes:
+    def open(self, content_type: int, seq: int, fragment: Data) -> bytes:
         mac_length = self._mac_length
         size = len(fragment) - 16
         if size < mac_length + 1 or size % 16:
             raise _bad_mac()
-        decryptor = Cipher(self._algorithm, modes.CBC(fragment[:16])).decryptor()
+        iv = bytes(fragment[:16])
+        decryptor = Cipher(self._algorithm, modes.CBC(iv)).decryptor()
         plain = decryptor.update(fragment[16:]) + decryptor.finalize()
 
         # Check the padding and the MAC without leaving early on the first
@@ -217,7 +216,8 @@ class RecordLayer:
     """
 
     def __init__(self, max_fragment: int = MAX_PLAINTEXT) -> None:
-        self._buffer = bytearray()
+        self._data = b""
+        self._view = memoryview(b"")
         self._offset = 0
         self._read: RecordProtection = NullProtection()
         self._write: RecordProtection = NullProtection()
@@ -262,10 +262,14 @@ class RecordLayer:
         return b"".join(self.seal_pieces(content_type, data))
 
     def feed(self, data: bytes) -> None:
-        if self._offset:
-            del self._buffer[: self._offset]
-            self._offset = 0
-        self._buffer += data
+        # Records are read in place through a view of the received bytes;
+        # only the tail of an incomplete record is ever copied.
+        if self._offset < len(self._data):
+            self._data = self._data[self._offset :] + data
+        else:
+            self._data = data
+        self._view = memoryview(self._data)
+        self._offset = 0
 
     def next_record(self) -> tuple[int, bytes] | None:
         """
@@ -274,11 +278,11 @@ class RecordLayer:
         @return: its content type and plaintext, or C{None} if incomplete.
         @raise ProtocolViolation: on a malformed, oversized or forged record.
         """
-        buffer = self._buffer
+        data = self._data
         start = self._offset
-        if len(buffer) - start < 5:
+        if len(data) - start < 5:
             return None
-        content_type, version, length = _HEADER.unpack_from(buffer, start)
+        content_type, version, length = _HEADER.unpack_from(data, start)
         if content_type not in _CONTENT_TYPES:
             raise ProtocolViolation(
                 AlertDescription.unexpected_message,
@@ -295,10 +299,9 @@ class RecordLayer:
                 f"record of {length} bytes exceeds the 2^14 + 2048 limit",
             )
         end = start + 5 + length
-        if len(buffer) < end:
+        if len(data) < end:
             return None
-        # Records are consumed by moving an offset; feed() compacts once.
-        fragment = bytes(buffer[start + 5 : end])
+        fragment = self._view[start + 5 : end]
         self._offset = end
         plaintext = self._read.open(content_type, self._read_seq, fragment)
         self._read_seq += 1
