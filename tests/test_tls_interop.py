@@ -221,6 +221,36 @@ class ServerVariantTests(OpenSSLServerMixin, TestCase):
         self.assertIn("not valid for 'localhost'", str(failure))
 
 
+class ServerSignatureTests(OpenSSLServerMixin, TestCase):
+    timeout = 60
+
+    @inlineCallbacks
+    def test_server_signature_schemes(self) -> Any:
+        """
+        The ServerKeyExchange signature verifies whichever scheme the
+        server is limited to: PKCS#1 v1.5 or PSS, any hash, RSA or ECDSA.
+        """
+        for identity, sigalgs, expected in [
+            ("server-rsa", "RSA+SHA256", "rsa_pkcs1_sha256"),
+            ("server-rsa", "RSA+SHA512", "rsa_pkcs1_sha512"),
+            ("server-rsa", "RSA-PSS+SHA384", "rsa_pss_rsae_sha384"),
+            ("server-ec", "ECDSA+SHA256", "ecdsa_secp256r1_sha256"),
+        ]:
+            server = self.start_server(
+                "-www",
+                "-sigalgs",
+                sigalgs,
+                # without it, -sigalgs also limits the client's signature
+                "-client_sigalgs",
+                "RSA+SHA256",
+                identity=identity,
+            )
+            info, page, _ = yield self.fetch(server, self.config())
+            self.assertEqual(info.server_signature_scheme, expected)
+            self.assertIn(b"New, TLSv1.2", page)
+            server.stop()
+
+
 class RenegotiationTests(OpenSSLServerMixin, TestCase):
     timeout = 30
 

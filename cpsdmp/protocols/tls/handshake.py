@@ -162,6 +162,7 @@ class TLSInfo:
     verified_chain: list[x509.Certificate] = field(default_factory=list)
     client_chain: list[x509.Certificate] | None = None
     client_signature_scheme: str | None = None
+    server_signature_scheme: str | None = None
     client_certificate_requested: bool = False
     alpn: bytes | None = None
     session_id: bytes = b""
@@ -601,6 +602,7 @@ class ClientHandshake:
                 "the ServerKeyExchange signature does not verify with the "
                 "server certificate",
             )
+        self.info.server_signature_scheme = scheme.name
         group = NamedGroup(exchange.group)
         try:
             if group is NamedGroup.x25519:

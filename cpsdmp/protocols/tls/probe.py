@@ -122,6 +122,7 @@ def report(info: TLSInfo, host: str, port: int, roots: int) -> dict[str, Any]:
         "cipher": info.openssl_cipher,
         "cipher_suite": info.cipher_suite,
         "group": info.group,
+        "server_signature_scheme": info.server_signature_scheme,
         "extended_master_secret": info.extended_master_secret,
         "resumed": info.resumed,
         "alpn": info.alpn.decode("ascii", "replace") if info.alpn else None,
@@ -146,6 +147,7 @@ def format_report(data: dict[str, Any]) -> str:
         f"Protocol version: {data['protocol']}",
         f"Ciphersuite: {data['cipher']} ({data['cipher_suite']})",
         f"Negotiated group: {data['group'] or '(resumed session)'}",
+        f"Peer signature: {data['server_signature_scheme'] or '(resumed session)'}",
         f"Extended master secret: {'yes' if data['extended_master_secret'] else 'NO'}",
         f"Peer certificate: {data['server_chain'][0] if data['server_chain'] else '-'}",
     ]
