@@ -31,12 +31,16 @@ GET = b"GET / HTTP/1.0\r\n\r\n"
 
 class OpenSSLServerMixin:
     def start_server(
-        self, *args: str, identity: str = "server-rsa", client_auth: bool = True
+        self,
+        *args: str,
+        identity: str = "server-rsa",
+        client_auth: bool = True,
+        tls12_only: bool = True,
     ) -> OpenSSLServer:
         extra = list(args)
         if client_auth:
             extra += ["-Verify", "1", "-CAfile", pki().client_root_file]
-        server = OpenSSLServer(extra, identity=identity)
+        server = OpenSSLServer(extra, identity=identity, tls12_only=tls12_only)
         self.addCleanup(server.stop)  # type: ignore[attr-defined]
         server.wait_ready()
         return server
@@ -305,6 +309,21 @@ class ResumptionTests(OpenSSLServerMixin, TestCase):
         first, page1, _ = yield self.fetch(server, config)
         second, page2, _ = yield self.fetch(server, config)
         return card, first, page1, second, page2
+
+    @inlineCallbacks
+    def test_tls13_capable_server(self) -> Any:
+        """
+        A server that also speaks TLS 1.3 settles on 1.2 with us, and
+        resumes.
+        """
+        server = self.start_server("-www", tls12_only=False)
+        card = CountingKey(pki()["client-rsa"].local_key())
+        config = self.config(card, session_cache=SessionCache(reactor))
+        first, page1, _ = yield self.fetch(server, config)
+        second, page2, _ = yield self.fetch(server, config)
+        self.assertIn(b"New, TLSv1.2", page1)
+        self.assertIn(b"Reused, TLSv1.2", page2)
+        self.assertEqual(card.sign_calls, 1)
 
     @inlineCallbacks
     def test_resumption_by_session_id(self) -> Any:

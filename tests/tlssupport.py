@@ -330,7 +330,9 @@ class OpenSSLServer:
     file; L{stop} kills it (tests register it as a cleanup).
     """
 
-    def __init__(self, args: Sequence[str], identity: str = "server-rsa") -> None:
+    def __init__(
+        self, args: Sequence[str], identity: str = "server-rsa", tls12_only: bool = True
+    ) -> None:
         p = pki()
         ident = p[identity]
         self.port = free_port()
@@ -341,13 +343,14 @@ class OpenSSLServer:
             "s_server",
             "-accept",
             f"127.0.0.1:{self.port}",
-            "-tls1_2",
             "-key",
             ident.key_file,
             "-cert",
             ident.cert_file,
             "-ign_eof",
         ]
+        if tls12_only:
+            command.append("-tls1_2")
         if ident.chain[1:]:
             command += ["-cert_chain", ident.chain_file]
         self.quiet = "-quiet" in args
