@@ -719,10 +719,6 @@ class ClientHandshake:
         self._key_exchange()
 
         self._enter(State.WAIT_SIGNATURE)
-        _log.info(
-            "TLS CertificateVerify signature asked with {scheme}",
-            scheme=self._client_scheme.name,
-        )
         assert self.config.remote_key is not None
         self._wait(
             self.config.remote_key.sign(bytes(self._transcript), self._client_scheme),
@@ -747,8 +743,12 @@ class ClientHandshake:
                 "the key holder returned a signature that does not verify with "
                 "the client certificate; not sending it",
             )
+        # One event for the request and its answer: events cost, and the
+        # duration says all the asking did.
         _log.info(
-            "TLS signature returned in {duration:.3f} s",
+            "TLS CertificateVerify signature ({scheme}) from the key holder "
+            "in {duration:.3f} s",
+            scheme=self._client_scheme.name,
             duration=self._clock.seconds() - started,
         )
         self.info.client_signature_scheme = self._client_scheme.name
