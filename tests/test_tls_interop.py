@@ -255,6 +255,19 @@ class ServerSignatureTests(OpenSSLServerMixin, TestCase):
             server.stop()
 
 
+class ALPNTests(OpenSSLServerMixin, TestCase):
+    timeout = 30
+
+    @inlineCallbacks
+    def test_alpn(self) -> Any:
+        """
+        Offered protocols, the server picks one it knows.
+        """
+        server = self.start_server("-www", "-alpn", "http/1.1")
+        info, page, _ = yield self.fetch(server, self.config(alpn=[b"h2", b"http/1.1"]))
+        self.assertEqual(info.alpn, b"http/1.1")
+
+
 class RenegotiationTests(OpenSSLServerMixin, TestCase):
     timeout = 30
 
