@@ -257,3 +257,38 @@ class ProtectionTests(SynchronousTestCase):
         self.assertEqual(messages[0], messages[1])
         with self.assertRaises(ProtocolViolation):
             p.open(23, 6, body)  # another sequence number
+
+
+class CBCPaddingTests(SynchronousTestCase):
+    """
+    Any padding length up to 255 is accepted when every byte is right, and
+    one wrong byte anywhere in it is refused.
+    """
+
+    def _record(self, content: bytes, padding: bytes) -> tuple[AESCBCProtection, bytes]:
+        from cryptography.hazmat.primitives import hashes, hmac
+        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+        key, mac_key = bytes(range(32)), bytes(range(48))
+        mac = hmac.HMAC(mac_key, hashes.SHA384())
+        mac.update(struct.pack(">QBHH", 7, 23, 0x0303, len(content)) + content)
+        body = content + mac.finalize() + padding
+        iv = bytes(16)
+        enc = Cipher(algorithms.AES(key), modes.CBC(iv)).encryptor()
+        record = iv + enc.update(body) + enc.finalize()
+        return AESCBCProtection(key, mac_key, hashes.SHA384()), record
+
+    def test_long_paddings(self) -> None:
+        for pad in (0, 15, 31, 255):
+            # content + 48-byte MAC + padding fills whole AES blocks
+            content = b"x" * (16 + (-(48 + pad + 1)) % 16)
+            padding = bytes((pad,)) * (pad + 1)
+            protection, record = self._record(content, padding)
+            self.assertEqual(protection.open(23, 7, record), content, pad)
+            if pad:
+                for where in (0, pad // 2, pad - 1):
+                    wrong = bytearray(padding)
+                    wrong[where] ^= 0x80
+                    protection, record = self._record(content, bytes(wrong))
+                    with self.assertRaises(ProtocolViolation):
+                        protection.open(23, 7, record)

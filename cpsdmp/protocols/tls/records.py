@@ -162,10 +162,16 @@ class AESCBCProtection:
         n = len(plain)
         pad = plain[-1]
         bad = ((n - mac_length - 1 - pad) >> 16) & 1
+        # The last 256 bytes against 256 copies of the padding byte, as
+        # integers, masked to the padding's length: the same operations
+        # whatever the bytes are.
         window = plain[-256:]
-        for i in range(1, len(window) + 1):
-            inside = 1 - (((pad - i + 1) >> 16) & 1)
-            bad |= (window[-i] ^ pad) * inside
+        width = len(window)
+        diff = int.from_bytes(window, "big") ^ int.from_bytes(
+            bytes((pad,)) * width, "big"
+        )
+        mask = (1 << (8 * min(pad + 1, width))) - 1
+        bad |= int(diff & mask != 0)
         length = n - mac_length - 1 - (0 if bad else pad)
         content = plain[:length]
         expected = self._tag(seq, content_type, content)
