@@ -16,6 +16,7 @@ SUBCOMMANDS = [
     "cpsdmp.agent.testcard_cli",
     "cpsdmp.xds.cli",
     "cpsdmp.demo",
+    "cpsdmp.protocols.tls.probe",
 ]
 
 

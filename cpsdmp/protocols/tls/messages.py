@@ -1,0 +1,341 @@
+"""
+TLS 1.2 handshake messages and hello extensions: encoding the ones a client
+sends, decoding the ones a server sends (RFC 5246 section 7.4, RFC 8422,
+RFC 7627, RFC 5746, RFC 5077, RFC 7301, RFC 6066), and reassembling the
+handshake byte stream into messages whatever the record boundaries.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass, field
+
+from cpsdmp.protocols.tls.alerts import AlertDescription, ProtocolViolation
+
+
+class HandshakeType(enum.IntEnum):
+    hello_request = 0
+    client_hello = 1
+    server_hello = 2
+    new_session_ticket = 4
+    certificate = 11
+    server_key_exchange = 12
+    certificate_request = 13
+    server_hello_done = 14
+    certificate_verify = 15
+    client_key_exchange = 16
+    finished = 20
+
+
+class ExtensionType(enum.IntEnum):
+    server_name = 0
+    supported_groups = 10
+    ec_point_formats = 11
+    signature_algorithms = 13
+    application_layer_protocol_negotiation = 16
+    extended_master_secret = 23
+    session_ticket = 35
+    renegotiation_info = 0xFF01
+
+
+# RFC 5746, section 3.3
+TLS_EMPTY_RENEGOTIATION_INFO_SCSV = 0xFF00
+MAX_HANDSHAKE_MESSAGE = 2**16 * 4  # far above any chain we accept
+
+
+def _decode_error(what: str) -> ProtocolViolation:
+    return ProtocolViolation(AlertDescription.decode_error, f"malformed {what}")
+
+
+class Reader:
+    """
+    Reads length-prefixed TLS structures out of one message body; running
+    off its end is a decode_error naming the message.
+    """
+
+    def __init__(self, data: bytes, what: str) -> None:
+        self._data = data
+        self._offset = 0
+        self._what = what
+
+    def take(self, n: int) -> bytes:
+        end = self._offset + n
+        if end > len(self._data):
+            raise _decode_error(self._what)
+        chunk = self._data[self._offset : end]
+        self._offset = end
+        return chunk
+
+    def uint(self, size: int) -> int:
+        return int.from_bytes(self.take(size), "big")
+
+    def vector(self, length_size: int) -> bytes:
+        return self.take(self.uint(length_size))
+
+    def remaining(self) -> int:
+        return len(self._data) - self._offset
+
+    def done(self) -> None:
+        if self._offset != len(self._data):
+            raise _decode_error(self._what)
+
+
+def vector(data: bytes, length_size: int) -> bytes:
+    return len(data).to_bytes(length_size, "big") + data
+
+
+def handshake(msg_type: int, body: bytes) -> bytes:
+    """
+    @return: one handshake message with its 4-byte header.
+    """
+    return struct.pack(">B", msg_type) + len(body).to_bytes(3, "big") + body
+
+
+def _extension(ext_type: int, data: bytes) -> bytes:
+    return struct.pack(">HH", ext_type, len(data)) + data
+
+
+def _uint16_list(values: list[int]) -> bytes:
+    return vector(b"".join(struct.pack(">H", v) for v in values), 2)
+
+
+@dataclass
+class ClientHello:
+    random: bytes
+    session_id: bytes
+    cipher_suites: list[int]
+    server_name: str | None
+    groups: list[int]
+    signature_schemes: list[int]
+    alpn: list[bytes] = field(default_factory=list)
+    session_ticket: bytes | None = None
+    offer_ticket: bool = True
+
+    def encode(self) -> bytes:
+        extensions = []
+        if self.server_name is not None:
+            host = self.server_name.encode("idna")
+            # RFC 6066, section 3: one host_name entry
+            entry = b"\x00" + vector(host, 2)
+            extensions.append(_extension(ExtensionType.server_name, vector(entry, 2)))
+        extensions.append(
+            _extension(ExtensionType.supported_groups, _uint16_list(self.groups))
+        )
+        # RFC 8422, section 5.1.2: uncompressed only
+        extensions.append(_extension(ExtensionType.ec_point_formats, b"\x01\x00"))
+        extensions.append(
+            _extension(
+                ExtensionType.signature_algorithms,
+                _uint16_list(self.signature_schemes),
+            )
+        )
+        if self.alpn:
+            names = b"".join(vector(p, 1) for p in self.alpn)
+            extensions.append(
+                _extension(
+                    ExtensionType.application_layer_protocol_negotiation,
+                    vector(names, 2),
+                )
+            )
+        extensions.append(_extension(ExtensionType.extended_master_secret, b""))
+        if self.offer_ticket:
+            extensions.append(
+                _extension(ExtensionType.session_ticket, self.session_ticket or b"")
+            )
+        # An empty renegotiation_info on the initial handshake (RFC 5746)
+        extensions.append(_extension(ExtensionType.renegotiation_info, b"\x00"))
+        body = (
+            struct.pack(">H", 0x0303)
+            + self.random
+            + vector(self.session_id, 1)
+            + _uint16_list(self.cipher_suites)
+            + b"\x01\x00"  # compression methods: null only
+            + vector(b"".join(extensions), 2)
+        )
+        return handshake(HandshakeType.client_hello, body)
+
+
+@dataclass
+class ServerHello:
+    version: int
+    random: bytes
+    session_id: bytes
+    cipher_suite: int
+    compression: int
+    extensions: dict[int, bytes]
+
+    @classmethod
+    def decode(cls, body: bytes) -> ServerHello:
+        r = Reader(body, "ServerHello")
+        version = r.uint(2)
+        random = r.take(32)
+        session_id = r.vector(1)
+        if len(session_id) > 32:
+            raise _decode_error("ServerHello session_id")
+        suite = r.uint(2)
+        compression = r.uint(1)
+        extensions: dict[int, bytes] = {}
+        if r.remaining():
+            ext = Reader(r.vector(2), "ServerHello extensions")
+            while ext.remaining():
+                ext_type = ext.uint(2)
+                if ext_type in extensions:
+                    raise ProtocolViolation(
+                        AlertDescription.illegal_parameter,
+                        f"ServerHello repeats extension {ext_type}",
+                    )
+                extensions[ext_type] = ext.vector(2)
+        r.done()
+        return cls(version, random, session_id, suite, compression, extensions)
+
+
+def decode_certificate(body: bytes) -> list[bytes]:
+    """
+    @return: the DER certificates of a Certificate message, leaf first.
+    """
+    r = Reader(body, "Certificate")
+    chain = Reader(r.vector(3), "Certificate list")
+    r.done()
+    certificates = []
+    while chain.remaining():
+        certificates.append(chain.vector(3))
+    return certificates
+
+
+def encode_certificate(chain: list[bytes]) -> bytes:
+    entries = b"".join(vector(der, 3) for der in chain)
+    return handshake(HandshakeType.certificate, vector(entries, 3))
+
+
+@dataclass
+class ServerKeyExchange:
+    """
+    ECDHE parameters (RFC 8422 section 5.4) and their signature.
+    """
+
+    group: int
+    public: bytes
+    scheme: int
+    signature: bytes
+    signed_params: bytes
+
+    @classmethod
+    def decode(cls, body: bytes) -> ServerKeyExchange:
+        r = Reader(body, "ServerKeyExchange")
+        curve_type = r.uint(1)
+        if curve_type != 3:  # named_curve
+            raise ProtocolViolation(
+                AlertDescription.illegal_parameter,
+                f"ServerKeyExchange curve type {curve_type} is not named_curve",
+            )
+        group = r.uint(2)
+        public = r.vector(1)
+        signed_params = body[: 4 + len(public)]
+        scheme = r.uint(2)
+        signature = r.vector(2)
+        r.done()
+        return cls(group, public, scheme, signature, signed_params)
+
+
+@dataclass
+class CertificateRequest:
+    certificate_types: bytes
+    signature_schemes: list[int]
+    authorities: list[bytes]
+
+    @classmethod
+    def decode(cls, body: bytes) -> CertificateRequest:
+        r = Reader(body, "CertificateRequest")
+        types = r.vector(1)
+        schemes_data = r.vector(2)
+        if len(schemes_data) % 2:
+            raise _decode_error("CertificateRequest signature algorithms")
+        schemes = [
+            int.from_bytes(schemes_data[i : i + 2], "big")
+            for i in range(0, len(schemes_data), 2)
+        ]
+        names = Reader(r.vector(2), "CertificateRequest authorities")
+        r.done()
+        authorities = []
+        while names.remaining():
+            authorities.append(names.vector(2))
+        return cls(types, schemes, authorities)
+
+
+@dataclass
+class NewSessionTicket:
+    lifetime_hint: int
+    ticket: bytes
+
+    @classmethod
+    def decode(cls, body: bytes) -> NewSessionTicket:
+        r = Reader(body, "NewSessionTicket")
+        lifetime = r.uint(4)
+        ticket = r.vector(2)
+        r.done()
+        return cls(lifetime, ticket)
+
+
+def encode_client_key_exchange(public: bytes) -> bytes:
+    return handshake(HandshakeType.client_key_exchange, vector(public, 1))
+
+
+def encode_certificate_verify(scheme: int, signature: bytes) -> bytes:
+    return handshake(
+        HandshakeType.certificate_verify,
+        struct.pack(">H", scheme) + vector(signature, 2),
+    )
+
+
+def encode_finished(verify_data: bytes) -> bytes:
+    return handshake(HandshakeType.finished, verify_data)
+
+
+def decode_alpn(data: bytes) -> bytes:
+    r = Reader(data, "ALPN extension")
+    names = Reader(r.vector(2), "ALPN protocol list")
+    r.done()
+    name = names.vector(1)
+    names.done()
+    if not name:
+        raise _decode_error("ALPN protocol name")
+    return name
+
+
+class HandshakeReassembler:
+    """
+    Turns the handshake content of any number of records into whole
+    messages: a message may span records, even inside its 4-byte header, and
+    one record may hold several messages.
+    """
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        self._buffer += data
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._buffer)
+
+    def next_message(self) -> tuple[int, bytes, bytes] | None:
+        """
+        @return: the next message's type, body and raw bytes (header
+            included, for the transcript), or C{None} until it is complete.
+        """
+        buffer = self._buffer
+        if len(buffer) < 4:
+            return None
+        length = int.from_bytes(buffer[1:4], "big")
+        if length > MAX_HANDSHAKE_MESSAGE:
+            raise ProtocolViolation(
+                AlertDescription.decode_error,
+                f"handshake message of {length} bytes is too large",
+            )
+        if len(buffer) < 4 + length:
+            return None
+        raw = bytes(buffer[: 4 + length])
+        del buffer[: 4 + length]
+        return raw[0], raw[4:], raw

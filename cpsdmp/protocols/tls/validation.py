@@ -1,0 +1,127 @@
+"""
+Checking the server's certificate chain against the configured roots with
+C{cryptography.x509.verification} and its name with C{service_identity}.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+from collections.abc import Sequence
+
+from cryptography import x509
+from cryptography.x509 import DNSName, IPAddress
+from cryptography.x509.verification import (
+    PolicyBuilder,
+    Store,
+    VerificationError,
+)
+from service_identity import VerificationError as NameMismatch
+from service_identity.cryptography import (
+    verify_certificate_hostname,
+    verify_certificate_ip_address,
+)
+
+from cpsdmp.protocols.tls.alerts import AlertDescription, ProtocolViolation
+
+
+def is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def check_server_chain(
+    chain: Sequence[x509.Certificate],
+    roots: Sequence[x509.Certificate],
+    host: str,
+    now: datetime.datetime | None = None,
+) -> list[x509.Certificate]:
+    """
+    Check that C{chain} (leaf first, as sent) is valid now, names C{host}
+    (a DNS name or an IP literal) and leads to one of C{roots}.
+
+    @return: the verified chain, leaf to root.
+    @raise ProtocolViolation: with the alert to send and the reason.
+    """
+    if not chain:
+        raise ProtocolViolation(
+            AlertDescription.certificate_unknown, "the server sent no certificate"
+        )
+    if now is None:
+        now = datetime.datetime.now(datetime.UTC)
+    leaf = chain[0]
+    if not leaf.not_valid_before_utc <= now <= leaf.not_valid_after_utc:
+        raise ProtocolViolation(
+            AlertDescription.certificate_expired,
+            f"the server certificate {leaf.subject.rfc4514_string()} is valid "
+            f"from {leaf.not_valid_before_utc:%Y-%m-%d %H:%M} to "
+            f"{leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC, not now",
+        )
+
+    ip = is_ip_literal(host)
+    try:
+        if ip:
+            verify_certificate_ip_address(leaf, host)
+        else:
+            verify_certificate_hostname(leaf, host)
+    except NameMismatch as e:
+        raise ProtocolViolation(
+            AlertDescription.bad_certificate,
+            f"the server certificate is not valid for {host!r}: {e}",
+        ) from None
+
+    subject: DNSName | IPAddress = (
+        IPAddress(ipaddress.ip_address(host)) if ip else DNSName(host)
+    )
+    verifier = (
+        PolicyBuilder()
+        .store(Store(list(roots)))
+        .time(now)
+        .build_server_verifier(subject)
+    )
+    try:
+        return list(verifier.verify(leaf, list(chain[1:])))
+    except VerificationError as e:
+        raise ProtocolViolation(
+            AlertDescription.unknown_ca,
+            "the server chain does not lead to a trusted root "
+            f"({leaf.issuer.rfc4514_string()} issued the certificate): {e}",
+        ) from None
+
+
+class VerifiedChains:
+    """
+    Remembers the chains already verified for a host against given roots, so
+    that reconnecting to the same server skips path building and the name
+    check; the validity dates are checked again on every use.
+    """
+
+    def __init__(self, size: int = 64) -> None:
+        self._size = size
+        self._chains: dict[tuple[object, ...], list[x509.Certificate]] = {}
+
+    def check(
+        self,
+        chain: Sequence[x509.Certificate],
+        roots: Sequence[x509.Certificate],
+        host: str,
+        now: datetime.datetime | None = None,
+    ) -> list[x509.Certificate]:
+        """
+        Like L{check_server_chain}, from memory when possible.
+        """
+        when = now or datetime.datetime.now(datetime.UTC)
+        key = (host, tuple(roots), tuple(chain))
+        verified = self._chains.get(key)
+        if verified is not None and all(
+            c.not_valid_before_utc <= when <= c.not_valid_after_utc for c in verified
+        ):
+            return verified
+        verified = check_server_chain(chain, roots, host, when)
+        if len(self._chains) >= self._size:
+            self._chains.pop(next(iter(self._chains)))
+        self._chains[key] = verified
+        return verified

@@ -1,0 +1,689 @@
+"""
+The handshake state machine over in-memory transports: our protocol on a
+StringTransport, the server a real OpenSSL (pyOpenSSL over memory BIOs) or
+hand-made messages, time a L{Clock}. The remote key fires at once, later,
+never, with an error, or is cancelled.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from typing import Any
+
+from OpenSSL import SSL
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+
+from cpsdmp.protocols.tls.alerts import (
+    AlertDescription,
+    HandshakeFailed,
+    TruncatedConnection,
+)
+from cpsdmp.protocols.tls.handshake import State, TLSClientConfig, TLSInfo
+from cpsdmp.protocols.tls.interfaces import IRemoteKey
+from cpsdmp.protocols.tls.messages import (
+    ExtensionType,
+    HandshakeReassembler,
+    HandshakeType,
+    encode_certificate,
+    handshake,
+    vector,
+)
+from cpsdmp.protocols.tls.protocol import TLSClientProtocol
+from cpsdmp.protocols.tls.schemes import SignatureScheme
+from cpsdmp.protocols.tls.session import SessionCache
+from tests.tlssupport import (
+    Collector,
+    ServerContext,
+    pki,
+)
+
+
+@implementer(IRemoteKey)
+class ControlledKey:
+    """
+    A remote key whose answers the test releases by hand: each call leaves
+    a Deferred in C{calls}, with a canceller that records the cancel.
+    """
+
+    def __init__(self, identity: str = "client-rsa") -> None:
+        self._local = pki()[identity].local_key()
+        self.supported_signature_schemes = [SignatureScheme.rsa_pkcs1_sha256]
+        self.calls: list[tuple[str, Deferred[Any], Any]] = []
+        self.cancelled: list[str] = []
+
+    def _call(self, name: str, argument: Any = None) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred(lambda _: self.cancelled.append(name))
+        self.calls.append((name, d, argument))
+        return d
+
+    def certificate_chain(self) -> Deferred[Any]:
+        return self._call("certificate_chain")
+
+    def sign(self, data: bytes, scheme: SignatureScheme) -> Deferred[bytes]:
+        return self._call("sign", (data, scheme))
+
+    def release_chain(self) -> None:
+        name, d, _ = self.calls[-1]
+        assert name == "certificate_chain"
+        d.callback(self.successResultOf(self._local.certificate_chain()))
+
+    def release_signature(self) -> None:
+        name, d, (data, scheme) = self.calls[-1]
+        assert name == "sign"
+        d.callback(self.successResultOf(self._local.sign(data, scheme)))
+
+    @staticmethod
+    def successResultOf(d: Deferred[Any]) -> Any:
+        results: list[Any] = []
+        d.addBoth(results.append)
+        return results[0]
+
+
+class Pair:
+    """
+    Our protocol against an OpenSSL server in memory; C{pump} moves bytes
+    both ways until neither side has more to say.
+    """
+
+    def __init__(
+        self, config: TLSClientConfig, server_context: ServerContext | None = None
+    ) -> None:
+        self.clock = Clock()
+        context = server_context or ServerContext()
+        self.server = SSL.Connection(context.getContext(), None)  # type: ignore[arg-type]
+        self.server.set_accept_state()
+        self.app = Collector()
+        self.client = TLSClientProtocol(self.app, config, "localhost", 443, self.clock)
+        self.transport = StringTransport()
+        self.established: list[Any] = []
+        self.server_error: Exception | None = None
+        self.server_received = bytearray()
+        self.client.makeConnection(self.transport)
+        self.client.when_established().addBoth(self.established.append)
+        self.pump()
+
+    def pump(self) -> None:
+        for _ in range(20):
+            moved = False
+            out = self.transport.value()
+            self.transport.clear()
+            if out:
+                moved = True
+                self.server.bio_write(out)
+            try:
+                self.server.do_handshake()
+                while True:
+                    self.server_received += self.server.recv(65536)
+            except (SSL.WantReadError, SSL.ZeroReturnError):
+                pass
+            except SSL.Error as e:
+                if self.server_error is None:
+                    self.server_error = e
+            try:
+                data = self.server.bio_read(1 << 20)
+            except SSL.WantReadError:
+                data = b""
+            if data:
+                moved = True
+                self.client.dataReceived(data)
+            if not moved:
+                return
+
+    @property
+    def state(self) -> State:
+        assert self.client._handshake is not None
+        return self.client._handshake.state
+
+
+def _config(key: Any, **kw: Any) -> TLSClientConfig:
+    return TLSClientConfig(roots=[pki().root], remote_key=key, **kw)
+
+
+class RemoteKeyTimingTests(SynchronousTestCase):
+    """
+    The two waiting states, and every way the key holder can answer.
+    """
+
+    def test_at_once(self) -> None:
+        """
+        A key that answers synchronously: the handshake goes from
+        ClientHello to Established in one pump, through every state.
+        """
+        pair = Pair(_config(pki()["client-rsa"].local_key()))
+        self.assertEqual(pair.state, State.ESTABLISHED)
+        info = pair.established[0]
+        self.assertIsInstance(info, TLSInfo)
+        self.assertEqual(
+            set(info.timings),
+            {
+                "START",
+                "WAIT_SERVER_HELLO",
+                "WAIT_CERTIFICATE",
+                "WAIT_SERVER_KEY_EXCHANGE",
+                "WAIT_CERTIFICATE_REQUEST",
+                "WAIT_SERVER_HELLO_DONE",
+                "WAIT_CLIENT_CERTIFICATE",
+                "WAIT_SIGNATURE",
+                "WAIT_CHANGE_CIPHER_SPEC",
+                "WAIT_FINISHED",
+            },
+        )
+        self.assertEqual(pair.app.connected_with, pair.client)
+        self.assertIsNone(pair.server_error)
+
+    def test_later(self) -> None:
+        """
+        The handshake waits in WAIT_CLIENT_CERTIFICATE, then in
+        WAIT_SIGNATURE, sending nothing meanwhile; time spent there is
+        reported; the signature releases the whole flight.
+        """
+        key = ControlledKey()
+        pair = Pair(_config(key))
+        self.assertEqual(pair.state, State.WAIT_CLIENT_CERTIFICATE)
+        self.assertEqual([c[0] for c in key.calls], ["certificate_chain"])
+        pair.clock.advance(2)
+        key.release_chain()
+        self.assertEqual(pair.state, State.WAIT_SIGNATURE)
+        self.assertEqual(pair.transport.value(), b"")  # nothing sent yet
+        pair.clock.advance(3)
+        key.release_signature()
+        pair.pump()
+        self.assertEqual(pair.state, State.ESTABLISHED)
+        info = pair.established[0]
+        self.assertEqual(info.timings["WAIT_CLIENT_CERTIFICATE"], 2)
+        self.assertEqual(info.timings["WAIT_SIGNATURE"], 3)
+        # application data both ways
+        pair.client.write(b"ping")
+        pair.pump()
+        self.assertEqual(bytes(pair.server_received), b"ping")
+        pair.server.send(b"pong")
+        pair.pump()
+        self.assertEqual(bytes(pair.app.received), b"pong")
+
+    def _failed(self, pair: Pair, closing: bool = True) -> HandshakeFailed:
+        [result] = pair.established
+        self.assertIsInstance(result, Failure)
+        self.assertIsInstance(result.value, HandshakeFailed)
+        self.assertEqual(pair.state, State.FAILED)
+        self.assertEqual(pair.transport.disconnecting, closing)
+        error: HandshakeFailed = result.value
+        return error
+
+    def test_never(self) -> None:
+        """
+        A signature that never comes: after the timeout, the request is
+        cancelled, internal_error is sent and the handshake fails naming
+        the step.
+        """
+        key = ControlledKey()
+        pair = Pair(_config(key, remote_key_timeout=30))
+        key.release_chain()
+        pair.clock.advance(29)
+        self.assertEqual(pair.established, [])
+        pair.clock.advance(1)
+        error = self._failed(pair)
+        self.assertEqual(key.cancelled, ["sign"])
+        self.assertEqual(error.step, State.WAIT_SIGNATURE.value)
+        self.assertIn("did not answer within 30 seconds", str(error))
+        self.assertEqual(error.alert, AlertDescription.internal_error)
+        pair.pump()
+        self.assertIn("internal error", str(pair.server_error))
+
+    def test_chain_never(self) -> None:
+        key = ControlledKey()
+        pair = Pair(_config(key, remote_key_timeout=5))
+        pair.clock.advance(5)
+        error = self._failed(pair)
+        self.assertEqual(key.cancelled, ["certificate_chain"])
+        self.assertEqual(error.step, State.WAIT_CLIENT_CERTIFICATE.value)
+
+    def test_error(self) -> None:
+        """
+        The key holder's own error is in the handshake's error.
+        """
+        key = ControlledKey()
+        pair = Pair(_config(key))
+        key.release_chain()
+        key.calls[-1][1].errback(RuntimeError("card removed from the reader"))
+        error = self._failed(pair)
+        self.assertIn("card removed from the reader", str(error))
+        self.assertEqual(error.step, State.WAIT_SIGNATURE.value)
+
+    def test_wrong_signature_not_sent(self) -> None:
+        """
+        A signature that does not verify with the certificate is not sent.
+        """
+        key = ControlledKey()
+        pair = Pair(_config(key))
+        key.release_chain()
+        key.calls[-1][1].callback(os.urandom(256))
+        error = self._failed(pair)
+        self.assertIn("does not verify with the client certificate", str(error))
+        # what went out is only the alert: one record of 2 + 5 bytes
+        self.assertEqual(len(pair.transport.value()), 7)
+
+    def test_connection_lost_cancels(self) -> None:
+        """
+        The connection closing while the card signs cancels the request;
+        the handshake fails saying where it was.
+        """
+        key = ControlledKey()
+        pair = Pair(_config(key))
+        key.release_chain()
+        pair.client.connectionLost(Failure(ConnectionLost("reset by peer")))
+        self.assertEqual(key.cancelled, ["sign"])
+        error = self._failed(pair, closing=False)
+        self.assertIn("the connection closed", str(error))
+        self.assertEqual(error.step, State.WAIT_SIGNATURE.value)
+        self.assertIsNone(pair.app.reason)  # the application never started
+
+    def test_cancel_when_established_aborts(self) -> None:
+        key = ControlledKey()
+        pair = Pair(_config(key))
+        d = pair.client.when_established()
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        self.assertTrue(pair.transport.disconnecting)
+
+    def test_handshake_timeout(self) -> None:
+        """
+        A server that never answers: the handshake times out.
+        """
+        clock = Clock()
+        client = TLSClientProtocol(
+            Collector(), _config(None, handshake_timeout=10), "localhost", 443, clock
+        )
+        transport = StringTransport()
+        client.makeConnection(transport)
+        d = client.when_established()
+        clock.advance(10)
+        failure = self.failureResultOf(d, HandshakeFailed)
+        self.assertIn("no answer within 10 seconds", str(failure.value))
+        self.assertIn(State.WAIT_SERVER_HELLO.value, str(failure.value))
+
+
+class ExtendedMasterSecretTests(SynchronousTestCase):
+    def test_refused_without(self) -> None:
+        """
+        A server without the extended master secret is refused, clearly.
+        """
+        key = ControlledKey()
+        pair = Pair(_config(key), ServerContext(extended_master_secret=False))
+        [result] = pair.established
+        self.assertIn("extended master secret", str(result.value))
+        self.assertEqual(result.value.alert, AlertDescription.handshake_failure)
+        self.assertEqual(key.calls, [])
+
+    def test_allowed_explicitly(self) -> None:
+        pair = Pair(
+            _config(
+                pki()["client-rsa"].local_key(), allow_no_extended_master_secret=True
+            ),
+            ServerContext(extended_master_secret=False),
+        )
+        self.assertEqual(pair.state, State.ESTABLISHED)
+        self.assertFalse(pair.established[0].extended_master_secret)
+
+
+class ClosingTests(SynchronousTestCase):
+    def _established(self) -> Pair:
+        pair = Pair(_config(pki()["client-rsa"].local_key()))
+        self.assertEqual(pair.state, State.ESTABLISHED)
+        return pair
+
+    def test_truncation(self) -> None:
+        """
+        TCP closing without close_notify is reported as truncation.
+        """
+        pair = self._established()
+        pair.client.connectionLost(Failure(ConnectionDone()))
+        self.assertIsInstance(pair.app.reason.value, TruncatedConnection)
+
+    def test_close_notify_received(self) -> None:
+        """
+        The server's close_notify is answered with ours, and the
+        application sees a clean close.
+        """
+        pair = self._established()
+        pair.server.shutdown()
+        pair.pump()
+        self.assertTrue(pair.transport.disconnecting)
+        self.assertEqual(
+            pair.server.get_shutdown() & SSL.RECEIVED_SHUTDOWN, SSL.RECEIVED_SHUTDOWN
+        )
+        pair.client.connectionLost(Failure(ConnectionDone()))
+        self.assertIsInstance(pair.app.reason.value, ConnectionDone)
+
+    def test_close_notify_sent(self) -> None:
+        pair = self._established()
+        pair.client.loseConnection()
+        pair.pump()
+        self.assertEqual(
+            pair.server.get_shutdown() & SSL.RECEIVED_SHUTDOWN, SSL.RECEIVED_SHUTDOWN
+        )
+
+    def test_hello_request_answered_and_connection_goes_on(self) -> None:
+        """
+        A HelloRequest gets a no_renegotiation warning (OpenSSL reads it),
+        and the connection stays up on our side: data the server sent after
+        its HelloRequest reaches the application.
+        """
+        pair = self._established()
+        pair.server.renegotiate()
+        try:
+            pair.server.do_handshake()
+        except SSL.WantReadError:
+            pass
+        pair.server.send(b"after the hello request")
+        pair.client.dataReceived(pair.server.bio_read(1 << 20))
+        self.assertEqual(bytes(pair.app.received), b"after the hello request")
+        self.assertEqual(pair.transport.value()[0], 21)  # our alert record
+        self.assertFalse(pair.transport.disconnecting)
+        self.assertEqual(pair.state, State.ESTABLISHED)
+        pair.pump()
+        # OpenSSL took our warning as a refusal of its renegotiation
+        self.assertIn("no renegotiation", str(pair.server_error))
+
+
+class ResumptionTests(SynchronousTestCase):
+    def test_resumed_handshake_calls_no_key(self) -> None:
+        """
+        A second connection with the same cache and identity resumes: no
+        call to the key, the client chain kept from the first.
+        """
+        cache = SessionCache(Clock())
+        context = ServerContext()
+        first = Pair(
+            _config(pki()["client-rsa"].local_key(), session_cache=cache), context
+        )
+        self.assertEqual(len(cache), 1)
+        key = ControlledKey()
+        second = Pair(
+            _config(
+                key, session_cache=cache, client_identity=first.client.config.identity()
+            ),
+            context,
+        )
+        self.assertEqual(second.state, State.ESTABLISHED)
+        self.assertTrue(second.established[0].resumed)
+        self.assertEqual(key.calls, [])
+
+    def test_not_cached_before_finished(self) -> None:
+        """
+        A handshake that fails before the server Finished leaves nothing in
+        the cache.
+        """
+        cache = SessionCache(Clock())
+        key = ControlledKey()
+        pair = Pair(_config(key, session_cache=cache))
+        key.release_chain()
+        key.calls[-1][1].errback(RuntimeError("no"))
+        self.assertEqual(pair.state, State.FAILED)
+        self.assertEqual(len(cache), 0)
+
+
+def _server_hello(extensions: list[tuple[int, bytes]], suite: int = 0xC02F) -> bytes:
+    ext = b"".join(struct.pack(">HH", t, len(d)) + d for t, d in extensions)
+    body = (
+        b"\x03\x03"
+        + os.urandom(32)
+        + vector(b"", 1)
+        + struct.pack(">HB", suite, 0)
+        + vector(ext, 2)
+    )
+    return handshake(HandshakeType.server_hello, body)
+
+
+class ScriptedServerTests(SynchronousTestCase):
+    """
+    Hand-made server messages for what OpenSSL would never send.
+    """
+
+    def _client(self) -> tuple[TLSClientProtocol, StringTransport, list[Any]]:
+        key = ControlledKey()
+        client = TLSClientProtocol(Collector(), _config(key), "localhost", 443, Clock())
+        transport = StringTransport()
+        client.makeConnection(transport)
+        results: list[Any] = []
+        client.when_established().addBoth(results.append)
+        hello = transport.value()
+        self.assertEqual(hello[0], 22)
+        transport.clear()
+        return client, transport, results
+
+    def _send(self, client: TLSClientProtocol, data: bytes) -> None:
+        client.dataReceived(struct.pack(">BHH", 22, 0x0303, len(data)) + data)
+
+    def _alert(self, transport: StringTransport) -> int:
+        sent = transport.value()
+        self.assertEqual(sent[:5], struct.pack(">BHH", 21, 0x0303, 2))
+        self.assertEqual(sent[5], 2)
+        return sent[6]
+
+    def test_unoffered_extension(self) -> None:
+        client, transport, results = self._client()
+        self._send(
+            client,
+            _server_hello([(ExtensionType.extended_master_secret, b""), (0x1234, b"")]),
+        )
+        self.assertEqual(self._alert(transport), AlertDescription.unsupported_extension)
+        self.assertIn("did not offer", str(results[0].value))
+
+    def test_alpn_not_asked(self) -> None:
+        client, transport, results = self._client()
+        self._send(
+            client,
+            _server_hello(
+                [
+                    (ExtensionType.extended_master_secret, b""),
+                    (
+                        ExtensionType.application_layer_protocol_negotiation,
+                        vector(vector(b"h2", 1), 2),
+                    ),
+                ]
+            ),
+        )
+        self.assertEqual(self._alert(transport), AlertDescription.unsupported_extension)
+
+    def test_unoffered_suite(self) -> None:
+        client, transport, results = self._client()
+        self._send(client, _server_hello([(23, b"")], suite=0x009C))
+        self.assertEqual(self._alert(transport), AlertDescription.illegal_parameter)
+
+    def test_unoffered_curve(self) -> None:
+        """
+        A ServerKeyExchange on secp521r1, which we did not offer.
+        """
+        client, transport, results = self._client()
+        chain = [c.public_bytes(serialization_der()) for c in pki()["server-rsa"].chain]
+        ske = (
+            b"\x03"
+            + struct.pack(">H", 25)
+            + vector(b"\x04" + bytes(132), 1)
+            + b"\x04\x01"
+            + vector(bytes(256), 2)
+        )
+        # split the three messages across records, one inside a header
+        data = (
+            _server_hello([(ExtensionType.extended_master_secret, b"")])
+            + encode_certificate(chain)
+            + handshake(HandshakeType.server_key_exchange, ske)
+        )
+        cut = len(data) - len(ske) - 2
+        self._send(client, data[:cut])
+        self._send(client, data[cut:])
+        self.assertEqual(self._alert(transport), AlertDescription.illegal_parameter)
+        self.assertIn("group 25", str(results[0].value))
+
+    def test_forged_server_key_exchange(self) -> None:
+        """
+        An X25519 share whose signature does not verify with the server
+        certificate is decrypt_error; a signature scheme we did not offer is
+        illegal_parameter.
+        """
+        chain = [c.public_bytes(serialization_der()) for c in pki()["server-rsa"].chain]
+        for scheme, alert in [
+            (b"\x04\x01", AlertDescription.decrypt_error),
+            (b"\x02\x01", AlertDescription.illegal_parameter),  # rsa_pkcs1_sha1
+        ]:
+            client, transport, results = self._client()
+            ske = (
+                b"\x03"
+                + struct.pack(">H", 29)
+                + vector(os.urandom(32), 1)
+                + scheme
+                + vector(os.urandom(256), 2)
+            )
+            self._send(
+                client,
+                _server_hello([(ExtensionType.extended_master_secret, b"")])
+                + encode_certificate(chain)
+                + handshake(HandshakeType.server_key_exchange, ske),
+            )
+            self.assertEqual(self._alert(transport), alert)
+            self.assertIn(State.WAIT_SERVER_KEY_EXCHANGE.value, str(results[0].value))
+
+    def test_record_overflow_alert(self) -> None:
+        """
+        A record with more than 2^14 bytes of plaintext: record_overflow.
+        """
+        client, transport, results = self._client()
+        self._send(client, bytes(2**14 + 1))
+        self.assertEqual(self._alert(transport), AlertDescription.record_overflow)
+
+    def test_unexpected_message(self) -> None:
+        client, transport, results = self._client()
+        self._send(client, handshake(HandshakeType.server_hello_done, b""))
+        self.assertEqual(self._alert(transport), AlertDescription.unexpected_message)
+        self.assertIn(State.WAIT_SERVER_HELLO.value, str(results[0].value))
+
+    def test_fatal_alert_named(self) -> None:
+        client, transport, results = self._client()
+        client.dataReceived(struct.pack(">BHHBB", 21, 0x0303, 2, 2, 40))
+        self.assertIn(
+            "fatal alert handshake_failure while waiting for ServerHello",
+            str(results[0].value),
+        )
+        self.assertEqual(transport.value(), b"")  # no alert answers an alert
+
+
+def serialization_der() -> Any:
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    return Encoding.DER
+
+
+class ReassemblerTests(SynchronousTestCase):
+    def test_byte_by_byte(self) -> None:
+        """
+        Messages fed one byte at a time, splitting headers, come out whole.
+        """
+        messages = [
+            handshake(2, b"hello"),
+            handshake(11, bytes(300)),
+            handshake(14, b""),
+        ]
+        r = HandshakeReassembler()
+        out = []
+        for byte in b"".join(messages):
+            r.feed(bytes((byte,)))
+            m = r.next_message()
+            if m is not None:
+                out.append(m[2])
+        self.assertEqual(out, messages)
+        self.assertFalse(r.pending)
+
+    def test_several_in_one(self) -> None:
+        r = HandshakeReassembler()
+        r.feed(handshake(2, b"a") + handshake(14, b"") + handshake(11, b"b")[:3])
+        self.assertEqual(r.next_message(), (2, b"a", handshake(2, b"a")))
+        self.assertEqual(r.next_message()[0], 14)
+        self.assertIsNone(r.next_message())
+        self.assertTrue(r.pending)
+
+
+def _client_hello_extensions(host: str, **kw: Any) -> dict[int, bytes]:
+    """
+    @return: the extensions of the ClientHello our protocol sends to C{host}.
+    """
+    client = TLSClientProtocol(Collector(), _config(None, **kw), host, 443, Clock())
+    transport = StringTransport()
+    client.makeConnection(transport)
+    record = transport.value()
+    assert record[0] == 22
+    body = record[5 + 4 :]
+    offset = 2 + 32
+    offset += 1 + body[offset]  # session_id
+    offset += 2 + int.from_bytes(body[offset : offset + 2], "big")  # suites
+    offset += 1 + body[offset]  # compression methods
+    end = offset + 2 + int.from_bytes(body[offset : offset + 2], "big")
+    offset += 2
+    extensions = {}
+    while offset < end:
+        ext_type, length = struct.unpack(">HH", body[offset : offset + 4])
+        extensions[ext_type] = body[offset + 4 : offset + 4 + length]
+        offset += 4 + length
+    assert offset == len(body)
+    return extensions
+
+
+class ClientHelloTests(SynchronousTestCase):
+    def test_extensions_by_name(self) -> None:
+        """
+        To a DNS name: server_name with that host, the groups in order,
+        uncompressed points, EMS, an empty renegotiation_info, an empty
+        session_ticket, no ALPN unless asked.
+        """
+        ext = _client_hello_extensions("dmp.example")
+        self.assertEqual(
+            ext[ExtensionType.server_name], b"\x00\x0e\x00\x00\x0bdmp.example"
+        )
+        self.assertEqual(
+            ext[ExtensionType.supported_groups], b"\x00\x06\x00\x1d\x00\x17\x00\x18"
+        )
+        self.assertEqual(ext[ExtensionType.ec_point_formats], b"\x01\x00")
+        self.assertEqual(ext[ExtensionType.extended_master_secret], b"")
+        self.assertEqual(ext[ExtensionType.renegotiation_info], b"\x00")
+        self.assertEqual(ext[ExtensionType.session_ticket], b"")
+        self.assertIn(b"\x04\x01", ext[ExtensionType.signature_algorithms])
+        self.assertNotIn(ExtensionType.application_layer_protocol_negotiation, ext)
+
+    def test_no_sni_for_ip(self) -> None:
+        for host in ("127.0.0.1", "::1"):
+            self.assertNotIn(ExtensionType.server_name, _client_hello_extensions(host))
+
+    def test_alpn_when_asked(self) -> None:
+        ext = _client_hello_extensions("dmp.example", alpn=[b"http/1.1"])
+        self.assertEqual(
+            ext[ExtensionType.application_layer_protocol_negotiation],
+            b"\x00\x09\x08http/1.1",
+        )
+
+
+class EstablishedErrorTests(SynchronousTestCase):
+    def test_forged_record_after_handshake(self) -> None:
+        """
+        A record that fails its check once established: bad_record_mac is
+        sent and the application learns why the connection ended.
+        """
+        from cpsdmp.protocols.tls.alerts import ConnectionFailed
+
+        pair = Pair(_config(pki()["client-rsa"].local_key()))
+        pair.server.send(b"genuine")
+        record = bytearray(pair.server.bio_read(1 << 20))
+        record[-1] ^= 1
+        pair.client.dataReceived(bytes(record))
+        self.assertTrue(pair.transport.disconnecting)
+        pair.pump()
+        self.assertIn("bad record mac", str(pair.server_error))
+        pair.client.connectionLost(Failure(ConnectionDone()))
+        self.assertIsInstance(pair.app.reason.value, ConnectionFailed)
+        self.assertIn("bad_record_mac", str(pair.app.reason.value))
+        self.assertEqual(bytes(pair.app.received), b"")

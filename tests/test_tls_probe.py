@@ -1,0 +1,129 @@
+"""
+C{cpsdmp probe} run as a command against C{openssl s_server}: its report,
+its JSON, and its exit status when the handshake fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.trial.unittest import TestCase
+
+from tests.test_tls_interop import OpenSSLServerMixin
+from tests.tlssupport import pki
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class ProbeCommandTests(OpenSSLServerMixin, TestCase):
+    timeout = 60
+
+    def _probe(self, *args: str) -> Any:
+        env = dict(os.environ, PYTHONPATH=_ROOT)
+        d = getProcessOutputAndValue(
+            sys.executable,
+            ["-m", "cpsdmp.protocols.tls.probe", *args],
+            env=env,
+            path=_ROOT,
+            reactor=reactor,
+        )
+        d.addTimeout(45, reactor)
+        return d
+
+    def _key_args(self) -> list[str]:
+        client = pki()["client-rsa"]
+        return [
+            "--ca",
+            pki().root_file,
+            "--key",
+            client.key_file,
+            "--cert",
+            client.cert_file,
+        ]
+
+    @inlineCallbacks
+    def test_report_and_reconnect(self) -> Any:
+        """
+        The text report names the protocol, suite, group, chain, client
+        certificate, and says the second connection resumed.
+        """
+        server = self.start_server("-www", "-cipher", "ECDHE-RSA-CHACHA20-POLY1305")
+        out, err, status = yield self._probe(
+            f"https://localhost:{server.port}/", *self._key_args(), "--reconnect"
+        )
+        text = out.decode()
+        self.assertEqual(status, 0, err.decode())
+        self.assertIn("Protocol version: TLSv1.2", text)
+        self.assertIn("Ciphersuite: ECDHE-RSA-CHACHA20-POLY1305", text)
+        self.assertIn("Negotiated group: x25519", text)
+        self.assertIn("Peer certificate: CN=localhost,O=cpsdmp tests", text)
+        self.assertIn("issued by: CN=cpsdmp test intermediate", text)
+        self.assertIn("Client certificate: CN=Dr Test CPS", text)
+        self.assertIn("waiting for the CertificateVerify signature", text)
+        self.assertIn("Second connection resumed: yes", text)
+
+    @inlineCallbacks
+    def test_json(self) -> Any:
+        server = self.start_server("-www", "-groups", "P-384")
+        out, err, status = yield self._probe(
+            f"https://127.0.0.1:{server.port}", *self._key_args(), "--json"
+        )
+        self.assertEqual(status, 0, err.decode())
+        data = json.loads(out)
+        self.assertEqual(data["group"], "secp384r1")
+        self.assertEqual(data["client_signature_scheme"], "rsa_pkcs1_sha256")
+        self.assertFalse(data["resumed"])
+        self.assertIn(
+            "waiting for the CertificateVerify signature from the key holder",
+            data["timings"],
+        )
+        self.assertEqual(
+            data["verified_chain"][-1], "CN=cpsdmp test root,O=cpsdmp tests"
+        )
+
+    @inlineCallbacks
+    def test_failure_status(self) -> Any:
+        """
+        An untrusted server: exit status 1 and the reason on stderr.
+        """
+        server = self.start_server("-www", identity="server-untrusted")
+        out, err, status = yield self._probe(
+            f"https://localhost:{server.port}/", *self._key_args()
+        )
+        self.assertEqual(status, 1)
+        self.assertIn("CONNECTION FAILED", err.decode())
+        self.assertIn("does not lead to a trusted root", err.decode())
+
+    @inlineCallbacks
+    def test_bad_arguments(self) -> Any:
+        out, err, status = yield self._probe(
+            "http://localhost/", "--ca", pki().root_file
+        )
+        self.assertEqual(status, 2)
+        self.assertIn("not an https URL", err.decode())
+
+    @inlineCallbacks
+    def test_agent_context_needs_the_agent_client(self) -> Any:
+        """
+        Without the agent client in this tree, --agent-context says so and
+        exits with status 2; with it, an unreadable context is reported.
+        """
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as f:
+            json.dump({"url": "https://127.0.0.1:1/", "token": "x"}, f)
+        out, err, status = yield self._probe(
+            "https://localhost/", "--ca", pki().root_file, "--agent-context", path
+        )
+        try:
+            import cpsdmp.agent.client  # noqa: F401
+        except ImportError:
+            self.assertEqual(status, 2)
+            self.assertIn("agent client not available", err.decode())
+        else:
+            self.assertNotEqual(status, 0)
