@@ -30,12 +30,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import NameOID
-from cryptography.x509.verification import (
-    Criticality,
-    ExtensionPolicy,
-    PolicyBuilder,
-    Store,
-)
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import deferLater, react
 from twisted.internet.threads import deferToThreadPool
@@ -49,6 +43,7 @@ from cpsdmp.agent.client import (
     WrongPin,
     open_session,
 )
+from cpsdmp.agent.pki import verify_card_chain
 from cpsdmp.agent.tap import fingerprint
 from cpsdmp.agent.testcard import TestCard, TestCardError, init_testcard
 
@@ -303,20 +298,7 @@ class Demo:
 
     async def check_chain(self, client: CpsAgentClient, card: TestCard) -> str:
         chain = await client.certificate_chain()
-        # A CPS certificate has no subjectAltName, which the Web PKI defaults
-        # would ask of a client certificate; everything else applies.
-        ee_policy = ExtensionPolicy.webpki_defaults_ee().may_be_present(
-            x509.SubjectAlternativeName, Criticality.AGNOSTIC, None
-        )
-        verifier = (
-            PolicyBuilder()
-            .store(Store([card.ca_root_certificate()]))
-            .extension_policies(
-                ca_policy=ExtensionPolicy.webpki_defaults_ca(), ee_policy=ee_policy
-            )
-            .build_client_verifier()
-        )
-        verifier.verify(chain[0], chain[1:])
+        verify_card_chain(chain, [card.ca_root_certificate()])
         self.chain = chain
         common_name = chain[0].subject.get_attributes_for_oid(NameOID.COMMON_NAME)
         return str(common_name[0].value)

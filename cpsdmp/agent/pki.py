@@ -21,6 +21,12 @@ from cryptography.hazmat.primitives.asymmetric.types import (
     CertificatePublicKeyTypes,
 )
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.verification import (
+    Criticality,
+    ExtensionPolicy,
+    PolicyBuilder,
+    Store,
+)
 
 _DAY = datetime.timedelta(days=1)
 
@@ -269,3 +275,29 @@ def card_certificate(
             *extended,
         ],
     )
+
+
+def verify_card_chain(
+    chain: list[x509.Certificate], roots: list[x509.Certificate]
+) -> list[x509.Certificate]:
+    """
+    Validate a card's certificate chain, leaf first, as a TLS client chain
+    under C{roots}. CPS certificates carry no subjectAltName, which the Web
+    PKI defaults ask of a client certificate; every other default applies.
+
+    @return: the validated path, leaf to root.
+    @raise cryptography.x509.verification.VerificationError: when it does
+        not validate.
+    """
+    ee_policy = ExtensionPolicy.webpki_defaults_ee().may_be_present(
+        x509.SubjectAlternativeName, Criticality.AGNOSTIC, None
+    )
+    verifier = (
+        PolicyBuilder()
+        .store(Store(roots))
+        .extension_policies(
+            ca_policy=ExtensionPolicy.webpki_defaults_ca(), ee_policy=ee_policy
+        )
+        .build_client_verifier()
+    )
+    return verifier.verify(chain[0], chain[1:]).chain
