@@ -39,6 +39,7 @@ from cpsdmp.agent.card import ALGORITHMS
 from cpsdmp.agent.client import (
     AgentError,
     CpsAgentClient,
+    PinPause,
     TokenExpired,
     WrongPin,
     open_session,
@@ -51,6 +52,10 @@ _T = TypeVar("_T")
 
 AGENT_START_TIMEOUT = 30.0
 PROCESS_STOP_TIMEOUT = 10.0
+
+# Shorter than the agent's default, so that the demo shows the pause after a
+# wrong PIN without waiting long.
+AGENT_WRONG_PIN_PAUSE = 1
 
 
 class DemoFailed(Exception):
@@ -178,6 +183,14 @@ class Demo:
             lambda: self.wrong_pin(url, tls_fingerprint, card),
             lambda message: message,
         )
+        pause = await self.step(
+            "next PIN held back",
+            lambda: self.pin_pause(url, tls_fingerprint, card),
+            lambda seconds: (
+                f"429 for {seconds} s after a wrong PIN, the card not asked"
+            ),
+        )
+        await deferLater(self.reactor, pause, lambda: None)
         context = await self.step(
             "card session opened",
             lambda: open_session(url, card.pin, tls_fingerprint, self.reactor),
@@ -251,6 +264,8 @@ class Demo:
                 str(cert_path),
                 "--tls-key",
                 str(key_path),
+                "--wrong-pin-pause",
+                str(AGENT_WRONG_PIN_PAUSE),
             ],
         )
         await self.wait_for_port("agent", port)
@@ -295,6 +310,13 @@ class Demo:
         except WrongPin as e:
             return str(e)
         raise DemoFailed("the agent accepted a wrong PIN")
+
+    async def pin_pause(self, url: str, tls_fingerprint: str, card: TestCard) -> int:
+        try:
+            await open_session(url, card.pin, tls_fingerprint, self.reactor)
+        except PinPause as e:
+            return e.retry_after or AGENT_WRONG_PIN_PAUSE
+        raise DemoFailed("the agent took a PIN right after a wrong one")
 
     async def check_chain(self, client: CpsAgentClient, card: TestCard) -> str:
         chain = await client.certificate_chain()

@@ -41,6 +41,7 @@ from cpsdmp.agent.client import (
     NoCard,
     PinBlocked,
     PinnedCertificatePolicy,
+    PinPause,
     TokenExpired,
     WrongPin,
     open_session,
@@ -243,9 +244,24 @@ class SessionTests(AgentTestCase):
         self.assertIsNone(document["triesLeft"])
         self.assertIn("wrong PIN", document["detail"])
         yield self.assertFailure(client.card(), TokenExpired)
-        yield self.assertFailure(
-            open_session(self.agent.url, "0000", self.agent.fingerprint), WrongPin
+
+    @inlineCallbacks
+    def test_malformed_pin_never_reaches_the_card(self) -> Any:
+        """
+        PINs no card could accept are 400 and cost no try: the right PIN
+        works at once afterwards, with no pause.
+        """
+        for pin in ["", "12", "1" * 60000, "1234\u0000", "\uff11\uff12\uff13\uff14"]:
+            body = json.dumps({"pin": pin}).encode()
+            answer = yield self.request(
+                "POST", "/cps/session", {"Content-Type": "application/json"}, body
+            )
+            document = self.assertProblem(answer, 400, problems.BAD_REQUEST)
+            self.assertIn("the card was not asked", document["detail"])
+        context = yield open_session(
+            self.agent.url, self.testcard.pin, self.agent.fingerprint
         )
+        self.assertIn("token", context)
 
     @inlineCallbacks
     def test_missing_token(self) -> Any:
@@ -283,6 +299,34 @@ class SessionTests(AgentTestCase):
         self.assertProblem(answer, 404, problems.NOT_FOUND)
         answer = yield self.request("GET", "/cps/session")
         self.assertProblem(answer, 405, problems.METHOD_NOT_ALLOWED)
+
+
+class PinPauseTests(AgentTestCase):
+    def setUp(self) -> Any:
+        self.clock = Clock()
+        self.clock.advance(1_800_000_000)
+        return super().setUp()
+
+    @inlineCallbacks
+    def test_pause_after_wrong_pin(self) -> Any:
+        """
+        Right after a wrong PIN, the next PIN (even the right one) is refused
+        with 429 and Retry-After, without asking the card; once the pause is
+        over, the right PIN opens a session.
+        """
+        assert self.clock is not None
+        agent = self.agent
+        yield self.assertFailure(
+            open_session(agent.url, "0000", agent.fingerprint), WrongPin
+        )
+        paused = yield self.assertFailure(
+            open_session(agent.url, self.testcard.pin, agent.fingerprint), PinPause
+        )
+        self.assertEqual(paused.retry_after, 5)
+        self.assertIn("the card was not asked", str(paused))
+        self.clock.advance(5)
+        context = yield open_session(agent.url, self.testcard.pin, agent.fingerprint)
+        self.assertIn("token", context)
 
 
 class ExpiryTests(AgentTestCase):

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from twisted.application.service import IServiceMaker
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -95,6 +95,51 @@ class OptionsTests(SynchronousTestCase):
         assert isinstance(service, tap.AgentService)
         self.assertEqual(service.resource.tls_fingerprint, tap.fingerprint(certificate))
 
+    def test_bad_numbers(self) -> None:
+        """
+        Idle times and pauses that are not finite, positive and sensible are
+        refused at start, not at the first session.
+        """
+        for value in ["inf", "nan", "1e309", "0", "-5", "1e9"]:
+            self.assertRaises(
+                usage.UsageError,
+                _options,
+                "--soft-card",
+                "x.p12",
+                "--session-idle",
+                value,
+            )
+        for value in ["inf", "-1", "86400"]:
+            self.assertRaises(
+                usage.UsageError,
+                _options,
+                "--soft-card",
+                "x.p12",
+                "--wrong-pin-pause",
+                value,
+            )
+
+    def test_public_url(self) -> None:
+        options = _options("--soft-card", "x.p12", "--public-url", "https://ws1:10035")
+        self.assertEqual(options["public-url"], "https://ws1:10035")
+        self.assertRaises(
+            usage.UsageError,
+            _options,
+            "--soft-card",
+            "x.p12",
+            "--public-url",
+            "http://ws1:10035",
+        )
+
+    def test_missing_testcard(self) -> None:
+        """
+        A --testcard folder without a test card is a usage error that says
+        how to make one.
+        """
+        with self.assertRaises(usage.UsageError) as raised:
+            _options("--testcard", "/nonexistent/card")
+        self.assertIn("cpsdmp testcard init", str(raised.exception))
+
 
 class PluginTests(SynchronousTestCase):
     def test_plugin(self) -> None:
@@ -122,7 +167,8 @@ class _Output(ProcessProtocol):
     def outReceived(self, data: bytes) -> None:
         self.output += data
         found = re.search(
-            rb"listening on (https://\S+) \(TLS certificate (sha256:[0-9a-f]{64})\)",
+            rb"listening on \S+ as (https://\S+) "
+            rb"\(TLS certificate (sha256:[0-9a-f]{64})\)",
             self.output,
         )
         if found and not self.listening.called:
@@ -131,6 +177,7 @@ class _Output(ProcessProtocol):
     errReceived = outReceived
 
     def processEnded(self, reason: Any) -> None:
+        self.status = reason.value.exitCode
         if not self.listening.called:
             self.listening.errback(
                 AssertionError(
@@ -197,3 +244,54 @@ class CommandTests(TestCase):
         public_key.verify(signature, b"hello", padding.PKCS1v15(), hashes.SHA256())
         self.assertNotIn(context["token"].encode(), output.output)
         self.assertNotIn(b"hello", output.output)
+
+    @inlineCallbacks
+    def test_busy_port_exits_non_zero(self) -> Any:
+        """
+        When the port is taken, the agent says so in one line and exits 1.
+        """
+        card = shared_testcard()
+        busy = reactor.listenTCP(0, Factory(), interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.addCleanup(busy.stopListening)
+        output = self.twist(
+            "--log-format",
+            "text",
+            "cpsagent",
+            "--testcard",
+            card.directory,
+            "--listen",
+            f"tcp:{busy.getHost().port}:interface=127.0.0.1",
+        )
+        output.listening.addErrback(lambda _: None)
+        yield output.ended.addTimeout(30, reactor)
+        self.assertEqual(output.status, 1, output.output)
+        self.assertIn(b"cpsagent cannot listen on", output.output)
+        self.assertNotIn(b"Traceback", output.output)
+
+    @inlineCallbacks
+    def test_all_interfaces_warned_and_public_url(self) -> Any:
+        """
+        Listening beyond the loopback is said plainly in the log, and the
+        agent context carries the --public-url the backend reaches.
+        """
+        card = shared_testcard()
+        output = self.twist(
+            "--log-format",
+            "text",
+            "cpsagent",
+            "--testcard",
+            card.directory,
+            "--listen",
+            "tcp:0",
+            "--public-url",
+            "https://workstation.example:10035",
+        )
+        url, fingerprint = yield output.listening.addTimeout(30, reactor)
+        self.assertEqual(url, "https://workstation.example:10035")
+        self.assertIn(b"not only on the loopback", output.output)
+        port = re.search(rb"listening on 0\.0\.0\.0:(\d+)", output.output)
+        assert port is not None
+        context = yield open_session(
+            f"https://127.0.0.1:{port.group(1).decode()}", card.pin, fingerprint
+        )
+        self.assertEqual(context["url"], "https://workstation.example:10035")

@@ -44,6 +44,7 @@ class DemoTests(TestCase):
             "SoftHSM2 token 'CPS TEST'",
             "agent started",
             "wrong PIN refused",
+            "next PIN held back",
             "card session opened",
             "certificate chain checked",
             "SHA256WithRSA signature",

@@ -86,6 +86,18 @@ class WrongPin(AgentError):
         return value if isinstance(value, int) else None
 
 
+class PinPause(AgentError):
+    """
+    A wrong PIN was entered moments ago: the agent takes no other PIN before
+    C{retry_after} seconds, and did not ask the card.
+    """
+
+    @property
+    def retry_after(self) -> int | None:
+        value = self.problem.get("retryAfter")
+        return value if isinstance(value, int) else None
+
+
 class PinBlocked(AgentError):
     """
     The card's PIN is blocked.
@@ -106,6 +118,7 @@ class CardRemoved(AgentError):
 
 _ERRORS: Mapping[str, type[AgentError]] = {
     problems.WRONG_PIN: WrongPin,
+    problems.PIN_PAUSE: PinPause,
     problems.PIN_BLOCKED: PinBlocked,
     problems.NO_CARD: NoCard,
     problems.KEY_NOT_FOUND: NoCard,

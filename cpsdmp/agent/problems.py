@@ -8,6 +8,7 @@ from __future__ import annotations
 # The "type" member of each problem the agent reports.
 PREFIX = "urn:cpsdmp:agent:"
 WRONG_PIN = PREFIX + "wrong-pin"
+PIN_PAUSE = PREFIX + "pin-pause"
 PIN_BLOCKED = PREFIX + "pin-blocked"
 NO_CARD = PREFIX + "no-card"
 CARD_REMOVED = PREFIX + "card-removed"

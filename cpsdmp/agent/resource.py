@@ -10,6 +10,7 @@ import base64
 import binascii
 import datetime
 import json
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import IO, Any, Protocol, cast
@@ -46,6 +47,15 @@ _log = Logger()
 # The largest request body the agent reads; larger ones are refused from
 # their announced length, before their body is read.
 MAX_BODY = 64 * 1024
+
+# PIN lengths PKCS#11 tokens accept; a CPS card's PIN is 4 digits.
+MIN_PIN_LENGTH = 4
+MAX_PIN_LENGTH = 16
+
+# Seconds during which, after a wrong PIN, the agent refuses to try another:
+# a local program cannot run through the card's few tries, nor guess a soft
+# card's PIN at the card's speed.
+WRONG_PIN_PAUSE = 5.0
 
 
 class Request(Protocol):
@@ -125,6 +135,38 @@ class Problem(Exception):
         }
 
 
+class _DuplicateMember(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    members: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in members:
+            raise _DuplicateMember(repr(name))
+        members[name] = value
+    return members
+
+
+def check_pin_format(pin: str) -> None:
+    """
+    Refuse a PIN that no card could accept before it reaches the card, where
+    it would cost one of the few tries left.
+
+    @raise Problem: 400, saying the card was not asked.
+    """
+    if not (MIN_PIN_LENGTH <= len(pin) <= MAX_PIN_LENGTH) or not all(
+        "!" <= c <= "~" for c in pin
+    ):
+        raise Problem(
+            400,
+            problems.BAD_REQUEST,
+            "Malformed PIN",
+            f"a PIN is {MIN_PIN_LENGTH} to {MAX_PIN_LENGTH} ASCII characters "
+            "without spaces (a CPS card's PIN is 4 digits); the card was not asked",
+        )
+
+
 _BEARER_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="cpsagent"'}
 
 
@@ -178,10 +220,13 @@ class AgentResource(Resource):
         clock: IReactorTime,
         session_idle: float = 900.0,
         allow_origin: str | None = None,
+        wrong_pin_pause: float = WRONG_PIN_PAUSE,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.card = card
         self.clock = clock
+        self.wrong_pin_pause = wrong_pin_pause
+        self._pin_retry_at = 0.0
         self.tokens = TokenStore(clock, session_idle)
         self.allow_origin = allow_origin
         self.url = ""
@@ -233,12 +278,19 @@ class AgentResource(Resource):
                 raise Problem(404, problems.NOT_FOUND, "Not found", "no such endpoint")
             route = self._routes.get((request.method, segments[1]))
             if route is None:
-                if any(name == segments[1] for _, name in self._routes):
+                allowed = sorted(
+                    method.decode()
+                    for method, name in self._routes
+                    if name == segments[1]
+                )
+                if allowed:
                     raise Problem(
                         405,
                         problems.METHOD_NOT_ALLOWED,
                         "Method not allowed",
-                        f"{request.method.decode()} is not allowed on this endpoint",
+                        f"{request.method.decode()} is not allowed on this "
+                        f"endpoint; use {', '.join(allowed)}",
+                        {"Allow": ", ".join(allowed)},
                     )
                 raise Problem(404, problems.NOT_FOUND, "Not found", "no such endpoint")
             handler, needs_token = route
@@ -330,8 +382,12 @@ class AgentResource(Resource):
         assert request.content is not None
         raw = request.content.read()
         try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
+            body = json.loads(raw, object_pairs_hook=_no_duplicates)
+        except _DuplicateMember as e:
+            raise Problem(
+                400, problems.BAD_REQUEST, "Bad JSON", f"member {e} appears twice"
+            ) from None
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise Problem(
                 400, problems.BAD_REQUEST, "Bad JSON", "the body is not valid JSON"
             ) from None
@@ -362,6 +418,11 @@ class AgentResource(Resource):
     def _wants_raw(request: Request) -> bool:
         accept = (request.getHeader(b"accept") or b"").decode("latin-1").lower()
         return "application/octet-stream" in accept and "json" not in accept
+
+    @staticmethod
+    def _accepts_json(request: Request) -> bool:
+        accept = (request.getHeader(b"accept") or b"").decode("latin-1").lower()
+        return "json" in accept
 
     def _write_json(
         self, request: Request, body: dict[str, Any], code: int = 200
@@ -395,9 +456,27 @@ class AgentResource(Resource):
         if rest:
             raise Problem(404, problems.NOT_FOUND, "Not found", "no such endpoint")
         pin = self._string_member(self._json_body(request), "pin")
+        check_pin_format(pin)
+        wait = self._pin_retry_at - self.clock.seconds()
+        if wait > 0:
+            seconds = math.ceil(wait)
+            raise Problem(
+                429,
+                problems.PIN_PAUSE,
+                "Too soon after a wrong PIN",
+                f"after a wrong PIN the agent accepts the next one only after "
+                f"{self.wrong_pin_pause:g} s; try again in {seconds} s (the card "
+                "was not asked)",
+                {"Retry-After": str(seconds)},
+                retryAfter=seconds,
+            )
         try:
             await self.card.login(pin)
-        except (WrongPin, PinBlocked, NoCard):
+        except WrongPin:
+            self._pin_retry_at = self.clock.seconds() + self.wrong_pin_pause
+            self.tokens.drop_all()
+            raise
+        except (PinBlocked, NoCard):
             # The card is locked now: no earlier token may use it.
             self.tokens.drop_all()
             raise
@@ -467,7 +546,8 @@ class AgentResource(Resource):
                 400, problems.UNKNOWN_ALGORITHM, "Unknown algorithm", str(e)
             ) from None
 
-        if self._content_type(request) == "application/octet-stream":
+        raw_request = self._content_type(request) == "application/octet-stream"
+        if raw_request:
             assert request.content is not None
             data = request.content.read()
         else:
@@ -496,7 +576,9 @@ class AgentResource(Resource):
         )
         if request._disconnected:
             return
-        if self._wants_raw(request):
+        if self._wants_raw(request) or (
+            raw_request and not self._accepts_json(request)
+        ):
             request.setHeader(b"Content-Type", b"application/octet-stream")
             request.setHeader(b"Cache-Control", b"no-store")
             request.setHeader(b"Content-Length", str(len(signature)).encode())

@@ -8,6 +8,9 @@ from __future__ import annotations
 import datetime
 import hashlib
 import ipaddress
+import math
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +36,14 @@ from cpsdmp.agent.card import (
     SoftCardBackend,
     WorkerCard,
 )
-from cpsdmp.agent.resource import AgentResource, agent_site
+from cpsdmp.agent.resource import WRONG_PIN_PAUSE, AgentResource, agent_site
 
 _log = Logger()
 
 DEFAULT_LISTEN = "tcp:10035:interface=127.0.0.1"
+
+# The longest idle time a token may be given: a week.
+MAX_SESSION_IDLE = 7 * 24 * 3600.0
 
 # Seconds between two checks that the card is still in the reader.
 CARD_WATCH_INTERVAL = 2.0
@@ -71,6 +77,20 @@ class Options(usage.Options):
         ["testcard", None, None, "Use the test card made in this folder."],
         ["allow-origin", None, None, "The one web origin allowed to call (CORS)."],
         ["session-idle", None, 900.0, "Seconds a token lives unused.", float],
+        [
+            "wrong-pin-pause",
+            None,
+            WRONG_PIN_PAUSE,
+            "Seconds during which no PIN is tried after a wrong one.",
+            float,
+        ],
+        [
+            "public-url",
+            None,
+            None,
+            "https URL the backend reaches this agent at, put in the agent "
+            "context (default: the address it listens on).",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -90,8 +110,29 @@ class Options(usage.Options):
             )
         if bool(self["tls-cert"]) != bool(self["tls-key"]):
             raise usage.UsageError("--tls-cert and --tls-key go together")
-        if self["session-idle"] <= 0:
-            raise usage.UsageError("--session-idle must be positive")
+        idle = self["session-idle"]
+        if not (math.isfinite(idle) and 0 < idle <= MAX_SESSION_IDLE):
+            raise usage.UsageError(
+                f"--session-idle must be a number of seconds from 1 to "
+                f"{MAX_SESSION_IDLE:g}"
+            )
+        pause = self["wrong-pin-pause"]
+        if not (math.isfinite(pause) and 0 <= pause <= 3600):
+            raise usage.UsageError(
+                "--wrong-pin-pause must be a number of seconds from 0 to 3600"
+            )
+        url = self["public-url"]
+        if url is not None and not (
+            url.startswith("https://") and len(url) > len("https://")
+        ):
+            raise usage.UsageError("--public-url must be an https:// URL")
+        if self["testcard"]:
+            from cpsdmp.agent.testcard import TestCard, TestCardError
+
+            try:
+                TestCard.load(self["testcard"])
+            except TestCardError as e:
+                raise usage.UsageError(str(e)) from None
 
 
 def _load_certificates(paths: list[str]) -> list[x509.Certificate]:
@@ -201,6 +242,25 @@ def agent_url(address: Any) -> str:
     return ""
 
 
+def _describe(address: Any) -> str:
+    host = getattr(address, "host", "?")
+    host = f"[{host}]" if ":" in host else host
+    return f"{host}:{getattr(address, 'port', '?')}"
+
+
+def _is_loopback(address: Any) -> bool:
+    try:
+        return ipaddress.ip_address(getattr(address, "host", "")).is_loopback
+    except ValueError:
+        return False
+
+
+def _exit(status: int) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 class AgentService(Service):
     """
     Listen with TLS on the endpoint, serve the resource, run the card's
@@ -214,8 +274,12 @@ class AgentService(Service):
         card: WorkerCard,
         resource: AgentResource,
         tls: ssl.CertificateOptions,
+        public_url: str | None = None,
+        exit_on_failure: bool = False,
     ) -> None:
         self._reactor = reactor
+        self._public_url = public_url
+        self._exit_on_failure = exit_on_failure
         self._listen = listen
         self.card = card
         self.resource = resource
@@ -236,18 +300,37 @@ class AgentService(Service):
 
     def _listened(self, port: IListeningPort) -> None:
         self.port = port
-        self.resource.url = agent_url(port.getHost())
+        address = port.getHost()
+        self.resource.url = self._public_url or agent_url(address)
         _log.info(
-            "cpsagent listening on {url} (TLS certificate {fingerprint}), card: {card}",
+            "cpsagent listening on {address} as {url} (TLS certificate "
+            "{fingerprint}), card: {card}",
+            address=_describe(address),
             url=self.resource.url,
             fingerprint=self.resource.tls_fingerprint,
             card=self.card.description,
         )
+        if not _is_loopback(address):
+            _log.warn(
+                "cpsagent listens on {address}, not only on the loopback: any "
+                "machine that reaches this port can try PINs and, with a "
+                "token, have the card sign",
+                address=_describe(address),
+            )
         self.listening.callback(port)
 
     def _not_listening(self, failure: Any) -> None:
-        _log.failure("cpsagent cannot listen on {listen}", failure, listen=self._listen)
+        _log.error(
+            "cpsagent cannot listen on {listen}: {reason}",
+            listen=self._listen,
+            reason=failure.getErrorMessage(),
+        )
         self.listening.errback(failure)
+        self.listening.addErrback(lambda _: None)
+        if self._exit_on_failure:
+            # twist exits 0 once its reactor stops; a service manager must
+            # see that the agent did not start.
+            self._reactor.addSystemEventTrigger("after", "shutdown", _exit, 1)
         self._reactor.callLater(0, self._reactor.stop)
 
     def stopService(self) -> Deferred[None] | None:
@@ -285,10 +368,17 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         reactor,
         session_idle=options["session-idle"],
         allow_origin=options["allow-origin"],
+        wrong_pin_pause=options["wrong-pin-pause"],
     )
     resource.tls_fingerprint = fingerprint(certificate)
     service = AgentService(
-        reactor, options["listen"], card, resource, tls_options(key, certificate)
+        reactor,
+        options["listen"],
+        card,
+        resource,
+        tls_options(key, certificate),
+        public_url=options["public-url"],
+        exit_on_failure=True,
     )
     service.setName("cpsagent")  # type: ignore[no-untyped-call]
     return service
