@@ -288,10 +288,12 @@ class CommandTests(TestCase):
         )
         url, fingerprint = yield output.listening.addTimeout(30, reactor)
         self.assertEqual(url, "https://workstation.example:10035")
-        self.assertIn(b"not only on the loopback", output.output)
         port = re.search(rb"listening on 0\.0\.0\.0:(\d+)", output.output)
         assert port is not None
         context = yield open_session(
             f"https://127.0.0.1:{port.group(1).decode()}", card.pin, fingerprint
         )
         self.assertEqual(context["url"], "https://workstation.example:10035")
+        # Logged right after the listening line; surely read by now that the
+        # process has answered a request.
+        self.assertIn(b"not only on the loopback", output.output)
