@@ -301,3 +301,56 @@ class CommandTests(TestCase):
         card = init_testcard(directory, softhsm=False)
         self.assertTrue(card.is_complete())
         self.assertEqual(TestCard.load(directory), card)
+
+    def test_unreadable_parts_remade(self) -> None:
+        """
+        A card whose files are there but do not read back (a damaged root, a
+        soft card that no longer opens with the PIN) is made anew, and the
+        report says why.
+        """
+        directory = Path("testcard-unreadable").absolute()
+        first = init_testcard(directory, softhsm=False)
+        reports: list[str] = []
+        Path(first.ca_root).write_text("garbage")
+        again = init_testcard(directory, softhsm=False, report=reports.append)
+        self.assertIn("unreadable", reports[-1])
+        self.assertEqual(again.damage(), None)
+        Path(again.soft_card).write_bytes(os.urandom(100))
+        init_testcard(directory, softhsm=False, report=reports.append)
+        self.assertIn("soft-card.p12 does not open with the PIN", reports[-1])
+        init_testcard(directory, softhsm=False, report=reports.append)
+        self.assertEqual(reports[-1], f"reused the test card in {directory}")
+
+    def test_unusable_folder(self) -> None:
+        """
+        A folder that is a file, cannot be made, or is not named is refused
+        in one sentence.
+        """
+        Path("a-file").write_text("")
+        for folder, expected in [
+            ("a-file", "cannot use"),
+            ("/proc/no-such/card", "cannot use"),
+            ("", "name a folder"),
+        ]:
+            with self.assertRaises(testcard.TestCardError) as raised:
+                init_testcard(folder, softhsm=False)
+            self.assertIn(expected, str(raised.exception))
+
+
+class TokenDamageTests(TestCase):
+    def test_token_checked_on_reuse(self) -> None:
+        """
+        A token folder removed behind the card's back is noticed: the card
+        is made anew, saying so.
+        """
+        directory = Path("testcard-token-damage").absolute()
+        card = init_testcard(directory, softhsm=True)
+        self.assertIsNone(card.damage())
+        for child in Path(directory, "tokens").iterdir():
+            for item in child.iterdir():
+                item.unlink()
+            child.rmdir()
+        self.assertIn("reading the token failed", card.damage() or "")
+        reports: list[str] = []
+        init_testcard(directory, softhsm=True, report=reports.append)
+        self.assertIn("made a new test card", reports[-1])

@@ -22,7 +22,7 @@ import os
 import secrets
 import shutil
 import subprocess
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -160,6 +160,33 @@ class TestCard:
         """
         return all(Path(self.directory, name).exists() for name in self.files)
 
+    def damage(self) -> str | None:
+        """
+        Read back what the description names: the certificates, the soft
+        cards with the PIN, and the token's keys and certificates.
+
+        @return: what is missing or unreadable, or C{None} if all is sound.
+        """
+        missing = [n for n in self.files if not Path(self.directory, n).exists()]
+        if missing:
+            return f"{', '.join(missing)} missing"
+        try:
+            for path in [self.ca_root, *self.ca_intermediates, self.sandbox_cert]:
+                x509.load_pem_x509_certificates(Path(path).read_bytes())
+            serialization.load_pem_private_key(
+                Path(self.sandbox_key).read_bytes(), password=None
+            )
+        except ValueError as e:
+            return f"a certificate or key file is unreadable ({e})"
+        for path in [self.soft_card, self.soft_card_signature]:
+            try:
+                pkcs12.load_pkcs12(Path(path).read_bytes(), self.pin.encode())
+            except ValueError:
+                return f"{Path(path).name} does not open with the PIN"
+        if self.has_token:
+            return _token_damage(self)
+        return None
+
     def environment(self) -> dict[str, str]:
         """
         @return: the environment variables a process needs to open the token.
@@ -193,30 +220,82 @@ def init_testcard(
     pin: str = DEFAULT_PIN,
     token_label: str = DEFAULT_TOKEN_LABEL,
     professional: pki.Professional = DEFAULT_PROFESSIONAL,
+    report: Callable[[str], object] = lambda _: None,
 ) -> TestCard:
     """
-    Make the test PKI and the test card in C{directory}, or reuse them.
+    Make the test PKI and the test card in C{directory}, or reuse them when
+    they read back whole.
 
     @param softhsm: C{True} to require a SoftHSM2 token, C{False} for a soft
         card only, C{None} for a token when SoftHSM2 is installed.
-    @raise TestCardError: when a step fails, naming it.
+    @param report: called with one sentence saying whether the card was
+        reused or made, and why.
+    @raise TestCardError: when the folder cannot be used or a step fails,
+        naming it.
     """
+    if not str(directory).strip():
+        raise TestCardError("the test card's folder is empty: name a folder")
     folder = Path(directory).resolve()
-    folder.mkdir(parents=True, exist_ok=True)
-    with _locked(folder):
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = _locked(folder)
+        lock.__enter__()
+    except OSError as e:
+        raise TestCardError(f"cannot use {folder} for a test card: {e}") from None
+    try:
         try:
             existing: TestCard | None = TestCard.load(folder)
-        except TestCardError:
-            existing = None  # absent or damaged: made anew below
+        except TestCardError as e:
+            existing = None
+            why = "no test card there" if "no test card" in str(e) else str(e)
         if existing is not None:
             wants_token = softhsm if softhsm is not None else existing.has_token
-            if existing.is_complete() and existing.has_token == wants_token:
+            damage = existing.damage()
+            if damage is None and existing.has_token == wants_token:
+                report(f"reused the test card in {folder}")
                 return existing
+            why = damage or (
+                "a SoftHSM2 token was asked for" if wants_token else "no token wanted"
+            )
         if softhsm is None:
             softhsm = softhsm2_missing() is None
         elif softhsm and (reason := softhsm2_missing()):
             raise TestCardError(f"cannot make a SoftHSM2 test card: {reason}")
-        return _build(folder, softhsm, pin, token_label, professional)
+        try:
+            card = _build(folder, softhsm, pin, token_label, professional)
+        except OSError as e:
+            raise TestCardError(
+                f"cannot write the test card in {folder}: {e}"
+            ) from None
+        report(f"made a new test card in {folder} ({why})")
+        return card
+    finally:
+        lock.__exit__(None, None, None)
+
+
+def _token_damage(card: TestCard) -> str | None:
+    """
+    @return: what the token lacks of a CPS card's objects, or C{None}.
+    """
+    assert card.pkcs11_module and card.token_label and card.softhsm2_conf
+    tools = _Tools(
+        card.pkcs11_module, Path(card.softhsm2_conf), card.token_label, card.pin
+    )
+    try:
+        listing = tools.pkcs11("reading the token", "--list-objects").decode(
+            "utf-8", "replace"
+        )
+    except TestCardError as e:
+        return str(e)
+    for label in [
+        AUTHENTICATION_KEY_LABEL,
+        SIGNATURE_KEY_LABEL,
+        AUTHENTICATION_CERTIFICATE_LABEL,
+        SIGNATURE_CERTIFICATE_LABEL,
+    ]:
+        if f"label:      {label}" not in listing:
+            return f"the token has no {label!r}"
+    return None
 
 
 def _write(path: Path, data: bytes, *, secret: bool = False) -> str:

@@ -41,7 +41,7 @@ def add_parser(subparsers: Any) -> None:
 
 def run_init(args: argparse.Namespace) -> int:
     try:
-        card = init_testcard(args.dir, softhsm=args.softhsm)
+        card = init_testcard(args.dir, softhsm=args.softhsm, report=print)
     except TestCardError as e:
         print(f"cpsdmp testcard: {e}", file=sys.stderr)
         return 1
