@@ -397,7 +397,9 @@ def document_entry(
     if class_code is None:
         raise CdaError(
             f"no classCode is known for the typeCode {type_code.code} "
-            f"({type_code.display}); give one (table ASS_X04)"
+            f"({type_code.display}) in this version's table; give it as the "
+            "classCode override (`cpsdmp metadata --class-code CODE`, or "
+            "overrides.classCode through the facade)"
         )
     format_code = overrides.pop("formatCode", None) or _format_code(header)
     if format_code is None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,17 +21,54 @@ from cpsdmp.xds.context import (
 )
 from cpsdmp.xds.ebrim import CodedValue, MetadataError
 
+# The largest CDA read; a DMP document is far smaller, and reading stops here
+# whatever the file claims (a device, a pipe, a file still growing).
+MAX_CDA_BYTES = 128 * 1024 * 1024
+
+_CODE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_./-]*")
+_OID = re.compile(r"[0-2](\.(0|[1-9][0-9]*))+")
+
 
 def _coded(default_scheme: str) -> Any:
     def parse(value: str) -> CodedValue:
         # code, or code^display, or code^display^scheme (an HL7 v2 CE).
         code, _, rest = value.partition("^")
         display, _, scheme = rest.partition("^")
-        if not code:
-            raise argparse.ArgumentTypeError(f"{value!r} has no code")
+        if not _CODE.fullmatch(code):
+            raise argparse.ArgumentTypeError(
+                f"{value!r}: a code is letters, digits and _ . / - "
+                "(code[^display[^codingScheme]])"
+            )
+        if scheme and not _OID.fullmatch(scheme):
+            raise argparse.ArgumentTypeError(
+                f"{value!r}: the coding scheme must be an OID such as "
+                "1.2.250.1.213.1.1.4.1"
+            )
+        if not (scheme or default_scheme):
+            raise argparse.ArgumentTypeError(
+                f"{value!r}: give the coding scheme too (code^display^OID)"
+            )
         return CodedValue(code, scheme or default_scheme, display)
 
     return parse
+
+
+def _title(value: str) -> str:
+    if not value.strip():
+        raise argparse.ArgumentTypeError("the title cannot be empty")
+    return value
+
+
+def read_cda(path: Path, limit: int = MAX_CDA_BYTES) -> bytes:
+    """
+    @return: the file's bytes, read up to C{limit} and no further.
+    @raise ValueError: when the file is larger.
+    """
+    with path.open("rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"larger than {limit // (1024 * 1024)} MiB: not a CDA")
+    return data
 
 
 def add_parser(subparsers: Any) -> None:
@@ -58,7 +96,7 @@ def add_parser(subparsers: Any) -> None:
         type=_coded(ACTIVITY_SECTOR_SYSTEM),
         help="healthcareFacilityTypeCode when the CDA has none, or to replace it",
     )
-    parser.add_argument("--title", help="title to use")
+    parser.add_argument("--title", type=_title, help="title to use")
     parser.set_defaults(func=run)
 
 
@@ -75,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
         if value is not None:
             overrides[name] = value
     try:
-        data = args.cda.read_bytes()
+        data = read_cda(args.cda)
         entry = document_entry(data, overrides=overrides)
     except OSError as error:
         print(
@@ -83,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    except (CdaError, XmlRefused, MetadataError) as error:
+    except (CdaError, XmlRefused, MetadataError, ValueError) as error:
         print(f"cpsdmp metadata: {args.cda}: {error}", file=sys.stderr)
         return 1
     values = entry.as_dict()

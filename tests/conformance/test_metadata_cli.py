@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -83,6 +84,7 @@ class MetadataCommandTests(SynchronousTestCase):
         status, _, err = run(path)
         self.assertEqual(status, 1)
         self.assertIn("74207-2", err)
+        self.assertIn("--class-code", err)
         status, out, _ = run(path, "--json", "--class-code", "11^Synthèse")
         self.assertEqual(status, 0)
         self.assertEqual(
@@ -108,3 +110,33 @@ class MetadataCommandTests(SynchronousTestCase):
         status, _, err = run("/nonexistent/cda.xml")
         self.assertEqual(status, 2)
         self.assertIn("/nonexistent/cda.xml", err)
+
+    def test_malformed_codes_refused(self) -> None:
+        """
+        A code that is not one, a coding scheme that is not an OID and an
+        empty title are usage errors, not metadata.
+        """
+        path = str(example("VAC-NOTE"))
+        for argv in [
+            ["--class-code", "gar bage"],
+            ["--class-code", "10^x^1.2.3x"],
+            ["--class-code", ""],
+            ["--format-code", "urn:x"],
+            ["--title", " "],
+        ]:
+            err = io.StringIO()
+            with redirect_stderr(err), self.assertRaises(SystemExit):
+                run(path, *argv)
+            self.assertIn("argument", err.getvalue())
+
+    def test_size_bound(self) -> None:
+        """
+        Reading stops at the bound whatever the file is, so a device or a
+        huge file is refused without being read whole.
+        """
+        with self.assertRaises(ValueError) as raised:
+            cli.read_cda(Path("/dev/zero"), limit=1024 * 1024)
+        self.assertIn("larger than 1 MiB", str(raised.exception))
+        small = Path(self.mktemp())
+        small.write_bytes(b"<x/>")
+        self.assertEqual(cli.read_cda(small, limit=4), b"<x/>")
