@@ -5,8 +5,8 @@ real SoftHSM2 test card, real HTTPS on the loopback.
 
 from __future__ import annotations
 
-import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +14,6 @@ from pathlib import Path
 from twisted.trial.unittest import TestCase
 
 import cpsdmp
-from cpsdmp.agent.testcard import init_testcard
 
 
 def _run_demo(*arguments: str) -> subprocess.CompletedProcess[str]:
@@ -61,18 +60,49 @@ class DemoTests(TestCase):
 
     def test_demo_fails_loudly(self) -> None:
         """
-        When the card cannot be reached (the test card names a file that is
-        no PKCS#11 module), the demo says which step failed, shows the
-        agent's log, stops the agent and exits non-zero.
+        When the agent dies midway (killed while the demo waits out the pause
+        after the wrong PIN), the demo says which step failed and why, shows
+        the agent's log, and exits non-zero.
         """
         directory = Path("demo-broken").absolute()
-        card = init_testcard(directory / "card")
-        description = json.loads(Path(card.directory, "testcard.json").read_text())
-        description["pkcs11_module"] = "/bin/true"
-        Path(card.directory, "testcard.json").write_text(json.dumps(description))
-        result = _run_demo("--dir", str(directory))
-        self.assertEqual(result.returncode, 1, result.stdout + result.stderr)
-        self.assertIn("DEMO FAILED", result.stderr)
-        self.assertIn("last lines of the agent's log", result.stderr)
-        self.assertIn("agent stopped", result.stdout)
-        self.assertNotIn("Demo passed", result.stdout)
+        source = str(Path(cpsdmp.__file__).resolve().parent.parent)
+        demo = subprocess.Popen(
+            [sys.executable, "-m", "cpsdmp.cli", "demo", "--dir", str(directory)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": source},
+        )
+        self.addCleanup(demo.kill)
+        assert demo.stdout is not None
+        seen = []
+        for line in demo.stdout:
+            seen.append(line)
+            if "next PIN held back" in line:
+                self.assertTrue(_kill_agent_of(directory / "card"))
+                break
+        out, err = demo.communicate(timeout=120)
+        out = "".join(seen) + out
+        self.assertEqual(demo.returncode, 1, out + err)
+        self.assertIn("DEMO FAILED: card session opened:", err)
+        self.assertIn("agent", err.split("DEMO FAILED")[1].splitlines()[0])
+        self.assertIn("last lines of the agent's log", err)
+        self.assertNotIn("Demo passed", out)
+
+
+def _kill_agent_of(card: Path) -> bool:
+    """
+    Kill the agent process serving C{card}, found by its command line.
+    """
+    killed = False
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"cpsagent" in argv and str(card).encode() in argv:
+            os.kill(int(entry.name), signal.SIGKILL)
+            killed = True
+    return killed
