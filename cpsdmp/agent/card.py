@@ -181,6 +181,20 @@ class WrongPin(CardError):
         super().__init__(message)
 
 
+class CardFault(CardError):
+    """
+    The card answered with an error of its own (not a PIN, not a removal):
+    the agent dropped its session, and the next PIN opens a new one.
+    """
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(
+            f"the card failed ({type(error).__name__}): the agent closed its "
+            "session with it; take the card out and put it back, then enter "
+            "the PIN again"
+        )
+
+
 class PinBlocked(CardError):
     """
     The PIN is blocked; the card must be unblocked with its PUK.
@@ -457,6 +471,8 @@ class Pkcs11Backend:
             pass
         except p11errors.TokenNotPresent:
             pass
+        except p11errors.PKCS11Error as e:
+            raise CardFault(e) from e
         which = f"labelled {self.token_label!r} " if self.token_label else ""
         raise NoCard(f"no card {which}in the reader: insert the CPS card")
 
@@ -493,6 +509,9 @@ class Pkcs11Backend:
             raise PinBlocked() from None
         except _REMOVED as e:
             raise NoCard(f"the card left the reader during login ({e!r})") from e
+        except p11errors.PKCS11Error as e:
+            self._drop_session()
+            raise CardFault(e) from e
         _log.info("card unlocked: {description}", description=self.description)
 
     @staticmethod
@@ -515,6 +534,9 @@ class Pkcs11Backend:
         except (*_REMOVED, p11errors.NoSuchToken) as e:
             self._gone()
             raise CardRemoved() from e
+        except p11errors.PKCS11Error as e:
+            self._drop_session()
+            raise CardFault(e) from e
 
     def _key(self, usage: KeyUsage) -> tuple[Any, list[x509.Certificate]]:
         if usage in self._keys:
@@ -549,6 +571,9 @@ class Pkcs11Backend:
         except _REMOVED as e:
             self._gone()
             raise CardRemoved() from e
+        except p11errors.PKCS11Error as e:
+            self._drop_session()
+            raise CardFault(e) from e
         if not leaf_objects:
             raise KeyNotFound(f"the card has no certificate for its key {label}")
         leaf = x509.load_der_x509_certificate(leaf_objects[0][pkcs11.Attribute.VALUE])
@@ -581,6 +606,9 @@ class Pkcs11Backend:
         except _REMOVED as e:
             self._gone()
             raise CardRemoved() from e
+        except p11errors.PKCS11Error as e:
+            self._drop_session()
+            raise CardFault(e) from e
         return signature
 
     def close(self) -> None:

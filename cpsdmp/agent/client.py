@@ -123,6 +123,7 @@ _ERRORS: Mapping[str, type[AgentError]] = {
     problems.NO_CARD: NoCard,
     problems.KEY_NOT_FOUND: NoCard,
     problems.CARD_REMOVED: CardRemoved,
+    problems.CARD_FAULT: CardRemoved,
     problems.TOKEN_MISSING: TokenExpired,
     problems.TOKEN_EXPIRED: TokenExpired,
     problems.CARD_LOCKED: TokenExpired,

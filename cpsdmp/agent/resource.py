@@ -29,6 +29,7 @@ from cpsdmp.agent.card import (
     KEY_LABELS,
     Algorithm,
     CardError,
+    CardFault,
     CardRemoved,
     Holder,
     KeyNotFound,
@@ -189,6 +190,8 @@ def _card_problem(error: CardError) -> Problem:
         return Problem(
             401, problems.CARD_LOCKED, "Card locked", str(error), _BEARER_CHALLENGE
         )
+    if isinstance(error, CardFault):
+        return Problem(503, problems.CARD_FAULT, "Card error", str(error))
     if isinstance(error, KeyNotFound):
         return Problem(503, problems.KEY_NOT_FOUND, "Key not on the card", str(error))
     return Problem(503, problems.NO_CARD, "Card unavailable", str(error))
@@ -300,7 +303,9 @@ class AgentResource(Resource):
         except Problem as problem:
             self._write_problem(request, problem)
         except CardError as error:
-            if isinstance(error, (CardRemoved, NoCard, NotLoggedIn, PinBlocked)):
+            if isinstance(
+                error, (CardRemoved, CardFault, NoCard, NotLoggedIn, PinBlocked)
+            ):
                 self.tokens.drop_all()
             self._write_problem(request, _card_problem(error))
 
