@@ -256,6 +256,9 @@ class Demo:
                 str(cert_path),
                 "--tls-key",
                 str(key_path),
+                # The steps below have the card sign arbitrary bytes to show
+                # each algorithm, which the signing policy rightly refuses.
+                "--insecure-sign-anything",
             ],
         )
         await self.wait_for_port("agent", port)

@@ -21,9 +21,9 @@ from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from cpsdmp.agent import tap
+from cpsdmp.agent import problems, tap
 from cpsdmp.agent.card import Pkcs11Backend, SoftCardBackend
-from cpsdmp.agent.client import CpsAgentClient, open_session
+from cpsdmp.agent.client import AgentError, CpsAgentClient, open_session
 from tests.agent_support import shared_testcard
 
 
@@ -172,8 +172,9 @@ class CommandTests(TestCase):
     def test_twist_cpsagent(self) -> Any:
         """
         C{twist cpsagent --testcard DIR} serves HTTPS on the port it was
-        given; a session opens with the test card's PIN and a signature made
-        through it verifies.
+        given; a session opens with the test card's PIN, and the signing
+        policy is on: arbitrary data is refused with a 403 naming the reason,
+        logged as a security event without the data or the token.
         """
         card = shared_testcard()
         output = self.twist(
@@ -187,13 +188,52 @@ class CommandTests(TestCase):
         )
         url, fingerprint = yield output.listening.addTimeout(30, reactor)
         self.assertTrue(url.startswith("https://127.0.0.1:"))
+        self.assertIn(
+            b"signing policy: authentication to lps2.dmp.gouv.fr", output.output
+        )
+        context = yield open_session(url, card.pin, fingerprint)
+        client = CpsAgentClient.from_context(context)
+        self.addCleanup(client.close)
+        for sign in (client.sign, client.sign_for_signature):
+            error = yield self.assertFailure(
+                sign(b"hello", "SHA256WithRSA"), AgentError
+            )
+            self.assertEqual(error.problem["status"], 403)
+            self.assertEqual(error.problem["type"], problems.POLICY_REFUSED)
+        yield client.card()  # logged after the refusals
+        self.assertEqual(output.output.count(b"security: signature with the"), 2)
+        self.assertNotIn(context["token"].encode(), output.output)
+        self.assertNotIn(b"hello", output.output)
+
+    @inlineCallbacks
+    def test_insecure_sign_anything(self) -> Any:
+        """
+        With C{--insecure-sign-anything} the agent signs anything, says so
+        loudly at start and warns at every signature.
+        """
+        card = shared_testcard()
+        output = self.twist(
+            "--log-format",
+            "text",
+            "cpsagent",
+            "--testcard",
+            card.directory,
+            "--listen",
+            "tcp:0:interface=127.0.0.1",
+            "--insecure-sign-anything",
+        )
+        url, fingerprint = yield output.listening.addTimeout(30, reactor)
+        self.assertIn(b"INSECURE: --insecure-sign-anything", output.output)
         context = yield open_session(url, card.pin, fingerprint)
         client = CpsAgentClient.from_context(context)
         self.addCleanup(client.close)
         chain = yield client.certificate_chain()
-        signature = yield client.sign(b"hello", "SHA256WithRSA")
-        public_key = chain[0].public_key()
-        assert isinstance(public_key, rsa.RSAPublicKey)
-        public_key.verify(signature, b"hello", padding.PKCS1v15(), hashes.SHA256())
+        for _ in range(2):
+            signature = yield client.sign(b"hello", "SHA256WithRSA")
+            public_key = chain[0].public_key()
+            assert isinstance(public_key, rsa.RSAPublicKey)
+            public_key.verify(signature, b"hello", padding.PKCS1v15(), hashes.SHA256())
+        yield client.card()
+        self.assertEqual(output.output.count(b"without any check"), 2)
         self.assertNotIn(context["token"].encode(), output.output)
         self.assertNotIn(b"hello", output.output)
