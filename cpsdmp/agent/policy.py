@@ -253,11 +253,17 @@ class SigningPolicy:
             root = parse_xml(data, what="SignedInfo")
         except XmlRefused as e:
             raise _Refused(f"not a submission-set SignedInfo: {e}") from None
+        if root.tag != f"{{{DS}}}SignedInfo":
+            raise _Refused("not an XML-DSig SignedInfo")
         canonical = etree.tostring(root, method="c14n", exclusive=True)
         if canonical != data:
             raise _Refused("the SignedInfo is not in exclusive canonical form")
-        if root.tag != f"{{{DS}}}SignedInfo":
-            raise _Refused("not an XML-DSig SignedInfo")
+        for element in root.iter():
+            if not isinstance(element.tag, str):
+                raise _Refused("the SignedInfo holds comments or instructions")
+            text = element.text if element.tag != f"{{{DS}}}DigestValue" else None
+            if text or (element is not root and element.tail):
+                raise _Refused("the SignedInfo holds unexpected text")
 
         children = list(root)
         if len(children) != 2 + len(SIGNED_INFO_REFERENCES):
