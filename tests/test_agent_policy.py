@@ -19,12 +19,19 @@ from lxml import etree
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 from zope.interface import implementer
 
 from cpsdmp.agent import problems, tap
-from cpsdmp.agent.audit import DEFAULT_RATE_LIMIT, AuditLog, RateLimit, context_id
+from cpsdmp.agent.audit import (
+    DEFAULT_RATE_LIMIT,
+    AuditLog,
+    RateLimit,
+    RateLimiter,
+    context_id,
+)
 from cpsdmp.agent.client import AgentError, CpsAgentClient
 from cpsdmp.agent.policy import DMP_SERVERS, SigningPolicy
 from cpsdmp.protocols.soap import read_message
@@ -576,3 +583,21 @@ class SandboxChainTests(PolicyAgentTestCase):
         self.assertIn("'localhost' is not allowed", str(error))
         [line] = self.audit_lines()
         self.assertEqual(line["outcome"], "refused")
+
+
+class RateLimiterTests(SynchronousTestCase):
+    def test_sliding_window(self) -> None:
+        """
+        N requests in the window, then a wait until the oldest leaves it;
+        each context counts on its own.
+        """
+        clock = Clock()
+        limiter = RateLimiter(RateLimit(2, 10), clock)
+        self.assertIsNone(limiter.take("a"))
+        clock.advance(4)
+        self.assertIsNone(limiter.take("a"))
+        self.assertEqual(limiter.take("a"), 6)
+        self.assertIsNone(limiter.take("b"))
+        clock.advance(6)
+        self.assertIsNone(limiter.take("a"))
+        self.assertEqual(limiter.take("a"), 4)
