@@ -17,7 +17,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 from lxml import etree
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -39,7 +39,7 @@ from cpsdmp.protocols.tls.endpoint import TLSAgentEndpointFactory, TLSClientEndp
 from cpsdmp.protocols.tls.handshake import TLSClientConfig
 from cpsdmp.protocols.tls.interfaces import IRemoteKey
 from cpsdmp.protocols.tls.messages import HandshakeReassembler
-from cpsdmp.protocols.tls.schemes import SignatureScheme
+from cpsdmp.protocols.tls.schemes import SignatureScheme, verify_signature
 from cpsdmp.sandbox.tap import SandboxService
 from cpsdmp.xds.signature import local_signer, sign_submission
 from cpsdmp.xds.transactions import (
@@ -496,10 +496,10 @@ class RateLimitTests(PolicyAgentTestCase):
         self.assertIn("rate limit", self.audit_lines()[3]["reason"])
 
 
-class SandboxChainTests(PolicyAgentTestCase):
+class SandboxAgentTestCase(PolicyAgentTestCase):
     """
-    Our TLS client, its key the card behind a real agent with the policy on,
-    to the sandbox DMP.
+    The policy-on agent and a sandbox DMP on the test card's server
+    certificate.
     """
 
     @inlineCallbacks
@@ -551,6 +551,13 @@ class SandboxChainTests(PolicyAgentTestCase):
         content_type = response.headers.getRawHeaders("content-type", [""])[0]
         return read_existence(read_message(content_type, body))
 
+
+class SandboxChainTests(SandboxAgentTestCase):
+    """
+    Our TLS client, its key the card behind a real agent with the policy on,
+    to the sandbox DMP.
+    """
+
     @inlineCallbacks
     def test_existence(self) -> Any:
         """
@@ -601,3 +608,67 @@ class RateLimiterTests(SynchronousTestCase):
         clock.advance(6)
         self.assertIsNone(limiter.take("a"))
         self.assertEqual(limiter.take("a"), 4)
+
+
+@implementer(IRemoteKey)
+class RecordingAgentKey:
+    """
+    The agent client as the TLS client's key, keeping what it had signed.
+    """
+
+    def __init__(self, client: CpsAgentClient) -> None:
+        self._client = client
+        self.supported_signature_schemes = client.supported_signature_schemes
+        self.signed: list[bytes] = []
+
+    def certificate_chain(self) -> Deferred[list[x509.Certificate]]:
+        return self._client.certificate_chain()
+
+    def sign(self, data: bytes, scheme: SignatureScheme) -> Deferred[bytes]:
+        self.signed.append(data)
+        return self._client.sign(data, scheme)
+
+
+class ConcurrentLimitTests(SandboxAgentTestCase):
+    @inlineCallbacks
+    def test_fifty_at_once(self) -> Any:
+        """
+        Fifty signatures of a genuine transcript asked at once of an agent
+        with the default limit (30 a minute): the card signs up to the
+        limit, each signature valid, and refuses the rest with 429.
+        """
+        client = yield self.client()
+        key = RecordingAgentKey(client)
+        config = TLSClientConfig(
+            roots=[self.testcard.ca_root_certificate()], remote_key=key
+        )
+        endpoint = TLSClientEndpoint.for_host(reactor, "localhost", self.port, config)
+        protocol = yield endpoint.connect(Factory.forProtocol(Protocol))
+        protocol.transport.loseConnection()
+        [transcript] = key.signed
+        chain = yield client.certificate_chain()
+
+        results = yield gatherResults(
+            [
+                client.sign(transcript, SignatureScheme.rsa_pkcs1_sha256).addErrback(
+                    lambda f: f.trap(AgentError) and f.value
+                )
+                for _ in range(50)
+            ]
+        )
+        signatures = [r for r in results if isinstance(r, bytes)]
+        refusals = [r for r in results if isinstance(r, AgentError)]
+        self.assertEqual((len(signatures), len(refusals)), (29, 21))
+        for signature in signatures:
+            self.assertTrue(
+                verify_signature(
+                    chain[0].public_key(),
+                    SignatureScheme.rsa_pkcs1_sha256,
+                    signature,
+                    transcript,
+                )
+            )
+        self.assertEqual({r.problem["status"] for r in refusals}, {429})
+        outcomes = [line["outcome"] for line in self.audit_lines()]
+        self.assertEqual(outcomes.count("signed"), 30)
+        self.assertEqual(outcomes.count("refused"), 21)

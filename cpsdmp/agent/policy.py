@@ -32,6 +32,7 @@ from lxml import etree
 from cpsdmp.protocols.safexml import XmlRefused, parse_xml
 from cpsdmp.protocols.tls.alerts import ProtocolViolation
 from cpsdmp.protocols.tls.messages import (
+    CertificateRequest,
     ClientHello,
     HandshakeReassembler,
     HandshakeType,
@@ -189,6 +190,7 @@ class SigningPolicy:
                 f"certificate of {name} over this handshake's randoms"
             )
 
+        CertificateRequest.decode(messages[4])
         if messages[5]:
             raise _Refused("the ServerHelloDone is not empty")
         client_chain = decode_certificate(messages[6])
