@@ -38,7 +38,7 @@ from cpsdmp.protocols.soap import read_message
 from cpsdmp.protocols.tls.endpoint import TLSAgentEndpointFactory, TLSClientEndpoint
 from cpsdmp.protocols.tls.handshake import TLSClientConfig
 from cpsdmp.protocols.tls.interfaces import IRemoteKey
-from cpsdmp.protocols.tls.messages import HandshakeReassembler
+from cpsdmp.protocols.tls.messages import CertificateRequest, HandshakeReassembler
 from cpsdmp.protocols.tls.schemes import SignatureScheme, verify_signature
 from cpsdmp.sandbox.tap import SandboxService
 from cpsdmp.xds.signature import local_signer, sign_submission
@@ -128,9 +128,14 @@ class TranscriptTests(TestCase):
         self.transcript = yield capture(self, "localhost")
 
     def refused(
-        self, data: bytes, why: str, card: x509.Certificate = CARD, **kw: Any
+        self,
+        data: bytes,
+        why: str,
+        card: x509.Certificate = CARD,
+        algorithm: str = "SHA256WithRSA",
+        **kw: Any,
     ) -> None:
-        decision = policy(**kw).check_authentication(data, card)
+        decision = policy(**kw).check_authentication(data, card, algorithm)
         self.assertFalse(decision.allowed)
         self.assertIn(why, decision.reason)
 
@@ -239,6 +244,23 @@ class TranscriptTests(TestCase):
         raws = messages(self.transcript)
         raws[3] = messages(other)[3]
         self.refused(b"".join(raws), "the ServerKeyExchange signature does not verify")
+
+    def test_algorithm_not_asked(self) -> None:
+        """
+        The card signs only with an algorithm the server's CertificateRequest
+        accepts: here, OpenSSL's list without SHA-1, and an unknown name.
+        """
+        decision = policy().check_authentication(self.transcript, CARD, "SHA384WithRSA")
+        self.assertTrue(decision.allowed, decision.reason)
+        raws = messages(self.transcript)
+        request = CertificateRequest.decode(raws[4][4:])
+        self.assertNotIn(SignatureScheme.rsa_pkcs1_sha1, request.signature_schemes)
+        for name in ("SHA1WithRSA", "MD5WithRSA"):
+            self.refused(
+                self.transcript,
+                f"did not ask for a client signature with {name}",
+                algorithm=name,
+            )
 
     def test_other_client_certificate(self) -> None:
         self.refused(

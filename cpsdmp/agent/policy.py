@@ -68,6 +68,15 @@ TRANSCRIPT = (
     HandshakeType.client_key_exchange,
 )
 
+# The agent's algorithm names and the TLS 1.2 signature scheme each one
+# makes (RFC 5246, section 7.4.1.4.1).
+TLS_SCHEMES = {
+    "SHA1WithRSA": SignatureScheme.rsa_pkcs1_sha1,
+    "SHA256WithRSA": SignatureScheme.rsa_pkcs1_sha256,
+    "SHA384WithRSA": SignatureScheme.rsa_pkcs1_sha384,
+    "SHA512WithRSA": SignatureScheme.rsa_pkcs1_sha512,
+}
+
 # XML-DSig (RFC 3275), exclusive C14N, and the XAdES type of the signed
 # properties: what a submission-set SignedInfo is made of.
 DS = "http://www.w3.org/2000/09/xmldsig#"
@@ -138,22 +147,29 @@ class SigningPolicy:
     # The authentication key
 
     def check_authentication(
-        self, data: bytes, card_certificate: x509.Certificate
+        self,
+        data: bytes,
+        card_certificate: x509.Certificate,
+        algorithm: str = "SHA256WithRSA",
     ) -> PolicyDecision:
         """
         Check that C{data} is the transcript of a TLS 1.2 handshake, up to
         the client's ClientKeyExchange, between the card whose
         authentication certificate is C{card_certificate} and an allowed
-        server.
+        server, which accepts client signatures made with C{algorithm}.
         """
         try:
-            return PolicyDecision.allow(self._check_transcript(data, card_certificate))
+            return PolicyDecision.allow(
+                self._check_transcript(data, card_certificate, algorithm)
+            )
         except _Refused as e:
             return PolicyDecision.refuse(str(e))
         except ProtocolViolation as e:
             return PolicyDecision.refuse(f"not a TLS 1.2 handshake transcript: {e}")
 
-    def _check_transcript(self, data: bytes, card_certificate: x509.Certificate) -> str:
+    def _check_transcript(
+        self, data: bytes, card_certificate: x509.Certificate, algorithm: str
+    ) -> str:
         messages = _split(data)
         hello = ClientHello.decode(messages[0])
         server_hello = ServerHello.decode(messages[1])
@@ -190,7 +206,11 @@ class SigningPolicy:
                 f"certificate of {name} over this handshake's randoms"
             )
 
-        CertificateRequest.decode(messages[4])
+        request = CertificateRequest.decode(messages[4])
+        if TLS_SCHEMES.get(algorithm) not in request.signature_schemes:
+            raise _Refused(
+                f"the server did not ask for a client signature with {algorithm}"
+            )
         if messages[5]:
             raise _Refused("the ServerHelloDone is not empty")
         client_chain = decode_certificate(messages[6])

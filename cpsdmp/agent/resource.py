@@ -614,7 +614,7 @@ class AgentResource(Resource):
         if self._card_certificate is None:
             chain = await self.card.chain(KeyUsage.authentication)
             self._card_certificate = chain[0]
-        return self.policy.check_authentication(data, self._card_certificate)
+        return self.policy.check_authentication(data, self._card_certificate, algorithm)
 
     def _audit(self, **fields: str) -> None:
         if self.audit is not None:
