@@ -236,13 +236,16 @@ class SigningPolicy:
                 s for s in self.allowed_servers if _name_matches(server_name, s)
             ]
             if not candidates:
-                raise _Refused(f"the server {server_name!r} is not allowed")
+                raise _Refused(
+                    f"the server {server_name!r} is not allowed (the agent "
+                    "authenticates only to the servers of its --allow-server list)"
+                )
         else:
             candidates = [s for s in self.allowed_servers if is_ip_literal(s)]
             if not candidates:
                 raise _Refused(
                     "the handshake names no server (no server_name) and no IP "
-                    "address is allowed"
+                    "address is allowed (--allow-server)"
                 )
         reasons = []
         for name in candidates:
