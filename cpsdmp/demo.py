@@ -266,6 +266,9 @@ class Demo:
                 str(key_path),
                 "--wrong-pin-pause",
                 str(AGENT_WRONG_PIN_PAUSE),
+                # The steps below have the card sign arbitrary bytes to show
+                # each algorithm, which the signing policy rightly refuses.
+                "--insecure-sign-anything",
             ],
         )
         await self.wait_for_port("agent", port)

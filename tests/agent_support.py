@@ -26,7 +26,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.trial.unittest import TestCase
 
+from cpsdmp.agent.audit import AuditLog, RateLimit
 from cpsdmp.agent.card import CardBackend, Pkcs11Backend, WorkerCard
+from cpsdmp.agent.policy import SigningPolicy
 from cpsdmp.agent.resource import AgentResource
 from cpsdmp.agent.tap import (
     AgentService,
@@ -92,7 +94,14 @@ class RunningAgent:
         clock: IReactorTime | None = None,
         session_idle: float = 900.0,
         allow_origin: str | None = None,
+        policy: SigningPolicy | None = None,
+        rate_limit: RateLimit | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
+        """
+        By default the agent signs anything, unlimited: the tests that use
+        it are about something else than the signing policy.
+        """
         key, self.certificate = self_signed_identity()
         self.fingerprint = fingerprint(self.certificate)
         self.card = WorkerCard(backend, reactor)  # type: ignore[arg-type]
@@ -101,6 +110,9 @@ class RunningAgent:
             clock or reactor,  # type: ignore[arg-type]
             session_idle=session_idle,
             allow_origin=allow_origin,
+            policy=policy,
+            rate_limit=rate_limit,
+            audit=audit,
         )
         self.resource.tls_fingerprint = self.fingerprint
         self.service = AgentService(

@@ -427,7 +427,9 @@ class SignTests(AgentTestCase):
     @inlineCallbacks
     def test_fifty_concurrent(self) -> Any:
         """
-        Fifty signatures asked at once are all answered, each valid.
+        Fifty signatures asked at once are all answered, each valid (the
+        agent of these tests has its signing policy off and no rate limit;
+        the policy-on case is in test_agent_policy).
         """
         client = yield self.client()
         chain = yield client.certificate_chain()

@@ -21,9 +21,10 @@ from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from cpsdmp.agent import tap
+from cpsdmp.agent import problems, tap
+from cpsdmp.agent.audit import RateLimit
 from cpsdmp.agent.card import Pkcs11Backend, SoftCardBackend
-from cpsdmp.agent.client import CpsAgentClient, open_session
+from cpsdmp.agent.client import AgentError, CpsAgentClient, open_session
 from tests.agent_support import shared_testcard
 
 
@@ -141,6 +142,90 @@ class OptionsTests(SynchronousTestCase):
         self.assertIn("cpsdmp testcard init", str(raised.exception))
 
 
+class PolicyOptionsTests(SynchronousTestCase):
+    def test_production_defaults(self) -> None:
+        """
+        On a real card the card authenticates to the DMP's hosts only, with
+        the roots given by --trust, at 30 signatures a minute per session.
+        """
+        root = shared_testcard().ca_root
+        options = _options("--pkcs11-module", "/usr/lib/cps.so", "--trust", root)
+        policy = tap.signing_policy(options)
+        assert policy is not None
+        self.assertEqual(
+            policy.allowed_servers, ["lps2.dmp.gouv.fr", "lps.dev1.dmp.gouv.fr"]
+        )
+        self.assertEqual(len(policy.roots), 1)
+        self.assertEqual(options["rate-limit"], RateLimit(30, 60.0))
+        self.assertIsNone(options["audit-log"])
+
+    def test_testcard(self) -> None:
+        """
+        With a test card the sandbox's names and the test root are added.
+        """
+        card = shared_testcard()
+        policy = tap.signing_policy(_options("--testcard", card.directory))
+        assert policy is not None
+        self.assertEqual(
+            policy.allowed_servers,
+            ["lps2.dmp.gouv.fr", "lps.dev1.dmp.gouv.fr", "localhost", "127.0.0.1"],
+        )
+        self.assertEqual(policy.roots, [card.ca_root_certificate()])
+
+    def test_allow_server_replaces(self) -> None:
+        card = shared_testcard()
+        options = _options(
+            "--testcard",
+            card.directory,
+            "--allow-server",
+            "dmp.example",
+            "--allow-server",
+            "10.0.0.1",
+        )
+        policy = tap.signing_policy(options)
+        assert policy is not None
+        self.assertEqual(policy.allowed_servers, ["dmp.example", "10.0.0.1"])
+
+    def test_insecure(self) -> None:
+        options = _options("--soft-card", "x.p12", "--insecure-sign-anything")
+        self.assertIsNone(tap.signing_policy(options))
+
+    def test_rate_limit(self) -> None:
+        options = _options("--soft-card", "x.p12", "--rate-limit", "100/1.5")
+        self.assertEqual(options["rate-limit"], RateLimit(100, 1.5))
+        for bad in ("100", "0/60", "10/0", "ten/60", "-1/60"):
+            with self.assertRaises(usage.UsageError) as caught:
+                _options("--soft-card", "x.p12", "--rate-limit", bad)
+            self.assertIn("N/SECONDS", str(caught.exception))
+
+    def test_bad_trust(self) -> None:
+        missing = self.mktemp()
+        self.assertRaises(
+            usage.UsageError, _options, "--soft-card", "x.p12", "--trust", missing
+        )
+        not_pem = Path(self.mktemp())
+        not_pem.write_text("no certificate here")
+        self.assertRaises(
+            usage.UsageError, _options, "--soft-card", "x.p12", "--trust", str(not_pem)
+        )
+
+    def test_audit_log(self) -> None:
+        """
+        --audit-log gives the resource an audit log on that file, closed
+        when the service stops.
+        """
+        path = self.mktemp()
+        options = _options(
+            "--soft-card", shared_testcard().soft_card, "--audit-log", path
+        )
+        service = tap.makeService(options)
+        assert isinstance(service, tap.AgentService)
+        assert service.resource.audit is not None
+        self.assertEqual(str(service.resource.audit.path), path)
+        self.assertTrue(Path(path).exists())
+        service.resource.audit.close()
+
+
 class PluginTests(SynchronousTestCase):
     def test_plugin(self) -> None:
         """
@@ -219,8 +304,9 @@ class CommandTests(TestCase):
     def test_twist_cpsagent(self) -> Any:
         """
         C{twist cpsagent --testcard DIR} serves HTTPS on the port it was
-        given; a session opens with the test card's PIN and a signature made
-        through it verifies.
+        given; a session opens with the test card's PIN, and the signing
+        policy is on: arbitrary data is refused with a 403 naming the reason,
+        logged as a security event without the data or the token.
         """
         card = shared_testcard()
         output = self.twist(
@@ -234,14 +320,53 @@ class CommandTests(TestCase):
         )
         url, fingerprint = yield output.listening.addTimeout(30, reactor)
         self.assertTrue(url.startswith("https://127.0.0.1:"))
+        self.assertIn(
+            b"signing policy: authentication to lps2.dmp.gouv.fr", output.output
+        )
+        context = yield open_session(url, card.pin, fingerprint)
+        client = CpsAgentClient.from_context(context)
+        self.addCleanup(client.close)
+        for sign in (client.sign, client.sign_for_signature):
+            error = yield self.assertFailure(
+                sign(b"hello", "SHA256WithRSA"), AgentError
+            )
+            self.assertEqual(error.problem["status"], 403)
+            self.assertEqual(error.problem["type"], problems.POLICY_REFUSED)
+        yield client.card()  # logged after the refusals
+        self.assertEqual(output.output.count(b"security: signature with the"), 2)
+        self.assertNotIn(context["token"].encode(), output.output)
+        self.assertNotIn(b"hello", output.output)
+
+    @inlineCallbacks
+    def test_insecure_sign_anything(self) -> Any:
+        """
+        With C{--insecure-sign-anything} the agent signs anything, says so
+        loudly at start and warns at every signature.
+        """
+        card = shared_testcard()
+        output = self.twist(
+            "--log-format",
+            "text",
+            "cpsagent",
+            "--testcard",
+            card.directory,
+            "--listen",
+            "tcp:0:interface=127.0.0.1",
+            "--insecure-sign-anything",
+        )
+        url, fingerprint = yield output.listening.addTimeout(30, reactor)
+        self.assertIn(b"INSECURE: --insecure-sign-anything", output.output)
         context = yield open_session(url, card.pin, fingerprint)
         client = CpsAgentClient.from_context(context)
         self.addCleanup(client.close)
         chain = yield client.certificate_chain()
-        signature = yield client.sign(b"hello", "SHA256WithRSA")
-        public_key = chain[0].public_key()
-        assert isinstance(public_key, rsa.RSAPublicKey)
-        public_key.verify(signature, b"hello", padding.PKCS1v15(), hashes.SHA256())
+        for _ in range(2):
+            signature = yield client.sign(b"hello", "SHA256WithRSA")
+            public_key = chain[0].public_key()
+            assert isinstance(public_key, rsa.RSAPublicKey)
+            public_key.verify(signature, b"hello", padding.PKCS1v15(), hashes.SHA256())
+        yield client.card()
+        self.assertEqual(output.output.count(b"without any check"), 2)
         self.assertNotIn(context["token"].encode(), output.output)
         self.assertNotIn(b"hello", output.output)
 

@@ -687,3 +687,47 @@ class EstablishedErrorTests(SynchronousTestCase):
         self.assertIsInstance(pair.app.reason.value, ConnectionFailed)
         self.assertIn("bad_record_mac", str(pair.app.reason.value))
         self.assertEqual(bytes(pair.app.received), b"")
+
+
+class ClientHelloDecodeTests(SynchronousTestCase):
+    def test_round_trip(self) -> None:
+        """
+        A ClientHello we encode decodes back to its random, suites, groups,
+        signature schemes and server_name.
+        """
+        from cpsdmp.protocols.tls.messages import ClientHello
+
+        hello = ClientHello(
+            os.urandom(32),
+            b"\x01" * 32,
+            [0xC02F, 0xC030],
+            "lps2.dmp.gouv.fr",
+            [29, 23],
+            [0x0401, 0x0804],
+        )
+        decoded = ClientHello.decode(hello.encode()[4:])
+        self.assertEqual(decoded.random, hello.random)
+        self.assertEqual(decoded.session_id, hello.session_id)
+        self.assertEqual(decoded.cipher_suites, hello.cipher_suites)
+        self.assertEqual(decoded.server_name, "lps2.dmp.gouv.fr")
+        self.assertEqual(decoded.groups, [29, 23])
+        self.assertEqual(decoded.signature_schemes, [0x0401, 0x0804])
+        without = ClientHello(os.urandom(32), b"", [0xC02F], None, [29], [0x0401])
+        self.assertIsNone(ClientHello.decode(without.encode()[4:]).server_name)
+
+    def test_malformed(self) -> None:
+        """
+        Any cut or extra byte, or another version, is a decode_error.
+        """
+        from cpsdmp.protocols.tls.alerts import ProtocolViolation
+        from cpsdmp.protocols.tls.messages import ClientHello
+
+        body = ClientHello(
+            os.urandom(32), b"", [0xC02F], "localhost", [29], [0x0401]
+        ).encode()[4:]
+        for bad in (body[:-1], body + b"\x00", b"\x03\x01" + body[2:], body[:40]):
+            with self.assertRaises(ProtocolViolation) as caught:
+                ClientHello.decode(bad)
+            self.assertEqual(
+                caught.exception.description, AlertDescription.decode_error
+            )

@@ -10,7 +10,10 @@ workstation; the client is CpsAgentClient (treq, one persistent connection
 pool). A third measure runs the same agent over a card that signs in no time
 (instant_agent.py): the agent's own cost per signature. The direct measure
 makes, in this process, exactly the card calls the agent makes: hash,
-DigestInfo, CKM_RSA_PKCS with the authentication key.
+DigestInfo, CKM_RSA_PKCS with the authentication key. The last measures
+are the signing policy's cost: its check on a real handshake transcript, in
+this process, and the same transcript signed through an agent with the
+policy on and one with it off.
 """
 
 from __future__ import annotations
@@ -23,20 +26,30 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pkcs11
+from cryptography import x509
 from twisted.internet import task
 from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
+from zope.interface import implementer
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from cpsdmp.agent.card import algorithm_named  # noqa: E402
 from cpsdmp.agent.client import CpsAgentClient, open_session  # noqa: E402
+from cpsdmp.agent.tap import signing_policy  # noqa: E402
 from cpsdmp.agent.testcard import TestCard, init_testcard  # noqa: E402
+from cpsdmp.protocols.tls.endpoint import TLSClientEndpoint  # noqa: E402
+from cpsdmp.protocols.tls.handshake import TLSClientConfig  # noqa: E402
+from cpsdmp.protocols.tls.interfaces import IRemoteKey  # noqa: E402
+from cpsdmp.protocols.tls.schemes import SignatureScheme  # noqa: E402
+from cpsdmp.sandbox.tls import dmp_server_options  # noqa: E402
 
 ALGORITHM = algorithm_named("SHA256WithRSA")
 DATA = os.urandom(200)  # about the size of a TLS 1.2 client transcript hash input
@@ -90,9 +103,10 @@ class _Agent(ProcessProtocol):
 LISTEN = "tcp:0:interface=127.0.0.1"
 
 
-def twist_cpsagent(card: TestCard) -> list[str]:
+def twist_cpsagent(card: TestCard, policy: bool = False) -> list[str]:
     """
-    @return: the command line of the agent on the test card's token.
+    @return: the command line of the agent on the test card's token, with
+        its signing policy on or off, and a rate limit no benchmark reaches.
     """
     return [
         sys.executable,
@@ -105,6 +119,9 @@ def twist_cpsagent(card: TestCard) -> list[str]:
         card.directory,
         "--listen",
         LISTEN,
+        "--rate-limit",
+        "1000000/1",
+        *([] if policy else ["--insecure-sign-anything"]),
     ]
 
 
@@ -117,13 +134,13 @@ def instant_agent(card: TestCard) -> list[str]:
     return [sys.executable, str(script), card.directory, LISTEN]
 
 
-async def through_agent(
-    reactor: Any, card: TestCard, command: list[str], count: int, concurrency: int
-) -> tuple[list[float], float]:
+@asynccontextmanager
+async def running_agent(
+    reactor: Any, card: TestCard, command: list[str]
+) -> AsyncIterator[CpsAgentClient]:
     """
-    @return: the seconds each of C{count} sequential signatures took through
-        the agent C{command} starts, and the wall time of C{count} more with
-        C{concurrency} in flight.
+    Start the agent C{command} names, open a session on it, and stop it
+    at the end.
     """
     agent = _Agent()
     process = reactor.spawnProcess(
@@ -136,26 +153,119 @@ async def through_agent(
         url, fingerprint = await agent.listening.addTimeout(30, reactor)
         context = await open_session(url, card.pin, fingerprint, reactor)
         client = CpsAgentClient.from_context(context, reactor)
-        for _ in range(20):
-            await client.sign(DATA, ALGORITHM.name)
-        times = []
-        for _ in range(count):
-            started = time.perf_counter()
-            await client.sign(DATA, ALGORITHM.name)
-            times.append(time.perf_counter() - started)
+        try:
+            yield client
+        finally:
+            await client.close()
+    finally:
+        if not agent.ended.called:
+            process.signalProcess("TERM")
+        await agent.ended
 
+
+async def sequential(client: CpsAgentClient, data: bytes, count: int) -> list[float]:
+    """
+    @return: the seconds each of C{count} signatures of C{data} took, one
+        at a time, after 10 not counted.
+    """
+    for _ in range(10):
+        await client.sign(data, ALGORITHM.name)
+    times = []
+    for _ in range(count):
+        started = time.perf_counter()
+        await client.sign(data, ALGORITHM.name)
+        times.append(time.perf_counter() - started)
+    return times
+
+
+async def through_agent(
+    reactor: Any, card: TestCard, command: list[str], count: int, concurrency: int
+) -> tuple[list[float], float]:
+    """
+    @return: the seconds each of C{count} sequential signatures took through
+        the agent C{command} starts, and the wall time of C{count} more with
+        C{concurrency} in flight.
+    """
+    async with running_agent(reactor, card, command) as client:
+        times = await sequential(client, DATA, count)
         semaphore = DeferredSemaphore(concurrency)
         started = time.perf_counter()
         await gatherResults(
             [semaphore.run(client.sign, DATA, ALGORITHM.name) for _ in range(count)]
         )
-        wall = time.perf_counter() - started
-        await client.close()
-        return times, wall
+        return times, time.perf_counter() - started
+
+
+@implementer(IRemoteKey)
+class _Recording:
+    """
+    The agent as the TLS client's key, keeping the transcript it signs.
+    """
+
+    def __init__(self, client: CpsAgentClient) -> None:
+        self._client = client
+        self.supported_signature_schemes = client.supported_signature_schemes
+        self.transcripts: list[bytes] = []
+
+    def certificate_chain(self) -> Deferred[list[x509.Certificate]]:
+        return self._client.certificate_chain()
+
+    def sign(self, data: bytes, scheme: SignatureScheme) -> Deferred[bytes]:
+        self.transcripts.append(data)
+        return self._client.sign(data, scheme)
+
+
+async def real_transcript(
+    reactor: Any, card: TestCard, client: CpsAgentClient
+) -> bytes:
+    """
+    @return: the transcript of a real handshake of our TLS client, its key
+        the card behind the agent, with an OpenSSL server set up like the
+        sandbox DMP (its certificate, client certificates required).
+    """
+    server = dmp_server_options(
+        card.sandbox_cert, card.sandbox_key, [card.ca_root, *card.ca_intermediates]
+    )
+    port = reactor.listenSSL(
+        0, Factory.forProtocol(Protocol), server, interface="127.0.0.1"
+    )
+    try:
+        key = _Recording(client)
+        config = TLSClientConfig(roots=[card.ca_root_certificate()], remote_key=key)
+        endpoint = TLSClientEndpoint.for_host(
+            reactor, "localhost", port.getHost().port, config
+        )
+        protocol = await endpoint.connect(Factory.forProtocol(Protocol))
+        protocol.transport.loseConnection()
+        return key.transcripts[0]
     finally:
-        if not agent.ended.called:
-            process.signalProcess("TERM")
-        await agent.ended
+        await port.stopListening()
+
+
+def policy_check(
+    card: TestCard, transcript: bytes, certificate: x509.Certificate, count: int
+) -> tuple[list[float], list[float]]:
+    """
+    @return: the seconds C{check_authentication} took on C{transcript},
+        with the server chain already verified once (as for every handshake
+        after the first), and with a fresh policy each time (a cold chain).
+    """
+    warm, cold = [], []
+    policy = signing_policy({"testcard": card.directory})
+    assert policy is not None
+    for i in range(count + 20):
+        started = time.perf_counter()
+        decision = policy.check_authentication(transcript, certificate)
+        if i >= 20:
+            warm.append(time.perf_counter() - started)
+        assert decision.allowed, decision.reason
+    for _ in range(min(count, 100)):
+        fresh = signing_policy({"testcard": card.directory})
+        assert fresh is not None
+        started = time.perf_counter()
+        fresh.check_authentication(transcript, certificate)
+        cold.append(time.perf_counter() - started)
+    return warm, cold
 
 
 def summary(times: list[float]) -> dict[str, float]:
@@ -173,6 +283,21 @@ async def run(reactor: Any, arguments: argparse.Namespace) -> None:
     card = init_testcard(folder, softhsm=True)
 
     direct_times = direct(card, arguments.count)
+    async with (
+        running_agent(reactor, card, twist_cpsagent(card, True)) as on,
+        running_agent(reactor, card, twist_cpsagent(card)) as off,
+    ):
+        transcript = await real_transcript(reactor, card, on)
+        certificate = (await on.certificate_chain())[0]
+        # Blocks of 50 taken in turn from each agent, so that both see the
+        # same moments of the machine's load.
+        policy_on: list[float] = []
+        policy_off: list[float] = []
+        for start in range(0, arguments.count, 50):
+            block = min(50, arguments.count - start)
+            policy_on += await sequential(on, transcript, block)
+            policy_off += await sequential(off, transcript, block)
+    warm, cold = policy_check(card, transcript, certificate, arguments.count)
     agent_times, wall = await through_agent(
         reactor, card, twist_cpsagent(card), arguments.count, arguments.concurrency
     )
@@ -190,6 +315,13 @@ async def run(reactor: Any, arguments: argparse.Namespace) -> None:
             "concurrency": arguments.concurrency,
             "per_second": arguments.count / wall,
         },
+    }
+    results["policy"] = {
+        "transcript_bytes": len(transcript),
+        "check_warm": summary(warm),
+        "check_cold": summary(cold),
+        "agent_policy_on": summary(policy_on),
+        "agent_policy_off": summary(policy_off),
     }
     results["overhead_ms"] = {
         "mean": results["agent_sequential"]["mean_ms"] - results["direct"]["mean_ms"],
@@ -221,6 +353,19 @@ async def run(reactor: Any, arguments: argparse.Namespace) -> None:
         f"overhead per signature (agent - direct): {o['mean']:.2f} ms mean, "
         f"{o['median']:.2f} ms median"
     )
+    p = results["policy"]
+    print(f"signing policy, on a real {p['transcript_bytes']}-byte transcript:")
+    rows = (
+        ("check, chain known", p["check_warm"]),
+        ("check, chain new", p["check_cold"]),
+        ("agent, policy on", p["agent_policy_on"]),
+        ("agent, policy off", p["agent_policy_off"]),
+    )
+    for label, r in rows:
+        print(
+            f"{label:24}{r['per_second']:10.1f}{r['mean_ms']:10.2f}"
+            f"{r['median_ms']:11.2f}{r['p95_ms']:9.2f}"
+        )
 
 
 def main() -> None:

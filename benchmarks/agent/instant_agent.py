@@ -59,7 +59,7 @@ def main(directory: str, listen: str) -> None:
     options.parseOptions(["--testcard", directory, "--listen", listen])
     key, certificate = tap.self_signed_identity()
     card = WorkerCard(InstantCard(tap.card_backend(options)), reactor)  # type: ignore[arg-type]
-    resource = AgentResource(card, reactor)  # type: ignore[arg-type]
+    resource = AgentResource(card, reactor, policy=None, rate_limit=None)  # type: ignore[arg-type]
     resource.tls_fingerprint = tap.fingerprint(certificate)
     service = tap.AgentService(
         reactor, listen, card, resource, tap.tls_options(key, certificate)

@@ -24,5 +24,7 @@ FORBIDDEN_ORIGIN = PREFIX + "forbidden-origin"
 NOT_FOUND = PREFIX + "not-found"
 METHOD_NOT_ALLOWED = PREFIX + "method-not-allowed"
 INTERNAL = PREFIX + "internal-error"
+POLICY_REFUSED = PREFIX + "signature-refused"
+RATE_LIMITED = PREFIX + "rate-limited"
 
 CONTENT_TYPE = "application/problem+json"

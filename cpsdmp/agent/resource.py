@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime
+import functools
 import json
 import math
 import time
@@ -25,6 +26,13 @@ from twisted.web import http, server
 from twisted.web.resource import Resource
 
 from cpsdmp.agent import problems
+from cpsdmp.agent.audit import (
+    DEFAULT_RATE_LIMIT,
+    AuditLog,
+    RateLimit,
+    RateLimiter,
+    context_id,
+)
 from cpsdmp.agent.card import (
     KEY_LABELS,
     Algorithm,
@@ -41,6 +49,7 @@ from cpsdmp.agent.card import (
     WrongPin,
     algorithm_named,
 )
+from cpsdmp.agent.policy import PolicyDecision, SigningPolicy
 from cpsdmp.agent.tokens import TokenStore
 
 _log = Logger()
@@ -213,6 +222,10 @@ class AgentResource(Resource):
     """
     The whole C{/cps} tree. C{url} and C{tls_fingerprint} go into every agent
     context; the service sets them once it listens.
+
+    Every signature goes through C{policy} (C{None} turns the checks off,
+    for development only), C{rate_limit} per session (C{None}: unlimited)
+    and, when given, the C{audit} log.
     """
 
     isLeaf = True
@@ -223,7 +236,11 @@ class AgentResource(Resource):
         clock: IReactorTime,
         session_idle: float = 900.0,
         allow_origin: str | None = None,
+        *,
         wrong_pin_pause: float = WRONG_PIN_PAUSE,
+        policy: SigningPolicy | None,
+        rate_limit: RateLimit | None = DEFAULT_RATE_LIMIT,
+        audit: AuditLog | None = None,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.card = card
@@ -232,6 +249,11 @@ class AgentResource(Resource):
         self._pin_retry_at = 0.0
         self.tokens = TokenStore(clock, session_idle)
         self.allow_origin = allow_origin
+        self.policy = policy
+        self.limiter = RateLimiter(rate_limit, clock) if rate_limit else None
+        self.audit = audit
+        # The card's authentication certificate, read once per session.
+        self._card_certificate: x509.Certificate | None = None
         self.url = ""
         self.tls_fingerprint = ""
         self._routes: dict[tuple[bytes, str], tuple[Handler, bool]] = {
@@ -307,6 +329,7 @@ class AgentResource(Resource):
                 error, (CardRemoved, CardFault, NoCard, NotLoggedIn, PinBlocked)
             ):
                 self.tokens.drop_all()
+                self._card_certificate = None
             self._write_problem(request, _card_problem(error))
 
     def _internal_error(self, failure: Failure, request: Request) -> None:
@@ -485,6 +508,7 @@ class AgentResource(Resource):
             # The card is locked now: no earlier token may use it.
             self.tokens.drop_all()
             raise
+        self._card_certificate = None
         token, expires = self.tokens.issue()
         _log.info("session opened for {caller}", caller=request.getClientAddress().host)
         self._write_json(
@@ -500,6 +524,7 @@ class AgentResource(Resource):
 
     async def _lock(self, request: Request, rest: list[str]) -> None:
         self.tokens.drop_all()
+        self._card_certificate = None
         await self.card.logout()
         _log.info("card locked by {caller}", caller=request.getClientAddress().host)
         if not request._disconnected:
@@ -567,8 +592,66 @@ class AgentResource(Resource):
                     "'data' is not valid base64",
                 ) from None
 
+        caller = str(request.getClientAddress().host)
+        context = self._context(request)
+        audit = functools.partial(
+            self._audit,
+            context=context,
+            usage=usage.value,
+            algorithm=algorithm.name,
+            caller=caller,
+        )
+        if self.limiter is not None:
+            wait = self.limiter.take(context)
+            if wait is not None:
+                reason = f"more than {self.limiter.limit} for this session"
+                _log.warn(
+                    "security: signature refused to {caller} (context {context}): "
+                    "{reason}",
+                    caller=caller,
+                    context=context,
+                    reason=reason,
+                )
+                audit(outcome="refused", reason="rate limit: " + reason)
+                seconds = max(1, math.ceil(wait))
+                raise Problem(
+                    429,
+                    problems.RATE_LIMITED,
+                    "Too many signatures",
+                    f"this session asked {reason}; try again in {seconds} s",
+                    {"Retry-After": str(seconds)},
+                )
+
+        try:
+            decision = await self._decide(usage, algorithm.name, data)
+        except Exception as e:
+            audit(outcome="error", reason=type(e).__name__)
+            raise
+        if not decision.allowed:
+            _log.warn(
+                "security: signature with the {usage} key refused to {caller} "
+                "(context {context}): {reason}",
+                usage=usage.value,
+                caller=caller,
+                context=context,
+                reason=decision.reason,
+            )
+            audit(outcome="refused", subject=decision.subject, reason=decision.reason)
+            raise Problem(
+                403,
+                problems.POLICY_REFUSED,
+                "Signature refused",
+                f"the agent does not sign this with the {usage.value} key: "
+                f"{decision.reason}",
+            )
+
         started = time.perf_counter()
-        signature, card_seconds = await self.card.sign(usage, algorithm, data)
+        try:
+            signature, card_seconds = await self.card.sign(usage, algorithm, data)
+        except Exception as e:
+            audit(outcome="error", subject=decision.subject, reason=type(e).__name__)
+            raise
+        audit(outcome="signed", subject=decision.subject)
         _log.info(
             "signed {length} bytes with {algorithm} by key {key} for {caller} "
             "in {duration_ms} ms (card {card_ms} ms)",
@@ -593,6 +676,40 @@ class AgentResource(Resource):
             self._write_json(
                 request, {"signature": _b64(signature), "algorithm": algorithm.name}
             )
+
+    # Signing policy
+
+    @staticmethod
+    def _context(request: Request) -> str:
+        header = (request.getHeader(b"authorization") or b"").decode("latin-1")
+        return context_id(header.partition(" ")[2].strip())
+
+    async def _decide(
+        self, usage: KeyUsage, algorithm: str, data: bytes
+    ) -> PolicyDecision:
+        if self.policy is None:
+            _log.warn(
+                "INSECURE: signing {length} bytes with the {usage} key without any "
+                "check (--insecure-sign-anything)",
+                length=len(data),
+                usage=usage.value,
+            )
+            return PolicyDecision.allow("unchecked")
+        if usage is KeyUsage.signature:
+            return self.policy.check_signature(data, algorithm)
+        if self._card_certificate is None:
+            chain = await self.card.chain(KeyUsage.authentication)
+            self._card_certificate = chain[0]
+        return self.policy.check_authentication(data, self._card_certificate, algorithm)
+
+    def _audit(self, **fields: str) -> None:
+        if self.audit is not None:
+            try:
+                self.audit.record(**fields)
+            except (OSError, ValueError):
+                _log.failure(
+                    "could not write the audit log {path}", path=self.audit.path
+                )
 
 
 # A refused body up to this size is drained before the connection closes, so

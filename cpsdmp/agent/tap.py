@@ -30,12 +30,14 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
+from cpsdmp.agent.audit import AuditLog, RateLimit
 from cpsdmp.agent.card import (
     CardBackend,
     Pkcs11Backend,
     SoftCardBackend,
     WorkerCard,
 )
+from cpsdmp.agent.policy import DMP_SERVERS, SANDBOX_SERVERS, SigningPolicy
 from cpsdmp.agent.resource import WRONG_PIN_PAUSE, AgentResource, agent_site
 
 _log = Logger()
@@ -91,11 +93,42 @@ class Options(usage.Options):
             "https URL the backend reaches this agent at, put in the agent "
             "context (default: the address it listens on).",
         ],
+        [
+            "rate-limit",
+            None,
+            "30/60",
+            "Signatures allowed per session: N/SECONDS.",
+        ],
+        ["audit-log", None, None, "File to append a JSON line per signature to."],
+    ]
+
+    optFlags = [
+        [
+            "insecure-sign-anything",
+            None,
+            "Sign whatever is asked, with no check: for development only.",
+        ],
     ]
 
     def __init__(self) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self["intermediates"] = []
+        self["allow-servers"] = []
+        self["trust"] = []
+
+    def opt_allow_server(self, name: str) -> None:
+        """
+        A server the card may authenticate to (repeatable; replaces the
+        default list, the DMP's hosts).
+        """
+        self["allow-servers"].append(name)
+
+    def opt_trust(self, path: str) -> None:
+        """
+        PEM file of roots a server chain must lead to (repeatable): for the
+        DMP, the IGC-Santé root.
+        """
+        self["trust"].append(path)
 
     def opt_intermediate(self, path: str) -> None:
         """
@@ -133,6 +166,15 @@ class Options(usage.Options):
                 TestCard.load(self["testcard"])
             except TestCardError as e:
                 raise usage.UsageError(str(e)) from None
+        try:
+            self["rate-limit"] = RateLimit.parse(self["rate-limit"])
+        except ValueError as e:
+            raise usage.UsageError(f"--rate-limit: {e}") from None
+        for path in self["trust"]:
+            try:
+                _load_certificates([path])
+            except (OSError, ValueError) as e:
+                raise usage.UsageError(f"--trust {path}: {e}") from None
 
 
 def _load_certificates(paths: list[str]) -> list[x509.Certificate]:
@@ -175,6 +217,50 @@ def card_backend(options: Options | dict[str, Any]) -> CardBackend:
     return Pkcs11Backend(
         options["pkcs11-module"], options.get("token-label"), intermediates
     )
+
+
+def signing_policy(options: Options | dict[str, Any]) -> SigningPolicy | None:
+    """
+    @return: the policy the options ask for: the DMP's hosts (and, with a
+        test card, the sandbox's names and the test root) unless
+        C{--allow-server} names others; C{None} with
+        C{--insecure-sign-anything}.
+    """
+    if options.get("insecure-sign-anything"):
+        return None
+    roots = _load_certificates(list(options.get("trust") or []))
+    servers = list(options.get("allow-servers") or [])
+    if options.get("testcard"):
+        from cpsdmp.agent.testcard import TestCard
+
+        roots.append(TestCard.load(options["testcard"]).ca_root_certificate())
+        if not servers:
+            servers = [*DMP_SERVERS, *SANDBOX_SERVERS]
+    return SigningPolicy(roots, servers or DMP_SERVERS)
+
+
+def _announce_policy(policy: SigningPolicy | None, options: Options) -> None:
+    if policy is None:
+        banner = "!" * 72
+        _log.warn(
+            "{banner}\nINSECURE: --insecure-sign-anything: the card will sign "
+            "ANYTHING any session asks for, with no check. Development only; "
+            "never with a real CPS card.\n{banner}",
+            banner=banner,
+        )
+        return
+    _log.info(
+        "signing policy: authentication to {servers} only, server chains to "
+        "{roots} root(s); rate limit {limit}",
+        servers=", ".join(policy.allowed_servers),
+        roots=len(policy.roots),
+        limit=options["rate-limit"],
+    )
+    if not policy.roots:
+        _log.warn(
+            "no server root given (--trust): every authentication signature "
+            "will be refused; give the IGC-Santé root file with --trust"
+        )
 
 
 def self_signed_identity() -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
@@ -339,6 +425,8 @@ class AgentService(Service):
         if self._watch.running:
             self._watch.stop()
         self.card.stop()
+        if self.resource.audit is not None:
+            self.resource.audit.close()
         if port is not None:
             stopped: Deferred[None] | None = port.stopListening()
             return stopped
@@ -363,12 +451,17 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     else:
         key, certificate = self_signed_identity()
     card = WorkerCard(card_backend(options), reactor)
+    policy = signing_policy(options)
+    _announce_policy(policy, options)
     resource = AgentResource(
         card,
         reactor,
         session_idle=options["session-idle"],
         allow_origin=options["allow-origin"],
         wrong_pin_pause=options["wrong-pin-pause"],
+        policy=policy,
+        rate_limit=options["rate-limit"],
+        audit=AuditLog(options["audit-log"], reactor) if options["audit-log"] else None,
     )
     resource.tls_fingerprint = fingerprint(certificate)
     service = AgentService(

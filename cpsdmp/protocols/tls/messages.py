@@ -155,6 +155,78 @@ class ClientHello:
         )
         return handshake(HandshakeType.client_hello, body)
 
+    @classmethod
+    def decode(cls, body: bytes) -> ClientHello:
+        """
+        Read a TLS 1.2 ClientHello body back, as a party that checks what a
+        client sent (the agent, before it signs a transcript) needs to.
+        """
+        r = Reader(body, "ClientHello")
+        if r.uint(2) != 0x0303:
+            raise _decode_error("ClientHello version")
+        random = r.take(32)
+        session_id = r.vector(1)
+        suites = r.vector(2)
+        if len(session_id) > 32 or not suites or len(suites) % 2:
+            raise _decode_error("ClientHello")
+        r.vector(1)  # compression methods
+        extensions: dict[int, bytes] = {}
+        ext = Reader(r.vector(2), "ClientHello extensions")
+        r.done()
+        while ext.remaining():
+            ext_type = ext.uint(2)
+            if ext_type in extensions:
+                raise _decode_error(f"ClientHello: extension {ext_type} repeated")
+            extensions[ext_type] = ext.vector(2)
+        server_name = None
+        if ExtensionType.server_name in extensions:
+            server_name = _decode_server_name(extensions[ExtensionType.server_name])
+        return cls(
+            random=random,
+            session_id=session_id,
+            cipher_suites=_uint16s(suites),
+            server_name=server_name,
+            groups=_uint16_vector(
+                extensions.get(ExtensionType.supported_groups), "supported_groups"
+            ),
+            signature_schemes=_uint16_vector(
+                extensions.get(ExtensionType.signature_algorithms),
+                "signature_algorithms",
+            ),
+            session_ticket=extensions.get(ExtensionType.session_ticket),
+            offer_ticket=ExtensionType.session_ticket in extensions,
+        )
+
+
+def _uint16s(data: bytes) -> list[int]:
+    if len(data) % 2:
+        raise _decode_error("list of 16-bit values")
+    return [int.from_bytes(data[i : i + 2], "big") for i in range(0, len(data), 2)]
+
+
+def _uint16_vector(data: bytes | None, what: str) -> list[int]:
+    if data is None:
+        return []
+    r = Reader(data, what)
+    values = _uint16s(r.vector(2))
+    r.done()
+    return values
+
+
+def _decode_server_name(data: bytes) -> str:
+    # RFC 6066, section 3: a list holding one host_name (type 0) entry
+    r = Reader(data, "server_name extension")
+    names = Reader(r.vector(2), "server_name list")
+    r.done()
+    if names.uint(1) != 0:
+        raise _decode_error("server_name entry type")
+    host = names.vector(2)
+    names.done()
+    try:
+        return host.decode("ascii")
+    except UnicodeDecodeError:
+        raise _decode_error("server_name host") from None
+
 
 @dataclass
 class ServerHello:

@@ -1,0 +1,387 @@
+"""
+What the agent agrees to sign. The card's authentication key signs only the
+transcript of a genuine TLS 1.2 handshake between this card and an allowed
+server; its signature key signs only the canonical SignedInfo of a
+submission-set signature. Everything else is refused with a reason.
+
+A transcript is genuine when it parses as the client's view of a full
+handshake with client authentication, the server chain leads to a trusted
+root for the server's name, and the ServerKeyExchange signature verifies
+over the transcript's own randoms: that signature is made by the server's
+private key, so no one can build such a transcript from the server's public
+chain alone.
+
+The server's name is the ClientHello's server_name. A client sends none for
+an IP address (RFC 6066, section 3); then the certificate must be valid for
+one of the IP-literal entries of the allow-list, and a DNS entry never
+matches a handshake without server_name.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+from lxml import etree
+
+from cpsdmp.protocols.safexml import XmlRefused, parse_xml
+from cpsdmp.protocols.tls.alerts import ProtocolViolation
+from cpsdmp.protocols.tls.messages import (
+    CertificateRequest,
+    ClientHello,
+    HandshakeReassembler,
+    HandshakeType,
+    Reader,
+    ServerHello,
+    ServerKeyExchange,
+    decode_certificate,
+)
+from cpsdmp.protocols.tls.schemes import (
+    SignatureScheme,
+    UnsupportedKey,
+    verify_signature,
+)
+from cpsdmp.protocols.tls.validation import VerifiedChains, is_ip_literal
+
+#: The DMP's hosts: production, then the test platform.
+DMP_SERVERS = ("lps2.dmp.gouv.fr", "lps.dev1.dmp.gouv.fr")
+
+#: The sandbox's names, allowed too when the agent runs on a test card.
+SANDBOX_SERVERS = ("localhost", "127.0.0.1")
+
+# The messages a client has sent or received when it signs its
+# CertificateVerify in a full handshake with client authentication
+# (RFC 5246, section 7.4.8), in order.
+TRANSCRIPT = (
+    HandshakeType.client_hello,
+    HandshakeType.server_hello,
+    HandshakeType.certificate,
+    HandshakeType.server_key_exchange,
+    HandshakeType.certificate_request,
+    HandshakeType.server_hello_done,
+    HandshakeType.certificate,
+    HandshakeType.client_key_exchange,
+)
+
+# The agent's algorithm names and the TLS 1.2 signature scheme each one
+# makes (RFC 5246, section 7.4.1.4.1).
+TLS_SCHEMES = {
+    "SHA1WithRSA": SignatureScheme.rsa_pkcs1_sha1,
+    "SHA256WithRSA": SignatureScheme.rsa_pkcs1_sha256,
+    "SHA384WithRSA": SignatureScheme.rsa_pkcs1_sha384,
+    "SHA512WithRSA": SignatureScheme.rsa_pkcs1_sha512,
+}
+
+# XML-DSig (RFC 3275), exclusive C14N, and the XAdES type of the signed
+# properties: what a submission-set SignedInfo is made of.
+DS = "http://www.w3.org/2000/09/xmldsig#"
+EXC_C14N = "http://www.w3.org/2001/10/xml-exc-c14n#"
+SHA256 = "http://www.w3.org/2001/04/xmlenc#sha256"
+SIGNATURE_METHODS = {
+    "SHA256WithRSA": "http://www.w3.org/2001/04/xmldsig-more#rsa-sha256",
+    "SHA256WithECDSA": "http://www.w3.org/2001/04/xmldsig-more#ecdsa-sha256",
+}
+# The three references, in order: the IHE manifest of the documents, the
+# signature properties (purpose, submission set), the XAdES properties.
+SIGNED_INFO_REFERENCES = (
+    ("#IHEManifest", "http://www.w3.org/2000/09/xmldsig#Manifest"),
+    ("#SignatureProperties", None),
+    ("#SignedProperties", "http://uri.etsi.org/01903#SignedProperties"),
+)
+# A SignedInfo of three references is a few hundred bytes.
+MAX_SIGNED_INFO = 8192
+
+
+@dataclass(frozen=True)
+class PolicyDecision:
+    """
+    Whether to sign; C{reason} says why not, C{subject} what was asked for
+    (the server's name, or the document), for the audit log.
+    """
+
+    allowed: bool
+    subject: str
+    reason: str = ""
+
+    @classmethod
+    def allow(cls, subject: str) -> PolicyDecision:
+        return cls(True, subject)
+
+    @classmethod
+    def refuse(cls, reason: str, subject: str = "") -> PolicyDecision:
+        return cls(False, subject, reason)
+
+
+class _Refused(Exception):
+    """
+    A check failed; the message is the reason given to the caller.
+    """
+
+
+def _name_matches(name: str, allowed: str) -> bool:
+    return name.rstrip(".").lower() == allowed.rstrip(".").lower()
+
+
+class SigningPolicy:
+    """
+    The agent's rules for signing, with the roots server chains must lead to
+    and the server names the card may authenticate to.
+    """
+
+    def __init__(
+        self,
+        roots: Sequence[x509.Certificate],
+        allowed_servers: Iterable[str] = DMP_SERVERS,
+        now: datetime.datetime | None = None,
+    ) -> None:
+        self.roots = list(roots)
+        self.allowed_servers = [s.strip() for s in allowed_servers if s.strip()]
+        self._now = now
+        self._chains = VerifiedChains()
+
+    # The authentication key
+
+    def check_authentication(
+        self,
+        data: bytes,
+        card_certificate: x509.Certificate,
+        algorithm: str = "SHA256WithRSA",
+    ) -> PolicyDecision:
+        """
+        Check that C{data} is the transcript of a TLS 1.2 handshake, up to
+        the client's ClientKeyExchange, between the card whose
+        authentication certificate is C{card_certificate} and an allowed
+        server, which accepts client signatures made with C{algorithm}.
+        """
+        try:
+            return PolicyDecision.allow(
+                self._check_transcript(data, card_certificate, algorithm)
+            )
+        except _Refused as e:
+            return PolicyDecision.refuse(str(e))
+        except ProtocolViolation as e:
+            return PolicyDecision.refuse(f"not a TLS 1.2 handshake transcript: {e}")
+
+    def _check_transcript(
+        self, data: bytes, card_certificate: x509.Certificate, algorithm: str
+    ) -> str:
+        messages = _split(data)
+        hello = ClientHello.decode(messages[0])
+        server_hello = ServerHello.decode(messages[1])
+        if server_hello.version != 0x0303:
+            raise _Refused("the ServerHello is not TLS 1.2")
+        if server_hello.cipher_suite not in hello.cipher_suites:
+            raise _Refused("the server chose a cipher suite the client did not offer")
+
+        try:
+            server_chain = [
+                x509.load_der_x509_certificate(der)
+                for der in decode_certificate(messages[2])
+            ]
+        except ValueError:
+            raise _Refused(
+                "the server Certificate holds an unreadable certificate"
+            ) from None
+        if not server_chain:
+            raise _Refused("the server sent no certificate")
+        name = self._check_server(hello.server_name, server_chain)
+
+        exchange = ServerKeyExchange.decode(messages[3])
+        try:
+            scheme = SignatureScheme(exchange.scheme)
+            signed = hello.random + server_hello.random + exchange.signed_params
+            good = verify_signature(
+                server_chain[0].public_key(), scheme, exchange.signature, signed
+            )
+        except (ValueError, UnsupportedKey):
+            good = False
+        if not good:
+            raise _Refused(
+                f"the ServerKeyExchange signature does not verify with the "
+                f"certificate of {name} over this handshake's randoms"
+            )
+
+        request = CertificateRequest.decode(messages[4])
+        if TLS_SCHEMES.get(algorithm) not in request.signature_schemes:
+            raise _Refused(
+                f"the server did not ask for a client signature with {algorithm}"
+            )
+        if messages[5]:
+            raise _Refused("the ServerHelloDone is not empty")
+        client_chain = decode_certificate(messages[6])
+        card_der = card_certificate.public_bytes(Encoding.DER)
+        if not client_chain or client_chain[0] != card_der:
+            raise _Refused(
+                "the client Certificate is not this card's authentication certificate"
+            )
+        key_exchange = Reader(messages[7], "ClientKeyExchange")
+        if not key_exchange.vector(1):
+            raise _Refused("the ClientKeyExchange is empty")
+        key_exchange.done()
+        return name
+
+    def _check_server(
+        self, server_name: str | None, chain: list[x509.Certificate]
+    ) -> str:
+        """
+        @return: the allowed name the chain was verified for.
+        """
+        if server_name is not None:
+            candidates = [
+                s for s in self.allowed_servers if _name_matches(server_name, s)
+            ]
+            if not candidates:
+                raise _Refused(
+                    f"the server {server_name!r} is not allowed (the agent "
+                    "authenticates only to the servers of its --allow-server list)"
+                )
+        else:
+            candidates = [s for s in self.allowed_servers if is_ip_literal(s)]
+            if not candidates:
+                raise _Refused(
+                    "the handshake names no server (no server_name) and no IP "
+                    "address is allowed (--allow-server)"
+                )
+        reasons = []
+        for name in candidates:
+            try:
+                self._chains.check(chain, self.roots, name, self._now)
+            except ProtocolViolation as e:
+                reasons.append(str(e))
+                continue
+            return name
+        raise _Refused(f"the server chain is not accepted: {'; '.join(reasons)}")
+
+    # The signature key
+
+    def check_signature(self, data: bytes, algorithm: str) -> PolicyDecision:
+        """
+        Check that C{data} is the exclusive C14N of a submission-set
+        signature's SignedInfo, for C{algorithm} (the endpoint's name).
+        """
+        try:
+            return PolicyDecision.allow(self._check_signed_info(data, algorithm))
+        except _Refused as e:
+            return PolicyDecision.refuse(str(e))
+
+    def _check_signed_info(self, data: bytes, algorithm: str) -> str:
+        if len(data) > MAX_SIGNED_INFO:
+            raise _Refused(
+                f"{len(data)} bytes is too large for a submission-set SignedInfo"
+            )
+        try:
+            root = parse_xml(data, what="SignedInfo")
+        except XmlRefused as e:
+            raise _Refused(f"not a submission-set SignedInfo: {e}") from None
+        if root.tag != f"{{{DS}}}SignedInfo":
+            raise _Refused("not an XML-DSig SignedInfo")
+        canonical = etree.tostring(root, method="c14n", exclusive=True)
+        if canonical != data:
+            raise _Refused("the SignedInfo is not in exclusive canonical form")
+        for element in root.iter():
+            if not isinstance(element.tag, str):
+                raise _Refused("the SignedInfo holds comments or instructions")
+            text = element.text if element.tag != f"{{{DS}}}DigestValue" else None
+            if text or (element is not root and element.tail):
+                raise _Refused("the SignedInfo holds unexpected text")
+
+        children = list(root)
+        if len(children) != 2 + len(SIGNED_INFO_REFERENCES):
+            raise _Refused(
+                "a submission-set SignedInfo has a canonicalization method, a "
+                f"signature method and {len(SIGNED_INFO_REFERENCES)} references"
+            )
+        _expect(children[0], "CanonicalizationMethod", EXC_C14N)
+        method = SIGNATURE_METHODS.get(algorithm)
+        if method is None:
+            raise _Refused(f"{algorithm} is not a submission-set signature algorithm")
+        _expect(children[1], "SignatureMethod", method)
+        digests = [
+            _reference(element, uri, kind)
+            for element, (uri, kind) in zip(
+                children[2:], SIGNED_INFO_REFERENCES, strict=True
+            )
+        ]
+        return f"submission-set signature, manifest {digests[0].hex()[:16]}"
+
+
+def _split(data: bytes) -> list[bytes]:
+    """
+    @return: the bodies of the transcript's messages, once their types,
+        order and lengths are checked.
+    """
+    reassembler = HandshakeReassembler()
+    reassembler.feed(data)
+    bodies: list[bytes] = []
+    for expected in TRANSCRIPT:
+        message = reassembler.next_message()
+        if message is None:
+            raise _Refused(
+                f"the transcript ends before its {expected.name} (truncated, "
+                "or not handshake messages)"
+            )
+        msg_type, body, _ = message
+        if msg_type != expected:
+            raise _Refused(
+                f"message {len(bodies) + 1} of the transcript is "
+                f"{_type_name(msg_type)}, not {expected.name}"
+            )
+        bodies.append(body)
+    if reassembler.pending:
+        raise _Refused("the transcript goes on after the ClientKeyExchange")
+    return bodies
+
+
+def _type_name(msg_type: int) -> str:
+    try:
+        return HandshakeType(msg_type).name
+    except ValueError:
+        return f"type {msg_type}"
+
+
+def _local(element: etree._Element) -> str:
+    tag = element.tag
+    if not isinstance(tag, str) or not tag.startswith(f"{{{DS}}}"):
+        raise _Refused(f"unexpected {tag!r} in the SignedInfo")
+    return tag[len(DS) + 2 :]
+
+
+def _expect(element: etree._Element, name: str, algorithm: str) -> None:
+    if _local(element) != name or element.get("Algorithm") != algorithm:
+        raise _Refused(f"the SignedInfo's {name} must be {algorithm}")
+    if len(element) or (element.text or "").strip():
+        raise _Refused(f"the SignedInfo's {name} has unexpected content")
+
+
+def _reference(element: etree._Element, uri: str, kind: str | None) -> bytes:
+    """
+    @return: the SHA-256 digest a reference carries, once its shape is checked.
+    """
+    if _local(element) != "Reference" or element.get("URI") != uri:
+        raise _Refused(f"the SignedInfo must refer to {uri}")
+    if element.get("Type") != kind or set(element.keys()) - {"URI", "Type"}:
+        raise _Refused(f"the reference to {uri} has unexpected attributes")
+    parts = list(element)
+    if len(parts) != 3 or [_local(p) for p in parts] != [
+        "Transforms",
+        "DigestMethod",
+        "DigestValue",
+    ]:
+        raise _Refused(f"the reference to {uri} is not a submission-set reference")
+    transforms, method, value = parts
+    if len(transforms) != 1:
+        raise _Refused(f"the reference to {uri} must have one transform")
+    _expect(transforms[0], "Transform", EXC_C14N)
+    _expect(method, "DigestMethod", SHA256)
+    try:
+        digest = base64.b64decode(value.text or "", validate=True)
+    except (binascii.Error, ValueError):
+        digest = b""
+    if len(digest) != 32 or len(value):
+        raise _Refused(f"the reference to {uri} has no SHA-256 digest value")
+    return digest

@@ -1,0 +1,696 @@
+"""
+Tests for the agent's signing policy: transcripts made by our TLS client
+against a real OpenSSL server, accepted as they are and refused once
+altered; the submission-set SignedInfo; and, through a running agent, the
+403s, the rate limit, the audit log and the whole chain from our TLS client
+through the agent and the card to the sandbox DMP.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import rsa
+from lxml import etree
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.client import Agent, HTTPConnectionPool
+from zope.interface import implementer
+
+from cpsdmp.agent import problems, tap
+from cpsdmp.agent.audit import (
+    DEFAULT_RATE_LIMIT,
+    AuditLog,
+    RateLimit,
+    RateLimiter,
+    context_id,
+)
+from cpsdmp.agent.client import AgentError, CpsAgentClient
+from cpsdmp.agent.policy import DMP_SERVERS, SigningPolicy
+from cpsdmp.protocols.soap import read_message
+from cpsdmp.protocols.tls.endpoint import TLSAgentEndpointFactory, TLSClientEndpoint
+from cpsdmp.protocols.tls.handshake import TLSClientConfig
+from cpsdmp.protocols.tls.interfaces import IRemoteKey
+from cpsdmp.protocols.tls.messages import CertificateRequest, HandshakeReassembler
+from cpsdmp.protocols.tls.schemes import SignatureScheme, verify_signature
+from cpsdmp.sandbox.tap import SandboxService
+from cpsdmp.xds.signature import local_signer, sign_submission
+from cpsdmp.xds.transactions import (
+    DmpEndpoints,
+    existence_test,
+    new_submission,
+    read_existence,
+)
+from cpsdmp.xds.vihf import VihfRequest
+from tests.agent_support import RunningAgent, start_agent, token_backend
+from tests.conformance.test_transactions import cda_entries
+from tests.pki import self_signed
+from tests.test_agent_http import AgentTestCase
+from tests.test_sandbox import CDA_PATIENT, _professional
+from tests.tlssupport import ServerContext, pki
+from tests.xdsvalues import DEFAULTS, PROFESSIONAL, SOFTWARE, STRUCTURE
+
+# Transcript ----------------------------------------------------------------
+
+
+@implementer(IRemoteKey)
+class RecordingKey:
+    """
+    A local key that keeps what the TLS client asks it to sign.
+    """
+
+    def __init__(self, identity: str = "client-rsa") -> None:
+        self._key = pki()[identity].local_key()
+        self.supported_signature_schemes = self._key.supported_signature_schemes
+        self.signed: list[bytes] = []
+
+    def certificate_chain(self) -> Deferred[list[x509.Certificate]]:
+        return self._key.certificate_chain()
+
+    def sign(self, data: bytes, scheme: SignatureScheme) -> Deferred[bytes]:
+        self.signed.append(data)
+        return self._key.sign(data, scheme)
+
+
+@inlineCallbacks
+def capture(testcase: TestCase, host: str) -> Any:
+    """
+    Run our TLS client, with a local key, against a pyOpenSSL server
+    asking for a client certificate.
+
+    @return: a Deferred that fires with the transcript the client had signed.
+    """
+    port = reactor.listenSSL(  # type: ignore[attr-defined]
+        0, Factory.forProtocol(Protocol), ServerContext(), interface="127.0.0.1"
+    )
+    testcase.addCleanup(port.stopListening)
+    key = RecordingKey()
+    config = TLSClientConfig(roots=[pki().root], remote_key=key)
+    endpoint = TLSClientEndpoint.for_host(reactor, host, port.getHost().port, config)
+    protocol = yield endpoint.connect(Factory.forProtocol(Protocol))
+    protocol.transport.loseConnection()
+    testcase.assertEqual(len(key.signed), 1)
+    return key.signed[0]
+
+
+def messages(transcript: bytes) -> list[bytes]:
+    """
+    @return: the transcript's messages, raw, header included.
+    """
+    reassembler = HandshakeReassembler()
+    reassembler.feed(transcript)
+    raws = []
+    while (message := reassembler.next_message()) is not None:
+        raws.append(message[2])
+    return raws
+
+
+CARD = pki()["client-rsa"].chain[0]
+
+
+def policy(**kw: Any) -> SigningPolicy:
+    kw.setdefault("allowed_servers", ["localhost", "127.0.0.1"])
+    return SigningPolicy(kw.pop("roots", [pki().root]), **kw)
+
+
+class TranscriptTests(TestCase):
+    timeout = 30
+
+    @inlineCallbacks
+    def setUp(self) -> Any:
+        self.transcript = yield capture(self, "localhost")
+
+    def refused(
+        self,
+        data: bytes,
+        why: str,
+        card: x509.Certificate = CARD,
+        algorithm: str = "SHA256WithRSA",
+        **kw: Any,
+    ) -> None:
+        decision = policy(**kw).check_authentication(data, card, algorithm)
+        self.assertFalse(decision.allowed)
+        self.assertIn(why, decision.reason)
+
+    def test_genuine(self) -> None:
+        """
+        The transcript of a real handshake with an allowed server is
+        accepted, named by its server_name.
+        """
+        decision = policy().check_authentication(self.transcript, CARD)
+        self.assertTrue(decision.allowed, decision.reason)
+        self.assertEqual(decision.subject, "localhost")
+        self.assertEqual(len(messages(self.transcript)), 8)
+
+    @inlineCallbacks
+    def test_ip_address(self) -> Any:
+        """
+        To an IP address the client sends no server_name: the certificate
+        must then be valid for an IP entry of the allow-list; a DNS entry
+        alone does not do.
+        """
+        transcript = yield capture(self, "127.0.0.1")
+        decision = policy().check_authentication(transcript, CARD)
+        self.assertTrue(decision.allowed, decision.reason)
+        self.assertEqual(decision.subject, "127.0.0.1")
+        self.refused(
+            transcript, "no IP address is allowed", allowed_servers=["localhost"]
+        )
+
+    def test_arbitrary_bytes(self) -> None:
+        self.refused(b"hello", "not a TLS 1.2 handshake transcript")
+        self.refused(b"", "ends before its client_hello")
+        self.refused(bytes(range(256)) * 8, "transcript")
+
+    def test_bare_hash(self) -> None:
+        """
+        A digest of the transcript, what a naive caller might send, is refused.
+        """
+        for digest in (
+            hashlib.sha256(self.transcript).digest(),
+            hashlib.sha384(self.transcript).digest(),
+        ):
+            decision = policy().check_authentication(digest, CARD)
+            self.assertFalse(decision.allowed)
+
+    def test_reordered(self) -> None:
+        raws = messages(self.transcript)
+        raws[3], raws[4] = raws[4], raws[3]
+        self.refused(b"".join(raws), "message 4 of the transcript is")
+
+    def test_truncated(self) -> None:
+        raws = messages(self.transcript)
+        self.refused(b"".join(raws[:-1]), "ends before its client_key_exchange")
+        self.refused(self.transcript[:-1], "ends before its client_key_exchange")
+        self.refused(self.transcript[:200], "ends before")
+
+    def test_trailing(self) -> None:
+        raws = messages(self.transcript)
+        self.refused(self.transcript + b"\x00", "goes on after")
+        self.refused(self.transcript + raws[-1], "goes on after")
+
+    def test_inconsistent_length(self) -> None:
+        """
+        A ClientHello whose own length disagrees with its content is refused.
+        """
+        raws = messages(self.transcript)
+        hello = bytearray(raws[0])
+        hello[4 + 2 + 32] += 1  # the session_id's length
+        self.refused(
+            bytes(hello) + b"".join(raws[1:]), "not a TLS 1.2 handshake transcript"
+        )
+
+    def test_unlisted_server(self) -> None:
+        self.refused(
+            self.transcript,
+            "the server 'localhost' is not allowed",
+            allowed_servers=DMP_SERVERS,
+        )
+
+    def test_untrusted_chain(self) -> None:
+        self.refused(
+            self.transcript,
+            "the server chain is not accepted",
+            roots=[pki().other_root],
+        )
+
+    def test_randoms_swapped(self) -> None:
+        """
+        The ServerKeyExchange signature covers the randoms: with the client's
+        and the server's random swapped, it no longer verifies.
+        """
+        raws = [bytearray(r) for r in messages(self.transcript)]
+        client_random, server_random = raws[0][6:38], raws[1][6:38]
+        raws[0][6:38], raws[1][6:38] = server_random, client_random
+        self.refused(
+            b"".join(bytes(r) for r in raws),
+            "the ServerKeyExchange signature does not verify",
+        )
+
+    @inlineCallbacks
+    def test_key_exchange_from_another_handshake(self) -> Any:
+        """
+        A transcript made up from the server's public chain and the
+        ServerKeyExchange of another handshake does not pass.
+        """
+        other = yield capture(self, "localhost")
+        raws = messages(self.transcript)
+        raws[3] = messages(other)[3]
+        self.refused(b"".join(raws), "the ServerKeyExchange signature does not verify")
+
+    def test_algorithm_not_asked(self) -> None:
+        """
+        The card signs only with an algorithm the server's CertificateRequest
+        accepts: here, OpenSSL's list without SHA-1, and an unknown name.
+        """
+        decision = policy().check_authentication(self.transcript, CARD, "SHA384WithRSA")
+        self.assertTrue(decision.allowed, decision.reason)
+        raws = messages(self.transcript)
+        request = CertificateRequest.decode(raws[4][4:])
+        self.assertNotIn(SignatureScheme.rsa_pkcs1_sha1, request.signature_schemes)
+        for name in ("SHA1WithRSA", "MD5WithRSA"):
+            self.refused(
+                self.transcript,
+                f"did not ask for a client signature with {name}",
+                algorithm=name,
+            )
+
+    def test_other_client_certificate(self) -> None:
+        self.refused(
+            self.transcript,
+            "not this card's authentication certificate",
+            card=pki()["client-ec"].chain[0],
+        )
+
+
+# SignedInfo ----------------------------------------------------------------
+
+KEY, CERTIFICATE = self_signed(rsa.generate_private_key(65537, 2048), "Dr LIBRE")
+
+
+def signed_info(**kw: Any) -> bytes:
+    """
+    @return: what L{sign_submission} hands its signer.
+    """
+    asked: list[bytes] = []
+
+    def signer(data: bytes, algorithm: str) -> Deferred[bytes]:
+        asked.append(data)
+        return local_signer(KEY)(data, algorithm)
+
+    submission = new_submission(
+        cda_entries()[:2], PROFESSIONAL, STRUCTURE, SOFTWARE, DEFAULTS
+    )
+    sign_submission(submission, signer, CERTIFICATE, PROFESSIONAL, STRUCTURE, **kw)
+    return asked[0]
+
+
+DS = "http://www.w3.org/2000/09/xmldsig#"
+
+
+def c14n(element: etree._Element) -> bytes:
+    return etree.tostring(element, method="c14n", exclusive=True)
+
+
+class SignedInfoTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.data = signed_info()
+
+    def refused(self, data: bytes, why: str, algorithm: str = "SHA256WithRSA") -> None:
+        decision = policy().check_signature(data, algorithm)
+        self.assertFalse(decision.allowed)
+        self.assertIn(why, decision.reason)
+
+    def test_submission_signed_info(self) -> None:
+        decision = policy().check_signature(self.data, "SHA256WithRSA")
+        self.assertTrue(decision.allowed, decision.reason)
+        self.assertTrue(decision.subject.startswith("submission-set signature"))
+
+    def test_arbitrary(self) -> None:
+        self.refused(b"hello", "not well-formed")
+        self.refused(hashlib.sha256(self.data).digest(), "not a submission-set")
+        self.refused(b"<a/>", "not an XML-DSig SignedInfo")
+        self.refused(b"<!DOCTYPE a><a/>", "not a submission-set SignedInfo")
+
+    def test_not_canonical(self) -> None:
+        self.refused(self.data.replace(b"><", b">\n<", 1), "unexpected text")
+        self.refused(self.data.replace(b"><", b"><!-- x --><", 1), "comments")
+        self.refused(b'<?xml version="1.0"?>' + self.data, "canonical")
+
+    def test_other_algorithm(self) -> None:
+        self.refused(self.data, "SignatureMethod", "SHA256WithECDSA")
+        self.refused(self.data, "not a submission-set signature", "SHA512WithRSA")
+
+    def test_altered(self) -> None:
+        def altered(change: Any) -> bytes:
+            root = etree.fromstring(self.data)
+            change(root)
+            return c14n(root)
+
+        references = f"{{{DS}}}Reference"
+        self.refused(
+            altered(lambda r: r.find(references).set("URI", "http://evil/")),
+            "must refer to #IHEManifest",
+        )
+        self.refused(
+            altered(lambda r: r.append(etree.fromstring(c14n(r.find(references))))),
+            "references",
+        )
+        self.refused(
+            altered(lambda r: r.remove(r.findall(references)[1])),
+            "references",
+        )
+        self.refused(
+            altered(
+                lambda r: r[0].set(
+                    "Algorithm", "http://www.w3.org/TR/2001/REC-xml-c14n-20010315"
+                )
+            ),
+            "CanonicalizationMethod",
+        )
+        self.refused(
+            altered(
+                lambda r: setattr(r.find(f".//{{{DS}}}DigestValue"), "text", "AAAA")
+            ),
+            "no SHA-256 digest value",
+        )
+
+
+# Through the agent ------------------------------------------------------------
+
+
+class PolicyAgentTestCase(AgentTestCase):
+    """
+    An agent with the policy of C{twist cpsagent --testcard}, its rate limit
+    and an audit log.
+    """
+
+    timeout = 120
+    rate_limit: RateLimit | None = None
+
+    @inlineCallbacks
+    def setUp(self) -> Any:
+        from tests.agent_support import shared_testcard
+
+        self.testcard = shared_testcard()
+        self.audit_path = Path(self.mktemp())
+        self.policy = tap.signing_policy({"testcard": self.testcard.directory})
+        assert self.policy is not None
+        self.agent: RunningAgent = yield start_agent(
+            self,
+            token_backend(),
+            policy=self.policy,
+            rate_limit=self.rate_limit or DEFAULT_RATE_LIMIT,
+            audit=AuditLog(self.audit_path, reactor),  # type: ignore[arg-type]
+        )
+
+    def audit_lines(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.audit_path.read_text().splitlines()]
+
+
+class SignatureEndpointTests(PolicyAgentTestCase):
+    @inlineCallbacks
+    def test_submission_signature(self) -> Any:
+        """
+        The card signs, through the agent, the SignedInfo that
+        L{sign_submission} sends (the signature verifies), and refuses
+        anything else with a 403 naming the reason.
+        """
+        client = yield self.client()
+        chain = yield client.signature_certificate_chain()
+        submission = new_submission(
+            cda_entries()[:2], PROFESSIONAL, STRUCTURE, SOFTWARE, DEFAULTS
+        )
+        signed = yield sign_submission(
+            submission, client.sign_for_signature, chain[0], PROFESSIONAL, STRUCTURE
+        )
+        self.assertEqual(len(signed.documents), 3)
+
+        for data, algorithm in [
+            (b"hello", "SHA256WithRSA"),
+            (signed_info(), "SHA512WithRSA"),
+            (signed_info().replace(b"IHEManifest", b"Elsewhere"), "SHA256WithRSA"),
+        ]:
+            error = yield self.assertFailure(
+                client.sign_for_signature(data, algorithm), AgentError
+            )
+            self.assertEqual(error.problem["status"], 403)
+            self.assertEqual(error.problem["type"], problems.POLICY_REFUSED)
+            self.assertIn("does not sign this with the signature key", str(error))
+        outcomes = [line["outcome"] for line in self.audit_lines()]
+        self.assertEqual(outcomes, ["signed", "refused", "refused", "refused"])
+
+    @inlineCallbacks
+    def test_authentication_refused(self) -> Any:
+        """
+        Arbitrary data for the authentication key: 403, a security event
+        with the caller and the reason, an audit line, and no token or data
+        in either.
+        """
+        context = yield self.session()
+        events: list[dict[str, Any]] = []
+        from twisted.logger import globalLogPublisher
+
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        answer = yield self.request(
+            "POST",
+            "/cps/sign/for/authentication/SHA256WithRSA",
+            {"Content-Type": "application/octet-stream"},
+            b"secret data to sign",
+            context["token"],
+        )
+        document = self.assertProblem(answer, 403, problems.POLICY_REFUSED)
+        self.assertIn("not a TLS 1.2 handshake transcript", document["detail"])
+        security = [e for e in events if "security:" in e.get("log_format", "")]
+        self.assertEqual(len(security), 1)
+        self.assertEqual(security[0]["log_level"].name, "warn")
+        self.assertEqual(security[0]["caller"], "127.0.0.1")
+        self.assertIn("transcript", security[0]["reason"])
+        flat = repr(events) + self.audit_path.read_text()
+        self.assertNotIn(context["token"], flat)
+        self.assertNotIn("secret data", flat)
+        [line] = self.audit_lines()
+        self.assertEqual(line["context"], context_id(context["token"]))
+        self.assertEqual(line["key"], "authentication")
+        self.assertEqual(line["algorithm"], "SHA256WithRSA")
+        self.assertEqual(line["outcome"], "refused")
+        self.assertIn("transcript", line["reason"])
+
+
+class RateLimitTests(PolicyAgentTestCase):
+    rate_limit = RateLimit(3, 60)
+
+    @inlineCallbacks
+    def test_limit(self) -> Any:
+        """
+        With 3 signatures a minute, the 4th request of a session is refused
+        with 429 and Retry-After, refused requests counting too; another
+        session has its own count.
+        """
+        context = yield self.session()
+        client = CpsAgentClient.from_context(context, timeout=20)
+        self.addCleanup(client.close)
+        chain = yield client.signature_certificate_chain()
+        for _ in range(2):
+            submission = new_submission(
+                cda_entries()[:1], PROFESSIONAL, STRUCTURE, SOFTWARE, DEFAULTS
+            )
+            yield sign_submission(
+                submission, client.sign_for_signature, chain[0], PROFESSIONAL, STRUCTURE
+            )
+        yield self.assertFailure(
+            client.sign_for_signature(b"x", "SHA256WithRSA"), AgentError
+        )
+        answer = yield self.request(
+            "POST",
+            "/cps/sign/for/signature/SHA256WithRSA",
+            {"Content-Type": "application/octet-stream"},
+            signed_info(),
+            context["token"],
+        )
+        self.assertProblem(answer, 429, problems.RATE_LIMITED)
+        retry = int(answer.header("retry-after") or 0)
+        self.assertTrue(55 <= retry <= 60, retry)
+
+        other = yield self.client()
+        yield other.sign_for_signature(signed_info(), "SHA256WithRSA")
+        outcomes = [(line["context"], line["outcome"]) for line in self.audit_lines()]
+        mine, theirs = context_id(context["token"]), outcomes[-1][0]
+        self.assertNotEqual(mine, theirs)
+        self.assertEqual(
+            outcomes,
+            [
+                (mine, "signed"),
+                (mine, "signed"),
+                (mine, "refused"),
+                (mine, "refused"),
+                (theirs, "signed"),
+            ],
+        )
+        self.assertIn("rate limit", self.audit_lines()[3]["reason"])
+
+
+class SandboxAgentTestCase(PolicyAgentTestCase):
+    """
+    The policy-on agent and a sandbox DMP on the test card's server
+    certificate.
+    """
+
+    @inlineCallbacks
+    def setUp(self) -> Any:
+        yield super().setUp()
+        card = self.testcard
+        self.sandbox = SandboxService(
+            "tcp:0:interface=127.0.0.1",
+            str(Path(self.mktemp() + ".sqlite").absolute()),
+            card.sandbox_cert,
+            card.sandbox_key,
+            [card.ca_root, *card.ca_intermediates],
+        )
+        port = yield self.sandbox.start()
+        self.addCleanup(self.sandbox.stopService)
+        self.port = port.getHost().port
+
+    @inlineCallbacks
+    def existence(self, host: str, client: CpsAgentClient) -> Any:
+        import treq.client
+
+        config = TLSClientConfig(
+            roots=[self.testcard.ca_root_certificate()], remote_key=client
+        )
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        http = treq.client.HTTPClient(
+            Agent.usingEndpointFactory(
+                reactor, TLSAgentEndpointFactory(reactor, config), pool=pool
+            )
+        )
+        professional = _professional(self.testcard)
+        vihf = VihfRequest(
+            professional,
+            STRUCTURE,
+            SOFTWARE,
+            issuer="CN=" + professional.identifier,
+            patient=CDA_PATIENT,
+        )
+        endpoints = DmpEndpoints(
+            f"https://{host}:{self.port}/si-dmp-server/v2/services"
+        )
+        message = existence_test(endpoints, vihf, CDA_PATIENT)
+        response = yield http.post(
+            message.url,
+            data=message.body(),
+            headers={"Content-Type": [message.content_type]},
+        )
+        body = yield response.content()
+        content_type = response.headers.getRawHeaders("content-type", [""])[0]
+        return read_existence(read_message(content_type, body))
+
+
+class SandboxChainTests(SandboxAgentTestCase):
+    """
+    Our TLS client, its key the card behind a real agent with the policy on,
+    to the sandbox DMP.
+    """
+
+    @inlineCallbacks
+    def test_existence(self) -> Any:
+        """
+        A TD0.2 through 127.0.0.1 (no server_name) and through localhost:
+        each handshake is signed by the card, each answered by the sandbox,
+        each in the audit log under the server's name.
+        """
+        client = yield self.client()
+        for host in ("127.0.0.1", "localhost"):
+            existence = yield self.existence(host, client)
+            self.assertTrue(existence.exists)
+        lines = self.audit_lines()
+        self.assertEqual(
+            [(line["subject"], line["outcome"], line["key"]) for line in lines],
+            [
+                ("127.0.0.1", "signed", "authentication"),
+                ("localhost", "signed", "authentication"),
+            ],
+        )
+
+    @inlineCallbacks
+    def test_sandbox_not_allowed(self) -> Any:
+        """
+        With the DMP's hosts only in the allow-list, the handshake with the
+        sandbox fails: the card is not asked to sign.
+        """
+        self.policy.allowed_servers = list(DMP_SERVERS)
+        client = yield self.client()
+        error = yield self.assertFailure(self.existence("localhost", client), Exception)
+        self.assertIn("'localhost' is not allowed", str(error))
+        [line] = self.audit_lines()
+        self.assertEqual(line["outcome"], "refused")
+
+
+class RateLimiterTests(SynchronousTestCase):
+    def test_sliding_window(self) -> None:
+        """
+        N requests in the window, then a wait until the oldest leaves it;
+        each context counts on its own.
+        """
+        clock = Clock()
+        limiter = RateLimiter(RateLimit(2, 10), clock)
+        self.assertIsNone(limiter.take("a"))
+        clock.advance(4)
+        self.assertIsNone(limiter.take("a"))
+        self.assertEqual(limiter.take("a"), 6)
+        self.assertIsNone(limiter.take("b"))
+        clock.advance(6)
+        self.assertIsNone(limiter.take("a"))
+        self.assertEqual(limiter.take("a"), 4)
+
+
+@implementer(IRemoteKey)
+class RecordingAgentKey:
+    """
+    The agent client as the TLS client's key, keeping what it had signed.
+    """
+
+    def __init__(self, client: CpsAgentClient) -> None:
+        self._client = client
+        self.supported_signature_schemes = client.supported_signature_schemes
+        self.signed: list[bytes] = []
+
+    def certificate_chain(self) -> Deferred[list[x509.Certificate]]:
+        return self._client.certificate_chain()
+
+    def sign(self, data: bytes, scheme: SignatureScheme) -> Deferred[bytes]:
+        self.signed.append(data)
+        return self._client.sign(data, scheme)
+
+
+class ConcurrentLimitTests(SandboxAgentTestCase):
+    @inlineCallbacks
+    def test_fifty_at_once(self) -> Any:
+        """
+        Fifty signatures of a genuine transcript asked at once of an agent
+        with the default limit (30 a minute): the card signs up to the
+        limit, each signature valid, and refuses the rest with 429.
+        """
+        client = yield self.client()
+        key = RecordingAgentKey(client)
+        config = TLSClientConfig(
+            roots=[self.testcard.ca_root_certificate()], remote_key=key
+        )
+        endpoint = TLSClientEndpoint.for_host(reactor, "localhost", self.port, config)
+        protocol = yield endpoint.connect(Factory.forProtocol(Protocol))
+        protocol.transport.loseConnection()
+        [transcript] = key.signed
+        chain = yield client.certificate_chain()
+
+        results = yield gatherResults(
+            [
+                client.sign(transcript, SignatureScheme.rsa_pkcs1_sha256).addErrback(
+                    lambda f: f.trap(AgentError) and f.value
+                )
+                for _ in range(50)
+            ]
+        )
+        signatures = [r for r in results if isinstance(r, bytes)]
+        refusals = [r for r in results if isinstance(r, AgentError)]
+        self.assertEqual((len(signatures), len(refusals)), (29, 21))
+        for signature in signatures:
+            self.assertTrue(
+                verify_signature(
+                    chain[0].public_key(),
+                    SignatureScheme.rsa_pkcs1_sha256,
+                    signature,
+                    transcript,
+                )
+            )
+        self.assertEqual({r.problem["status"] for r in refusals}, {429})
+        outcomes = [line["outcome"] for line in self.audit_lines()]
+        self.assertEqual(outcomes.count("signed"), 30)
+        self.assertEqual(outcomes.count("refused"), 21)
