@@ -15,9 +15,11 @@ $(VENV)/.installed: setup.cfg pyproject.toml scripts/system-deps
 	PYTHON=$(PYTHON) scripts/system-deps
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	# "compat" puts the checkout itself on sys.path, which is what lets
-	# Twisted find twisted/plugins (no __init__.py there, on purpose).
-	$(BIN)/python -m pip install -q -e '.[dev]' --config-settings editable_mode=compat
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	# Twisted finds plugins in the twisted/plugins folders of sys.path's
+	# entries (this one has no __init__.py, on purpose): put the checkout
+	# itself on sys.path so that `twist` sees ours and their edits.
+	$(BIN)/python -c 'import pathlib, site; pathlib.Path(site.getsitepackages()[0], "cpsdmp-checkout.pth").write_text("$(CURDIR)\n")'
 	touch $@
 
 demo: install
