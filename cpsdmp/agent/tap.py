@@ -118,15 +118,13 @@ class Options(usage.Options):
 
     def opt_allow_server(self, name: str) -> None:
         """
-        A server the card may authenticate to (repeatable; replaces the
-        default list, the DMP's hosts).
+        Server the card may authenticate to (repeatable; replaces the default).
         """
         self["allow-servers"].append(name)
 
     def opt_trust(self, path: str) -> None:
         """
-        PEM file of roots a server chain must lead to (repeatable): for the
-        DMP, the IGC-Santé root.
+        PEM roots a server chain must lead to (repeatable): IGC-Santé's.
         """
         self["trust"].append(path)
 
