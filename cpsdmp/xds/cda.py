@@ -67,6 +67,7 @@ SYNTHESE = CodedValue("11", CLASS_CODE_SYSTEM, "Synthèse")
 #: transcription: a typeCode not listed needs C{classCode} in the overrides.
 CLASS_BY_TYPE: dict[tuple[str, str], CodedValue] = {
     ("11502-2", "2.16.840.1.113883.6.1"): COMPTE_RENDU,
+    ("11488-4", "2.16.840.1.113883.6.1"): COMPTE_RENDU,
     ("11490-0", "2.16.840.1.113883.6.1"): COMPTE_RENDU,
     ("87273-9", "2.16.840.1.113883.6.1"): COMPTE_RENDU,
     ("34133-9", "2.16.840.1.113883.6.1"): SYNTHESE,
