@@ -195,4 +195,5 @@ def sample_cda(
         classCode="DOCCLIN",
         moodCode="EVN",
     )
-    return etree.tostring(document, xml_declaration=True, encoding="UTF-8")
+    data: bytes = etree.tostring(document, xml_declaration=True, encoding="UTF-8")
+    return data
