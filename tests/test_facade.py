@@ -26,7 +26,8 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.internet.utils import getProcessOutputAndValue
-from twisted.trial.unittest import TestCase
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, readBody
 from twisted.web.http_headers import Headers
 
@@ -35,9 +36,11 @@ from cpsdmp.agent.client import open_session
 from cpsdmp.facade.client import (
     AgentFailed,
     AgentSessionExpired,
+    AgentTimedOut,
     DmpFailed,
     DmpRefused,
     FacadeClient,
+    FacadeProblem,
     HandshakeRefused,
     InvalidDocument,
     MalformedRequest,
@@ -443,15 +446,26 @@ class FaultTests(FacadeTestCase):
     @inlineCallbacks
     def test_agent_stopped_midway(self) -> Any:
         """
-        The agent stops after a first request: reading needs no card (the
-        connection is kept), a submission needs its signature key: 502
-        saying the agent is unreachable.
+        The agent stops after a first request: a submission needs the card's
+        signature key, and the facade says the agent failed: unreachable
+        (502) once its connections are gone, or silent (504) while one
+        lingers.
         """
-        yield self.facade.td02_exist(CDA_PATIENT, self.context)
+        facade = yield self.start_facade(
+            self.dmp_url(self.sandbox_port), agent_timeout=3.0
+        )
+        yield facade.td02_exist(CDA_PATIENT, self.context)
         yield self.agent.service.stopService()
-        error = yield self.failure_of(self.submit(cda("VAC-NOTE")), AgentFailed)
-        self.assertEqual(error.status, 502)
-        self.assertEqual(error.kind, "agent-unreachable")
+        data = cda("VAC-NOTE")
+        error = yield self.failure_of(
+            facade.td21_submit([data], self.context, [overrides_for(data)]),
+            AgentFailed,
+        )
+        self.assertIn(
+            (error.status, error.kind),
+            [(502, "agent-unreachable"), (504, "agent-timeout")],
+        )
+        self.assertIn(self.agent.url, str(error))
 
     @inlineCallbacks
     def test_agent_unreachable(self) -> Any:
@@ -803,3 +817,193 @@ class SubmitCommandTests(FacadeTestCase):
         )
         self.assertEqual(code, 1)
         self.assertIn(b"422", err)
+
+
+class MoreFaultTests(FacadeTestCase):
+    @inlineCallbacks
+    def test_agent_timeout(self) -> Any:
+        """
+        An agent address where something accepts connections and never
+        answers: 504, the agent did not answer in time.
+        """
+        silent = reactor.listenTCP(
+            0, Factory.forProtocol(Protocol), interface="127.0.0.1"
+        )
+        self.addCleanup(silent.stopListening)
+        facade = yield self.start_facade(
+            self.dmp_url(self.sandbox_port), agent_timeout=1.0
+        )
+        context = dict(self.context, url=f"https://127.0.0.1:{silent.getHost().port}")
+        error = yield self.failure_of(
+            facade.td02_exist(CDA_PATIENT, context), AgentTimedOut
+        )
+        self.assertEqual(error.status, 504)
+
+    @inlineCallbacks
+    def test_body_limit(self) -> Any:
+        """
+        A body over the limit is refused with 413 and a problem document,
+        before the DMP or the agent is asked anything.
+        """
+        self.service.site.requestFactory.max_body = 10_000
+        error = yield self.failure_of(
+            self.facade.td21_submit([cda("BIO")], self.context), FacadeProblem
+        )
+        self.assertEqual(error.status, 413)
+        self.assertEqual(error.kind, "too-large")
+        self.assertEqual(self.backend.signatures[KeyUsage.signature], 0)
+
+    @inlineCallbacks
+    def test_one_log_event_per_transaction(self) -> Any:
+        """
+        Each DMP transaction logs one event with its action, the DMP's
+        answer, its duration, the connection (new, reused) and the card
+        signature; no event carries the token.
+        """
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        yield self.facade.td02_exist(CDA_PATIENT, self.context)
+        yield self.facade.td02_exist(CDA_PATIENT, self.context)
+        yield self.submit(cda("VAC-NOTE"))
+        transactions = [
+            e
+            for e in events
+            if e.get("log_namespace") == "cpsdmp.facade.service" and e.get("action")
+        ]
+        self.assertEqual(
+            [e["action"] for e in transactions], ["TD0.2", "TD0.2", "TD2.1"]
+        )
+        self.assertEqual([e["code"] for e in transactions], ["OK", "OK", "Success"])
+        self.assertEqual(transactions[0]["connection"], "new handshake")
+        self.assertNotEqual(transactions[0]["signature"], "none")
+        self.assertEqual(transactions[1]["connection"], "reused")
+        self.assertEqual(transactions[1]["signature"], "none")
+        for event in events:
+            self.assertNotIn(self.context["token"], formatEvent(event))
+            self.assertNotIn(self.context["token"], repr(event))
+
+
+class ProblemMappingTests(SynchronousTestCase):
+    """
+    Each failure the facade meets, and the status and problem type a
+    backend gets for it.
+    """
+
+    def test_statuses(self) -> None:
+        from cpsdmp.agent.client import (
+            AgentUnreachable,
+            NoCard,
+            PinBlocked,
+            TokenExpired,
+        )
+        from cpsdmp.facade.resource import BadRequest, problem_for
+        from cpsdmp.facade.service import DmpTimeout, DmpUnreachable
+        from cpsdmp.protocols.tls import HandshakeFailed
+        from cpsdmp.protocols.tls.alerts import AlertDescription
+        from cpsdmp.xds.responses import (
+            FAILURE,
+            RegistryError,
+            RegistryFailure,
+            RegistryResult,
+        )
+
+        refusal = RegistryFailure(
+            RegistryResult(
+                FAILURE, [RegistryError("DMP_4001", "patient inconnu", "Error")]
+            )
+        )
+        cases = [
+            (BadRequest("no agentContext"), 400, "malformed-request"),
+            (TokenExpired("expired"), 401, "token-expired"),
+            (PinBlocked("PIN blocked"), 423, "pin-blocked"),
+            (NoCard("no card"), 503, "no-card"),
+            (AgentUnreachable("cannot reach the agent"), 502, "agent-unreachable"),
+            (AgentUnreachable("the agent did not answer"), 504, "agent-timeout"),
+            (
+                HandshakeFailed(
+                    "WAIT_SIGNATURE",
+                    "key holder failed",
+                    AlertDescription.internal_error,
+                ),
+                502,
+                "handshake-failed",
+            ),
+            (DmpUnreachable("refused"), 502, "dmp-unreachable"),
+            (DmpTimeout("slow"), 504, "dmp-timeout"),
+            (CdaError("no title"), 422, "invalid-cda"),
+            (refusal, 422, "dmp-refused"),
+            (RuntimeError("bug"), 500, "internal-error"),
+        ]
+        for error, status, kind in cases:
+            problem = problem_for(error)
+            self.assertEqual((problem.status, problem.kind), (status, kind), error)
+        document = problem_for(refusal).document()
+        self.assertEqual(
+            document["errors"],
+            [
+                {
+                    "code": "DMP_4001",
+                    "context": "patient inconnu",
+                    "severity": "Error",
+                    "location": "",
+                }
+            ],
+        )
+        handshake = problem_for(cases[6][0]).document()
+        self.assertEqual(
+            (handshake["step"], handshake["alert"]),
+            ("WAIT_SIGNATURE", "internal_error"),
+        )
+        self.assertNotIn("bug", json.dumps(problem_for(RuntimeError("bug")).document()))
+
+    def test_overrides(self) -> None:
+        from cpsdmp.facade.resource import BadRequest, read_overrides
+
+        values = read_overrides(
+            {"classCode": SYNTHESE, "title": "Bilan", "confidentialityCode": [SYNTHESE]}
+        )
+        self.assertEqual(
+            values["classCode"], CodedValue("11", SYNTHESE["codingScheme"], "Synthèse")
+        )
+        self.assertEqual(values["title"], "Bilan")
+        self.assertRaises(BadRequest, read_overrides, {"patientId": "x"})
+        self.assertRaises(BadRequest, read_overrides, {"classCode": {"code": "11"}})
+
+
+class OptionsTests(SynchronousTestCase):
+    def test_needs_roots(self) -> None:
+        from twisted.python.usage import UsageError
+
+        from cpsdmp.facade.tap import Options
+
+        self.assertRaises(UsageError, Options().parseOptions, [])
+
+    def test_testcard_and_settings(self) -> None:
+        from cpsdmp.facade.tap import SANDBOX_URL, Options, makeService
+
+        card = shared_testcard()
+        options = Options()
+        options.parseOptions(
+            [
+                "--testcard",
+                str(Path(card.ca_root).parent),
+                "--structure-id",
+                "12345678900011",
+                "--structure-kind",
+                "SIRET",
+                "--software-name",
+                "Logiciel",
+                "--dmp-timeout",
+                "7",
+            ]
+        )
+        service = makeService(options)
+        config = service.dmp.config
+        self.assertEqual(config.dmp_url, SANDBOX_URL)
+        self.assertEqual(config.structure.idnst, "312345678900011")
+        self.assertEqual(config.software.name, "Logiciel")
+        self.assertEqual(config.dmp_timeout, 7.0)
+        self.assertEqual(config.defaults.ins_authority, INS_OID_TEST)
+        self.assertEqual(list(config.roots), [card.ca_root_certificate()])
+        self.assertEqual(service.listen_on, "tcp:10080:interface=127.0.0.1")

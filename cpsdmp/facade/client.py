@@ -115,6 +115,12 @@ class DmpTimedOut(FacadeProblem):
     pass
 
 
+class AgentTimedOut(AgentFailed):
+    """
+    The agent did not answer in time (the workstation asleep, the card slow).
+    """
+
+
 class OutcomeUnknown(DmpTimedOut):
     """
     A submission's answer never came and the facade could not confirm it:
@@ -147,6 +153,7 @@ _KINDS: Mapping[str, type[FacadeProblem]] = {
     "dmp-fault": DmpFailed,
     "dmp-bad-answer": DmpFailed,
     "dmp-timeout": DmpTimedOut,
+    "agent-timeout": AgentTimedOut,
     "outcome-unknown": OutcomeUnknown,
 }
 
@@ -340,6 +347,7 @@ class FacadeClient:
 
 __all__ = [
     "AgentFailed",
+    "AgentTimedOut",
     "AgentSessionExpired",
     "CardMissing",
     "CardPinBlocked",

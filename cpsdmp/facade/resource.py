@@ -135,6 +135,11 @@ def problem_for(error: BaseException) -> Problem:
     if isinstance(error, AgentCertificateMismatch):
         return Problem(502, "agent-mismatch", "Not the agent the context names", text)
     if isinstance(error, AgentUnreachable):
+        # The agent client says "did not answer ... within N s" on a timeout.
+        if "did not answer" in text:
+            return Problem(
+                504, "agent-timeout", "The agent did not answer in time", text
+            )
         return Problem(502, "agent-unreachable", "The agent is unreachable", text)
     if isinstance(error, AgentError):
         return Problem(502, "agent-error", "The agent refused", text)
