@@ -266,6 +266,13 @@ class ScenarioTests(FacadeTestCase):
             self.assertIn(
                 "MASQUE_PS", [c["code"] for c in entry["confidentialityCode"]]
             )
+            error = yield self.failure_of(
+                self.facade.td33_update(
+                    document["uniqueId"], "mask", self.context, CDA_PATIENT
+                ),
+                FacadeProblem,
+            )
+            self.assertEqual((error.status, error.kind), (409, "conflict"))
         self.assertEqual(self.authentication_signatures, 1)
         # One signature of the submission set per submission.
         self.assertEqual(self.backend.signatures[KeyUsage.signature], len(paths))
@@ -598,7 +605,7 @@ class _Downstream(Protocol):
             call = reactor.callLater(0.5, self.transport.abortConnection)
             self.proxy.later.append((call, self.transport))
             return
-        if big and self.proxy.mode == "drop-answer":
+        if big and self.proxy.mode in ("drop-answer", "hold-answer"):
             self.armed = True
         if self.upstream is None:
             self.pending.append(data)
@@ -606,6 +613,14 @@ class _Downstream(Protocol):
             self.upstream.transport.write(data)
 
     def from_server(self, data: bytes) -> None:
+        if getattr(self, "armed", False) and self.proxy.mode == "hold-answer":
+            # The DMP answered; the answer waits here until the facade gives up.
+            self.proxy.cuts += 1
+            self.proxy.mode = None
+            self.held = True
+            return
+        if getattr(self, "held", False):
+            return
         if getattr(self, "armed", False) and self.proxy.mode == "drop-answer":
             # The DMP answered; the answer never reaches the facade.
             self.proxy.cuts += 1
@@ -655,7 +670,8 @@ class LostAnswerTests(FacadeTestCase):
         listening = reactor.listenTCP(0, self.proxy, interface="127.0.0.1")
         self.addCleanup(listening.stopListening)
         self.addCleanup(self.proxy.stop)
-        self.facade = yield self.start_facade(self.dmp_url(listening.getHost().port))
+        self.proxy_port = listening.getHost().port
+        self.facade = yield self.start_facade(self.dmp_url(self.proxy_port))
         self.data = cda("BIO")
         self.assertGreater(len(self.data), self.proxy.threshold)
         yield self.facade.td02_exist(CDA_PATIENT, self.context)
@@ -676,6 +692,22 @@ class LostAnswerTests(FacadeTestCase):
         it by uniqueId and does not send it again.
         """
         self.proxy.mode = "drop-answer"
+        answer = yield self.submit(self.data)
+        self.assertEqual(self.proxy.cuts, 1)
+        self.assertEqual(answer["outcome"], "stored-after-lost-answer")
+        copies = yield self.stored_copies()
+        self.assertEqual(copies, 1)
+
+    @inlineCallbacks
+    def test_answer_late_but_stored(self) -> Any:
+        """
+        The DMP stored the submission but its answer does not come within
+        the facade's timeout: the facade finds it by uniqueId.
+        """
+        self.facade = yield self.start_facade(
+            self.dmp_url(self.proxy_port), dmp_timeout=2.0
+        )
+        self.proxy.mode = "hold-answer"
         answer = yield self.submit(self.data)
         self.assertEqual(self.proxy.cuts, 1)
         self.assertEqual(answer["outcome"], "stored-after-lost-answer")

@@ -628,7 +628,13 @@ async def _td33(resource: FacadeResource, request: server.Request, body: Any) ->
             f"the DMP has no current document {unique_id} for this patient",
         )
     entry = current[-1]
-    await resource.service.td33(context, entry, action)
+    try:
+        await resource.service.td33(context, entry, action)
+    except MetadataError as error:
+        # Masking a masked document, say: nothing was sent.
+        raise Problem(
+            409, "conflict", "Not possible in the document's state", str(error)
+        ) from error
     return {"status": "Success", "uniqueId": unique_id, "action": action}
 
 
@@ -851,7 +857,7 @@ ROUTES: tuple[Route, ...] = (
                 "action": {"type": "string"},
             },
         },
-        errors=(400, 401, 404, 422, 423, 502, 503, 504),
+        errors=(400, 401, 404, 409, 422, 423, 502, 503, 504),
     ),
 )
 
@@ -859,6 +865,7 @@ _STATUS_TEXT = {
     400: "malformed request",
     401: "the agent session expired (enter the PIN again)",
     404: "no such document",
+    409: "the document is already in the state asked for",
     413: "request body too large",
     422: "the document is invalid, or the DMP refused (its codes in 'errors')",
     423: "the card's PIN is blocked",

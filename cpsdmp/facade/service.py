@@ -631,7 +631,9 @@ class DmpService:
         """
         session = await self._session(context)
         message = existence_test(self.endpoints, self.vihf(session, patient), patient)
-        return await self._exchange(context, session, "TD0.2", message, read_existence)
+        return await self._exchange(
+            context, session, "TD0.2", message, read_existence, idempotent=True
+        )
 
     async def td31(
         self,
@@ -658,7 +660,9 @@ class DmpService:
                 unique_ids=unique_ids,
                 entry_uuids=entry_uuids,
             )
-        return await self._exchange(context, session, "TD3.1", message, read_query)
+        return await self._exchange(
+            context, session, "TD3.1", message, read_query, idempotent=True
+        )
 
     async def td32(
         self,
@@ -673,7 +677,9 @@ class DmpService:
         message = retrieve_documents(
             self.endpoints, self.vihf(session, patient), unique_ids
         )
-        return await self._exchange(context, session, "TD3.2", message, read_retrieve)
+        return await self._exchange(
+            context, session, "TD3.2", message, read_retrieve, idempotent=True
+        )
 
     async def td33(
         self, context: AgentContext, entry: DocumentEntry, action: str
@@ -842,8 +848,19 @@ class DmpService:
         name: str,
         message: OutgoingMessage,
         reader: Callable[[SoapResponse], T],
+        idempotent: bool = False,
     ) -> T:
+        """
+        Run one exchange; a read (C{idempotent}) whose answer was lost, as
+        when the DMP closed a kept connection just as it was reused, is
+        sent once more.
+        """
         try:
+            try:
+                return await self.exchange(session, name, message, reader)
+            except DmpAnswerLost:
+                if not idempotent:
+                    raise
             return await self.exchange(session, name, message, reader)
         except TokenExpired:
             self.forget(context)
