@@ -15,7 +15,6 @@ was stored.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Mapping, Sequence
@@ -29,11 +28,17 @@ from treq.client import HTTPClient
 from twisted.internet.defer import (
     CancelledError,
     Deferred,
+    DeferredList,
     TimeoutError,
     ensureDeferred,
 )
 from twisted.internet.error import ConnectError, ConnectionLost
-from twisted.internet.interfaces import IProtocol, IProtocolFactory
+from twisted.internet.interfaces import (
+    IProtocol,
+    IProtocolFactory,
+    IStreamClientEndpoint,
+)
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.web.client import (
     URI,
@@ -265,35 +270,42 @@ class ConnectionInfo:
     last_resumed: bool | None = None
 
 
+@implementer(IStreamClientEndpoint)
+class _RecordingEndpoint:
+    """
+    One of our TLS endpoints, noting whether each connection resumed a session.
+    """
+
+    def __init__(self, endpoint: IStreamClientEndpoint, info: ConnectionInfo) -> None:
+        self._endpoint = endpoint
+        self._info = info
+
+    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
+        def established(protocol: IProtocol) -> IProtocol:
+            transport = getattr(protocol, "transport", None)
+            negotiated = getattr(transport, "negotiated", None)
+            resumed = bool(getattr(negotiated, "resumed", False))
+            self._info.handshakes += 1
+            self._info.resumed += resumed
+            self._info.last_resumed = resumed
+            return protocol
+
+        connecting: Deferred[IProtocol] = self._endpoint.connect(protocolFactory)
+        return connecting.addCallback(established)
+
+
 @implementer(IAgentEndpointFactory)
 class _RecordingEndpoints:
     """
-    Our TLS endpoints, noting whether each new connection resumed a session.
+    Our TLS endpoints for the HTTP Agent, each recording its handshakes.
     """
 
     def __init__(self, reactor: Any, config: TLSClientConfig, info: ConnectionInfo):
         self._inner = TLSAgentEndpointFactory(reactor, config)
         self._info = info
 
-    def endpointForURI(self, uri: URI) -> Any:
-        endpoint = self._inner.endpointForURI(uri)
-        info = self._info
-
-        class Recording:
-            def connect(self, factory: IProtocolFactory) -> Deferred[IProtocol]:
-                def established(protocol: IProtocol) -> IProtocol:
-                    negotiated = getattr(
-                        getattr(protocol, "transport", None), "negotiated", None
-                    )
-                    info.handshakes += 1
-                    resumed = bool(getattr(negotiated, "resumed", False))
-                    info.resumed += resumed
-                    info.last_resumed = resumed
-                    return protocol
-
-                return endpoint.connect(factory).addCallback(established)
-
-        return Recording()
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        return _RecordingEndpoint(self._inner.endpointForURI(uri), self._info)
 
 
 @dataclass
@@ -314,8 +326,6 @@ class ProfessionalSession:
     card_fingerprint: str
 
     def close(self) -> Deferred[Any]:
-        from twisted.internet.defer import DeferredList
-
         return DeferredList([self.pool.closeCachedConnections(), self.agent.close()])
 
 
@@ -498,8 +508,6 @@ class DmpService:
 
         @return: a Deferred that fires when they are closed.
         """
-        from twisted.internet.defer import DeferredList
-
         sessions, self._sessions = list(self._sessions.values()), OrderedDict()
         closing = [
             _share(d).addCallback(lambda s: s.close()).addErrback(lambda _: None)
@@ -612,7 +620,7 @@ class DmpService:
             ) from error
         length = response.length
         if isinstance(length, int) and length > self.config.max_answer_bytes:
-            response.original.deliverBody(_Discard())
+            response.original.deliverBody(Protocol())
             raise DmpHttpError(f"the DMP's answer is too large ({length} bytes)")
         try:
             body = await response.content()
@@ -867,17 +875,6 @@ class DmpService:
             raise
 
 
-class _Discard:
-    def dataReceived(self, data: bytes) -> None:
-        pass
-
-    def connectionLost(self, reason: Any) -> None:
-        pass
-
-    def makeConnection(self, transport: Any) -> None:
-        pass
-
-
 def _share(d: Deferred[T]) -> Deferred[T]:
     """
     @return: a new Deferred with C{d}'s result, leaving C{d} untouched.
@@ -929,7 +926,3 @@ def _code_of(result: object) -> str:
     if isinstance(result, list):
         return "Success"
     return "-"
-
-
-def fingerprint_of(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
