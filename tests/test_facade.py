@@ -378,6 +378,58 @@ class ScenarioTests(FacadeTestCase):
         self.assertEqual(session.connections.resumed, 1)
 
 
+class ResumptionTests(FacadeTestCase):
+    @inlineCallbacks
+    def test_new_token_same_agent_resumes(self) -> Any:
+        """
+        The professional enters the PIN again (a new token, same agent and
+        card): the facade resumes the TLS session, no card signature.
+        """
+        yield self.facade.td02_exist(CDA_PATIENT, self.context)
+        again = yield open_session(
+            self.agent.url, self.card.pin, self.agent.fingerprint
+        )
+        self.assertNotEqual(again["token"], self.context["token"])
+        yield self.facade.td02_exist(CDA_PATIENT, again)
+        self.assertEqual(self.authentication_signatures, 1)
+
+    @inlineCallbacks
+    def test_other_agent_same_certificate_signs(self) -> Any:
+        """
+        Another agent serving the same card (so the same certificate) does
+        not get the first agent's TLS session: the facade makes a full
+        handshake, and the card signs again.
+        """
+        yield self.facade.td02_exist(CDA_PATIENT, self.context)
+        other = yield start_agent(self, SharedCard(self.backend))
+        self.assertNotEqual(other.fingerprint, self.agent.fingerprint)
+        context = yield open_session(other.url, self.card.pin, other.fingerprint)
+        yield self.facade.td02_exist(CDA_PATIENT, context)
+        self.assertEqual(self.authentication_signatures, 2)
+
+
+class SharedCard:
+    """
+    The card another agent already unlocked, lent to a second agent: its
+    login, logout and close leave the first agent's session alone.
+    """
+
+    def __init__(self, backend: Any) -> None:
+        self._backend = backend
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._backend, name)
+
+    def login(self, pin: str) -> None:
+        pass
+
+    def logout(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class FaultTests(FacadeTestCase):
     @inlineCallbacks
     def test_duplicate_submission(self) -> Any:

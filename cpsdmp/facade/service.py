@@ -450,12 +450,14 @@ class DmpService:
             self.config.agent_timeout,
         )
         try:
-            return await self._open_with(agent)
+            return await self._open_with(agent, context)
         except BaseException:
             await agent.close()
             raise
 
-    async def _open_with(self, agent: CpsAgentClient) -> ProfessionalSession:
+    async def _open_with(
+        self, agent: CpsAgentClient, context: AgentContext
+    ) -> ProfessionalSession:
         holder = await agent.card()
         chain = await agent.certificate_chain()
         signing = None
@@ -471,7 +473,11 @@ class DmpService:
             roots=list(self.config.roots),
             remote_key=key,
             session_cache=self.session_cache,
-            client_identity=fingerprint,
+            # A TLS session is resumed only for the same card behind the same
+            # agent: a certificate is public, so keying by it alone would let
+            # anyone who runs an agent serving a copy of it resume this
+            # professional's sessions; the agent's own TLS key is not public.
+            client_identity=(fingerprint, context.tls_fingerprint),
             remote_key_timeout=self.config.agent_timeout,
             handshake_timeout=self.config.handshake_timeout,
         )
