@@ -22,13 +22,15 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from twisted.internet import reactor
+from treq.client import HTTPClient
+from twisted.internet import reactor, ssl
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.protocol import ClientFactory, Factory, Protocol
+from twisted.internet.protocol import ClientFactory, Factory, ProcessProtocol, Protocol
+from twisted.internet.task import deferLater
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
-from twisted.web.client import Agent, readBody
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, readBody
 from twisted.web.http_headers import Headers
 
 from cpsdmp.agent.card import KeyUsage
@@ -1091,3 +1093,80 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(config.defaults.ins_authority, INS_OID_TEST)
         self.assertEqual(list(config.roots), [card.ca_root_certificate()])
         self.assertEqual(service.listen_on, "tcp:10080:interface=127.0.0.1")
+
+
+class _Output(ProcessProtocol):
+    def __init__(self) -> None:
+        self.output = b""
+        self.ended: Deferred[None] = Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Any) -> None:
+        self.ended.callback(None)
+
+
+class TwistTests(FacadeTestCase):
+    @inlineCallbacks
+    def test_twist_dmpfacade_https(self) -> Any:
+        """
+        C{twist dmpfacade} runs as a process serving HTTPS with its
+        certificate chain, performs a TD0.2 through the agent and the
+        sandbox, and logs the transaction without the token.
+        """
+        port = free_port()
+        output = _Output()
+        process = reactor.spawnProcess(  # type: ignore[attr-defined]
+            output,
+            sys.executable,
+            [
+                sys.executable,
+                "-m",
+                "twisted",
+                "--log-format=text",
+                "dmpfacade",
+                "--testcard",
+                self.card.directory,
+                "--listen",
+                f"tcp:{port}:interface=127.0.0.1",
+                "--dmp-url",
+                self.dmp_url(self.sandbox_port),
+                "--tls-cert",
+                self.card.sandbox_cert,
+                "--tls-key",
+                self.card.sandbox_key,
+            ],
+            env=dict(os.environ, PYTHONPATH=str(REPOSITORY)),
+            path=str(REPOSITORY),
+        )
+
+        def stop() -> Deferred[None]:
+            if not output.ended.called:
+                process.signalProcess("TERM")
+            return output.ended
+
+        self.addCleanup(stop)
+        root = ssl.Certificate.loadPEM(Path(self.card.ca_root).read_bytes())
+        https = HTTPClient(
+            Agent(reactor, contextFactory=BrowserLikePolicyForHTTPS(trustRoot=root))
+        )
+        facade = FacadeClient(f"https://127.0.0.1:{port}", http=https)
+        health = None
+        for _ in range(100):
+            try:
+                health = yield facade.health()
+                break
+            except Exception:
+                if output.ended.called:
+                    break
+                yield deferLater(reactor, 0.2, lambda: None)
+        self.assertIsNotNone(health, output.output.decode(errors="replace"))
+        exists = yield facade.td02_exist(CDA_PATIENT, self.context)
+        self.assertTrue(exists["exists"])
+        yield stop()
+        log = output.output.decode(errors="replace")
+        self.assertIn("DMP TD0.2: OK", log)
+        self.assertNotIn(self.context["token"], log)

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from OpenSSL import crypto
 from twisted.application.service import Service
 from twisted.internet import ssl
 from twisted.internet.defer import Deferred
@@ -171,6 +173,21 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--{name} must be positive")
 
 
+def server_options(cert: str, key: str) -> ssl.CertificateOptions:
+    """
+    @param cert: PEM chain, the facade's certificate first.
+    @param key: PEM private key.
+    @return: OpenSSL server options sending the whole chain.
+    """
+    chain = x509.load_pem_x509_certificates(Path(cert).read_bytes())
+    private_key = serialization.load_pem_private_key(Path(key).read_bytes(), None)
+    return ssl.CertificateOptions(
+        privateKey=crypto.PKey.from_cryptography_key(private_key),  # type: ignore[arg-type]
+        certificate=crypto.X509.from_cryptography(chain[0]),
+        extraCertChain=[crypto.X509.from_cryptography(c) for c in chain[1:]],
+    )
+
+
 class FacadeService(Service):
     """
     Serves the facade's REST API; closes the DMP connections when stopped.
@@ -203,10 +220,9 @@ class FacadeService(Service):
         """
         factory: Any = self.site
         if self.tls_cert and self.tls_key:
-            chain = Path(self.tls_cert).read_text()
-            key = Path(self.tls_key).read_text()
-            options = ssl.PrivateCertificate.loadPEM(chain + key).options()
-            factory = TLSMemoryBIOFactory(options, False, self.site)
+            factory = TLSMemoryBIOFactory(
+                server_options(self.tls_cert, self.tls_key), False, self.site
+            )
         endpoint = serverFromString(self.reactor, self.listen_on)
 
         def listening(port: IListeningPort) -> IListeningPort:
