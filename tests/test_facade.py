@@ -124,6 +124,7 @@ def conforms(value: Any, schema: dict[str, Any], where: str = "$") -> None:
             "array": list,
             "string": str,
             "integer": int,
+            "number": (int, float),
             "boolean": bool,
             "null": type(None),
         }
@@ -246,6 +247,10 @@ class ScenarioTests(FacadeTestCase):
             submitted = yield self.submit(data)
             conforms(submitted, schemas["td21SubmitDocuments"])
             self.assertEqual(submitted["outcome"], "answered", path.name)
+            timings = submitted["timings"]
+            self.assertEqual(timings["connection"], "reused")
+            self.assertGreater(timings["submissionSetSignature"], 0)
+            self.assertGreater(timings["dmp"], 0)
             [document] = submitted["documents"]
             self.assertEqual(document["uniqueId"], unique_id(data))
 
@@ -965,6 +970,7 @@ class MoreFaultTests(FacadeTestCase):
         self.assertNotEqual(transactions[0]["signature"], "none")
         self.assertEqual(transactions[1]["connection"], "reused")
         self.assertEqual(transactions[1]["signature"], "none")
+        self.assertIn("submission-set signature", formatEvent(transactions[2]))
         for event in events:
             self.assertNotIn(self.context["token"], formatEvent(event))
             self.assertNotIn(self.context["token"], repr(event))

@@ -478,6 +478,7 @@ def _submitted(submitted: Submitted) -> dict[str, Any]:
             }
             for w in submitted.warnings
         ],
+        "timings": submitted.timings,
     }
 
 
@@ -765,6 +766,19 @@ ROUTES: tuple[Route, ...] = (
                     },
                 },
                 "warnings": _WARNINGS,
+                "timings": {
+                    "type": "object",
+                    "description": "seconds: the card's submission-set "
+                    "signature, the DMP exchange (with the connection used: "
+                    "new handshake, resumed, reused) and the card's TLS "
+                    "signature when a new handshake needed one",
+                    "properties": {
+                        "submissionSetSignature": {"type": ["number", "null"]},
+                        "dmp": {"type": "number"},
+                        "connection": {"enum": ["new handshake", "resumed", "reused"]},
+                        "handshakeSignature": {"type": ["number", "null"]},
+                    },
+                },
             },
         },
         request_types=(JSON, "multipart/form-data"),

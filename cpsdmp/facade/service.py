@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from cryptography import x509
@@ -77,6 +77,7 @@ from cpsdmp.xds.ebrim import (
     Status,
 )
 from cpsdmp.xds.responses import RegistryResult
+from cpsdmp.xds.signature import Signer
 from cpsdmp.xds.submit import PreparedSubmission, SigningIdentity, prepare_td21
 from cpsdmp.xds.transactions import (
     DmpEndpoints,
@@ -342,6 +343,7 @@ class Submitted:
     outcome: str = "answered"
     warnings: list[Any] = field(default_factory=list)
     count: int = 0
+    timings: dict[str, Any] = field(default_factory=dict)
 
     @property
     def documents(self) -> list[Any]:
@@ -349,6 +351,23 @@ class Submitted:
         The submitted CDA documents, without the submission set's signature.
         """
         return self.prepared.submission.documents[: self.count]
+
+
+def _timed_signer(signer: Signer, timings: dict[str, Any]) -> Signer:
+    """
+    @return: C{signer}, noting in C{timings} how long the card took.
+    """
+
+    def sign(data: bytes, algorithm: str) -> Deferred[bytes]:
+        started = time.monotonic()
+
+        def done(signature: bytes) -> bytes:
+            timings["submissionSetSignature"] = round(time.monotonic() - started, 6)
+            return signature
+
+        return signer(data, algorithm).addCallback(done)
+
+    return sign
 
 
 def card_fingerprint(certificate: x509.Certificate) -> str:
@@ -540,10 +559,12 @@ class DmpService:
         name: str,
         message: OutgoingMessage,
         reader: Callable[[SoapResponse], T],
+        timings: dict[str, Any] | None = None,
     ) -> T:
         """
         POST one SOAP message to the DMP and read its answer, with a timeout
-        on the whole exchange; log one event for it.
+        on the whole exchange; log one event for it, and note in C{timings}
+        its duration, the connection used and the card's TLS signature.
 
         @raise DmpUnreachable: no connection could be made.
         @raise DmpAnswerLost: the request went out, the answer never came.
@@ -577,25 +598,34 @@ class DmpService:
                 code = getattr(error, "code", None) or type(error).__name__
             raise
         finally:
-            new_connection = session.connections.handshakes > handshakes
+            connection = "reused"
+            if session.connections.handshakes > handshakes:
+                resumed = session.connections.last_resumed
+                connection = "resumed" if resumed else "new handshake"
+            signed = session.key.signatures > signatures
+            card_seconds = session.key.last_signature_seconds if signed else None
+            duration = time.monotonic() - started
+            set_seconds = (timings or {}).get("submissionSetSignature")
             _log.info(
                 "DMP {action}: {code} in {duration:.3f}s, connection {connection}, "
-                "card signature {signature}",
+                "card signature {signature}{set_signature}",
                 action=name,
                 code=code,
-                duration=time.monotonic() - started,
-                connection=(
-                    ("resumed" if session.connections.last_resumed else "new handshake")
-                    if new_connection
-                    else "reused"
-                ),
-                signature=(
-                    f"{session.key.last_signature_seconds:.3f}s"
-                    if session.key.signatures > signatures
-                    and session.key.last_signature_seconds is not None
-                    else "none"
+                duration=duration,
+                connection=connection,
+                signature="none" if card_seconds is None else f"{card_seconds:.3f}s",
+                set_signature=(
+                    ""
+                    if set_seconds is None
+                    else f", submission-set signature {set_seconds:.3f}s"
                 ),
             )
+            if timings is not None:
+                timings.update(
+                    dmp=round(duration, 6),
+                    connection=connection,
+                    handshakeSignature=card_seconds,
+                )
 
     async def _post(
         self, session: ProfessionalSession, message: OutgoingMessage
@@ -742,6 +772,7 @@ class DmpService:
         context: AgentContext,
         documents: Sequence[bytes],
         overrides: Sequence[dict[str, object]] | None,
+        timings: dict[str, Any] | None = None,
     ) -> tuple[ProfessionalSession, PreparedSubmission]:
         """
         Derive the metadata of C{documents} and sign the submission set on
@@ -750,6 +781,9 @@ class DmpService:
         @raise CdaError: a document lacks a mandatory element.
         """
         session = await self._session(context)
+        signing = session.signing
+        if signing is not None and timings is not None:
+            signing = replace(signing, signer=_timed_signer(signing.signer, timings))
         prepared = await prepare_td21(
             documents,
             professional=session.professional,
@@ -758,7 +792,7 @@ class DmpService:
             defaults=self.config.defaults,
             endpoints=self.endpoints,
             issuer=session.issuer,
-            signing=session.signing,
+            signing=signing,
             overrides=overrides,
             clock=self.reactor,
         )
@@ -777,16 +811,24 @@ class DmpService:
 
         @raise UnknownOutcome: the outcome could not be learnt.
         """
-        session, prepared = await self.prepare(context, documents, overrides)
+        timings: dict[str, Any] = {}
+        session, prepared = await self.prepare(context, documents, overrides, timings)
         count = len(documents)
         # The CDA documents come first; the signature, if any, after them.
         unique_ids = [d.entry.uniqueId for d in prepared.submission.documents[:count]]
         patient = prepared.submission.submission_set.patientId
         try:
             result = await self._exchange(
-                context, session, "TD2.1", prepared.message, read_registry_response
+                context,
+                session,
+                "TD2.1",
+                prepared.message,
+                read_registry_response,
+                timings=timings,
             )
-            return Submitted(prepared, result, "answered", result.warnings, count)
+            return Submitted(
+                prepared, result, "answered", result.warnings, count, timings
+            )
         except (DmpAnswerLost, DmpTimeout) as first:
             _log.warn(
                 "TD2.1 outcome unknown ({why}); checking {count} uniqueIds",
@@ -802,19 +844,33 @@ class DmpService:
                 unique_ids,
             )
         if stored:
-            return Submitted(prepared, None, "stored-after-lost-answer", count=count)
+            return Submitted(
+                prepared, None, "stored-after-lost-answer", count=count, timings=timings
+            )
         try:
             result = await self._exchange(
-                context, session, "TD2.1", prepared.message, read_registry_response
+                context,
+                session,
+                "TD2.1",
+                prepared.message,
+                read_registry_response,
+                timings=timings,
             )
             return Submitted(
-                prepared, result, "resent-after-lost-answer", result.warnings, count
+                prepared,
+                result,
+                "resent-after-lost-answer",
+                result.warnings,
+                count,
+                timings,
             )
         except (DmpAnswerLost, DmpTimeout):
             pass
         stored = await self._stored(context, patient, unique_ids)
         if stored:
-            return Submitted(prepared, None, "stored-after-lost-answer", count=count)
+            return Submitted(
+                prepared, None, "stored-after-lost-answer", count=count, timings=timings
+            )
         raise UnknownOutcome(
             "the submission was resent once after a lost answer and its answer "
             "was lost again; "
@@ -863,6 +919,7 @@ class DmpService:
         message: OutgoingMessage,
         reader: Callable[[SoapResponse], T],
         idempotent: bool = False,
+        timings: dict[str, Any] | None = None,
     ) -> T:
         """
         Run one exchange; a read (C{idempotent}) whose answer was lost, as
@@ -871,11 +928,11 @@ class DmpService:
         """
         try:
             try:
-                return await self.exchange(session, name, message, reader)
+                return await self.exchange(session, name, message, reader, timings)
             except DmpAnswerLost:
                 if not idempotent:
                     raise
-            return await self.exchange(session, name, message, reader)
+            return await self.exchange(session, name, message, reader, timings)
         except TokenExpired:
             self.forget(context)
             raise
