@@ -945,6 +945,23 @@ class MoreFaultTests(FacadeTestCase):
         self.assertEqual(self.backend.signatures[KeyUsage.signature], 0)
 
     @inlineCallbacks
+    def test_answer_limit(self) -> Any:
+        """
+        A DMP answer over the facade's limit is refused (502), not read.
+        """
+        data = cda("DOC_NON")
+        submitted = yield self.submit(data)
+        small = yield self.start_facade(
+            self.dmp_url(self.sandbox_port), max_answer_bytes=len(data) // 2
+        )
+        error = yield self.failure_of(
+            small.td32_retrieve(submitted["documents"][0]["uniqueId"], self.context),
+            DmpFailed,
+        )
+        self.assertEqual((error.status, error.kind), (502, "dmp-bad-answer"))
+        self.assertIn("too large", str(error))
+
+    @inlineCallbacks
     def test_one_log_event_per_transaction(self) -> Any:
         """
         Each DMP transaction logs one event with its action, the DMP's

@@ -21,6 +21,7 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
+import treq
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
@@ -38,7 +39,6 @@ from twisted.internet.interfaces import (
     IProtocolFactory,
     IStreamClientEndpoint,
 )
-from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.web.client import (
     URI,
@@ -654,12 +654,25 @@ class DmpService:
             raise DmpAnswerLost(
                 f"the DMP's answer never came: {_reasons(error)}"
             ) from error
+        limit = self.config.max_answer_bytes
         length = response.length
-        if isinstance(length, int) and length > self.config.max_answer_bytes:
-            response.original.deliverBody(Protocol())
-            raise DmpHttpError(f"the DMP's answer is too large ({length} bytes)")
+        announced = length if isinstance(length, int) else 0
+        chunks: list[bytes] = []
+        received = 0
+
+        def collect(data: bytes) -> None:
+            # Raising here closes the connection rather than reading on.
+            nonlocal received
+            received += len(data)
+            if max(received, announced) > limit:
+                raise DmpHttpError(
+                    f"the DMP's answer is too large (over {limit} bytes)"
+                )
+            chunks.append(data)
+
         try:
-            body = await response.content()
+            await treq.collect(response, collect)
+            body = b"".join(chunks)
         except _ANSWER_LOST as error:
             raise DmpAnswerLost(
                 f"the DMP's answer was cut: {_reasons(error)}"
