@@ -495,6 +495,15 @@ class FaultTests(FacadeTestCase):
             self.facade.td02_exist({"ins": "12"}, self.context), MalformedRequest
         )
         self.assertIn("INS", str(error))
+        error = yield self.failure_of(
+            self.facade.td31_find(self.context, CDA_PATIENT, creationFrom="yesterday"),
+            MalformedRequest,
+        )
+        self.assertIn("CreationTimeFrom", str(error))
+        error = yield self.failure_of(
+            self.facade.td33_update("1.2.3", "shred", self.context), MalformedRequest
+        )
+        self.assertIn("mask", str(error))
 
     @inlineCallbacks
     def test_wrong_token(self) -> Any:

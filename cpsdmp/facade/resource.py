@@ -112,7 +112,8 @@ def _dmp_errors(error: RegistryFailure) -> list[dict[str, str]]:
 def problem_for(error: BaseException) -> Problem:
     """
     @return: the problem document that says what went wrong, with the
-        status a backend can act on (see the README's table).
+        status a backend can act on (each route's statuses are in the
+        OpenAPI description).
     """
     text = str(error)
     if isinstance(error, Problem):
@@ -223,10 +224,14 @@ def problem_for(error: BaseException) -> Problem:
         )
     if isinstance(error, CardHolderError):
         return Problem(502, "card-holder-unusable", "The card holder is unusable", text)
-    if isinstance(error, CdaError | XmlRefused | MetadataError):
+    if isinstance(error, CdaError | XmlRefused):
         return Problem(
             422, "invalid-cda", "The document or its metadata is invalid", text
         )
+    if isinstance(error, MetadataError):
+        # Outside a submission (whose handler says invalid-cda itself), a
+        # value the request gave that XDS cannot carry.
+        return Problem(400, "malformed-request", "Malformed request", text)
     if isinstance(error, DmpHttpError | UnexpectedAnswer | SoapError):
         return Problem(502, "dmp-bad-answer", "The DMP's answer is not usable", text)
     return Problem(500, "internal-error", "Internal error", "see the facade's log")
