@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from treq.client import HTTPClient
 from twisted.internet import reactor, ssl
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
 from twisted.internet.protocol import ClientFactory, Factory, ProcessProtocol, Protocol
 from twisted.internet.task import deferLater
 from twisted.internet.utils import getProcessOutputAndValue
@@ -398,6 +398,20 @@ class ResumptionTests(FacadeTestCase):
         )
         self.assertNotEqual(again["token"], self.context["token"])
         yield self.facade.td02_exist(CDA_PATIENT, again)
+        self.assertEqual(self.authentication_signatures, 1)
+
+    @inlineCallbacks
+    def test_concurrent_first_requests_one_signature(self) -> Any:
+        """
+        Ten requests at once by a professional the facade has not seen: the
+        first handshake signs, the other connections wait for it and resume
+        its session.
+        """
+        results = yield DeferredList(
+            [self.facade.td02_exist(CDA_PATIENT, self.context) for _ in range(10)],
+            consumeErrors=True,
+        )
+        self.assertEqual([ok for ok, _ in results], [True] * 10, results)
         self.assertEqual(self.authentication_signatures, 1)
 
     @inlineCallbacks

@@ -269,6 +269,11 @@ class ConnectionInfo:
     handshakes: int = 0
     resumed: int = 0
     last_resumed: bool | None = None
+    # While the first handshake is under way, the other connections wait
+    # for it, so that they resume its session instead of each asking the
+    # card for a signature.
+    first_pending: bool = False
+    waiting: list[Deferred[None]] = field(default_factory=list)
 
 
 @implementer(IStreamClientEndpoint)
@@ -282,6 +287,25 @@ class _RecordingEndpoint:
         self._info = info
 
     def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
+        info = self._info
+        if info.handshakes == 0 and info.first_pending:
+            waiter: Deferred[None] = Deferred()
+            info.waiting.append(waiter)
+            return waiter.addCallback(lambda _: self._connect(protocolFactory))
+        if info.handshakes > 0:
+            return self._connect(protocolFactory)
+        info.first_pending = True
+
+        def release(result: Any) -> Any:
+            info.first_pending = False
+            waiting, info.waiting = info.waiting, []
+            for waiter in waiting:
+                waiter.callback(None)
+            return result
+
+        return self._connect(protocolFactory).addBoth(release)
+
+    def _connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
         def established(protocol: IProtocol) -> IProtocol:
             transport = getattr(protocol, "transport", None)
             negotiated = getattr(transport, "negotiated", None)
