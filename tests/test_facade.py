@@ -25,7 +25,8 @@ from cryptography.x509.oid import NameOID
 from treq.client import HTTPClient
 from twisted.internet import reactor, ssl
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
-from twisted.internet.protocol import ClientFactory, Factory, ProcessProtocol, Protocol
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.internet.task import deferLater
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import formatEvent, globalLogPublisher
@@ -661,9 +662,8 @@ class _Downstream(Protocol):
         self.cut = False
 
     def connectionMade(self) -> None:
-        factory = ClientFactory.forProtocol(lambda: _Upstream(self))  # type: ignore[arg-type]
-        factory.buildProtocol = lambda addr: _Upstream(self)  # type: ignore[method-assign]
-        reactor.connectTCP("127.0.0.1", self.proxy.target, factory)
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.proxy.target)
+        connectProtocol(endpoint, _Upstream(self))
 
     def upstream_ready(self, upstream: _Upstream) -> None:
         self.upstream = upstream
