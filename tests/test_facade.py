@@ -408,12 +408,21 @@ class ResumptionTests(FacadeTestCase):
         first handshake signs, the other connections wait for it and resume
         its session.
         """
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
         results = yield DeferredList(
             [self.facade.td02_exist(CDA_PATIENT, self.context) for _ in range(10)],
             consumeErrors=True,
         )
         self.assertEqual([ok for ok, _ in results], [True] * 10, results)
         self.assertEqual(self.authentication_signatures, 1)
+        logged = sorted(
+            (e["connection"], e["signature"] == "none")
+            for e in events
+            if e.get("log_namespace") == "cpsdmp.facade.service" and e.get("action")
+        )
+        self.assertEqual(logged, [("new handshake", False)] + [("resumed", True)] * 9)
 
     @inlineCallbacks
     def test_other_agent_same_certificate_signs(self) -> Any:

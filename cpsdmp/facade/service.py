@@ -16,6 +16,7 @@ was stored.
 from __future__ import annotations
 
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -62,6 +63,7 @@ from cpsdmp.protocols.tls import (
     TLSClientConfig,
     TLSError,
 )
+from cpsdmp.protocols.tls.handshake import State
 from cpsdmp.xds.context import (
     PROFESSION_SYSTEM,
     Professional,
@@ -274,6 +276,41 @@ class ConnectionInfo:
     # card for a signature.
     first_pending: bool = False
     waiting: list[Deferred[None]] = field(default_factory=list)
+    # The TLS connections that carried a request already.
+    seen: weakref.WeakSet[object] = field(default_factory=weakref.WeakSet)
+
+
+@dataclass
+class _Connection:
+    """
+    How a request's connection came to be: C{new handshake}, C{resumed} or
+    C{reused}, and the card's signature time when its handshake needed one.
+    """
+
+    label: str
+    card_seconds: float | None = None
+
+
+def _connection_of(response: Any, info: ConnectionInfo) -> _Connection:
+    """
+    @return: the connection that carried C{response} (a treq response,
+        headers read, body not yet), told from our TLS transport under it.
+    """
+    # twisted.web offers no public way from a response to its transport: the
+    # response's transport proxy holds it until the body is read.
+    proxy = getattr(getattr(response, "original", None), "_transport", None)
+    tls = getattr(proxy, "_producer", None)
+    negotiated = getattr(tls, "negotiated", None)
+    if tls is None or negotiated is None:
+        return _Connection("unknown")
+    if tls in info.seen:
+        return _Connection("reused")
+    info.seen.add(tls)
+    if negotiated.resumed:
+        return _Connection("resumed")
+    return _Connection(
+        "new handshake", negotiated.timings.get(State.WAIT_SIGNATURE.name)
+    )
 
 
 @implementer(IStreamClientEndpoint)
@@ -597,10 +634,13 @@ class DmpService:
         started = time.monotonic()
         handshakes = session.connections.handshakes
         signatures = session.key.signatures
+        used: list[_Connection] = []
         code = "-"
         try:
             response = await _timed(
-                self._post(session, message), self.config.dmp_timeout, self.reactor
+                self._post(session, message, used),
+                self.config.dmp_timeout,
+                self.reactor,
             )
             content_type, body, status = response
             try:
@@ -622,12 +662,17 @@ class DmpService:
                 code = getattr(error, "code", None) or type(error).__name__
             raise
         finally:
-            connection = "reused"
-            if session.connections.handshakes > handshakes:
-                resumed = session.connections.last_resumed
-                connection = "resumed" if resumed else "new handshake"
-            signed = session.key.signatures > signatures
-            card_seconds = session.key.last_signature_seconds if signed else None
+            if used:
+                # The connection that carried this request says what it cost.
+                connection, card_seconds = used[0].label, used[0].card_seconds
+            else:
+                # It could not be told (no answer): say what happened meanwhile.
+                connection = "reused"
+                if session.connections.handshakes > handshakes:
+                    resumed = session.connections.last_resumed
+                    connection = "resumed" if resumed else "new handshake"
+                signed = session.key.signatures > signatures
+                card_seconds = session.key.last_signature_seconds if signed else None
             duration = time.monotonic() - started
             set_seconds = (timings or {}).get("submissionSetSignature")
             _log.info(
@@ -652,7 +697,10 @@ class DmpService:
                 )
 
     async def _post(
-        self, session: ProfessionalSession, message: OutgoingMessage
+        self,
+        session: ProfessionalSession,
+        message: OutgoingMessage,
+        used: list[_Connection],
     ) -> tuple[str, bytes, int]:
         session.key.last_error = None
         try:
@@ -660,6 +708,7 @@ class DmpService:
                 message.url,
                 data=message.producer(),
                 headers=Headers({"Content-Type": [message.content_type]}),
+                unbuffered=True,
             )
         except RequestTransmissionFailed as error:
             raise DmpUnreachable(
@@ -678,6 +727,7 @@ class DmpService:
             raise DmpAnswerLost(
                 f"the DMP's answer never came: {_reasons(error)}"
             ) from error
+        used.append(_connection_of(response, session.connections))
         limit = self.config.max_answer_bytes
         length = response.length
         announced = length if isinstance(length, int) else 0
