@@ -66,6 +66,7 @@ PROBLEM_BASE = "https://cpsdmp.invalid/problems/"
 DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
 JSON = "application/json"
 PROBLEM_JSON = "application/problem+json"
+MULTIPART = "multipart/form-data"
 
 
 class BadRequest(Exception):
@@ -410,6 +411,24 @@ PROBLEM_SCHEMA = {
     },
 }
 _WARNINGS = {"type": "array", "items": _DMP_ERROR_SCHEMA}
+#: TD2.1 as a form: the agent context and the overrides as JSON parts, each
+#: CDA as a file part (any name).
+MULTIPART_SCHEMA = {
+    "type": "object",
+    "required": ["agentContext"],
+    "properties": {
+        "agentContext": {"type": "string", "contentMediaType": JSON},
+        "overrides": {
+            "type": "string",
+            "contentMediaType": JSON,
+            "description": "a JSON list, one overrides object per file part",
+        },
+        "documents": {
+            "type": "array",
+            "items": {"type": "string", "contentMediaType": "text/xml"},
+        },
+    },
+}
 
 
 @dataclass(frozen=True)
@@ -786,7 +805,7 @@ ROUTES: tuple[Route, ...] = (
                 },
             },
         },
-        request_types=(JSON, "multipart/form-data"),
+        request_types=(JSON, MULTIPART),
         errors=(400, 401, 413, 422, 423, 502, 503, 504),
     ),
     Route(
@@ -930,7 +949,10 @@ def openapi() -> dict[str, Any]:
         if route.request is not None:
             operation["requestBody"] = {
                 "required": True,
-                "content": {t: {"schema": route.request} for t in route.request_types},
+                "content": {
+                    t: {"schema": MULTIPART_SCHEMA if t == MULTIPART else route.request}
+                    for t in route.request_types
+                },
             }
         paths.setdefault(route.path, {})[route.method.lower()] = operation
     return {
@@ -1036,9 +1058,7 @@ class FacadeResource(Resource):
         assert request.content is not None
         request.content.seek(0)
         raw = request.content.read()
-        if content_type.startswith("multipart/form-data") and (
-            "multipart/form-data" in route.request_types
-        ):
+        if content_type.startswith(MULTIPART) and (MULTIPART in route.request_types):
             return _multipart(request.getHeader("content-type") or "", raw)
         if not content_type.startswith(JSON):
             raise BadRequest(f"the body must be {JSON}, not {content_type or 'absent'}")
