@@ -445,7 +445,7 @@ class Route:
     handler: Handler | None
     request: dict[str, Any] | None
     answer: dict[str, Any]
-    errors: tuple[int, ...] = (400, 401, 422, 423, 502, 503, 504)
+    errors: tuple[int, ...] = (400, 401, 413, 422, 423, 502, 503, 504)
     answer_types: tuple[str, ...] = (JSON,)
     request_types: tuple[str, ...] = (JSON,)
 
@@ -895,7 +895,7 @@ ROUTES: tuple[Route, ...] = (
                 "action": {"type": "string"},
             },
         },
-        errors=(400, 401, 404, 409, 422, 423, 502, 503, 504),
+        errors=(400, 401, 404, 409, 413, 422, 423, 502, 503, 504),
     ),
 )
 
