@@ -15,6 +15,7 @@ from collections.abc import Sequence
 SUBCOMMANDS = [
     "cpsdmp.agent.testcard_cli",
     "cpsdmp.xds.cli",
+    "cpsdmp.facade.cli",
     "cpsdmp.demo",
     "cpsdmp.protocols.tls.probe",
 ]

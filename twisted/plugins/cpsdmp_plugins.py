@@ -18,3 +18,10 @@ dmpsandbox = ServiceMaker(
     "A local DMP for development and tests: mutual TLS, SOAP services, SQLite.",
     "dmpsandbox",
 )
+
+dmpfacade = ServiceMaker(
+    "cpsdmp DMP facade",
+    "cpsdmp.facade.tap",
+    "REST + JSON for backends: DMP transactions with the professional's CPS card.",
+    "dmpfacade",
+)

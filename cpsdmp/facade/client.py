@@ -1,0 +1,366 @@
+# twisted.web is not annotated.
+# mypy: disable-error-code="no-untyped-call"
+"""
+A treq client for backends that call the facade: one method per route,
+parsed answers, and the facade's problem documents raised as typed errors
+(L{FacadeProblem} and its subclasses, chosen by the problem's type).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from treq.client import HTTPClient
+from twisted.internet.defer import Deferred, TimeoutError, ensureDeferred
+from twisted.internet.error import ConnectError
+from twisted.web.client import Agent, HTTPConnectionPool
+
+PROBLEM_BASE = "https://cpsdmp.invalid/problems/"
+
+
+class FacadeError(Exception):
+    """
+    The facade could not be reached or answered something unreadable.
+    """
+
+
+class FacadeProblem(FacadeError):
+    """
+    The facade answered with a problem document.
+
+    @ivar status: the HTTP status.
+    @ivar kind: the problem type's last segment (C{dmp-refused}...).
+    @ivar problem: the whole problem document.
+    """
+
+    def __init__(self, status: int, problem: Mapping[str, Any]) -> None:
+        self.status = status
+        self.problem = dict(problem)
+        self.kind = str(problem.get("type", "")).rsplit("/", 1)[-1]
+        title = problem.get("title", "error")
+        detail = problem.get("detail", "")
+        super().__init__(
+            f"{status} {title}: {detail}" if detail else f"{status} {title}"
+        )
+
+    @property
+    def errors(self) -> list[dict[str, str]]:
+        """
+        The DMP's own errors ({code, context, severity, location}), if any.
+        """
+        return list(self.problem.get("errors", []))
+
+    @property
+    def codes(self) -> list[str]:
+        return [e.get("code", "") for e in self.errors]
+
+
+class MalformedRequest(FacadeProblem):
+    pass
+
+
+class AgentSessionExpired(FacadeProblem):
+    """
+    The agent session ended: the professional must enter the PIN again.
+    """
+
+
+class CardPinBlocked(FacadeProblem):
+    pass
+
+
+class CardMissing(FacadeProblem):
+    pass
+
+
+class InvalidDocument(FacadeProblem):
+    """
+    A CDA document or its metadata is invalid; the detail names the element.
+    """
+
+
+class DmpRefused(FacadeProblem):
+    """
+    The DMP refused the request; L{errors} carries its codes.
+    """
+
+
+class AgentFailed(FacadeProblem):
+    pass
+
+
+class DocumentNotFound(FacadeProblem):
+    """
+    TD3.3 on a document the DMP does not have (or no longer current).
+    """
+
+
+class HandshakeRefused(FacadeProblem):
+    """
+    The TLS handshake with the DMP failed; the problem names the step and
+    the alert.
+    """
+
+
+class DmpFailed(FacadeProblem):
+    """
+    The DMP was unreachable, answered a fault, or something unusable.
+    """
+
+
+class DmpTimedOut(FacadeProblem):
+    pass
+
+
+class AgentTimedOut(AgentFailed):
+    """
+    The agent did not answer in time (the workstation asleep, the card slow).
+    """
+
+
+class OutcomeUnknown(DmpTimedOut):
+    """
+    A submission's answer never came and the facade could not confirm it:
+    search by the uniqueIds before sending it again.
+    """
+
+    @property
+    def unique_ids(self) -> list[str]:
+        return list(self.problem.get("uniqueIds", []))
+
+
+_KINDS: Mapping[str, type[FacadeProblem]] = {
+    "malformed-request": MalformedRequest,
+    "token-expired": AgentSessionExpired,
+    "wrong-pin": AgentSessionExpired,
+    "pin-blocked": CardPinBlocked,
+    "no-card": CardMissing,
+    "invalid-cda": InvalidDocument,
+    "card-holder-unusable": AgentFailed,
+    "document-not-found": DocumentNotFound,
+    "dmp-refused": DmpRefused,
+    "agent-unreachable": AgentFailed,
+    "agent-mismatch": AgentFailed,
+    "agent-error": AgentFailed,
+    "handshake-failed": HandshakeRefused,
+    "handshake-refused": HandshakeRefused,
+    "tls-error": HandshakeRefused,
+    "dmp-unreachable": DmpFailed,
+    "dmp-answer-lost": DmpFailed,
+    "dmp-fault": DmpFailed,
+    "dmp-bad-answer": DmpFailed,
+    "dmp-timeout": DmpTimedOut,
+    "agent-timeout": AgentTimedOut,
+    "outcome-unknown": OutcomeUnknown,
+}
+
+
+def problem_error(status: int, problem: Mapping[str, Any]) -> FacadeProblem:
+    """
+    @return: the typed error for a problem document.
+    """
+    kind = str(problem.get("type", "")).rsplit("/", 1)[-1]
+    return _KINDS.get(kind, FacadeProblem)(status, problem)
+
+
+class FacadeClient:
+    """
+    Calls a facade at C{url} (C{http://127.0.0.1:10080}).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        reactor: Any = None,
+        timeout: float = 300.0,
+        http: HTTPClient | None = None,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+        self._pool = HTTPConnectionPool(reactor)
+        self._http = http or HTTPClient(Agent(reactor, pool=self._pool))
+
+    def close(self) -> Deferred[None]:
+        """
+        @return: a Deferred that fires once the pooled connections are closed.
+        """
+        closing: Deferred[None] = self._pool.closeCachedConnections()
+        return closing
+
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        body: Mapping[str, Any] | None = None,
+        accept: str = "application/json",
+        raw: bool = False,
+    ) -> Any:
+        kwargs: dict[str, Any] = {
+            "headers": {"Accept": accept},
+            "timeout": self.timeout,
+        }
+        if body is not None:
+            kwargs["data"] = json.dumps(body).encode("utf-8")
+            kwargs["headers"]["Content-Type"] = "application/json"
+        try:
+            response = await self._http.request(method, self.url + path, **kwargs)
+            content = await response.content()
+        except (ConnectError, TimeoutError) as error:
+            raise FacadeError(
+                f"no answer from the facade at {self.url}: {error}"
+            ) from None
+        content_type = (response.headers.getRawHeaders("content-type") or [""])[0]
+        if response.code >= 400:
+            if content_type.startswith("application/problem+json"):
+                raise problem_error(response.code, json.loads(content))
+            raise FacadeError(f"the facade answered HTTP {response.code}")
+        if raw:
+            return content, content_type
+        try:
+            return json.loads(content)
+        except ValueError:
+            raise FacadeError("the facade's answer is not JSON") from None
+
+    def health(self) -> Deferred[dict[str, Any]]:
+        """
+        @return: a Deferred that fires with C{{"status": "ok", "dmp": url}}.
+        """
+        return ensureDeferred(self._call("GET", "/health"))
+
+    def openapi(self) -> Deferred[dict[str, Any]]:
+        return ensureDeferred(self._call("GET", "/openapi.json"))
+
+    def td02_exist(
+        self, patient: Mapping[str, str], agent_context: Mapping[str, Any]
+    ) -> Deferred[dict[str, Any]]:
+        """
+        @param patient: C{{"ins", "authority"?}}.
+        @return: a Deferred that fires with C{{"exists", "authorization", ...}}.
+        """
+        return ensureDeferred(
+            self._call(
+                "POST",
+                "/dmp/td02Exist",
+                {"agentContext": dict(agent_context), "patient": dict(patient)},
+            )
+        )
+
+    def td21_submit(
+        self,
+        documents: Sequence[bytes],
+        agent_context: Mapping[str, Any],
+        overrides: Sequence[Mapping[str, Any] | None] | None = None,
+    ) -> Deferred[dict[str, Any]]:
+        """
+        Submit CDA documents of one patient.
+
+        @param overrides: per document, XDS attributes to set (codes as
+            C{{"code", "codingScheme", "display"}}).
+        @return: a Deferred that fires with C{{"status": "Success", "outcome",
+            "submissionSet", "documents": [{"uniqueId", "entryUUID"...}]}}.
+        @raise DmpRefused: with the DMP's codes.
+        """
+        items = []
+        for index, data in enumerate(documents):
+            item: dict[str, Any] = {"content": base64.b64encode(data).decode("ascii")}
+            if overrides and overrides[index]:
+                item["overrides"] = dict(overrides[index] or {})
+            items.append(item)
+        return ensureDeferred(
+            self._call(
+                "POST",
+                "/dmp/td21SubmitDocuments",
+                {"agentContext": dict(agent_context), "documents": items},
+            )
+        )
+
+    def td31_find(
+        self,
+        agent_context: Mapping[str, Any],
+        patient: Mapping[str, str] | None = None,
+        **criteria: Any,
+    ) -> Deferred[list[dict[str, Any]]]:
+        """
+        @param criteria: C{statuses}, C{uniqueIds}, C{entryUUIDs},
+            C{classCodes}... as the route takes them.
+        @return: a Deferred that fires with the documents' metadata.
+        """
+        body: dict[str, Any] = {"agentContext": dict(agent_context), **criteria}
+        if patient is not None:
+            body["patient"] = dict(patient)
+        d = ensureDeferred(self._call("POST", "/dmp/td31Find", body))
+        return d.addCallback(lambda answer: list(answer["documents"]))
+
+    def td32_retrieve(
+        self,
+        unique_id: str,
+        agent_context: Mapping[str, Any],
+        patient: Mapping[str, str] | None = None,
+    ) -> Deferred[bytes]:
+        """
+        @return: a Deferred that fires with the document's exact bytes.
+        """
+        body: dict[str, Any] = {
+            "agentContext": dict(agent_context),
+            "uniqueId": unique_id,
+        }
+        if patient is not None:
+            body["patient"] = dict(patient)
+        d = ensureDeferred(
+            self._call(
+                "POST",
+                "/dmp/td32Retrieve",
+                body,
+                accept="application/octet-stream",
+                raw=True,
+            )
+        )
+        return d.addCallback(lambda answer: answer[0])
+
+    def td33_update(
+        self,
+        unique_id: str,
+        action: str,
+        agent_context: Mapping[str, Any],
+        patient: Mapping[str, str] | None = None,
+    ) -> Deferred[dict[str, Any]]:
+        """
+        @param action: C{mask}, C{unmask}, C{archive}, C{unarchive} or C{delete}.
+        @return: a Deferred that fires with C{{"status": "Success", ...}}.
+        """
+        body: dict[str, Any] = {
+            "agentContext": dict(agent_context),
+            "uniqueId": unique_id,
+            "action": action,
+        }
+        if patient is not None:
+            body["patient"] = dict(patient)
+        return ensureDeferred(self._call("POST", "/dmp/td33UpdateStatus", body))
+
+
+__all__ = [
+    "AgentFailed",
+    "AgentTimedOut",
+    "AgentSessionExpired",
+    "CardMissing",
+    "CardPinBlocked",
+    "DmpFailed",
+    "DmpRefused",
+    "DmpTimedOut",
+    "DocumentNotFound",
+    "FacadeClient",
+    "FacadeError",
+    "FacadeProblem",
+    "HandshakeRefused",
+    "InvalidDocument",
+    "MalformedRequest",
+    "OutcomeUnknown",
+    "problem_error",
+]

@@ -1,0 +1,1180 @@
+# twisted.web is not annotated.
+# mypy: disable-error-code="no-untyped-call"
+"""
+The facade's REST API: JSON in, JSON out, one route per DMP transaction,
+errors as RFC 9457 problem documents. The routes, their request and answer
+schemas and their statuses are one table, L{ROUTES}; the OpenAPI description
+served at C{/openapi.json} is made from it, so that it cannot drift from what
+the facade serves.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import email.parser
+import email.policy
+import json
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet.defer import ensureDeferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import server
+from twisted.web.resource import Resource
+
+from cpsdmp.agent.client import (
+    AgentCertificateMismatch,
+    AgentError,
+    AgentUnreachable,
+    CardRemoved,
+    NoCard,
+    PinBlocked,
+    TokenExpired,
+    WrongPin,
+)
+from cpsdmp.facade.service import (
+    AgentContext,
+    CardHolderError,
+    DmpAnswerLost,
+    DmpHttpError,
+    DmpService,
+    DmpTimeout,
+    DmpUnreachable,
+    Submitted,
+    UnknownOutcome,
+)
+from cpsdmp.protocols.safexml import XmlRefused
+from cpsdmp.protocols.soap import SoapError, SoapFault
+from cpsdmp.protocols.tls import (
+    AlertReceived,
+    ConnectionFailed,
+    HandshakeFailed,
+    TLSError,
+    TruncatedConnection,
+)
+from cpsdmp.xds.cda import CdaError
+from cpsdmp.xds.ebrim import CodedValue, MetadataError, PatientId, Status
+from cpsdmp.xds.responses import RegistryFailure, UnexpectedAnswer
+from cpsdmp.xds.transactions import FindDocuments, HL7Error
+
+_log = Logger()
+
+PROBLEM_BASE = "https://cpsdmp.invalid/problems/"
+DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
+JSON = "application/json"
+PROBLEM_JSON = "application/problem+json"
+MULTIPART = "multipart/form-data"
+
+
+class BadRequest(Exception):
+    """
+    The request is malformed: the message says what to fix.
+    """
+
+
+# Problems -----------------------------------------------------------------------
+@dataclass
+class Problem(Exception):
+    """
+    An RFC 9457 problem document and its HTTP status.
+    """
+
+    status: int
+    kind: str
+    title: str
+    detail: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def document(self) -> dict[str, Any]:
+        return {
+            "type": PROBLEM_BASE + self.kind,
+            "title": self.title,
+            "status": self.status,
+            "detail": self.detail,
+            **self.extra,
+        }
+
+
+def _dmp_errors(error: RegistryFailure) -> list[dict[str, str]]:
+    return [
+        {
+            "code": e.code,
+            "context": e.context,
+            "severity": e.severity.rsplit(":", 1)[-1],
+            "location": e.location,
+        }
+        for e in error.errors
+    ]
+
+
+def problem_for(error: BaseException) -> Problem:
+    """
+    @return: the problem document that says what went wrong, with the
+        status a backend can act on (each route's statuses are in the
+        OpenAPI description).
+    """
+    text = str(error)
+    if isinstance(error, Problem):
+        return error
+    if isinstance(error, BadRequest):
+        return Problem(400, "malformed-request", "Malformed request", text)
+    if isinstance(error, TokenExpired):
+        return Problem(
+            401,
+            "token-expired",
+            "The agent session expired",
+            f"{text}: the professional must enter the PIN again in the agent",
+        )
+    if isinstance(error, PinBlocked):
+        return Problem(423, "pin-blocked", "The card's PIN is blocked", text)
+    if isinstance(error, WrongPin):
+        return Problem(401, "wrong-pin", "The card refused the PIN", text)
+    if isinstance(error, NoCard | CardRemoved):
+        return Problem(503, "no-card", "No CPS card in the workstation", text)
+    if isinstance(error, AgentCertificateMismatch):
+        return Problem(502, "agent-mismatch", "Not the agent the context names", text)
+    if isinstance(error, AgentUnreachable):
+        # The agent client says "did not answer ... within N s" on a timeout.
+        if "did not answer" in text:
+            return Problem(
+                504, "agent-timeout", "The agent did not answer in time", text
+            )
+        return Problem(502, "agent-unreachable", "The agent is unreachable", text)
+    if isinstance(error, AgentError):
+        return Problem(502, "agent-error", "The agent refused", text)
+    if isinstance(error, HandshakeFailed):
+        return Problem(
+            502,
+            "handshake-failed",
+            "TLS handshake with the DMP failed",
+            text,
+            {
+                "step": error.step,
+                "alert": error.alert.name if error.alert is not None else None,
+            },
+        )
+    if isinstance(error, AlertReceived):
+        return Problem(
+            502,
+            "handshake-refused",
+            "The DMP refused the TLS connection",
+            text,
+            {"step": error.step, "alert": error.name},
+        )
+    if isinstance(error, ConnectionFailed | TruncatedConnection | TLSError):
+        return Problem(502, "tls-error", "TLS connection to the DMP failed", text)
+    if isinstance(error, DmpTimeout):
+        return Problem(504, "dmp-timeout", "The DMP did not answer in time", text)
+    if isinstance(error, UnknownOutcome):
+        return Problem(
+            504,
+            "outcome-unknown",
+            "The submission's outcome is unknown",
+            text,
+            {"uniqueIds": error.unique_ids, "outcome": "unknown"},
+        )
+    if isinstance(error, DmpUnreachable):
+        return Problem(502, "dmp-unreachable", "The DMP is unreachable", text)
+    if isinstance(error, DmpAnswerLost):
+        return Problem(502, "dmp-answer-lost", "The DMP's answer was lost", text)
+    if isinstance(error, RegistryFailure):
+        return Problem(
+            422,
+            "dmp-refused",
+            "The DMP refused the request",
+            text,
+            {"errors": _dmp_errors(error)},
+        )
+    if isinstance(error, HL7Error):
+        return Problem(
+            422,
+            "dmp-refused",
+            "The DMP refused the request",
+            text,
+            {
+                "errors": [
+                    {
+                        "code": error.code,
+                        "context": text,
+                        "severity": "Error",
+                        "location": "",
+                    }
+                ]
+            },
+        )
+    if isinstance(error, SoapFault):
+        code = error.subcodes[-1] if error.subcodes else error.code
+        return Problem(
+            502,
+            "dmp-fault",
+            "The DMP answered with a SOAP fault",
+            text,
+            {
+                "errors": [
+                    {
+                        "code": code,
+                        "context": error.reason,
+                        "severity": "Error",
+                        "location": "",
+                    }
+                ]
+            },
+        )
+    if isinstance(error, CardHolderError):
+        return Problem(502, "card-holder-unusable", "The card holder is unusable", text)
+    if isinstance(error, CdaError | XmlRefused):
+        return Problem(
+            422, "invalid-cda", "The document or its metadata is invalid", text
+        )
+    if isinstance(error, MetadataError):
+        # Outside a submission (whose handler says invalid-cda itself), a
+        # value the request gave that XDS cannot carry.
+        return Problem(400, "malformed-request", "Malformed request", text)
+    if isinstance(error, DmpHttpError | UnexpectedAnswer | SoapError):
+        return Problem(502, "dmp-bad-answer", "The DMP's answer is not usable", text)
+    return Problem(500, "internal-error", "Internal error", "see the facade's log")
+
+
+# Reading requests ---------------------------------------------------------------
+def _object(body: Mapping[str, Any], name: str, required: bool = True) -> Any:
+    if name not in body:
+        if required:
+            raise BadRequest(f"the body lacks {name!r}")
+        return None
+    return body[name]
+
+
+def _string(body: Mapping[str, Any], name: str, required: bool = True) -> str | None:
+    value = _object(body, name, required)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not value:
+        raise BadRequest(f"{name!r} must be a non-empty string")
+    return value
+
+
+def _strings(body: Mapping[str, Any], name: str) -> list[str]:
+    value = body.get(name, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise BadRequest(f"{name!r} must be a list of strings")
+    return value
+
+
+def _context(body: Mapping[str, Any]) -> AgentContext:
+    try:
+        return AgentContext.from_json(_object(body, "agentContext"))
+    except ValueError as error:
+        raise BadRequest(str(error)) from None
+
+
+def _coded(value: Any, name: str) -> CodedValue:
+    if not isinstance(value, Mapping) or not isinstance(value.get("code"), str):
+        raise BadRequest(f"{name} must be {{code, codingScheme, display}}")
+    scheme = value.get("codingScheme")
+    if not isinstance(scheme, str) or not scheme:
+        raise BadRequest(f"{name} lacks its codingScheme")
+    return CodedValue(value["code"], scheme, str(value.get("display", "")))
+
+
+#: DocumentEntry attributes a backend may override, and how each is read.
+CODED_OVERRIDES = {
+    "classCode",
+    "typeCode",
+    "formatCode",
+    "healthcareFacilityTypeCode",
+    "practiceSettingCode",
+}
+CODED_LIST_OVERRIDES = {"confidentialityCode", "eventCodeList"}
+TEXT_OVERRIDES = {
+    "title",
+    "comments",
+    "languageCode",
+    "creationTime",
+    "serviceStartTime",
+    "serviceStopTime",
+}
+
+
+def read_overrides(value: Any) -> dict[str, object]:
+    """
+    @return: XDS attribute -> value for L{cpsdmp.xds.cda.document_entry}.
+    @raise BadRequest: an unknown attribute or a malformed value.
+    """
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise BadRequest("overrides must be an object keyed by XDS attribute")
+    result: dict[str, object] = {}
+    for name, item in value.items():
+        if name in CODED_OVERRIDES:
+            result[name] = _coded(item, name)
+        elif name in CODED_LIST_OVERRIDES:
+            if not isinstance(item, list):
+                raise BadRequest(f"{name} must be a list of codes")
+            result[name] = [_coded(i, name) for i in item]
+        elif name in TEXT_OVERRIDES:
+            if not isinstance(item, str):
+                raise BadRequest(f"{name} must be a string")
+            result[name] = item
+        else:
+            known = sorted(CODED_OVERRIDES | CODED_LIST_OVERRIDES | TEXT_OVERRIDES)
+            raise BadRequest(
+                f"{name!r} cannot be overridden; one of {', '.join(known)}"
+            )
+    return result
+
+
+def _b64(value: Any, name: str) -> bytes:
+    if not isinstance(value, str):
+        raise BadRequest(f"{name} must be base64 text")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequest(f"{name} is not valid base64") from None
+
+
+# The routes ------------------------------------------------------------------------
+Handler = Callable[["FacadeResource", server.Request, Any], Awaitable[Any]]
+
+_CONTEXT_SCHEMA = {
+    "type": "object",
+    "description": "The agent context the professional's frontend obtained "
+    "from the agent (POST /cps/session).",
+    "required": ["url", "token", "tlsFingerprint"],
+    "properties": {
+        "url": {"type": "string"},
+        "token": {"type": "string"},
+        "tlsFingerprint": {"type": "string", "pattern": "^sha256:"},
+    },
+}
+_PATIENT_SCHEMA = {
+    "type": "object",
+    "required": ["ins"],
+    "properties": {
+        "ins": {"type": "string", "description": "the patient's INS (NIR or NIA)"},
+        "authority": {
+            "type": "string",
+            "description": "the INS authority OID; the facade's default if absent",
+        },
+    },
+}
+_CODE_SCHEMA = {
+    "type": "object",
+    "required": ["code", "codingScheme"],
+    "properties": {
+        "code": {"type": "string"},
+        "codingScheme": {"type": "string"},
+        "display": {"type": "string"},
+    },
+}
+_ENTRY_SCHEMA = {
+    "type": "object",
+    "description": "XDS DocumentEntry metadata, keyed by XDS attribute name.",
+    "required": ["entryUUID", "uniqueId", "patientId"],
+    "properties": {
+        "entryUUID": {"type": "string"},
+        "uniqueId": {"type": "string"},
+        "patientId": {"type": "string"},
+        "availabilityStatus": {"type": ["string", "null"]},
+        "classCode": _CODE_SCHEMA,
+        "typeCode": _CODE_SCHEMA,
+        "confidentialityCode": {"type": "array", "items": _CODE_SCHEMA},
+        "title": {"type": "string"},
+    },
+}
+_DMP_ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["code", "context", "severity", "location"],
+    "properties": {
+        "code": {"type": "string"},
+        "context": {"type": "string"},
+        "severity": {"type": "string"},
+        "location": {"type": "string"},
+    },
+}
+PROBLEM_SCHEMA = {
+    "type": "object",
+    "required": ["type", "title", "status", "detail"],
+    "properties": {
+        "type": {"type": "string"},
+        "title": {"type": "string"},
+        "status": {"type": "integer"},
+        "detail": {"type": "string"},
+        "errors": {"type": "array", "items": _DMP_ERROR_SCHEMA},
+        "step": {"type": "string"},
+        "alert": {"type": ["string", "null"]},
+        "uniqueIds": {"type": "array", "items": {"type": "string"}},
+        "outcome": {"type": "string"},
+    },
+}
+_WARNINGS = {"type": "array", "items": _DMP_ERROR_SCHEMA}
+#: TD2.1 as a form: the agent context and the overrides as JSON parts, each
+#: CDA as a file part (any name).
+MULTIPART_SCHEMA = {
+    "type": "object",
+    "required": ["agentContext"],
+    "properties": {
+        "agentContext": {"type": "string", "contentMediaType": JSON},
+        "overrides": {
+            "type": "string",
+            "contentMediaType": JSON,
+            "description": "a JSON list, one overrides object per file part",
+        },
+        "documents": {
+            "type": "array",
+            "items": {"type": "string", "contentMediaType": "text/xml"},
+        },
+    },
+}
+
+
+@dataclass(frozen=True)
+class Route:
+    """
+    One operation: its method and path, what it does, its request and
+    answer schemas, and the error statuses it may answer.
+    """
+
+    method: str
+    path: str
+    operation_id: str
+    summary: str
+    handler: Handler | None
+    request: dict[str, Any] | None
+    answer: dict[str, Any]
+    errors: tuple[int, ...] = (400, 401, 413, 422, 423, 502, 503, 504)
+    answer_types: tuple[str, ...] = (JSON,)
+    request_types: tuple[str, ...] = (JSON,)
+
+
+async def _health(resource: FacadeResource, request: server.Request, body: Any) -> Any:
+    return {"status": "ok", "dmp": resource.service.config.dmp_url}
+
+
+async def _openapi(resource: FacadeResource, request: server.Request, body: Any) -> Any:
+    return openapi()
+
+
+async def _td02(resource: FacadeResource, request: server.Request, body: Any) -> Any:
+    context = _context(body)
+    patient = resource.patient(_object(body, "patient"))
+    result = await resource.service.td02(context, patient)
+    return {
+        "exists": result.exists,
+        "responseCode": result.response_code,
+        "authorization": result.authorization,
+        "status": result.status,
+        "family": result.family,
+        "given": result.given,
+        "attentions": result.attentions,
+    }
+
+
+def _submitted(submitted: Submitted) -> dict[str, Any]:
+    submission = submitted.prepared.submission
+    return {
+        "status": "Success",
+        "outcome": submitted.outcome,
+        "submissionSet": {
+            "uniqueId": submission.submission_set.uniqueId,
+            "entryUUID": submission.submission_set.entryUUID,
+        },
+        "documents": [
+            {
+                "uniqueId": d.entry.uniqueId,
+                "entryUUID": d.entry.entryUUID,
+                "title": d.entry.title,
+                "mimeType": d.entry.mimeType,
+                "classCode": d.entry.classCode.as_dict(),
+                "typeCode": d.entry.typeCode.as_dict(),
+            }
+            for d in submitted.documents
+        ],
+        "warnings": [
+            {
+                "code": w.code,
+                "context": w.context,
+                "severity": "Warning",
+                "location": w.location,
+            }
+            for w in submitted.warnings
+        ],
+        "timings": submitted.timings,
+    }
+
+
+async def _td21(resource: FacadeResource, request: server.Request, body: Any) -> Any:
+    context = _context(body)
+    items = _object(body, "documents")
+    if not isinstance(items, list) or not items:
+        raise BadRequest("'documents' must be a non-empty list")
+    documents, overrides = [], []
+    for index, item in enumerate(items):
+        if not isinstance(item, Mapping):
+            raise BadRequest(f"documents[{index}] must be an object")
+        content = item.get("content")
+        documents.append(
+            content
+            if isinstance(content, bytes)
+            else _b64(content, f"documents[{index}].content")
+        )
+        overrides.append(read_overrides(item.get("overrides")))
+    try:
+        submitted = await resource.service.submit(context, documents, overrides)
+    except (CdaError, XmlRefused, MetadataError) as error:
+        raise Problem(
+            422, "invalid-cda", "The document or its metadata is invalid", str(error)
+        ) from error
+    return _submitted(submitted)
+
+
+def _find_parameters(
+    resource: FacadeResource, body: Mapping[str, Any]
+) -> FindDocuments:
+    patient = resource.patient(_object(body, "patient"))
+    statuses = _strings(body, "statuses") or ["Approved"]
+    names = {
+        "approved": Status.Approved,
+        "archived": Status.Archived,
+        "deprecated": Status.Deprecated,
+        "deleted": Status.Deleted,
+    }
+    try:
+        urns = [s if s.startswith("urn:") else names[s.lower()] for s in statuses]
+    except KeyError as error:
+        raise BadRequest(f"unknown status {error.args[0]!r}") from None
+
+    def codes(name: str) -> list[CodedValue]:
+        value = body.get(name, [])
+        if not isinstance(value, list):
+            raise BadRequest(f"{name!r} must be a list of codes")
+        return [_coded(v, name) for v in value]
+
+    return FindDocuments(
+        patient=patient,
+        statuses=urns,
+        creation_from=_string(body, "creationFrom", False),
+        creation_to=_string(body, "creationTo", False),
+        class_codes=codes("classCodes"),
+        type_codes=codes("typeCodes"),
+        confidentiality_codes=codes("confidentialityCodes"),
+    )
+
+
+async def _td31(resource: FacadeResource, request: server.Request, body: Any) -> Any:
+    context = _context(body)
+    unique_ids = _strings(body, "uniqueIds")
+    entry_uuids = _strings(body, "entryUUIDs")
+    if unique_ids and entry_uuids:
+        raise BadRequest("give uniqueIds or entryUUIDs, not both")
+    if unique_ids or entry_uuids:
+        patient = (
+            resource.patient(body["patient"])
+            if body.get("patient") is not None
+            else None
+        )
+        result = await resource.service.td31(
+            context, patient=patient, unique_ids=unique_ids, entry_uuids=entry_uuids
+        )
+    else:
+        result = await resource.service.td31(context, _find_parameters(resource, body))
+    return {
+        "documents": [e.as_dict() for e in result.entries],
+        "warnings": [
+            {
+                "code": w.code,
+                "context": w.context,
+                "severity": "Warning",
+                "location": w.location,
+            }
+            for w in result.result.warnings
+        ],
+    }
+
+
+async def _td32(resource: FacadeResource, request: server.Request, body: Any) -> Any:
+    context = _context(body)
+    unique_id = _string(body, "uniqueId")
+    assert unique_id is not None
+    patient = resource.patient(body["patient"]) if body.get("patient") else None
+    documents = await resource.service.td32(context, patient, [unique_id])
+    if len(documents) != 1:
+        raise Problem(
+            502,
+            "dmp-bad-answer",
+            "The DMP's answer is not usable",
+            f"asked for one document, the DMP returned {len(documents)}",
+        )
+    document = documents[0]
+    accept = (request.getHeader("accept") or "").lower()
+    wanted = {part.split(";")[0].strip() for part in accept.split(",")}
+    if "application/octet-stream" in wanted or (
+        document.mime_type and document.mime_type.lower() in wanted
+    ):
+        return RawAnswer(
+            bytes(document.data), document.mime_type or "application/octet-stream"
+        )
+    return {
+        "uniqueId": document.unique_id,
+        "repositoryUniqueId": document.repository,
+        "mimeType": document.mime_type,
+        "size": len(document.data),
+        "content": base64.b64encode(document.data).decode("ascii"),
+    }
+
+
+UPDATE_ACTIONS = ("mask", "unmask", "archive", "unarchive", "delete")
+
+
+async def _td33(resource: FacadeResource, request: server.Request, body: Any) -> Any:
+    context = _context(body)
+    unique_id = _string(body, "uniqueId")
+    action = _string(body, "action")
+    if action not in UPDATE_ACTIONS:
+        raise BadRequest(f"'action' must be one of {', '.join(UPDATE_ACTIONS)}")
+    assert unique_id is not None
+    patient = resource.patient(body["patient"]) if body.get("patient") else None
+    found = await resource.service.td31(
+        context, patient=patient, unique_ids=[unique_id]
+    )
+    current = [
+        e
+        for e in found.entries
+        if e.availabilityStatus not in (Status.Deprecated, Status.Deleted)
+    ]
+    if not current:
+        raise Problem(
+            404 if not found.entries else 422,
+            "document-not-found",
+            "No such document",
+            f"the DMP has no current document {unique_id} for this patient",
+        )
+    entry = current[-1]
+    try:
+        await resource.service.td33(context, entry, action)
+    except MetadataError as error:
+        # Masking a masked document, say: nothing was sent.
+        raise Problem(
+            409, "conflict", "Not possible in the document's state", str(error)
+        ) from error
+    return {"status": "Success", "uniqueId": unique_id, "action": action}
+
+
+_AGENT = {"agentContext": _CONTEXT_SCHEMA}
+
+ROUTES: tuple[Route, ...] = (
+    Route(
+        "GET",
+        "/health",
+        "health",
+        "The facade is up; the DMP it talks to.",
+        _health,
+        None,
+        {
+            "type": "object",
+            "required": ["status", "dmp"],
+            "properties": {"status": {"const": "ok"}, "dmp": {"type": "string"}},
+        },
+        errors=(),
+    ),
+    Route(
+        "GET",
+        "/openapi.json",
+        "openapi",
+        "This description.",
+        _openapi,
+        None,
+        {"type": "object", "required": ["openapi", "paths"]},
+        errors=(),
+    ),
+    Route(
+        "POST",
+        "/dmp/td02Exist",
+        "td02Exist",
+        "TD0.2: does the patient have a DMP, and is the professional authorised on it.",
+        _td02,
+        {
+            "type": "object",
+            "required": ["agentContext", "patient"],
+            "properties": {**_AGENT, "patient": _PATIENT_SCHEMA},
+        },
+        {
+            "type": "object",
+            "required": ["exists", "responseCode"],
+            "properties": {
+                "exists": {"type": "boolean"},
+                "responseCode": {"type": "string"},
+                "authorization": {"type": ["string", "null"]},
+                "status": {"type": ["string", "null"]},
+                "family": {"type": ["string", "null"]},
+                "given": {"type": ["string", "null"]},
+                "attentions": {
+                    "type": "object",
+                    "additionalProperties": {"type": "string"},
+                },
+            },
+        },
+    ),
+    Route(
+        "POST",
+        "/dmp/td21SubmitDocuments",
+        "td21SubmitDocuments",
+        "TD2.1: submit CDA documents of one patient; metadata derived from "
+        "the CDA, overrides applied, the submission set signed with the card. "
+        "Success only on the DMP's Success. Multipart/form-data: a part "
+        "'agentContext' (JSON), the documents as file parts, an optional "
+        "part 'overrides' (a JSON list, one object per document).",
+        _td21,
+        {
+            "type": "object",
+            "required": ["agentContext", "documents"],
+            "properties": {
+                **_AGENT,
+                "documents": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "required": ["content"],
+                        "properties": {
+                            "content": {
+                                "type": "string",
+                                "contentEncoding": "base64",
+                            },
+                            "overrides": {
+                                "type": "object",
+                                "description": "XDS attribute -> value; codes "
+                                "as {code, codingScheme, display}",
+                            },
+                        },
+                    },
+                },
+            },
+        },
+        {
+            "type": "object",
+            "required": ["status", "outcome", "submissionSet", "documents"],
+            "properties": {
+                "status": {"const": "Success"},
+                "outcome": {
+                    "enum": [
+                        "answered",
+                        "stored-after-lost-answer",
+                        "resent-after-lost-answer",
+                    ]
+                },
+                "submissionSet": {
+                    "type": "object",
+                    "required": ["uniqueId", "entryUUID"],
+                    "properties": {
+                        "uniqueId": {"type": "string"},
+                        "entryUUID": {"type": "string"},
+                    },
+                },
+                "documents": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["uniqueId", "entryUUID"],
+                        "properties": {
+                            "uniqueId": {"type": "string"},
+                            "entryUUID": {"type": "string"},
+                            "title": {"type": "string"},
+                            "mimeType": {"type": "string"},
+                            "classCode": _CODE_SCHEMA,
+                            "typeCode": _CODE_SCHEMA,
+                        },
+                    },
+                },
+                "warnings": _WARNINGS,
+                "timings": {
+                    "type": "object",
+                    "description": "seconds: the card's submission-set "
+                    "signature, the DMP exchange (with the connection used: "
+                    "new handshake, resumed, reused) and the card's TLS "
+                    "signature when a new handshake needed one",
+                    "properties": {
+                        "submissionSetSignature": {"type": ["number", "null"]},
+                        "dmp": {"type": "number"},
+                        "connection": {"enum": ["new handshake", "resumed", "reused"]},
+                        "handshakeSignature": {"type": ["number", "null"]},
+                    },
+                },
+            },
+        },
+        request_types=(JSON, MULTIPART),
+        errors=(400, 401, 413, 422, 423, 502, 503, 504),
+    ),
+    Route(
+        "POST",
+        "/dmp/td31Find",
+        "td31Find",
+        "TD3.1: the patient's documents (FindDocuments), or documents by "
+        "uniqueIds or entryUUIDs (GetDocuments).",
+        _td31,
+        {
+            "type": "object",
+            "required": ["agentContext"],
+            "properties": {
+                **_AGENT,
+                "patient": _PATIENT_SCHEMA,
+                "statuses": {"type": "array", "items": {"type": "string"}},
+                "creationFrom": {"type": "string"},
+                "creationTo": {"type": "string"},
+                "classCodes": {"type": "array", "items": _CODE_SCHEMA},
+                "typeCodes": {"type": "array", "items": _CODE_SCHEMA},
+                "confidentialityCodes": {"type": "array", "items": _CODE_SCHEMA},
+                "uniqueIds": {"type": "array", "items": {"type": "string"}},
+                "entryUUIDs": {"type": "array", "items": {"type": "string"}},
+            },
+        },
+        {
+            "type": "object",
+            "required": ["documents"],
+            "properties": {
+                "documents": {"type": "array", "items": _ENTRY_SCHEMA},
+                "warnings": _WARNINGS,
+            },
+        },
+    ),
+    Route(
+        "POST",
+        "/dmp/td32Retrieve",
+        "td32Retrieve",
+        "TD3.2: a document's exact bytes, base64 in JSON, or raw with "
+        "Accept: application/octet-stream or the document's mimeType.",
+        _td32,
+        {
+            "type": "object",
+            "required": ["agentContext", "uniqueId"],
+            "properties": {
+                **_AGENT,
+                "patient": _PATIENT_SCHEMA,
+                "uniqueId": {"type": "string"},
+            },
+        },
+        {
+            "type": "object",
+            "required": ["uniqueId", "mimeType", "content"],
+            "properties": {
+                "uniqueId": {"type": "string"},
+                "repositoryUniqueId": {"type": "string"},
+                "mimeType": {"type": "string"},
+                "size": {"type": "integer"},
+                "content": {"type": "string", "contentEncoding": "base64"},
+            },
+        },
+        answer_types=(JSON, "application/octet-stream"),
+    ),
+    Route(
+        "POST",
+        "/dmp/td33UpdateStatus",
+        "td33UpdateStatus",
+        "TD3.3: mask or unmask a document from professionals, archive, "
+        "unarchive or delete it.",
+        _td33,
+        {
+            "type": "object",
+            "required": ["agentContext", "uniqueId", "action"],
+            "properties": {
+                **_AGENT,
+                "patient": _PATIENT_SCHEMA,
+                "uniqueId": {"type": "string"},
+                "action": {"enum": list(UPDATE_ACTIONS)},
+            },
+        },
+        {
+            "type": "object",
+            "required": ["status", "uniqueId", "action"],
+            "properties": {
+                "status": {"const": "Success"},
+                "uniqueId": {"type": "string"},
+                "action": {"type": "string"},
+            },
+        },
+        errors=(400, 401, 404, 409, 413, 422, 423, 502, 503, 504),
+    ),
+)
+
+_STATUS_TEXT = {
+    400: "malformed request",
+    401: "the agent session expired (enter the PIN again)",
+    404: "no such document",
+    409: "the document is already in the state asked for",
+    413: "request body too large",
+    422: "the document is invalid, or the DMP refused (its codes in 'errors')",
+    423: "the card's PIN is blocked",
+    502: "the agent or the DMP failed: unreachable, TLS handshake refused "
+    "(step and alert named), SOAP fault",
+    503: "no CPS card in the reader",
+    504: "the DMP or the agent did not answer in time; for a submission, "
+    "an outcome that could not be confirmed",
+}
+
+
+def openapi() -> dict[str, Any]:
+    """
+    @return: the OpenAPI 3.1 description of L{ROUTES}.
+    """
+    paths: dict[str, Any] = {}
+    for route in ROUTES:
+        responses: dict[str, Any] = {
+            "200": {
+                "description": "done",
+                "content": {
+                    t: {
+                        "schema": route.answer
+                        if t == JSON
+                        else {"type": "string", "contentMediaType": t}
+                    }
+                    for t in route.answer_types
+                },
+            }
+        }
+        for status in route.errors:
+            responses[str(status)] = {
+                "description": _STATUS_TEXT[status],
+                "content": {
+                    PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/Problem"}}
+                },
+            }
+        operation: dict[str, Any] = {
+            "operationId": route.operation_id,
+            "summary": route.summary,
+            "responses": responses,
+        }
+        if route.request is not None:
+            operation["requestBody"] = {
+                "required": True,
+                "content": {
+                    t: {"schema": MULTIPART_SCHEMA if t == MULTIPART else route.request}
+                    for t in route.request_types
+                },
+            }
+        paths.setdefault(route.path, {})[route.method.lower()] = operation
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "cpsdmp facade",
+            "version": "1",
+            "description": "DMP transactions for backends, authenticated with "
+            "the professional's CPS card through their agent.",
+        },
+        "paths": paths,
+        "components": {"schemas": {"Problem": PROBLEM_SCHEMA}},
+    }
+
+
+@dataclass
+class RawAnswer:
+    """
+    An answer sent as bytes with its media type rather than as JSON.
+    """
+
+    data: bytes
+    media_type: str
+
+
+class FacadeResource(Resource):
+    """
+    The REST API: dispatches on method and path through L{ROUTES}.
+    """
+
+    isLeaf = True
+
+    def __init__(self, service: DmpService) -> None:
+        super().__init__()
+        self.service = service
+        self._routes = {(r.method, r.path): r for r in ROUTES}
+
+    def patient(self, value: Any) -> PatientId:
+        if not isinstance(value, Mapping) or not isinstance(value.get("ins"), str):
+            raise BadRequest("'patient' must be an object {ins, authority?}")
+        authority = value.get("authority") or self.service.config.defaults.ins_authority
+        try:
+            return PatientId(value["ins"], str(authority))
+        except MetadataError as error:
+            raise BadRequest(str(error)) from None
+
+    def render(self, request: server.Request) -> Any:
+        method = (request.method or b"").decode("ascii", "replace")
+        path = (request.path or b"").decode("utf-8", "replace")
+        route = self._routes.get((method, path))
+        if route is None:
+            allowed = sorted(m for m, p in self._routes if p == path)
+            if allowed:
+                request.setHeader(b"allow", ", ".join(allowed).encode())
+                problem = Problem(
+                    405,
+                    "method-not-allowed",
+                    "Method not allowed",
+                    f"use {', '.join(allowed)}",
+                )
+            else:
+                problem = Problem(404, "not-found", "Not found", f"no route {path}")
+            self._send_problem(request, problem)
+            return server.NOT_DONE_YET
+        d = ensureDeferred(self._handle(route, request))
+        d.addErrback(lambda f: _log.failure("answering {path}", f, path=path))
+        return server.NOT_DONE_YET
+
+    async def _handle(self, route: Route, request: server.Request) -> None:
+        assert route.handler is not None
+        try:
+            body = self._body(route, request)
+            answer = await route.handler(self, request, body)
+        except Exception as error:
+            problem = problem_for(error)
+            if problem.status == 500:
+                _log.failure(
+                    "{operation} failed", Failure(), operation=route.operation_id
+                )
+            else:
+                _log.info(
+                    "{operation}: {status} {kind}",
+                    operation=route.operation_id,
+                    status=problem.status,
+                    kind=problem.kind,
+                )
+            self._send_problem(request, problem)
+            return
+        if request._disconnected:
+            return
+        if isinstance(answer, RawAnswer):
+            request.setHeader(b"content-type", answer.media_type.encode())
+            request.write(answer.data)
+        else:
+            request.setHeader(b"content-type", JSON.encode())
+            request.write(json.dumps(answer, ensure_ascii=False).encode("utf-8"))
+        request.finish()
+
+    def _body(self, route: Route, request: server.Request) -> Any:
+        if route.request is None:
+            return None
+        content_type = (request.getHeader("content-type") or "").lower()
+        assert request.content is not None
+        request.content.seek(0)
+        raw = request.content.read()
+        if content_type.startswith(MULTIPART) and (MULTIPART in route.request_types):
+            return _multipart(request.getHeader("content-type") or "", raw)
+        if not content_type.startswith(JSON):
+            raise BadRequest(f"the body must be {JSON}, not {content_type or 'absent'}")
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as error:
+            raise BadRequest(f"the body is not JSON: {error}") from None
+        if not isinstance(body, dict):
+            raise BadRequest("the body must be a JSON object")
+        return body
+
+    def _send_problem(self, request: server.Request, problem: Problem) -> None:
+        if request._disconnected:
+            return
+        request.setResponseCode(problem.status)
+        request.setHeader(b"content-type", PROBLEM_JSON.encode())
+        request.write(
+            json.dumps(problem.document(), ensure_ascii=False).encode("utf-8")
+        )
+        request.finish()
+
+
+def _multipart(content_type: str, raw: bytes) -> dict[str, Any]:
+    """
+    Read a multipart/form-data TD2.1: the part C{agentContext}, an optional
+    part C{overrides}, and every part with a file name as a document.
+    """
+    parser = email.parser.BytesParser(policy=email.policy.HTTP)
+    message = parser.parsebytes(
+        b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + raw
+    )
+    if not message.is_multipart():
+        raise BadRequest("the multipart body could not be read")
+    context: Any = None
+    overrides: Any = None
+    documents: list[bytes] = []
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        filename = part.get_filename()
+        payload = part.get_payload(decode=True)
+        if not isinstance(payload, bytes):
+            payload = b""
+        if name == "agentContext" and not filename:
+            try:
+                context = json.loads(payload)
+            except ValueError:
+                raise BadRequest("the part 'agentContext' is not JSON") from None
+        elif name == "overrides" and not filename:
+            try:
+                overrides = json.loads(payload)
+            except ValueError:
+                raise BadRequest("the part 'overrides' is not JSON") from None
+        elif filename:
+            documents.append(payload)
+    if overrides is not None and (
+        not isinstance(overrides, list) or len(overrides) != len(documents)
+    ):
+        raise BadRequest("'overrides' must be a list with one object per document")
+    return {
+        "agentContext": context,
+        "documents": [
+            {"content": data, "overrides": overrides[i] if overrides else None}
+            for i, data in enumerate(documents)
+        ],
+    }
+
+
+class BoundedRequest(server.Request):
+    """
+    A request whose body is refused (413) above C{max_body} bytes; what is
+    over the limit is read off the connection but not kept.
+    """
+
+    max_body = DEFAULT_MAX_REQUEST_BYTES
+    _too_large = False
+    _received = 0
+
+    def gotLength(self, length: int | None) -> None:
+        if length is not None and length > self.max_body:
+            self._too_large = True
+            length = 0
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        self._received += len(data)
+        if self._received > self.max_body:
+            self._too_large = True
+        if not self._too_large:
+            super().handleContentChunk(data)
+
+    def process(self) -> None:
+        if not self._too_large:
+            super().process()
+            return
+        problem = Problem(
+            413,
+            "too-large",
+            "Request body too large",
+            f"the body is over {self.max_body} bytes",
+        )
+        self.setResponseCode(413)
+        self.setHeader(b"content-type", PROBLEM_JSON.encode())
+        self.setHeader(b"connection", b"close")
+        self.write(json.dumps(problem.document()).encode())
+        self.finish()
+
+
+def make_site(
+    service: DmpService, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+) -> server.Site:
+    """
+    @return: the facade's web site, bodies limited to C{max_request_bytes}.
+    """
+    site = server.Site(FacadeResource(service))
+    site.requestFactory = type(  # type: ignore[assignment]
+        "BoundedFacadeRequest", (BoundedRequest,), {"max_body": max_request_bytes}
+    )
+    site.displayTracebacks = False
+    return site

@@ -1,0 +1,1078 @@
+# twisted.web is not annotated.
+# mypy: disable-error-code="no-untyped-call"
+"""
+The DMP side of the facade: for each agent context, the professional's card
+(through L{CpsAgentClient}), the card holder, and a pooled HTTPS client over
+the remote-key TLS client, kept so that a second request by the same
+professional reuses the connection or resumes the TLS session and needs no
+new card signature. Each DMP transaction is sent, timed, logged once and
+read into the values of L{cpsdmp.xds.transactions}.
+
+A submission whose answer never came has an unknown outcome: before it is
+ever sent again, L{DmpService.submit} asks the DMP by uniqueId whether it
+was stored.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
+
+import treq
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.x509.oid import NameOID
+from treq.client import HTTPClient
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    DeferredList,
+    TimeoutError,
+    ensureDeferred,
+)
+from twisted.internet.error import ConnectError, ConnectionLost
+from twisted.internet.interfaces import (
+    IProtocol,
+    IProtocolFactory,
+    IStreamClientEndpoint,
+)
+from twisted.logger import Logger
+from twisted.web.client import (
+    URI,
+    Agent,
+    HTTPConnectionPool,
+    RequestTransmissionFailed,
+    ResponseFailed,
+    ResponseNeverReceived,
+)
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgentEndpointFactory
+from zope.interface import implementer
+
+from cpsdmp.agent.client import AgentError, CpsAgentClient, TokenExpired
+from cpsdmp.protocols.soap import SoapFault, SoapResponse, read_message
+from cpsdmp.protocols.tls import (
+    IRemoteKey,
+    SessionCache,
+    SignatureScheme,
+    TLSAgentEndpointFactory,
+    TLSClientConfig,
+    TLSError,
+)
+from cpsdmp.protocols.tls.handshake import State
+from cpsdmp.xds.context import (
+    PROFESSION_SYSTEM,
+    Professional,
+    Software,
+    Structure,
+    SubmissionDefaults,
+)
+from cpsdmp.xds.ebrim import (
+    CodedValue,
+    DocumentEntry,
+    MetadataError,
+    PatientId,
+    Status,
+)
+from cpsdmp.xds.responses import RegistryResult
+from cpsdmp.xds.signature import Signer
+from cpsdmp.xds.submit import PreparedSubmission, SigningIdentity, prepare_td21
+from cpsdmp.xds.transactions import (
+    DmpEndpoints,
+    ExistenceResult,
+    FindDocuments,
+    OutgoingMessage,
+    QueryResult,
+    RetrievedDocument,
+    existence_test,
+    find_documents,
+    get_documents,
+    read_existence,
+    read_query,
+    read_registry_response,
+    read_retrieve,
+    retrieve_documents,
+    update_status,
+    update_visibility,
+)
+from cpsdmp.xds.vihf import NORMAL_ACCESS, VihfRequest
+
+_log = Logger()
+T = TypeVar("T")
+
+#: TRE_G15 professions by the label a CPS card carries.
+PROFESSIONS: Mapping[str, str] = {
+    "médecin": "10",
+    "pharmacien": "21",
+    "chirurgien-dentiste": "40",
+    "sage-femme": "50",
+    "infirmier": "60",
+    "masseur-kinésithérapeute": "70",
+    "pédicure-podologue": "80",
+}
+
+
+class FacadeError(Exception):
+    """
+    Something the facade itself refuses or cannot do.
+    """
+
+
+class CardHolderError(FacadeError):
+    """
+    The card holder, as the agent describes them, cannot act on the DMP.
+    """
+
+
+class UnknownProfession(CardHolderError):
+    """
+    The card names a profession the facade has no TRE_G15 code for.
+    """
+
+
+class DmpTimeout(FacadeError):
+    """
+    The DMP did not answer in time.
+    """
+
+
+class DmpUnreachable(FacadeError):
+    """
+    No connection to the DMP could be opened.
+    """
+
+
+class DmpAnswerLost(FacadeError):
+    """
+    The request went out but its answer never came: its outcome is unknown.
+    """
+
+
+class DmpHttpError(FacadeError):
+    """
+    The DMP answered with an HTTP error and no SOAP message.
+    """
+
+
+class UnknownOutcome(FacadeError):
+    """
+    A submission whose answer never came could not be confirmed either way.
+
+    @ivar unique_ids: the uniqueIds of its documents.
+    """
+
+    def __init__(self, message: str, unique_ids: Sequence[str]) -> None:
+        super().__init__(message)
+        self.unique_ids = list(unique_ids)
+
+
+@dataclass(frozen=True)
+class AgentContext:
+    """
+    Where the professional's agent is, the token of their session, and the
+    agent's TLS certificate fingerprint.
+    """
+
+    url: str
+    token: str
+    tls_fingerprint: str
+
+    @classmethod
+    def from_json(cls, value: object) -> AgentContext:
+        """
+        @raise ValueError: not an object with the three string members.
+        """
+        if not isinstance(value, Mapping):
+            raise ValueError(
+                "agentContext must be an object {url, token, tlsFingerprint}"
+            )
+        members = []
+        for name in ("url", "token", "tlsFingerprint"):
+            member = value.get(name)
+            if not isinstance(member, str) or not member:
+                raise ValueError(f"agentContext lacks the string member {name!r}")
+            members.append(member)
+        return cls(*members)
+
+    def __repr__(self) -> str:
+        # Never show the token.
+        return f"AgentContext({self.url!r})"
+
+
+@dataclass
+class FacadeConfig:
+    """
+    The facade's settings: the DMP, its trust roots, who the software and
+    structure are, and how long each wait may last.
+    """
+
+    dmp_url: str
+    roots: Sequence[x509.Certificate]
+    structure: Structure
+    software: Software
+    defaults: SubmissionDefaults
+    agent_timeout: float = 30.0
+    handshake_timeout: float = 60.0
+    dmp_timeout: float = 60.0
+    max_answer_bytes: int = 64 * 1024 * 1024
+    max_sessions: int = 1000
+    sign_submission_set: bool = True
+
+
+@implementer(IRemoteKey)
+class TimedKey:
+    """
+    The card's authentication key, counting and timing the signatures the
+    TLS handshake asks for.
+    """
+
+    def __init__(self, agent: CpsAgentClient) -> None:
+        self._agent = agent
+        self.supported_signature_schemes: Sequence[SignatureScheme] = (
+            agent.supported_signature_schemes
+        )
+        self.signatures = 0
+        self.last_signature_seconds: float | None = None
+        # The agent's own error when it failed a handshake's call, so that
+        # the facade can say "token expired" rather than "handshake failed".
+        self.last_error: Exception | None = None
+
+    def _noted(self, d: Deferred[T]) -> Deferred[T]:
+        def failed(failure: Any) -> Any:
+            self.last_error = failure.value
+            return failure
+
+        return d.addErrback(failed)
+
+    def certificate_chain(self) -> Deferred[list[x509.Certificate]]:
+        return self._noted(self._agent.certificate_chain())
+
+    def sign(self, data: bytes, scheme: SignatureScheme) -> Deferred[bytes]:
+        started = time.monotonic()
+        self.signatures += 1
+
+        def done(signature: bytes) -> bytes:
+            self.last_signature_seconds = time.monotonic() - started
+            return signature
+
+        return self._noted(self._agent.sign(data, scheme).addCallback(done))
+
+
+@dataclass
+class ConnectionInfo:
+    """
+    The handshakes of one professional's connections to the DMP.
+    """
+
+    handshakes: int = 0
+    resumed: int = 0
+    last_resumed: bool | None = None
+    # While the first handshake is under way, the other connections wait
+    # for it, so that they resume its session instead of each asking the
+    # card for a signature.
+    first_pending: bool = False
+    waiting: list[Deferred[None]] = field(default_factory=list)
+    # The TLS connections that carried a request already.
+    seen: weakref.WeakSet[object] = field(default_factory=weakref.WeakSet)
+
+
+@dataclass
+class _Connection:
+    """
+    How a request's connection came to be: C{new handshake}, C{resumed} or
+    C{reused}, and the card's signature time when its handshake needed one.
+    """
+
+    label: str
+    card_seconds: float | None = None
+
+
+def _connection_of(response: Any, info: ConnectionInfo) -> _Connection:
+    """
+    @return: the connection that carried C{response} (a treq response,
+        headers read, body not yet), told from our TLS transport under it.
+    """
+    # twisted.web offers no public way from a response to its transport: the
+    # response's transport proxy holds it until the body is read.
+    proxy = getattr(getattr(response, "original", None), "_transport", None)
+    tls = getattr(proxy, "_producer", None)
+    negotiated = getattr(tls, "negotiated", None)
+    if tls is None or negotiated is None:
+        return _Connection("unknown")
+    if tls in info.seen:
+        return _Connection("reused")
+    info.seen.add(tls)
+    if negotiated.resumed:
+        return _Connection("resumed")
+    return _Connection(
+        "new handshake", negotiated.timings.get(State.WAIT_SIGNATURE.name)
+    )
+
+
+@implementer(IStreamClientEndpoint)
+class _RecordingEndpoint:
+    """
+    One of our TLS endpoints, noting whether each connection resumed a session.
+    """
+
+    def __init__(self, endpoint: IStreamClientEndpoint, info: ConnectionInfo) -> None:
+        self._endpoint = endpoint
+        self._info = info
+
+    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
+        info = self._info
+        if info.handshakes == 0 and info.first_pending:
+            waiter: Deferred[None] = Deferred()
+            info.waiting.append(waiter)
+            return waiter.addCallback(lambda _: self._connect(protocolFactory))
+        if info.handshakes > 0:
+            return self._connect(protocolFactory)
+        info.first_pending = True
+
+        def release(result: Any) -> Any:
+            info.first_pending = False
+            waiting, info.waiting = info.waiting, []
+            for waiter in waiting:
+                waiter.callback(None)
+            return result
+
+        return self._connect(protocolFactory).addBoth(release)
+
+    def _connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
+        def established(protocol: IProtocol) -> IProtocol:
+            transport = getattr(protocol, "transport", None)
+            negotiated = getattr(transport, "negotiated", None)
+            resumed = bool(getattr(negotiated, "resumed", False))
+            self._info.handshakes += 1
+            self._info.resumed += resumed
+            self._info.last_resumed = resumed
+            return protocol
+
+        connecting: Deferred[IProtocol] = self._endpoint.connect(protocolFactory)
+        return connecting.addCallback(established)
+
+
+@implementer(IAgentEndpointFactory)
+class _RecordingEndpoints:
+    """
+    Our TLS endpoints for the HTTP Agent, each recording its handshakes.
+    """
+
+    def __init__(self, reactor: Any, config: TLSClientConfig, info: ConnectionInfo):
+        self._inner = TLSAgentEndpointFactory(reactor, config)
+        self._info = info
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        return _RecordingEndpoint(self._inner.endpointForURI(uri), self._info)
+
+
+@dataclass
+class ProfessionalSession:
+    """
+    What the facade keeps for one agent context and DMP: the agent client,
+    the card holder, and the HTTP client with its connection pool.
+    """
+
+    agent: CpsAgentClient
+    key: TimedKey
+    professional: Professional
+    issuer: str
+    http: HTTPClient
+    pool: HTTPConnectionPool
+    connections: ConnectionInfo
+    signing: SigningIdentity | None
+    card_fingerprint: str
+
+    def close(self) -> Deferred[Any]:
+        return DeferredList([self.pool.closeCachedConnections(), self.agent.close()])
+
+
+@dataclass
+class Submitted:
+    """
+    The outcome of a TD2.1: the submission set and documents, how the
+    outcome was learnt (C{answered}, C{stored-after-lost-answer},
+    C{resent-after-lost-answer}), and the DMP's warnings.
+    """
+
+    prepared: PreparedSubmission
+    result: RegistryResult | None
+    outcome: str = "answered"
+    warnings: list[Any] = field(default_factory=list)
+    count: int = 0
+    timings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def documents(self) -> list[Any]:
+        """
+        The submitted CDA documents, without the submission set's signature.
+        """
+        return self.prepared.submission.documents[: self.count]
+
+
+def _timed_signer(signer: Signer, timings: dict[str, Any]) -> Signer:
+    """
+    @return: C{signer}, noting in C{timings} how long the card took.
+    """
+
+    def sign(data: bytes, algorithm: str) -> Deferred[bytes]:
+        started = time.monotonic()
+
+        def done(signature: bytes) -> bytes:
+            timings["submissionSetSignature"] = round(time.monotonic() - started, 6)
+            return signature
+
+        return signer(data, algorithm).addCallback(done)
+
+    return sign
+
+
+def card_fingerprint(certificate: x509.Certificate) -> str:
+    """
+    @return: C{sha256:<hex>} of the certificate, the key of its TLS sessions.
+    """
+    return "sha256:" + certificate.fingerprint(hashes.SHA256()).hex()
+
+
+def professional_from(
+    holder: Mapping[str, Any], certificate: x509.Certificate
+) -> Professional:
+    """
+    The card holder as the XDS builders want them: identifier and profession
+    from the agent's C{/cps/card}, family and given names from the
+    authentication certificate.
+
+    @raise UnknownProfession: no TRE_G15 code for the card's profession.
+    """
+
+    def first(oid: x509.ObjectIdentifier) -> str:
+        values = certificate.subject.get_attributes_for_oid(oid)
+        return str(values[0].value) if values else ""
+
+    label = str(holder.get("profession", "")).strip()
+    code = label if label.isdigit() else PROFESSIONS.get(label.lower())
+    if code is None:
+        raise UnknownProfession(
+            f"the card's profession {label!r} has no TRE_G15 code known to the facade"
+        )
+    name = str(holder.get("name", ""))
+    family = first(NameOID.SURNAME) or name.rpartition(" ")[2]
+    given = first(NameOID.GIVEN_NAME) or name.rpartition(" ")[0]
+    try:
+        return Professional(
+            identifier=str(holder.get("id", "")),
+            family=family,
+            given=given,
+            profession=CodedValue(code, PROFESSION_SYSTEM, label),
+            subject_name=certificate.subject.rfc4514_string(),
+        )
+    except MetadataError as error:
+        raise CardHolderError(f"the card holder cannot be used: {error}") from None
+
+
+_ANSWER_LOST = (ResponseNeverReceived, ResponseFailed, ConnectionLost)
+
+
+class DmpService:
+    """
+    Runs DMP transactions for professionals named by agent contexts.
+    """
+
+    def __init__(self, config: FacadeConfig, reactor: Any = None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self.reactor = reactor
+        self.config = config
+        self.endpoints = DmpEndpoints(config.dmp_url)
+        self.session_cache = SessionCache(reactor)
+        self._sessions: OrderedDict[
+            tuple[AgentContext, str], Deferred[ProfessionalSession]
+        ] = OrderedDict()
+
+    # Sessions -----------------------------------------------------------------
+    def session(self, context: AgentContext) -> Deferred[ProfessionalSession]:
+        """
+        @return: a Deferred that fires with the professional's session,
+            made on first use: the card holder and certificates read through
+            the agent (no signature yet).
+        """
+        key = (context, self.config.dmp_url)
+        existing = self._sessions.get(key)
+        if existing is not None:
+            self._sessions.move_to_end(key)
+            return _share(existing)
+        d = ensureDeferred(self._open(context))
+
+        def forget(failure: Any) -> Any:
+            if self._sessions.get(key) is d:
+                del self._sessions[key]
+            return failure
+
+        d.addErrback(forget)
+        self._sessions[key] = d
+        while len(self._sessions) > self.config.max_sessions:
+            _, oldest = self._sessions.popitem(last=False)
+            oldest.addCallback(lambda s: s.close()).addErrback(lambda _: None)
+        return _share(d)
+
+    async def _open(self, context: AgentContext) -> ProfessionalSession:
+        agent = CpsAgentClient(
+            context.url,
+            context.token,
+            context.tls_fingerprint,
+            self.reactor,
+            self.config.agent_timeout,
+        )
+        try:
+            return await self._open_with(agent, context)
+        except BaseException:
+            await agent.close()
+            raise
+
+    async def _open_with(
+        self, agent: CpsAgentClient, context: AgentContext
+    ) -> ProfessionalSession:
+        holder = await agent.card()
+        chain = await agent.certificate_chain()
+        signing = None
+        if self.config.sign_submission_set:
+            signature_chain = await agent.signature_certificate_chain()
+            signing = SigningIdentity(
+                agent.sign_for_signature, signature_chain[0], signature_chain[1:]
+            )
+        professional = professional_from(holder.get("holder", holder), chain[0])
+        fingerprint = card_fingerprint(chain[0])
+        key = TimedKey(agent)
+        tls = TLSClientConfig(
+            roots=list(self.config.roots),
+            remote_key=key,
+            session_cache=self.session_cache,
+            # A TLS session is resumed only for the same card behind the same
+            # agent: a certificate is public, so keying by it alone would let
+            # anyone who runs an agent serving a copy of it resume this
+            # professional's sessions; the agent's own TLS key is not public.
+            client_identity=(fingerprint, context.tls_fingerprint),
+            remote_key_timeout=self.config.agent_timeout,
+            handshake_timeout=self.config.handshake_timeout,
+        )
+        connections = ConnectionInfo()
+        pool = HTTPConnectionPool(self.reactor)
+        pool.maxPersistentPerHost = 4
+        pool.retryAutomatically = False
+        http_agent = Agent.usingEndpointFactory(
+            self.reactor, _RecordingEndpoints(self.reactor, tls, connections), pool=pool
+        )
+        return ProfessionalSession(
+            agent=agent,
+            key=key,
+            professional=professional,
+            issuer=chain[0].subject.rfc4514_string(),
+            http=HTTPClient(http_agent),
+            pool=pool,
+            connections=connections,
+            signing=signing,
+            card_fingerprint=fingerprint,
+        )
+
+    def forget(self, context: AgentContext) -> None:
+        """
+        Drop the session of C{context} (its token expired, say).
+        """
+        d = self._sessions.pop((context, self.config.dmp_url), None)
+        if d is not None:
+            d.addCallback(lambda s: s.close()).addErrback(lambda _: None)
+
+    def close(self) -> Deferred[Any]:
+        """
+        Close every pooled connection.
+
+        @return: a Deferred that fires when they are closed.
+        """
+        sessions, self._sessions = list(self._sessions.values()), OrderedDict()
+        closing = [
+            _share(d).addCallback(lambda s: s.close()).addErrback(lambda _: None)
+            for d in sessions
+        ]
+        return DeferredList(closing)
+
+    def vihf(
+        self, session: ProfessionalSession, patient: PatientId | None
+    ) -> VihfRequest:
+        return VihfRequest(
+            session.professional,
+            self.config.structure,
+            self.config.software,
+            issuer=session.issuer,
+            patient=patient,
+            purpose_of_use=NORMAL_ACCESS,
+        )
+
+    # One exchange -------------------------------------------------------------
+    async def exchange(
+        self,
+        session: ProfessionalSession,
+        name: str,
+        message: OutgoingMessage,
+        reader: Callable[[SoapResponse], T],
+        timings: dict[str, Any] | None = None,
+    ) -> T:
+        """
+        POST one SOAP message to the DMP and read its answer, with a timeout
+        on the whole exchange; log one event for it, and note in C{timings}
+        its duration, the connection used and the card's TLS signature.
+
+        @raise DmpUnreachable: no connection could be made.
+        @raise DmpAnswerLost: the request went out, the answer never came.
+        @raise DmpTimeout: no answer in time.
+        """
+        started = time.monotonic()
+        handshakes = session.connections.handshakes
+        signatures = session.key.signatures
+        used: list[_Connection] = []
+        code = "-"
+        try:
+            response = await _timed(
+                self._post(session, message, used),
+                self.config.dmp_timeout,
+                self.reactor,
+            )
+            content_type, body, status = response
+            try:
+                answer = read_message(content_type, body)
+            except SoapFault as fault:
+                code = fault.subcodes[-1] if fault.subcodes else fault.code
+                raise
+            except Exception:
+                if status >= 400:
+                    raise DmpHttpError(
+                        f"the DMP answered HTTP {status} without a SOAP message"
+                    ) from None
+                raise
+            result = reader(answer)
+            code = _code_of(result)
+            return result
+        except Exception as error:
+            if code == "-":
+                code = getattr(error, "code", None) or type(error).__name__
+            raise
+        finally:
+            if used:
+                # The connection that carried this request says what it cost.
+                connection, card_seconds = used[0].label, used[0].card_seconds
+            else:
+                # It could not be told (no answer): say what happened meanwhile.
+                connection = "reused"
+                if session.connections.handshakes > handshakes:
+                    resumed = session.connections.last_resumed
+                    connection = "resumed" if resumed else "new handshake"
+                signed = session.key.signatures > signatures
+                card_seconds = session.key.last_signature_seconds if signed else None
+            duration = time.monotonic() - started
+            set_seconds = (timings or {}).get("submissionSetSignature")
+            _log.info(
+                "DMP {action}: {code} in {duration:.3f}s, connection {connection}, "
+                "card signature {signature}{set_signature}",
+                action=name,
+                code=code,
+                duration=duration,
+                connection=connection,
+                signature="none" if card_seconds is None else f"{card_seconds:.3f}s",
+                set_signature=(
+                    ""
+                    if set_seconds is None
+                    else f", submission-set signature {set_seconds:.3f}s"
+                ),
+            )
+            if timings is not None:
+                timings.update(
+                    dmp=round(duration, 6),
+                    connection=connection,
+                    handshakeSignature=card_seconds,
+                )
+
+    async def _post(
+        self,
+        session: ProfessionalSession,
+        message: OutgoingMessage,
+        used: list[_Connection],
+    ) -> tuple[str, bytes, int]:
+        session.key.last_error = None
+        try:
+            response = await session.http.post(
+                message.url,
+                data=message.producer(),
+                headers=Headers({"Content-Type": [message.content_type]}),
+                unbuffered=True,
+            )
+        except RequestTransmissionFailed as error:
+            raise DmpUnreachable(
+                f"the request could not be sent to the DMP: {_reasons(error)}"
+            ) from error
+        except TLSError as error:
+            agent_error = session.key.last_error
+            if isinstance(agent_error, AgentError):
+                raise agent_error from error
+            raise
+        except ConnectError as error:
+            raise DmpUnreachable(
+                f"no connection to the DMP at {message.url}: {error}"
+            ) from error
+        except _ANSWER_LOST as error:
+            raise DmpAnswerLost(
+                f"the DMP's answer never came: {_reasons(error)}"
+            ) from error
+        used.append(_connection_of(response, session.connections))
+        limit = self.config.max_answer_bytes
+        length = response.length
+        announced = length if isinstance(length, int) else 0
+        chunks: list[bytes] = []
+        received = 0
+
+        def collect(data: bytes) -> None:
+            # Raising here closes the connection rather than reading on.
+            nonlocal received
+            received += len(data)
+            if max(received, announced) > limit:
+                raise DmpHttpError(
+                    f"the DMP's answer is too large (over {limit} bytes)"
+                )
+            chunks.append(data)
+
+        try:
+            await treq.collect(response, collect)
+            body = b"".join(chunks)
+        except _ANSWER_LOST as error:
+            raise DmpAnswerLost(
+                f"the DMP's answer was cut: {_reasons(error)}"
+            ) from error
+        content_type = (response.headers.getRawHeaders("content-type") or [""])[0]
+        return content_type, body, response.code
+
+    # Transactions -------------------------------------------------------------
+    async def td02(self, context: AgentContext, patient: PatientId) -> ExistenceResult:
+        """
+        @return: the TD0.2 answer: does the patient have a DMP, and is this
+            professional authorised on it.
+        """
+        session = await self._session(context)
+        message = existence_test(self.endpoints, self.vihf(session, patient), patient)
+        return await self._exchange(
+            context, session, "TD0.2", message, read_existence, idempotent=True
+        )
+
+    async def td31(
+        self,
+        context: AgentContext,
+        parameters: FindDocuments | None = None,
+        *,
+        patient: PatientId | None = None,
+        unique_ids: Sequence[str] = (),
+        entry_uuids: Sequence[str] = (),
+    ) -> QueryResult:
+        """
+        @return: the TD3.1 answer: FindDocuments with C{parameters}, or
+            GetDocuments by uniqueIds or entryUUIDs.
+        """
+        session = await self._session(context)
+        if parameters is not None:
+            message = find_documents(
+                self.endpoints, self.vihf(session, parameters.patient), parameters
+            )
+        else:
+            message = get_documents(
+                self.endpoints,
+                self.vihf(session, patient),
+                unique_ids=unique_ids,
+                entry_uuids=entry_uuids,
+            )
+        return await self._exchange(
+            context, session, "TD3.1", message, read_query, idempotent=True
+        )
+
+    async def td32(
+        self,
+        context: AgentContext,
+        patient: PatientId | None,
+        unique_ids: Sequence[str],
+    ) -> list[RetrievedDocument]:
+        """
+        @return: the documents, exact bytes.
+        """
+        session = await self._session(context)
+        message = retrieve_documents(
+            self.endpoints, self.vihf(session, patient), unique_ids
+        )
+        return await self._exchange(
+            context, session, "TD3.2", message, read_retrieve, idempotent=True
+        )
+
+    async def td33(
+        self, context: AgentContext, entry: DocumentEntry, action: str
+    ) -> RegistryResult:
+        """
+        Change a document's status or visibility: C{action} is one of
+        C{archive}, C{unarchive}, C{delete}, C{mask}, C{unmask}.
+
+        @return: the DMP's result on Success.
+        """
+        session = await self._session(context)
+        vihf = self.vihf(session, entry.patientId)
+        common = dict(
+            professional=session.professional,
+            structure=self.config.structure,
+            software=self.config.software,
+            defaults=self.config.defaults,
+        )
+        if action in ("mask", "unmask"):
+            message = update_visibility(
+                self.endpoints,
+                vihf,
+                entry,
+                masked=action == "mask",
+                **common,  # type: ignore[arg-type]
+            )
+        else:
+            new_status = {
+                "archive": Status.Archived,
+                "unarchive": Status.Approved,
+                "delete": Status.Deleted,
+            }[action]
+            message = update_status(
+                self.endpoints,
+                vihf,
+                entry,
+                new_status,
+                **common,  # type: ignore[arg-type]
+            )
+        return await self._exchange(
+            context, session, "TD3.3", message, read_registry_response
+        )
+
+    async def prepare(
+        self,
+        context: AgentContext,
+        documents: Sequence[bytes],
+        overrides: Sequence[dict[str, object]] | None,
+        timings: dict[str, Any] | None = None,
+    ) -> tuple[ProfessionalSession, PreparedSubmission]:
+        """
+        Derive the metadata of C{documents} and sign the submission set on
+        the card.
+
+        @raise CdaError: a document lacks a mandatory element.
+        """
+        session = await self._session(context)
+        signing = session.signing
+        if signing is not None and timings is not None:
+            signing = replace(signing, signer=_timed_signer(signing.signer, timings))
+        prepared = await prepare_td21(
+            documents,
+            professional=session.professional,
+            structure=self.config.structure,
+            software=self.config.software,
+            defaults=self.config.defaults,
+            endpoints=self.endpoints,
+            issuer=session.issuer,
+            signing=signing,
+            overrides=overrides,
+            clock=self.reactor,
+        )
+        return session, prepared
+
+    async def submit(
+        self,
+        context: AgentContext,
+        documents: Sequence[bytes],
+        overrides: Sequence[dict[str, object]] | None = None,
+    ) -> Submitted:
+        """
+        TD2.1: submit C{documents}; done only on a DMP Success. When the
+        answer is lost, ask the DMP by uniqueId whether it was stored before
+        sending it again, once.
+
+        @raise UnknownOutcome: the outcome could not be learnt.
+        """
+        timings: dict[str, Any] = {}
+        session, prepared = await self.prepare(context, documents, overrides, timings)
+        count = len(documents)
+        # The CDA documents come first; the signature, if any, after them.
+        unique_ids = [d.entry.uniqueId for d in prepared.submission.documents[:count]]
+        patient = prepared.submission.submission_set.patientId
+        try:
+            result = await self._exchange(
+                context,
+                session,
+                "TD2.1",
+                prepared.message,
+                read_registry_response,
+                timings=timings,
+            )
+            return Submitted(
+                prepared, result, "answered", result.warnings, count, timings
+            )
+        except (DmpAnswerLost, DmpTimeout) as first:
+            _log.warn(
+                "TD2.1 outcome unknown ({why}); checking {count} uniqueIds",
+                why=type(first).__name__,
+                count=len(unique_ids),
+            )
+        stored = await self._stored(context, patient, unique_ids)
+        if stored is None:
+            raise UnknownOutcome(
+                "the DMP's answer to the submission never came and the check by "
+                "uniqueId failed too: do not resend before searching for "
+                + ", ".join(unique_ids),
+                unique_ids,
+            )
+        if stored:
+            return Submitted(
+                prepared, None, "stored-after-lost-answer", count=count, timings=timings
+            )
+        try:
+            result = await self._exchange(
+                context,
+                session,
+                "TD2.1",
+                prepared.message,
+                read_registry_response,
+                timings=timings,
+            )
+            return Submitted(
+                prepared,
+                result,
+                "resent-after-lost-answer",
+                result.warnings,
+                count,
+                timings,
+            )
+        except (DmpAnswerLost, DmpTimeout):
+            pass
+        stored = await self._stored(context, patient, unique_ids)
+        if stored:
+            return Submitted(
+                prepared, None, "stored-after-lost-answer", count=count, timings=timings
+            )
+        raise UnknownOutcome(
+            "the submission was resent once after a lost answer and its answer "
+            "was lost again; "
+            + (
+                "the DMP does not have it"
+                if stored is False
+                else "its outcome is unknown"
+            )
+            + ": search for "
+            + ", ".join(unique_ids)
+            + " before sending it again",
+            unique_ids,
+        )
+
+    async def _stored(
+        self, context: AgentContext, patient: PatientId, unique_ids: Sequence[str]
+    ) -> bool | None:
+        """
+        @return: C{True} when the DMP has every document, C{False} when it
+            has none, C{None} when it could not say or has some.
+        """
+        try:
+            found = await self.td31(context, patient=patient, unique_ids=unique_ids)
+        except Exception as error:
+            _log.warn("check by uniqueId failed: {error}", error=str(error))
+            return None
+        have = {e.uniqueId for e in found.entries}
+        if have >= set(unique_ids):
+            return True
+        if not have & set(unique_ids):
+            return False
+        return None
+
+    async def _session(self, context: AgentContext) -> ProfessionalSession:
+        try:
+            return await self.session(context)
+        except TokenExpired:
+            self.forget(context)
+            raise
+
+    async def _exchange(
+        self,
+        context: AgentContext,
+        session: ProfessionalSession,
+        name: str,
+        message: OutgoingMessage,
+        reader: Callable[[SoapResponse], T],
+        idempotent: bool = False,
+        timings: dict[str, Any] | None = None,
+    ) -> T:
+        """
+        Run one exchange; a read (C{idempotent}) whose answer was lost, as
+        when the DMP closed a kept connection just as it was reused, is
+        sent once more.
+        """
+        try:
+            try:
+                return await self.exchange(session, name, message, reader, timings)
+            except DmpAnswerLost:
+                if not idempotent:
+                    raise
+            return await self.exchange(session, name, message, reader, timings)
+        except TokenExpired:
+            self.forget(context)
+            raise
+
+
+def _share(d: Deferred[T]) -> Deferred[T]:
+    """
+    @return: a new Deferred with C{d}'s result, leaving C{d} untouched.
+    """
+    result: Deferred[T] = Deferred()
+
+    def ok(value: T) -> T:
+        result.callback(value)
+        return value
+
+    def failed(failure: Any) -> Any:
+        result.errback(failure)
+        return failure
+
+    d.addCallbacks(ok, failed)
+    d.addErrback(lambda _: None)
+    return result
+
+
+async def _timed(work: Coroutine[Any, Any, T], seconds: float, reactor: Any) -> T:
+    """
+    @return: C{work}'s result.
+    @raise DmpTimeout: it took longer than C{seconds}.
+    """
+    d: Deferred[T] = ensureDeferred(work)
+    d.addTimeout(seconds, reactor)
+    try:
+        return await d
+    except (TimeoutError, CancelledError) as error:
+        raise DmpTimeout(
+            f"the DMP did not answer within {seconds:g} seconds"
+        ) from error
+
+
+def _reasons(error: Exception) -> str:
+    reasons = getattr(error, "reasons", None)
+    if reasons:
+        return "; ".join(str(r.value) for r in reasons)
+    return str(error) or type(error).__name__
+
+
+def _code_of(result: object) -> str:
+    if isinstance(result, RegistryResult):
+        return result.status.rsplit(":", 1)[-1]
+    if isinstance(result, QueryResult):
+        return result.result.status.rsplit(":", 1)[-1]
+    if isinstance(result, ExistenceResult):
+        return result.response_code or "-"
+    if isinstance(result, list):
+        return "Success"
+    return "-"

@@ -1,0 +1,287 @@
+# twisted.web and twisted.application are not annotated.
+# mypy: disable-error-code="no-untyped-call"
+"""
+C{twist dmpfacade}: the facade's command line, and the service that serves
+its REST API (plain HTTP on loopback by default, HTTPS when given a
+certificate) in front of the DMP.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from OpenSSL import crypto
+from twisted.application.service import Service
+from twisted.internet import ssl
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort, IReactorCore
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python import usage
+
+from cpsdmp.facade.resource import DEFAULT_MAX_REQUEST_BYTES, make_site
+from cpsdmp.facade.service import DmpService, FacadeConfig
+from cpsdmp.xds.context import (
+    ACTIVITY_SECTOR_SYSTEM,
+    PRACTICE_SETTING_SYSTEM,
+    Software,
+    Structure,
+    StructureIdentifier,
+    SubmissionDefaults,
+)
+from cpsdmp.xds.ebrim import INS_OID_PRODUCTION, INS_OID_TEST, CodedValue
+
+_log = Logger()
+
+DEFAULT_LISTEN = "tcp:10080:interface=127.0.0.1"
+SANDBOX_URL = "https://127.0.0.1:10443/si-dmp-server/v2/services"
+PRODUCTION_URL = "https://lps2.dmp.gouv.fr/si-dmp-server/v2/services"
+#: The code system of the submission sets' contentTypeCode (--content-type).
+CONTENT_TYPE_SYSTEM = "1.2.250.1.213.2.2"
+
+
+def _coded(system: str) -> Any:
+    def parse(value: str) -> CodedValue:
+        code, _, display = value.partition(":")
+        if not code:
+            raise usage.UsageError(f"expected CODE[:display], got {value!r}")
+        return CodedValue(code, system, display)
+
+    return parse
+
+
+class Options(usage.Options):
+    """
+    The command line of C{twist dmpfacade}.
+    """
+
+    synopsis = "[options]"
+    longdesc = (
+        "The DMP facade: a REST API for backends that performs DMP "
+        "transactions with the professional's CPS card, reached through "
+        "the agent context each request carries. Serves its OpenAPI "
+        "description at /openapi.json."
+    )
+
+    optParameters = [
+        ["listen", None, DEFAULT_LISTEN, "Endpoint to serve the REST API on."],
+        ["tls-cert", None, None, "PEM certificate chain: serve HTTPS."],
+        ["tls-key", None, None, "PEM private key for --tls-cert."],
+        [
+            "dmp-url",
+            None,
+            SANDBOX_URL,
+            f"The DMP's services (production: {PRODUCTION_URL}).",
+        ],
+        ["dmp-ca", None, None, "PEM file of the roots the DMP's chain must lead to."],
+        ["testcard", None, None, "Trust the root of this test card folder."],
+        ["software-name", None, "cpsdmp", "The software's name for the VIHF."],
+        ["software-version", None, "0.1", "The software's version."],
+        ["homologation-id", None, "", "The DMP's homologation number."],
+        ["source-oid", None, "1.2.250.1.999.1.1.1", "OID of this installation."],
+        ["structure-name", None, "", "The health structure's name."],
+        ["structure-kind", None, "RPPS_PRACTICE", "FINESS, SIRET or RPPS_PRACTICE."],
+        ["structure-id", None, "", "The structure's number (without prefix)."],
+        [
+            "activity-sector",
+            None,
+            "SA07:Cabinet individuel",
+            "Secteur d'activité, CODE[:display] (TRE_R02).",
+        ],
+        [
+            "practice-setting",
+            None,
+            "AMBULATOIRE:Ambulatoire",
+            "Default practiceSettingCode, CODE[:display] (JDV_J04).",
+        ],
+        [
+            "content-type",
+            None,
+            "04:Hospitalisation de jour",
+            "The submission sets' contentTypeCode, CODE[:display].",
+        ],
+        ["agent-timeout", None, 30.0, "Seconds to wait for the agent.", float],
+        ["handshake-timeout", None, 60.0, "Seconds for a TLS handshake.", float],
+        ["dmp-timeout", None, 60.0, "Seconds to wait for the DMP's answer.", float],
+        [
+            "max-request-bytes",
+            None,
+            DEFAULT_MAX_REQUEST_BYTES,
+            "Largest request body accepted.",
+            int,
+        ],
+    ]
+
+    def postOptions(self) -> None:
+        roots: list[x509.Certificate] = []
+        test_patients = False
+        if self["testcard"]:
+            from cpsdmp.agent.testcard import TestCard, TestCardError
+
+            try:
+                card = TestCard.load(self["testcard"])
+            except TestCardError as error:
+                raise usage.UsageError(str(error)) from None
+            roots.append(card.ca_root_certificate())
+            test_patients = True
+        if self["dmp-ca"]:
+            try:
+                roots += x509.load_pem_x509_certificates(
+                    Path(self["dmp-ca"]).read_bytes()
+                )
+            except (OSError, ValueError) as error:
+                raise usage.UsageError(
+                    f"cannot read the DMP roots {self['dmp-ca']}: {error}"
+                ) from None
+        if not roots:
+            raise usage.UsageError(
+                "say which roots the DMP's certificate leads to: --dmp-ca PEM "
+                "(or --testcard DIR for the sandbox)"
+            )
+        if bool(self["tls-cert"]) != bool(self["tls-key"]):
+            raise usage.UsageError("--tls-cert and --tls-key go together")
+        try:
+            kind = StructureIdentifier[self["structure-kind"]]
+        except KeyError:
+            raise usage.UsageError(
+                "--structure-kind is one of FINESS, SIRET, RPPS_PRACTICE"
+            ) from None
+        self["roots"] = roots
+        self["structure"] = Structure(
+            name=self["structure-name"] or "cpsdmp test structure",
+            kind=kind,
+            number=self["structure-id"] or "99900000000001",
+            activity_sector=_coded(ACTIVITY_SECTOR_SYSTEM)(self["activity-sector"]),
+            practice_setting=_coded(PRACTICE_SETTING_SYSTEM)(self["practice-setting"]),
+        )
+        self["software"] = Software(
+            name=self["software-name"],
+            version=self["software-version"],
+            homologation_id=self["homologation-id"],
+            source_oid=self["source-oid"],
+        )
+        self["defaults"] = SubmissionDefaults(
+            ins_authority=INS_OID_TEST if test_patients else INS_OID_PRODUCTION,
+            content_type=_coded(CONTENT_TYPE_SYSTEM)(self["content-type"]),
+        )
+        for name in ("agent-timeout", "handshake-timeout", "dmp-timeout"):
+            if self[name] <= 0:
+                raise usage.UsageError(f"--{name} must be positive")
+
+
+def server_options(cert: str, key: str) -> ssl.CertificateOptions:
+    """
+    @param cert: PEM chain, the facade's certificate first.
+    @param key: PEM private key.
+    @return: OpenSSL server options sending the whole chain.
+    """
+    chain = x509.load_pem_x509_certificates(Path(cert).read_bytes())
+    private_key = serialization.load_pem_private_key(Path(key).read_bytes(), None)
+    return ssl.CertificateOptions(
+        privateKey=crypto.PKey.from_cryptography_key(private_key),  # type: ignore[arg-type]
+        certificate=crypto.X509.from_cryptography(chain[0]),
+        extraCertChain=[crypto.X509.from_cryptography(c) for c in chain[1:]],
+    )
+
+
+class FacadeService(Service):
+    """
+    Serves the facade's REST API; closes the DMP connections when stopped.
+    """
+
+    def __init__(
+        self,
+        listen: str,
+        config: FacadeConfig,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        reactor: Any = None,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self.reactor = reactor
+        self.listen_on = listen
+        self.dmp = DmpService(config, reactor)
+        self.site = make_site(self.dmp, max_request_bytes)
+        self.tls_cert = tls_cert
+        self.tls_key = tls_key
+        self.port: IListeningPort | None = None
+
+    def start(self) -> Deferred[IListeningPort]:
+        """
+        @return: a Deferred that fires with the listening port.
+        """
+        factory: Any = self.site
+        if self.tls_cert and self.tls_key:
+            factory = TLSMemoryBIOFactory(
+                server_options(self.tls_cert, self.tls_key), False, self.site
+            )
+        endpoint = serverFromString(self.reactor, self.listen_on)
+
+        def listening(port: IListeningPort) -> IListeningPort:
+            self.port = port
+            host = port.getHost()
+            _log.info(
+                "DMP facade on {scheme}://{host}:{port}, DMP {dmp}",
+                scheme="https" if self.tls_cert else "http",
+                host=getattr(host, "host", "?"),
+                port=getattr(host, "port", "?"),
+                dmp=self.dmp.config.dmp_url,
+            )
+            return port
+
+        listening_port: Deferred[IListeningPort] = endpoint.listen(factory)
+        return listening_port.addCallback(listening)
+
+    def startService(self) -> None:
+        super().startService()
+
+        def failed(failure: Any) -> None:
+            _log.failure("the DMP facade could not start", failure)
+            core: IReactorCore = self.reactor
+            core.stop()
+
+        self.start().addErrback(failed)
+
+    def stopService(self) -> Deferred[Any]:
+        """
+        @return: a Deferred that fires once the port and the DMP
+            connections are closed.
+        """
+        super().stopService()
+        port, self.port = self.port, None
+        stopped = port.stopListening() if port is not None else None
+        closing = self.dmp.close()
+        if stopped is None:
+            return closing
+        return stopped.addCallback(lambda _: closing)
+
+
+def makeService(options: Options) -> FacadeService:
+    """
+    @return: the service C{twist dmpfacade} runs.
+    """
+    config = FacadeConfig(
+        dmp_url=options["dmp-url"],
+        roots=options["roots"],
+        structure=options["structure"],
+        software=options["software"],
+        defaults=options["defaults"],
+        agent_timeout=options["agent-timeout"],
+        handshake_timeout=options["handshake-timeout"],
+        dmp_timeout=options["dmp-timeout"],
+    )
+    return FacadeService(
+        options["listen"],
+        config,
+        options["tls-cert"],
+        options["tls-key"],
+        options["max-request-bytes"],
+    )

@@ -1,0 +1,1227 @@
+"""
+The facade end to end over real sockets: the SoftHSM2 test card behind a
+running agent, the sandbox DMP over mutual TLS, and the facade serving HTTP
+on loopback, called through L{FacadeClient}. Every ANS example CDA goes
+through TD0.2, TD2.1, TD3.1, TD3.2 and TD3.3; then the faults, the lost
+answers of a submission, and the OpenAPI description against the routes.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import socket
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from treq.client import HTTPClient
+from twisted.internet import reactor, ssl
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
+from twisted.internet.task import deferLater
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, readBody
+from twisted.web.http_headers import Headers
+
+from cpsdmp.agent.card import KeyUsage
+from cpsdmp.agent.client import open_session
+from cpsdmp.facade.client import (
+    AgentFailed,
+    AgentSessionExpired,
+    AgentTimedOut,
+    DmpFailed,
+    DmpRefused,
+    FacadeClient,
+    FacadeProblem,
+    HandshakeRefused,
+    InvalidDocument,
+    MalformedRequest,
+    OutcomeUnknown,
+)
+from cpsdmp.facade.resource import ROUTES, openapi
+from cpsdmp.facade.service import FacadeConfig
+from cpsdmp.facade.tap import FacadeService
+from cpsdmp.sandbox.tap import SandboxService
+from cpsdmp.xds.cda import CdaError, document_entry
+from cpsdmp.xds.ebrim import INS_OID_TEST, CodedValue
+from tests.agent_support import shared_testcard, start_agent, token_backend
+from tests.conformance.material import example_cdas
+from tests.xdsvalues import DEFAULTS, SOFTWARE, STRUCTURE
+
+CDA_PATIENT = {"ins": "279035121518989", "authority": INS_OID_TEST}
+SYNTHESE = {
+    "code": "11",
+    "codingScheme": "1.2.250.1.213.1.1.4.1",
+    "display": "Synthèse",
+}
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+
+def overrides_for(data: bytes) -> dict[str, Any] | None:
+    """
+    @return: a classCode for the example CDAs whose typeCode has none in the
+        mapping, as a producer would give it; nothing otherwise.
+    """
+    try:
+        document_entry(data, STRUCTURE, DEFAULTS)
+    except CdaError as error:
+        if "classCode" in str(error):
+            return {"classCode": SYNTHESE}
+    return None
+
+
+def unique_id(data: bytes) -> str:
+    """
+    @return: the uniqueId the CDA's metadata carries (its ClinicalDocument/id).
+    """
+    classcode = CodedValue("11", "1.2.250.1.213.1.1.4.1", "Synthèse")
+    return document_entry(data, STRUCTURE, DEFAULTS, {"classCode": classcode}).uniqueId
+
+
+def cda(prefix: str) -> bytes:
+    return next(p for p in example_cdas() if p.name.startswith(prefix)).read_bytes()
+
+
+class CountingBackend:
+    """
+    The test card's backend, counting the signatures of each key.
+    """
+
+    def __init__(self, backend: Any) -> None:
+        self._backend = backend
+        self.signatures = {KeyUsage.authentication: 0, KeyUsage.signature: 0}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._backend, name)
+
+    def sign_digest(self, usage: KeyUsage, algorithm: Any, digest: bytes) -> bytes:
+        self.signatures[usage] += 1
+        return self._backend.sign_digest(usage, algorithm, digest)
+
+
+def conforms(value: Any, schema: dict[str, Any], where: str = "$") -> None:
+    """
+    Check C{value} against the subset of JSON Schema the facade's
+    description uses (type, required, properties, items, const, enum).
+
+    @raise AssertionError: naming the first place that does not conform.
+    """
+    types = schema.get("type")
+    if types is not None:
+        names = types if isinstance(types, list) else [types]
+        python = {
+            "object": dict,
+            "array": list,
+            "string": str,
+            "integer": int,
+            "number": (int, float),
+            "boolean": bool,
+            "null": type(None),
+        }
+        assert any(isinstance(value, python[n]) for n in names), (
+            f"{where}: {value!r} is not {types}"
+        )
+    if "const" in schema:
+        assert value == schema["const"], f"{where}: {value!r} != {schema['const']!r}"
+    if "enum" in schema:
+        assert value in schema["enum"], f"{where}: {value!r} not in {schema['enum']}"
+    if isinstance(value, dict):
+        for name in schema.get("required", []):
+            assert name in value, f"{where}: {name} missing"
+        for name, sub in schema.get("properties", {}).items():
+            if name in value:
+                conforms(value[name], sub, f"{where}.{name}")
+    if isinstance(value, list) and "items" in schema:
+        for index, item in enumerate(value):
+            conforms(item, schema["items"], f"{where}[{index}]")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class FacadeTestCase(TestCase):
+    """
+    An agent on the test card with an open session, a sandbox DMP, and a
+    facade in front of it.
+    """
+
+    timeout = 180
+
+    @inlineCallbacks
+    def setUp(self) -> Any:
+        self.card = shared_testcard()
+        self.backend = CountingBackend(token_backend())
+        self.agent = yield start_agent(self, self.backend)
+        self.context = yield open_session(
+            self.agent.url, self.card.pin, self.agent.fingerprint
+        )
+        self.sandbox_port = yield self.start_sandbox()
+        self.facade = yield self.start_facade(self.dmp_url(self.sandbox_port))
+
+    def start_sandbox(self, client_cas: list[str] | None = None) -> Deferred[int]:
+        card = self.card
+        service = SandboxService(
+            "tcp:0:interface=127.0.0.1",
+            str(Path(self.mktemp() + ".sqlite").absolute()),
+            card.sandbox_cert,
+            card.sandbox_key,
+            client_cas or [card.ca_root, *card.ca_intermediates],
+        )
+        self.addCleanup(service.stopService)
+        return service.start().addCallback(lambda port: port.getHost().port)
+
+    @staticmethod
+    def dmp_url(port: int) -> str:
+        return f"https://127.0.0.1:{port}/si-dmp-server/v2/services"
+
+    def start_facade(self, dmp_url: str, **settings: Any) -> Deferred[FacadeClient]:
+        config = FacadeConfig(
+            dmp_url=dmp_url,
+            roots=[self.card.ca_root_certificate()],
+            structure=STRUCTURE,
+            software=SOFTWARE,
+            defaults=DEFAULTS,
+            **settings,
+        )
+        self.service = FacadeService("tcp:0:interface=127.0.0.1", config)
+        self.addCleanup(self.service.stopService)
+
+        def client(port: Any) -> FacadeClient:
+            self.facade_url = f"http://127.0.0.1:{port.getHost().port}"
+            facade = FacadeClient(self.facade_url)
+            self.addCleanup(facade.close)
+            return facade
+
+        return self.service.start().addCallback(client)
+
+    @property
+    def authentication_signatures(self) -> int:
+        return self.backend.signatures[KeyUsage.authentication]
+
+    def submit(self, data: bytes, **kwargs: Any) -> Deferred[dict[str, Any]]:
+        return self.facade.td21_submit(
+            [data], kwargs.get("context", self.context), [overrides_for(data)]
+        )
+
+    @inlineCallbacks
+    def failure_of(self, d: Deferred[Any], kind: type[Exception]) -> Any:
+        try:
+            yield d
+        except kind as error:
+            return error
+        self.fail(f"expected {kind.__name__}")
+
+
+class ScenarioTests(FacadeTestCase):
+    @inlineCallbacks
+    def test_every_example_cda(self) -> Any:
+        """
+        Each ANS example CDA: the patient's DMP exists, the submission
+        succeeds with the CDA's uniqueId, a search finds it, the retrieval
+        gives back the exact bytes, and masking it shows in the metadata.
+        All of it with one card signature for the TLS authentication.
+        """
+        schemas = {r.operation_id: r.answer for r in ROUTES}
+        exists = yield self.facade.td02_exist(CDA_PATIENT, self.context)
+        conforms(exists, schemas["td02Exist"])
+        self.assertTrue(exists["exists"])
+        self.assertEqual(exists["authorization"], "VALIDE")
+        paths = example_cdas()
+        self.assertEqual(len(paths), 6)
+        for path in paths:
+            data = path.read_bytes()
+            submitted = yield self.submit(data)
+            conforms(submitted, schemas["td21SubmitDocuments"])
+            self.assertEqual(submitted["outcome"], "answered", path.name)
+            timings = submitted["timings"]
+            self.assertEqual(timings["connection"], "reused")
+            self.assertGreater(timings["submissionSetSignature"], 0)
+            self.assertGreater(timings["dmp"], 0)
+            [document] = submitted["documents"]
+            self.assertEqual(document["uniqueId"], unique_id(data))
+
+            found = yield self.facade.td31_find(self.context, CDA_PATIENT)
+            self.assertIn(document["uniqueId"], [d["uniqueId"] for d in found])
+            conforms({"documents": found}, schemas["td31Find"])
+
+            content = yield self.facade.td32_retrieve(
+                document["uniqueId"], self.context, CDA_PATIENT
+            )
+            self.assertEqual(content, data, path.name)
+
+            updated = yield self.facade.td33_update(
+                document["uniqueId"], "mask", self.context, CDA_PATIENT
+            )
+            conforms(updated, schemas["td33UpdateStatus"])
+            [entry] = yield self.facade.td31_find(
+                self.context, CDA_PATIENT, uniqueIds=[document["uniqueId"]]
+            )
+            self.assertIn(
+                "MASQUE_PS", [c["code"] for c in entry["confidentialityCode"]]
+            )
+            error = yield self.failure_of(
+                self.facade.td33_update(
+                    document["uniqueId"], "mask", self.context, CDA_PATIENT
+                ),
+                FacadeProblem,
+            )
+            self.assertEqual((error.status, error.kind), (409, "conflict"))
+        self.assertEqual(self.authentication_signatures, 1)
+        # One signature of the submission set per submission.
+        self.assertEqual(self.backend.signatures[KeyUsage.signature], len(paths))
+
+    @inlineCallbacks
+    def test_json_retrieval(self) -> Any:
+        """
+        Without Accept: application/octet-stream, TD3.2 answers JSON with
+        the bytes in base64 and the document's mimeType.
+        """
+        data = cda("VAC-NOTE")
+        submitted = yield self.submit(data)
+        unique_id = submitted["documents"][0]["uniqueId"]
+        answer = yield self.post(
+            "/dmp/td32Retrieve", {"agentContext": self.context, "uniqueId": unique_id}
+        )
+        self.assertEqual(answer[0], 200)
+        conforms(answer[1], {r.operation_id: r.answer for r in ROUTES}["td32Retrieve"])
+        self.assertEqual(base64.b64decode(answer[1]["content"]), data)
+        self.assertEqual(answer[1]["mimeType"], "text/xml")
+
+    @inlineCallbacks
+    def test_multipart_submission(self) -> Any:
+        """
+        TD2.1 as multipart/form-data: the agent context as a JSON part, the
+        CDA as a file, the overrides as a JSON part.
+        """
+        data = cda("DLU-EHPAD-FLUDT")
+        boundary = "cpsdmp-boundary-1"
+        parts = [
+            (
+                'name="agentContext"',
+                "application/json",
+                json.dumps(self.context).encode(),
+            ),
+            (
+                'name="overrides"',
+                "application/json",
+                json.dumps([overrides_for(data)]).encode(),
+            ),
+            ('name="documents"; filename="cda.xml"', "text/xml", data),
+        ]
+        body = (
+            b"".join(
+                f"--{boundary}\r\nContent-Disposition: form-data; {disposition}\r\n"
+                f"Content-Type: {media}\r\n\r\n".encode()
+                + content
+                + b"\r\n"
+                for disposition, media, content in parts
+            )
+            + f"--{boundary}--\r\n".encode()
+        )
+        status, answer = yield self.post(
+            "/dmp/td21SubmitDocuments",
+            body,
+            content_type=f"multipart/form-data; boundary={boundary}",
+        )
+        self.assertEqual(status, 200, answer)
+        self.assertEqual(answer["documents"][0]["uniqueId"], unique_id(data))
+        content = yield self.facade.td32_retrieve(
+            answer["documents"][0]["uniqueId"], self.context
+        )
+        self.assertEqual(content, data)
+
+    @inlineCallbacks
+    def post(self, path: str, body: Any, content_type: str = "application/json") -> Any:
+        """
+        @return: a Deferred firing with the status and the parsed JSON answer.
+        """
+        import io
+
+        from twisted.web.client import FileBodyProducer
+
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        response = yield Agent(reactor).request(
+            b"POST",
+            (self.facade_url + path).encode(),
+            Headers({b"content-type": [content_type.encode()]}),
+            FileBodyProducer(io.BytesIO(raw)),
+        )
+        content = yield readBody(response)
+        return response.code, json.loads(content)
+
+    @inlineCallbacks
+    def test_second_request_no_new_signature(self) -> Any:
+        """
+        A second request by the same professional reuses the connection; one
+        after the connections were closed resumes the TLS session. Neither
+        asks the card for a signature.
+        """
+        yield self.facade.td02_exist(CDA_PATIENT, self.context)
+        self.assertEqual(self.authentication_signatures, 1)
+        yield self.facade.td02_exist(CDA_PATIENT, self.context)
+        self.assertEqual(self.authentication_signatures, 1)
+
+        from cpsdmp.facade.service import AgentContext
+
+        session = yield self.service.dmp.session(AgentContext.from_json(self.context))
+        yield session.pool.closeCachedConnections()
+        yield self.facade.td02_exist(CDA_PATIENT, self.context)
+        self.assertEqual(self.authentication_signatures, 1)
+        self.assertEqual(session.connections.handshakes, 2)
+        self.assertEqual(session.connections.resumed, 1)
+
+
+class ResumptionTests(FacadeTestCase):
+    @inlineCallbacks
+    def test_new_token_same_agent_resumes(self) -> Any:
+        """
+        The professional enters the PIN again (a new token, same agent and
+        card): the facade resumes the TLS session, no card signature.
+        """
+        yield self.facade.td02_exist(CDA_PATIENT, self.context)
+        again = yield open_session(
+            self.agent.url, self.card.pin, self.agent.fingerprint
+        )
+        self.assertNotEqual(again["token"], self.context["token"])
+        yield self.facade.td02_exist(CDA_PATIENT, again)
+        self.assertEqual(self.authentication_signatures, 1)
+
+    @inlineCallbacks
+    def test_concurrent_first_requests_one_signature(self) -> Any:
+        """
+        Ten requests at once by a professional the facade has not seen: the
+        first handshake signs, the other connections wait for it and resume
+        its session.
+        """
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        results = yield DeferredList(
+            [self.facade.td02_exist(CDA_PATIENT, self.context) for _ in range(10)],
+            consumeErrors=True,
+        )
+        self.assertEqual([ok for ok, _ in results], [True] * 10, results)
+        self.assertEqual(self.authentication_signatures, 1)
+        logged = sorted(
+            (e["connection"], e["signature"] == "none")
+            for e in events
+            if e.get("log_namespace") == "cpsdmp.facade.service" and e.get("action")
+        )
+        self.assertEqual(logged, [("new handshake", False)] + [("resumed", True)] * 9)
+
+    @inlineCallbacks
+    def test_other_agent_same_certificate_signs(self) -> Any:
+        """
+        Another agent serving the same card (so the same certificate) does
+        not get the first agent's TLS session: the facade makes a full
+        handshake, and the card signs again.
+        """
+        yield self.facade.td02_exist(CDA_PATIENT, self.context)
+        other = yield start_agent(self, SharedCard(self.backend))
+        self.assertNotEqual(other.fingerprint, self.agent.fingerprint)
+        context = yield open_session(other.url, self.card.pin, other.fingerprint)
+        yield self.facade.td02_exist(CDA_PATIENT, context)
+        self.assertEqual(self.authentication_signatures, 2)
+
+
+class SharedCard:
+    """
+    The card another agent already unlocked, lent to a second agent: its
+    login, logout and close leave the first agent's session alone.
+    """
+
+    def __init__(self, backend: Any) -> None:
+        self._backend = backend
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._backend, name)
+
+    def login(self, pin: str) -> None:
+        pass
+
+    def logout(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class FaultTests(FacadeTestCase):
+    @inlineCallbacks
+    def test_duplicate_submission(self) -> Any:
+        """
+        The same CDA twice: the DMP refuses the second with its own code,
+        and the facade answers 422 with it.
+        """
+        data = cda("BIO")
+        yield self.submit(data)
+        error = yield self.failure_of(self.submit(data), DmpRefused)
+        self.assertEqual(error.status, 422)
+        self.assertTrue(error.codes, error.problem)
+        self.assertTrue(any("UniqueId" in code for code in error.codes), error.problem)
+        self.assertEqual(
+            set(error.errors[0]), {"code", "context", "severity", "location"}
+        )
+
+    @inlineCallbacks
+    def test_unknown_patient(self) -> Any:
+        """
+        A CDA about a patient the DMP does not know is refused with the
+        DMP's code.
+        """
+        data = cda("BIO").replace(b"279035121518989", b"299999999999999")
+        error = yield self.failure_of(self.submit(data), DmpRefused)
+        self.assertEqual(error.status, 422)
+        self.assertTrue(error.codes)
+        self.assertIn("299999999999999", json.dumps(error.problem))
+
+    @inlineCallbacks
+    def test_invalid_cda(self) -> Any:
+        """
+        A CDA without confidentialityCode: 422 naming the element, nothing
+        sent to the DMP.
+        """
+        data = re.sub(rb"<confidentialityCode[^>]*/>", b"", cda("BIO"), count=1)
+        error = yield self.failure_of(self.submit(data), InvalidDocument)
+        self.assertEqual(error.status, 422)
+        self.assertIn("confidentialityCode", str(error))
+        error = yield self.failure_of(
+            self.facade.td21_submit([b"<not-xml"], self.context), InvalidDocument
+        )
+        self.assertEqual(error.status, 422)
+
+    @inlineCallbacks
+    def test_malformed_requests(self) -> Any:
+        error = yield self.failure_of(
+            self.facade.td21_submit([], self.context), MalformedRequest
+        )
+        self.assertEqual(error.status, 400)
+        error = yield self.failure_of(
+            self.facade.td02_exist(CDA_PATIENT, {"url": "x"}), MalformedRequest
+        )
+        self.assertIn("token", str(error))
+        error = yield self.failure_of(
+            self.facade.td02_exist({"ins": "12"}, self.context), MalformedRequest
+        )
+        self.assertIn("INS", str(error))
+        error = yield self.failure_of(
+            self.facade.td31_find(self.context, CDA_PATIENT, creationFrom="yesterday"),
+            MalformedRequest,
+        )
+        self.assertIn("CreationTimeFrom", str(error))
+        error = yield self.failure_of(
+            self.facade.td33_update("1.2.3", "shred", self.context), MalformedRequest
+        )
+        self.assertIn("mask", str(error))
+
+    @inlineCallbacks
+    def test_wrong_token(self) -> Any:
+        """
+        A token the agent does not know (expired, or the card was locked):
+        401, saying the PIN is needed again.
+        """
+        context = dict(self.context, token="not-a-token")
+        error = yield self.failure_of(
+            self.facade.td02_exist(CDA_PATIENT, context), AgentSessionExpired
+        )
+        self.assertEqual(error.status, 401)
+        self.assertIn("PIN", str(error))
+
+    @inlineCallbacks
+    def test_agent_stopped_midway(self) -> Any:
+        """
+        The agent stops after a first request: a submission needs the card's
+        signature key, and the facade says the agent failed: unreachable
+        (502) once its connections are gone, or silent (504) while one
+        lingers.
+        """
+        facade = yield self.start_facade(
+            self.dmp_url(self.sandbox_port), agent_timeout=3.0
+        )
+        yield facade.td02_exist(CDA_PATIENT, self.context)
+        yield self.agent.service.stopService()
+        data = cda("VAC-NOTE")
+        error = yield self.failure_of(
+            facade.td21_submit([data], self.context, [overrides_for(data)]),
+            AgentFailed,
+        )
+        self.assertIn(
+            (error.status, error.kind),
+            [(502, "agent-unreachable"), (504, "agent-timeout")],
+        )
+        self.assertIn(self.agent.url, str(error))
+
+    @inlineCallbacks
+    def test_agent_unreachable(self) -> Any:
+        context = dict(self.context, url=f"https://127.0.0.1:{free_port()}")
+        error = yield self.failure_of(
+            self.facade.td02_exist(CDA_PATIENT, context), AgentFailed
+        )
+        self.assertEqual(error.status, 502)
+        self.assertEqual(error.kind, "agent-unreachable")
+
+    @inlineCallbacks
+    def test_dmp_down(self) -> Any:
+        """
+        Nothing listens at the DMP's address: 502, DMP unreachable.
+        """
+        facade = yield self.start_facade(self.dmp_url(free_port()))
+        error = yield self.failure_of(
+            facade.td02_exist(CDA_PATIENT, self.context), DmpFailed
+        )
+        self.assertEqual(error.status, 502)
+        self.assertEqual(error.kind, "dmp-unreachable")
+
+    @inlineCallbacks
+    def test_untrusted_card(self) -> Any:
+        """
+        A DMP that trusts another authority refuses the card's certificate
+        in the handshake: 502 naming the alert it sent.
+        """
+        other_ca = Path(self.mktemp() + ".pem")
+        other_ca.write_bytes(_other_authority())
+        port = yield self.start_sandbox([str(other_ca)])
+        facade = yield self.start_facade(self.dmp_url(port))
+        error = yield self.failure_of(
+            facade.td02_exist(CDA_PATIENT, self.context), HandshakeRefused
+        )
+        self.assertEqual(error.status, 502)
+        self.assertIn(error.problem["alert"], ("unknown_ca", "bad_certificate"))
+        self.assertIn(error.problem["alert"], str(error))
+
+    @inlineCallbacks
+    def test_dmp_timeout(self) -> Any:
+        """
+        A DMP that accepts the connection and never answers: 504.
+        """
+        listening = reactor.listenTCP(
+            0, Factory.forProtocol(Protocol), interface="127.0.0.1"
+        )
+        self.addCleanup(listening.stopListening)
+        facade = yield self.start_facade(
+            self.dmp_url(listening.getHost().port),
+            dmp_timeout=1.0,
+            handshake_timeout=5.0,
+        )
+        error = yield self.failure_of(
+            facade.td02_exist(CDA_PATIENT, self.context), Exception
+        )
+        self.assertEqual(error.status, 504, error)
+        self.assertEqual(error.kind, "dmp-timeout")
+
+
+def _other_authority() -> bytes:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Another CA")])
+    now = datetime.now(UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=1))
+        .not_valid_after(now + timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return certificate.public_bytes(serialization.Encoding.PEM)
+
+
+# Lost answers ---------------------------------------------------------------------
+class _Upstream(Protocol):
+    def __init__(self, downstream: _Downstream) -> None:
+        self.downstream = downstream
+
+    def connectionMade(self) -> None:
+        self.downstream.upstream_ready(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.downstream.from_server(data)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.downstream.transport.loseConnection()
+
+
+class _Downstream(Protocol):
+    """
+    One client connection through the proxy.
+    """
+
+    def __init__(self, proxy: LosingProxy) -> None:
+        self.proxy = proxy
+        self.upstream: _Upstream | None = None
+        self.pending: list[bytes] = []
+        self.sent = 0
+        self.cut = False
+
+    def connectionMade(self) -> None:
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.proxy.target)
+        connectProtocol(endpoint, _Upstream(self))
+
+    def upstream_ready(self, upstream: _Upstream) -> None:
+        self.upstream = upstream
+        for data in self.pending:
+            upstream.transport.write(data)
+        self.pending = []
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.cut:
+            return
+        self.sent += len(data)
+        big = self.sent >= self.proxy.threshold
+        if big and self.proxy.mode == "swallow-request":
+            # The request reaches the proxy, never the DMP.
+            self.cut = True
+            self.proxy.cuts += 1
+            if self.proxy.once:
+                self.proxy.mode = None
+            if self.upstream is not None:
+                self.upstream.transport.abortConnection()
+            call = reactor.callLater(0.5, self.transport.abortConnection)
+            self.proxy.later.append((call, self.transport))
+            return
+        if big and self.proxy.mode in ("drop-answer", "hold-answer"):
+            self.armed = True
+        if self.upstream is None:
+            self.pending.append(data)
+        else:
+            self.upstream.transport.write(data)
+
+    def from_server(self, data: bytes) -> None:
+        if getattr(self, "armed", False) and self.proxy.mode == "hold-answer":
+            # The DMP answered; the answer waits here until the facade gives up.
+            self.proxy.cuts += 1
+            self.proxy.mode = None
+            self.held = True
+            return
+        if getattr(self, "held", False):
+            return
+        if getattr(self, "armed", False) and self.proxy.mode == "drop-answer":
+            # The DMP answered; the answer never reaches the facade.
+            self.proxy.cuts += 1
+            if self.proxy.once:
+                self.proxy.mode = None
+            self.transport.abortConnection()
+            if self.upstream is not None:
+                self.upstream.transport.abortConnection()
+            return
+        self.transport.write(data)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if self.upstream is not None:
+            self.upstream.transport.loseConnection()
+
+
+class LosingProxy(Factory):
+    """
+    A TCP proxy to the sandbox that, once armed, loses the answer to a large
+    request (C{drop-answer}: the DMP got it) or the large request itself
+    (C{swallow-request}: the DMP never got it), once or every time.
+    """
+
+    def __init__(self, target: int, threshold: int) -> None:
+        self.target = target
+        self.threshold = threshold
+        self.mode: str | None = None
+        self.once = True
+        self.cuts = 0
+        self.later: list[Any] = []
+
+    def stop(self) -> None:
+        for call, transport in self.later:
+            if call.active():
+                call.cancel()
+                transport.abortConnection()
+
+    def buildProtocol(self, addr: Any) -> _Downstream:
+        return _Downstream(self)
+
+
+class LostAnswerTests(FacadeTestCase):
+    @inlineCallbacks
+    def setUp(self) -> Any:
+        yield super().setUp()
+        self.proxy = LosingProxy(self.sandbox_port, threshold=64 * 1024)
+        listening = reactor.listenTCP(0, self.proxy, interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        self.addCleanup(self.proxy.stop)
+        self.proxy_port = listening.getHost().port
+        self.facade = yield self.start_facade(self.dmp_url(self.proxy_port))
+        self.data = cda("BIO")
+        self.assertGreater(len(self.data), self.proxy.threshold)
+        yield self.facade.td02_exist(CDA_PATIENT, self.context)
+
+    @inlineCallbacks
+    def stored_copies(self) -> Any:
+        found = yield self.facade.td31_find(
+            self.context,
+            CDA_PATIENT,
+            uniqueIds=[unique_id(self.data)],
+        )
+        return len(found)
+
+    @inlineCallbacks
+    def test_answer_lost_but_stored(self) -> Any:
+        """
+        The DMP stored the submission, its answer was lost: the facade finds
+        it by uniqueId and does not send it again.
+        """
+        self.proxy.mode = "drop-answer"
+        answer = yield self.submit(self.data)
+        self.assertEqual(self.proxy.cuts, 1)
+        self.assertEqual(answer["outcome"], "stored-after-lost-answer")
+        copies = yield self.stored_copies()
+        self.assertEqual(copies, 1)
+
+    @inlineCallbacks
+    def test_answer_late_but_stored(self) -> Any:
+        """
+        The DMP stored the submission but its answer does not come within
+        the facade's timeout: the facade finds it by uniqueId.
+        """
+        self.facade = yield self.start_facade(
+            self.dmp_url(self.proxy_port), dmp_timeout=2.0
+        )
+        self.proxy.mode = "hold-answer"
+        answer = yield self.submit(self.data)
+        self.assertEqual(self.proxy.cuts, 1)
+        self.assertEqual(answer["outcome"], "stored-after-lost-answer")
+        copies = yield self.stored_copies()
+        self.assertEqual(copies, 1)
+
+    @inlineCallbacks
+    def test_request_lost_then_resent(self) -> Any:
+        """
+        The submission never reached the DMP: the facade finds nothing by
+        uniqueId and sends it once more, with success.
+        """
+        self.proxy.mode = "swallow-request"
+        answer = yield self.submit(self.data)
+        self.assertEqual(self.proxy.cuts, 1)
+        self.assertEqual(answer["outcome"], "resent-after-lost-answer")
+        copies = yield self.stored_copies()
+        self.assertEqual(copies, 1)
+        self.assertEqual(self.authentication_signatures, 1)
+
+    @inlineCallbacks
+    def test_still_unknown(self) -> Any:
+        """
+        Every submission is lost on the way: after one resend the facade
+        says the outcome is unknown (504) and names the uniqueIds.
+        """
+        self.proxy.mode = "swallow-request"
+        self.proxy.once = False
+        error = yield self.failure_of(self.submit(self.data), OutcomeUnknown)
+        self.assertEqual(error.status, 504)
+        self.assertEqual(self.proxy.cuts, 2)
+        self.assertEqual(error.unique_ids, [unique_id(self.data)])
+        self.proxy.mode = None
+        copies = yield self.stored_copies()
+        self.assertEqual(copies, 0)
+
+
+class OpenApiTests(FacadeTestCase):
+    @inlineCallbacks
+    def test_description_matches_routes(self) -> Any:
+        """
+        The served description is the one made from the routes; every
+        described operation answers (a malformed POST gets a documented 400
+        problem), and a path it does not describe is 404.
+        """
+        served = yield self.facade.openapi()
+        self.assertEqual(served, json.loads(json.dumps(openapi())))
+        self.assertEqual(served["openapi"], "3.1.0")
+        described = {
+            (method.upper(), path)
+            for path, operations in served["paths"].items()
+            for method in operations
+        }
+        self.assertEqual(described, {(r.method, r.path) for r in ROUTES})
+        problem_schema = served["components"]["schemas"]["Problem"]
+        for method, path in sorted(described):
+            operation = served["paths"][path][method.lower()]
+            response = yield Agent(reactor).request(
+                method.encode(),
+                (self.facade_url + path).encode(),
+                Headers({b"content-type": [b"application/json"]}),
+                _body(b"{}") if method == "POST" else None,
+            )
+            content = json.loads((yield readBody(response)))
+            self.assertIn(str(response.code), operation["responses"], path)
+            if response.code == 200:
+                schema = operation["responses"]["200"]["content"]["application/json"]
+                conforms(content, schema["schema"])
+            else:
+                self.assertEqual(response.code, 400, path)
+                conforms(content, problem_schema)
+        response = yield Agent(reactor).request(
+            b"GET", (self.facade_url + "/dmp/nothing").encode()
+        )
+        self.assertEqual(response.code, 404)
+        yield readBody(response)
+
+
+def _body(data: bytes) -> Any:
+    import io
+
+    from twisted.web.client import FileBodyProducer
+
+    return FileBodyProducer(io.BytesIO(data))
+
+
+class SubmitCommandTests(FacadeTestCase):
+    @inlineCallbacks
+    def test_submit_command(self) -> Any:
+        """
+        C{cpsdmp submit} as a process against the running facade: the JSON
+        answer names the uniqueId; the document is then in the DMP.
+        """
+        data_path = next(p for p in example_cdas() if p.name.startswith("VAC_"))
+        context_file = Path(self.mktemp()).absolute()
+        context_file.write_text(json.dumps(self.context))
+        env = dict(os.environ, PYTHONPATH=str(REPOSITORY))
+        out, err, code = yield getProcessOutputAndValue(
+            sys.executable,
+            [
+                "-m",
+                "cpsdmp.cli",
+                "submit",
+                str(data_path),
+                "--facade",
+                self.facade_url,
+                "--agent-context",
+                str(context_file),
+                "--class-code",
+                "11:Synthèse",
+                "--json",
+            ],
+            env=env,
+            path=str(REPOSITORY),
+        )
+        self.assertEqual(code, 0, err)
+        answer = json.loads(out)
+        expected = unique_id(data_path.read_bytes())
+        self.assertEqual(answer["documents"][0]["uniqueId"], expected)
+        content = yield self.facade.td32_retrieve(expected, self.context)
+        self.assertEqual(content, data_path.read_bytes())
+
+        out, err, code = yield getProcessOutputAndValue(
+            sys.executable,
+            [
+                "-m",
+                "cpsdmp.cli",
+                "submit",
+                str(data_path),
+                "--facade",
+                self.facade_url,
+                "--agent-context",
+                str(context_file),
+                "--class-code",
+                "11:Synthèse",
+            ],
+            env=env,
+            path=str(REPOSITORY),
+        )
+        self.assertEqual(code, 1)
+        self.assertIn(b"422", err)
+
+
+class MoreFaultTests(FacadeTestCase):
+    @inlineCallbacks
+    def test_agent_timeout(self) -> Any:
+        """
+        An agent address where something accepts connections and never
+        answers: 504, the agent did not answer in time.
+        """
+        silent = reactor.listenTCP(
+            0, Factory.forProtocol(Protocol), interface="127.0.0.1"
+        )
+        self.addCleanup(silent.stopListening)
+        facade = yield self.start_facade(
+            self.dmp_url(self.sandbox_port), agent_timeout=1.0
+        )
+        context = dict(self.context, url=f"https://127.0.0.1:{silent.getHost().port}")
+        error = yield self.failure_of(
+            facade.td02_exist(CDA_PATIENT, context), AgentTimedOut
+        )
+        self.assertEqual(error.status, 504)
+
+    @inlineCallbacks
+    def test_body_limit(self) -> Any:
+        """
+        A body over the limit is refused with 413 and a problem document,
+        before the DMP or the agent is asked anything.
+        """
+        self.service.site.requestFactory.max_body = 10_000
+        error = yield self.failure_of(
+            self.facade.td21_submit([cda("BIO")], self.context), FacadeProblem
+        )
+        self.assertEqual(error.status, 413)
+        self.assertEqual(error.kind, "too-large")
+        self.assertEqual(self.backend.signatures[KeyUsage.signature], 0)
+
+    @inlineCallbacks
+    def test_answer_limit(self) -> Any:
+        """
+        A DMP answer over the facade's limit is refused (502), not read.
+        """
+        data = cda("DOC_NON")
+        submitted = yield self.submit(data)
+        small = yield self.start_facade(
+            self.dmp_url(self.sandbox_port), max_answer_bytes=len(data) // 2
+        )
+        error = yield self.failure_of(
+            small.td32_retrieve(submitted["documents"][0]["uniqueId"], self.context),
+            DmpFailed,
+        )
+        self.assertEqual((error.status, error.kind), (502, "dmp-bad-answer"))
+        self.assertIn("too large", str(error))
+
+    @inlineCallbacks
+    def test_one_log_event_per_transaction(self) -> Any:
+        """
+        Each DMP transaction logs one event with its action, the DMP's
+        answer, its duration, the connection (new, reused) and the card
+        signature; no event carries the token.
+        """
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        yield self.facade.td02_exist(CDA_PATIENT, self.context)
+        yield self.facade.td02_exist(CDA_PATIENT, self.context)
+        yield self.submit(cda("VAC-NOTE"))
+        transactions = [
+            e
+            for e in events
+            if e.get("log_namespace") == "cpsdmp.facade.service" and e.get("action")
+        ]
+        self.assertEqual(
+            [e["action"] for e in transactions], ["TD0.2", "TD0.2", "TD2.1"]
+        )
+        self.assertEqual([e["code"] for e in transactions], ["OK", "OK", "Success"])
+        self.assertEqual(transactions[0]["connection"], "new handshake")
+        self.assertNotEqual(transactions[0]["signature"], "none")
+        self.assertEqual(transactions[1]["connection"], "reused")
+        self.assertEqual(transactions[1]["signature"], "none")
+        self.assertIn("submission-set signature", formatEvent(transactions[2]))
+        for event in events:
+            self.assertNotIn(self.context["token"], formatEvent(event))
+            self.assertNotIn(self.context["token"], repr(event))
+
+
+class ProblemMappingTests(SynchronousTestCase):
+    """
+    Each failure the facade meets, and the status and problem type a
+    backend gets for it.
+    """
+
+    def test_statuses(self) -> None:
+        from cpsdmp.agent.client import (
+            AgentUnreachable,
+            NoCard,
+            PinBlocked,
+            TokenExpired,
+        )
+        from cpsdmp.facade.resource import BadRequest, problem_for
+        from cpsdmp.facade.service import DmpTimeout, DmpUnreachable
+        from cpsdmp.protocols.tls import HandshakeFailed
+        from cpsdmp.protocols.tls.alerts import AlertDescription
+        from cpsdmp.xds.responses import (
+            FAILURE,
+            RegistryError,
+            RegistryFailure,
+            RegistryResult,
+        )
+
+        refusal = RegistryFailure(
+            RegistryResult(
+                FAILURE, [RegistryError("DMP_4001", "patient inconnu", "Error")]
+            )
+        )
+        cases = [
+            (BadRequest("no agentContext"), 400, "malformed-request"),
+            (TokenExpired("expired"), 401, "token-expired"),
+            (PinBlocked("PIN blocked"), 423, "pin-blocked"),
+            (NoCard("no card"), 503, "no-card"),
+            (AgentUnreachable("cannot reach the agent"), 502, "agent-unreachable"),
+            (AgentUnreachable("the agent did not answer"), 504, "agent-timeout"),
+            (
+                HandshakeFailed(
+                    "WAIT_SIGNATURE",
+                    "key holder failed",
+                    AlertDescription.internal_error,
+                ),
+                502,
+                "handshake-failed",
+            ),
+            (DmpUnreachable("refused"), 502, "dmp-unreachable"),
+            (DmpTimeout("slow"), 504, "dmp-timeout"),
+            (CdaError("no title"), 422, "invalid-cda"),
+            (refusal, 422, "dmp-refused"),
+            (RuntimeError("bug"), 500, "internal-error"),
+        ]
+        for error, status, kind in cases:
+            problem = problem_for(error)
+            self.assertEqual((problem.status, problem.kind), (status, kind), error)
+        document = problem_for(refusal).document()
+        self.assertEqual(
+            document["errors"],
+            [
+                {
+                    "code": "DMP_4001",
+                    "context": "patient inconnu",
+                    "severity": "Error",
+                    "location": "",
+                }
+            ],
+        )
+        handshake = problem_for(cases[6][0]).document()
+        self.assertEqual(
+            (handshake["step"], handshake["alert"]),
+            ("WAIT_SIGNATURE", "internal_error"),
+        )
+        self.assertNotIn("bug", json.dumps(problem_for(RuntimeError("bug")).document()))
+
+    def test_overrides(self) -> None:
+        from cpsdmp.facade.resource import BadRequest, read_overrides
+
+        values = read_overrides(
+            {"classCode": SYNTHESE, "title": "Bilan", "confidentialityCode": [SYNTHESE]}
+        )
+        self.assertEqual(
+            values["classCode"], CodedValue("11", SYNTHESE["codingScheme"], "Synthèse")
+        )
+        self.assertEqual(values["title"], "Bilan")
+        self.assertRaises(BadRequest, read_overrides, {"patientId": "x"})
+        self.assertRaises(BadRequest, read_overrides, {"classCode": {"code": "11"}})
+
+
+class OptionsTests(SynchronousTestCase):
+    def test_needs_roots(self) -> None:
+        from twisted.python.usage import UsageError
+
+        from cpsdmp.facade.tap import Options
+
+        self.assertRaises(UsageError, Options().parseOptions, [])
+
+    def test_testcard_and_settings(self) -> None:
+        from cpsdmp.facade.tap import SANDBOX_URL, Options, makeService
+
+        card = shared_testcard()
+        options = Options()
+        options.parseOptions(
+            [
+                "--testcard",
+                str(Path(card.ca_root).parent),
+                "--structure-id",
+                "12345678900011",
+                "--structure-kind",
+                "SIRET",
+                "--software-name",
+                "Logiciel",
+                "--dmp-timeout",
+                "7",
+            ]
+        )
+        service = makeService(options)
+        config = service.dmp.config
+        self.assertEqual(config.dmp_url, SANDBOX_URL)
+        self.assertEqual(config.structure.idnst, "312345678900011")
+        self.assertEqual(config.software.name, "Logiciel")
+        self.assertEqual(config.dmp_timeout, 7.0)
+        self.assertEqual(config.defaults.ins_authority, INS_OID_TEST)
+        self.assertEqual(list(config.roots), [card.ca_root_certificate()])
+        self.assertEqual(service.listen_on, "tcp:10080:interface=127.0.0.1")
+
+
+class _Output(ProcessProtocol):
+    def __init__(self) -> None:
+        self.output = b""
+        self.ended: Deferred[None] = Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Any) -> None:
+        self.ended.callback(None)
+
+
+class TwistTests(FacadeTestCase):
+    @inlineCallbacks
+    def test_twist_dmpfacade_https(self) -> Any:
+        """
+        C{twist dmpfacade} runs as a process serving HTTPS with its
+        certificate chain, performs a TD0.2 through the agent and the
+        sandbox, and logs the transaction without the token.
+        """
+        port = free_port()
+        output = _Output()
+        process = reactor.spawnProcess(  # type: ignore[attr-defined]
+            output,
+            sys.executable,
+            [
+                sys.executable,
+                "-m",
+                "twisted",
+                "--log-format=text",
+                "dmpfacade",
+                "--testcard",
+                self.card.directory,
+                "--listen",
+                f"tcp:{port}:interface=127.0.0.1",
+                "--dmp-url",
+                self.dmp_url(self.sandbox_port),
+                "--tls-cert",
+                self.card.sandbox_cert,
+                "--tls-key",
+                self.card.sandbox_key,
+            ],
+            env=dict(os.environ, PYTHONPATH=str(REPOSITORY)),
+            path=str(REPOSITORY),
+        )
+
+        def stop() -> Deferred[None]:
+            if not output.ended.called:
+                process.signalProcess("TERM")
+            return output.ended
+
+        self.addCleanup(stop)
+        root = ssl.Certificate.loadPEM(Path(self.card.ca_root).read_bytes())
+        https = HTTPClient(
+            Agent(reactor, contextFactory=BrowserLikePolicyForHTTPS(trustRoot=root))
+        )
+        facade = FacadeClient(f"https://127.0.0.1:{port}", http=https)
+        health = None
+        for _ in range(100):
+            try:
+                health = yield facade.health()
+                break
+            except Exception:
+                if output.ended.called:
+                    break
+                yield deferLater(reactor, 0.2, lambda: None)
+        self.assertIsNotNone(health, output.output.decode(errors="replace"))
+        exists = yield facade.td02_exist(CDA_PATIENT, self.context)
+        self.assertTrue(exists["exists"])
+        yield stop()
+        log = output.output.decode(errors="replace")
+        self.assertIn("DMP TD0.2: OK", log)
+        self.assertNotIn(self.context["token"], log)
