@@ -35,7 +35,7 @@ from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, readBody
 from twisted.web.http_headers import Headers
 
 from cpsdmp.agent.card import KeyUsage
-from cpsdmp.agent.client import open_session
+from cpsdmp.agent.client import CpsAgentClient, open_session
 from cpsdmp.facade.client import (
     AgentFailed,
     AgentSessionExpired,
@@ -541,6 +541,23 @@ class FaultTests(FacadeTestCase):
         )
         self.assertEqual(error.status, 401)
         self.assertIn("PIN", str(error))
+
+    @inlineCallbacks
+    def test_locked_card_stops_kept_sessions(self) -> Any:
+        """
+        Once the professional locks the card, the facade carries no further
+        transaction for that context, though its TLS connection to the DMP
+        is still open and would need no card signature: 401, and the DMP
+        never sees the request.
+        """
+        yield self.facade.td02_exist(CDA_PATIENT, self.context)
+        agent = CpsAgentClient.from_context(self.context)
+        yield agent.lock()
+        yield agent.close()
+        error = yield self.failure_of(
+            self.facade.td02_exist(CDA_PATIENT, self.context), AgentSessionExpired
+        )
+        self.assertEqual(error.status, 401)
 
     @inlineCallbacks
     def test_agent_stopped_midway(self) -> Any:

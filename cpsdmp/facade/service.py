@@ -992,8 +992,18 @@ class DmpService:
         return None
 
     async def _session(self, context: AgentContext) -> ProfessionalSession:
+        """
+        The professional's session, with the agent's word that the context
+        still holds: every transaction acts under the card's authority, so
+        once the card is locked, taken out or its token expired, a kept
+        connection to the DMP must not carry one more.
+        """
+        kept = (context, self.config.dmp_url) in self._sessions
         try:
-            return await self.session(context)
+            session = await self.session(context)
+            if kept:
+                await session.agent.card()
+            return session
         except TokenExpired:
             self.forget(context)
             raise
