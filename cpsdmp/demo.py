@@ -1,19 +1,22 @@
 """
-C{cpsdmp demo}: the chain played on one machine, each step printed with its
-time, every process started here stopped before the end, and a non-zero exit
-status on any failure.
+C{cpsdmp demo}: the whole chain played on one machine, each step printed with
+its time, every process started here stopped before the end, and a non-zero
+exit status on any failure.
 
-What runs today is the workstation's part: a test card on SoftHSM2, the agent
-started as its own process (C{twist cpsagent}), a card session opened with
-the PIN, and the card's signatures made through the agent and verified.
+A test card on SoftHSM2; the local DMP (C{twist dmpsandbox}), the agent
+(C{twist cpsagent}) and the facade (C{twist dmpfacade}) started as processes
+on free loopback ports; a card session opened with the PIN; then, for each
+CDA document, through the facade's REST API: the existence test, the
+submission, the search, the retrieval compared byte for byte, and the
+masking. The agent's audit log then tells how many times the card signed.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import functools
 import ipaddress
+import json
 import os
 import shutil
 import signal
@@ -28,29 +31,49 @@ from typing import Any, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import deferLater, react
 from twisted.internet.threads import deferToThreadPool
 
 import cpsdmp
-from cpsdmp.agent.card import ALGORITHMS
+from cpsdmp._fixtures import fixtures_dir
 from cpsdmp.agent.client import (
     AgentError,
     CpsAgentClient,
     PinPause,
-    TokenExpired,
     WrongPin,
     open_session,
 )
 from cpsdmp.agent.pki import verify_card_chain
 from cpsdmp.agent.tap import fingerprint
 from cpsdmp.agent.testcard import TestCard, TestCardError, init_testcard
+from cpsdmp.facade.client import AgentSessionExpired, FacadeClient, FacadeError
+from cpsdmp.protocols.safexml import XmlRefused
+from cpsdmp.xds.cda import CLASS_CODE_SYSTEM, CdaError, document_entry
+from cpsdmp.xds.cli import read_cda
+from cpsdmp.xds.ebrim import MetadataError
+from cpsdmp.xds.sample import sample_cda
 
 _T = TypeVar("_T")
 
-AGENT_START_TIMEOUT = 30.0
+START_TIMEOUT = 30.0
+
+# The longest any one step may take, facade calls included.
+STEP_TIMEOUT = 120.0
+
+# Where the ANS example CDAs are in the public DMP material.
+ANS_EXAMPLES = "ans-testcontenucda-3-0/ExemplesCDA"
+
+# The ANS examples whose typeCode this version's classCode table lacks: the
+# demo gives their class itself, and says so.
+_SYNTHESE = {"code": "11", "codingScheme": CLASS_CODE_SYSTEM, "display": "Synthèse"}
+_CLASS_FALLBACK: dict[str, dict[str, Any]] = {
+    "DLU-EHPAD-FLUDR_2022.01.xml": {"classCode": _SYNTHESE},
+    "DLU-EHPAD-FLUDT_2022.01.xml": {"classCode": _SYNTHESE},
+    "VAC_2023.01.xml": {"classCode": _SYNTHESE},
+}
 PROCESS_STOP_TIMEOUT = 10.0
 
 # Shorter than the agent's default, so that the demo shows the pause after a
@@ -66,7 +89,9 @@ class DemoFailed(Exception):
 
 def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
-        "demo", help="play the chain on this machine with a test card"
+        "demo",
+        help="play the whole chain on this machine: test card, agent, local "
+        "DMP, facade, and each CDA submitted, found, read back and masked",
     )
     parser.add_argument(
         "--dir",
@@ -76,6 +101,13 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument(
         "--keep", action="store_true", help="keep the folder and say where it is"
     )
+    parser.add_argument(
+        "--cda",
+        action="append",
+        metavar="FILE",
+        help="a CDA document to play (repeatable; default: the ANS examples "
+        "when the public DMP material is at hand, else one made here)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -84,7 +116,8 @@ def run(args: argparse.Namespace) -> int:
 
     def main(reactor: Any) -> Deferred[None]:
         async def play() -> None:
-            status.append(await Demo(reactor, args.dir, args.keep).play())
+            demo = Demo(reactor, args.dir, args.keep, args.cda)
+            status.append(await demo.play())
 
         return ensureDeferred(play())
 
@@ -114,8 +147,15 @@ class Demo:
     The steps, printed as they happen.
     """
 
-    def __init__(self, reactor: Any, directory: str | None, keep: bool) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        directory: str | None,
+        keep: bool,
+        cda_paths: list[str] | None = None,
+    ) -> None:
         self.reactor = reactor
+        self.cda_paths = list(cda_paths or [])
         self.keep = keep or directory is not None
         self.directory = Path(directory or tempfile.mkdtemp(prefix="cpsdmp-demo-"))
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -147,7 +187,7 @@ class Demo:
     async def play(self) -> int:
         print(f"cpsdmp {cpsdmp.__version__} demo, working in {self.directory}")
         try:
-            await self.agent_part()
+            await self.play_chain()
         except DemoFailed as e:
             print(f"\nDEMO FAILED: {e}", file=sys.stderr)
             self.show_logs()
@@ -159,7 +199,7 @@ class Demo:
         print(f"\nDemo passed in {total:.1f} s.")
         return 0
 
-    async def agent_part(self) -> None:
+    async def play_chain(self) -> None:
         card = await self.step(
             "test card ready",
             self.make_card,
@@ -173,10 +213,19 @@ class Demo:
                 f" {c.professional['id']})"
             ),
         )
+        documents = self.documents(card)
+        dmp_url = await self.step(
+            "local DMP started", lambda: self.start_sandbox(card), lambda url: url
+        )
         url, tls_fingerprint = await self.step(
             "agent started",
             lambda: self.start_agent(card),
             lambda r: f"{r[0]}, pinned by {r[1][:23]}...",
+        )
+        facade_url = await self.step(
+            "facade started",
+            lambda: self.start_facade(card, dmp_url),
+            lambda url: f"{url}, its API described at {url}/openapi.json",
         )
         await self.step(
             "wrong PIN refused",
@@ -194,37 +243,141 @@ class Demo:
         context = await self.step(
             "card session opened",
             lambda: open_session(url, card.pin, tls_fingerprint, self.reactor),
-            lambda c: f"token issued, expires {c['expires']}",
+            lambda c: f"agent context issued, token expires {c['expires']}",
         )
-        client = CpsAgentClient.from_context(context, self.reactor)
+        agent = CpsAgentClient.from_context(context, self.reactor)
+        facade = FacadeClient(facade_url, self.reactor, timeout=STEP_TIMEOUT)
         try:
             await self.step(
                 "card read",
-                client.card,
-                lambda c: "card present, holder {name}, {profession}, id {id}".format(
-                    **c["holder"]
-                ),
+                agent.card,
+                lambda c: "holder {name}, {profession}, id {id}".format(**c["holder"]),
             )
             await self.step(
                 "certificate chain checked",
-                lambda: self.check_chain(client, card),
+                lambda: self.check_chain(agent, card),
                 lambda subject: f"{subject} -> TEST AC RACINE IGC-SANTE ELEMENTAIRE",
             )
-            for name in ALGORITHMS:
-                await self.step(
-                    f"{name} signature",
-                    functools.partial(self.sign_and_verify, client, name),
-                    lambda size: (
-                        f"{size} bytes, made by the card, verified with its certificate"
-                    ),
-                )
+            await self.step(
+                "arbitrary data refused",
+                lambda: self.refused(agent),
+                lambda message: message,
+            )
+            for name, data in documents:
+                await self.scenario(facade, context, name, data)
+            await self.step(
+                "card signatures counted",
+                self.count_signatures,
+                lambda counts: (
+                    f"{counts[0]} TLS handshake signature(s) for "
+                    f"{len(documents) * 5} DMP transactions (sessions resumed), "
+                    f"{counts[1]} submission-set signature(s)"
+                ),
+            )
             await self.step(
                 "session locked",
-                lambda: self.lock(client),
+                lambda: self.lock(agent, facade, context),
                 lambda message: message,
             )
         finally:
-            await client.close()
+            await agent.close()
+            await facade.close()
+
+    def documents(self, card: TestCard) -> list[tuple[str, bytes]]:
+        """
+        @return: the CDA documents to play, named: those given with --cda,
+            else the ANS examples when the public material is at hand, else
+            a consultation report made here.
+        """
+        if self.cda_paths:
+            try:
+                return [(Path(p).name, read_cda(Path(p))) for p in self.cda_paths]
+            except (OSError, ValueError) as e:
+                raise DemoFailed(f"cannot read a --cda document: {e}") from e
+        fixtures = fixtures_dir()
+        examples = fixtures / ANS_EXAMPLES if fixtures else None
+        if examples is not None and examples.is_dir():
+            return [(p.name, p.read_bytes()) for p in sorted(examples.glob("*.xml"))]
+        print(
+            "  (the ANS example CDAs are not at hand: using a consultation report "
+            "made by cpsdmp)"
+        )
+        return [("cpsdmp-consultation.xml", sample_cda(card.professional))]
+
+    async def scenario(
+        self,
+        facade: FacadeClient,
+        context: dict[str, Any],
+        name: str,
+        data: bytes,
+    ) -> None:
+        print(f"\n  {name} ({len(data)} bytes)")
+        try:
+            entry = document_entry(data, overrides=_CLASS_FALLBACK.get(name))
+        except (CdaError, MetadataError, XmlRefused) as e:
+            raise DemoFailed(f"{name}: not a CDA the DMP would take: {e}") from e
+        patient = {"ins": entry.patientId.ins, "authority": entry.patientId.authority}
+        await self.step(
+            "TD0.2 existence test",
+            lambda: facade.td02_exist(patient, context),
+            lambda answer: (
+                f"the patient's DMP {'exists' if answer['exists'] else 'is absent'}"
+                f" ({answer['responseCode']})"
+            ),
+        )
+        submitted = await self.step(
+            "TD2.1 submission",
+            lambda: facade.td21_submit([data], context, [_CLASS_FALLBACK.get(name)]),
+            _describe_submission,
+        )
+        unique_id = submitted["documents"][0]["uniqueId"]
+        await self.step(
+            "TD3.1 search",
+            lambda: self.find(facade, context, patient, unique_id),
+            lambda found: (
+                "found by uniqueId, status "
+                + str(found["availabilityStatus"]).rpartition(":")[2]
+            ),
+        )
+        await self.step(
+            "TD3.2 retrieval",
+            lambda: self.retrieve(facade, context, patient, unique_id, data),
+            lambda size: f"{size} bytes, identical to the document sent",
+        )
+        await self.step(
+            "TD3.3 masking",
+            lambda: facade.td33_update(unique_id, "mask", context, patient),
+            lambda answer: f"masked to professionals: {answer['status']}",
+        )
+
+    async def find(
+        self,
+        facade: FacadeClient,
+        context: dict[str, Any],
+        patient: dict[str, str],
+        unique_id: str,
+    ) -> dict[str, Any]:
+        found = await facade.td31_find(context, patient, uniqueIds=[unique_id])
+        matching = [d for d in found if d.get("uniqueId") == unique_id]
+        if len(matching) != 1:
+            raise DemoFailed(f"TD3.1 found {len(matching)} documents for {unique_id}")
+        return matching[0]
+
+    async def retrieve(
+        self,
+        facade: FacadeClient,
+        context: dict[str, Any],
+        patient: dict[str, str],
+        unique_id: str,
+        sent: bytes,
+    ) -> int:
+        received = await facade.td32_retrieve(unique_id, context, patient)
+        if received != sent:
+            raise DemoFailed(
+                f"TD3.2 returned {len(received)} bytes that differ from the "
+                f"{len(sent)} sent"
+            )
+        return len(received)
 
     async def make_card(self) -> TestCard:
         try:
@@ -266,16 +419,49 @@ class Demo:
                 str(key_path),
                 "--wrong-pin-pause",
                 str(AGENT_WRONG_PIN_PAUSE),
-                # The steps below have the card sign arbitrary bytes to show
-                # each algorithm, which the signing policy rightly refuses.
-                "--insecure-sign-anything",
+                "--audit-log",
+                str(self.directory / "audit.jsonl"),
             ],
         )
         await self.wait_for_port("agent", port)
         return f"https://127.0.0.1:{port}", fingerprint(certificate)
 
+    async def start_sandbox(self, card: TestCard) -> str:
+        port = _free_port()
+        self.spawn(
+            "local DMP",
+            [
+                "dmpsandbox",
+                "--testcard",
+                card.directory,
+                "--listen",
+                f"tcp:{port}:interface=127.0.0.1",
+                "--db",
+                str(self.directory / "dmp.sqlite"),
+            ],
+        )
+        await self.wait_for_port("local DMP", port)
+        return f"https://127.0.0.1:{port}/si-dmp-server/v2/services"
+
+    async def start_facade(self, card: TestCard, dmp_url: str) -> str:
+        port = _free_port()
+        self.spawn(
+            "facade",
+            [
+                "dmpfacade",
+                "--testcard",
+                card.directory,
+                "--dmp-url",
+                dmp_url,
+                "--listen",
+                f"tcp:{port}:interface=127.0.0.1",
+            ],
+        )
+        await self.wait_for_port("facade", port)
+        return f"http://127.0.0.1:{port}"
+
     def spawn(self, name: str, twist_arguments: list[str]) -> None:
-        log = open(self.directory / f"{name}.log", "wb")
+        log = open(self._log_path(name), "wb")
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
             [_source_root(), *filter(None, [env.get("PYTHONPATH")])]
@@ -292,7 +478,7 @@ class Demo:
         self.processes.append((name, process))
 
     async def wait_for_port(self, name: str, port: int) -> None:
-        deadline = time.monotonic() + AGENT_START_TIMEOUT
+        deadline = time.monotonic() + START_TIMEOUT
         process = dict(self.processes)[name]
         while time.monotonic() < deadline:
             if process.poll() is not None:
@@ -304,7 +490,7 @@ class Demo:
                     return
             except OSError:
                 await deferLater(self.reactor, 0.1, lambda: None)
-        raise DemoFailed(f"the {name} did not listen within {AGENT_START_TIMEOUT} s")
+        raise DemoFailed(f"the {name} did not listen within {START_TIMEOUT} s")
 
     async def wrong_pin(self, url: str, tls_fingerprint: str, card: TestCard) -> str:
         wrong = "0000" if card.pin != "0000" else "9999"
@@ -324,28 +510,40 @@ class Demo:
     async def check_chain(self, client: CpsAgentClient, card: TestCard) -> str:
         chain = await client.certificate_chain()
         verify_card_chain(chain, [card.ca_root_certificate()])
-        self.chain = chain
         common_name = chain[0].subject.get_attributes_for_oid(NameOID.COMMON_NAME)
         return str(common_name[0].value)
 
-    async def sign_and_verify(self, client: CpsAgentClient, name: str) -> int:
-        data = f"cpsdmp demo, {name}, {time.time()}".encode()
-        signature = await client.sign(data, name)
-        public_key = self.chain[0].public_key()
-        if not isinstance(public_key, rsa.RSAPublicKey):
-            raise DemoFailed("the card's certificate does not hold an RSA key")
-        public_key.verify(signature, data, padding.PKCS1v15(), ALGORITHMS[name].hash())
-        return len(signature)
-
-    async def lock(self, client: CpsAgentClient) -> str:
-        await client.lock()
+    async def refused(self, agent: CpsAgentClient) -> str:
         try:
-            await client.card()
-        except TokenExpired:
-            return "the token is refused afterwards"
+            await agent.sign(b"anything at all", "SHA256WithRSA")
         except AgentError as e:
-            raise DemoFailed(f"after locking, the agent answered {e}") from e
-        raise DemoFailed("the token still worked after the session was locked")
+            if e.problem.get("status") != 403:
+                raise
+            return f"403: {e.problem.get('detail')}"
+        raise DemoFailed("the agent had the card sign arbitrary data")
+
+    async def count_signatures(self) -> tuple[int, int]:
+        lines = (self.directory / "audit.jsonl").read_text("utf-8").splitlines()
+        records = [json.loads(line) for line in lines if line.strip()]
+        signed = [r for r in records if r.get("outcome") == "signed"]
+        handshakes = sum(1 for r in signed if r.get("key") == "authentication")
+        documents = sum(1 for r in signed if r.get("key") == "signature")
+        return handshakes, documents
+
+    async def lock(
+        self,
+        agent: CpsAgentClient,
+        facade: FacadeClient,
+        context: dict[str, Any],
+    ) -> str:
+        await agent.lock()
+        try:
+            await facade.td02_exist({"ins": "185127505612306"}, context)
+        except AgentSessionExpired:
+            return "the facade refuses the agent context afterwards (401)"
+        except FacadeError as e:
+            raise DemoFailed(f"after locking, the facade answered {e}") from e
+        raise DemoFailed("the agent context still worked after the card was locked")
 
     async def stop_processes(self) -> None:
         for name, process in reversed(self.processes):
@@ -365,9 +563,12 @@ class Demo:
                 print(f"  the {name} stopped with status {process.returncode}")
         self.processes = []
 
+    def _log_path(self, name: str) -> Path:
+        return self.directory / f"{name.replace(' ', '-')}.log"
+
     def show_logs(self) -> None:
         for name, _ in self.processes:
-            log = self.directory / f"{name}.log"
+            log = self._log_path(name)
             if log.exists():
                 tail = log.read_text("utf-8", "replace").splitlines()[-15:]
                 print(f"--- last lines of the {name}'s log ({log}):", file=sys.stderr)
@@ -399,3 +600,18 @@ def _loopback_certificate(key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
         )
         .sign(key, hashes.SHA256())
     )
+
+
+def _describe_submission(answer: dict[str, Any]) -> str:
+    document = answer["documents"][0]
+    timings = answer.get("timings") or {}
+    parts = [f"Success, uniqueId {document['uniqueId']}"]
+    if timings.get("submissionSetSignature") is not None:
+        parts.append(
+            f"card signed the set in {timings['submissionSetSignature']:.3f} s"
+        )
+    if "dmp" in timings:
+        parts.append(f"DMP answered in {timings['dmp']:.3f} s")
+    if timings.get("connection"):
+        parts.append(f"connection {timings['connection']}")
+    return ", ".join(parts)

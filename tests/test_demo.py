@@ -14,25 +14,30 @@ from pathlib import Path
 from twisted.trial.unittest import TestCase
 
 import cpsdmp
+from cpsdmp._fixtures import fixtures_dir
+from cpsdmp.demo import ANS_EXAMPLES
 
 
-def _run_demo(*arguments: str) -> subprocess.CompletedProcess[str]:
+def _run_demo(
+    *arguments: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     source = str(Path(cpsdmp.__file__).resolve().parent.parent)
     return subprocess.run(
         [sys.executable, "-m", "cpsdmp.cli", "demo", *arguments],
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, "PYTHONPATH": source},
+        env={**os.environ, "PYTHONPATH": source, **(env or {})},
     )
 
 
 class DemoTests(TestCase):
     def test_demo_passes(self) -> None:
         """
-        The demo opens a session with the test PIN after refusing a wrong
-        one, has the card sign with each algorithm, verifies each signature,
-        locks the session, stops the agent and says it passed.
+        The demo starts the local DMP, the agent and the facade, opens a
+        session with the test PIN after refusing a wrong one, plays the five
+        transactions for each ANS example CDA with one card signature for
+        the TLS session, locks the card, stops everything and says it passed.
         """
         directory = Path("demo").absolute()
         result = _run_demo("--dir", str(directory))
@@ -46,15 +51,32 @@ class DemoTests(TestCase):
             "next PIN held back",
             "card session opened",
             "certificate chain checked",
-            "SHA256WithRSA signature",
-            "SHA384WithRSA signature",
-            "SHA512WithRSA signature",
-            "SHA1WithRSA signature",
-            "the token is refused afterwards",
+            "arbitrary data refused",
+            "403: the agent does not sign this",
+            "1 TLS handshake signature(s) for 30 DMP transactions",
+            "6 submission-set signature(s)",
+            "the facade refuses the agent context afterwards (401)",
             "  agent stopped\n",
+            "  facade stopped\n",
+            "  local DMP stopped\n",
             "Demo passed",
         ]:
             self.assertIn(expected, out)
+        examples = fixtures_dir()
+        assert examples is not None
+        names = sorted(p.name for p in (examples / ANS_EXAMPLES).glob("*.xml"))
+        self.assertEqual(len(names), 6)
+        for name in names:
+            self.assertIn(f"  {name} (", out)
+        for step in [
+            "TD0.2 existence test",
+            "TD2.1 submission",
+            "TD3.1 search",
+            "TD3.2 retrieval",
+            "TD3.3 masking",
+        ]:
+            self.assertEqual(out.count(step), 6, step)
+        self.assertEqual(out.count("identical to the document sent"), 6)
         self.assertTrue((directory / "card" / "testcard.json").exists())
         self.assertNotIn("1234", (directory / "agent.log").read_text())
 
@@ -106,3 +128,21 @@ def _kill_agent_of(card: Path) -> bool:
             os.kill(int(entry.name), signal.SIGKILL)
             killed = True
     return killed
+
+
+class GeneratedDocumentDemoTests(TestCase):
+    def test_without_fixtures(self) -> None:
+        """
+        Without the public DMP material, the demo plays a consultation
+        report it makes itself, so that it works from any clone.
+        """
+        result = _run_demo(
+            "--dir",
+            str(Path("demo-own").absolute()),
+            env={"CPSDMP_FIXTURES": str(Path("no-fixtures-here").absolute())},
+        )
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        self.assertIn("using a consultation report made by cpsdmp", result.stdout)
+        self.assertIn("cpsdmp-consultation.xml", result.stdout)
+        self.assertEqual(result.stdout.count("identical to the document sent"), 1)
+        self.assertIn("Demo passed", result.stdout)
