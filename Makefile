@@ -39,6 +39,7 @@ typecheck: install
 # them. They are never part of `make test`.
 bench: install
 	$(BIN)/python benchmarks/agent/bench.py
+	$(BIN)/python benchmarks/tls/bench.py
 	$(BIN)/python benchmarks/xds/bench.py
 
 clean:
