@@ -46,6 +46,7 @@ from cpsdmp.facade.service import (
     Submitted,
     UnknownOutcome,
 )
+from cpsdmp.protocols import bounded
 from cpsdmp.protocols.safexml import XmlRefused
 from cpsdmp.protocols.soap import SoapError, SoapFault
 from cpsdmp.protocols.tls import (
@@ -1126,33 +1127,15 @@ def _multipart(content_type: str, raw: bytes) -> dict[str, Any]:
     }
 
 
-class BoundedRequest(server.Request):
+class BoundedRequest(bounded.BoundedRequest):
     """
     A request whose body is refused (413) above C{max_body} bytes; what is
     over the limit is read off the connection but not kept.
     """
 
     max_body = DEFAULT_MAX_REQUEST_BYTES
-    _too_large = False
-    _received = 0
 
-    def gotLength(self, length: int | None) -> None:
-        if length is not None and length > self.max_body:
-            self._too_large = True
-            length = 0
-        super().gotLength(length)
-
-    def handleContentChunk(self, data: bytes) -> None:
-        self._received += len(data)
-        if self._received > self.max_body:
-            self._too_large = True
-        if not self._too_large:
-            super().handleContentChunk(data)
-
-    def process(self) -> None:
-        if not self._too_large:
-            super().process()
-            return
+    def refuse_too_large(self) -> None:
         problem = Problem(
             413,
             "too-large",

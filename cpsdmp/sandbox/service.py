@@ -30,6 +30,7 @@ from twisted.python.failure import Failure
 from twisted.web import server
 from twisted.web.resource import Resource
 
+from cpsdmp.protocols import bounded
 from cpsdmp.protocols.safexml import parse_xml
 from cpsdmp.protocols.soap import (
     SOAP12,
@@ -862,33 +863,15 @@ def _peer_certificate(request: server.Request) -> x509.Certificate | None:
     return certificate.to_cryptography() if certificate is not None else None
 
 
-class BoundedRequest(server.Request):
+class BoundedRequest(bounded.BoundedRequest):
     """
     A request whose body is refused (413) above C{max_body} bytes: what is
     over the limit is read off the connection but never kept.
     """
 
     max_body = DEFAULT_MAX_REQUEST_BYTES
-    _too_large = False
-    _received = 0
 
-    def gotLength(self, length: int | None) -> None:
-        if length is not None and length > self.max_body:
-            self._too_large = True
-            length = 0
-        super().gotLength(length)
-
-    def handleContentChunk(self, data: bytes) -> None:
-        self._received += len(data)
-        if self._received > self.max_body:
-            self._too_large = True
-        if not self._too_large:
-            super().handleContentChunk(data)
-
-    def process(self) -> None:
-        if not self._too_large:
-            super().process()
-            return
+    def refuse_too_large(self) -> None:
         _log.info("request refused: body over {limit} bytes", limit=self.max_body)
         self.setResponseCode(413)
         self.setHeader(b"content-type", b"text/plain; charset=utf-8")
