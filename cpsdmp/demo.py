@@ -14,8 +14,6 @@ masking. The agent's audit log then tells how many times the card signed.
 from __future__ import annotations
 
 import argparse
-import datetime
-import ipaddress
 import json
 import os
 import shutil
@@ -29,9 +27,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import deferLater, react
@@ -47,7 +43,7 @@ from cpsdmp.agent.client import (
     open_session,
 )
 from cpsdmp.agent.pki import verify_card_chain
-from cpsdmp.agent.tap import fingerprint
+from cpsdmp.agent.tap import fingerprint, self_signed_identity
 from cpsdmp.agent.testcard import TestCard, TestCardError, init_testcard
 from cpsdmp.facade.client import AgentSessionExpired, FacadeClient, FacadeError
 from cpsdmp.protocols.safexml import XmlRefused
@@ -391,8 +387,7 @@ class Demo:
         )
 
     async def start_agent(self, card: TestCard) -> tuple[str, str]:
-        key = ec.generate_private_key(ec.SECP256R1())
-        certificate = _loopback_certificate(key)
+        key, certificate = self_signed_identity()
         cert_path = self.directory / "agent-tls.pem"
         key_path = self.directory / "agent-tls-key.pem"
         cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
@@ -579,27 +574,6 @@ class Demo:
             print(f"  everything is kept in {self.directory}")
             return
         shutil.rmtree(self.directory, ignore_errors=True)
-
-
-def _loopback_certificate(key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.UTC)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "cpsdmp demo agent")])
-    return (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
 
 
 def _describe_submission(answer: dict[str, Any]) -> str:
