@@ -25,6 +25,7 @@ from cpsdmp.agent import problems, tap
 from cpsdmp.agent.audit import RateLimit
 from cpsdmp.agent.card import Pkcs11Backend, SoftCardBackend
 from cpsdmp.agent.client import AgentError, CpsAgentClient, open_session
+from cpsdmp.agent.tap import LISTENING_LINE
 from tests.agent_support import shared_testcard
 
 
@@ -251,11 +252,7 @@ class _Output(ProcessProtocol):
 
     def outReceived(self, data: bytes) -> None:
         self.output += data
-        found = re.search(
-            rb"listening on \S+ as (https://\S+) "
-            rb"\(TLS certificate (sha256:[0-9a-f]{64})\)",
-            self.output,
-        )
+        found = LISTENING_LINE.search(self.output)
         if found and not self.listening.called:
             self.listening.callback((found.group(1).decode(), found.group(2).decode()))
 

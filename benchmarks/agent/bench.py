@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import sys
 import tempfile
@@ -43,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from cpsdmp.agent.card import algorithm_named  # noqa: E402
 from cpsdmp.agent.client import CpsAgentClient, open_session  # noqa: E402
-from cpsdmp.agent.tap import signing_policy  # noqa: E402
+from cpsdmp.agent.tap import LISTENING_LINE, signing_policy  # noqa: E402
 from cpsdmp.agent.testcard import TestCard, init_testcard  # noqa: E402
 from cpsdmp.protocols.tls.endpoint import TLSClientEndpoint  # noqa: E402
 from cpsdmp.protocols.tls.handshake import TLSClientConfig  # noqa: E402
@@ -85,10 +84,7 @@ class _Agent(ProcessProtocol):
 
     def outReceived(self, data: bytes) -> None:
         self.output = (self.output + data)[-4096:]
-        found = re.search(
-            rb"listening on (https://\S+) \(TLS certificate (sha256:[0-9a-f]{64})\)",
-            self.output,
-        )
+        found = LISTENING_LINE.search(self.output)
         if found and not self.listening.called:
             self.listening.callback((found.group(1).decode(), found.group(2).decode()))
 

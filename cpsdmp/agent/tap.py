@@ -10,6 +10,7 @@ import hashlib
 import ipaddress
 import math
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,12 @@ from cpsdmp.agent.resource import WRONG_PIN_PAUSE, AgentResource, agent_site
 _log = Logger()
 
 DEFAULT_LISTEN = "tcp:10035:interface=127.0.0.1"
+
+# What the agent logs once it listens, for a program that started it to learn
+# the context URL and the certificate fingerprint to pin.
+LISTENING_LINE = re.compile(
+    rb"listening on \S+ as (https://\S+) \(TLS certificate (sha256:[0-9a-f]{64})\)"
+)
 
 # The longest idle time a token may be given: a week.
 MAX_SESSION_IDLE = 7 * 24 * 3600.0
