@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +22,12 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
+from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 from zope.interface import implementer
 
+import cpsdmp
 from cpsdmp.agent import problems, tap
 from cpsdmp.agent.audit import (
     DEFAULT_RATE_LIMIT,
@@ -32,7 +36,7 @@ from cpsdmp.agent.audit import (
     RateLimiter,
     context_id,
 )
-from cpsdmp.agent.client import AgentError, CpsAgentClient
+from cpsdmp.agent.client import AgentError, CpsAgentClient, open_session
 from cpsdmp.agent.policy import DMP_SERVERS, SigningPolicy
 from cpsdmp.protocols.soap import read_message
 from cpsdmp.protocols.tls.endpoint import TLSAgentEndpointFactory, TLSClientEndpoint
@@ -649,6 +653,49 @@ class RecordingAgentKey:
     def sign(self, data: bytes, scheme: SignatureScheme) -> Deferred[bytes]:
         self.signed.append(data)
         return self._client.sign(data, scheme)
+
+
+class ProbeThroughTheCardTests(SandboxAgentTestCase):
+    @inlineCallbacks
+    def test_probe_with_agent_context(self) -> Any:
+        """
+        C{cpsdmp probe --agent-context} makes the handshake with the card
+        through the agent, policy on, and the second connection resumes
+        without asking the card again.
+        """
+        context = yield open_session(
+            self.agent.url, self.testcard.pin, self.agent.fingerprint
+        )
+        path = Path(self.mktemp())
+        path.write_text(json.dumps(context))
+        root = str(Path(cpsdmp.__file__).resolve().parent.parent)
+        out, err, status = yield getProcessOutputAndValue(
+            sys.executable,
+            [
+                "-m",
+                "cpsdmp.cli",
+                "probe",
+                f"https://127.0.0.1:{self.port}/si-dmp-server/v2/services/patients",
+                "--agent-context",
+                str(path),
+                "--ca",
+                self.testcard.ca_root,
+                "--reconnect",
+            ],
+            env={**os.environ, "PYTHONPATH": root},
+            reactor=reactor,
+        ).addTimeout(60, reactor)
+        report = out.decode()
+        self.assertEqual(status, 0, report + err.decode())
+        self.assertIn("Protocol version: TLSv1.2", report)
+        self.assertIn(f"CN={self.testcard.professional['id']}/", report)
+        self.assertIn("Second connection resumed: yes", report)
+        signed = [
+            line
+            for line in self.audit_lines()
+            if line["key"] == "authentication" and line["outcome"] == "signed"
+        ]
+        self.assertEqual(len(signed), 1)
 
 
 class ConcurrentLimitTests(SandboxAgentTestCase):
