@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from cpsdmp.xds.cda import CLASS_CODE_SYSTEM
+from cpsdmp.xds.cli import coded
 
 DEFAULT_FACADE = "http://127.0.0.1:10080"
 
@@ -35,8 +36,10 @@ def add_parser(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--class-code",
-        metavar="CODE[:DISPLAY]",
-        help="classCode of every document, when the CDA's type has none",
+        metavar="CODE[^DISPLAY[^SCHEME]]",
+        type=coded(CLASS_CODE_SYSTEM),
+        help="classCode of every document, when the CDA's type has none "
+        "(as for cpsdmp metadata)",
     )
     parser.add_argument("--json", action="store_true", help="print the JSON answer")
     parser.add_argument(
@@ -57,9 +60,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     overrides = None
     if args.class_code:
-        code, _, display = args.class_code.partition(":")
-        coded = {"code": code, "codingScheme": CLASS_CODE_SYSTEM, "display": display}
-        overrides = [{"classCode": coded} for _ in documents]
+        overrides = [{"classCode": args.class_code.as_dict()} for _ in documents]
 
     from twisted.internet import task
 

@@ -29,7 +29,12 @@ _CODE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_./-]*")
 _OID = re.compile(r"[0-2](\.(0|[1-9][0-9]*))+")
 
 
-def _coded(default_scheme: str) -> Any:
+def coded(default_scheme: str) -> Any:
+    """
+    @return: an argparse type reading C{code[^display[^codingScheme]]} (an
+        HL7 v2 CE), the scheme defaulting to C{default_scheme}.
+    """
+
     def parse(value: str) -> CodedValue:
         # code, or code^display, or code^display^scheme (an HL7 v2 CE).
         code, _, rest = value.partition("^")
@@ -81,19 +86,19 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("cda", type=Path, help="the CDA document")
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.add_argument(
-        "--class-code", type=_coded(CLASS_CODE_SYSTEM), help="classCode to use"
+        "--class-code", type=coded(CLASS_CODE_SYSTEM), help="classCode to use"
     )
     parser.add_argument(
-        "--format-code", type=_coded(""), help="formatCode to use (with its scheme)"
+        "--format-code", type=coded(""), help="formatCode to use (with its scheme)"
     )
     parser.add_argument(
         "--practice-setting",
-        type=_coded(PRACTICE_SETTING_SYSTEM),
+        type=coded(PRACTICE_SETTING_SYSTEM),
         help="practiceSettingCode when the CDA has none, or to replace it",
     )
     parser.add_argument(
         "--facility-type",
-        type=_coded(ACTIVITY_SECTOR_SYSTEM),
+        type=coded(ACTIVITY_SECTOR_SYSTEM),
         help="healthcareFacilityTypeCode when the CDA has none, or to replace it",
     )
     parser.add_argument("--title", type=_title, help="title to use")
