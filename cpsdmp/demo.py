@@ -464,10 +464,21 @@ class Demo:
         await self.wait_for_port("local DMP", port)
         return f"https://127.0.0.1:{port}/si-dmp-server/v2/services"
 
-    async def start_facade(self, card: TestCard, dmp_url: str) -> str:
+    async def start_facade(
+        self,
+        card: TestCard,
+        dmp_url: str,
+        name: str = "facade",
+        extra_arguments: Sequence[str] = (),
+    ) -> str:
+        """
+        Start a facade in front of C{dmp_url}, logging to C{NAME.log}.
+
+        @return: its URL.
+        """
         port = _free_port()
         self.spawn(
-            "facade",
+            name,
             [
                 "dmpfacade",
                 "--testcard",
@@ -476,9 +487,10 @@ class Demo:
                 dmp_url,
                 "--listen",
                 f"tcp:{port}:interface=127.0.0.1",
+                *extra_arguments,
             ],
         )
-        await self.wait_for_port("facade", port)
+        await self.wait_for_port(name, port)
         return f"http://127.0.0.1:{port}"
 
     def spawn(self, name: str, twist_arguments: list[str]) -> None:
