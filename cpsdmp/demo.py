@@ -23,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -386,10 +386,22 @@ class Demo:
             self.reactor, self.reactor.getThreadPool(), function, *args
         )
 
-    async def start_agent(self, card: TestCard) -> tuple[str, str]:
+    async def start_agent(
+        self,
+        card: TestCard,
+        name: str = "agent",
+        extra_arguments: Sequence[str] = (),
+    ) -> tuple[str, str]:
+        """
+        Start an agent over C{card}; C{name} tells its files apart when
+        several agents run (its audit log is C{audit.jsonl} for the first,
+        C{NAME-audit.jsonl} for others).
+
+        @return: its URL and the fingerprint of its TLS certificate.
+        """
         key, certificate = self_signed_identity()
-        cert_path = self.directory / "agent-tls.pem"
-        key_path = self.directory / "agent-tls-key.pem"
+        cert_path = self.directory / f"{name}-tls.pem"
+        key_path = self.directory / f"{name}-tls-key.pem"
         cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
         key_path.write_bytes(
             key.private_bytes(
@@ -401,7 +413,7 @@ class Demo:
         key_path.chmod(0o600)
         port = _free_port()
         self.spawn(
-            "agent",
+            name,
             [
                 "cpsagent",
                 "--testcard",
@@ -415,11 +427,20 @@ class Demo:
                 "--wrong-pin-pause",
                 str(AGENT_WRONG_PIN_PAUSE),
                 "--audit-log",
-                str(self.directory / "audit.jsonl"),
+                str(self.audit_log(name)),
+                *extra_arguments,
             ],
         )
-        await self.wait_for_port("agent", port)
+        await self.wait_for_port(name, port)
         return f"https://127.0.0.1:{port}", fingerprint(certificate)
+
+    def audit_log(self, agent_name: str = "agent") -> Path:
+        """
+        @return: the audit log of the agent started under C{agent_name}.
+        """
+        if agent_name == "agent":
+            return self.directory / "audit.jsonl"
+        return self.directory / f"{agent_name}-audit.jsonl"
 
     async def start_sandbox(self, card: TestCard) -> str:
         port = _free_port()
@@ -438,10 +459,21 @@ class Demo:
         await self.wait_for_port("local DMP", port)
         return f"https://127.0.0.1:{port}/si-dmp-server/v2/services"
 
-    async def start_facade(self, card: TestCard, dmp_url: str) -> str:
+    async def start_facade(
+        self,
+        card: TestCard,
+        dmp_url: str,
+        name: str = "facade",
+        extra_arguments: Sequence[str] = (),
+    ) -> str:
+        """
+        Start a facade in front of C{dmp_url}, logging to C{NAME.log}.
+
+        @return: its URL.
+        """
         port = _free_port()
         self.spawn(
-            "facade",
+            name,
             [
                 "dmpfacade",
                 "--testcard",
@@ -450,9 +482,10 @@ class Demo:
                 dmp_url,
                 "--listen",
                 f"tcp:{port}:interface=127.0.0.1",
+                *extra_arguments,
             ],
         )
-        await self.wait_for_port("facade", port)
+        await self.wait_for_port(name, port)
         return f"http://127.0.0.1:{port}"
 
     def spawn(self, name: str, twist_arguments: list[str]) -> None:
@@ -518,7 +551,7 @@ class Demo:
         raise DemoFailed("the agent had the card sign arbitrary data")
 
     async def count_signatures(self) -> tuple[int, int]:
-        lines = (self.directory / "audit.jsonl").read_text("utf-8").splitlines()
+        lines = self.audit_log().read_text("utf-8").splitlines()
         records = [json.loads(line) for line in lines if line.strip()]
         signed = [r for r in records if r.get("outcome") == "signed"]
         handshakes = sum(1 for r in signed if r.get("key") == "authentication")

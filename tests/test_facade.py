@@ -439,6 +439,45 @@ class ResumptionTests(FacadeTestCase):
         self.assertEqual(self.authentication_signatures, 2)
 
 
+class NoReuseTests(FacadeTestCase):
+    @inlineCallbacks
+    def test_no_connection_reuse(self) -> Any:
+        """
+        With connection reuse off (for benchmarks), every exchange makes a
+        new connection and a full handshake, which the card signs; the
+        option is off unless asked for.
+        """
+        from cpsdmp.facade.tap import Options, makeService
+
+        options = Options()
+        options.parseOptions(["--testcard", str(Path(self.card.ca_root).parent)])
+        self.assertTrue(makeService(options).dmp.config.reuse_connections)
+        options = Options()
+        options.parseOptions(
+            [
+                "--testcard",
+                str(Path(self.card.ca_root).parent),
+                "--no-connection-reuse",
+            ]
+        )
+        self.assertFalse(makeService(options).dmp.config.reuse_connections)
+
+        facade = yield self.start_facade(
+            self.dmp_url(self.sandbox_port), reuse_connections=False
+        )
+        for _ in range(3):
+            yield facade.td02_exist(CDA_PATIENT, self.context)
+        self.assertEqual(self.authentication_signatures, 3)
+        from cpsdmp.xds.sample import sample_cda
+
+        answer = yield facade.td21_submit(
+            [sample_cda(self.card.professional)], self.context
+        )
+        self.assertEqual(answer["timings"]["connection"], "new handshake")
+        self.assertIsNotNone(answer["timings"]["handshakeSignature"])
+        self.assertEqual(self.authentication_signatures, 4)
+
+
 class SharedCard:
     """
     The card another agent already unlocked, lent to a second agent: its

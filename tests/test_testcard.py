@@ -354,3 +354,150 @@ class TokenDamageTests(TestCase):
         reports: list[str] = []
         init_testcard(directory, softhsm=True, report=reports.append)
         self.assertIn("made a new test card", reports[-1])
+
+
+_SECOND = testcard.pki.Professional(
+    id="810009876543",
+    given_name="Paul",
+    family_name="MARTIN-TEST",
+    profession="Médecin",
+    profession_code="10",
+    specialty="G15_10/SM54",
+    organization="CABINET CPSDMP TEST",
+)
+
+
+class SharedPkiTests(TestCase):
+    """
+    Several professionals' cards issued under one test PKI, so that one
+    local DMP trusts them all.
+    """
+
+    def test_authority_key_only_when_asked(self) -> None:
+        """
+        A card keeps its persons authority's key only when asked, readable by
+        its owner alone; a card without it cannot issue others and says how
+        to fix that.
+        """
+        soft = _soft_card()
+        self.assertIsNone(soft.ca_persons_key)
+        self.assertFalse(Path(soft.directory, "ca-persons-key.pem").exists())
+        with self.assertRaises(testcard.TestCardError) as raised:
+            init_testcard(Path("issued-by-soft").absolute(), issuer=soft, softhsm=False)
+        self.assertIn("keep_authority_keys=True", str(raised.exception))
+
+        first = init_testcard(
+            Path("issuer-soft").absolute(), softhsm=False, keep_authority_keys=True
+        )
+        assert first.ca_persons_key is not None
+        key_file = Path(first.ca_persons_key)
+        self.assertEqual(key_file.name, "ca-persons-key.pem")
+        self.assertEqual(key_file.stat().st_mode & 0o777, 0o600)
+        authority = first.persons_authority()
+        self.assertEqual(
+            authority.key.public_key().public_numbers(),
+            first.ca_intermediate_certificates()[0].public_key().public_numbers(),
+        )
+
+    def test_second_card_same_pki(self) -> None:
+        """
+        A card issued by another is its own token, with its own label,
+        configuration and holder, and its certificates, on the token and in
+        the soft card, validate under the first card's root; the local DMP's
+        certificate is the same; initialising it again reuses it.
+        """
+        first = init_testcard(
+            Path("issuer-token").absolute(), softhsm=True, keep_authority_keys=True
+        )
+        directory = Path("second-token").absolute()
+        second = init_testcard(
+            directory,
+            softhsm=True,
+            token_label="CPS TEST 2",
+            professional=_SECOND,
+            issuer=first,
+        )
+        self.assertEqual(second.token_label, "CPS TEST 2")
+        self.assertNotEqual(second.softhsm2_conf, first.softhsm2_conf)
+        self.assertEqual(second.professional["id"], _SECOND.id)
+        self.assertIsNone(second.ca_persons_key)
+        self.assertEqual(second.ca_root_certificate(), first.ca_root_certificate())
+        self.assertEqual(
+            Path(second.sandbox_cert).read_bytes(),
+            Path(first.sandbox_cert).read_bytes(),
+        )
+        self.assertTrue(Path(second.ca_root).is_relative_to(directory))
+        self.assertIsNone(second.damage())
+
+        # The certificate on the token, read back with OpenSC.
+        exported = directory / "read-back.der"
+        assert second.pkcs11_module and second.token_label
+        subprocess.run(
+            [
+                "pkcs11-tool",
+                "--module",
+                second.pkcs11_module,
+                "--token-label",
+                second.token_label,
+                "--read-object",
+                "--type",
+                "cert",
+                "--id",
+                testcard.AUTHENTICATION_ID,
+                "--output-file",
+                str(exported),
+            ],
+            env={**os.environ, **second.environment()},
+            capture_output=True,
+            check=True,
+            timeout=60,
+        )
+        on_token = x509.load_der_x509_certificate(exported.read_bytes())
+        exported.unlink()
+        persons = first.ca_intermediate_certificates()[0]
+        path = verify_card_chain([on_token, persons], [first.ca_root_certificate()])
+        self.assertEqual(path[-1], first.ca_root_certificate())
+        common_name = on_token.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+        self.assertEqual(common_name[0].value, f"{_SECOND.id}/{_SECOND.name}")
+
+        loaded = pkcs12.load_pkcs12(
+            Path(second.soft_card).read_bytes(), second.pin.encode()
+        )
+        assert loaded.cert is not None
+        verify_card_chain(
+            [
+                loaded.cert.certificate,
+                *(c.certificate for c in loaded.additional_certs),
+            ],
+            [first.ca_root_certificate()],
+        )
+
+        reports: list[str] = []
+        again = init_testcard(
+            directory,
+            softhsm=True,
+            token_label="CPS TEST 2",
+            professional=_SECOND,
+            issuer=first,
+            report=reports.append,
+        )
+        self.assertEqual(again, second)
+        self.assertIn("reused", reports[0])
+
+    def test_remade_under_another_root(self) -> None:
+        """
+        A card in the folder issued under another root is remade when an
+        issuer is given, so that the local DMP trusts it.
+        """
+        directory = Path("was-alone").absolute()
+        alone_root = init_testcard(directory, softhsm=False).ca_root_certificate()
+        issuer = init_testcard(
+            Path("issuer-other").absolute(), softhsm=False, keep_authority_keys=True
+        )
+        reports: list[str] = []
+        issued = init_testcard(
+            directory, softhsm=False, issuer=issuer, report=reports.append
+        )
+        self.assertNotEqual(issued.ca_root_certificate(), alone_root)
+        self.assertEqual(issued.ca_root_certificate(), issuer.ca_root_certificate())
+        self.assertIn("another root", reports[0])

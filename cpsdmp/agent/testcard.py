@@ -12,6 +12,13 @@ with the same holder serves on machines without SoftHSM2.
 Everything lives in the folder: SoftHSM2 gets its own C{softhsm2.conf} there
 and the system's configuration is never read or written. C{testcard.json}
 describes the result; running the initialisation again reuses it.
+
+Several professionals' cards can share one test PKI, so that one local DMP
+trusts them all: the first card is made with C{keep_authority_keys=True},
+which leaves the persons authority's private key in its folder as
+C{ca-persons-key.pem} (mode 0600, a test key and nothing more), and each
+other card is made with C{issuer=} that first card, reusing its root, its
+authorities and the local DMP's certificate.
 """
 
 from __future__ import annotations
@@ -122,6 +129,7 @@ class TestCard:
     professional: dict[str, str]
     so_pin: str | None = None
     files: list[str] = field(default_factory=list)
+    ca_persons_key: str | None = None
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str]) -> TestCard:
@@ -144,7 +152,9 @@ class TestCard:
         try:
             return cls(**{k: v for k, v in content.items() if k in known})
         except TypeError:
-            missing = sorted(known - set(content) - {"so_pin", "files"})
+            missing = sorted(
+                known - set(content) - {"so_pin", "files", "ca_persons_key"}
+            )
             raise TestCardError(
                 f"{path} lacks {', '.join(missing)}: run `cpsdmp testcard init "
                 f"--dir {directory}` again to remake the card"
@@ -202,6 +212,33 @@ class TestCard:
             for p in self.ca_intermediates
         ]
 
+    def persons_authority(self) -> pki.Authority:
+        """
+        @return: the authority that issued this card's certificates, with its
+            private key, to issue other professionals' cards under the same
+            root.
+        @raise TestCardError: when the card was made without keeping it.
+        """
+        if not self.ca_persons_key:
+            raise TestCardError(
+                f"the test card in {self.directory} kept no authority key: make "
+                "it again with keep_authority_keys=True to issue other cards"
+            )
+        try:
+            key = serialization.load_pem_private_key(
+                Path(self.ca_persons_key).read_bytes(), password=None
+            )
+            certificate = x509.load_pem_x509_certificate(
+                Path(self.ca_intermediates[0]).read_bytes()
+            )
+        except (OSError, ValueError) as e:
+            raise TestCardError(
+                f"cannot read the persons authority of {self.directory}: {e}"
+            ) from None
+        if not isinstance(key, rsa.RSAPrivateKey):
+            raise TestCardError(f"{self.ca_persons_key} is not an RSA key")
+        return pki.Authority(key, certificate)
+
 
 @contextmanager
 def _locked(directory: Path) -> Iterator[None]:
@@ -221,6 +258,8 @@ def init_testcard(
     token_label: str = DEFAULT_TOKEN_LABEL,
     professional: pki.Professional = DEFAULT_PROFESSIONAL,
     report: Callable[[str], object] = lambda _: None,
+    issuer: TestCard | None = None,
+    keep_authority_keys: bool = False,
 ) -> TestCard:
     """
     Make the test PKI and the test card in C{directory}, or reuse them when
@@ -228,6 +267,13 @@ def init_testcard(
 
     @param softhsm: C{True} to require a SoftHSM2 token, C{False} for a soft
         card only, C{None} for a token when SoftHSM2 is installed.
+    @param issuer: a test card made with C{keep_authority_keys}: the new card
+        is issued by its persons authority, under its root, and the local
+        DMP's certificate is its own, so that one local DMP trusts both.
+        Give each such card its own folder and C{token_label}.
+    @param keep_authority_keys: write the persons authority's private key
+        into the folder (C{ca-persons-key.pem}, mode 0600) so that this card
+        can be the C{issuer} of others.
     @param report: called with one sentence saying whether the card was
         reused or made, and why.
     @raise TestCardError: when the folder cannot be used or a step fails,
@@ -251,6 +297,10 @@ def init_testcard(
         if existing is not None:
             wants_token = softhsm if softhsm is not None else existing.has_token
             damage = existing.damage()
+            if damage is None and issuer is not None:
+                damage = _issuer_mismatch(existing, issuer)
+            if damage is None and keep_authority_keys and not existing.ca_persons_key:
+                damage = "the authority key was asked to be kept"
             if damage is None and existing.has_token == wants_token:
                 report(f"reused the test card in {folder}")
                 return existing
@@ -262,7 +312,15 @@ def init_testcard(
         elif softhsm and (reason := softhsm2_missing()):
             raise TestCardError(f"cannot make a SoftHSM2 test card: {reason}")
         try:
-            card = _build(folder, softhsm, pin, token_label, professional)
+            card = _build(
+                folder,
+                softhsm,
+                pin,
+                token_label,
+                professional,
+                issuer=issuer,
+                keep_authority_keys=keep_authority_keys,
+            )
         except OSError as e:
             raise TestCardError(
                 f"cannot write the test card in {folder}: {e}"
@@ -271,6 +329,17 @@ def init_testcard(
         return card
     finally:
         lock.__exit__(None, None, None)
+
+
+def _issuer_mismatch(card: TestCard, issuer: TestCard) -> str | None:
+    """
+    @return: why C{card} was not issued under C{issuer}'s root, or C{None}.
+    """
+    try:
+        same = Path(card.ca_root).read_bytes() == Path(issuer.ca_root).read_bytes()
+    except OSError as e:
+        return f"cannot compare the roots: {e}"
+    return None if same else "it was issued under another root"
 
 
 def _token_damage(card: TestCard) -> str | None:
@@ -309,45 +378,78 @@ def _pem(certificate: x509.Certificate) -> bytes:
     return certificate.public_bytes(serialization.Encoding.PEM)
 
 
+def _private_pem(key: rsa.RSAPrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
 def _build(
     folder: Path,
     softhsm: bool,
     pin: str,
     token_label: str,
     professional: pki.Professional,
+    *,
+    issuer: TestCard | None = None,
+    keep_authority_keys: bool = False,
 ) -> TestCard:
     files: list[str] = []
 
-    root = pki.make_root()
-    persons = pki.make_intermediate(root, "TEST AC IGC-SANTE ELEMENTAIRE PERSONNES")
-    servers = pki.make_intermediate(root, "TEST AC IGC-SANTE ELEMENTAIRE ORGANISATIONS")
-    files.append(_write(folder / "ca-root.pem", _pem(root.certificate)))
-    files.append(_write(folder / "ca-persons.pem", _pem(persons.certificate)))
-    files.append(_write(folder / "ca-servers.pem", _pem(servers.certificate)))
-
-    sandbox_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    sandbox_certificate = pki.server_certificate(
-        servers, sandbox_key.public_key(), ["localhost"], ["127.0.0.1", "::1"]
-    )
-    files.append(
-        _write(
-            folder / "sandbox.pem",
-            _pem(sandbox_certificate) + _pem(servers.certificate),
+    if issuer is None:
+        authority = pki.make_root()
+        root = authority.certificate
+        persons = pki.make_intermediate(
+            authority, "TEST AC IGC-SANTE ELEMENTAIRE PERSONNES"
         )
-    )
-    files.append(
-        _write(
-            folder / "sandbox-key.pem",
-            sandbox_key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            ),
-            secret=True,
+        servers = pki.make_intermediate(
+            authority, "TEST AC IGC-SANTE ELEMENTAIRE ORGANISATIONS"
         )
-    )
+        sandbox_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        sandbox_certificate = pki.server_certificate(
+            servers, sandbox_key.public_key(), ["localhost"], ["127.0.0.1", "::1"]
+        )
+        shared = {
+            "ca-root.pem": _pem(root),
+            "ca-persons.pem": _pem(persons.certificate),
+            "ca-servers.pem": _pem(servers.certificate),
+            "sandbox.pem": _pem(sandbox_certificate) + _pem(servers.certificate),
+        }
+        sandbox_key_pem = _private_pem(sandbox_key)
+    else:
+        # The same root, authorities and local DMP certificate as the
+        # issuer's: copies, so that this folder stands on its own.
+        persons = issuer.persons_authority()
+        root = issuer.ca_root_certificate()
+        try:
+            shared = {
+                "ca-root.pem": Path(issuer.ca_root).read_bytes(),
+                "ca-persons.pem": Path(issuer.ca_intermediates[0]).read_bytes(),
+                "ca-servers.pem": Path(issuer.ca_intermediates[1]).read_bytes(),
+                "sandbox.pem": Path(issuer.sandbox_cert).read_bytes(),
+            }
+            sandbox_key_pem = Path(issuer.sandbox_key).read_bytes()
+        except (OSError, IndexError) as e:
+            raise TestCardError(
+                f"cannot read the issuer's test PKI in {issuer.directory}: {e}"
+            ) from None
+    for name, data in shared.items():
+        files.append(_write(folder / name, data))
+    files.append(_write(folder / "sandbox-key.pem", sandbox_key_pem, secret=True))
+    ca_persons_key: str | None = None
+    if keep_authority_keys:
+        files.append(
+            _write(
+                folder / "ca-persons-key.pem",
+                _private_pem(persons.key),
+                secret=True,
+            )
+        )
+        ca_persons_key = str(folder / "ca-persons-key.pem")
 
-    chain = [persons.certificate, root.certificate]
+    chain = [persons.certificate, root]
     for usage, name in [
         ("authentication", "soft-card.p12"),
         ("signature", "soft-card-signature.p12"),
@@ -393,6 +495,7 @@ def _build(
             "organization": professional.organization,
         },
         files=files,
+        ca_persons_key=ca_persons_key,
         **token,
     )
     description = json.dumps(asdict(card), indent=2, ensure_ascii=False)

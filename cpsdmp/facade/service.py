@@ -221,6 +221,10 @@ class FacadeConfig:
     max_answer_bytes: int = 64 * 1024 * 1024
     max_sessions: int = 1000
     sign_submission_set: bool = True
+    #: For benchmarks only: when C{False}, no TLS session is resumed and no
+    #: connection kept, so that every exchange pays a full handshake (and a
+    #: card signature).
+    reuse_connections: bool = True
 
 
 @implementer(IRemoteKey)
@@ -552,7 +556,7 @@ class DmpService:
         tls = TLSClientConfig(
             roots=list(self.config.roots),
             remote_key=key,
-            session_cache=self.session_cache,
+            session_cache=self.session_cache if self.config.reuse_connections else None,
             # A TLS session is resumed only for the same card behind the same
             # agent: a certificate is public, so keying by it alone would let
             # anyone who runs an agent serving a copy of it resume this
@@ -565,6 +569,7 @@ class DmpService:
         pool = HTTPConnectionPool(self.reactor)
         pool.maxPersistentPerHost = 4
         pool.retryAutomatically = False
+        pool.persistent = self.config.reuse_connections
         http_agent = Agent.usingEndpointFactory(
             self.reactor, _RecordingEndpoints(self.reactor, tls, connections), pool=pool
         )

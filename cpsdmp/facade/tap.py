@@ -116,6 +116,15 @@ class Options(usage.Options):
         ],
     ]
 
+    optFlags = [
+        [
+            "no-connection-reuse",
+            None,
+            "For benchmarks: a new connection and a full TLS handshake (one "
+            "card signature) for every DMP exchange.",
+        ],
+    ]
+
     def postOptions(self) -> None:
         roots: list[x509.Certificate] = []
         test_patients = False
@@ -277,6 +286,7 @@ def makeService(options: Options) -> FacadeService:
         agent_timeout=options["agent-timeout"],
         handshake_timeout=options["handshake-timeout"],
         dmp_timeout=options["dmp-timeout"],
+        reuse_connections=not options["no-connection-reuse"],
     )
     return FacadeService(
         options["listen"],
