@@ -41,6 +41,7 @@ bench: install
 	$(BIN)/python benchmarks/agent/bench.py
 	$(BIN)/python benchmarks/tls/bench.py
 	$(BIN)/python benchmarks/xds/bench.py
+	$(BIN)/python benchmarks/e2e/bench.py --latency 50 --total 200 --concurrency 8
 
 clean:
 	rm -rf $(VENV) build *.egg-info _trial_temp* twisted/plugins/dropin.cache
