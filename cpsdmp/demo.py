@@ -47,9 +47,16 @@ from cpsdmp.agent.tap import fingerprint, self_signed_identity
 from cpsdmp.agent.testcard import TestCard, TestCardError, init_testcard
 from cpsdmp.facade.client import AgentSessionExpired, FacadeClient, FacadeError
 from cpsdmp.protocols.safexml import XmlRefused
-from cpsdmp.xds.cda import CLASS_CODE_SYSTEM, CdaError, document_entry
-from cpsdmp.xds.cli import read_cda
-from cpsdmp.xds.ebrim import MetadataError
+from cpsdmp.xds.cda import (
+    CLASS_BY_TYPE,
+    CLASS_CODE_SYSTEM,
+    NS,
+    CdaError,
+    document_entry,
+    read_header,
+)
+from cpsdmp.xds.cli import coded, read_cda
+from cpsdmp.xds.ebrim import CodedValue, MetadataError
 from cpsdmp.xds.sample import sample_cda
 
 _T = TypeVar("_T")
@@ -62,13 +69,13 @@ STEP_TIMEOUT = 120.0
 # Where the ANS example CDAs are in the public DMP material.
 ANS_EXAMPLES = "ans-testcontenucda-3-0/ExemplesCDA"
 
-# The ANS examples whose typeCode this version's classCode table lacks: the
-# demo gives their class itself, and says so.
-_SYNTHESE = {"code": "11", "codingScheme": CLASS_CODE_SYSTEM, "display": "Synthèse"}
-_CLASS_FALLBACK: dict[str, dict[str, Any]] = {
-    "DLU-EHPAD-FLUDR_2022.01.xml": {"classCode": _SYNTHESE},
-    "DLU-EHPAD-FLUDT_2022.01.xml": {"classCode": _SYNTHESE},
-    "VAC_2023.01.xml": {"classCode": _SYNTHESE},
+# The typeCodes of ANS examples that this version's classCode table lacks:
+# the demo gives their class itself (--class-code does for other documents).
+_SYNTHESE = CodedValue("11", CLASS_CODE_SYSTEM, "Synthèse")
+CLASS_BY_TYPE_CODES = {code for code, _ in CLASS_BY_TYPE}
+_DEMO_CLASS_BY_TYPE = {
+    "74207-2": _SYNTHESE,  # Dossier de liaison d'urgence (DLU)
+    "11369-6": _SYNTHESE,  # Historique des vaccinations
 }
 PROCESS_STOP_TIMEOUT = 10.0
 
@@ -104,6 +111,12 @@ def add_parser(subparsers: Any) -> None:
         help="a CDA document to play (repeatable; default: the ANS examples "
         "when the public DMP material is at hand, else one made here)",
     )
+    parser.add_argument(
+        "--class-code",
+        metavar="CODE[^DISPLAY[^SCHEME]]",
+        type=coded(CLASS_CODE_SYSTEM),
+        help="classCode of the documents whose type has none in the table",
+    )
     parser.set_defaults(func=run)
 
 
@@ -112,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
 
     def main(reactor: Any) -> Deferred[None]:
         async def play() -> None:
-            demo = Demo(reactor, args.dir, args.keep, args.cda)
+            demo = Demo(reactor, args.dir, args.keep, args.cda, args.class_code)
             status.append(await demo.play())
 
         return ensureDeferred(play())
@@ -149,9 +162,11 @@ class Demo:
         directory: str | None,
         keep: bool,
         cda_paths: list[str] | None = None,
+        class_code: CodedValue | None = None,
     ) -> None:
         self.reactor = reactor
         self.cda_paths = list(cda_paths or [])
+        self.class_code = class_code
         self.keep = keep or directory is not None
         self.directory = Path(directory or tempfile.mkdtemp(prefix="cpsdmp-demo-"))
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -309,9 +324,13 @@ class Demo:
     ) -> None:
         print(f"\n  {name} ({len(data)} bytes)")
         try:
-            entry = document_entry(data, overrides=_CLASS_FALLBACK.get(name))
+            overrides = self.overrides_for(data)
+            entry = document_entry(data, overrides=dict(overrides or {}))
         except (CdaError, MetadataError, XmlRefused) as e:
             raise DemoFailed(f"{name}: not a CDA the DMP would take: {e}") from e
+        if overrides:
+            code = overrides["classCode"]
+            print(f"  (classCode given by the demo: {code['code']} {code['display']})")
         patient = {"ins": entry.patientId.ins, "authority": entry.patientId.authority}
         await self.step(
             "TD0.2 existence test",
@@ -323,7 +342,7 @@ class Demo:
         )
         submitted = await self.step(
             "TD2.1 submission",
-            lambda: facade.td21_submit([data], context, [_CLASS_FALLBACK.get(name)]),
+            lambda: facade.td21_submit([data], context, [overrides]),
             _describe_submission,
         )
         unique_id = submitted["documents"][0]["uniqueId"]
@@ -345,6 +364,17 @@ class Demo:
             lambda: facade.td33_update(unique_id, "mask", context, patient),
             lambda answer: f"masked to professionals: {answer['status']}",
         )
+
+    def overrides_for(self, data: bytes) -> dict[str, Any] | None:
+        """
+        @return: the classCode to give when the CDA's typeCode has none in
+            the table: --class-code, or the demo's own for the ANS examples.
+        """
+        type_code = read_header(data).root.xpath("string(h:code/@code)", namespaces=NS)
+        if type_code in CLASS_BY_TYPE_CODES:
+            return None
+        given = self.class_code or _DEMO_CLASS_BY_TYPE.get(str(type_code))
+        return {"classCode": given.as_dict()} if given else None
 
     async def find(
         self,
@@ -547,7 +577,10 @@ class Demo:
         except AgentError as e:
             if e.problem.get("status") != 403:
                 raise
-            return f"403: {e.problem.get('detail')}"
+            return (
+                "403, the card signs only TLS handshakes with an allowed server "
+                f"(the agent: {e.problem.get('detail')})"
+            )
         raise DemoFailed("the agent had the card sign arbitrary data")
 
     async def count_signatures(self) -> tuple[int, int]:

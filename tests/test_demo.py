@@ -16,6 +16,7 @@ from twisted.trial.unittest import TestCase
 import cpsdmp
 from cpsdmp._fixtures import fixtures_dir
 from cpsdmp.demo import ANS_EXAMPLES
+from cpsdmp.xds.sample import sample_cda
 
 
 def _run_demo(
@@ -52,7 +53,7 @@ class DemoTests(TestCase):
             "card session opened",
             "certificate chain checked",
             "arbitrary data refused",
-            "403: the agent does not sign this",
+            "403, the card signs only TLS handshakes with an allowed server",
             "1 TLS handshake signature(s) for 30 DMP transactions",
             "6 submission-set signature(s)",
             "the facade refuses the agent context afterwards (401)",
@@ -146,3 +147,30 @@ class GeneratedDocumentDemoTests(TestCase):
         self.assertIn("cpsdmp-consultation.xml", result.stdout)
         self.assertEqual(result.stdout.count("identical to the document sent"), 1)
         self.assertIn("Demo passed", result.stdout)
+
+    def test_own_document_with_class_code(self) -> None:
+        """
+        A document given with --cda whose type the classCode table lacks
+        plays with --class-code, and the demo says it gave the class.
+        """
+        data = sample_cda(
+            {
+                "id": "810001234567",
+                "given_name": "Marie",
+                "family_name": "DURAND-TEST",
+            }
+        ).replace(b'code="11488-4"', b'code="11506-3"')
+        path = Path("progress-note.xml").absolute()
+        path.write_bytes(data)
+        result = _run_demo(
+            "--dir",
+            str(Path("demo-class").absolute()),
+            "--cda",
+            str(path),
+            "--class-code",
+            "10^Compte rendu",
+        )
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        self.assertIn("(classCode given by the demo: 10 Compte rendu)", result.stdout)
+        self.assertIn("progress-note.xml", result.stdout)
+        self.assertEqual(result.stdout.count("identical to the document sent"), 1)
