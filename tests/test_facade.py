@@ -1176,6 +1176,25 @@ class OptionsTests(SynchronousTestCase):
 
         self.assertRaises(UsageError, Options().parseOptions, [])
 
+    def test_test_values_warned(self) -> None:
+        """
+        Without the structure's identity and the homologation number, the
+        facade says at start that it fills the VIHF with test values.
+        """
+        from twisted.logger import globalLogPublisher
+
+        from cpsdmp.facade.tap import Options, makeService
+
+        card = shared_testcard()
+        options = Options()
+        options.parseOptions(["--testcard", str(Path(card.ca_root).parent)])
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        makeService(options)
+        warned = {e.get("option") for e in events if e.get("log_level").name == "warn"}
+        self.assertEqual(warned, {"structure-id", "structure-name", "homologation-id"})
+
     def test_testcard_and_settings(self) -> None:
         from cpsdmp.facade.tap import SANDBOX_URL, Options, makeService
 

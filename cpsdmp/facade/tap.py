@@ -277,6 +277,18 @@ def makeService(options: Options) -> FacadeService:
     """
     @return: the service C{twist dmpfacade} runs.
     """
+    for option, meaning in [
+        ("structure-id", "the structure's identifier"),
+        ("structure-name", "the structure's name"),
+        ("homologation-id", "the DMP homologation number"),
+    ]:
+        if not options[option]:
+            _log.warn(
+                "no --{option}: the VIHF carries a test value for {meaning}, "
+                "which only a local DMP accepts",
+                option=option,
+                meaning=meaning,
+            )
     config = FacadeConfig(
         dmp_url=options["dmp-url"],
         roots=options["roots"],
