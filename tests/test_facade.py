@@ -295,7 +295,12 @@ class ScenarioTests(FacadeTestCase):
         submitted = yield self.submit(data)
         unique_id = submitted["documents"][0]["uniqueId"]
         answer = yield self.post(
-            "/dmp/td32Retrieve", {"agentContext": self.context, "uniqueId": unique_id}
+            "/dmp/td32Retrieve",
+            {
+                "agentContext": self.context,
+                "patient": CDA_PATIENT,
+                "uniqueId": unique_id,
+            },
         )
         self.assertEqual(answer[0], 200)
         conforms(answer[1], {r.operation_id: r.answer for r in ROUTES}["td32Retrieve"])
@@ -341,7 +346,7 @@ class ScenarioTests(FacadeTestCase):
         self.assertEqual(status, 200, answer)
         self.assertEqual(answer["documents"][0]["uniqueId"], unique_id(data))
         content = yield self.facade.td32_retrieve(
-            answer["documents"][0]["uniqueId"], self.context
+            answer["documents"][0]["uniqueId"], self.context, CDA_PATIENT
         )
         self.assertEqual(content, data)
 
@@ -567,6 +572,51 @@ class FaultTests(FacadeTestCase):
             self.facade.td33_update("1.2.3", "shred", self.context), MalformedRequest
         )
         self.assertIn("mask", str(error))
+
+    @inlineCallbacks
+    def test_other_patients_document(self) -> Any:
+        """
+        A document of patient B asked for with patient A: TD3.1 by uniqueId
+        finds nothing, TD3.2 gets the DMP's "missing document", TD3.3 is
+        "not found" and changes nothing; without a patient the facade refuses
+        the request (400). With patient B, everything works.
+        """
+        from cpsdmp.xds.sample import DEFAULT_PATIENT, sample_cda
+
+        other = {"ins": DEFAULT_PATIENT.ins, "authority": INS_OID_TEST}
+        self.assertNotEqual(other["ins"], CDA_PATIENT["ins"])
+        submitted = yield self.facade.td21_submit(
+            [sample_cda(self.card.professional)], self.context
+        )
+        document = submitted["documents"][0]["uniqueId"]
+
+        found = yield self.facade.td31_find(
+            self.context, CDA_PATIENT, uniqueIds=[document]
+        )
+        self.assertEqual(found, [])
+        error = yield self.failure_of(
+            self.facade.td32_retrieve(document, self.context, CDA_PATIENT), DmpRefused
+        )
+        self.assertEqual(error.codes, ["XDSMissingDocument"])
+        self.assertNotIn(DEFAULT_PATIENT.ins, json.dumps(error.problem))
+        error = yield self.failure_of(
+            self.facade.td33_update(document, "mask", self.context, CDA_PATIENT),
+            FacadeProblem,
+        )
+        self.assertEqual((error.status, error.kind), (404, "document-not-found"))
+        for call in (
+            self.facade.td32_retrieve(document, self.context),
+            self.facade.td33_update(document, "mask", self.context),
+            self.facade.td31_find(self.context, uniqueIds=[document]),
+        ):
+            error = yield self.failure_of(call, MalformedRequest)
+            self.assertIn("patient", str(error))
+
+        [entry] = yield self.facade.td31_find(self.context, other, uniqueIds=[document])
+        self.assertNotIn("MASQUE_PS", [c["code"] for c in entry["confidentialityCode"]])
+        content = yield self.facade.td32_retrieve(document, self.context, other)
+        self.assertIn(DEFAULT_PATIENT.ins.encode(), content)
+        yield self.facade.td33_update(document, "mask", self.context, other)
 
     @inlineCallbacks
     def test_wrong_token(self) -> Any:
@@ -974,7 +1024,7 @@ class SubmitCommandTests(FacadeTestCase):
         answer = json.loads(out)
         expected = unique_id(data_path.read_bytes())
         self.assertEqual(answer["documents"][0]["uniqueId"], expected)
-        content = yield self.facade.td32_retrieve(expected, self.context)
+        content = yield self.facade.td32_retrieve(expected, self.context, CDA_PATIENT)
         self.assertEqual(content, data_path.read_bytes())
 
         out, err, code = yield getProcessOutputAndValue(
@@ -1043,7 +1093,9 @@ class MoreFaultTests(FacadeTestCase):
             self.dmp_url(self.sandbox_port), max_answer_bytes=len(data) // 2
         )
         error = yield self.failure_of(
-            small.td32_retrieve(submitted["documents"][0]["uniqueId"], self.context),
+            small.td32_retrieve(
+                submitted["documents"][0]["uniqueId"], self.context, CDA_PATIENT
+            ),
             DmpFailed,
         )
         self.assertEqual((error.status, error.kind), (502, "dmp-bad-answer"))

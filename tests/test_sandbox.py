@@ -232,10 +232,15 @@ class SandboxTestCase(TestCase):
         )
         return provide_and_register(self.endpoints, self.vihf(patient), submission)
 
-    def update(self, entry: DocumentEntry, new_status: str) -> OutgoingMessage:
+    def update(
+        self,
+        entry: DocumentEntry,
+        new_status: str,
+        patient: PatientId | None = CDA_PATIENT,
+    ) -> OutgoingMessage:
         return update_status(
             self.endpoints,
-            self.vihf(),
+            self.vihf(patient),
             entry,
             new_status,
             self.professional,
@@ -551,6 +556,80 @@ class RefusalTests(SandboxTestCase):
         self.assertEqual(codes, ["UnresolvedReferenceException"])
         codes = yield self.refused(self.mask(ghost))
         self.assertEqual(codes, ["UnresolvedReferenceException"])
+
+    @inlineCallbacks
+    def test_other_patient(self):  # type: ignore[no-untyped-def]
+        """
+        The DMP answers only about the patient the VIHF names: another
+        patient's document is unknown to GetDocuments, TD3.2 and TD3.3, and
+        a FindDocuments or a submission about another patient, or a request
+        whose VIHF names no patient, is refused; nothing changes.
+        """
+        other = PatientId("185127505612306", INS_OID_TEST)
+        entry = _entry(_cda(), patientId=other)
+        unique_id = entry[0].uniqueId
+        stored = yield self.submit(self.td21([entry], other))
+        self.assertTrue(stored.success)
+        (theirs,) = yield self.post(
+            get_documents(self.endpoints, self.vihf(other), unique_ids=[unique_id])
+        ).addCallback(lambda answer: read_query(answer).entries)
+
+        self.assertEqual((yield self.get(unique_id)), [])
+        answer = yield self.post(
+            get_documents(self.endpoints, self.vihf(), entry_uuids=[theirs.entryUUID])
+        )
+        self.assertEqual(read_query(answer).entries, [])
+        codes = yield self.refused(
+            retrieve_documents(self.endpoints, self.vihf(), [unique_id]),
+            read_retrieve,
+        )
+        self.assertEqual(codes, ["XDSMissingDocument"])
+        # The status change of B's document under a VIHF of A...
+        codes = yield self.refused(self.update(theirs, Status.Archived))
+        self.assertEqual(codes, ["XDSPatientIdDoesNotMatch"])
+        # ...or dressed as a document of A: unknown.
+        forged = dataclasses.replace(theirs, patientId=CDA_PATIENT)
+        codes = yield self.refused(self.update(forged, Status.Archived))
+        self.assertEqual(codes, ["UnresolvedReferenceException"])
+        codes = yield self.refused(self.mask(forged))
+        self.assertEqual(codes, ["UnresolvedReferenceException"])
+        codes = yield self.refused(
+            find_documents(self.endpoints, self.vihf(), FindDocuments(other)),
+            read_query,
+        )
+        self.assertEqual(codes, ["XDSPatientIdDoesNotMatch"])
+        submission = new_submission(
+            [_entry(_cda(), patientId=other)],
+            self.professional,
+            STRUCTURE,
+            SOFTWARE,
+            DEFAULTS,
+        )
+        codes = yield self.refused(
+            provide_and_register(self.endpoints, self.vihf(), submission)
+        )
+        self.assertEqual(codes, ["XDSPatientIdDoesNotMatch"])
+        answer = yield self.post(
+            get_documents(self.endpoints, self.vihf(None), unique_ids=[unique_id])
+        )
+        self.assertRaises(RegistryFailure, read_query, answer)
+        codes = yield self.refused(
+            retrieve_documents(self.endpoints, self.vihf(None), [unique_id]),
+            read_retrieve,
+        )
+        self.assertEqual(codes, ["XDSRegistryError"])
+
+        (still,) = yield self.post(
+            get_documents(self.endpoints, self.vihf(other), unique_ids=[unique_id])
+        ).addCallback(lambda answer: read_query(answer).entries)
+        self.assertEqual(
+            (still.availabilityStatus, still.version), (Status.Approved, "1")
+        )
+        self.assertEqual((yield self.service.store.count("documents")), 1)
+        answer = yield self.post(
+            retrieve_documents(self.endpoints, self.vihf(other), [unique_id])
+        )
+        self.assertEqual(bytes(read_retrieve(answer)[0].data), entry[1])
 
     @inlineCallbacks
     def test_stale_update(self):  # type: ignore[no-untyped-def]

@@ -288,6 +288,8 @@ class FacadeClient:
         **criteria: Any,
     ) -> Deferred[list[dict[str, Any]]]:
         """
+        @param patient: required by the facade, for a search by uniqueIds or
+            entryUUIDs too: the DMP answers only about the VIHF's patient.
         @param criteria: C{statuses}, C{uniqueIds}, C{entryUUIDs},
             C{classCodes}... as the route takes them.
         @return: a Deferred that fires with the documents' metadata.
@@ -305,6 +307,8 @@ class FacadeClient:
         patient: Mapping[str, str] | None = None,
     ) -> Deferred[bytes]:
         """
+        @param patient: the document's patient, required by the facade (it
+            goes into the VIHF; the DMP answers only about that patient).
         @return: a Deferred that fires with the document's exact bytes.
         """
         body: dict[str, Any] = {
@@ -333,6 +337,7 @@ class FacadeClient:
     ) -> Deferred[dict[str, Any]]:
         """
         @param action: C{mask}, C{unmask}, C{archive}, C{unarchive} or C{delete}.
+        @param patient: the document's patient, required by the facade.
         @return: a Deferred that fires with C{{"status": "Success", ...}}.
         """
         body: dict[str, Any] = {

@@ -572,11 +572,8 @@ async def _td31(resource: FacadeResource, request: server.Request, body: Any) ->
     if unique_ids and entry_uuids:
         raise BadRequest("give uniqueIds or entryUUIDs, not both")
     if unique_ids or entry_uuids:
-        patient = (
-            resource.patient(body["patient"])
-            if body.get("patient") is not None
-            else None
-        )
+        # The DMP answers only about the patient the VIHF names.
+        patient = resource.patient(_object(body, "patient"))
         result = await resource.service.td31(
             context, patient=patient, unique_ids=unique_ids, entry_uuids=entry_uuids
         )
@@ -600,7 +597,7 @@ async def _td32(resource: FacadeResource, request: server.Request, body: Any) ->
     context = _context(body)
     unique_id = _string(body, "uniqueId")
     assert unique_id is not None
-    patient = resource.patient(body["patient"]) if body.get("patient") else None
+    patient = resource.patient(_object(body, "patient"))
     documents = await resource.service.td32(context, patient, [unique_id])
     if len(documents) != 1:
         raise Problem(
@@ -637,7 +634,7 @@ async def _td33(resource: FacadeResource, request: server.Request, body: Any) ->
     if action not in UPDATE_ACTIONS:
         raise BadRequest(f"'action' must be one of {', '.join(UPDATE_ACTIONS)}")
     assert unique_id is not None
-    patient = resource.patient(body["patient"]) if body.get("patient") else None
+    patient = resource.patient(_object(body, "patient"))
     found = await resource.service.td31(
         context, patient=patient, unique_ids=[unique_id]
     )
@@ -813,12 +810,14 @@ ROUTES: tuple[Route, ...] = (
         "POST",
         "/dmp/td31Find",
         "td31Find",
-        "TD3.1: the patient's documents (FindDocuments), or documents by "
-        "uniqueIds or entryUUIDs (GetDocuments).",
+        "TD3.1: the patient's documents (FindDocuments), or the patient's "
+        "documents by uniqueIds or entryUUIDs (GetDocuments). The patient is "
+        "required either way: it goes into the VIHF, and the DMP answers only "
+        "about that patient's record (another patient's document is unknown).",
         _td31,
         {
             "type": "object",
-            "required": ["agentContext"],
+            "required": ["agentContext", "patient"],
             "properties": {
                 **_AGENT,
                 "patient": _PATIENT_SCHEMA,
@@ -846,11 +845,13 @@ ROUTES: tuple[Route, ...] = (
         "/dmp/td32Retrieve",
         "td32Retrieve",
         "TD3.2: a document's exact bytes, base64 in JSON, or raw with "
-        "Accept: application/octet-stream or the document's mimeType.",
+        "Accept: application/octet-stream or the document's mimeType. The "
+        "patient is required: it goes into the VIHF, and a document of another "
+        "patient is answered as one the DMP does not have.",
         _td32,
         {
             "type": "object",
-            "required": ["agentContext", "uniqueId"],
+            "required": ["agentContext", "patient", "uniqueId"],
             "properties": {
                 **_AGENT,
                 "patient": _PATIENT_SCHEMA,
@@ -875,11 +876,12 @@ ROUTES: tuple[Route, ...] = (
         "/dmp/td33UpdateStatus",
         "td33UpdateStatus",
         "TD3.3: mask or unmask a document from professionals, archive, "
-        "unarchive or delete it.",
+        "unarchive or delete it. The patient is required: it goes into the "
+        "VIHF, and a document of another patient is answered as unknown (404).",
         _td33,
         {
             "type": "object",
-            "required": ["agentContext", "uniqueId", "action"],
+            "required": ["agentContext", "patient", "uniqueId", "action"],
             "properties": {
                 **_AGENT,
                 "patient": _PATIENT_SCHEMA,

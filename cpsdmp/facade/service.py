@@ -781,6 +781,8 @@ class DmpService:
         entry_uuids: Sequence[str] = (),
     ) -> QueryResult:
         """
+        @param patient: for GetDocuments, the patient named in the VIHF;
+            the DMP leaves out the documents of anyone else.
         @return: the TD3.1 answer: FindDocuments with C{parameters}, or
             GetDocuments by uniqueIds or entryUUIDs.
         """
@@ -803,10 +805,12 @@ class DmpService:
     async def td32(
         self,
         context: AgentContext,
-        patient: PatientId | None,
+        patient: PatientId,
         unique_ids: Sequence[str],
     ) -> list[RetrievedDocument]:
         """
+        @param patient: the documents' patient, named in the VIHF: the DMP
+            answers only about that patient's record.
         @return: the documents, exact bytes.
         """
         session = await self._session(context)
@@ -822,7 +826,8 @@ class DmpService:
     ) -> RegistryResult:
         """
         Change a document's status or visibility: C{action} is one of
-        C{archive}, C{unarchive}, C{delete}, C{mask}, C{unmask}.
+        C{archive}, C{unarchive}, C{delete}, C{mask}, C{unmask}. The VIHF
+        names the entry's patient, as found by GetDocuments for the patient.
 
         @return: the DMP's result on Success.
         """

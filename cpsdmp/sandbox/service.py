@@ -103,7 +103,7 @@ from cpsdmp.xds.transactions import (
     FIND_DOCUMENTS,
     GET_DOCUMENTS,
 )
-from cpsdmp.xds.vihf import SAML2, WSSE
+from cpsdmp.xds.vihf import RESOURCE_ID, SAML2, WSSE
 
 _log = Logger()
 
@@ -178,6 +178,23 @@ def _error(code: str, context: str, location: str = "") -> RegistryError:
     return RegistryError(code, context, SEVERITY_ERROR, location)
 
 
+def _not_vihf_patient(patient: PatientId, location: str = "") -> RegistryError:
+    return _error(
+        "XDSPatientIdDoesNotMatch",
+        f"the request is about patient {patient}, not the patient its VIHF "
+        "names (resource-id): the DMP answers only about the VIHF's patient",
+        location,
+    )
+
+
+def _no_vihf_patient() -> RegistryError:
+    return _error(
+        "XDSRegistryError",
+        "the VIHF names no patient (resource-id): the DMP answers only about "
+        "the patient the professional acts for",
+    )
+
+
 def mask_patient(patient: PatientId | None) -> str:
     """
     @return: a patient's INS shortened for the log, never the whole.
@@ -231,7 +248,7 @@ class Sandbox:
 
     # TD0.2 ------------------------------------------------------------------
     async def existence(
-        self, message: SoapResponse, request_id: str | None
+        self, message: SoapResponse, request_id: str | None, vihf: PatientId | None
     ) -> tuple[Answer, str, PatientId | None]:
         try:
             patient = read_existence_request(message.body)
@@ -247,7 +264,7 @@ class Sandbox:
 
     # TD2.1 ------------------------------------------------------------------
     async def provide_and_register(
-        self, message: SoapResponse, request_id: str | None
+        self, message: SoapResponse, request_id: str | None, vihf: PatientId | None
     ) -> tuple[Answer, str, PatientId | None]:
         def answer(
             errors: Sequence[RegistryError] = (), patient: PatientId | None = None
@@ -269,7 +286,9 @@ class Sandbox:
         objects = _objects_by_id(message.body.find(f"{{{LCM}}}SubmitObjectsRequest"))
 
         errors = _unidentified(submitted.associations, objects)
-        if await self.store.patient(patient) is None:
+        if patient != vihf:
+            errors.append(_not_vihf_patient(patient, submission_set.entryUUID))
+        elif await self.store.patient(patient) is None:
             errors.append(
                 _error(
                     "XDSUnknownPatientId",
@@ -361,7 +380,7 @@ class Sandbox:
 
     # TD3.1 ------------------------------------------------------------------
     async def stored_query(
-        self, message: SoapResponse, request_id: str | None
+        self, message: SoapResponse, request_id: str | None, vihf: PatientId | None
     ) -> tuple[Answer, str, PatientId | None]:
         def answer(
             found: Sequence[StoredEntry] = (),
@@ -391,6 +410,8 @@ class Sandbox:
             query = read_adhoc_query(message.body)
             if query.query_id == FIND_DOCUMENTS:
                 find = _find_filter(query)
+                if find.patient != vihf:
+                    raise Refused([_not_vihf_patient(find.patient)])
                 if await self.store.patient(find.patient) is None:
                     return answer(
                         errors=[
@@ -415,10 +436,12 @@ class Sandbox:
                             )
                         ]
                     )
+                if vihf is None:
+                    raise Refused([_no_vihf_patient()])
                 found = await self.store.get(
-                    entry_uuids=entry_uuids, unique_ids=unique_ids
+                    vihf, entry_uuids=entry_uuids, unique_ids=unique_ids
                 )
-                return answer(found, (), query.return_type)
+                return answer(found, (), query.return_type, vihf)
         except Refused as refused:
             return answer(errors=refused.errors)
         except MetadataError as error:
@@ -434,7 +457,7 @@ class Sandbox:
 
     # TD3.2 ------------------------------------------------------------------
     async def retrieve(
-        self, message: SoapResponse, request_id: str | None
+        self, message: SoapResponse, request_id: str | None, vihf: PatientId | None
     ) -> tuple[Answer, str, PatientId | None]:
         try:
             asked = read_retrieve_request(message.body)
@@ -442,6 +465,9 @@ class Sandbox:
             raise Fault(None, str(error)) from None
         documents = []
         errors = []
+        if vihf is None:
+            errors.append(_no_vihf_patient())
+            asked = []
         for repository, unique_id in asked:
             if repository != DMP_REPOSITORY_ID:
                 errors.append(
@@ -452,7 +478,7 @@ class Sandbox:
                     )
                 )
                 continue
-            found = await self.store.document(unique_id)
+            found = await self.store.document(unique_id, vihf)
             if found is None:
                 errors.append(
                     _error(
@@ -463,7 +489,7 @@ class Sandbox:
                 )
                 continue
             documents.append((repository, unique_id, found[0], found[1]))
-        if not asked:
+        if not asked and not errors:
             errors.append(_error("XDSRegistryError", "no document asked for"))
         status = SUCCESS
         if errors:
@@ -471,12 +497,12 @@ class Sandbox:
         return (
             retrieve_answer(documents, request_id, status, errors),
             _outcome(status, errors),
-            None,
+            vihf,
         )
 
     # TD3.3 ------------------------------------------------------------------
     async def update(
-        self, message: SoapResponse, request_id: str | None
+        self, message: SoapResponse, request_id: str | None, vihf: PatientId | None
     ) -> tuple[Answer, str, PatientId | None]:
         def answer(
             errors: Sequence[RegistryError] = (), patient: PatientId | None = None
@@ -496,6 +522,8 @@ class Sandbox:
         submission_set = submitted.submission_set
         patient = submission_set.patientId
         objects = _objects_by_id(message.body)
+        if patient != vihf:
+            return answer([_not_vihf_patient(patient, submission_set.entryUUID)])
         if await self.store.patient(patient) is None:
             return answer(
                 [_error("XDSUnknownPatientId", f"patient {patient} has no DMP")]
@@ -742,6 +770,28 @@ def check_vihf(message: SoapResponse, certificate: x509.Certificate | None) -> s
     return name_id
 
 
+def vihf_patient(message: SoapResponse) -> PatientId | None:
+    """
+    @return: the patient the VIHF names (its XACML C{resource-id}, a CX),
+        or C{None} when it names none.
+    @raise Fault: a resource-id that is not a patient identifier.
+    """
+    header = message.header
+    if header is None:
+        return None
+    path = (
+        f"{{{WSSE}}}Security/{{{SAML2}}}Assertion/{{{SAML2}}}AttributeStatement/"
+        f"{{{SAML2}}}Attribute[@Name='{RESOURCE_ID}']/{{{SAML2}}}AttributeValue"
+    )
+    value = (header.findtext(path) or "").strip()
+    if not value:
+        return None
+    try:
+        return PatientId.parse(value)
+    except MetadataError as error:
+        raise Fault(INVALID_SECURITY, f"the VIHF's resource-id: {error}") from None
+
+
 class SoapService(Resource):
     """
     One DMP service: reads the SOAP request, checks the VIHF against the
@@ -791,6 +841,7 @@ class SoapService(Resource):
                     "wsa",
                 )
             check_vihf(message, _peer_certificate(request))
+            vihf = vihf_patient(message)
             handler = {
                 ACTION_EXISTENCE: self.sandbox.existence,
                 ACTION_PROVIDE_AND_REGISTER: self.sandbox.provide_and_register,
@@ -798,7 +849,7 @@ class SoapService(Resource):
                 ACTION_STORED_QUERY: self.sandbox.stored_query,
                 ACTION_UPDATE: self.sandbox.update,
             }[action]
-            answer, outcome, patient = await handler(message, request_id)
+            answer, outcome, patient = await handler(message, request_id, vihf)
         except Fault as fault:
             _log.info(
                 "{action} patient {patient}: fault {code}",

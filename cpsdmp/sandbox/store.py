@@ -521,9 +521,13 @@ class Store:
 
     def _update(self, cursor: adbapi.Transaction, update: Update) -> None:
         self._insert_set(cursor, update.submission_set, update.metadata)
+        patient = str(update.submission_set.patientId)
         for change in update.status_changes:
             current = self._entry(cursor, "entry_uuid", change.entry_uuid)
-            if current is None:
+            # Another patient's document is answered as an unknown one.
+            if current is None or not self._of_patient(
+                cursor, current.entry_uuid, patient
+            ):
                 raise StoreRefusal(
                     "UnresolvedReferenceException",
                     f"no document entry {change.entry_uuid}",
@@ -550,7 +554,9 @@ class Store:
             )
             row = cursor.fetchone()
             current = self._entry(cursor, "entry_uuid", row[0]) if row else None
-            if current is None:
+            if current is None or not self._of_patient(
+                cursor, current.entry_uuid, patient
+            ):
                 raise StoreRefusal(
                     "UnresolvedReferenceException",
                     f"no document entry with logical id {logical_id}",
@@ -602,6 +608,14 @@ class Store:
         )
         row = cursor.fetchone()
         return _stored(row) if row else None
+
+    @staticmethod
+    def _of_patient(cursor: adbapi.Transaction, entry_uuid: str, patient: str) -> bool:
+        cursor.execute(
+            "SELECT 1 FROM entries WHERE entry_uuid = ? AND patient_id = ?",
+            (entry_uuid, patient),
+        )
+        return cursor.fetchone() is not None
 
     def find(self, query: FindFilter) -> Deferred[list[StoredEntry]]:
         """
@@ -655,24 +669,34 @@ class Store:
         return self._run(find)
 
     def get(
-        self, *, entry_uuids: Sequence[str] = (), unique_ids: Sequence[str] = ()
+        self,
+        patient: PatientId,
+        *,
+        entry_uuids: Sequence[str] = (),
+        unique_ids: Sequence[str] = (),
     ) -> Deferred[list[StoredEntry]]:
         """
         @return: a Deferred that fires with the entries named by entryUUID,
-            and the current version of the documents named by uniqueId.
+            and the current version of the documents named by uniqueId, of
+            C{patient} only: another patient's are left out as unknown ones.
         """
 
         def get(cursor: adbapi.Transaction) -> list[StoredEntry]:
             found = []
             for entry_uuid in entry_uuids:
-                entry = self._entry(cursor, "entry_uuid", entry_uuid)
-                if entry is not None:
-                    found.append(entry)
+                cursor.execute(
+                    f"SELECT {self._COLUMNS} FROM entries WHERE entry_uuid = ? "
+                    "AND patient_id = ?",
+                    (entry_uuid, str(patient)),
+                )
+                row = cursor.fetchone()
+                if row:
+                    found.append(_stored(row))
             for unique_id in unique_ids:
                 cursor.execute(
                     f"SELECT {self._COLUMNS} FROM entries WHERE unique_id = ? "
-                    "ORDER BY version DESC LIMIT 1",
-                    (unique_id,),
+                    "AND patient_id = ? ORDER BY version DESC LIMIT 1",
+                    (unique_id, str(patient)),
                 )
                 row = cursor.fetchone()
                 if row:
@@ -682,18 +706,23 @@ class Store:
         return self._run(get)
 
     # TD3.2 ------------------------------------------------------------------
-    def document(self, unique_id: str) -> Deferred[tuple[str, bytes] | None]:
+    def document(
+        self, unique_id: str, patient: PatientId
+    ) -> Deferred[tuple[str, bytes] | None]:
         """
         @return: a Deferred that fires with the media type and exact bytes
-            of a document that is not deleted, or C{None}.
+            of a document of C{patient} that is not deleted, or C{None}
+            (also for another patient's document).
         """
 
         def read(cursor: adbapi.Transaction) -> tuple[str, bytes] | None:
             cursor.execute(
                 "SELECT d.mime_type, d.content FROM documents d WHERE d.unique_id = ? "
+                "AND EXISTS (SELECT 1 FROM entries e WHERE e.unique_id = "
+                "d.unique_id AND e.patient_id = ?) "
                 "AND NOT EXISTS (SELECT 1 FROM entries e WHERE e.unique_id = "
                 "d.unique_id AND e.status = ?)",
-                (unique_id, Status.Deleted),
+                (unique_id, str(patient), Status.Deleted),
             )
             row = cursor.fetchone()
             return (row[0], bytes(row[1])) if row else None
