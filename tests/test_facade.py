@@ -802,6 +802,20 @@ class _Downstream(Protocol):
             call = reactor.callLater(0.5, self.transport.abortConnection)
             self.proxy.later.append((call, self.transport))
             return
+        if self.sent >= self.proxy.cut_at and self.proxy.mode == "cut-request":
+            # The connection dies while the facade is still sending the body.
+            self.cut = True
+            self.proxy.cuts += 1
+            if self.proxy.once:
+                self.proxy.mode = None
+            # Stop reading so that the rest of the body waits in the facade,
+            # then drop both sides.
+            self.transport.pauseProducing()
+            if self.upstream is not None:
+                self.upstream.transport.abortConnection()
+            call = reactor.callLater(0.3, self.transport.abortConnection)
+            self.proxy.later.append((call, self.transport))
+            return
         if big and self.proxy.mode in ("drop-answer", "hold-answer"):
             self.armed = True
         if self.upstream is None:
@@ -848,6 +862,9 @@ class LosingProxy(Factory):
         self.once = True
         self.cuts = 0
         self.later: list[Any] = []
+        #: C{cut-request} stops reading after this many bytes (the TLS
+        #: handshake and the start of the body), then drops the connection.
+        self.cut_at = 16 * 1024
 
     def stop(self) -> None:
         for call, transport in self.later:
@@ -940,6 +957,57 @@ class LostAnswerTests(FacadeTestCase):
         self.proxy.mode = None
         copies = yield self.stored_copies()
         self.assertEqual(copies, 0)
+
+    @inlineCallbacks
+    def cutting_facade(self) -> Any:
+        """
+        A facade whose connections to the DMP go through a proxy with a
+        small TCP window that cuts them mid-body, so that the facade is
+        still sending the submission when its connection dies.
+        """
+        proxy = LosingProxy(self.sandbox_port, threshold=self.proxy.threshold)
+        proxy.mode = "cut-request"
+        listening = reactor.listenTCP(0, proxy, interface="127.0.0.1")
+        # Accepted sockets inherit the listening socket's receive buffer and
+        # maximum segment, and a small segment keeps the facade's send buffer
+        # small too.
+        listening.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        listening.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 536)
+        self.addCleanup(listening.stopListening)
+        self.addCleanup(proxy.stop)
+        self.proxy = proxy
+        self.facade = yield self.start_facade(self.dmp_url(listening.getHost().port))
+        # More than the kernel's socket buffers can hold between the two.
+        filler = b"<!--" + b" " * (8 * 1024 * 1024) + b"-->"
+        end = self.data.rindex(b"</ClinicalDocument>")
+        self.data = self.data[:end] + filler + self.data[end:]
+
+    @inlineCallbacks
+    def test_request_cut_then_resent(self) -> Any:
+        """
+        The connection dies while the submission's body is being sent: the
+        outcome is unknown, so the facade checks by uniqueId, finds nothing
+        and sends it once more.
+        """
+        yield self.cutting_facade()
+        answer = yield self.submit(self.data)
+        self.assertEqual(self.proxy.cuts, 1)
+        self.assertEqual(answer["outcome"], "resent-after-lost-answer")
+        copies = yield self.stored_copies()
+        self.assertEqual(copies, 1)
+
+    @inlineCallbacks
+    def test_request_always_cut(self) -> Any:
+        """
+        Every send of the submission is cut mid-body: 504 outcome unknown
+        with the uniqueIds, never a bare internal error.
+        """
+        yield self.cutting_facade()
+        self.proxy.once = False
+        error = yield self.failure_of(self.submit(self.data), OutcomeUnknown)
+        self.assertEqual(error.status, 504)
+        self.assertEqual(self.proxy.cuts, 2)
+        self.assertEqual(error.unique_ids, [unique_id(self.data)])
 
 
 class OpenApiTests(FacadeTestCase):

@@ -45,6 +45,7 @@ from twisted.web.client import (
     URI,
     Agent,
     HTTPConnectionPool,
+    RequestGenerationFailed,
     RequestTransmissionFailed,
     ResponseFailed,
     ResponseNeverReceived,
@@ -149,6 +150,13 @@ class DmpUnreachable(FacadeError):
 class DmpAnswerLost(FacadeError):
     """
     The request went out but its answer never came: its outcome is unknown.
+    """
+
+
+class DmpRequestCut(DmpAnswerLost):
+    """
+    The connection died while the request was being sent: the DMP may have
+    received all of it, part of it or none, so its outcome is unknown.
     """
 
 
@@ -633,7 +641,8 @@ class DmpService:
         its duration, the connection used and the card's TLS signature.
 
         @raise DmpUnreachable: no connection could be made.
-        @raise DmpAnswerLost: the request went out, the answer never came.
+        @raise DmpAnswerLost: the request went out, or started to, and the
+            answer never came.
         @raise DmpTimeout: no answer in time.
         """
         started = time.monotonic()
@@ -715,9 +724,13 @@ class DmpService:
                 headers=Headers({"Content-Type": [message.content_type]}),
                 unbuffered=True,
             )
-        except RequestTransmissionFailed as error:
-            raise DmpUnreachable(
-                f"the request could not be sent to the DMP: {_reasons(error)}"
+        except (RequestTransmissionFailed, RequestGenerationFailed) as error:
+            # The TLS connection was up (the HTTP client only gets it after
+            # the handshake) and died while the request was being sent: part
+            # of it may have reached the DMP, so its outcome is unknown.
+            raise DmpRequestCut(
+                f"the connection to the DMP died while the request was being "
+                f"sent: {_reasons(error)}"
             ) from error
         except TLSError as error:
             agent_error = session.key.last_error
