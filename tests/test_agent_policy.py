@@ -702,9 +702,10 @@ class ConcurrentLimitTests(SandboxAgentTestCase):
     @inlineCallbacks
     def test_fifty_at_once(self) -> Any:
         """
-        Fifty signatures of a genuine transcript asked at once of an agent
-        with the default limit (30 a minute): the card signs up to the
-        limit, each signature valid, and refuses the rest with 429.
+        Thirty more signatures of a genuine transcript asked at once than an
+        agent with the default limit allows (one was spent on the
+        handshake): the card signs up to the limit, each signature valid,
+        and refuses the rest with 429.
         """
         client = yield self.client()
         key = RecordingAgentKey(client)
@@ -722,12 +723,14 @@ class ConcurrentLimitTests(SandboxAgentTestCase):
                 client.sign(transcript, SignatureScheme.rsa_pkcs1_sha256).addErrback(
                     lambda f: f.trap(AgentError) and f.value
                 )
-                for _ in range(50)
+                for _ in range(DEFAULT_RATE_LIMIT.count + 29)
             ]
         )
         signatures = [r for r in results if isinstance(r, bytes)]
         refusals = [r for r in results if isinstance(r, AgentError)]
-        self.assertEqual((len(signatures), len(refusals)), (29, 21))
+        self.assertEqual(
+            (len(signatures), len(refusals)), (DEFAULT_RATE_LIMIT.count - 1, 30)
+        )
         for signature in signatures:
             self.assertTrue(
                 verify_signature(
@@ -739,5 +742,5 @@ class ConcurrentLimitTests(SandboxAgentTestCase):
             )
         self.assertEqual({r.problem["status"] for r in refusals}, {429})
         outcomes = [line["outcome"] for line in self.audit_lines()]
-        self.assertEqual(outcomes.count("signed"), 30)
-        self.assertEqual(outcomes.count("refused"), 21)
+        self.assertEqual(outcomes.count("signed"), DEFAULT_RATE_LIMIT.count)
+        self.assertEqual(outcomes.count("refused"), 30)

@@ -157,7 +157,7 @@ class PolicyOptionsTests(SynchronousTestCase):
             policy.allowed_servers, ["lps2.dmp.gouv.fr", "lps.dev1.dmp.gouv.fr"]
         )
         self.assertEqual(len(policy.roots), 1)
-        self.assertEqual(options["rate-limit"], RateLimit(30, 60.0))
+        self.assertEqual(options["rate-limit"], RateLimit(120, 60.0))
         self.assertIsNone(options["audit-log"])
 
     def test_testcard(self) -> None:

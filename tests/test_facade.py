@@ -40,6 +40,7 @@ from cpsdmp.facade.client import (
     AgentFailed,
     AgentSessionExpired,
     AgentTimedOut,
+    CardRateLimited,
     DmpFailed,
     DmpRefused,
     FacadeClient,
@@ -1051,6 +1052,23 @@ class OpenApiTests(FacadeTestCase):
         yield readBody(response)
 
 
+@inlineCallbacks
+def post_json(url: str, body: Any, **headers: str) -> Any:
+    """
+    POST C{body} as JSON to C{url}.
+
+    @return: a Deferred that fires with the response and its JSON body.
+    """
+    sent = Headers({b"content-type": [b"application/json"]})
+    for name, value in headers.items():
+        sent.setRawHeaders(name.replace("_", "-"), [value])
+    response = yield Agent(reactor).request(
+        b"POST", url.encode(), sent, _body(json.dumps(body).encode())
+    )
+    content = yield readBody(response)
+    return response, json.loads(content) if content else None
+
+
 def _body(data: bytes) -> Any:
     import io
 
@@ -1149,6 +1167,38 @@ class MoreFaultTests(FacadeTestCase):
         self.assertEqual(error.status, 413)
         self.assertEqual(error.kind, "too-large")
         self.assertEqual(self.backend.signatures[KeyUsage.signature], 0)
+
+    @inlineCallbacks
+    def test_card_rate_limited(self) -> Any:
+        """
+        The agent's signature limit for the session is reached (here one a
+        minute, spent on the TLS handshake): the submission-set signature is
+        refused and the facade answers 429 with Retry-After, not 502.
+        """
+        from cpsdmp.agent.audit import RateLimit
+
+        agent = yield start_agent(self, self.backend, rate_limit=RateLimit(1, 60.0))
+        context = yield open_session(agent.url, self.card.pin, agent.fingerprint)
+        data = cda("VAC-NOTE")
+        response, problem = yield post_json(
+            self.facade_url + "/dmp/td21SubmitDocuments",
+            {
+                "agentContext": context,
+                "documents": [{"content": base64.b64encode(data).decode()}],
+            },
+        )
+        self.assertEqual(response.code, 429)
+        self.assertEqual(problem["type"].rsplit("/", 1)[-1], "card-rate-limited")
+        retry = int(response.headers.getRawHeaders("retry-after")[0])
+        self.assertTrue(1 <= retry <= 60)
+        self.assertEqual(problem["retryAfter"], retry)
+        self.assertIn("signature", problem["detail"])
+        self.assertIn(f"{retry} s", problem["detail"])
+        error = yield self.failure_of(
+            self.facade.td21_submit([data], context, [overrides_for(data)]),
+            CardRateLimited,
+        )
+        self.assertEqual(error.retry_after, problem["retryAfter"])
 
     @inlineCallbacks
     def test_answer_limit(self) -> Any:

@@ -46,7 +46,7 @@ class RateLimit:
         match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+(?:\.\d+)?)\s*", text)
         if not match or int(match[1]) < 1 or float(match[2]) <= 0:
             raise ValueError(
-                f"{text!r} is not a rate limit: give N/SECONDS, as in 30/60"
+                f"{text!r} is not a rate limit: give N/SECONDS, as in 120/60"
             )
         return cls(int(match[1]), float(match[2]))
 
@@ -54,9 +54,11 @@ class RateLimit:
         return f"{self.count} signatures per {self.seconds:g} s"
 
 
-#: 30 signatures a minute for one session: a professional's work, with room
-#: to spare; TLS session resumption spares most handshakes a signature.
-DEFAULT_RATE_LIMIT = RateLimit(30, 60.0)
+#: 120 signatures a minute for one session: each submission costs one
+#: signature-key signature, and a lab may submit more than a document a
+#: second for one professional; TLS session resumption spares most
+#: handshakes a signature.
+DEFAULT_RATE_LIMIT = RateLimit(120, 60.0)
 
 
 class RateLimiter:

@@ -98,6 +98,18 @@ class PinPause(AgentError):
         return value if isinstance(value, int) else None
 
 
+class RateLimited(AgentError):
+    """
+    The session asked for more signatures than the agent allows in its
+    window: the card was not asked; C{retry_after} seconds until it may be.
+    """
+
+    @property
+    def retry_after(self) -> int | None:
+        value = self.problem.get("retryAfter")
+        return value if isinstance(value, int) else None
+
+
 class PinBlocked(AgentError):
     """
     The card's PIN is blocked.
@@ -120,6 +132,7 @@ _ERRORS: Mapping[str, type[AgentError]] = {
     problems.WRONG_PIN: WrongPin,
     problems.PIN_PAUSE: PinPause,
     problems.PIN_BLOCKED: PinBlocked,
+    problems.RATE_LIMITED: RateLimited,
     problems.NO_CARD: NoCard,
     problems.KEY_NOT_FOUND: NoCard,
     problems.CARD_REMOVED: CardRemoved,

@@ -604,10 +604,10 @@ class AgentResource(Resource):
         if self.limiter is not None:
             wait = self.limiter.take(context)
             if wait is not None:
-                reason = f"more than {self.limiter.limit} for this session"
+                reason = f"more than {self.limiter.limit}"
                 _log.warn(
                     "security: signature refused to {caller} (context {context}): "
-                    "{reason}",
+                    "{reason} for this session",
                     caller=caller,
                     context=context,
                     reason=reason,
@@ -618,8 +618,9 @@ class AgentResource(Resource):
                     429,
                     problems.RATE_LIMITED,
                     "Too many signatures",
-                    f"this session asked {reason}; try again in {seconds} s",
+                    f"this session asked for {reason}; try again in {seconds} s",
                     {"Retry-After": str(seconds)},
+                    retryAfter=seconds,
                 )
 
         try:

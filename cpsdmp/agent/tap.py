@@ -31,7 +31,7 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
-from cpsdmp.agent.audit import AuditLog, RateLimit
+from cpsdmp.agent.audit import DEFAULT_RATE_LIMIT, AuditLog, RateLimit
 from cpsdmp.agent.card import (
     CardBackend,
     Pkcs11Backend,
@@ -103,7 +103,7 @@ class Options(usage.Options):
         [
             "rate-limit",
             None,
-            "30/60",
+            str(DEFAULT_RATE_LIMIT.count) + "/" + f"{DEFAULT_RATE_LIMIT.seconds:g}",
             "Signatures allowed per session: N/SECONDS.",
         ],
         ["audit-log", None, None, "File to append a JSON line per signature to."],

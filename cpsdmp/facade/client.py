@@ -76,6 +76,19 @@ class CardMissing(FacadeProblem):
     pass
 
 
+class CardRateLimited(FacadeProblem):
+    """
+    The agent refused a card signature: the session reached its signature
+    limit. Nothing was sent to the DMP; try again after L{retry_after}
+    seconds.
+    """
+
+    @property
+    def retry_after(self) -> int | None:
+        value = self.problem.get("retryAfter")
+        return value if isinstance(value, int) else None
+
+
 class InvalidDocument(FacadeProblem):
     """
     A CDA document or its metadata is invalid; the detail names the element.
@@ -137,6 +150,7 @@ _KINDS: Mapping[str, type[FacadeProblem]] = {
     "token-expired": AgentSessionExpired,
     "wrong-pin": AgentSessionExpired,
     "pin-blocked": CardPinBlocked,
+    "card-rate-limited": CardRateLimited,
     "no-card": CardMissing,
     "invalid-cda": InvalidDocument,
     "card-holder-unusable": AgentFailed,
@@ -356,6 +370,7 @@ __all__ = [
     "AgentSessionExpired",
     "CardMissing",
     "CardPinBlocked",
+    "CardRateLimited",
     "DmpFailed",
     "DmpRefused",
     "DmpTimedOut",

@@ -32,6 +32,7 @@ from cpsdmp.agent.client import (
     CardRemoved,
     NoCard,
     PinBlocked,
+    RateLimited,
     TokenExpired,
     WrongPin,
 )
@@ -133,6 +134,16 @@ def problem_for(error: BaseException) -> Problem:
         return Problem(423, "pin-blocked", "The card's PIN is blocked", text)
     if isinstance(error, WrongPin):
         return Problem(401, "wrong-pin", "The card refused the PIN", text)
+    if isinstance(error, RateLimited):
+        seconds = error.retry_after or 60
+        said = error.problem.get("detail") or text
+        return Problem(
+            429,
+            "card-rate-limited",
+            "The agent allows no more signatures for now",
+            f"the agent refused a card signature: {said}",
+            {"retryAfter": seconds},
+        )
     if isinstance(error, NoCard | CardRemoved):
         return Problem(503, "no-card", "No CPS card in the workstation", text)
     if isinstance(error, AgentCertificateMismatch):
@@ -446,7 +457,7 @@ class Route:
     handler: Handler | None
     request: dict[str, Any] | None
     answer: dict[str, Any]
-    errors: tuple[int, ...] = (400, 401, 413, 422, 423, 502, 503, 504)
+    errors: tuple[int, ...] = (400, 401, 413, 422, 423, 429, 502, 503, 504)
     answer_types: tuple[str, ...] = (JSON,)
     request_types: tuple[str, ...] = (JSON,)
 
@@ -804,7 +815,7 @@ ROUTES: tuple[Route, ...] = (
             },
         },
         request_types=(JSON, MULTIPART),
-        errors=(400, 401, 413, 422, 423, 502, 503, 504),
+        errors=(400, 401, 413, 422, 423, 429, 502, 503, 504),
     ),
     Route(
         "POST",
@@ -898,7 +909,7 @@ ROUTES: tuple[Route, ...] = (
                 "action": {"type": "string"},
             },
         },
-        errors=(400, 401, 404, 409, 413, 422, 423, 502, 503, 504),
+        errors=(400, 401, 404, 409, 413, 422, 423, 429, 502, 503, 504),
     ),
 )
 
@@ -910,6 +921,8 @@ _STATUS_TEXT = {
     413: "request body too large",
     422: "the document is invalid, or the DMP refused (its codes in 'errors')",
     423: "the card's PIN is blocked",
+    429: "the agent allows no more card signatures for this session for now: "
+    "try again after Retry-After seconds",
     502: "the agent or the DMP failed: unreachable, TLS handshake refused "
     "(step and alert named), SOAP fault",
     503: "no CPS card in the reader",
@@ -1078,6 +1091,9 @@ class FacadeResource(Resource):
             return
         request.setResponseCode(problem.status)
         request.setHeader(b"content-type", PROBLEM_JSON.encode())
+        retry_after = problem.extra.get("retryAfter")
+        if isinstance(retry_after, int):
+            request.setHeader(b"retry-after", str(retry_after).encode())
         request.write(
             json.dumps(problem.document(), ensure_ascii=False).encode("utf-8")
         )

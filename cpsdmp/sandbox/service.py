@@ -478,6 +478,7 @@ class Sandbox:
                     )
                 )
                 continue
+            assert vihf is not None  # nothing is asked without it
             found = await self.store.document(unique_id, vihf)
             if found is None:
                 errors.append(
