@@ -25,7 +25,9 @@ from cpsdmp.xds.ebrim import CodedValue, MetadataError
 # whatever the file claims (a device, a pipe, a file still growing).
 MAX_CDA_BYTES = 128 * 1024 * 1024
 
-_CODE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_./-]*")
+# A code may be a URN (every formatCode is one), hence the colon; never an
+# HL7 v2 delimiter.
+_CODE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:/-]*")
 _OID = re.compile(r"[0-2](\.(0|[1-9][0-9]*))+")
 
 
@@ -41,7 +43,7 @@ def coded(default_scheme: str) -> Any:
         display, _, scheme = rest.partition("^")
         if not _CODE.fullmatch(code):
             raise argparse.ArgumentTypeError(
-                f"{value!r}: a code is letters, digits and _ . / - "
+                f"{value!r}: a code is letters, digits and _ . : / - "
                 "(code[^display[^codingScheme]])"
             )
         if scheme and not _OID.fullmatch(scheme):

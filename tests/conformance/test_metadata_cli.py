@@ -103,6 +103,27 @@ class MetadataCommandTests(SynchronousTestCase):
         status, out, _ = run(str(example("VAC-NOTE")), "--json", "--title", "Autre")
         self.assertEqual(json.loads(out)["title"], "Autre")
 
+    def test_format_code_urn(self) -> None:
+        """
+        A formatCode is a URN (IHE TRE_A11, CI-SIS TRE_A06): one given with
+        its colons is taken as it is.
+        """
+        status, out, err = run(
+            str(example("VAC-NOTE")),
+            "--json",
+            "--format-code",
+            "urn:asip:ci-sis:vac:2019^Carnet de vaccination^1.2.250.1.213.1.1.4.2.282",
+        )
+        self.assertEqual((status, err), (0, ""))
+        self.assertEqual(
+            json.loads(out)["formatCode"],
+            {
+                "code": "urn:asip:ci-sis:vac:2019",
+                "codingScheme": "1.2.250.1.213.1.1.4.2.282",
+                "display": "Carnet de vaccination",
+            },
+        )
+
     def test_missing_file(self) -> None:
         """
         A missing file is exit status 2 with its name.
