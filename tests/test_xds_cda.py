@@ -223,6 +223,34 @@ class TimeTests(SynchronousTestCase):
         self.assertEqual(hl7_time_to_utc("20240101003000+0100", "x"), "20231231233000")
         self.assertEqual(hl7_time_to_utc("202401010030-0230", "x"), "20240101030000")
         self.assertEqual(hl7_time_to_utc("20240101", "x"), "20240101")
+        self.assertEqual(hl7_time_to_utc("202402", "x"), "202402")
+        self.assertEqual(hl7_time_to_utc("20240229", "x"), "20240229")
+
+    def test_impossible_dates(self) -> None:
+        """
+        A date alone is kept as it is, but only when it is a real date; a
+        zone offset must be one.
+        """
+        for value in [
+            "20241399",
+            "20230229",
+            "202413",
+            "20240100",
+            "20240101103000+0160",
+            "20240101103000+2400",
+        ]:
+            error = self.assertRaises(CdaError, hl7_time_to_utc, value, "here")
+            self.assertIn("here", str(error))
+            self.assertIn(value, str(error))
+
+    def test_impossible_service_date(self) -> None:
+        """
+        A service start that is no date is refused naming the element.
+        """
+        error = self.assertRaises(
+            CdaError, document_entry, cda(start="20241399"), STRUCTURE
+        )
+        self.assertIn("documentationOf/serviceEvent/effectiveTime/low", str(error))
 
 
 LARGE = """

@@ -157,7 +157,14 @@ def hl7_time_to_utc(value: str, where: str) -> str:
     if match is None:
         raise CdaError(f"{where} value {value!r} is not an HL7 date/time")
     if match["time"] is None:
-        return match["date"]
+        # Kept at its precision, but only if it is a real date: a missing
+        # month or day is checked as the first of it.
+        date = match["date"]
+        try:
+            datetime.strptime(date + "0101"[len(date) - 4 :], "%Y%m%d")
+        except ValueError:
+            raise CdaError(f"{where} value {value!r} is not a valid date") from None
+        return date
     if match["zone"] is None:
         raise CdaError(
             f"{where} value {value!r} has a time of day but no zone offset "
@@ -165,6 +172,8 @@ def hl7_time_to_utc(value: str, where: str) -> str:
         )
     digits = (match["date"] + match["time"]).ljust(14, "0")
     zone = match["zone"]
+    if int(zone[3:5]) > 59:
+        raise CdaError(f"{where} value {value!r} has an invalid zone offset")
     offset = timedelta(hours=int(zone[1:3]), minutes=int(zone[3:5]))
     try:
         moment = datetime.strptime(digits, "%Y%m%d%H%M%S").replace(
