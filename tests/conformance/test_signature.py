@@ -1,16 +1,21 @@
 """
 The submission-set signature: made through an asynchronous signer, checked
 here independently of L{cpsdmp.xds.signature.verify} (digests and signature
-value recomputed in the test), refused when anything is altered, and
-carried in a TD2.1 that stays valid against the XDS.b schema.
+value recomputed in the test, and the whole signature verified by xmlsec1,
+another implementation of XML-DSig and C14N), refused when anything is
+altered, and carried in a TD2.1 that stays valid against the XDS.b schema.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import re
+import shutil
+import subprocess
+from pathlib import Path
 
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from lxml import etree
 from twisted.internet import defer, task
@@ -23,6 +28,7 @@ from cpsdmp.xds.signature import (
     SIGNATURE_CLASS,
     SIGNATURE_FORMAT,
     SignatureInvalid,
+    document_uri,
     local_signer,
     sign_submission,
     verify,
@@ -50,6 +56,52 @@ def submission():
 
 def c14n(element: etree._Element) -> bytes:
     return etree.tostring(element, method="c14n", exclusive=True)
+
+
+def xmlsec1(folder: Path, signed, certificate) -> tuple[int, str]:
+    """
+    Verify the signature of C{signed} with xmlsec1: the certificate in
+    KeyInfo must chain to C{certificate}, and each manifest reference
+    (C{urn:oid:<uniqueId>}) is mapped to a file holding that document's
+    exact bytes, so that xmlsec1 digests them itself.
+
+    @return: xmlsec1's exit status and its report.
+    """
+    program = shutil.which("xmlsec1")
+    if program is None:
+        raise AssertionError(
+            "xmlsec1 is not installed: scripts/system-deps installs it "
+            "(Debian package xmlsec1)"
+        )
+    (folder / "signer.pem").write_bytes(
+        certificate.public_bytes(serialization.Encoding.PEM)
+    )
+    (folder / "signature.xml").write_bytes(signed.documents[-1].data)
+    command = [
+        program,
+        "--verify",
+        "--trusted-pem",
+        str(folder / "signer.pem"),
+        # The manifest's urn:oid: references count as remote; each is
+        # mapped to a local file, so nothing is fetched.
+        "--enabled-reference-uris",
+        "same-doc,remote",
+    ]
+    for index, document in enumerate(signed.documents[:-1]):
+        path = folder / f"document-{index}"
+        path.write_bytes(bytes(document.data))
+        command += [f"--url-map:{document_uri(document.entry.uniqueId)}", str(path)]
+    command.append(str(folder / "signature.xml"))
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    return done.returncode, done.stdout + done.stderr
+
+
+def references(report: str, kind: str) -> tuple[int, int]:
+    # xmlsec1 reports "SignedInfo References (ok/all): 3/3" and the same for
+    # Manifests.
+    match = re.search(kind + r" References \(ok/all\): (\d+)/(\d+)", report)
+    assert match is not None, report
+    return int(match[1]), int(match[2])
 
 
 class SignatureTests(SynchronousTestCase):
@@ -118,6 +170,49 @@ class SignatureTests(SynchronousTestCase):
             ),
             [base64.b64encode(CERTIFICATE.fingerprint(hashes.SHA256())).decode()],
         )
+
+    def test_xmlsec1(self) -> None:
+        """
+        xmlsec1 (libxmlsec1 over OpenSSL) verifies the signature made with
+        an RSA and with an EC key: the SignatureValue with the KeyInfo
+        certificate, the three SignedInfo references, and each manifest
+        reference against the bytes of its document.
+        """
+        ec_key, ec_certificate = self_signed(ec.generate_private_key(ec.SECP256R1()))
+        for key, certificate, algorithm in [
+            (KEY, CERTIFICATE, "SHA256WithRSA"),
+            (ec_key, ec_certificate, "SHA256WithECDSA"),
+        ]:
+            signed = self.signed(key=key, certificate=certificate, algorithm=algorithm)
+            folder = Path(self.mktemp())
+            folder.mkdir()
+            status, report = xmlsec1(folder, signed, certificate)
+            self.assertEqual(status, 0, report)
+            self.assertIn("OK", report.splitlines())
+            self.assertEqual(references(report, "SignedInfo"), (3, 3), report)
+            count = len(signed.documents) - 1
+            self.assertEqual(references(report, "Manifests"), (count, count), report)
+
+    def test_xmlsec1_refuses(self) -> None:
+        """
+        xmlsec1 refuses a signature whose signed property was changed, and
+        counts a manifest reference whose document changed as failed.
+        """
+        signed = self.signed()
+        folder = Path(self.mktemp())
+        folder.mkdir()
+        data = signed.documents[-1].data
+        signed.documents[-1].data = data.replace(
+            b"<xades:SigningTime>", b"<xades:SigningTime>1"
+        )
+        status, report = xmlsec1(folder, signed, CERTIFICATE)
+        self.assertIn("FAIL", report.splitlines(), report)
+
+        signed.documents[-1].data = data
+        signed.documents[0].data = bytes(signed.documents[0].data) + b" "
+        status, report = xmlsec1(folder, signed, CERTIFICATE)
+        count = len(signed.documents) - 1
+        self.assertEqual(references(report, "Manifests"), (count - 1, count), report)
 
     def test_entry_and_associations(self) -> None:
         """
