@@ -61,3 +61,20 @@ def assert_valid(case, xsd: str, element: etree._Element) -> None:
             f"not valid against {xsd}:\n"
             + "\n".join(str(e) for e in validator.error_log)
         )
+
+
+@functools.cache
+def value_set(name: str) -> frozenset[tuple[str, str]]:
+    """
+    @param name: the start of a value set's file name in the ANS material's
+        jeuxDeValeurs folder (C{"JDV_J07"}).
+    @return: the (code, codeSystem) pairs the value set lists.
+    """
+    folder = material() / "ans-testcontenucda-3-0" / "jeuxDeValeurs"
+    (path,) = folder.glob(f"{name}_*.xml")
+    parser = etree.XMLParser(resolve_entities=False, no_network=True)
+    tree = etree.parse(str(path), parser)
+    return frozenset(
+        (concept.get("code"), concept.get("codeSystem"))
+        for concept in tree.iter("{urn:ihe:iti:svs:2008}Concept")
+    )

@@ -1,7 +1,7 @@
 """
 Each ANS example CDA gives a DocumentEntry whose fields match the CDA
-header, read here with independent XPath, and whose ebRIM form is valid
-against rim.xsd.
+header, read here with independent XPath, whose codes belong to the ANS
+value sets of the material, and whose ebRIM form is valid against rim.xsd.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from cpsdmp.xds.cda import (
     CLASS_BY_TYPE,
-    FORMAT_BY_TEMPLATE,
     CdaError,
     document_entry,
 )
@@ -25,6 +24,7 @@ from tests.conformance.material import (
     assert_valid,
     example_cdas,
     schema,
+    value_set,
 )
 
 NS = {"h": "urn:hl7-org:v3"}
@@ -35,6 +35,22 @@ INS_ROOTS = (
     "1.2.250.1.213.1.4.11",
 )
 SOME_CLASS = CodedValue("11", "1.2.250.1.213.1.1.4.1", "Synthèse")
+IDNPS = "1.2.250.1.71.4.2.1"
+IDNST = "1.2.250.1.71.4.2.2"
+IHE_FORMAT = "1.3.6.1.4.1.19376.1.2.3"
+CISIS_FORMAT = "1.2.250.1.213.1.1.4.2.282"
+
+#: Each example's formatCode, written out here from the public NOS tables
+#: ASS_A11 (CDA template -> formatCode) and ASS_A12 (N1 media type ->
+#: formatCode), not taken from the code under test.
+EXPECTED_FORMAT = {
+    "BIO-CR-BIO_2024.01_TSH_1.xml": ("urn:ihe:lab:xd-lab:2008", IHE_FORMAT),
+    "DLU-EHPAD-FLUDR_2022.01.xml": ("urn:asip:ci-sis:fludr:2017", CISIS_FORMAT),
+    "DLU-EHPAD-FLUDT_2022.01.xml": ("urn:asip:ci-sis:fludt:2017", CISIS_FORMAT),
+    "DOC_NON_STRUCTURE_CDA-R2-N1.xml": ("urn:ihe:iti:xds-sd:pdf:2008", IHE_FORMAT),
+    "VAC-NOTE_2023.01.xml": ("urn:asip:ci-sis:vac-note:2021", CISIS_FORMAT),
+    "VAC_2023.01.xml": ("urn:asip:ci-sis:vac:2019", CISIS_FORMAT),
+}
 
 
 def utc(value: str) -> str:
@@ -50,6 +66,22 @@ def first(tree: etree._Element, path: str) -> str:
     assert found, path
     value = found[0]
     return value if isinstance(value, str) else (value.text or "").strip()
+
+
+def xcn(entity: etree._Element) -> str:
+    # An HL7 v2 XCN written from the CDA: identifier, family and given name,
+    # the identifier's authority, and its type (IDNPS for a professional's
+    # national identifier, NH for an INS).
+    identifier = entity.find("h:id", NS)
+    root = identifier.get("root")
+    kind = "IDNPS" if root == IDNPS else "NH" if root in INS_ROOTS else ""
+    family = first(entity, "h:assignedPerson/h:name/h:family")
+    given = first(entity, "h:assignedPerson/h:name/h:given")
+    return f"{identifier.get('extension')}^{family}^{given}^^^^^^&{root}&ISO^D^^^{kind}"
+
+
+def pair(code: CodedValue) -> tuple[str, str]:
+    return code.code, code.scheme
 
 
 class ExampleCdaTests(SynchronousTestCase):
@@ -133,45 +165,49 @@ class ExampleCdaTests(SynchronousTestCase):
         authors = tree.xpath("h:author/h:assignedAuthor", namespaces=NS)
         self.assertEqual(len(entry.authors), len(authors))
         for author, cda_author in zip(entry.authors, authors, strict=True):
+            self.assertEqual(first(cda_author, "h:id/@root"), IDNPS, name)
+            self.assertEqual(author.person.to_xcn(), xcn(cda_author), name)
+            organization = cda_author.find("h:representedOrganization", NS)
+            self.assertEqual(first(organization, "h:id/@root"), IDNST, name)
             self.assertEqual(
-                author.person.identifier, first(cda_author, "h:id/@extension")
+                [i.to_xon() for i in author.institutions],
+                [
+                    f"{first(organization, 'h:name')}^^^^^&{IDNST}&ISO^IDNST^^^"
+                    + first(organization, "h:id/@extension")
+                ],
             )
             self.assertEqual(
-                author.person.family,
-                first(cda_author, "h:assignedPerson/h:name/h:family"),
-            )
-            self.assertEqual(
-                author.specialties[0].code, first(cda_author, "h:code/@code")
-            )
-            self.assertEqual(
-                author.institutions[0].identifier,
-                first(cda_author, "h:representedOrganization/h:id/@extension"),
-            )
-            self.assertIn(
-                "^IDNST^^^" + author.institutions[0].identifier,
-                author.institutions[0].to_xon(),
-            )
-            self.assertTrue(
-                author.person.to_xcn().endswith("^D^^^IDNPS"), author.person.to_xcn()
+                [pair(s) for s in author.specialties],
+                [
+                    (
+                        first(cda_author, "h:code/@code"),
+                        first(cda_author, "h:code/@codeSystem"),
+                    )
+                ],
             )
 
-        legal = first(tree, "h:legalAuthenticator/h:assignedEntity/h:id/@extension")
-        self.assertEqual(entry.legalAuthenticator.identifier, legal)
         self.assertEqual(
-            entry.healthcareFacilityTypeCode.code,
-            first(
-                tree,
-                "h:componentOf/h:encompassingEncounter/h:location/"
-                "h:healthCareFacility/h:code/@code",
-            ),
+            entry.legalAuthenticator.to_xcn(),
+            xcn(tree.find("h:legalAuthenticator/h:assignedEntity", NS)),
+            name,
+        )
+        facility = tree.find(
+            "h:componentOf/h:encompassingEncounter/h:location/"
+            "h:healthCareFacility/h:code",
+            NS,
         )
         self.assertEqual(
-            entry.practiceSettingCode.code,
-            first(
-                tree,
-                "h:documentationOf/h:serviceEvent/h:performer/h:assignedEntity/"
-                "h:representedOrganization/h:standardIndustryClassCode/@code",
-            ),
+            pair(entry.healthcareFacilityTypeCode),
+            (facility.get("code"), facility.get("codeSystem")),
+        )
+        practice = tree.xpath(
+            "h:documentationOf/h:serviceEvent/h:performer/h:assignedEntity/"
+            "h:representedOrganization/h:standardIndustryClassCode",
+            namespaces=NS,
+        )[0]
+        self.assertEqual(
+            pair(entry.practiceSettingCode),
+            (practice.get("code"), practice.get("codeSystem")),
         )
         low = tree.xpath(
             "h:documentationOf[1]/h:serviceEvent/h:effectiveTime/h:low/@value",
@@ -184,22 +220,46 @@ class ExampleCdaTests(SynchronousTestCase):
         )
         self.assertEqual(entry.serviceStopTime, utc(high[0]) if high else None)
 
-        media = tree.xpath("h:component/h:nonXMLBody/h:text/@mediaType", namespaces=NS)
-        if media:
-            self.assertEqual(media, ["application/pdf"])
-            self.assertEqual(entry.formatCode.code, "urn:ihe:iti:xds-sd:pdf:2008")
-        else:
-            templates = tree.xpath("h:templateId/@root", namespaces=NS)
-            self.assertIn(
-                entry.formatCode,
-                [FORMAT_BY_TEMPLATE[t] for t in templates if t in FORMAT_BY_TEMPLATE],
-            )
+        self.assertEqual(pair(entry.formatCode), EXPECTED_FORMAT[name], name)
+        self.assertEqual(entry.classCode.scheme, "1.2.250.1.213.1.1.4.1")
         orders = tree.xpath("h:inFulfillmentOf/h:order/h:id", namespaces=NS)
         self.assertEqual(
-            [r.split("^")[0] for r in entry.referenceIdList],
-            [o.get("extension") for o in orders],
+            entry.referenceIdList,
+            [
+                f"{o.get('extension')}^^^&{o.get('root')}&ISO^"
+                "urn:ihe:iti:xds:2013:order"
+                for o in orders
+            ],
         )
+        self.check_value_sets(entry, name)
 
         assert_valid(self, RIM_XSD, entry.to_element())
         back = DocumentEntry.from_element(entry.to_element())
         self.assertEqual(back.as_dict(), entry.as_dict())
+
+    def check_value_sets(self, entry: DocumentEntry, name: str) -> None:
+        # The ANS value sets for XDS metadata (CI-SIS) that the material
+        # holds; the DMP's own referenceId types are JDV_J231.
+        for value_set_name, codes in [
+            ("JDV_J07", [entry.typeCode]),
+            ("JDV_J08", entry.confidentialityCode),
+            ("JDV_J02", [entry.healthcareFacilityTypeCode]),
+            ("JDV_J04", [entry.practiceSettingCode]),
+            ("JDV_J01", [s for a in entry.authors for s in a.specialties]),
+        ]:
+            for code in codes:
+                self.assertIn(pair(code), value_set(value_set_name), name)
+        for reference in entry.referenceIdList:
+            kind = reference.rsplit("^", 1)[-1]
+            self.assertIn(
+                (kind, "1.2.250.1.213.1.1.4.347"), value_set("JDV_J231"), name
+            )
+
+    def test_class_table_type_codes(self) -> None:
+        """
+        Every typeCode of the classCode table is one of the CI-SIS XDS
+        typeCodes (JDV_J07), and each maps into TRE_A03 (its OID).
+        """
+        for (code, system), class_code in CLASS_BY_TYPE.items():
+            self.assertIn((code, system), value_set("JDV_J07"))
+            self.assertEqual(class_code.scheme, "1.2.250.1.213.1.1.4.1")

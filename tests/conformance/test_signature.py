@@ -34,7 +34,7 @@ from cpsdmp.xds.signature import (
     verify,
 )
 from cpsdmp.xds.transactions import new_submission, provide_and_register
-from tests.conformance.material import XDSB_XSD, assert_valid
+from tests.conformance.material import XDSB_XSD, assert_valid, value_set
 from tests.conformance.test_transactions import (
     ENDPOINTS,
     VIHF,
@@ -226,6 +226,15 @@ class SignatureTests(SynchronousTestCase):
         self.assertEqual(signature.entry.formatCode, SIGNATURE_FORMAT)
         self.assertEqual(signature.entry.hash, hashlib.sha1(signature.data).hexdigest())
         self.assertEqual(signature.entry.patientId, signed.submission_set.patientId)
+        # Its type and its confidentiality (normal, hidden from the patient
+        # and masked from professionals) are CI-SIS values.
+        type_code = signature.entry.typeCode
+        self.assertIn((type_code.code, type_code.scheme), value_set("JDV_J07"))
+        self.assertEqual(
+            {(c.code, c.scheme) for c in signature.entry.confidentialityCode}
+            - value_set("JDV_J08"),
+            set(),
+        )
         kinds = {
             (a.associationType, a.sourceObject, a.targetObject)
             for a in signed.associations

@@ -75,6 +75,7 @@ from tests.conformance.material import (
     example_cdas,
     example_message,
     material,
+    value_set,
 )
 from tests.xdsvalues import DEFAULTS, PATIENT, PROFESSIONAL, SOFTWARE, STRUCTURE
 
@@ -322,6 +323,12 @@ class SubmissionTests(SynchronousTestCase):
         self.assertEqual(
             people, ["899900063480^LIBRE^MAX^^^^^^&1.2.250.1.71.4.2.1&ISO^D^^^IDNPS"]
         )
+        (specialty,) = package.xpath(
+            "rim:Classification/rim:Slot[@name='authorSpecialty']//rim:Value/text()",
+            namespaces={"rim": RIM},
+        )
+        code, _, system = specialty.split("^")
+        self.assertIn((code, system), value_set("JDV_J01"))
         institution = package.xpath(
             "rim:Classification/rim:Slot[@name='authorInstitution']//rim:Value/text()",
             namespaces={"rim": RIM},
