@@ -21,6 +21,7 @@ from cpsdmp.xds.ebrim import CodedValue
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTOR = CodedValue("SA07", "1.2.250.1.71.4.2.4", "Cabinet individuel")
 PRACTICE = CodedValue("AMBULATOIRE", "1.2.250.1.213.1.1.4.9", "Ambulatoire")
+CLASS = "1.2.250.1.213.1.1.4.1"
 STRUCTURE = Structure(
     "Cabinet du Dr Test",
     StructureIdentifier.RPPS_PRACTICE,
@@ -107,6 +108,25 @@ class DeriveTests(SynchronousTestCase):
         self.assertRaises(
             ValueError, document_entry, cda(), STRUCTURE, overrides={"nope": 1}
         )
+
+    def test_class_code_display(self) -> None:
+        """
+        A classCode given without its display name gets the TRE_A03 one, so
+        that its classification is named; a display given is kept.
+        """
+        entry = document_entry(
+            cda(), STRUCTURE, overrides={"classCode": CodedValue("11", CLASS)}
+        )
+        self.assertEqual(entry.classCode, CodedValue("11", CLASS, "Synthèse"))
+        name = entry.to_element().xpath(
+            "rim:Classification[@nodeRepresentation='11']/rim:Name/"
+            "rim:LocalizedString/@value",
+            namespaces={"rim": "urn:oasis:names:tc:ebxml-regrep:xsd:rim:3.0"},
+        )
+        self.assertEqual(name, ["Synthèse"])
+        given = CodedValue("31", CLASS, "Imagerie")
+        entry = document_entry(cda(), STRUCTURE, overrides={"classCode": given})
+        self.assertEqual(entry.classCode, given)
 
     def test_not_a_cda(self) -> None:
         """

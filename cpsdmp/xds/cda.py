@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 
 from lxml import etree
@@ -61,6 +61,23 @@ class CdaError(MetadataError):
 CLASS_CODE_SYSTEM = "1.2.250.1.213.1.1.4.1"
 COMPTE_RENDU = CodedValue("10", CLASS_CODE_SYSTEM, "Compte rendu")
 SYNTHESE = CodedValue("11", CLASS_CODE_SYSTEM, "Synthèse")
+
+#: The classes of TRE_A03-ClasseDocument (NOS, version of 2023-12-15) and
+#: their display names, for a classCode given by its code alone.
+CLASS_DISPLAYS = {
+    "10": "Compte rendu",
+    "11": "Synthèse",
+    "31": "Imagerie médicale",
+    "42": "Prescription",
+    "43": "Dispensation",
+    "44": "Plan de soins, protocole de soins",
+    "45": "Traitement administré",
+    "52": "Certificat, déclaration",
+    "60": "Données de remboursement",
+    "90": "Autres documents déposés par le patient",
+    "95": "Document de gestion",
+    "99": "Document technique",
+}
 
 #: typeCode (LOINC) -> classCode: the entries of the CI-SIS table
 #: ASS_X04-CorrespondanceType-Classe that this module knows. It is a partial
@@ -404,6 +421,13 @@ def document_entry(
     class_code = overrides.pop("classCode", None) or CLASS_BY_TYPE.get(
         (type_code.code, type_code.scheme)
     )
+    if (
+        isinstance(class_code, CodedValue)
+        and not class_code.display
+        and class_code.scheme == CLASS_CODE_SYSTEM
+        and class_code.code in CLASS_DISPLAYS
+    ):
+        class_code = replace(class_code, display=CLASS_DISPLAYS[class_code.code])
     if class_code is None:
         raise CdaError(
             f"no classCode is known for the typeCode {type_code.code} "
