@@ -132,6 +132,49 @@ class MtomTests(SynchronousTestCase):
         self.assertIn('type="application/xop+xml"', message.content_type)
         self.assertIn('start-info="application/soap+xml"', message.content_type)
 
+    def test_transfer_encodings(self) -> None:
+        """
+        A part that a peer sent with a base64 or quoted-printable
+        Content-Transfer-Encoding reads back to the bytes it encodes, not to
+        its encoded form; an unknown encoding is an error, never passed on.
+        """
+        import base64
+        import binascii
+
+        def body(encoding: str, content: bytes) -> bytes:
+            envelope_part = plain_message(
+                envelope(
+                    etree.fromstring(
+                        f'<R xmlns="urn:x"><D><xop:Include xmlns:xop="{XOP}" '
+                        'href="cid:d@x"/></D></R>'
+                    ),
+                    Addressing("urn:x:A", "urn:to"),
+                )
+            )
+            return (
+                b"--b\r\nContent-Type: application/xop+xml\r\nContent-ID: <r>\r\n\r\n"
+                + envelope_part
+                + b"\r\n--b\r\nContent-Type: application/octet-stream\r\n"
+                + f"Content-Transfer-Encoding: {encoding}\r\n".encode()
+                + b"Content-ID: <d@x>\r\n\r\n"
+                + content
+                + b"\r\n--b--\r\n"
+            )
+
+        content_type = 'multipart/related; boundary="b"; start="<r>"'
+        for encoding, encoded in [
+            ("base64", base64.encodebytes(AWKWARD)),
+            ("quoted-printable", binascii.b2a_qp(AWKWARD, istext=False)),
+            ("Binary", AWKWARD),
+        ]:
+            response = read_message(content_type, body(encoding, encoded))
+            holder = response.body.find("{urn:x}D")
+            self.assertEqual(bytes(response.binary(holder)), AWKWARD, encoding)
+        error = self.assertRaises(
+            SoapError, read_message, content_type, body("x-gzip", b"...")
+        )
+        self.assertIn("x-gzip", str(error))
+
     def test_boundary_in_data(self) -> None:
         """
         An attachment containing the boundary is refused rather than sent

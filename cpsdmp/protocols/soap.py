@@ -13,6 +13,7 @@ of what the messages mean.
 from __future__ import annotations
 
 import base64
+import binascii
 import email.message
 import uuid
 from collections.abc import Iterator, Sequence
@@ -360,11 +361,24 @@ def _read_multipart(
     else:
         root = parts[0][1]
     attachments = {
-        content_id(headers): content
+        content_id(headers): _decoded(headers, content)
         for headers, content in parts
         if content is not root
     }
     return root, attachments
+
+
+def _decoded(headers: dict[str, str], content: memoryview) -> memoryview:
+    # MTOM sends parts as binary (a view, no copy); a peer may still use a
+    # transfer encoding, whose decoded bytes (a copy) are the part's.
+    encoding = headers.get("content-transfer-encoding", "binary").lower()
+    if encoding in ("binary", "8bit", "7bit", ""):
+        return content
+    if encoding == "base64":
+        return memoryview(base64.b64decode(bytes(content)))
+    if encoding == "quoted-printable":
+        return memoryview(binascii.a2b_qp(bytes(content)))
+    raise SoapError(f"a MIME part has the unknown transfer encoding {encoding!r}")
 
 
 def _part_headers(block: bytes) -> dict[str, str]:
