@@ -2,7 +2,8 @@
 The SOAP actions we send are the ones the DMP's WSDLs declare for the
 operation each transaction performs (its input's wsaw:Action and its SOAP
 1.2 binding's soapAction), and the actions of the answers the local DMP
-gives are that operation's output actions.
+gives are that operation's output actions; the official example messages
+carry the same.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from twisted.trial.unittest import SynchronousTestCase
 
 from cpsdmp.protocols.safexml import parse_xml
+from cpsdmp.protocols.soap import read_message
 from cpsdmp.xds.answers import (
     ACTION_EXISTENCE_ANSWER,
     ACTION_PROVIDE_AND_REGISTER_ANSWER,
@@ -24,7 +26,7 @@ from cpsdmp.xds.transactions import (
     ACTION_STORED_QUERY,
     ACTION_UPDATE,
 )
-from tests.conformance.material import material
+from tests.conformance.material import example_message, material
 
 WSDL = "http://schemas.xmlsoap.org/wsdl/"
 WSAW = "http://www.w3.org/2006/05/addressing/wsdl"
@@ -98,3 +100,22 @@ class WsdlActionTests(SynchronousTestCase):
             self.assertEqual(request, input_action, transaction)
             self.assertEqual(request, soap_action, transaction)
             self.assertEqual(answer, output_action, transaction)
+
+    def test_official_examples(self) -> None:
+        """
+        The official example messages carry the same actions as ours, for
+        the requests and for the answers.
+        """
+        for name, action in [
+            ("td0.2_request.xml", ACTION_EXISTENCE),
+            ("td0.2_response.xml", ACTION_EXISTENCE_ANSWER),
+            ("td2.1_response.xml", ACTION_PROVIDE_AND_REGISTER_ANSWER),
+            ("td3.1_request.xml", ACTION_STORED_QUERY),
+            ("td3.2_request.xml", ACTION_RETRIEVE),
+            ("td3.3c_request.xml", ACTION_UPDATE),
+            ("td3.3c_response.xml", ACTION_UPDATE_ANSWER),
+            ("td3.3d_request.xml", ACTION_UPDATE),
+            ("td3.3d_response.xml", ACTION_UPDATE_ANSWER),
+        ]:
+            message = read_message("application/soap+xml", example_message(name))
+            self.assertEqual(message.addressing("Action"), action, name)
