@@ -731,6 +731,29 @@ class FaultTests(FacadeTestCase):
         self.assertEqual(error.status, 504, error)
         self.assertEqual(error.kind, "dmp-timeout")
 
+    @inlineCallbacks
+    def test_handshake_timeout(self) -> Any:
+        """
+        A DMP that accepts the connection and never answers the ClientHello,
+        with a handshake timeout shorter than the DMP's: still a timeout
+        (504), naming the handshake step it stopped at, not a refusal.
+        """
+        listening = reactor.listenTCP(
+            0, Factory.forProtocol(Protocol), interface="127.0.0.1"
+        )
+        self.addCleanup(listening.stopListening)
+        facade = yield self.start_facade(
+            self.dmp_url(listening.getHost().port),
+            dmp_timeout=30.0,
+            handshake_timeout=1.0,
+        )
+        error = yield self.failure_of(
+            facade.td02_exist(CDA_PATIENT, self.context), Exception
+        )
+        self.assertEqual((error.status, error.kind), (504, "dmp-timeout"), error)
+        self.assertIn("waiting for ServerHello", str(error))
+        self.assertEqual(self.authentication_signatures, 0)
+
 
 def _other_authority() -> bytes:
     key = ec.generate_private_key(ec.SECP256R1())

@@ -57,6 +57,7 @@ from zope.interface import implementer
 from cpsdmp.agent.client import AgentError, CpsAgentClient, TokenExpired
 from cpsdmp.protocols.soap import SoapFault, SoapResponse, read_message
 from cpsdmp.protocols.tls import (
+    HandshakeFailed,
     IRemoteKey,
     SessionCache,
     SignatureScheme,
@@ -64,6 +65,7 @@ from cpsdmp.protocols.tls import (
     TLSClientConfig,
     TLSError,
 )
+from cpsdmp.protocols.tls.alerts import AlertDescription
 from cpsdmp.protocols.tls.handshake import State
 from cpsdmp.xds.context import (
     PROFESSION_SYSTEM,
@@ -736,6 +738,16 @@ class DmpService:
             agent_error = session.key.last_error
             if isinstance(agent_error, AgentError):
                 raise agent_error from error
+            if (
+                isinstance(error, HandshakeFailed)
+                and error.alert is AlertDescription.user_canceled
+            ):
+                # Our handshake timer gave up (the only user_canceled we send):
+                # a timeout, not a refusal by the DMP.
+                raise DmpTimeout(
+                    f"the TLS handshake with the DMP did not finish within "
+                    f"{self.config.handshake_timeout:g} seconds ({error.step})"
+                ) from error
             raise
         except ConnectError as error:
             raise DmpUnreachable(
