@@ -14,6 +14,7 @@ import os
 import re
 import socket
 import sys
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from jsonschema import Draft202012Validator
+from openapi_spec_validator import validate as validate_description
+from referencing import Registry
+from referencing.jsonschema import DRAFT202012
 from treq.client import HTTPClient
 from twisted.internet import reactor, ssl
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
@@ -111,41 +116,155 @@ class CountingBackend:
         return self._backend.sign_digest(usage, algorithm, digest)
 
 
-def conforms(value: Any, schema: dict[str, Any], where: str = "$") -> None:
-    """
-    Check C{value} against the subset of JSON Schema the facade's
-    description uses (type, required, properties, items, const, enum).
+PROBLEM = "application/problem+json"
+#: The base URI under which the facade's description is given to jsonschema.
+DESCRIPTION = "urn:cpsdmp:facade:openapi.json"
 
-    @raise AssertionError: naming the first place that does not conform.
+
+def _pointer(*parts: str) -> str:
+    # RFC 6901: "~" and "/" escaped in each segment.
+    return "#/" + "/".join(p.replace("~", "~0").replace("/", "~1") for p in parts)
+
+
+def conforms(
+    value: Any, pointer: str, description: dict[str, Any] | None = None
+) -> None:
     """
-    types = schema.get("type")
-    if types is not None:
-        names = types if isinstance(types, list) else [types]
-        python = {
-            "object": dict,
-            "array": list,
-            "string": str,
-            "integer": int,
-            "number": (int, float),
-            "boolean": bool,
-            "null": type(None),
-        }
-        assert any(isinstance(value, python[n]) for n in names), (
-            f"{where}: {value!r} is not {types}"
-        )
-    if "const" in schema:
-        assert value == schema["const"], f"{where}: {value!r} != {schema['const']!r}"
-    if "enum" in schema:
-        assert value in schema["enum"], f"{where}: {value!r} not in {schema['enum']}"
-    if isinstance(value, dict):
-        for name in schema.get("required", []):
-            assert name in value, f"{where}: {name} missing"
-        for name, sub in schema.get("properties", {}).items():
-            if name in value:
-                conforms(value[name], sub, f"{where}.{name}")
-    if isinstance(value, list) and "items" in schema:
-        for index, item in enumerate(value):
-            conforms(item, schema["items"], f"{where}[{index}]")
+    Check C{value} with jsonschema against the schema at C{pointer} in the
+    facade's OpenAPI description (JSON Schema 2020-12, the dialect of OpenAPI
+    3.1), its references resolved in the description.
+
+    @raise AssertionError: naming every place that does not conform.
+    """
+    registry: Registry[Any] = Registry().with_resource(
+        DESCRIPTION, DRAFT202012.create_resource(description or openapi())
+    )
+    validator = Draft202012Validator({"$ref": DESCRIPTION + pointer}, registry=registry)
+    errors = sorted(validator.iter_errors(value), key=lambda e: e.json_path)
+    assert not errors, f"{pointer}: " + "; ".join(
+        f"{e.json_path}: {e.message}" for e in errors
+    )
+
+
+def _operation(description: dict[str, Any], operation_id: str) -> tuple[str, str]:
+    for path, operations in description["paths"].items():
+        for method, operation in operations.items():
+            if operation["operationId"] == operation_id:
+                return path, method
+    raise KeyError(operation_id)
+
+
+def answer_schema(operation_id: str, status: str = "200") -> str:
+    """
+    @return: the pointer to the JSON schema of an operation's answer.
+    """
+    path, method = _operation(openapi(), operation_id)
+    media = "application/json" if status == "200" else "application/problem+json"
+    return _pointer(
+        "paths", path, method, "responses", status, "content", media, "schema"
+    )
+
+
+@dataclass
+class SentAnswer:
+    """
+    An answer the facade under test sent, with the request it answered.
+    """
+
+    method: str
+    path: str
+    status: int
+    media_type: str
+    body: bytes
+    request_media_type: str
+    request_body: bytes
+
+
+def recording(factory: type[Any], answers: list[SentAnswer]) -> type[Any]:
+    """
+    @return: a subclass of the facade's request factory that notes in
+        C{answers} every answer sent, as it went on the wire.
+    """
+
+    class Recording(factory):  # type: ignore[misc, valid-type]
+        sent = b""
+
+        def write(self, data: bytes) -> None:
+            self.sent += data
+            super().write(data)
+
+        def finish(self) -> Any:
+            content = self.content
+            request_body = b""
+            if content is not None:
+                content.seek(0)
+                request_body = content.read()
+            media = (self.responseHeaders.getRawHeaders(b"content-type") or [b""])[0]
+            sent_media = (self.requestHeaders.getRawHeaders(b"content-type") or [b""])[
+                0
+            ]
+            answers.append(
+                SentAnswer(
+                    self.method.decode(),
+                    self.path.decode(),
+                    self.code,
+                    media.decode().split(";")[0].strip(),
+                    self.sent,
+                    sent_media.decode().split(";")[0].strip(),
+                    request_body,
+                )
+            )
+            return super().finish()
+
+    return Recording
+
+
+def check_answers(answers: list[SentAnswer], description: dict[str, Any]) -> None:
+    """
+    Check each answer against the description: its status is one the
+    operation documents, its media type one documented for that status, its
+    JSON body valid against that schema; and the request of each successful
+    JSON call valid against the request schema, so that the description
+    asks for no more than the facade needs.
+
+    @raise AssertionError: naming the answer that does not conform.
+    """
+    for answer in answers:
+        where = f"{answer.method} {answer.path} -> {answer.status}"
+        operations = description["paths"].get(answer.path, {})
+        operation = operations.get(answer.method.lower())
+        if operation is None:
+            # Not described: only "no such route" or "not this method".
+            assert answer.status == (405 if operations else 404), where
+            assert answer.media_type == "application/problem+json", where
+            conforms(
+                json.loads(answer.body),
+                _pointer("components", "schemas", "Problem"),
+                description,
+            )
+            continue
+        status = str(answer.status)
+        assert status in operation["responses"], f"{where}: status not described"
+        content = operation["responses"][status]["content"]
+        media = answer.media_type if answer.media_type in content else "*/*"
+        assert media in content, f"{where}: {answer.media_type} not described"
+        base = ("paths", answer.path, answer.method.lower())
+        if media in ("application/json", "application/problem+json"):
+            conforms(
+                json.loads(answer.body),
+                _pointer(*base, "responses", status, "content", media, "schema"),
+                description,
+            )
+        if (
+            answer.status == 200
+            and "requestBody" in operation
+            and answer.request_media_type == "application/json"
+        ):
+            conforms(
+                json.loads(answer.request_body),
+                _pointer(*base, "requestBody", "content", "application/json", "schema"),
+                description,
+            )
 
 
 def free_port() -> int:
@@ -165,6 +284,10 @@ class FacadeTestCase(TestCase):
 
     @inlineCallbacks
     def setUp(self) -> Any:
+        # Every answer of the facades under test, checked against the
+        # description once the test is over (the first cleanup, run last).
+        self.answers: list[SentAnswer] = []
+        self.addCleanup(lambda: check_answers(self.answers, openapi()))
         self.card = shared_testcard()
         self.backend = CountingBackend(token_backend())
         self.agent = yield start_agent(self, self.backend)
@@ -200,6 +323,9 @@ class FacadeTestCase(TestCase):
             **settings,
         )
         self.service = FacadeService("tcp:0:interface=127.0.0.1", config)
+        self.service.site.requestFactory = recording(
+            self.service.site.requestFactory, self.answers
+        )
         self.addCleanup(self.service.stopService)
 
         def client(port: Any) -> FacadeClient:
@@ -237,9 +363,8 @@ class ScenarioTests(FacadeTestCase):
         gives back the exact bytes, and masking it shows in the metadata.
         All of it with one card signature for the TLS authentication.
         """
-        schemas = {r.operation_id: r.answer for r in ROUTES}
         exists = yield self.facade.td02_exist(CDA_PATIENT, self.context)
-        conforms(exists, schemas["td02Exist"])
+        conforms(exists, answer_schema("td02Exist"))
         self.assertTrue(exists["exists"])
         self.assertEqual(exists["authorization"], "VALIDE")
         paths = example_cdas()
@@ -247,7 +372,7 @@ class ScenarioTests(FacadeTestCase):
         for path in paths:
             data = path.read_bytes()
             submitted = yield self.submit(data)
-            conforms(submitted, schemas["td21SubmitDocuments"])
+            conforms(submitted, answer_schema("td21SubmitDocuments"))
             self.assertEqual(submitted["outcome"], "answered", path.name)
             timings = submitted["timings"]
             self.assertEqual(timings["connection"], "reused")
@@ -258,7 +383,7 @@ class ScenarioTests(FacadeTestCase):
 
             found = yield self.facade.td31_find(self.context, CDA_PATIENT)
             self.assertIn(document["uniqueId"], [d["uniqueId"] for d in found])
-            conforms({"documents": found}, schemas["td31Find"])
+            conforms({"documents": found}, answer_schema("td31Find"))
 
             content = yield self.facade.td32_retrieve(
                 document["uniqueId"], self.context, CDA_PATIENT
@@ -268,7 +393,7 @@ class ScenarioTests(FacadeTestCase):
             updated = yield self.facade.td33_update(
                 document["uniqueId"], "mask", self.context, CDA_PATIENT
             )
-            conforms(updated, schemas["td33UpdateStatus"])
+            conforms(updated, answer_schema("td33UpdateStatus"))
             [entry] = yield self.facade.td31_find(
                 self.context, CDA_PATIENT, uniqueIds=[document["uniqueId"]]
             )
@@ -304,9 +429,34 @@ class ScenarioTests(FacadeTestCase):
             },
         )
         self.assertEqual(answer[0], 200)
-        conforms(answer[1], {r.operation_id: r.answer for r in ROUTES}["td32Retrieve"])
+        conforms(answer[1], answer_schema("td32Retrieve"))
         self.assertEqual(base64.b64decode(answer[1]["content"]), data)
         self.assertEqual(answer[1]["mimeType"], "text/xml")
+
+        body = {"agentContext": self.context, "patient": CDA_PATIENT}
+        for accept, media_type in [
+            ("application/octet-stream", "application/octet-stream"),
+            ("text/xml", "text/xml"),
+            ("text/xml, application/octet-stream;q=0.5", "text/xml"),
+        ]:
+            response = yield Agent(reactor).request(
+                b"POST",
+                (self.facade_url + "/dmp/td32Retrieve").encode(),
+                Headers(
+                    {
+                        b"content-type": [b"application/json"],
+                        b"accept": [accept.encode()],
+                    }
+                ),
+                _body(json.dumps(dict(body, uniqueId=unique_id)).encode()),
+            )
+            content = yield readBody(response)
+            self.assertEqual(content, data, accept)
+            self.assertEqual(
+                response.headers.getRawHeaders(b"content-type"),
+                [media_type.encode()],
+                accept,
+            )
 
     @inlineCallbacks
     def test_multipart_submission(self) -> Any:
@@ -1038,11 +1188,15 @@ class OpenApiTests(FacadeTestCase):
     @inlineCallbacks
     def test_description_matches_routes(self) -> Any:
         """
-        The served description is the one made from the routes; every
-        described operation answers (a malformed POST gets a documented 400
-        problem), and a path it does not describe is 404.
+        The served description is a valid OpenAPI 3.1 document made from the
+        routes; every described operation answers as described (a malformed
+        POST gets a documented 400 problem), a method a path does not take
+        is 405 and a path it does not describe is 404, both as problems.
+        The answers of every other test of this module are checked the same
+        way when it ends.
         """
         served = yield self.facade.openapi()
+        validate_description(served)
         self.assertEqual(served, json.loads(json.dumps(openapi())))
         self.assertEqual(served["openapi"], "3.1.0")
         described = {
@@ -1051,28 +1205,53 @@ class OpenApiTests(FacadeTestCase):
             for method in operations
         }
         self.assertEqual(described, {(r.method, r.path) for r in ROUTES})
-        problem_schema = served["components"]["schemas"]["Problem"]
         for method, path in sorted(described):
-            operation = served["paths"][path][method.lower()]
             response = yield Agent(reactor).request(
                 method.encode(),
                 (self.facade_url + path).encode(),
                 Headers({b"content-type": [b"application/json"]}),
                 _body(b"{}") if method == "POST" else None,
             )
-            content = json.loads((yield readBody(response)))
-            self.assertIn(str(response.code), operation["responses"], path)
-            if response.code == 200:
-                schema = operation["responses"]["200"]["content"]["application/json"]
-                conforms(content, schema["schema"])
-            else:
-                self.assertEqual(response.code, 400, path)
-                conforms(content, problem_schema)
-        response = yield Agent(reactor).request(
-            b"GET", (self.facade_url + "/dmp/nothing").encode()
+            yield readBody(response)
+            self.assertEqual(response.code, 200 if method == "GET" else 400, path)
+        for method, path in [(b"GET", "/dmp/td21SubmitDocuments"), (b"GET", "/dmp")]:
+            response = yield Agent(reactor).request(
+                method, (self.facade_url + path).encode()
+            )
+            yield readBody(response)
+        self.assertEqual(
+            [(a.path, a.status) for a in self.answers[-2:]],
+            [("/dmp/td21SubmitDocuments", 405), ("/dmp", 404)],
         )
-        self.assertEqual(response.code, 404)
-        yield readBody(response)
+        self.assertEqual(
+            {(a.method, a.path) for a in self.answers} & described, described
+        )
+        check_answers(self.answers, served)
+
+    def test_answers_checked(self) -> None:
+        """
+        The check of the answers fails on what the description does not
+        say: an undescribed status, media type or member type.
+        """
+        description = openapi()
+        problem = json.dumps(
+            {"type": "x", "title": "t", "status": 418, "detail": "d"}
+        ).encode()
+        for answer in [
+            SentAnswer("POST", "/dmp/td02Exist", 418, PROBLEM, problem, "", b""),
+            SentAnswer("POST", "/dmp/td02Exist", 200, "text/html", b"<p>", "", b""),
+            SentAnswer(
+                "POST",
+                "/dmp/td02Exist",
+                200,
+                "application/json",
+                b'{"exists": "yes", "responseCode": "OK"}',
+                "",
+                b"",
+            ),
+            SentAnswer("GET", "/health", 200, "application/json", b"{}", "", b""),
+        ]:
+            self.assertRaises(AssertionError, check_answers, [answer], description)
 
 
 @inlineCallbacks

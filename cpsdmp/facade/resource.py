@@ -69,6 +69,8 @@ DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
 JSON = "application/json"
 PROBLEM_JSON = "application/problem+json"
 MULTIPART = "multipart/form-data"
+#: An answer in the media type of what it carries (a document's mimeType).
+ANY_MEDIA = "*/*"
 
 
 class BadRequest(Exception):
@@ -620,12 +622,10 @@ async def _td32(resource: FacadeResource, request: server.Request, body: Any) ->
     document = documents[0]
     accept = (request.getHeader("accept") or "").lower()
     wanted = {part.split(";")[0].strip() for part in accept.split(",")}
-    if "application/octet-stream" in wanted or (
-        document.mime_type and document.mime_type.lower() in wanted
-    ):
-        return RawAnswer(
-            bytes(document.data), document.mime_type or "application/octet-stream"
-        )
+    if document.mime_type and document.mime_type.lower() in wanted:
+        return RawAnswer(bytes(document.data), document.mime_type)
+    if "application/octet-stream" in wanted:
+        return RawAnswer(bytes(document.data), "application/octet-stream")
     return {
         "uniqueId": document.unique_id,
         "repositoryUniqueId": document.repository,
@@ -880,7 +880,7 @@ ROUTES: tuple[Route, ...] = (
                 "content": {"type": "string", "contentEncoding": "base64"},
             },
         },
-        answer_types=(JSON, "application/octet-stream"),
+        answer_types=(JSON, "application/octet-stream", ANY_MEDIA),
     ),
     Route(
         "POST",
@@ -931,6 +931,18 @@ _STATUS_TEXT = {
 }
 
 
+def _answer_schema(route: Route, media_type: str) -> dict[str, Any]:
+    if media_type == JSON:
+        return route.answer
+    if media_type == ANY_MEDIA:
+        return {
+            "type": "string",
+            "description": "the bytes under the document's own mimeType, when "
+            "Accept names it",
+        }
+    return {"type": "string", "contentMediaType": media_type}
+
+
 def openapi() -> dict[str, Any]:
     """
     @return: the OpenAPI 3.1 description of L{ROUTES}.
@@ -941,12 +953,7 @@ def openapi() -> dict[str, Any]:
             "200": {
                 "description": "done",
                 "content": {
-                    t: {
-                        "schema": route.answer
-                        if t == JSON
-                        else {"type": "string", "contentMediaType": t}
-                    }
-                    for t in route.answer_types
+                    t: {"schema": _answer_schema(route, t)} for t in route.answer_types
                 },
             }
         }
