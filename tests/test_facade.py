@@ -960,11 +960,35 @@ class _Downstream(Protocol):
             upstream.transport.write(data)
         self.pending = []
 
+    #: In C{late-request}: this connection's request is held back...
+    late = False
+    #: ...and the data of the one that waits for it to be answered.
+    waiting: list[bytes] | None = None
+    on_answer: Any = None
+
     def dataReceived(self, data: bytes) -> None:
         if self.cut:
             return
         self.sent += len(data)
         big = self.sent >= self.proxy.threshold
+        if self.proxy.mode == "late-request" and (
+            big or self.late or self.waiting is not None
+        ):
+            if self.late or self.proxy.late is None:
+                # The first submission: its end reaches the DMP only when the
+                # facade sends it again, after its check by uniqueId.
+                self.late = True
+                self.proxy.late = self
+                self.proxy.late_data.append(data)
+                return
+            if self.waiting is None:
+                # The resend: the first one goes on now, and this one once
+                # the DMP has answered the first.
+                self.waiting = []
+                self.proxy.cuts += 1
+                self.proxy.release_late(self)
+            self.waiting.append(data)
+            return
         if big and self.proxy.mode == "swallow-request":
             # The request reaches the proxy, never the DMP.
             self.cut = True
@@ -997,7 +1021,25 @@ class _Downstream(Protocol):
         else:
             self.upstream.transport.write(data)
 
+    def forward(self, data: bytes) -> None:
+        if self.upstream is None:
+            self.pending.append(data)
+        else:
+            self.upstream.transport.write(data)
+
+    def flush_waiting(self) -> None:
+        waiting, self.waiting = self.waiting or [], None
+        self.proxy.mode = None
+        for data in waiting:
+            self.forward(data)
+
     def from_server(self, data: bytes) -> None:
+        if self.late:
+            # The DMP answered the late submission; nobody waits for it now.
+            callback, self.on_answer = self.on_answer, None
+            if callback is not None:
+                callback()
+            return
         if getattr(self, "armed", False) and self.proxy.mode == "hold-answer":
             # The DMP answered; the answer waits here until the facade gives up.
             self.proxy.cuts += 1
@@ -1018,7 +1060,7 @@ class _Downstream(Protocol):
         self.transport.write(data)
 
     def connectionLost(self, reason: Any = None) -> None:
-        if self.upstream is not None:
+        if self.upstream is not None and not self.late:
             self.upstream.transport.loseConnection()
 
 
@@ -1039,8 +1081,25 @@ class LosingProxy(Factory):
         #: C{cut-request} stops reading after this many bytes (the TLS
         #: handshake and the start of the body), then drops the connection.
         self.cut_at = 16 * 1024
+        #: C{late-request}: the connection whose request is held, its data.
+        self.late: _Downstream | None = None
+        self.late_data: list[bytes] = []
+
+    def release_late(self, resend: _Downstream) -> None:
+        """
+        Let the held request reach the DMP; C{resend} goes on once the DMP
+        has answered it.
+        """
+        late = self.late
+        assert late is not None
+        late.on_answer = resend.flush_waiting
+        for data in self.late_data:
+            late.forward(data)
+        self.late_data = []
 
     def stop(self) -> None:
+        if self.late is not None and self.late.upstream is not None:
+            self.late.upstream.transport.abortConnection()
         for call, transport in self.later:
             if call.active():
                 call.cancel()
@@ -1115,6 +1174,24 @@ class LostAnswerTests(FacadeTestCase):
         copies = yield self.stored_copies()
         self.assertEqual(copies, 1)
         self.assertEqual(self.authentication_signatures, 1)
+
+    @inlineCallbacks
+    def test_stored_late_resend_refused(self) -> Any:
+        """
+        The end of the submission reaches the DMP only after the facade gave
+        up waiting and found nothing by uniqueId: the DMP stores it, then
+        refuses the resend as a duplicate of it. The facade checks again and
+        says the submission was stored (once), not refused.
+        """
+        self.facade = yield self.start_facade(
+            self.dmp_url(self.proxy_port), dmp_timeout=2.0
+        )
+        self.proxy.mode = "late-request"
+        answer = yield self.submit(self.data)
+        self.assertEqual(self.proxy.cuts, 1)
+        self.assertEqual(answer["outcome"], "stored-after-lost-answer")
+        copies = yield self.stored_copies()
+        self.assertEqual(copies, 1)
 
     @inlineCallbacks
     def test_still_unknown(self) -> Any:

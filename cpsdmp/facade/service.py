@@ -81,7 +81,7 @@ from cpsdmp.xds.ebrim import (
     PatientId,
     Status,
 )
-from cpsdmp.xds.responses import RegistryResult
+from cpsdmp.xds.responses import RegistryFailure, RegistryResult
 from cpsdmp.xds.signature import Signer
 from cpsdmp.xds.submit import PreparedSubmission, SigningIdentity, prepare_td21
 from cpsdmp.xds.transactions import (
@@ -489,6 +489,9 @@ def professional_from(
 
 
 _ANSWER_LOST = (ResponseNeverReceived, ResponseFailed, ConnectionLost)
+
+#: The registry's refusal of a uniqueId it already has (IHE ITI TF-3, 4.2.4).
+DUPLICATE_UNIQUE_ID = "XDSDuplicateUniqueIdInRegistry"
 
 
 class DmpService:
@@ -929,7 +932,8 @@ class DmpService:
         """
         TD2.1: submit C{documents}; done only on a DMP Success. When the
         answer is lost, ask the DMP by uniqueId whether it was stored before
-        sending it again, once.
+        sending it again, once; when the DMP refuses that resend as a
+        duplicate, ask again (the first may have arrived late).
 
         @raise UnknownOutcome: the outcome could not be learnt.
         """
@@ -988,6 +992,22 @@ class DmpService:
             )
         except (DmpAnswerLost, DmpTimeout):
             pass
+        except RegistryFailure as refusal:
+            # The first send may have reached the DMP after the check: the
+            # DMP then refuses the resend as a duplicate of it. Only a
+            # second check by uniqueId tells that from a true refusal.
+            if {e.code for e in refusal.errors} != {DUPLICATE_UNIQUE_ID}:
+                raise
+            if await self._stored(context, patient, unique_ids):
+                _log.warn("TD2.1 resend refused as a duplicate: the first was stored")
+                return Submitted(
+                    prepared,
+                    None,
+                    "stored-after-lost-answer",
+                    count=count,
+                    timings=timings,
+                )
+            raise
         stored = await self._stored(context, patient, unique_ids)
         if stored:
             return Submitted(
