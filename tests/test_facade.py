@@ -40,11 +40,13 @@ from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, readBody
 from twisted.web.http_headers import Headers
 
 from cpsdmp.agent.card import KeyUsage
+from cpsdmp.agent.card import PinBlocked as CardPinBlockedError
 from cpsdmp.agent.client import CpsAgentClient, open_session
 from cpsdmp.facade.client import (
     AgentFailed,
     AgentSessionExpired,
     AgentTimedOut,
+    CardPinBlocked,
     CardRateLimited,
     DmpFailed,
     DmpRefused,
@@ -656,6 +658,15 @@ class SharedCard:
         pass
 
 
+class BlockedCard(SharedCard):
+    """
+    A card that answers, when asked to sign, that its PIN is blocked.
+    """
+
+    def sign_digest(self, usage: KeyUsage, algorithm: Any, digest: bytes) -> bytes:
+        raise CardPinBlockedError()
+
+
 class FaultTests(FacadeTestCase):
     @inlineCallbacks
     def test_duplicate_submission(self) -> Any:
@@ -824,6 +835,27 @@ class FaultTests(FacadeTestCase):
         self.assertIn(self.agent.url, str(error))
 
     @inlineCallbacks
+    def test_pin_blocked(self) -> Any:
+        """
+        The card answers that its PIN is blocked when the handshake needs its
+        signature (SoftHSM2 has no PIN counter, so a card wrapper says it):
+        the agent answers 423 and the facade passes it on, saying so and
+        what to do; the agent dropped the session, so the next call is 401.
+        """
+        agent = yield start_agent(self, BlockedCard(self.backend))
+        context = yield open_session(agent.url, self.card.pin, agent.fingerprint)
+        error = yield self.failure_of(
+            self.facade.td02_exist(CDA_PATIENT, context), CardPinBlocked
+        )
+        self.assertEqual((error.status, error.kind), (423, "pin-blocked"))
+        self.assertIn("PIN blocked", str(error))
+        self.assertIn("PUK", str(error))
+        error = yield self.failure_of(
+            self.facade.td02_exist(CDA_PATIENT, context), AgentSessionExpired
+        )
+        self.assertEqual(error.status, 401)
+
+    @inlineCallbacks
     def test_agent_unreachable(self) -> Any:
         context = dict(self.context, url=f"https://127.0.0.1:{free_port()}")
         error = yield self.failure_of(
@@ -860,6 +892,11 @@ class FaultTests(FacadeTestCase):
         self.assertEqual(error.status, 502)
         self.assertIn(error.problem["alert"], ("unknown_ca", "bad_certificate"))
         self.assertIn(error.problem["alert"], str(error))
+        # The step: the DMP checks the card's certificate once our flight,
+        # CertificateVerify signed by the card, is in.
+        self.assertIn("after our Finished", error.problem["step"])
+        self.assertIn(error.problem["step"], str(error))
+        self.assertEqual(self.authentication_signatures, 1)
 
     @inlineCallbacks
     def test_dmp_timeout(self) -> Any:
