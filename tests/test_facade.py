@@ -529,17 +529,30 @@ class ScenarioTests(FacadeTestCase):
         after the connections were closed resumes the TLS session. Neither
         asks the card for a signature.
         """
-        yield self.facade.td02_exist(CDA_PATIENT, self.context)
+        first = yield self.facade.td02_exist(CDA_PATIENT, self.context)
         self.assertEqual(self.authentication_signatures, 1)
-        yield self.facade.td02_exist(CDA_PATIENT, self.context)
+        second = yield self.facade.td02_exist(CDA_PATIENT, self.context)
         self.assertEqual(self.authentication_signatures, 1)
 
         from cpsdmp.facade.service import AgentContext
 
         session = yield self.service.dmp.session(AgentContext.from_json(self.context))
         yield session.pool.closeCachedConnections()
-        yield self.facade.td02_exist(CDA_PATIENT, self.context)
+        third = yield self.facade.td02_exist(CDA_PATIENT, self.context)
         self.assertEqual(self.authentication_signatures, 1)
+        # What each answer says of its connection, with the times.
+        timings = [a["timings"] for a in (first, second, third)]
+        self.assertEqual(
+            [t["connection"] for t in timings], ["new handshake", "reused", "resumed"]
+        )
+        self.assertGreater(timings[0]["handshakeSignature"], 0)
+        self.assertGreater(timings[0]["handshake"], timings[0]["handshakeSignature"])
+        self.assertGreater(timings[0]["dmp"], timings[0]["handshake"])
+        self.assertEqual(
+            (timings[1]["handshake"], timings[1]["handshakeSignature"]), (None, None)
+        )
+        self.assertGreater(timings[2]["handshake"], 0)
+        self.assertIsNone(timings[2]["handshakeSignature"])
         self.assertEqual(session.connections.handshakes, 2)
         self.assertEqual(session.connections.resumed, 1)
 

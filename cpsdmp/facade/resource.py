@@ -475,7 +475,8 @@ async def _openapi(resource: FacadeResource, request: server.Request, body: Any)
 async def _td02(resource: FacadeResource, request: server.Request, body: Any) -> Any:
     context = _context(body)
     patient = resource.patient(_object(body, "patient"))
-    result = await resource.service.td02(context, patient)
+    timings: dict[str, Any] = {}
+    result = await resource.service.td02(context, patient, timings)
     return {
         "exists": result.exists,
         "responseCode": result.response_code,
@@ -484,6 +485,7 @@ async def _td02(resource: FacadeResource, request: server.Request, body: Any) ->
         "family": result.family,
         "given": result.given,
         "attentions": result.attentions,
+        "timings": timings,
     }
 
 
@@ -674,6 +676,24 @@ async def _td33(resource: FacadeResource, request: server.Request, body: Any) ->
 
 _AGENT = {"agentContext": _CONTEXT_SCHEMA}
 
+
+def _timings_schema(start: str) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "description": start + "the DMP exchange (handshake included, with the "
+        "connection used: new handshake, resumed, reused, or unknown when it "
+        "could not be told), the TLS handshake when the exchange made one, and "
+        "the card's TLS signature when a new handshake needed one",
+        "properties": {
+            "submissionSetSignature": {"type": ["number", "null"]},
+            "dmp": {"type": "number"},
+            "connection": {"enum": ["new handshake", "resumed", "reused", "unknown"]},
+            "handshake": {"type": ["number", "null"]},
+            "handshakeSignature": {"type": ["number", "null"]},
+        },
+    }
+
+
 ROUTES: tuple[Route, ...] = (
     Route(
         "GET",
@@ -724,6 +744,7 @@ ROUTES: tuple[Route, ...] = (
                     "type": "object",
                     "additionalProperties": {"type": "string"},
                 },
+                "timings": _timings_schema("seconds: "),
             },
         },
     ),
@@ -799,19 +820,9 @@ ROUTES: tuple[Route, ...] = (
                     },
                 },
                 "warnings": _WARNINGS,
-                "timings": {
-                    "type": "object",
-                    "description": "seconds: the card's submission-set "
-                    "signature, the DMP exchange (with the connection used: "
-                    "new handshake, resumed, reused) and the card's TLS "
-                    "signature when a new handshake needed one",
-                    "properties": {
-                        "submissionSetSignature": {"type": ["number", "null"]},
-                        "dmp": {"type": "number"},
-                        "connection": {"enum": ["new handshake", "resumed", "reused"]},
-                        "handshakeSignature": {"type": ["number", "null"]},
-                    },
-                },
+                "timings": _timings_schema(
+                    "seconds: the card's submission-set signature, "
+                ),
             },
         },
         request_types=(JSON, MULTIPART),

@@ -298,11 +298,13 @@ class ConnectionInfo:
 class _Connection:
     """
     How a request's connection came to be: C{new handshake}, C{resumed} or
-    C{reused}, and the card's signature time when its handshake needed one.
+    C{reused}; how long its handshake took, when it made one; and the card's
+    signature time when its handshake needed one.
     """
 
     label: str
     card_seconds: float | None = None
+    handshake_seconds: float | None = None
 
 
 def _connection_of(response: Any, info: ConnectionInfo) -> _Connection:
@@ -320,10 +322,12 @@ def _connection_of(response: Any, info: ConnectionInfo) -> _Connection:
     if tls in info.seen:
         return _Connection("reused")
     info.seen.add(tls)
+    # The handshake's time is the sum of the time spent in each of its steps.
+    handshake = sum(negotiated.timings.values())
     if negotiated.resumed:
-        return _Connection("resumed")
+        return _Connection("resumed", None, handshake)
     return _Connection(
-        "new handshake", negotiated.timings.get(State.WAIT_SIGNATURE.name)
+        "new handshake", negotiated.timings.get(State.WAIT_SIGNATURE.name), handshake
     )
 
 
@@ -681,9 +685,11 @@ class DmpService:
                 code = getattr(error, "code", None) or type(error).__name__
             raise
         finally:
+            handshake_seconds = None
             if used:
                 # The connection that carried this request says what it cost.
                 connection, card_seconds = used[0].label, used[0].card_seconds
+                handshake_seconds = used[0].handshake_seconds
             else:
                 # It could not be told (no answer): say what happened meanwhile.
                 connection = "reused"
@@ -712,6 +718,11 @@ class DmpService:
                 timings.update(
                     dmp=round(duration, 6),
                     connection=connection,
+                    handshake=(
+                        None
+                        if handshake_seconds is None
+                        else round(handshake_seconds, 6)
+                    ),
                     handshakeSignature=card_seconds,
                 )
 
@@ -788,15 +799,27 @@ class DmpService:
         return content_type, body, response.code
 
     # Transactions -------------------------------------------------------------
-    async def td02(self, context: AgentContext, patient: PatientId) -> ExistenceResult:
+    async def td02(
+        self,
+        context: AgentContext,
+        patient: PatientId,
+        timings: dict[str, Any] | None = None,
+    ) -> ExistenceResult:
         """
+        @param timings: filled with the exchange's times, as for L{submit}.
         @return: the TD0.2 answer: does the patient have a DMP, and is this
             professional authorised on it.
         """
         session = await self._session(context)
         message = existence_test(self.endpoints, self.vihf(session, patient), patient)
         return await self._exchange(
-            context, session, "TD0.2", message, read_existence, idempotent=True
+            context,
+            session,
+            "TD0.2",
+            message,
+            read_existence,
+            idempotent=True,
+            timings=timings,
         )
 
     async def td31(
