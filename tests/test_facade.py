@@ -51,6 +51,7 @@ from cpsdmp.facade.client import (
     DmpFailed,
     DmpRefused,
     FacadeClient,
+    FacadeError,
     FacadeProblem,
     HandshakeRefused,
     InvalidDocument,
@@ -1799,3 +1800,77 @@ class TwistTests(FacadeTestCase):
         log = output.output.decode(errors="replace")
         self.assertIn("DMP TD0.2: OK", log)
         self.assertNotIn(self.context["token"], log)
+
+
+class _Stalling(Protocol):
+    """
+    A facade that reads the request, then answers C{self.factory.answer}
+    (nothing, headers without the whole body, or a dropped connection) and
+    stalls.
+    """
+
+    def dataReceived(self, data: bytes) -> None:
+        answer = self.factory.answer  # type: ignore[attr-defined]
+        if answer == "drop":
+            self.transport.abortConnection()  # type: ignore[union-attr]
+        elif answer:
+            self.transport.write(answer)  # type: ignore[union-attr]
+            self.factory.answer = b""  # type: ignore[attr-defined]
+
+    def connectionMade(self) -> None:
+        self.factory.connections.append(self.transport)  # type: ignore[attr-defined]
+
+
+class FacadeClientTests(TestCase):
+    """
+    The backend's client facing a facade that fails: each wait ends, and
+    the error says what happened, as a L{FacadeError}.
+    """
+
+    timeout = 30
+
+    def stalling(self, answer: bytes | str) -> FacadeClient:
+        factory = Factory.forProtocol(_Stalling)
+        factory.answer = answer  # type: ignore[attr-defined]
+        factory.connections = []  # type: ignore[attr-defined]
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+
+        def drop() -> None:
+            for transport in factory.connections:  # type: ignore[attr-defined]
+                transport.abortConnection()
+
+        self.addCleanup(drop)
+        client = FacadeClient(f"http://127.0.0.1:{port.getHost().port}", timeout=1.0)
+        self.addCleanup(client.close)
+        return client
+
+    @inlineCallbacks
+    def test_silent(self) -> Any:
+        client = self.stalling(b"")
+        error = yield self.assertFailure(client.health(), FacadeError)
+        self.assertIn("did not answer within 1 s", str(error))
+
+    @inlineCallbacks
+    def test_body_stalls(self) -> Any:
+        client = self.stalling(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100\r\n\r\n{"
+        )
+        error = yield self.assertFailure(client.health(), FacadeError)
+        self.assertIn("did not answer within 1 s", str(error))
+
+    @inlineCallbacks
+    def test_dropped(self) -> Any:
+        client = self.stalling("drop")
+        error = yield self.assertFailure(client.health(), FacadeError)
+        self.assertIn("connection to the facade", str(error))
+
+    @inlineCallbacks
+    def test_problem_not_json(self) -> Any:
+        client = self.stalling(
+            b"HTTP/1.1 502 Bad Gateway\r\nContent-Type: application/problem+json\r\n"
+            b"Content-Length: 5\r\n\r\noops!"
+        )
+        error = yield self.assertFailure(client.health(), FacadeError)
+        self.assertIn("HTTP 502", str(error))
