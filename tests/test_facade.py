@@ -1576,9 +1576,15 @@ class MoreFaultTests(FacadeTestCase):
         self.assertEqual(transactions[1]["connection"], "reused")
         self.assertEqual(transactions[1]["signature"], "none")
         self.assertIn("submission-set signature", formatEvent(transactions[2]))
+        # Neither the token nor the document (its title, its patient's INS)
+        # in any event of the facade, the agent or the local DMP.
+        title = re.search(rb"<title>([^<]+)</title>", cda("VAC-NOTE"))
+        assert title is not None
+        secrets = [self.context["token"], CDA_PATIENT["ins"], title.group(1).decode()]
         for event in events:
-            self.assertNotIn(self.context["token"], formatEvent(event))
-            self.assertNotIn(self.context["token"], repr(event))
+            for secret in secrets:
+                self.assertNotIn(secret, formatEvent(event) or "")
+                self.assertNotIn(secret, repr(event))
 
 
 class ProblemMappingTests(SynchronousTestCase):
