@@ -1663,15 +1663,37 @@ class ProblemMappingTests(SynchronousTestCase):
     def test_overrides(self) -> None:
         from cpsdmp.facade.resource import BadRequest, read_overrides
 
-        values = read_overrides(
-            {"classCode": SYNTHESE, "title": "Bilan", "confidentialityCode": [SYNTHESE]}
-        )
+        accepted = {
+            "classCode": SYNTHESE,
+            "title": "Bilan",
+            "confidentialityCode": [SYNTHESE],
+        }
+        values = read_overrides(accepted)
         self.assertEqual(
             values["classCode"], CodedValue("11", SYNTHESE["codingScheme"], "Synthèse")
         )
         self.assertEqual(values["title"], "Bilan")
         self.assertRaises(BadRequest, read_overrides, {"patientId": "x"})
         self.assertRaises(BadRequest, read_overrides, {"classCode": {"code": "11"}})
+
+        # The description says the same.
+        schema = _pointer(
+            "paths",
+            "/dmp/td21SubmitDocuments",
+            "post",
+            "requestBody",
+            "content",
+            "application/json",
+            "schema",
+            "properties",
+            "documents",
+            "items",
+            "properties",
+            "overrides",
+        )
+        conforms(accepted, schema)
+        for refused in [{"patientId": "x"}, {"classCode": {"code": "11"}}]:
+            self.assertRaises(AssertionError, conforms, refused, schema)
 
 
 class OptionsTests(SynchronousTestCase):

@@ -676,6 +676,21 @@ async def _td33(resource: FacadeResource, request: server.Request, body: Any) ->
 
 _AGENT = {"agentContext": _CONTEXT_SCHEMA}
 
+#: The DocumentEntry attributes a submission may set instead of the CDA's.
+_OVERRIDES_SCHEMA = {
+    "type": "object",
+    "description": "XDS attribute -> value; codes as {code, codingScheme, display}",
+    "properties": {
+        **{name: _CODE_SCHEMA for name in sorted(CODED_OVERRIDES)},
+        **{
+            name: {"type": "array", "items": _CODE_SCHEMA}
+            for name in sorted(CODED_LIST_OVERRIDES)
+        },
+        **{name: {"type": "string"} for name in sorted(TEXT_OVERRIDES)},
+    },
+    "additionalProperties": False,
+}
+
 
 def _timings_schema(start: str) -> dict[str, Any]:
     return {
@@ -774,11 +789,7 @@ ROUTES: tuple[Route, ...] = (
                                 "type": "string",
                                 "contentEncoding": "base64",
                             },
-                            "overrides": {
-                                "type": "object",
-                                "description": "XDS attribute -> value; codes "
-                                "as {code, codingScheme, display}",
-                            },
+                            "overrides": _OVERRIDES_SCHEMA,
                         },
                     },
                 },
