@@ -422,6 +422,10 @@ PROBLEM_SCHEMA = {
         "alert": {"type": ["string", "null"]},
         "uniqueIds": {"type": "array", "items": {"type": "string"}},
         "outcome": {"type": "string"},
+        "retryAfter": {
+            "type": "integer",
+            "description": "seconds to wait, as the Retry-After header says",
+        },
     },
 }
 _WARNINGS = {"type": "array", "items": _DMP_ERROR_SCHEMA}
