@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, TimeoutError, ensureDeferred
 from twisted.internet.task import deferLater, react
 from twisted.internet.threads import deferToThreadPool
 
@@ -186,10 +186,18 @@ class Demo:
         detail: Callable[[_T], str],
     ) -> _T:
         start = time.monotonic()
+
+        async def act() -> _T:
+            return await action()
+
+        running = ensureDeferred(act())
+        running.addTimeout(STEP_TIMEOUT, self.reactor)
         try:
-            result = await action()
+            result = await running
         except DemoFailed:
             raise
+        except TimeoutError as e:
+            raise DemoFailed(f"{title}: no result within {STEP_TIMEOUT:g} s") from e
         except Exception as e:
             raise DemoFailed(f"{title}: {e}") from e
         self.say(title, detail(result), time.monotonic() - start)
@@ -281,7 +289,8 @@ class Demo:
                 self.count_signatures,
                 lambda counts: (
                     f"{counts[0]} TLS handshake signature(s) for "
-                    f"{len(documents) * 5} DMP transactions (sessions resumed), "
+                    f"{len(documents) * 5} DMP transactions (the connection "
+                    "kept or its TLS session resumed), "
                     f"{counts[1]} submission-set signature(s)"
                 ),
             )
@@ -335,9 +344,12 @@ class Demo:
         await self.step(
             "TD0.2 existence test",
             lambda: facade.td02_exist(patient, context),
-            lambda answer: (
-                f"the patient's DMP {'exists' if answer['exists'] else 'is absent'}"
-                f" ({answer['responseCode']})"
+            lambda answer: ", ".join(
+                [
+                    f"the patient's DMP {'exists' if answer['exists'] else 'is absent'}"
+                    f" ({answer['responseCode']})",
+                    *_describe_timings(answer.get("timings") or {}),
+                ]
             ),
         )
         submitted = await self.step(
@@ -642,6 +654,26 @@ class Demo:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
+def _describe_timings(timings: dict[str, Any]) -> list[str]:
+    """
+    @return: what the facade's timings of a DMP exchange say: the DMP's
+        answer, the connection, the TLS handshake and the card's signature
+        of it when there was one.
+    """
+    parts = []
+    if "dmp" in timings:
+        parts.append(f"DMP answered in {timings['dmp']:.3f} s")
+    if timings.get("connection"):
+        connection = f"connection {timings['connection']}"
+        if timings.get("handshake") is not None:
+            connection += f" (handshake {timings['handshake']:.3f} s"
+            if timings.get("handshakeSignature") is not None:
+                connection += f", card signature {timings['handshakeSignature']:.3f} s"
+            connection += ")"
+        parts.append(connection)
+    return parts
+
+
 def _describe_submission(answer: dict[str, Any]) -> str:
     document = answer["documents"][0]
     timings = answer.get("timings") or {}
@@ -650,8 +682,4 @@ def _describe_submission(answer: dict[str, Any]) -> str:
         parts.append(
             f"card signed the set in {timings['submissionSetSignature']:.3f} s"
         )
-    if "dmp" in timings:
-        parts.append(f"DMP answered in {timings['dmp']:.3f} s")
-    if timings.get("connection"):
-        parts.append(f"connection {timings['connection']}")
-    return ", ".join(parts)
+    return ", ".join(parts + _describe_timings(timings))

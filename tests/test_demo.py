@@ -6,16 +6,22 @@ real SoftHSM2 test card, real HTTPS on the loopback.
 from __future__ import annotations
 
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
+from typing import IO
 
-from twisted.trial.unittest import TestCase
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 import cpsdmp
 from cpsdmp._fixtures import fixtures_dir
-from cpsdmp.demo import ANS_EXAMPLES
+from cpsdmp.demo import ANS_EXAMPLES, STEP_TIMEOUT, Demo, DemoFailed
 from cpsdmp.xds.sample import sample_cda
 
 
@@ -78,6 +84,16 @@ class DemoTests(TestCase):
         ]:
             self.assertEqual(out.count(step), 6, step)
         self.assertEqual(out.count("identical to the document sent"), 6)
+        # The one full handshake, its time and the card's signature in it,
+        # on the first exchange; every later TD0.2 and TD2.1 on the kept
+        # connection.
+        self.assertEqual(out.count("connection new handshake (handshake "), 1)
+        self.assertRegex(
+            out,
+            r"TD0\.2 existence test .*DMP answered in [\d.]+ s, connection new "
+            r"handshake \(handshake [\d.]+ s, card signature [\d.]+ s\)",
+        )
+        self.assertEqual(out.count("connection reused"), 11)
         self.assertTrue((directory / "card" / "testcard.json").exists())
         self.assertNotIn("1234", (directory / "agent.log").read_text())
 
@@ -98,19 +114,58 @@ class DemoTests(TestCase):
         )
         self.addCleanup(demo.kill)
         assert demo.stdout is not None
+        lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(
+            target=_read_lines, args=(demo.stdout, lines), daemon=True
+        ).start()
         seen = []
-        for line in demo.stdout:
+        deadline = time.monotonic() + 100
+        while True:
+            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            self.assertIsNotNone(line, "".join(seen))
+            assert line is not None
             seen.append(line)
             if "next PIN held back" in line:
                 self.assertTrue(_kill_agent_of(directory / "card"))
                 break
-        out, err = demo.communicate(timeout=120)
-        out = "".join(seen) + out
+        demo.wait(timeout=120)
+        assert demo.stderr is not None
+        err = demo.stderr.read()
+        while (line := lines.get(timeout=10)) is not None:
+            seen.append(line)
+        out = "".join(seen)
         self.assertEqual(demo.returncode, 1, out + err)
         self.assertIn("DEMO FAILED: card session opened:", err)
         self.assertIn("agent", err.split("DEMO FAILED")[1].splitlines()[0])
         self.assertIn("last lines of the agent's log", err)
         self.assertNotIn("Demo passed", out)
+        # Whatever failed, the demo stopped the processes it started.
+        self.assertIn("  facade stopped\n", out)
+        self.assertIn("  local DMP stopped\n", out)
+        self.assertEqual(_processes_of(directory), [])
+
+
+def _read_lines(stream: IO[str], lines: queue.Queue[str | None]) -> None:
+    for line in stream:
+        lines.put(line)
+    lines.put(None)
+
+
+def _processes_of(directory: Path) -> list[str]:
+    """
+    @return: the command lines of the running processes that name C{directory}.
+    """
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(str(directory).encode() in argument for argument in argv):
+            found.append(b" ".join(argv).decode(errors="replace"))
+    return found
 
 
 def _kill_agent_of(card: Path) -> bool:
@@ -129,6 +184,25 @@ def _kill_agent_of(card: Path) -> bool:
             os.kill(int(entry.name), signal.SIGKILL)
             killed = True
     return killed
+
+
+class StepTests(SynchronousTestCase):
+    def test_step_timeout(self) -> None:
+        """
+        A step that never ends fails the demo after the step timeout, naming
+        the step.
+        """
+        clock = Clock()
+        demo = Demo(clock, self.mktemp(), keep=True)
+        never: Deferred[None] = Deferred()
+        d = ensureDeferred(demo.step("agent started", lambda: never, str))
+        clock.advance(STEP_TIMEOUT - 1)
+        self.assertNoResult(d)
+        clock.advance(1)
+        failure = self.failureResultOf(d, DemoFailed)
+        self.assertEqual(
+            str(failure.value), f"agent started: no result within {STEP_TIMEOUT:g} s"
+        )
 
 
 class GeneratedDocumentDemoTests(TestCase):

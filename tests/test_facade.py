@@ -14,6 +14,7 @@ import os
 import re
 import socket
 import sys
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from jsonschema import Draft202012Validator
+from openapi_spec_validator import validate as validate_description
+from referencing import Registry
+from referencing.jsonschema import DRAFT202012
 from treq.client import HTTPClient
 from twisted.internet import reactor, ssl
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
@@ -35,15 +40,18 @@ from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, readBody
 from twisted.web.http_headers import Headers
 
 from cpsdmp.agent.card import KeyUsage
+from cpsdmp.agent.card import PinBlocked as CardPinBlockedError
 from cpsdmp.agent.client import CpsAgentClient, open_session
 from cpsdmp.facade.client import (
     AgentFailed,
     AgentSessionExpired,
     AgentTimedOut,
+    CardPinBlocked,
     CardRateLimited,
     DmpFailed,
     DmpRefused,
     FacadeClient,
+    FacadeError,
     FacadeProblem,
     HandshakeRefused,
     InvalidDocument,
@@ -111,41 +119,155 @@ class CountingBackend:
         return self._backend.sign_digest(usage, algorithm, digest)
 
 
-def conforms(value: Any, schema: dict[str, Any], where: str = "$") -> None:
-    """
-    Check C{value} against the subset of JSON Schema the facade's
-    description uses (type, required, properties, items, const, enum).
+PROBLEM = "application/problem+json"
+#: The base URI under which the facade's description is given to jsonschema.
+DESCRIPTION = "urn:cpsdmp:facade:openapi.json"
 
-    @raise AssertionError: naming the first place that does not conform.
+
+def _pointer(*parts: str) -> str:
+    # RFC 6901: "~" and "/" escaped in each segment.
+    return "#/" + "/".join(p.replace("~", "~0").replace("/", "~1") for p in parts)
+
+
+def conforms(
+    value: Any, pointer: str, description: dict[str, Any] | None = None
+) -> None:
     """
-    types = schema.get("type")
-    if types is not None:
-        names = types if isinstance(types, list) else [types]
-        python = {
-            "object": dict,
-            "array": list,
-            "string": str,
-            "integer": int,
-            "number": (int, float),
-            "boolean": bool,
-            "null": type(None),
-        }
-        assert any(isinstance(value, python[n]) for n in names), (
-            f"{where}: {value!r} is not {types}"
-        )
-    if "const" in schema:
-        assert value == schema["const"], f"{where}: {value!r} != {schema['const']!r}"
-    if "enum" in schema:
-        assert value in schema["enum"], f"{where}: {value!r} not in {schema['enum']}"
-    if isinstance(value, dict):
-        for name in schema.get("required", []):
-            assert name in value, f"{where}: {name} missing"
-        for name, sub in schema.get("properties", {}).items():
-            if name in value:
-                conforms(value[name], sub, f"{where}.{name}")
-    if isinstance(value, list) and "items" in schema:
-        for index, item in enumerate(value):
-            conforms(item, schema["items"], f"{where}[{index}]")
+    Check C{value} with jsonschema against the schema at C{pointer} in the
+    facade's OpenAPI description (JSON Schema 2020-12, the dialect of OpenAPI
+    3.1), its references resolved in the description.
+
+    @raise AssertionError: naming every place that does not conform.
+    """
+    registry: Registry[Any] = Registry().with_resource(
+        DESCRIPTION, DRAFT202012.create_resource(description or openapi())
+    )
+    validator = Draft202012Validator({"$ref": DESCRIPTION + pointer}, registry=registry)
+    errors = sorted(validator.iter_errors(value), key=lambda e: e.json_path)
+    assert not errors, f"{pointer}: " + "; ".join(
+        f"{e.json_path}: {e.message}" for e in errors
+    )
+
+
+def _operation(description: dict[str, Any], operation_id: str) -> tuple[str, str]:
+    for path, operations in description["paths"].items():
+        for method, operation in operations.items():
+            if operation["operationId"] == operation_id:
+                return path, method
+    raise KeyError(operation_id)
+
+
+def answer_schema(operation_id: str, status: str = "200") -> str:
+    """
+    @return: the pointer to the JSON schema of an operation's answer.
+    """
+    path, method = _operation(openapi(), operation_id)
+    media = "application/json" if status == "200" else "application/problem+json"
+    return _pointer(
+        "paths", path, method, "responses", status, "content", media, "schema"
+    )
+
+
+@dataclass
+class SentAnswer:
+    """
+    An answer the facade under test sent, with the request it answered.
+    """
+
+    method: str
+    path: str
+    status: int
+    media_type: str
+    body: bytes
+    request_media_type: str
+    request_body: bytes
+
+
+def recording(factory: type[Any], answers: list[SentAnswer]) -> type[Any]:
+    """
+    @return: a subclass of the facade's request factory that notes in
+        C{answers} every answer sent, as it went on the wire.
+    """
+
+    class Recording(factory):  # type: ignore[misc, valid-type]
+        sent = b""
+
+        def write(self, data: bytes) -> None:
+            self.sent += data
+            super().write(data)
+
+        def finish(self) -> Any:
+            content = self.content
+            request_body = b""
+            if content is not None:
+                content.seek(0)
+                request_body = content.read()
+            media = (self.responseHeaders.getRawHeaders(b"content-type") or [b""])[0]
+            sent_media = (self.requestHeaders.getRawHeaders(b"content-type") or [b""])[
+                0
+            ]
+            answers.append(
+                SentAnswer(
+                    self.method.decode(),
+                    self.path.decode(),
+                    self.code,
+                    media.decode().split(";")[0].strip(),
+                    self.sent,
+                    sent_media.decode().split(";")[0].strip(),
+                    request_body,
+                )
+            )
+            return super().finish()
+
+    return Recording
+
+
+def check_answers(answers: list[SentAnswer], description: dict[str, Any]) -> None:
+    """
+    Check each answer against the description: its status is one the
+    operation documents, its media type one documented for that status, its
+    JSON body valid against that schema; and the request of each successful
+    JSON call valid against the request schema, so that the description
+    asks for no more than the facade needs.
+
+    @raise AssertionError: naming the answer that does not conform.
+    """
+    for answer in answers:
+        where = f"{answer.method} {answer.path} -> {answer.status}"
+        operations = description["paths"].get(answer.path, {})
+        operation = operations.get(answer.method.lower())
+        if operation is None:
+            # Not described: only "no such route" or "not this method".
+            assert answer.status == (405 if operations else 404), where
+            assert answer.media_type == "application/problem+json", where
+            conforms(
+                json.loads(answer.body),
+                _pointer("components", "schemas", "Problem"),
+                description,
+            )
+            continue
+        status = str(answer.status)
+        assert status in operation["responses"], f"{where}: status not described"
+        content = operation["responses"][status]["content"]
+        media = answer.media_type if answer.media_type in content else "*/*"
+        assert media in content, f"{where}: {answer.media_type} not described"
+        base = ("paths", answer.path, answer.method.lower())
+        if media in ("application/json", "application/problem+json"):
+            conforms(
+                json.loads(answer.body),
+                _pointer(*base, "responses", status, "content", media, "schema"),
+                description,
+            )
+        if (
+            answer.status == 200
+            and "requestBody" in operation
+            and answer.request_media_type == "application/json"
+        ):
+            conforms(
+                json.loads(answer.request_body),
+                _pointer(*base, "requestBody", "content", "application/json", "schema"),
+                description,
+            )
 
 
 def free_port() -> int:
@@ -165,6 +287,10 @@ class FacadeTestCase(TestCase):
 
     @inlineCallbacks
     def setUp(self) -> Any:
+        # Every answer of the facades under test, checked against the
+        # description once the test is over (the first cleanup, run last).
+        self.answers: list[SentAnswer] = []
+        self.addCleanup(lambda: check_answers(self.answers, openapi()))
         self.card = shared_testcard()
         self.backend = CountingBackend(token_backend())
         self.agent = yield start_agent(self, self.backend)
@@ -200,6 +326,9 @@ class FacadeTestCase(TestCase):
             **settings,
         )
         self.service = FacadeService("tcp:0:interface=127.0.0.1", config)
+        self.service.site.requestFactory = recording(
+            self.service.site.requestFactory, self.answers
+        )
         self.addCleanup(self.service.stopService)
 
         def client(port: Any) -> FacadeClient:
@@ -237,9 +366,8 @@ class ScenarioTests(FacadeTestCase):
         gives back the exact bytes, and masking it shows in the metadata.
         All of it with one card signature for the TLS authentication.
         """
-        schemas = {r.operation_id: r.answer for r in ROUTES}
         exists = yield self.facade.td02_exist(CDA_PATIENT, self.context)
-        conforms(exists, schemas["td02Exist"])
+        conforms(exists, answer_schema("td02Exist"))
         self.assertTrue(exists["exists"])
         self.assertEqual(exists["authorization"], "VALIDE")
         paths = example_cdas()
@@ -247,7 +375,7 @@ class ScenarioTests(FacadeTestCase):
         for path in paths:
             data = path.read_bytes()
             submitted = yield self.submit(data)
-            conforms(submitted, schemas["td21SubmitDocuments"])
+            conforms(submitted, answer_schema("td21SubmitDocuments"))
             self.assertEqual(submitted["outcome"], "answered", path.name)
             timings = submitted["timings"]
             self.assertEqual(timings["connection"], "reused")
@@ -258,7 +386,7 @@ class ScenarioTests(FacadeTestCase):
 
             found = yield self.facade.td31_find(self.context, CDA_PATIENT)
             self.assertIn(document["uniqueId"], [d["uniqueId"] for d in found])
-            conforms({"documents": found}, schemas["td31Find"])
+            conforms({"documents": found}, answer_schema("td31Find"))
 
             content = yield self.facade.td32_retrieve(
                 document["uniqueId"], self.context, CDA_PATIENT
@@ -268,7 +396,7 @@ class ScenarioTests(FacadeTestCase):
             updated = yield self.facade.td33_update(
                 document["uniqueId"], "mask", self.context, CDA_PATIENT
             )
-            conforms(updated, schemas["td33UpdateStatus"])
+            conforms(updated, answer_schema("td33UpdateStatus"))
             [entry] = yield self.facade.td31_find(
                 self.context, CDA_PATIENT, uniqueIds=[document["uniqueId"]]
             )
@@ -304,9 +432,34 @@ class ScenarioTests(FacadeTestCase):
             },
         )
         self.assertEqual(answer[0], 200)
-        conforms(answer[1], {r.operation_id: r.answer for r in ROUTES}["td32Retrieve"])
+        conforms(answer[1], answer_schema("td32Retrieve"))
         self.assertEqual(base64.b64decode(answer[1]["content"]), data)
         self.assertEqual(answer[1]["mimeType"], "text/xml")
+
+        body = {"agentContext": self.context, "patient": CDA_PATIENT}
+        for accept, media_type in [
+            ("application/octet-stream", "application/octet-stream"),
+            ("text/xml", "text/xml"),
+            ("text/xml, application/octet-stream;q=0.5", "text/xml"),
+        ]:
+            response = yield Agent(reactor).request(
+                b"POST",
+                (self.facade_url + "/dmp/td32Retrieve").encode(),
+                Headers(
+                    {
+                        b"content-type": [b"application/json"],
+                        b"accept": [accept.encode()],
+                    }
+                ),
+                _body(json.dumps(dict(body, uniqueId=unique_id)).encode()),
+            )
+            content = yield readBody(response)
+            self.assertEqual(content, data, accept)
+            self.assertEqual(
+                response.headers.getRawHeaders(b"content-type"),
+                [media_type.encode()],
+                accept,
+            )
 
     @inlineCallbacks
     def test_multipart_submission(self) -> Any:
@@ -377,17 +530,30 @@ class ScenarioTests(FacadeTestCase):
         after the connections were closed resumes the TLS session. Neither
         asks the card for a signature.
         """
-        yield self.facade.td02_exist(CDA_PATIENT, self.context)
+        first = yield self.facade.td02_exist(CDA_PATIENT, self.context)
         self.assertEqual(self.authentication_signatures, 1)
-        yield self.facade.td02_exist(CDA_PATIENT, self.context)
+        second = yield self.facade.td02_exist(CDA_PATIENT, self.context)
         self.assertEqual(self.authentication_signatures, 1)
 
         from cpsdmp.facade.service import AgentContext
 
         session = yield self.service.dmp.session(AgentContext.from_json(self.context))
         yield session.pool.closeCachedConnections()
-        yield self.facade.td02_exist(CDA_PATIENT, self.context)
+        third = yield self.facade.td02_exist(CDA_PATIENT, self.context)
         self.assertEqual(self.authentication_signatures, 1)
+        # What each answer says of its connection, with the times.
+        timings = [a["timings"] for a in (first, second, third)]
+        self.assertEqual(
+            [t["connection"] for t in timings], ["new handshake", "reused", "resumed"]
+        )
+        self.assertGreater(timings[0]["handshakeSignature"], 0)
+        self.assertGreater(timings[0]["handshake"], timings[0]["handshakeSignature"])
+        self.assertGreater(timings[0]["dmp"], timings[0]["handshake"])
+        self.assertEqual(
+            (timings[1]["handshake"], timings[1]["handshakeSignature"]), (None, None)
+        )
+        self.assertGreater(timings[2]["handshake"], 0)
+        self.assertIsNone(timings[2]["handshakeSignature"])
         self.assertEqual(session.connections.handshakes, 2)
         self.assertEqual(session.connections.resumed, 1)
 
@@ -504,6 +670,15 @@ class SharedCard:
 
     def close(self) -> None:
         pass
+
+
+class BlockedCard(SharedCard):
+    """
+    A card that answers, when asked to sign, that its PIN is blocked.
+    """
+
+    def sign_digest(self, usage: KeyUsage, algorithm: Any, digest: bytes) -> bytes:
+        raise CardPinBlockedError()
 
 
 class FaultTests(FacadeTestCase):
@@ -674,6 +849,27 @@ class FaultTests(FacadeTestCase):
         self.assertIn(self.agent.url, str(error))
 
     @inlineCallbacks
+    def test_pin_blocked(self) -> Any:
+        """
+        The card answers that its PIN is blocked when the handshake needs its
+        signature (SoftHSM2 has no PIN counter, so a card wrapper says it):
+        the agent answers 423 and the facade passes it on, saying so and
+        what to do; the agent dropped the session, so the next call is 401.
+        """
+        agent = yield start_agent(self, BlockedCard(self.backend))
+        context = yield open_session(agent.url, self.card.pin, agent.fingerprint)
+        error = yield self.failure_of(
+            self.facade.td02_exist(CDA_PATIENT, context), CardPinBlocked
+        )
+        self.assertEqual((error.status, error.kind), (423, "pin-blocked"))
+        self.assertIn("PIN blocked", str(error))
+        self.assertIn("PUK", str(error))
+        error = yield self.failure_of(
+            self.facade.td02_exist(CDA_PATIENT, context), AgentSessionExpired
+        )
+        self.assertEqual(error.status, 401)
+
+    @inlineCallbacks
     def test_agent_unreachable(self) -> Any:
         context = dict(self.context, url=f"https://127.0.0.1:{free_port()}")
         error = yield self.failure_of(
@@ -710,6 +906,11 @@ class FaultTests(FacadeTestCase):
         self.assertEqual(error.status, 502)
         self.assertIn(error.problem["alert"], ("unknown_ca", "bad_certificate"))
         self.assertIn(error.problem["alert"], str(error))
+        # The step: the DMP checks the card's certificate once our flight,
+        # CertificateVerify signed by the card, is in.
+        self.assertIn("after our Finished", error.problem["step"])
+        self.assertIn(error.problem["step"], str(error))
+        self.assertEqual(self.authentication_signatures, 1)
 
     @inlineCallbacks
     def test_dmp_timeout(self) -> Any:
@@ -730,6 +931,29 @@ class FaultTests(FacadeTestCase):
         )
         self.assertEqual(error.status, 504, error)
         self.assertEqual(error.kind, "dmp-timeout")
+
+    @inlineCallbacks
+    def test_handshake_timeout(self) -> Any:
+        """
+        A DMP that accepts the connection and never answers the ClientHello,
+        with a handshake timeout shorter than the DMP's: still a timeout
+        (504), naming the handshake step it stopped at, not a refusal.
+        """
+        listening = reactor.listenTCP(
+            0, Factory.forProtocol(Protocol), interface="127.0.0.1"
+        )
+        self.addCleanup(listening.stopListening)
+        facade = yield self.start_facade(
+            self.dmp_url(listening.getHost().port),
+            dmp_timeout=30.0,
+            handshake_timeout=1.0,
+        )
+        error = yield self.failure_of(
+            facade.td02_exist(CDA_PATIENT, self.context), Exception
+        )
+        self.assertEqual((error.status, error.kind), (504, "dmp-timeout"), error)
+        self.assertIn("waiting for ServerHello", str(error))
+        self.assertEqual(self.authentication_signatures, 0)
 
 
 def _other_authority() -> bytes:
@@ -787,11 +1011,35 @@ class _Downstream(Protocol):
             upstream.transport.write(data)
         self.pending = []
 
+    #: In C{late-request}: this connection's request is held back...
+    late = False
+    #: ...and the data of the one that waits for it to be answered.
+    waiting: list[bytes] | None = None
+    on_answer: Any = None
+
     def dataReceived(self, data: bytes) -> None:
         if self.cut:
             return
         self.sent += len(data)
         big = self.sent >= self.proxy.threshold
+        if self.proxy.mode == "late-request" and (
+            big or self.late or self.waiting is not None
+        ):
+            if self.late or self.proxy.late is None:
+                # The first submission: its end reaches the DMP only when the
+                # facade sends it again, after its check by uniqueId.
+                self.late = True
+                self.proxy.late = self
+                self.proxy.late_data.append(data)
+                return
+            if self.waiting is None:
+                # The resend: the first one goes on now, and this one once
+                # the DMP has answered the first.
+                self.waiting = []
+                self.proxy.cuts += 1
+                self.proxy.release_late(self)
+            self.waiting.append(data)
+            return
         if big and self.proxy.mode == "swallow-request":
             # The request reaches the proxy, never the DMP.
             self.cut = True
@@ -824,7 +1072,25 @@ class _Downstream(Protocol):
         else:
             self.upstream.transport.write(data)
 
+    def forward(self, data: bytes) -> None:
+        if self.upstream is None:
+            self.pending.append(data)
+        else:
+            self.upstream.transport.write(data)
+
+    def flush_waiting(self) -> None:
+        waiting, self.waiting = self.waiting or [], None
+        self.proxy.mode = None
+        for data in waiting:
+            self.forward(data)
+
     def from_server(self, data: bytes) -> None:
+        if self.late:
+            # The DMP answered the late submission; nobody waits for it now.
+            callback, self.on_answer = self.on_answer, None
+            if callback is not None:
+                callback()
+            return
         if getattr(self, "armed", False) and self.proxy.mode == "hold-answer":
             # The DMP answered; the answer waits here until the facade gives up.
             self.proxy.cuts += 1
@@ -845,7 +1111,7 @@ class _Downstream(Protocol):
         self.transport.write(data)
 
     def connectionLost(self, reason: Any = None) -> None:
-        if self.upstream is not None:
+        if self.upstream is not None and not self.late:
             self.upstream.transport.loseConnection()
 
 
@@ -866,8 +1132,25 @@ class LosingProxy(Factory):
         #: C{cut-request} stops reading after this many bytes (the TLS
         #: handshake and the start of the body), then drops the connection.
         self.cut_at = 16 * 1024
+        #: C{late-request}: the connection whose request is held, its data.
+        self.late: _Downstream | None = None
+        self.late_data: list[bytes] = []
+
+    def release_late(self, resend: _Downstream) -> None:
+        """
+        Let the held request reach the DMP; C{resend} goes on once the DMP
+        has answered it.
+        """
+        late = self.late
+        assert late is not None
+        late.on_answer = resend.flush_waiting
+        for data in self.late_data:
+            late.forward(data)
+        self.late_data = []
 
     def stop(self) -> None:
+        if self.late is not None and self.late.upstream is not None:
+            self.late.upstream.transport.abortConnection()
         for call, transport in self.later:
             if call.active():
                 call.cancel()
@@ -944,6 +1227,24 @@ class LostAnswerTests(FacadeTestCase):
         self.assertEqual(self.authentication_signatures, 1)
 
     @inlineCallbacks
+    def test_stored_late_resend_refused(self) -> Any:
+        """
+        The end of the submission reaches the DMP only after the facade gave
+        up waiting and found nothing by uniqueId: the DMP stores it, then
+        refuses the resend as a duplicate of it. The facade checks again and
+        says the submission was stored (once), not refused.
+        """
+        self.facade = yield self.start_facade(
+            self.dmp_url(self.proxy_port), dmp_timeout=2.0
+        )
+        self.proxy.mode = "late-request"
+        answer = yield self.submit(self.data)
+        self.assertEqual(self.proxy.cuts, 1)
+        self.assertEqual(answer["outcome"], "stored-after-lost-answer")
+        copies = yield self.stored_copies()
+        self.assertEqual(copies, 1)
+
+    @inlineCallbacks
     def test_still_unknown(self) -> Any:
         """
         Every submission is lost on the way: after one resend the facade
@@ -1015,11 +1316,15 @@ class OpenApiTests(FacadeTestCase):
     @inlineCallbacks
     def test_description_matches_routes(self) -> Any:
         """
-        The served description is the one made from the routes; every
-        described operation answers (a malformed POST gets a documented 400
-        problem), and a path it does not describe is 404.
+        The served description is a valid OpenAPI 3.1 document made from the
+        routes; every described operation answers as described (a malformed
+        POST gets a documented 400 problem), a method a path does not take
+        is 405 and a path it does not describe is 404, both as problems.
+        The answers of every other test of this module are checked the same
+        way when it ends.
         """
         served = yield self.facade.openapi()
+        validate_description(served)
         self.assertEqual(served, json.loads(json.dumps(openapi())))
         self.assertEqual(served["openapi"], "3.1.0")
         described = {
@@ -1028,28 +1333,53 @@ class OpenApiTests(FacadeTestCase):
             for method in operations
         }
         self.assertEqual(described, {(r.method, r.path) for r in ROUTES})
-        problem_schema = served["components"]["schemas"]["Problem"]
         for method, path in sorted(described):
-            operation = served["paths"][path][method.lower()]
             response = yield Agent(reactor).request(
                 method.encode(),
                 (self.facade_url + path).encode(),
                 Headers({b"content-type": [b"application/json"]}),
                 _body(b"{}") if method == "POST" else None,
             )
-            content = json.loads((yield readBody(response)))
-            self.assertIn(str(response.code), operation["responses"], path)
-            if response.code == 200:
-                schema = operation["responses"]["200"]["content"]["application/json"]
-                conforms(content, schema["schema"])
-            else:
-                self.assertEqual(response.code, 400, path)
-                conforms(content, problem_schema)
-        response = yield Agent(reactor).request(
-            b"GET", (self.facade_url + "/dmp/nothing").encode()
+            yield readBody(response)
+            self.assertEqual(response.code, 200 if method == "GET" else 400, path)
+        for method, path in [(b"GET", "/dmp/td21SubmitDocuments"), (b"GET", "/dmp")]:
+            response = yield Agent(reactor).request(
+                method, (self.facade_url + path).encode()
+            )
+            yield readBody(response)
+        self.assertEqual(
+            [(a.path, a.status) for a in self.answers[-2:]],
+            [("/dmp/td21SubmitDocuments", 405), ("/dmp", 404)],
         )
-        self.assertEqual(response.code, 404)
-        yield readBody(response)
+        self.assertEqual(
+            {(a.method, a.path) for a in self.answers} & described, described
+        )
+        check_answers(self.answers, served)
+
+    def test_answers_checked(self) -> None:
+        """
+        The check of the answers fails on what the description does not
+        say: an undescribed status, media type or member type.
+        """
+        description = openapi()
+        problem = json.dumps(
+            {"type": "x", "title": "t", "status": 418, "detail": "d"}
+        ).encode()
+        for answer in [
+            SentAnswer("POST", "/dmp/td02Exist", 418, PROBLEM, problem, "", b""),
+            SentAnswer("POST", "/dmp/td02Exist", 200, "text/html", b"<p>", "", b""),
+            SentAnswer(
+                "POST",
+                "/dmp/td02Exist",
+                200,
+                "application/json",
+                b'{"exists": "yes", "responseCode": "OK"}',
+                "",
+                b"",
+            ),
+            SentAnswer("GET", "/health", 200, "application/json", b"{}", "", b""),
+        ]:
+            self.assertRaises(AssertionError, check_answers, [answer], description)
 
 
 @inlineCallbacks
@@ -1246,9 +1576,15 @@ class MoreFaultTests(FacadeTestCase):
         self.assertEqual(transactions[1]["connection"], "reused")
         self.assertEqual(transactions[1]["signature"], "none")
         self.assertIn("submission-set signature", formatEvent(transactions[2]))
+        # Neither the token nor the document (its title, its patient's INS)
+        # in any event of the facade, the agent or the local DMP.
+        title = re.search(rb"<title>([^<]+)</title>", cda("VAC-NOTE"))
+        assert title is not None
+        secrets = [self.context["token"], CDA_PATIENT["ins"], title.group(1).decode()]
         for event in events:
-            self.assertNotIn(self.context["token"], formatEvent(event))
-            self.assertNotIn(self.context["token"], repr(event))
+            for secret in secrets:
+                self.assertNotIn(secret, formatEvent(event) or "")
+                self.assertNotIn(secret, repr(event))
 
 
 class ProblemMappingTests(SynchronousTestCase):
@@ -1327,15 +1663,37 @@ class ProblemMappingTests(SynchronousTestCase):
     def test_overrides(self) -> None:
         from cpsdmp.facade.resource import BadRequest, read_overrides
 
-        values = read_overrides(
-            {"classCode": SYNTHESE, "title": "Bilan", "confidentialityCode": [SYNTHESE]}
-        )
+        accepted = {
+            "classCode": SYNTHESE,
+            "title": "Bilan",
+            "confidentialityCode": [SYNTHESE],
+        }
+        values = read_overrides(accepted)
         self.assertEqual(
             values["classCode"], CodedValue("11", SYNTHESE["codingScheme"], "Synthèse")
         )
         self.assertEqual(values["title"], "Bilan")
         self.assertRaises(BadRequest, read_overrides, {"patientId": "x"})
         self.assertRaises(BadRequest, read_overrides, {"classCode": {"code": "11"}})
+
+        # The description says the same.
+        schema = _pointer(
+            "paths",
+            "/dmp/td21SubmitDocuments",
+            "post",
+            "requestBody",
+            "content",
+            "application/json",
+            "schema",
+            "properties",
+            "documents",
+            "items",
+            "properties",
+            "overrides",
+        )
+        conforms(accepted, schema)
+        for refused in [{"patientId": "x"}, {"classCode": {"code": "11"}}]:
+            self.assertRaises(AssertionError, conforms, refused, schema)
 
 
 class OptionsTests(SynchronousTestCase):
@@ -1470,3 +1828,77 @@ class TwistTests(FacadeTestCase):
         log = output.output.decode(errors="replace")
         self.assertIn("DMP TD0.2: OK", log)
         self.assertNotIn(self.context["token"], log)
+
+
+class _Stalling(Protocol):
+    """
+    A facade that reads the request, then answers C{self.factory.answer}
+    (nothing, headers without the whole body, or a dropped connection) and
+    stalls.
+    """
+
+    def dataReceived(self, data: bytes) -> None:
+        answer = self.factory.answer  # type: ignore[attr-defined]
+        if answer == "drop":
+            self.transport.abortConnection()  # type: ignore[union-attr]
+        elif answer:
+            self.transport.write(answer)  # type: ignore[union-attr]
+            self.factory.answer = b""  # type: ignore[attr-defined]
+
+    def connectionMade(self) -> None:
+        self.factory.connections.append(self.transport)  # type: ignore[attr-defined]
+
+
+class FacadeClientTests(TestCase):
+    """
+    The backend's client facing a facade that fails: each wait ends, and
+    the error says what happened, as a L{FacadeError}.
+    """
+
+    timeout = 30
+
+    def stalling(self, answer: bytes | str) -> FacadeClient:
+        factory = Factory.forProtocol(_Stalling)
+        factory.answer = answer  # type: ignore[attr-defined]
+        factory.connections = []  # type: ignore[attr-defined]
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+
+        def drop() -> None:
+            for transport in factory.connections:  # type: ignore[attr-defined]
+                transport.abortConnection()
+
+        self.addCleanup(drop)
+        client = FacadeClient(f"http://127.0.0.1:{port.getHost().port}", timeout=1.0)
+        self.addCleanup(client.close)
+        return client
+
+    @inlineCallbacks
+    def test_silent(self) -> Any:
+        client = self.stalling(b"")
+        error = yield self.assertFailure(client.health(), FacadeError)
+        self.assertIn("did not answer within 1 s", str(error))
+
+    @inlineCallbacks
+    def test_body_stalls(self) -> Any:
+        client = self.stalling(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100\r\n\r\n{"
+        )
+        error = yield self.assertFailure(client.health(), FacadeError)
+        self.assertIn("did not answer within 1 s", str(error))
+
+    @inlineCallbacks
+    def test_dropped(self) -> Any:
+        client = self.stalling("drop")
+        error = yield self.assertFailure(client.health(), FacadeError)
+        self.assertIn("connection to the facade", str(error))
+
+    @inlineCallbacks
+    def test_problem_not_json(self) -> Any:
+        client = self.stalling(
+            b"HTTP/1.1 502 Bad Gateway\r\nContent-Type: application/problem+json\r\n"
+            b"Content-Length: 5\r\n\r\noops!"
+        )
+        error = yield self.assertFailure(client.health(), FacadeError)
+        self.assertIn("HTTP 502", str(error))

@@ -9,7 +9,9 @@ import functools
 import os
 from pathlib import Path
 
-from cryptography.hazmat.primitives import serialization
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -18,7 +20,16 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
 from cpsdmp.agent.testcard import TestCard, init_testcard
-from cpsdmp.sandbox.tls import DMP_CIPHERS, dmp_server_options
+from cpsdmp.sandbox.tls import dmp_server_options
+
+#: The DMP's four suites for software (OpenSSL names), written out here
+#: rather than taken from the code under test.
+DMP_SUITES = (
+    "ECDHE-RSA-AES128-GCM-SHA256",
+    "ECDHE-RSA-AES256-GCM-SHA384",
+    "ECDHE-RSA-AES256-SHA384",
+    "ECDHE-RSA-CHACHA20-POLY1305",
+)
 
 
 @functools.cache
@@ -125,7 +136,62 @@ class DmpServerOptionsTests(TestCase):
         out, err, code = yield self.s_client("-brief")
         text = (out + err).decode()
         self.assertNotIn("DMP sandbox ready", text)
-        self.assertRegex(text, "alert|error")
+        self.assertIn("alert handshake failure", text)
+
+    @inlineCallbacks
+    def test_forged_card_refused(self):  # type: ignore[no-untyped-def]
+        """
+        A certificate with the card holder's subject and the test
+        authority's name as issuer, but not signed by it, is refused: the
+        holder a VIHF is checked against is one the test PKI vouches for.
+        """
+        card = x509.load_pem_x509_certificate(self.client_cert.read_bytes())
+        key = rsa.generate_private_key(65537, 2048)
+        forged = (
+            x509.CertificateBuilder()
+            .subject_name(card.subject)
+            .issuer_name(card.issuer)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(card.not_valid_before_utc)
+            .not_valid_after(card.not_valid_after_utc)
+            .sign(key, hashes.SHA256())
+        )
+        forged_cert = Path("forged-cert.pem").absolute()
+        forged_cert.write_bytes(forged.public_bytes(serialization.Encoding.PEM))
+        forged_key = Path("forged-key.pem").absolute()
+        forged_key.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        out, err, code = yield self.s_client(
+            "-cert", str(forged_cert), "-key", str(forged_key), "-brief"
+        )
+        text = (out + err).decode()
+        self.assertNotIn("DMP sandbox ready", text)
+        self.assertRegex(text, "alert (decrypt error|bad certificate|unknown ca)")
+
+    @inlineCallbacks
+    def test_older_versions_refused(self):  # type: ignore[no-untyped-def]
+        """
+        TLS 1.1 and 1.0 are refused (offered here with every suite, at the
+        lowest security level of OpenSSL's client).
+        """
+        for version in ("-tls1_1", "-tls1"):
+            out, err, code = yield self.s_client(
+                version,
+                "-cipher",
+                "ALL:@SECLEVEL=0",
+                "-cert",
+                str(self.client_cert),
+                "-key",
+                str(self.client_key),
+            )
+            self.assertNotEqual(code, 0, version)
+            self.assertIn(b"alert protocol version", err, version)
 
     @inlineCallbacks
     def test_tls13_refused(self):  # type: ignore[no-untyped-def]
@@ -137,10 +203,17 @@ class DmpServerOptionsTests(TestCase):
 
     @inlineCallbacks
     def test_other_suites_refused(self):  # type: ignore[no-untyped-def]
+        """
+        A client offering every TLS 1.2 suite OpenSSL knows but the DMP's
+        four finds none in common.
+        """
+        others = ":".join(
+            ["ALL", *(f"!{suite}" for suite in DMP_SUITES), "@SECLEVEL=0"]
+        )
         out, err, code = yield self.s_client(
             "-tls1_2",
             "-cipher",
-            "ECDHE-RSA-AES128-SHA256",
+            others,
             "-cert",
             str(self.client_cert),
             "-key",
@@ -154,7 +227,7 @@ class DmpServerOptionsTests(TestCase):
         """
         Each of the DMP's four suites can be negotiated.
         """
-        for suite in DMP_CIPHERS.split(":"):
+        for suite in DMP_SUITES:
             out, err, code = yield self.s_client(
                 "-cipher",
                 suite,

@@ -15,8 +15,17 @@ from typing import Any
 
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, TimeoutError, ensureDeferred
-from twisted.internet.error import ConnectError
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.internet.error import ConnectError, ConnectionLost
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.python.failure import Failure
+from twisted.web.client import (
+    Agent,
+    HTTPConnectionPool,
+    RequestTransmissionFailed,
+    ResponseDone,
+    ResponseFailed,
+)
+from twisted.web.http import PotentialDataLoss
 
 PROBLEM_BASE = "https://cpsdmp.invalid/problems/"
 
@@ -180,6 +189,32 @@ def problem_error(status: int, problem: Mapping[str, Any]) -> FacadeProblem:
     return _KINDS.get(kind, FacadeProblem)(status, problem)
 
 
+class _BodyReader(Protocol):
+    """
+    Reads an answer's body; cancelling L{done} closes the connection it
+    comes on, so that a body that stalls is not waited for.
+    """
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.done: Deferred[bytes] = Deferred(self._cancel)
+
+    def _cancel(self, _: object) -> None:
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.chunks.append(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self.done.called:
+            return  # cancelled: the end of the connection says nothing more
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(b"".join(self.chunks))
+        else:
+            self.done.errback(reason)
+
+
 class FacadeClient:
     """
     Calls a facade at C{url} (C{http://127.0.0.1:10080}).
@@ -198,6 +233,7 @@ class FacadeClient:
             reactor = default_reactor
         self.url = url.rstrip("/")
         self.timeout = timeout
+        self._reactor = reactor
         self._pool = HTTPConnectionPool(reactor)
         self._http = http or HTTPClient(Agent(reactor, pool=self._pool))
 
@@ -208,6 +244,16 @@ class FacadeClient:
         closing: Deferred[None] = self._pool.closeCachedConnections()
         return closing
 
+    async def _exchange(
+        self, method: str, path: str, kwargs: dict[str, Any]
+    ) -> tuple[Any, bytes]:
+        response = await self._http.request(
+            method, self.url + path, unbuffered=True, **kwargs
+        )
+        reader = _BodyReader()
+        response.deliverBody(reader)
+        return response, await reader.done
+
     async def _call(
         self,
         method: str,
@@ -216,25 +262,50 @@ class FacadeClient:
         accept: str = "application/json",
         raw: bool = False,
     ) -> Any:
-        kwargs: dict[str, Any] = {
-            "headers": {"Accept": accept},
-            "timeout": self.timeout,
-        }
+        kwargs: dict[str, Any] = {"headers": {"Accept": accept}}
         if body is not None:
             kwargs["data"] = json.dumps(body).encode("utf-8")
             kwargs["headers"]["Content-Type"] = "application/json"
+        # One timeout for the whole exchange: connection, answer and body.
+        exchange = ensureDeferred(self._exchange(method, path, kwargs))
+        # Cancelled at the timeout, the exchange fails with whatever the
+        # step it was in makes of it: say it was the timeout.
+        exchange.addTimeout(
+            self.timeout,
+            self._reactor,
+            onTimeoutCancel=lambda result, timeout: Failure(TimeoutError()),
+        )
         try:
-            response = await self._http.request(method, self.url + path, **kwargs)
-            content = await response.content()
-        except (ConnectError, TimeoutError) as error:
+            response, content = await exchange
+        except TimeoutError:
             raise FacadeError(
-                f"no answer from the facade at {self.url}: {error}"
+                f"the facade at {self.url} did not answer within {self.timeout:g} s"
+            ) from None
+        except ConnectError as error:
+            raise FacadeError(
+                f"no connection to the facade at {self.url}: {error}"
+            ) from None
+        except (ResponseFailed, RequestTransmissionFailed, ConnectionLost) as error:
+            reasons = getattr(error, "reasons", None) or [error]
+            said = "; ".join(
+                r.getErrorMessage() if hasattr(r, "getErrorMessage") else str(r)
+                for r in reasons
+            )
+            raise FacadeError(
+                f"the connection to the facade at {self.url} failed: {said}"
             ) from None
         content_type = (response.headers.getRawHeaders("content-type") or [""])[0]
         if response.code >= 400:
             if content_type.startswith("application/problem+json"):
-                raise problem_error(response.code, json.loads(content))
-            raise FacadeError(f"the facade answered HTTP {response.code}")
+                try:
+                    problem = json.loads(content)
+                except ValueError:
+                    problem = None
+                if isinstance(problem, dict):
+                    raise problem_error(response.code, problem)
+            raise FacadeError(
+                f"the facade answered HTTP {response.code} without a problem document"
+            )
         if raw:
             return content, content_type
         try:

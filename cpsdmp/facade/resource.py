@@ -69,6 +69,8 @@ DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
 JSON = "application/json"
 PROBLEM_JSON = "application/problem+json"
 MULTIPART = "multipart/form-data"
+#: An answer in the media type of what it carries (a document's mimeType).
+ANY_MEDIA = "*/*"
 
 
 class BadRequest(Exception):
@@ -420,6 +422,10 @@ PROBLEM_SCHEMA = {
         "alert": {"type": ["string", "null"]},
         "uniqueIds": {"type": "array", "items": {"type": "string"}},
         "outcome": {"type": "string"},
+        "retryAfter": {
+            "type": "integer",
+            "description": "seconds to wait, as the Retry-After header says",
+        },
     },
 }
 _WARNINGS = {"type": "array", "items": _DMP_ERROR_SCHEMA}
@@ -473,7 +479,8 @@ async def _openapi(resource: FacadeResource, request: server.Request, body: Any)
 async def _td02(resource: FacadeResource, request: server.Request, body: Any) -> Any:
     context = _context(body)
     patient = resource.patient(_object(body, "patient"))
-    result = await resource.service.td02(context, patient)
+    timings: dict[str, Any] = {}
+    result = await resource.service.td02(context, patient, timings)
     return {
         "exists": result.exists,
         "responseCode": result.response_code,
@@ -482,6 +489,7 @@ async def _td02(resource: FacadeResource, request: server.Request, body: Any) ->
         "family": result.family,
         "given": result.given,
         "attentions": result.attentions,
+        "timings": timings,
     }
 
 
@@ -620,12 +628,10 @@ async def _td32(resource: FacadeResource, request: server.Request, body: Any) ->
     document = documents[0]
     accept = (request.getHeader("accept") or "").lower()
     wanted = {part.split(";")[0].strip() for part in accept.split(",")}
-    if "application/octet-stream" in wanted or (
-        document.mime_type and document.mime_type.lower() in wanted
-    ):
-        return RawAnswer(
-            bytes(document.data), document.mime_type or "application/octet-stream"
-        )
+    if document.mime_type and document.mime_type.lower() in wanted:
+        return RawAnswer(bytes(document.data), document.mime_type)
+    if "application/octet-stream" in wanted:
+        return RawAnswer(bytes(document.data), "application/octet-stream")
     return {
         "uniqueId": document.unique_id,
         "repositoryUniqueId": document.repository,
@@ -673,6 +679,39 @@ async def _td33(resource: FacadeResource, request: server.Request, body: Any) ->
 
 
 _AGENT = {"agentContext": _CONTEXT_SCHEMA}
+
+#: The DocumentEntry attributes a submission may set instead of the CDA's.
+_OVERRIDES_SCHEMA = {
+    "type": "object",
+    "description": "XDS attribute -> value; codes as {code, codingScheme, display}",
+    "properties": {
+        **{name: _CODE_SCHEMA for name in sorted(CODED_OVERRIDES)},
+        **{
+            name: {"type": "array", "items": _CODE_SCHEMA}
+            for name in sorted(CODED_LIST_OVERRIDES)
+        },
+        **{name: {"type": "string"} for name in sorted(TEXT_OVERRIDES)},
+    },
+    "additionalProperties": False,
+}
+
+
+def _timings_schema(start: str) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "description": start + "the DMP exchange (handshake included, with the "
+        "connection used: new handshake, resumed, reused, or unknown when it "
+        "could not be told), the TLS handshake when the exchange made one, and "
+        "the card's TLS signature when a new handshake needed one",
+        "properties": {
+            "submissionSetSignature": {"type": ["number", "null"]},
+            "dmp": {"type": "number"},
+            "connection": {"enum": ["new handshake", "resumed", "reused", "unknown"]},
+            "handshake": {"type": ["number", "null"]},
+            "handshakeSignature": {"type": ["number", "null"]},
+        },
+    }
+
 
 ROUTES: tuple[Route, ...] = (
     Route(
@@ -724,6 +763,7 @@ ROUTES: tuple[Route, ...] = (
                     "type": "object",
                     "additionalProperties": {"type": "string"},
                 },
+                "timings": _timings_schema("seconds: "),
             },
         },
     ),
@@ -753,11 +793,7 @@ ROUTES: tuple[Route, ...] = (
                                 "type": "string",
                                 "contentEncoding": "base64",
                             },
-                            "overrides": {
-                                "type": "object",
-                                "description": "XDS attribute -> value; codes "
-                                "as {code, codingScheme, display}",
-                            },
+                            "overrides": _OVERRIDES_SCHEMA,
                         },
                     },
                 },
@@ -799,19 +835,9 @@ ROUTES: tuple[Route, ...] = (
                     },
                 },
                 "warnings": _WARNINGS,
-                "timings": {
-                    "type": "object",
-                    "description": "seconds: the card's submission-set "
-                    "signature, the DMP exchange (with the connection used: "
-                    "new handshake, resumed, reused) and the card's TLS "
-                    "signature when a new handshake needed one",
-                    "properties": {
-                        "submissionSetSignature": {"type": ["number", "null"]},
-                        "dmp": {"type": "number"},
-                        "connection": {"enum": ["new handshake", "resumed", "reused"]},
-                        "handshakeSignature": {"type": ["number", "null"]},
-                    },
-                },
+                "timings": _timings_schema(
+                    "seconds: the card's submission-set signature, "
+                ),
             },
         },
         request_types=(JSON, MULTIPART),
@@ -880,7 +906,7 @@ ROUTES: tuple[Route, ...] = (
                 "content": {"type": "string", "contentEncoding": "base64"},
             },
         },
-        answer_types=(JSON, "application/octet-stream"),
+        answer_types=(JSON, "application/octet-stream", ANY_MEDIA),
     ),
     Route(
         "POST",
@@ -931,6 +957,18 @@ _STATUS_TEXT = {
 }
 
 
+def _answer_schema(route: Route, media_type: str) -> dict[str, Any]:
+    if media_type == JSON:
+        return route.answer
+    if media_type == ANY_MEDIA:
+        return {
+            "type": "string",
+            "description": "the bytes under the document's own mimeType, when "
+            "Accept names it",
+        }
+    return {"type": "string", "contentMediaType": media_type}
+
+
 def openapi() -> dict[str, Any]:
     """
     @return: the OpenAPI 3.1 description of L{ROUTES}.
@@ -941,12 +979,7 @@ def openapi() -> dict[str, Any]:
             "200": {
                 "description": "done",
                 "content": {
-                    t: {
-                        "schema": route.answer
-                        if t == JSON
-                        else {"type": "string", "contentMediaType": t}
-                    }
-                    for t in route.answer_types
+                    t: {"schema": _answer_schema(route, t)} for t in route.answer_types
                 },
             }
         }

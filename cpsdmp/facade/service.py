@@ -57,6 +57,7 @@ from zope.interface import implementer
 from cpsdmp.agent.client import AgentError, CpsAgentClient, TokenExpired
 from cpsdmp.protocols.soap import SoapFault, SoapResponse, read_message
 from cpsdmp.protocols.tls import (
+    HandshakeFailed,
     IRemoteKey,
     SessionCache,
     SignatureScheme,
@@ -64,6 +65,7 @@ from cpsdmp.protocols.tls import (
     TLSClientConfig,
     TLSError,
 )
+from cpsdmp.protocols.tls.alerts import AlertDescription
 from cpsdmp.protocols.tls.handshake import State
 from cpsdmp.xds.context import (
     PROFESSION_SYSTEM,
@@ -79,7 +81,7 @@ from cpsdmp.xds.ebrim import (
     PatientId,
     Status,
 )
-from cpsdmp.xds.responses import RegistryResult
+from cpsdmp.xds.responses import RegistryFailure, RegistryResult
 from cpsdmp.xds.signature import Signer
 from cpsdmp.xds.submit import PreparedSubmission, SigningIdentity, prepare_td21
 from cpsdmp.xds.transactions import (
@@ -296,11 +298,13 @@ class ConnectionInfo:
 class _Connection:
     """
     How a request's connection came to be: C{new handshake}, C{resumed} or
-    C{reused}, and the card's signature time when its handshake needed one.
+    C{reused}; how long its handshake took, when it made one; and the card's
+    signature time when its handshake needed one.
     """
 
     label: str
     card_seconds: float | None = None
+    handshake_seconds: float | None = None
 
 
 def _connection_of(response: Any, info: ConnectionInfo) -> _Connection:
@@ -318,10 +322,12 @@ def _connection_of(response: Any, info: ConnectionInfo) -> _Connection:
     if tls in info.seen:
         return _Connection("reused")
     info.seen.add(tls)
+    # The handshake's time is the sum of the time spent in each of its steps.
+    handshake = sum(negotiated.timings.values())
     if negotiated.resumed:
-        return _Connection("resumed")
+        return _Connection("resumed", None, handshake)
     return _Connection(
-        "new handshake", negotiated.timings.get(State.WAIT_SIGNATURE.name)
+        "new handshake", negotiated.timings.get(State.WAIT_SIGNATURE.name), handshake
     )
 
 
@@ -487,6 +493,9 @@ def professional_from(
 
 
 _ANSWER_LOST = (ResponseNeverReceived, ResponseFailed, ConnectionLost)
+
+#: The registry's refusal of a uniqueId it already has (IHE ITI TF-3, 4.2.4).
+DUPLICATE_UNIQUE_ID = "XDSDuplicateUniqueIdInRegistry"
 
 
 class DmpService:
@@ -676,9 +685,11 @@ class DmpService:
                 code = getattr(error, "code", None) or type(error).__name__
             raise
         finally:
+            handshake_seconds = None
             if used:
                 # The connection that carried this request says what it cost.
                 connection, card_seconds = used[0].label, used[0].card_seconds
+                handshake_seconds = used[0].handshake_seconds
             else:
                 # It could not be told (no answer): say what happened meanwhile.
                 connection = "reused"
@@ -707,6 +718,11 @@ class DmpService:
                 timings.update(
                     dmp=round(duration, 6),
                     connection=connection,
+                    handshake=(
+                        None
+                        if handshake_seconds is None
+                        else round(handshake_seconds, 6)
+                    ),
                     handshakeSignature=card_seconds,
                 )
 
@@ -736,6 +752,16 @@ class DmpService:
             agent_error = session.key.last_error
             if isinstance(agent_error, AgentError):
                 raise agent_error from error
+            if (
+                isinstance(error, HandshakeFailed)
+                and error.alert is AlertDescription.user_canceled
+            ):
+                # Our handshake timer gave up (the only user_canceled we send):
+                # a timeout, not a refusal by the DMP.
+                raise DmpTimeout(
+                    f"the TLS handshake with the DMP did not finish within "
+                    f"{self.config.handshake_timeout:g} seconds ({error.step})"
+                ) from error
             raise
         except ConnectError as error:
             raise DmpUnreachable(
@@ -773,15 +799,27 @@ class DmpService:
         return content_type, body, response.code
 
     # Transactions -------------------------------------------------------------
-    async def td02(self, context: AgentContext, patient: PatientId) -> ExistenceResult:
+    async def td02(
+        self,
+        context: AgentContext,
+        patient: PatientId,
+        timings: dict[str, Any] | None = None,
+    ) -> ExistenceResult:
         """
+        @param timings: filled with the exchange's times, as for L{submit}.
         @return: the TD0.2 answer: does the patient have a DMP, and is this
             professional authorised on it.
         """
         session = await self._session(context)
         message = existence_test(self.endpoints, self.vihf(session, patient), patient)
         return await self._exchange(
-            context, session, "TD0.2", message, read_existence, idempotent=True
+            context,
+            session,
+            "TD0.2",
+            message,
+            read_existence,
+            idempotent=True,
+            timings=timings,
         )
 
     async def td31(
@@ -917,7 +955,8 @@ class DmpService:
         """
         TD2.1: submit C{documents}; done only on a DMP Success. When the
         answer is lost, ask the DMP by uniqueId whether it was stored before
-        sending it again, once.
+        sending it again, once; when the DMP refuses that resend as a
+        duplicate, ask again (the first may have arrived late).
 
         @raise UnknownOutcome: the outcome could not be learnt.
         """
@@ -976,6 +1015,22 @@ class DmpService:
             )
         except (DmpAnswerLost, DmpTimeout):
             pass
+        except RegistryFailure as refusal:
+            # The first send may have reached the DMP after the check: the
+            # DMP then refuses the resend as a duplicate of it. Only a
+            # second check by uniqueId tells that from a true refusal.
+            if {e.code for e in refusal.errors} != {DUPLICATE_UNIQUE_ID}:
+                raise
+            if await self._stored(context, patient, unique_ids):
+                _log.warn("TD2.1 resend refused as a duplicate: the first was stored")
+                return Submitted(
+                    prepared,
+                    None,
+                    "stored-after-lost-answer",
+                    count=count,
+                    timings=timings,
+                )
+            raise
         stored = await self._stored(context, patient, unique_ids)
         if stored:
             return Submitted(
