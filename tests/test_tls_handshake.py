@@ -11,6 +11,9 @@ import os
 import struct
 from typing import Any
 
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa, x25519
+from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionDone, ConnectionLost
@@ -20,6 +23,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
+from cpsdmp.protocols.tls import prf
 from cpsdmp.protocols.tls.alerts import (
     AlertDescription,
     HandshakeFailed,
@@ -28,16 +32,25 @@ from cpsdmp.protocols.tls.alerts import (
 from cpsdmp.protocols.tls.handshake import State, TLSClientConfig, TLSInfo
 from cpsdmp.protocols.tls.interfaces import IRemoteKey
 from cpsdmp.protocols.tls.messages import (
+    ClientHello,
     ExtensionType,
     HandshakeReassembler,
     HandshakeType,
     encode_certificate,
+    encode_finished,
     handshake,
     vector,
 )
 from cpsdmp.protocols.tls.protocol import TLSClientProtocol
+from cpsdmp.protocols.tls.records import (
+    ContentType,
+    RecordLayer,
+    key_block_length,
+    protections_for,
+)
 from cpsdmp.protocols.tls.schemes import SignatureScheme
 from cpsdmp.protocols.tls.session import SessionCache
+from cpsdmp.protocols.tls.suites import SUITES_BY_CODE
 from tests.tlssupport import (
     Collector,
     ServerContext,
@@ -572,6 +585,291 @@ class ScriptedServerTests(SynchronousTestCase):
             str(results[0].value),
         )
         self.assertEqual(transport.value(), b"")  # no alert answers an alert
+
+
+class ScriptedServer:
+    """
+    A TLS 1.2 server written out message by message with the test PKI's RSA
+    server key (X25519, TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256, the extended
+    master secret), for what OpenSSL would never send: our protocol on a
+    StringTransport, each answer chosen by the test.
+    """
+
+    suite = SUITES_BY_CODE[0xC02F]
+
+    def __init__(self, config: TLSClientConfig | None = None) -> None:
+        self.clock = Clock()
+        self.app = Collector()
+        self.client = TLSClientProtocol(
+            self.app, config or _config(None), "localhost", 443, self.clock
+        )
+        self.transport = StringTransport()
+        self.results: list[Any] = []
+        self.client.makeConnection(self.transport)
+        self.client.when_established().addBoth(self.results.append)
+        self.transcript = bytearray()
+        self.incoming = RecordLayer()
+        self.outgoing = RecordLayer()
+        self.reassembler = HandshakeReassembler()
+        self.received: list[int] = []
+        self.server_random = os.urandom(32)
+        self.read()
+        assert self.received == [HandshakeType.client_hello], self.received
+
+    # -- what the client says
+
+    def read(self) -> list[tuple[int, bytes]]:
+        """
+        Take the records the client wrote since the last read, following
+        its handshake messages (and switching keys at its ChangeCipherSpec).
+
+        @return: the records, as content type and plaintext.
+        """
+        self.incoming.feed(self.transport.value())
+        self.transport.clear()
+        records = []
+        while (record := self.incoming.next_record()) is not None:
+            records.append(record)
+            content_type, payload = record
+            if content_type == ContentType.change_cipher_spec:
+                self.incoming.set_read_protection(self.protections[0])
+            elif content_type == ContentType.handshake:
+                self.reassembler.feed(payload)
+                while (message := self.reassembler.next_message()) is not None:
+                    self._client_message(*message)
+        return records
+
+    def _client_message(self, msg_type: int, body: bytes, raw: bytes) -> None:
+        self.received.append(msg_type)
+        if msg_type == HandshakeType.client_hello:
+            self.client_hello = ClientHello.decode(body)
+        elif msg_type == HandshakeType.client_key_exchange:
+            self.transcript += raw
+            public = x25519.X25519PublicKey.from_public_bytes(body[1:])
+            self.master_secret = prf.extended_master_secret(
+                hashes.SHA256(), self.ecdhe.exchange(public), self._hash()
+            )
+            block = prf.key_block(
+                hashes.SHA256(),
+                self.master_secret,
+                self.client_hello.random,
+                self.server_random,
+                key_block_length(self.suite),
+            )
+            self.protections = protections_for(self.suite, block)
+            return
+        elif msg_type == HandshakeType.finished:
+            expected = prf.verify_data(
+                hashes.SHA256(), self.master_secret, b"client finished", self._hash()
+            )
+            assert body == expected, "the client's Finished is wrong"
+        self.transcript += raw
+
+    def alert(self) -> int:
+        """
+        @return: the description of the fatal alert the client sent.
+        """
+        [(content_type, payload)] = self.read()
+        assert content_type == ContentType.alert, content_type
+        assert payload[0] == 2, payload
+        return payload[1]
+
+    def _hash(self) -> bytes:
+        h = hashes.Hash(hashes.SHA256())
+        h.update(bytes(self.transcript))
+        return h.finalize()
+
+    # -- what the server says
+
+    def send(self, content_type: int, data: bytes) -> None:
+        self.client.dataReceived(self.outgoing.seal(content_type, data))
+
+    def send_handshake(self, message: bytes) -> None:
+        self.transcript += message
+        self.send(ContentType.handshake, message)
+
+    def hello(
+        self,
+        extensions: list[tuple[int, bytes]] | None = None,
+        session_id: bytes = b"",
+    ) -> None:
+        if extensions is None:
+            extensions = [
+                (ExtensionType.extended_master_secret, b""),
+                (ExtensionType.renegotiation_info, b"\x00"),
+            ]
+        ext = b"".join(struct.pack(">HH", t, len(d)) + d for t, d in extensions)
+        body = (
+            b"\x03\x03"
+            + self.server_random
+            + vector(session_id, 1)
+            + struct.pack(">HB", self.suite.code, 0)
+            + vector(ext, 2)
+        )
+        self.send_handshake(handshake(HandshakeType.server_hello, body))
+
+    def certificate(self) -> None:
+        chain = pki()["server-rsa"].chain
+        self.send_handshake(
+            encode_certificate([c.public_bytes(Encoding.DER) for c in chain])
+        )
+
+    def key_exchange(self) -> None:
+        self.ecdhe = x25519.X25519PrivateKey.generate()
+        params = b"\x03" + struct.pack(">H", 29)
+        params += vector(self.ecdhe.public_key().public_bytes_raw(), 1)
+        key = pki()["server-rsa"].key
+        assert isinstance(key, rsa.RSAPrivateKey)
+        signature = key.sign(
+            self.client_hello.random + self.server_random + params,
+            padding.PKCS1v15(),
+            hashes.SHA256(),
+        )
+        body = params + b"\x04\x01" + vector(signature, 2)
+        self.send_handshake(handshake(HandshakeType.server_key_exchange, body))
+
+    def hello_done(self) -> None:
+        self.send_handshake(handshake(HandshakeType.server_hello_done, b""))
+
+    def up_to_client_finished(self, **hello: Any) -> None:
+        """
+        ServerHello (with C{hello}'s arguments) to ServerHelloDone, then
+        read the client's flight up to its Finished.
+        """
+        self.hello(**hello)
+        self.certificate()
+        self.key_exchange()
+        self.hello_done()
+        self.read()
+        assert self.received[-1] == HandshakeType.finished, self.received
+
+    def new_session_ticket(self, ticket: bytes, lifetime: int = 300) -> None:
+        body = struct.pack(">I", lifetime) + vector(ticket, 2)
+        self.send_handshake(handshake(HandshakeType.new_session_ticket, body))
+
+    def change_cipher_spec(self) -> None:
+        self.send(ContentType.change_cipher_spec, b"\x01")
+        self.outgoing.set_write_protection(self.protections[1])
+
+    def finished(self, verify_data: bytes | None = None) -> None:
+        if verify_data is None:
+            verify_data = prf.verify_data(
+                hashes.SHA256(), self.master_secret, b"server finished", self._hash()
+            )
+        self.send_handshake(encode_finished(verify_data))
+
+
+class ScriptedHandshakeTests(SynchronousTestCase):
+    """
+    Whole handshakes against the scripted server: what it does right is
+    accepted, each thing it does wrong ends with the right alert.
+    """
+
+    def test_genuine(self) -> None:
+        """
+        The scripted server itself completes a handshake: what the other
+        tests change is what makes them fail.
+        """
+        server = ScriptedServer()
+        server.up_to_client_finished()
+        server.change_cipher_spec()
+        server.finished()
+        [info] = server.results
+        self.assertIsInstance(info, TLSInfo)
+        server.client.write(b"ping")
+        self.assertEqual(server.read(), [(ContentType.application_data, b"ping")])
+
+    def test_forged_finished(self) -> None:
+        """
+        A server Finished that does not match the handshake: decrypt_error
+        (sent under the new keys), the step named, nothing cached.
+        """
+        cache = SessionCache(Clock())
+        server = ScriptedServer(_config(None, session_cache=cache))
+        server.up_to_client_finished(
+            extensions=[
+                (ExtensionType.extended_master_secret, b""),
+                (ExtensionType.renegotiation_info, b"\x00"),
+            ],
+            session_id=b"s" * 32,
+        )
+        server.change_cipher_spec()
+        server.finished(bytes(12))
+        self.assertEqual(server.alert(), AlertDescription.decrypt_error)
+        [failure] = server.results
+        self.assertIsInstance(failure.value, HandshakeFailed)
+        self.assertEqual(failure.value.step, State.WAIT_FINISHED.value)
+        self.assertIn("Finished does not match", str(failure.value))
+        self.assertEqual(len(cache), 0)
+
+    def test_change_cipher_spec_too_early(self) -> None:
+        """
+        A ChangeCipherSpec before the key exchange (the CCS injection of
+        CVE-2014-0224) is unexpected_message.
+        """
+        server = ScriptedServer()
+        server.hello()
+        server.certificate()
+        server.send(ContentType.change_cipher_spec, b"\x01")
+        self.assertEqual(server.alert(), AlertDescription.unexpected_message)
+        [failure] = server.results
+        self.assertEqual(failure.value.step, State.WAIT_SERVER_KEY_EXCHANGE.value)
+
+    def test_change_cipher_spec_once_established(self) -> None:
+        server = ScriptedServer()
+        server.up_to_client_finished()
+        server.change_cipher_spec()
+        server.finished()
+        server.send(ContentType.change_cipher_spec, b"\x01")
+        self.assertEqual(server.alert(), AlertDescription.unexpected_message)
+        self.assertTrue(server.transport.disconnecting)
+
+    def test_ticket_not_announced(self) -> None:
+        """
+        A NewSessionTicket without the session_ticket extension in the
+        ServerHello is unexpected_message.
+        """
+        server = ScriptedServer()
+        server.up_to_client_finished()
+        server.new_session_ticket(b"ticket")
+        self.assertEqual(server.alert(), AlertDescription.unexpected_message)
+        self.assertIn("did not announce", str(server.results[0].value))
+
+    def test_announced_ticket_missing(self) -> None:
+        server = ScriptedServer()
+        server.up_to_client_finished(
+            extensions=[
+                (ExtensionType.extended_master_secret, b""),
+                (ExtensionType.renegotiation_info, b"\x00"),
+                (ExtensionType.session_ticket, b""),
+            ]
+        )
+        server.send(ContentType.change_cipher_spec, b"\x01")
+        self.assertEqual(server.alert(), AlertDescription.unexpected_message)
+        self.assertIn("sent none", str(server.results[0].value))
+
+    def test_ticket_cached_after_finished(self) -> None:
+        """
+        A ticket is cached with the session once the server Finished is
+        verified, and offered by the next connection.
+        """
+        cache = SessionCache(Clock())
+        server = ScriptedServer(_config(None, session_cache=cache))
+        server.up_to_client_finished(
+            extensions=[
+                (ExtensionType.extended_master_secret, b""),
+                (ExtensionType.renegotiation_info, b"\x00"),
+                (ExtensionType.session_ticket, b""),
+            ]
+        )
+        server.new_session_ticket(b"opaque ticket")
+        server.change_cipher_spec()
+        self.assertEqual(len(cache), 0)
+        server.finished()
+        self.assertTrue(server.results[0].ticket_received)
+        again = ScriptedServer(_config(None, session_cache=cache))
+        self.assertEqual(again.client_hello.session_ticket, b"opaque ticket")
+        self.assertEqual(len(again.client_hello.session_id), 32)
 
 
 def serialization_der() -> Any:
