@@ -442,6 +442,13 @@ class ResumptionTests(SynchronousTestCase):
         self.assertEqual(len(cache), 0)
 
 
+# What a genuine server answers to our ClientHello, at the least.
+_GOOD_EXTENSIONS = [
+    (ExtensionType.extended_master_secret, b""),
+    (ExtensionType.renegotiation_info, b"\x00"),
+]
+
+
 def _server_hello(extensions: list[tuple[int, bytes]], suite: int = 0xC02F) -> bytes:
     ext = b"".join(struct.pack(">HH", t, len(d)) + d for t, d in extensions)
     body = (
@@ -525,7 +532,7 @@ class ScriptedServerTests(SynchronousTestCase):
         )
         # split the three messages across records, one inside a header
         data = (
-            _server_hello([(ExtensionType.extended_master_secret, b"")])
+            _server_hello(_GOOD_EXTENSIONS)
             + encode_certificate(chain)
             + handshake(HandshakeType.server_key_exchange, ske)
         )
@@ -556,7 +563,7 @@ class ScriptedServerTests(SynchronousTestCase):
             )
             self._send(
                 client,
-                _server_hello([(ExtensionType.extended_master_secret, b"")])
+                _server_hello(_GOOD_EXTENSIONS)
                 + encode_certificate(chain)
                 + handshake(HandshakeType.server_key_exchange, ske),
             )
@@ -694,10 +701,7 @@ class ScriptedServer:
         session_id: bytes = b"",
     ) -> None:
         if extensions is None:
-            extensions = [
-                (ExtensionType.extended_master_secret, b""),
-                (ExtensionType.renegotiation_info, b"\x00"),
-            ]
+            extensions = _GOOD_EXTENSIONS
         ext = b"".join(struct.pack(">HH", t, len(d)) + d for t, d in extensions)
         body = (
             b"\x03\x03"
@@ -787,10 +791,6 @@ class ScriptedHandshakeTests(SynchronousTestCase):
         cache = SessionCache(Clock())
         server = ScriptedServer(_config(None, session_cache=cache))
         server.up_to_client_finished(
-            extensions=[
-                (ExtensionType.extended_master_secret, b""),
-                (ExtensionType.renegotiation_info, b"\x00"),
-            ],
             session_id=b"s" * 32,
         )
         server.change_cipher_spec()
@@ -838,11 +838,7 @@ class ScriptedHandshakeTests(SynchronousTestCase):
     def test_announced_ticket_missing(self) -> None:
         server = ScriptedServer()
         server.up_to_client_finished(
-            extensions=[
-                (ExtensionType.extended_master_secret, b""),
-                (ExtensionType.renegotiation_info, b"\x00"),
-                (ExtensionType.session_ticket, b""),
-            ]
+            extensions=[*_GOOD_EXTENSIONS, (ExtensionType.session_ticket, b"")]
         )
         server.send(ContentType.change_cipher_spec, b"\x01")
         self.assertEqual(server.alert(), AlertDescription.unexpected_message)
@@ -856,11 +852,7 @@ class ScriptedHandshakeTests(SynchronousTestCase):
         cache = SessionCache(Clock())
         server = ScriptedServer(_config(None, session_cache=cache))
         server.up_to_client_finished(
-            extensions=[
-                (ExtensionType.extended_master_secret, b""),
-                (ExtensionType.renegotiation_info, b"\x00"),
-                (ExtensionType.session_ticket, b""),
-            ]
+            extensions=[*_GOOD_EXTENSIONS, (ExtensionType.session_ticket, b"")]
         )
         server.new_session_ticket(b"opaque ticket")
         server.change_cipher_spec()
@@ -870,6 +862,40 @@ class ScriptedHandshakeTests(SynchronousTestCase):
         again = ScriptedServer(_config(None, session_cache=cache))
         self.assertEqual(again.client_hello.session_ticket, b"opaque ticket")
         self.assertEqual(len(again.client_hello.session_id), 32)
+
+    def test_renegotiation_info_not_empty(self) -> None:
+        """
+        RFC 5746, section 3.4: a non-empty renegotiation_info on an initial
+        handshake is handshake_failure.
+        """
+        server = ScriptedServer()
+        server.hello(
+            extensions=[
+                (ExtensionType.extended_master_secret, b""),
+                (ExtensionType.renegotiation_info, b"\x0c" + bytes(12)),
+            ]
+        )
+        self.assertEqual(server.alert(), AlertDescription.handshake_failure)
+
+    def test_no_renegotiation_info(self) -> None:
+        """
+        A server that does not say it supports secure renegotiation (RFC
+        5746) may splice our handshake, client certificate included, after
+        an attacker's data as a renegotiation: refused, as OpenSSL's clients
+        do, unless the caller explicitly allows it.
+        """
+        server = ScriptedServer()
+        server.hello(extensions=[(ExtensionType.extended_master_secret, b"")])
+        self.assertEqual(server.alert(), AlertDescription.handshake_failure)
+        self.assertIn("renegotiation_info", str(server.results[0].value))
+
+        allowed = ScriptedServer(_config(None, allow_no_renegotiation_info=True))
+        allowed.up_to_client_finished(
+            extensions=[(ExtensionType.extended_master_secret, b"")]
+        )
+        allowed.change_cipher_spec()
+        allowed.finished()
+        self.assertIsInstance(allowed.results[0], TLSInfo)
 
 
 def serialization_der() -> Any:

@@ -133,6 +133,7 @@ class TLSClientConfig:
     # two key objects never share a session.
     client_identity: Hashable | None = None
     allow_no_extended_master_secret: bool = False
+    allow_no_renegotiation_info: bool = False
     # Each call to the key holder; the whole handshake, those calls included.
     remote_key_timeout: float = 30.0
     handshake_timeout: float = 90.0
@@ -468,6 +469,16 @@ class ClientHandshake:
             raise _violation(
                 AlertDescription.handshake_failure,
                 "non-empty renegotiation_info on an initial handshake",
+            )
+        if reneg is None and not config.allow_no_renegotiation_info:
+            # RFC 5746, section 4.1: such a server could take our handshake,
+            # client certificate included, as the renegotiation of an
+            # attacker's connection and run the attacker's request under it.
+            raise _violation(
+                AlertDescription.handshake_failure,
+                "the server does not support secure renegotiation (no "
+                "renegotiation_info, RFC 5746); refusing a server open to "
+                "renegotiation prefix attacks",
             )
         formats = extensions.get(ExtensionType.ec_point_formats)
         if formats is not None and (not formats or 0 not in formats[1:]):
