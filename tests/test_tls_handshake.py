@@ -863,6 +863,20 @@ class ScriptedHandshakeTests(SynchronousTestCase):
         self.assertEqual(again.client_hello.session_ticket, b"opaque ticket")
         self.assertEqual(len(again.client_hello.session_id), 32)
 
+    def test_extended_master_secret_not_empty(self) -> None:
+        """
+        RFC 7627, section 5.1: the server's extension is empty.
+        """
+        server = ScriptedServer()
+        server.hello(
+            extensions=[
+                (ExtensionType.extended_master_secret, b"\x00"),
+                (ExtensionType.renegotiation_info, b"\x00"),
+            ]
+        )
+        self.assertEqual(server.alert(), AlertDescription.decode_error)
+        self.assertIn("extended_master_secret", str(server.results[0].value))
+
     def test_renegotiation_info_not_empty(self) -> None:
         """
         RFC 5746, section 3.4: a non-empty renegotiation_info on an initial

@@ -486,7 +486,11 @@ class ClientHandshake:
                 AlertDescription.illegal_parameter,
                 "the server does not accept uncompressed EC points",
             )
-        for ext_type in (ExtensionType.server_name, ExtensionType.session_ticket):
+        for ext_type in (
+            ExtensionType.server_name,
+            ExtensionType.session_ticket,
+            ExtensionType.extended_master_secret,
+        ):
             if extensions.get(ext_type, b"") != b"":
                 raise _violation(
                     AlertDescription.decode_error,
