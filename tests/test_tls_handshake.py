@@ -863,6 +863,26 @@ class ScriptedHandshakeTests(SynchronousTestCase):
         self.assertEqual(again.client_hello.session_ticket, b"opaque ticket")
         self.assertEqual(len(again.client_hello.session_id), 32)
 
+    def test_empty_ticket_is_no_ticket(self) -> None:
+        """
+        A NewSessionTicket with an empty ticket (RFC 5077, section 3.3: the
+        server changed its mind) leaves the session resumable by its ID: the
+        next connection offers that ID, not an empty ticket.
+        """
+        cache = SessionCache(Clock())
+        server = ScriptedServer(_config(None, session_cache=cache))
+        server.up_to_client_finished(
+            extensions=[*_GOOD_EXTENSIONS, (ExtensionType.session_ticket, b"")],
+            session_id=b"i" * 32,
+        )
+        server.new_session_ticket(b"")
+        server.change_cipher_spec()
+        server.finished()
+        self.assertFalse(server.results[0].ticket_received)
+        again = ScriptedServer(_config(None, session_cache=cache))
+        self.assertEqual(again.client_hello.session_id, b"i" * 32)
+        self.assertEqual(again.client_hello.session_ticket, b"")
+
     def test_extended_master_secret_not_empty(self) -> None:
         """
         RFC 7627, section 5.1: the server's extension is empty.

@@ -859,7 +859,9 @@ class ClientHandshake:
         assert self._suite is not None
         self._enter(State.ESTABLISHED)
         cache = self.config.session_cache
-        ticket = self._ticket
+        # An empty ticket is the server taking its offer back (RFC 5077,
+        # section 3.3): the session stays resumable by its ID alone.
+        ticket = self._ticket if self._ticket and self._ticket.ticket else None
         if cache is not None:
             offered = self._offered_session
             if self.info.resumed and offered is not None:
