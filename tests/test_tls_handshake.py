@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa, x25519
 from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -304,6 +304,56 @@ class RemoteKeyTimingTests(SynchronousTestCase):
         d.cancel()
         self.failureResultOf(d, CancelledError)
         self.assertTrue(pair.transport.disconnecting)
+
+    def test_error_at_once(self) -> None:
+        """
+        A key holder whose Deferred has already failed when it is returned.
+        """
+        key = ControlledKey()
+        key.sign = lambda data, scheme: fail(RuntimeError("PIN locked"))  # type: ignore[method-assign]
+        pair = Pair(_config(key))
+        key.release_chain()
+        error = self._failed(pair)
+        self.assertIn("PIN locked", str(error))
+        self.assertEqual(error.step, State.WAIT_SIGNATURE.value)
+        self.assertEqual(error.alert, AlertDescription.internal_error)
+
+    def test_raises_instead_of_failing(self) -> None:
+        """
+        A key holder that raises instead of returning a failed Deferred,
+        for the chain or for the signature: the handshake fails at once,
+        naming the step, instead of hanging until its timeout.
+        """
+        for method, step in [
+            ("certificate_chain", State.WAIT_CLIENT_CERTIFICATE),
+            ("sign", State.WAIT_SIGNATURE),
+        ]:
+            key = ControlledKey()
+
+            def broken(*args: Any) -> Deferred[Any]:
+                raise RuntimeError("agent client misconfigured")
+
+            setattr(key, method, broken)
+            pair = Pair(_config(key))
+            if method == "sign":
+                key.release_chain()
+            error = self._failed(pair)
+            self.assertIn("agent client misconfigured", str(error))
+            self.assertEqual(error.step, step.value)
+            self.assertEqual(error.alert, AlertDescription.internal_error)
+
+    def test_chain_not_certificates(self) -> None:
+        """
+        A chain that is not a list of certificates is the key holder's
+        error, reported as such.
+        """
+        key = ControlledKey()
+        pair = Pair(_config(key))
+        key.calls[-1][1].callback([b"-----BEGIN CERTIFICATE-----"])
+        error = self._failed(pair)
+        self.assertEqual(error.step, State.WAIT_CLIENT_CERTIFICATE.value)
+        self.assertIn("key holder", str(error))
+        self.assertEqual(error.alert, AlertDescription.internal_error)
 
     def test_handshake_timeout(self) -> None:
         """

@@ -20,7 +20,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import constant_time, hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa, x25519
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    TimeoutError,
+    maybeDeferred,
+)
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -666,7 +671,7 @@ class ClientHandshake:
         key = self.config.remote_key
         if self._certificate_requested and key is not None:
             self._enter(State.WAIT_CLIENT_CERTIFICATE)
-            self._wait(key.certificate_chain(), self._got_chain)
+            self._wait(maybeDeferred(key.certificate_chain), self._got_chain)
             return
         if self._certificate_requested:
             # No identity configured: an empty Certificate lets the server
@@ -693,6 +698,12 @@ class ClientHandshake:
                 callback(result)
             except ProtocolViolation as e:
                 self.fail(e.description, str(e))
+            except Exception as e:
+                _log.failure("TLS handshake: the key holder's answer is unusable")
+                self.fail(
+                    AlertDescription.internal_error,
+                    f"the key holder's answer is unusable: {e}",
+                )
 
         def failed(failure: Failure) -> None:
             if self._pending is not d or self.state is not state:
@@ -717,6 +728,11 @@ class ClientHandshake:
                 AlertDescription.internal_error,
                 "the key holder returned an empty certificate chain",
             )
+        if not all(isinstance(c, x509.Certificate) for c in chain):
+            raise _violation(
+                AlertDescription.internal_error,
+                "the key holder returned a chain that is not made of certificates",
+            )
         assert self._client_scheme is not None
         key = chain[0].public_key()
         if self._client_scheme.is_ecdsa != isinstance(key, ec.EllipticCurvePublicKey):
@@ -736,7 +752,11 @@ class ClientHandshake:
         self._enter(State.WAIT_SIGNATURE)
         assert self.config.remote_key is not None
         self._wait(
-            self.config.remote_key.sign(bytes(self._transcript), self._client_scheme),
+            maybeDeferred(
+                self.config.remote_key.sign,
+                bytes(self._transcript),
+                self._client_scheme,
+            ),
             self._got_signature,
         )
 
