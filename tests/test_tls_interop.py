@@ -414,6 +414,11 @@ class FailureTests(OpenSSLServerMixin, TestCase):
         self.assertEqual(failure.alert.name, "unknown_ca")
 
     @inlineCallbacks
+    def test_no_subject_alt_name(self) -> Any:
+        failure = yield self._refused("server-no-san", "no subjectAltName")
+        self.assertEqual(failure.alert.name, "bad_certificate")
+
+    @inlineCallbacks
     def test_expired_certificate(self) -> Any:
         failure = yield self._refused("server-expired", "not now")
         self.assertEqual(failure.alert.name, "certificate_expired")

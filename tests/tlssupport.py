@@ -1,7 +1,8 @@
 """
 Test support for the TLS client: a throwaway PKI made with C{cryptography}
 (roots, an intermediate, RSA and ECDSA server leaves for 127.0.0.1 and
-localhost, an expired one, a client CA and client identities), written to a
+localhost, an expired one, one without subjectAltName, a client CA and client
+identities), written to a
 temporary directory; C{openssl s_server} subprocesses on free ports; and an
 application protocol that records what it receives.
 """
@@ -229,6 +230,7 @@ def pki() -> PKI:
     wrong_key = _rsa()
     expired_key = _rsa()
     untrusted_key = _rsa()
+    no_san_key = _rsa()
     client_key = _rsa()
     client_ec = ec.generate_private_key(ec.SECP256R1())
     stranger_key = _rsa()
@@ -274,6 +276,13 @@ def pki() -> PKI:
                 ),
                 inter,
             ],
+        ),
+        (
+            # The name only in the subject's CN, which RFC 9525 no longer
+            # accepts for a server.
+            "server-no-san",
+            no_san_key,
+            [_issue(no_san_key, "localhost", inter_key, inter), inter],
         ),
         (
             "server-untrusted",
