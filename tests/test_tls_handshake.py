@@ -51,6 +51,7 @@ from cpsdmp.protocols.tls.records import (
 from cpsdmp.protocols.tls.schemes import SignatureScheme
 from cpsdmp.protocols.tls.session import SessionCache
 from cpsdmp.protocols.tls.suites import SUITES_BY_CODE
+from cpsdmp.protocols.tls.validation import VerifiedChains
 from tests.tlssupport import (
     Collector,
     ServerContext,
@@ -1073,6 +1074,28 @@ class ClientHelloTests(SynchronousTestCase):
             ext[ExtensionType.application_layer_protocol_negotiation],
             b"\x00\x09\x08http/1.1",
         )
+
+
+class UnexpectedErrorTests(SynchronousTestCase):
+    def test_our_own_error(self) -> None:
+        """
+        An error of ours (here, in the chain check) while handling a server
+        message still ends the handshake properly: internal_error sent, the
+        step named, the error logged.
+        """
+
+        class Broken(VerifiedChains):
+            def check(self, *args: Any, **kw: Any) -> Any:
+                raise RuntimeError("no memory left for chains")
+
+        pair = Pair(_config(pki()["client-rsa"].local_key(), verified_chains=Broken()))
+        [result] = pair.established
+        self.assertIsInstance(result.value, HandshakeFailed)
+        self.assertEqual(result.value.step, State.WAIT_CERTIFICATE.value)
+        self.assertEqual(result.value.alert, AlertDescription.internal_error)
+        self.assertIn("no memory left for chains", str(result.value))
+        self.assertIn("internal error", str(pair.server_error))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
 
 class EstablishedErrorTests(SynchronousTestCase):

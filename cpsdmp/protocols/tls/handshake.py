@@ -317,6 +317,14 @@ class ClientHandshake:
             self._dispatch(msg_type, body, raw)
         except ProtocolViolation as e:
             self.fail(e.description, str(e))
+        except Exception as e:
+            # Our own error: the handshake still ends with an alert and a
+            # reason, not with the connection dropped mid-step.
+            _log.failure("TLS handshake with {host}: internal error", host=self.host)
+            self.fail(
+                AlertDescription.internal_error,
+                f"internal error handling the server's {_type_name(msg_type)}: {e}",
+            )
 
     def handle_change_cipher_spec(
         self, payload: bytes, pending_handshake: bool
