@@ -1119,6 +1119,26 @@ class EstablishedErrorTests(SynchronousTestCase):
         self.assertIn("bad_record_mac", str(pair.app.reason.value))
         self.assertEqual(bytes(pair.app.received), b"")
 
+    def test_sequence_numbers_run_out(self) -> None:
+        """
+        An application writing after the last sequence number available for
+        data: the connection closes with our alert (under the number kept
+        for it), the application learns why, and its write raises nothing.
+        """
+        from cpsdmp.protocols.tls.alerts import ConnectionFailed
+
+        pair = Pair(_config(pki()["client-rsa"].local_key()))
+        pair.client._records._write_seq = 2**64 - 2
+        pair.client.write(b"last")
+        self.assertEqual(pair.transport.value()[0], ContentType.application_data)
+        pair.transport.clear()
+        pair.client.write(b"one too many")
+        self.assertEqual(pair.transport.value()[0], ContentType.alert)
+        self.assertTrue(pair.transport.disconnecting)
+        pair.client.connectionLost(Failure(ConnectionDone()))
+        self.assertIsInstance(pair.app.reason.value, ConnectionFailed)
+        self.assertIn("sequence number", str(pair.app.reason.value))
+
 
 class ClientHelloDecodeTests(SynchronousTestCase):
     def test_round_trip(self) -> None:
