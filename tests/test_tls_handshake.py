@@ -478,6 +478,10 @@ class ResumptionTests(SynchronousTestCase):
         self.assertEqual(second.state, State.ESTABLISHED)
         self.assertTrue(second.established[0].resumed)
         self.assertEqual(key.calls, [])
+        # What the full handshake verified, leaf to root, is reported again.
+        verified = first.established[0].verified_chain
+        self.assertEqual(verified[-1], pki().root)
+        self.assertEqual(second.established[0].verified_chain, verified)
 
     def test_not_cached_before_finished(self) -> None:
         """

@@ -564,7 +564,7 @@ class ClientHandshake:
         info = self.info
         info.resumed = True
         info.server_chain = list(session.server_chain)
-        info.verified_chain = list(session.server_chain)
+        info.verified_chain = list(session.verified_chain)
         info.client_chain = session.client_chain
         info.group = session.group
         self._enter(State.WAIT_RESUMED_CHANGE_CIPHER_SPEC)
@@ -912,6 +912,7 @@ class ClientHandshake:
                         created=self._clock.seconds(),
                         group=self.info.group,
                         lifetime_hint=ticket.lifetime_hint if ticket else 0,
+                        verified_chain=self.info.verified_chain,
                     ),
                 )
         self.info.ticket_received = ticket is not None
