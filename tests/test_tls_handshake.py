@@ -373,6 +373,38 @@ class RemoteKeyTimingTests(SynchronousTestCase):
         self.assertIn(State.WAIT_SERVER_HELLO.value, str(failure.value))
 
 
+class NoClientKeyTests(SynchronousTestCase):
+    def test_certificate_request_without_a_key(self) -> None:
+        """
+        Asked for a certificate with no key configured: an empty Certificate
+        and no CertificateVerify (RFC 5246, section 7.4.6), straight from
+        the CertificateRequest to our Finished; a server that requires a
+        certificate answers with its alert, which names our flight.
+        """
+        from cpsdmp.protocols.tls.alerts import AlertReceived
+
+        pair = Pair(_config(None))
+        [result] = pair.established
+        self.assertIsInstance(result.value, AlertReceived)
+        self.assertIn("after our Finished", str(result.value))
+        self.assertIn("peer did not return a certificate", str(pair.server_error))
+        timings = pair.client._handshake.info.timings  # type: ignore[union-attr]
+        self.assertNotIn("WAIT_CLIENT_CERTIFICATE", timings)
+        self.assertNotIn("WAIT_SIGNATURE", timings)
+        self.assertIn("WAIT_CHANGE_CIPHER_SPEC", timings)
+
+    def test_server_asks_nothing(self) -> None:
+        """
+        No CertificateRequest and no key: from ServerKeyExchange to our
+        Finished, and established.
+        """
+        pair = Pair(_config(None), ServerContext(client_auth=False))
+        [info] = pair.established
+        self.assertFalse(info.client_certificate_requested)
+        self.assertNotIn("WAIT_SERVER_HELLO_DONE", info.timings)
+        self.assertIsNone(info.client_chain)
+
+
 class ExtendedMasterSecretTests(SynchronousTestCase):
     def test_refused_without(self) -> None:
         """
@@ -478,6 +510,15 @@ class ResumptionTests(SynchronousTestCase):
         self.assertEqual(second.state, State.ESTABLISHED)
         self.assertTrue(second.established[0].resumed)
         self.assertEqual(key.calls, [])
+        self.assertEqual(
+            set(second.established[0].timings),
+            {
+                "START",
+                "WAIT_SERVER_HELLO",
+                "WAIT_RESUMED_CHANGE_CIPHER_SPEC",
+                "WAIT_RESUMED_FINISHED",
+            },
+        )
         # What the full handshake verified, leaf to root, is reported again.
         verified = first.established[0].verified_chain
         self.assertEqual(verified[-1], pki().root)
