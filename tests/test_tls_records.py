@@ -293,6 +293,40 @@ class ProtectionTests(SynchronousTestCase):
             p.open(23, 6, body)  # another sequence number
 
 
+class PublishedRecordTests(SynchronousTestCase):
+    def test_illustrated_cbc_record(self) -> None:
+        """
+        The client Finished record of the published Illustrated TLS 1.2
+        handshake (https://tls12.xargs.org; AES-128-CBC with HMAC-SHA1,
+        sequence 0, eleven bytes of padding) opens to its Finished, and one
+        flipped bit in it does not.
+        """
+        from cryptography.hazmat.primitives import hashes
+
+        from tests.test_tls_prf import (
+            ILLUSTRATED_CLIENT_VERIFY_DATA,
+            ILLUSTRATED_KEYS,
+        )
+
+        protection = AESCBCProtection(
+            bytes.fromhex(ILLUSTRATED_KEYS["client write key"]),
+            bytes.fromhex(ILLUSTRATED_KEYS["client MAC key"]),
+            hashes.SHA1(),
+        )
+        record = bytes(range(0x40, 0x50)) + bytes.fromhex(
+            "227bc9ba81ef30f2a8a78ff1df50844d5804b7eeb2e214c32b6892aca3db7b78"
+            "077fdd90067c516bacb3ba90dedf720f"
+        )
+        self.assertEqual(
+            protection.open(ContentType.handshake, 0, record),
+            b"\x14\x00\x00\x0c" + ILLUSTRATED_CLIENT_VERIFY_DATA,
+        )
+        forged = bytearray(record)
+        forged[20] ^= 1
+        with self.assertRaises(ProtocolViolation):
+            protection.open(ContentType.handshake, 0, bytes(forged))
+
+
 class CBCPaddingTests(SynchronousTestCase):
     """
     Any padding length up to 255 is accepted when every byte is right, and
