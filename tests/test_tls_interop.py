@@ -36,11 +36,14 @@ class OpenSSLServerMixin:
         identity: str = "server-rsa",
         client_auth: bool = True,
         tls12_only: bool = True,
+        ssl_options: str = "",
     ) -> OpenSSLServer:
         extra = list(args)
         if client_auth:
             extra += ["-Verify", "1", "-CAfile", pki().client_root_file]
-        server = OpenSSLServer(extra, identity=identity, tls12_only=tls12_only)
+        server = OpenSSLServer(
+            extra, identity=identity, tls12_only=tls12_only, ssl_options=ssl_options
+        )
         self.addCleanup(server.stop)  # type: ignore[attr-defined]
         server.wait_ready()
         return server
@@ -199,6 +202,33 @@ class ServerVariantTests(OpenSSLServerMixin, TestCase):
         info, page, _ = yield self.fetch(server, self.config(card))
         self.assertFalse(info.client_certificate_requested)
         self.assertEqual((card.chain_calls, card.sign_calls), (0, 0))
+
+    @inlineCallbacks
+    def test_no_extended_master_secret(self) -> Any:
+        """
+        A server with the extended master secret turned off is refused
+        before the card is asked anything, unless the caller allows it;
+        then its sessions resume without it too.
+        """
+        server = self.start_server("-www", ssl_options="-ExtendedMasterSecret")
+        card = CountingKey(pki()["client-rsa"].local_key())
+        failure = yield self.assertFailure(
+            self.fetch(server, self.config(card)), HandshakeFailed
+        )
+        self.assertIn("does not support the extended master secret", str(failure))
+        self.assertEqual(failure.alert.name, "handshake_failure")
+        self.assertEqual((card.chain_calls, card.sign_calls), (0, 0))
+        config = self.config(
+            card,
+            allow_no_extended_master_secret=True,
+            session_cache=SessionCache(reactor),
+        )
+        first, page, _ = yield self.fetch(server, config)
+        self.assertFalse(first.extended_master_secret)
+        self.assertIn(b"Dr Test CPS", page)
+        second, page, _ = yield self.fetch(server, config)
+        self.assertTrue(second.resumed)
+        self.assertIn(b"Reused, TLSv1.2", page)
 
     @inlineCallbacks
     def test_ip_literal_sends_no_sni(self) -> Any:

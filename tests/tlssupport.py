@@ -340,7 +340,11 @@ class OpenSSLServer:
     """
 
     def __init__(
-        self, args: Sequence[str], identity: str = "server-rsa", tls12_only: bool = True
+        self,
+        args: Sequence[str],
+        identity: str = "server-rsa",
+        tls12_only: bool = True,
+        ssl_options: str = "",
     ) -> None:
         p = pki()
         ident = p[identity]
@@ -363,11 +367,24 @@ class OpenSSLServer:
         if ident.chain[1:]:
             command += ["-cert_chain", ident.chain_file]
         self.quiet = "-quiet" in args
+        env = None
+        if ssl_options:
+            # What s_server has no flag for (say, "-ExtendedMasterSecret"),
+            # through OpenSSL's configuration of the default TLS context.
+            config = os.path.join(p.directory, f"openssl-{self.port}.cnf")
+            with open(config, "w") as f:
+                f.write(
+                    "openssl_conf = init\n[init]\nssl_conf = ssl\n"
+                    "[ssl]\nsystem_default = defaults\n"
+                    f"[defaults]\nOptions = {ssl_options}\n"
+                )
+            env = dict(os.environ, OPENSSL_CONF=config)
         self.process = subprocess.Popen(
             command + list(args),
             stdin=subprocess.PIPE,
             stdout=self._log,
             stderr=subprocess.STDOUT,
+            env=env,
         )
 
     def wait_ready(self, timeout: float = 15.0) -> None:
