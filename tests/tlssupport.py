@@ -474,7 +474,7 @@ class CountingKey:
     Wraps an L{IRemoteKey} and counts the calls to it.
     """
 
-    def __init__(self, key: LocalKey) -> None:
+    def __init__(self, key: IRemoteKey) -> None:
         self._key = key
         self.supported_signature_schemes = key.supported_signature_schemes
         self.chain_calls = 0
