@@ -11,8 +11,11 @@ import os
 import struct
 from typing import Any
 
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa, x25519
+from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -20,6 +23,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
+from cpsdmp.protocols.tls import prf
 from cpsdmp.protocols.tls.alerts import (
     AlertDescription,
     HandshakeFailed,
@@ -28,16 +32,26 @@ from cpsdmp.protocols.tls.alerts import (
 from cpsdmp.protocols.tls.handshake import State, TLSClientConfig, TLSInfo
 from cpsdmp.protocols.tls.interfaces import IRemoteKey
 from cpsdmp.protocols.tls.messages import (
+    ClientHello,
     ExtensionType,
     HandshakeReassembler,
     HandshakeType,
     encode_certificate,
+    encode_finished,
     handshake,
     vector,
 )
 from cpsdmp.protocols.tls.protocol import TLSClientProtocol
+from cpsdmp.protocols.tls.records import (
+    ContentType,
+    RecordLayer,
+    key_block_length,
+    protections_for,
+)
 from cpsdmp.protocols.tls.schemes import SignatureScheme
 from cpsdmp.protocols.tls.session import SessionCache
+from cpsdmp.protocols.tls.suites import SUITES_BY_CODE
+from cpsdmp.protocols.tls.validation import VerifiedChains
 from tests.tlssupport import (
     Collector,
     ServerContext,
@@ -292,6 +306,56 @@ class RemoteKeyTimingTests(SynchronousTestCase):
         self.failureResultOf(d, CancelledError)
         self.assertTrue(pair.transport.disconnecting)
 
+    def test_error_at_once(self) -> None:
+        """
+        A key holder whose Deferred has already failed when it is returned.
+        """
+        key = ControlledKey()
+        key.sign = lambda data, scheme: fail(RuntimeError("PIN locked"))  # type: ignore[method-assign]
+        pair = Pair(_config(key))
+        key.release_chain()
+        error = self._failed(pair)
+        self.assertIn("PIN locked", str(error))
+        self.assertEqual(error.step, State.WAIT_SIGNATURE.value)
+        self.assertEqual(error.alert, AlertDescription.internal_error)
+
+    def test_raises_instead_of_failing(self) -> None:
+        """
+        A key holder that raises instead of returning a failed Deferred,
+        for the chain or for the signature: the handshake fails at once,
+        naming the step, instead of hanging until its timeout.
+        """
+        for method, step in [
+            ("certificate_chain", State.WAIT_CLIENT_CERTIFICATE),
+            ("sign", State.WAIT_SIGNATURE),
+        ]:
+            key = ControlledKey()
+
+            def broken(*args: Any) -> Deferred[Any]:
+                raise RuntimeError("agent client misconfigured")
+
+            setattr(key, method, broken)
+            pair = Pair(_config(key))
+            if method == "sign":
+                key.release_chain()
+            error = self._failed(pair)
+            self.assertIn("agent client misconfigured", str(error))
+            self.assertEqual(error.step, step.value)
+            self.assertEqual(error.alert, AlertDescription.internal_error)
+
+    def test_chain_not_certificates(self) -> None:
+        """
+        A chain that is not a list of certificates is the key holder's
+        error, reported as such.
+        """
+        key = ControlledKey()
+        pair = Pair(_config(key))
+        key.calls[-1][1].callback([b"-----BEGIN CERTIFICATE-----"])
+        error = self._failed(pair)
+        self.assertEqual(error.step, State.WAIT_CLIENT_CERTIFICATE.value)
+        self.assertIn("key holder", str(error))
+        self.assertEqual(error.alert, AlertDescription.internal_error)
+
     def test_handshake_timeout(self) -> None:
         """
         A server that never answers: the handshake times out.
@@ -307,6 +371,38 @@ class RemoteKeyTimingTests(SynchronousTestCase):
         failure = self.failureResultOf(d, HandshakeFailed)
         self.assertIn("no answer within 10 seconds", str(failure.value))
         self.assertIn(State.WAIT_SERVER_HELLO.value, str(failure.value))
+
+
+class NoClientKeyTests(SynchronousTestCase):
+    def test_certificate_request_without_a_key(self) -> None:
+        """
+        Asked for a certificate with no key configured: an empty Certificate
+        and no CertificateVerify (RFC 5246, section 7.4.6), straight from
+        the CertificateRequest to our Finished; a server that requires a
+        certificate answers with its alert, which names our flight.
+        """
+        from cpsdmp.protocols.tls.alerts import AlertReceived
+
+        pair = Pair(_config(None))
+        [result] = pair.established
+        self.assertIsInstance(result.value, AlertReceived)
+        self.assertIn("after our Finished", str(result.value))
+        self.assertIn("peer did not return a certificate", str(pair.server_error))
+        timings = pair.client._handshake.info.timings  # type: ignore[union-attr]
+        self.assertNotIn("WAIT_CLIENT_CERTIFICATE", timings)
+        self.assertNotIn("WAIT_SIGNATURE", timings)
+        self.assertIn("WAIT_CHANGE_CIPHER_SPEC", timings)
+
+    def test_server_asks_nothing(self) -> None:
+        """
+        No CertificateRequest and no key: from ServerKeyExchange to our
+        Finished, and established.
+        """
+        pair = Pair(_config(None), ServerContext(client_auth=False))
+        [info] = pair.established
+        self.assertFalse(info.client_certificate_requested)
+        self.assertNotIn("WAIT_SERVER_HELLO_DONE", info.timings)
+        self.assertIsNone(info.client_chain)
 
 
 class ExtendedMasterSecretTests(SynchronousTestCase):
@@ -414,6 +510,19 @@ class ResumptionTests(SynchronousTestCase):
         self.assertEqual(second.state, State.ESTABLISHED)
         self.assertTrue(second.established[0].resumed)
         self.assertEqual(key.calls, [])
+        self.assertEqual(
+            set(second.established[0].timings),
+            {
+                "START",
+                "WAIT_SERVER_HELLO",
+                "WAIT_RESUMED_CHANGE_CIPHER_SPEC",
+                "WAIT_RESUMED_FINISHED",
+            },
+        )
+        # What the full handshake verified, leaf to root, is reported again.
+        verified = first.established[0].verified_chain
+        self.assertEqual(verified[-1], pki().root)
+        self.assertEqual(second.established[0].verified_chain, verified)
 
     def test_not_cached_before_finished(self) -> None:
         """
@@ -427,6 +536,13 @@ class ResumptionTests(SynchronousTestCase):
         key.calls[-1][1].errback(RuntimeError("no"))
         self.assertEqual(pair.state, State.FAILED)
         self.assertEqual(len(cache), 0)
+
+
+# What a genuine server answers to our ClientHello, at the least.
+_GOOD_EXTENSIONS = [
+    (ExtensionType.extended_master_secret, b""),
+    (ExtensionType.renegotiation_info, b"\x00"),
+]
 
 
 def _server_hello(extensions: list[tuple[int, bytes]], suite: int = 0xC02F) -> bytes:
@@ -512,7 +628,7 @@ class ScriptedServerTests(SynchronousTestCase):
         )
         # split the three messages across records, one inside a header
         data = (
-            _server_hello([(ExtensionType.extended_master_secret, b"")])
+            _server_hello(_GOOD_EXTENSIONS)
             + encode_certificate(chain)
             + handshake(HandshakeType.server_key_exchange, ske)
         )
@@ -543,7 +659,7 @@ class ScriptedServerTests(SynchronousTestCase):
             )
             self._send(
                 client,
-                _server_hello([(ExtensionType.extended_master_secret, b"")])
+                _server_hello(_GOOD_EXTENSIONS)
                 + encode_certificate(chain)
                 + handshake(HandshakeType.server_key_exchange, ske),
             )
@@ -572,6 +688,344 @@ class ScriptedServerTests(SynchronousTestCase):
             str(results[0].value),
         )
         self.assertEqual(transport.value(), b"")  # no alert answers an alert
+
+
+class ScriptedServer:
+    """
+    A TLS 1.2 server written out message by message with the test PKI's RSA
+    server key (X25519, TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256, the extended
+    master secret), for what OpenSSL would never send: our protocol on a
+    StringTransport, each answer chosen by the test.
+    """
+
+    suite = SUITES_BY_CODE[0xC02F]
+
+    def __init__(self, config: TLSClientConfig | None = None) -> None:
+        self.clock = Clock()
+        self.app = Collector()
+        self.client = TLSClientProtocol(
+            self.app, config or _config(None), "localhost", 443, self.clock
+        )
+        self.transport = StringTransport()
+        self.results: list[Any] = []
+        self.client.makeConnection(self.transport)
+        self.client.when_established().addBoth(self.results.append)
+        self.transcript = bytearray()
+        self.incoming = RecordLayer()
+        self.outgoing = RecordLayer()
+        self.reassembler = HandshakeReassembler()
+        self.received: list[int] = []
+        self.server_random = os.urandom(32)
+        self.read()
+        assert self.received == [HandshakeType.client_hello], self.received
+
+    # -- what the client says
+
+    def read(self) -> list[tuple[int, bytes]]:
+        """
+        Take the records the client wrote since the last read, following
+        its handshake messages (and switching keys at its ChangeCipherSpec).
+
+        @return: the records, as content type and plaintext.
+        """
+        self.incoming.feed(self.transport.value())
+        self.transport.clear()
+        records = []
+        while (record := self.incoming.next_record()) is not None:
+            records.append(record)
+            content_type, payload = record
+            if content_type == ContentType.change_cipher_spec:
+                self.incoming.set_read_protection(self.protections[0])
+            elif content_type == ContentType.handshake:
+                self.reassembler.feed(payload)
+                while (message := self.reassembler.next_message()) is not None:
+                    self._client_message(*message)
+        return records
+
+    def _client_message(self, msg_type: int, body: bytes, raw: bytes) -> None:
+        self.received.append(msg_type)
+        if msg_type == HandshakeType.client_hello:
+            self.client_hello = ClientHello.decode(body)
+        elif msg_type == HandshakeType.client_key_exchange:
+            self.transcript += raw
+            public = x25519.X25519PublicKey.from_public_bytes(body[1:])
+            self.master_secret = prf.extended_master_secret(
+                hashes.SHA256(), self.ecdhe.exchange(public), self._hash()
+            )
+            block = prf.key_block(
+                hashes.SHA256(),
+                self.master_secret,
+                self.client_hello.random,
+                self.server_random,
+                key_block_length(self.suite),
+            )
+            self.protections = protections_for(self.suite, block)
+            return
+        elif msg_type == HandshakeType.finished:
+            expected = prf.verify_data(
+                hashes.SHA256(), self.master_secret, b"client finished", self._hash()
+            )
+            assert body == expected, "the client's Finished is wrong"
+        self.transcript += raw
+
+    def alert(self) -> int:
+        """
+        @return: the description of the fatal alert the client sent.
+        """
+        [(content_type, payload)] = self.read()
+        assert content_type == ContentType.alert, content_type
+        assert payload[0] == 2, payload
+        return payload[1]
+
+    def _hash(self) -> bytes:
+        h = hashes.Hash(hashes.SHA256())
+        h.update(bytes(self.transcript))
+        return h.finalize()
+
+    # -- what the server says
+
+    def send(self, content_type: int, data: bytes) -> None:
+        self.client.dataReceived(self.outgoing.seal(content_type, data))
+
+    def send_handshake(self, message: bytes) -> None:
+        self.transcript += message
+        self.send(ContentType.handshake, message)
+
+    def hello(
+        self,
+        extensions: list[tuple[int, bytes]] | None = None,
+        session_id: bytes = b"",
+    ) -> None:
+        if extensions is None:
+            extensions = _GOOD_EXTENSIONS
+        ext = b"".join(struct.pack(">HH", t, len(d)) + d for t, d in extensions)
+        body = (
+            b"\x03\x03"
+            + self.server_random
+            + vector(session_id, 1)
+            + struct.pack(">HB", self.suite.code, 0)
+            + vector(ext, 2)
+        )
+        self.send_handshake(handshake(HandshakeType.server_hello, body))
+
+    def certificate(self) -> None:
+        chain = pki()["server-rsa"].chain
+        self.send_handshake(
+            encode_certificate([c.public_bytes(Encoding.DER) for c in chain])
+        )
+
+    def key_exchange(self) -> None:
+        self.ecdhe = x25519.X25519PrivateKey.generate()
+        params = b"\x03" + struct.pack(">H", 29)
+        params += vector(self.ecdhe.public_key().public_bytes_raw(), 1)
+        key = pki()["server-rsa"].key
+        assert isinstance(key, rsa.RSAPrivateKey)
+        signature = key.sign(
+            self.client_hello.random + self.server_random + params,
+            padding.PKCS1v15(),
+            hashes.SHA256(),
+        )
+        body = params + b"\x04\x01" + vector(signature, 2)
+        self.send_handshake(handshake(HandshakeType.server_key_exchange, body))
+
+    def hello_done(self) -> None:
+        self.send_handshake(handshake(HandshakeType.server_hello_done, b""))
+
+    def up_to_client_finished(self, **hello: Any) -> None:
+        """
+        ServerHello (with C{hello}'s arguments) to ServerHelloDone, then
+        read the client's flight up to its Finished.
+        """
+        self.hello(**hello)
+        self.certificate()
+        self.key_exchange()
+        self.hello_done()
+        self.read()
+        assert self.received[-1] == HandshakeType.finished, self.received
+
+    def new_session_ticket(self, ticket: bytes, lifetime: int = 300) -> None:
+        body = struct.pack(">I", lifetime) + vector(ticket, 2)
+        self.send_handshake(handshake(HandshakeType.new_session_ticket, body))
+
+    def change_cipher_spec(self) -> None:
+        self.send(ContentType.change_cipher_spec, b"\x01")
+        self.outgoing.set_write_protection(self.protections[1])
+
+    def finished(self, verify_data: bytes | None = None) -> None:
+        if verify_data is None:
+            verify_data = prf.verify_data(
+                hashes.SHA256(), self.master_secret, b"server finished", self._hash()
+            )
+        self.send_handshake(encode_finished(verify_data))
+
+
+class ScriptedHandshakeTests(SynchronousTestCase):
+    """
+    Whole handshakes against the scripted server: what it does right is
+    accepted, each thing it does wrong ends with the right alert.
+    """
+
+    def test_genuine(self) -> None:
+        """
+        The scripted server itself completes a handshake: what the other
+        tests change is what makes them fail.
+        """
+        server = ScriptedServer()
+        server.up_to_client_finished()
+        server.change_cipher_spec()
+        server.finished()
+        [info] = server.results
+        self.assertIsInstance(info, TLSInfo)
+        server.client.write(b"ping")
+        self.assertEqual(server.read(), [(ContentType.application_data, b"ping")])
+
+    def test_forged_finished(self) -> None:
+        """
+        A server Finished that does not match the handshake: decrypt_error
+        (sent under the new keys), the step named, nothing cached.
+        """
+        cache = SessionCache(Clock())
+        server = ScriptedServer(_config(None, session_cache=cache))
+        server.up_to_client_finished(
+            session_id=b"s" * 32,
+        )
+        server.change_cipher_spec()
+        server.finished(bytes(12))
+        self.assertEqual(server.alert(), AlertDescription.decrypt_error)
+        [failure] = server.results
+        self.assertIsInstance(failure.value, HandshakeFailed)
+        self.assertEqual(failure.value.step, State.WAIT_FINISHED.value)
+        self.assertIn("Finished does not match", str(failure.value))
+        self.assertEqual(len(cache), 0)
+
+    def test_change_cipher_spec_too_early(self) -> None:
+        """
+        A ChangeCipherSpec before the key exchange (the CCS injection of
+        CVE-2014-0224) is unexpected_message.
+        """
+        server = ScriptedServer()
+        server.hello()
+        server.certificate()
+        server.send(ContentType.change_cipher_spec, b"\x01")
+        self.assertEqual(server.alert(), AlertDescription.unexpected_message)
+        [failure] = server.results
+        self.assertEqual(failure.value.step, State.WAIT_SERVER_KEY_EXCHANGE.value)
+
+    def test_change_cipher_spec_once_established(self) -> None:
+        server = ScriptedServer()
+        server.up_to_client_finished()
+        server.change_cipher_spec()
+        server.finished()
+        server.send(ContentType.change_cipher_spec, b"\x01")
+        self.assertEqual(server.alert(), AlertDescription.unexpected_message)
+        self.assertTrue(server.transport.disconnecting)
+
+    def test_ticket_not_announced(self) -> None:
+        """
+        A NewSessionTicket without the session_ticket extension in the
+        ServerHello is unexpected_message.
+        """
+        server = ScriptedServer()
+        server.up_to_client_finished()
+        server.new_session_ticket(b"ticket")
+        self.assertEqual(server.alert(), AlertDescription.unexpected_message)
+        self.assertIn("did not announce", str(server.results[0].value))
+
+    def test_announced_ticket_missing(self) -> None:
+        server = ScriptedServer()
+        server.up_to_client_finished(
+            extensions=[*_GOOD_EXTENSIONS, (ExtensionType.session_ticket, b"")]
+        )
+        server.send(ContentType.change_cipher_spec, b"\x01")
+        self.assertEqual(server.alert(), AlertDescription.unexpected_message)
+        self.assertIn("sent none", str(server.results[0].value))
+
+    def test_ticket_cached_after_finished(self) -> None:
+        """
+        A ticket is cached with the session once the server Finished is
+        verified, and offered by the next connection.
+        """
+        cache = SessionCache(Clock())
+        server = ScriptedServer(_config(None, session_cache=cache))
+        server.up_to_client_finished(
+            extensions=[*_GOOD_EXTENSIONS, (ExtensionType.session_ticket, b"")]
+        )
+        server.new_session_ticket(b"opaque ticket")
+        server.change_cipher_spec()
+        self.assertEqual(len(cache), 0)
+        server.finished()
+        self.assertTrue(server.results[0].ticket_received)
+        again = ScriptedServer(_config(None, session_cache=cache))
+        self.assertEqual(again.client_hello.session_ticket, b"opaque ticket")
+        self.assertEqual(len(again.client_hello.session_id), 32)
+
+    def test_empty_ticket_is_no_ticket(self) -> None:
+        """
+        A NewSessionTicket with an empty ticket (RFC 5077, section 3.3: the
+        server changed its mind) leaves the session resumable by its ID: the
+        next connection offers that ID, not an empty ticket.
+        """
+        cache = SessionCache(Clock())
+        server = ScriptedServer(_config(None, session_cache=cache))
+        server.up_to_client_finished(
+            extensions=[*_GOOD_EXTENSIONS, (ExtensionType.session_ticket, b"")],
+            session_id=b"i" * 32,
+        )
+        server.new_session_ticket(b"")
+        server.change_cipher_spec()
+        server.finished()
+        self.assertFalse(server.results[0].ticket_received)
+        again = ScriptedServer(_config(None, session_cache=cache))
+        self.assertEqual(again.client_hello.session_id, b"i" * 32)
+        self.assertEqual(again.client_hello.session_ticket, b"")
+
+    def test_extended_master_secret_not_empty(self) -> None:
+        """
+        RFC 7627, section 5.1: the server's extension is empty.
+        """
+        server = ScriptedServer()
+        server.hello(
+            extensions=[
+                (ExtensionType.extended_master_secret, b"\x00"),
+                (ExtensionType.renegotiation_info, b"\x00"),
+            ]
+        )
+        self.assertEqual(server.alert(), AlertDescription.decode_error)
+        self.assertIn("extended_master_secret", str(server.results[0].value))
+
+    def test_renegotiation_info_not_empty(self) -> None:
+        """
+        RFC 5746, section 3.4: a non-empty renegotiation_info on an initial
+        handshake is handshake_failure.
+        """
+        server = ScriptedServer()
+        server.hello(
+            extensions=[
+                (ExtensionType.extended_master_secret, b""),
+                (ExtensionType.renegotiation_info, b"\x0c" + bytes(12)),
+            ]
+        )
+        self.assertEqual(server.alert(), AlertDescription.handshake_failure)
+
+    def test_no_renegotiation_info(self) -> None:
+        """
+        A server that does not say it supports secure renegotiation (RFC
+        5746) may splice our handshake, client certificate included, after
+        an attacker's data as a renegotiation: refused, as OpenSSL's clients
+        do, unless the caller explicitly allows it.
+        """
+        server = ScriptedServer()
+        server.hello(extensions=[(ExtensionType.extended_master_secret, b"")])
+        self.assertEqual(server.alert(), AlertDescription.handshake_failure)
+        self.assertIn("renegotiation_info", str(server.results[0].value))
+
+        allowed = ScriptedServer(_config(None, allow_no_renegotiation_info=True))
+        allowed.up_to_client_finished(
+            extensions=[(ExtensionType.extended_master_secret, b"")]
+        )
+        allowed.change_cipher_spec()
+        allowed.finished()
+        self.assertIsInstance(allowed.results[0], TLSInfo)
 
 
 def serialization_der() -> Any:
@@ -667,6 +1121,28 @@ class ClientHelloTests(SynchronousTestCase):
         )
 
 
+class UnexpectedErrorTests(SynchronousTestCase):
+    def test_our_own_error(self) -> None:
+        """
+        An error of ours (here, in the chain check) while handling a server
+        message still ends the handshake properly: internal_error sent, the
+        step named, the error logged.
+        """
+
+        class Broken(VerifiedChains):
+            def check(self, *args: Any, **kw: Any) -> Any:
+                raise RuntimeError("no memory left for chains")
+
+        pair = Pair(_config(pki()["client-rsa"].local_key(), verified_chains=Broken()))
+        [result] = pair.established
+        self.assertIsInstance(result.value, HandshakeFailed)
+        self.assertEqual(result.value.step, State.WAIT_CERTIFICATE.value)
+        self.assertEqual(result.value.alert, AlertDescription.internal_error)
+        self.assertIn("no memory left for chains", str(result.value))
+        self.assertIn("internal error", str(pair.server_error))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
 class EstablishedErrorTests(SynchronousTestCase):
     def test_forged_record_after_handshake(self) -> None:
         """
@@ -687,6 +1163,26 @@ class EstablishedErrorTests(SynchronousTestCase):
         self.assertIsInstance(pair.app.reason.value, ConnectionFailed)
         self.assertIn("bad_record_mac", str(pair.app.reason.value))
         self.assertEqual(bytes(pair.app.received), b"")
+
+    def test_sequence_numbers_run_out(self) -> None:
+        """
+        An application writing after the last sequence number available for
+        data: the connection closes with our alert (under the number kept
+        for it), the application learns why, and its write raises nothing.
+        """
+        from cpsdmp.protocols.tls.alerts import ConnectionFailed
+
+        pair = Pair(_config(pki()["client-rsa"].local_key()))
+        pair.client._records._write_seq = 2**64 - 2
+        pair.client.write(b"last")
+        self.assertEqual(pair.transport.value()[0], ContentType.application_data)
+        pair.transport.clear()
+        pair.client.write(b"one too many")
+        self.assertEqual(pair.transport.value()[0], ContentType.alert)
+        self.assertTrue(pair.transport.disconnecting)
+        pair.client.connectionLost(Failure(ConnectionDone()))
+        self.assertIsInstance(pair.app.reason.value, ConnectionFailed)
+        self.assertIn("sequence number", str(pair.app.reason.value))
 
 
 class ClientHelloDecodeTests(SynchronousTestCase):

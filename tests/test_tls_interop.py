@@ -1,7 +1,9 @@
 """
 Our TLS client against real OpenSSL servers (C{openssl s_server}) over
 loopback TCP, with a local client key: every suite and group, the server
-variants of the DMP's world, resumption, and the failures a user meets.
+variants of the DMP's world, resumption, and the failures a user meets;
+then every suite and group again with the key on the SoftHSM2 test card,
+through a real agent.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from cpsdmp.protocols.tls.handshake import TLSClientConfig
 from cpsdmp.protocols.tls.schemes import SignatureScheme
 from cpsdmp.protocols.tls.session import SessionCache
 from cpsdmp.protocols.tls.suites import ALL_SUITES, NamedGroup
+from tests.test_agent_http import AgentTestCase
 from tests.tlssupport import (
     Collector,
     CollectorFactory,
@@ -36,11 +39,14 @@ class OpenSSLServerMixin:
         identity: str = "server-rsa",
         client_auth: bool = True,
         tls12_only: bool = True,
+        ssl_options: str = "",
     ) -> OpenSSLServer:
         extra = list(args)
         if client_auth:
             extra += ["-Verify", "1", "-CAfile", pki().client_root_file]
-        server = OpenSSLServer(extra, identity=identity, tls12_only=tls12_only)
+        server = OpenSSLServer(
+            extra, identity=identity, tls12_only=tls12_only, ssl_options=ssl_options
+        )
         self.addCleanup(server.stop)  # type: ignore[attr-defined]
         server.wait_ready()
         return server
@@ -199,6 +205,33 @@ class ServerVariantTests(OpenSSLServerMixin, TestCase):
         info, page, _ = yield self.fetch(server, self.config(card))
         self.assertFalse(info.client_certificate_requested)
         self.assertEqual((card.chain_calls, card.sign_calls), (0, 0))
+
+    @inlineCallbacks
+    def test_no_extended_master_secret(self) -> Any:
+        """
+        A server with the extended master secret turned off is refused
+        before the card is asked anything, unless the caller allows it;
+        then its sessions resume without it too.
+        """
+        server = self.start_server("-www", ssl_options="-ExtendedMasterSecret")
+        card = CountingKey(pki()["client-rsa"].local_key())
+        failure = yield self.assertFailure(
+            self.fetch(server, self.config(card)), HandshakeFailed
+        )
+        self.assertIn("does not support the extended master secret", str(failure))
+        self.assertEqual(failure.alert.name, "handshake_failure")
+        self.assertEqual((card.chain_calls, card.sign_calls), (0, 0))
+        config = self.config(
+            card,
+            allow_no_extended_master_secret=True,
+            session_cache=SessionCache(reactor),
+        )
+        first, page, _ = yield self.fetch(server, config)
+        self.assertFalse(first.extended_master_secret)
+        self.assertIn(b"Dr Test CPS", page)
+        second, page, _ = yield self.fetch(server, config)
+        self.assertTrue(second.resumed)
+        self.assertIn(b"Reused, TLSv1.2", page)
 
     @inlineCallbacks
     def test_ip_literal_sends_no_sni(self) -> Any:
@@ -414,6 +447,11 @@ class FailureTests(OpenSSLServerMixin, TestCase):
         self.assertEqual(failure.alert.name, "unknown_ca")
 
     @inlineCallbacks
+    def test_no_subject_alt_name(self) -> Any:
+        failure = yield self._refused("server-no-san", "no subjectAltName")
+        self.assertEqual(failure.alert.name, "bad_certificate")
+
+    @inlineCallbacks
     def test_expired_certificate(self) -> Any:
         failure = yield self._refused("server-expired", "not now")
         self.assertEqual(failure.alert.name, "certificate_expired")
@@ -430,3 +468,63 @@ class FailureTests(OpenSSLServerMixin, TestCase):
         )
         self.assertEqual(failure.name, "unknown_ca")
         self.assertIn("after our Finished", str(failure))
+
+
+class CardTests(OpenSSLServerMixin, AgentTestCase):
+    """
+    The same OpenSSL servers with the client key on the SoftHSM2 test card,
+    through a real agent (one that signs anything: the signing policy has
+    its own tests).
+    """
+
+    timeout = 120
+
+    def card_roots(self) -> str:
+        """
+        @return: a PEM file of the card's CA, for the server's -CAfile.
+        """
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            for name in [self.testcard.ca_root, *self.testcard.ca_intermediates]:
+                with open(name, "rb") as ca:
+                    f.write(ca.read())
+        return path
+
+    @inlineCallbacks
+    def test_every_suite_and_group(self) -> Any:
+        """
+        Each suite, then each group, with the card signing the handshake;
+        OpenSSL reports the card holder's certificate; a reconnection
+        resumes without asking the card again.
+        """
+        client = yield self.client()
+        card = CountingKey(client)
+        holder = self.testcard.professional["id"].encode()
+        auth = ["-Verify", "1", "-CAfile", self.card_roots()]
+        variants = [
+            (
+                ["-cipher", suite.openssl_name],
+                "server-rsa" if suite.authentication == "RSA" else "server-ec",
+            )
+            for suite in ALL_SUITES
+        ] + [
+            (["-groups", group], "server-rsa") for group in ("X25519", "P-256", "P-384")
+        ]
+        for args, identity in variants:
+            server = self.start_server(
+                "-www", *args, *auth, identity=identity, client_auth=False
+            )
+            info, page, _ = yield self.fetch(server, self.config(card))
+            self.assertIn(b"New, TLSv1.2", page)
+            self.assertIn(holder, page)
+            self.assertEqual(info.client_signature_scheme, "rsa_pkcs1_sha256")
+            server.stop()
+        self.assertEqual(card.sign_calls, len(variants))
+
+        server = self.start_server("-www", *auth, client_auth=False)
+        config = self.config(card, session_cache=SessionCache(reactor))
+        first, _, _ = yield self.fetch(server, config)
+        second, page, _ = yield self.fetch(server, config)
+        self.assertTrue(second.resumed)
+        self.assertIn(b"Reused, TLSv1.2", page)
+        self.assertEqual(card.sign_calls, len(variants) + 1)

@@ -1,6 +1,6 @@
 """
-The TLS 1.2 key schedule against the published PRF vectors and against
-OpenSSL's own TLS1-PRF.
+The TLS 1.2 key schedule against the published PRF vectors, the published
+key schedule of a whole handshake, and OpenSSL's own TLS1-PRF.
 """
 
 from __future__ import annotations
@@ -32,6 +32,31 @@ SHA384_OUTPUT = bytes.fromhex(
     "9b5bf8cd4d90fa0d31e2dec479e4f1a26066f2eea9a69236a3e52655c9e9aee6"
     "91c8f3a26854308d5eaa3be85e0990703d73e56f"
 )
+
+# "The Illustrated TLS 1.2 Connection" (https://tls12.xargs.org): a
+# published handshake, TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA over X25519, with
+# every intermediate value.
+ILLUSTRATED_CLIENT_RANDOM = bytes(range(0x00, 0x20))
+ILLUSTRATED_SERVER_RANDOM = bytes(range(0x70, 0x90))
+ILLUSTRATED_PRE_MASTER = bytes.fromhex(
+    "df4a291baa1eb7cfa6934b29b474baad2697e29f1f920dcc77c8a0a088447624"
+)
+ILLUSTRATED_MASTER = bytes.fromhex(
+    "916abf9da55973e13614ae0a3f5d3f37b023ba129aee02cc9134338127cd7049"
+    "781c8e19fc1eb2a7387ac06ae237344c"
+)
+ILLUSTRATED_KEYS = {
+    "client MAC key": "1b7d117c7d5f690bc263cae8ef60af0f1878acc2",
+    "server MAC key": "2ad8bdd8c601a617126f63540eb20906f781fad2",
+    "client write key": "f656d037b173ef3e11169f27231a84b6",
+    "server write key": "752a18e7a9fcb7cbcdd8f98dd8f769eb",
+    "client write IV": "a0d2550c9238eebfef5c32251abb67d6",
+    "server write IV": "434528db4937d540d393135e06a11bb8",
+}
+ILLUSTRATED_CLIENT_HANDSHAKE_HASH = bytes.fromhex(
+    "061dda04b3c2217ff73bd79b9cf88a2bb6ec505404aac8722db03ef417b54cb4"
+)
+ILLUSTRATED_CLIENT_VERIFY_DATA = bytes.fromhex("cf919626f1360c536aaad73a")
 
 
 def openssl_prf(digest: str, secret: bytes, seed: bytes, n: int) -> bytes:
@@ -127,4 +152,39 @@ class PRFTests(SynchronousTestCase):
         self.assertEqual(
             data,
             openssl_prf("SHA2-256", master, b"client finished" + transcript_hash, 12),
+        )
+
+    def test_published_key_schedule(self) -> None:
+        """
+        The master secret, the key expansion (MAC keys, keys and IVs cut in
+        RFC 5246's order) and the client's verify_data of the published
+        Illustrated TLS 1.2 handshake.
+        """
+        sha256 = hashes.SHA256()
+        master = prf.master_secret(
+            sha256,
+            ILLUSTRATED_PRE_MASTER,
+            ILLUSTRATED_CLIENT_RANDOM,
+            ILLUSTRATED_SERVER_RANDOM,
+        )
+        self.assertEqual(master, ILLUSTRATED_MASTER)
+        sizes = [20, 20, 16, 16, 16, 16]
+        block = prf.key_block(
+            sha256,
+            master,
+            ILLUSTRATED_CLIENT_RANDOM,
+            ILLUSTRATED_SERVER_RANDOM,
+            sum(sizes),
+        )
+        keys = {}
+        offset = 0
+        for name, size in zip(ILLUSTRATED_KEYS, sizes, strict=True):
+            keys[name] = block[offset : offset + size].hex()
+            offset += size
+        self.assertEqual(keys, ILLUSTRATED_KEYS)
+        self.assertEqual(
+            prf.verify_data(
+                sha256, master, b"client finished", ILLUSTRATED_CLIENT_HANDSHAKE_HASH
+            ),
+            ILLUSTRATED_CLIENT_VERIFY_DATA,
         )

@@ -199,6 +199,40 @@ class RecordLayerTests(SynchronousTestCase):
         with self.assertRaises(ProtocolViolation):
             reader.next_record()
 
+    def test_sequence_numbers_do_not_wrap(self) -> None:
+        """
+        RFC 5246, section 6.1: sequence numbers never wrap. The last one,
+        2^64 - 1, is kept for the closing alert; past it nothing is read.
+        """
+        writer, reader = RecordLayer(), RecordLayer()
+        writer.set_write_protection(AESGCMProtection(bytes(16), bytes(4)))
+        reader.set_read_protection(AESGCMProtection(bytes(16), bytes(4)))
+        writer._write_seq = reader._read_seq = 2**64 - 2
+        reader.feed(writer.seal(ContentType.application_data, b"last data"))
+        self.assertEqual(reader.next_record(), (23, b"last data"))
+        with self.assertRaises(ProtocolViolation) as e:
+            writer.seal(ContentType.application_data, b"one more")
+        self.assertIn("sequence number", str(e.exception))
+        reader.feed(writer.seal(ContentType.alert, b"\x01\x00"))
+        self.assertEqual(reader.next_record(), (21, b"\x01\x00"))
+        with self.assertRaises(ProtocolViolation):
+            writer.seal(ContentType.alert, b"\x01\x00")
+        reader.feed(struct.pack(">BHH", 23, 0x0303, 30) + bytes(30))
+        with self.assertRaises(ProtocolViolation) as e:
+            reader.next_record()
+        self.assertIn("sequence number", str(e.exception))
+
+    def test_several_records_checked_before_any(self) -> None:
+        """
+        Data that would need more sequence numbers than are left is refused
+        before any record is sealed.
+        """
+        writer = RecordLayer()
+        writer._write_seq = 2**64 - 3
+        with self.assertRaises(ProtocolViolation):
+            writer.seal(ContentType.application_data, bytes(MAX_PLAINTEXT * 2 + 1))
+        self.assertEqual(writer._write_seq, 2**64 - 3)
+
 
 class ProtectionTests(SynchronousTestCase):
     def test_gcm_nonce_layout(self) -> None:
@@ -257,6 +291,40 @@ class ProtectionTests(SynchronousTestCase):
         self.assertEqual(messages[0], messages[1])
         with self.assertRaises(ProtocolViolation):
             p.open(23, 6, body)  # another sequence number
+
+
+class PublishedRecordTests(SynchronousTestCase):
+    def test_illustrated_cbc_record(self) -> None:
+        """
+        The client Finished record of the published Illustrated TLS 1.2
+        handshake (https://tls12.xargs.org; AES-128-CBC with HMAC-SHA1,
+        sequence 0, eleven bytes of padding) opens to its Finished, and one
+        flipped bit in it does not.
+        """
+        from cryptography.hazmat.primitives import hashes
+
+        from tests.test_tls_prf import (
+            ILLUSTRATED_CLIENT_VERIFY_DATA,
+            ILLUSTRATED_KEYS,
+        )
+
+        protection = AESCBCProtection(
+            bytes.fromhex(ILLUSTRATED_KEYS["client write key"]),
+            bytes.fromhex(ILLUSTRATED_KEYS["client MAC key"]),
+            hashes.SHA1(),
+        )
+        record = bytes(range(0x40, 0x50)) + bytes.fromhex(
+            "227bc9ba81ef30f2a8a78ff1df50844d5804b7eeb2e214c32b6892aca3db7b78"
+            "077fdd90067c516bacb3ba90dedf720f"
+        )
+        self.assertEqual(
+            protection.open(ContentType.handshake, 0, record),
+            b"\x14\x00\x00\x0c" + ILLUSTRATED_CLIENT_VERIFY_DATA,
+        )
+        forged = bytearray(record)
+        forged[20] ^= 1
+        with self.assertRaises(ProtocolViolation):
+            protection.open(ContentType.handshake, 0, bytes(forged))
 
 
 class CBCPaddingTests(SynchronousTestCase):

@@ -42,6 +42,16 @@ class CheckServerChainTests(SynchronousTestCase):
             check_server_chain(pki()["server-rsa"].chain[:1], [pki().root], "localhost")
         self.assertEqual(e.exception.description, AlertDescription.unknown_ca)
 
+    def test_no_subject_alt_name(self) -> None:
+        """
+        A certificate naming its host only in the subject's CN: bad_certificate,
+        saying so.
+        """
+        for host in ("localhost", "127.0.0.1"):
+            e = self._refused("server-no-san", host)
+            self.assertEqual(e.description, AlertDescription.bad_certificate)
+            self.assertIn("subjectAltName", str(e))
+
     def test_expired(self) -> None:
         e = self._refused("server-expired")
         self.assertEqual(e.description, AlertDescription.certificate_expired)

@@ -1,7 +1,8 @@
 """
 Test support for the TLS client: a throwaway PKI made with C{cryptography}
 (roots, an intermediate, RSA and ECDSA server leaves for 127.0.0.1 and
-localhost, an expired one, a client CA and client identities), written to a
+localhost, an expired one, one without subjectAltName, a client CA and client
+identities), written to a
 temporary directory; C{openssl s_server} subprocesses on free ports; and an
 application protocol that records what it receives.
 """
@@ -229,6 +230,7 @@ def pki() -> PKI:
     wrong_key = _rsa()
     expired_key = _rsa()
     untrusted_key = _rsa()
+    no_san_key = _rsa()
     client_key = _rsa()
     client_ec = ec.generate_private_key(ec.SECP256R1())
     stranger_key = _rsa()
@@ -274,6 +276,13 @@ def pki() -> PKI:
                 ),
                 inter,
             ],
+        ),
+        (
+            # The name only in the subject's CN, which RFC 9525 no longer
+            # accepts for a server.
+            "server-no-san",
+            no_san_key,
+            [_issue(no_san_key, "localhost", inter_key, inter), inter],
         ),
         (
             "server-untrusted",
@@ -331,7 +340,11 @@ class OpenSSLServer:
     """
 
     def __init__(
-        self, args: Sequence[str], identity: str = "server-rsa", tls12_only: bool = True
+        self,
+        args: Sequence[str],
+        identity: str = "server-rsa",
+        tls12_only: bool = True,
+        ssl_options: str = "",
     ) -> None:
         p = pki()
         ident = p[identity]
@@ -354,11 +367,24 @@ class OpenSSLServer:
         if ident.chain[1:]:
             command += ["-cert_chain", ident.chain_file]
         self.quiet = "-quiet" in args
+        env = None
+        if ssl_options:
+            # What s_server has no flag for (say, "-ExtendedMasterSecret"),
+            # through OpenSSL's configuration of the default TLS context.
+            config = os.path.join(p.directory, f"openssl-{self.port}.cnf")
+            with open(config, "w") as f:
+                f.write(
+                    "openssl_conf = init\n[init]\nssl_conf = ssl\n"
+                    "[ssl]\nsystem_default = defaults\n"
+                    f"[defaults]\nOptions = {ssl_options}\n"
+                )
+            env = dict(os.environ, OPENSSL_CONF=config)
         self.process = subprocess.Popen(
             command + list(args),
             stdin=subprocess.PIPE,
             stdout=self._log,
             stderr=subprocess.STDOUT,
+            env=env,
         )
 
     def wait_ready(self, timeout: float = 15.0) -> None:
@@ -448,7 +474,7 @@ class CountingKey:
     Wraps an L{IRemoteKey} and counts the calls to it.
     """
 
-    def __init__(self, key: LocalKey) -> None:
+    def __init__(self, key: IRemoteKey) -> None:
         self._key = key
         self.supported_signature_schemes = key.supported_signature_schemes
         self.chain_calls = 0

@@ -20,7 +20,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import constant_time, hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa, x25519
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    TimeoutError,
+    maybeDeferred,
+)
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -133,6 +138,7 @@ class TLSClientConfig:
     # two key objects never share a session.
     client_identity: Hashable | None = None
     allow_no_extended_master_secret: bool = False
+    allow_no_renegotiation_info: bool = False
     # Each call to the key holder; the whole handshake, those calls included.
     remote_key_timeout: float = 30.0
     handshake_timeout: float = 90.0
@@ -311,6 +317,14 @@ class ClientHandshake:
             self._dispatch(msg_type, body, raw)
         except ProtocolViolation as e:
             self.fail(e.description, str(e))
+        except Exception as e:
+            # Our own error: the handshake still ends with an alert and a
+            # reason, not with the connection dropped mid-step.
+            _log.failure("TLS handshake with {host}: internal error", host=self.host)
+            self.fail(
+                AlertDescription.internal_error,
+                f"internal error handling the server's {_type_name(msg_type)}: {e}",
+            )
 
     def handle_change_cipher_spec(
         self, payload: bytes, pending_handshake: bool
@@ -469,13 +483,27 @@ class ClientHandshake:
                 AlertDescription.handshake_failure,
                 "non-empty renegotiation_info on an initial handshake",
             )
+        if reneg is None and not config.allow_no_renegotiation_info:
+            # RFC 5746, section 4.1: such a server could take our handshake,
+            # client certificate included, as the renegotiation of an
+            # attacker's connection and run the attacker's request under it.
+            raise _violation(
+                AlertDescription.handshake_failure,
+                "the server does not support secure renegotiation (no "
+                "renegotiation_info, RFC 5746); refusing a server open to "
+                "renegotiation prefix attacks",
+            )
         formats = extensions.get(ExtensionType.ec_point_formats)
         if formats is not None and (not formats or 0 not in formats[1:]):
             raise _violation(
                 AlertDescription.illegal_parameter,
                 "the server does not accept uncompressed EC points",
             )
-        for ext_type in (ExtensionType.server_name, ExtensionType.session_ticket):
+        for ext_type in (
+            ExtensionType.server_name,
+            ExtensionType.session_ticket,
+            ExtensionType.extended_master_secret,
+        ):
             if extensions.get(ext_type, b"") != b"":
                 raise _violation(
                     AlertDescription.decode_error,
@@ -536,7 +564,7 @@ class ClientHandshake:
         info = self.info
         info.resumed = True
         info.server_chain = list(session.server_chain)
-        info.verified_chain = list(session.server_chain)
+        info.verified_chain = list(session.verified_chain)
         info.client_chain = session.client_chain
         info.group = session.group
         self._enter(State.WAIT_RESUMED_CHANGE_CIPHER_SPEC)
@@ -651,7 +679,7 @@ class ClientHandshake:
         key = self.config.remote_key
         if self._certificate_requested and key is not None:
             self._enter(State.WAIT_CLIENT_CERTIFICATE)
-            self._wait(key.certificate_chain(), self._got_chain)
+            self._wait(maybeDeferred(key.certificate_chain), self._got_chain)
             return
         if self._certificate_requested:
             # No identity configured: an empty Certificate lets the server
@@ -678,6 +706,12 @@ class ClientHandshake:
                 callback(result)
             except ProtocolViolation as e:
                 self.fail(e.description, str(e))
+            except Exception as e:
+                _log.failure("TLS handshake: the key holder's answer is unusable")
+                self.fail(
+                    AlertDescription.internal_error,
+                    f"the key holder's answer is unusable: {e}",
+                )
 
         def failed(failure: Failure) -> None:
             if self._pending is not d or self.state is not state:
@@ -702,6 +736,11 @@ class ClientHandshake:
                 AlertDescription.internal_error,
                 "the key holder returned an empty certificate chain",
             )
+        if not all(isinstance(c, x509.Certificate) for c in chain):
+            raise _violation(
+                AlertDescription.internal_error,
+                "the key holder returned a chain that is not made of certificates",
+            )
         assert self._client_scheme is not None
         key = chain[0].public_key()
         if self._client_scheme.is_ecdsa != isinstance(key, ec.EllipticCurvePublicKey):
@@ -721,7 +760,11 @@ class ClientHandshake:
         self._enter(State.WAIT_SIGNATURE)
         assert self.config.remote_key is not None
         self._wait(
-            self.config.remote_key.sign(bytes(self._transcript), self._client_scheme),
+            maybeDeferred(
+                self.config.remote_key.sign,
+                bytes(self._transcript),
+                self._client_scheme,
+            ),
             self._got_signature,
         )
 
@@ -844,7 +887,9 @@ class ClientHandshake:
         assert self._suite is not None
         self._enter(State.ESTABLISHED)
         cache = self.config.session_cache
-        ticket = self._ticket
+        # An empty ticket is the server taking its offer back (RFC 5077,
+        # section 3.3): the session stays resumable by its ID alone.
+        ticket = self._ticket if self._ticket and self._ticket.ticket else None
         if cache is not None:
             offered = self._offered_session
             if self.info.resumed and offered is not None:
@@ -867,6 +912,7 @@ class ClientHandshake:
                         created=self._clock.seconds(),
                         group=self.info.group,
                         lifetime_hint=ticket.lifetime_hint if ticket else 0,
+                        verified_chain=self.info.verified_chain,
                     ),
                 )
         self.info.ticket_received = ticket is not None

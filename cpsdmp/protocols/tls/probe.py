@@ -194,6 +194,11 @@ def add_parser(subparsers: Any) -> None:
         action="store_true",
         help="accept a server without the extended master secret",
     )
+    parser.add_argument(
+        "--allow-no-renegotiation-info",
+        action="store_true",
+        help="accept a server without secure renegotiation (RFC 5746)",
+    )
     parser.add_argument("--alpn", action="append", default=[], help="offer ALPN")
     parser.add_argument(
         "--timeout", type=float, default=30.0, help="seconds for each wait"
@@ -215,6 +220,7 @@ def _config(args: argparse.Namespace) -> TLSClientConfig:
         remote_key=remote,
         alpn=[p.encode("ascii") for p in args.alpn],
         allow_no_extended_master_secret=args.allow_no_ems,
+        allow_no_renegotiation_info=args.allow_no_renegotiation_info,
         remote_key_timeout=args.timeout,
         handshake_timeout=2 * args.timeout,
     )

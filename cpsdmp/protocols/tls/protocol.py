@@ -332,9 +332,12 @@ class TLSClientProtocol(Protocol):
         if not self._established_now or self.disconnecting or not self.connected:
             return
         if self.transport is not None and data:
-            self.transport.writeSequence(
-                self._records.seal_pieces(ContentType.application_data, data)
-            )
+            try:
+                pieces = self._records.seal_pieces(ContentType.application_data, data)
+            except ProtocolViolation as e:
+                self._violation(e)
+                return
+            self.transport.writeSequence(pieces)
 
     def writeSequence(self, data: Iterable[bytes]) -> None:
         self.write(b"".join(data))

@@ -25,6 +25,9 @@ Data = bytes | memoryview
 TLS12 = 0x0303
 MAX_PLAINTEXT = 2**14  # RFC 5246, section 6.2.1
 MAX_CIPHERTEXT = 2**14 + 2048  # RFC 5246, section 6.2.3
+# RFC 5246, section 6.1: sequence numbers never wrap. We never renegotiate,
+# so a connection ends there; the last number is kept for its closing alert.
+MAX_SEQUENCE = 2**64 - 1
 _HEADER = struct.Struct(">BHH")
 _AAD = struct.Struct(">QBHH")
 _SEQ = struct.Struct(">Q")
@@ -250,6 +253,13 @@ class RecordLayer:
         """
         out: list[bytes] = []
         step = self._max_fragment
+        last = self._write_seq + max(1, -(-len(data) // step)) - 1
+        if last > MAX_SEQUENCE - (content_type != ContentType.alert):
+            raise ProtocolViolation(
+                AlertDescription.internal_error,
+                "the write sequence number has reached its limit of 2^64 - 1 "
+                "records: the connection must end",
+            )
         write = self._write
         view = memoryview(data)
         for start in range(0, max(len(data), 1), step):
@@ -309,6 +319,12 @@ class RecordLayer:
             return None
         fragment = self._view[start + 5 : end]
         self._offset = end
+        if self._read_seq > MAX_SEQUENCE:
+            raise ProtocolViolation(
+                AlertDescription.internal_error,
+                "the server's sequence number has passed its limit of 2^64 - 1 "
+                "records: the connection must end",
+            )
         plaintext = self._read.open(content_type, self._read_seq, fragment)
         self._read_seq += 1
         if len(plaintext) > MAX_PLAINTEXT:

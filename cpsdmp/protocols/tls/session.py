@@ -7,7 +7,7 @@ that one professional's session never serves another.
 from __future__ import annotations
 
 from collections.abc import Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cryptography import x509
 from twisted.internet.interfaces import IReactorTime
@@ -33,6 +33,8 @@ class Session:
     created: float
     group: str = ""
     lifetime_hint: int = 0
+    # The server chain as verified, leaf to root.
+    verified_chain: list[x509.Certificate] = field(default_factory=list)
 
 
 CacheKey = tuple[str, Hashable]

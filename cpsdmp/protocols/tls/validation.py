@@ -16,6 +16,7 @@ from cryptography.x509.verification import (
     Store,
     VerificationError,
 )
+from service_identity import CertificateError as NoNames
 from service_identity import VerificationError as NameMismatch
 from service_identity.cryptography import (
     verify_certificate_hostname,
@@ -71,6 +72,14 @@ def check_server_chain(
         raise ProtocolViolation(
             AlertDescription.bad_certificate,
             f"the server certificate is not valid for {host!r}: {e}",
+        ) from None
+    except NoNames:
+        # A name only in the subject's CN: service_identity does not fall
+        # back to it, and RFC 9525 no longer allows it.
+        raise ProtocolViolation(
+            AlertDescription.bad_certificate,
+            f"the server certificate {leaf.subject.rfc4514_string()} has no "
+            f"subjectAltName, so it names no host, {host!r} included",
         ) from None
 
     subject: DNSName | IPAddress = (
