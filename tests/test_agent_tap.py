@@ -97,6 +97,54 @@ class OptionsTests(SynchronousTestCase):
         assert isinstance(service, tap.AgentService)
         self.assertEqual(service.resource.tls_fingerprint, tap.fingerprint(certificate))
 
+    def test_unusable_tls_identity(self) -> None:
+        """
+        A --tls-cert or --tls-key that is missing, not PEM, or a key that
+        does not match the certificate is a usage error naming the file,
+        not a traceback at start or a failure at the first connection.
+        """
+        key, certificate = tap.self_signed_identity()
+        other_key, _ = tap.self_signed_identity()
+        cert_path = Path(self.mktemp())
+        cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+        other_key_path = Path(self.mktemp())
+        other_key_path.write_bytes(
+            other_key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        garbage = Path(self.mktemp())
+        garbage.write_text("not PEM")
+        missing = self.mktemp()
+        for cert, key_file, expected in [
+            (missing, str(other_key_path), f"--tls-cert {missing}"),
+            (str(garbage), str(other_key_path), f"--tls-cert {garbage}"),
+            (str(cert_path), missing, f"--tls-key {missing}"),
+            (str(cert_path), str(garbage), f"--tls-key {garbage}"),
+            (str(cert_path), str(other_key_path), "does not match"),
+        ]:
+            with self.assertRaises(usage.UsageError) as raised:
+                _options(
+                    "--soft-card", "x.p12", "--tls-cert", cert, "--tls-key", key_file
+                )
+            self.assertIn(expected, str(raised.exception))
+
+    def test_unusable_files(self) -> None:
+        """
+        An --intermediate that is not a PEM certificate, or an --audit-log
+        that cannot be written, is a usage error naming the file.
+        """
+        missing = self.mktemp()
+        with self.assertRaises(usage.UsageError) as raised:
+            _options("--soft-card", "x.p12", "--intermediate", missing)
+        self.assertIn(f"--intermediate {missing}", str(raised.exception))
+        audit = str(Path(self.mktemp(), "no-such-folder", "audit.jsonl"))
+        with self.assertRaises(usage.UsageError) as raised:
+            _options("--soft-card", "x.p12", "--audit-log", audit)
+        self.assertIn(f"--audit-log {audit}", str(raised.exception))
+
     def test_bad_numbers(self) -> None:
         """
         Idle times and pauses that are not finite, positive and sensible are
