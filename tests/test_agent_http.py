@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,7 +25,7 @@ from twisted.internet.endpoints import (
 )
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
-from twisted.logger import globalLogPublisher
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
@@ -536,7 +537,8 @@ class SignTests(AgentTestCase):
     def test_log(self) -> Any:
         """
         Each signature is logged with its algorithm, length, key, caller and
-        duration, and no event carries the PIN, the token or the data.
+        duration, and no event carries the PIN (right or wrong), the token or
+        the data.
         """
         events: list[dict[str, Any]] = []
         globalLogPublisher.addObserver(events.append)
@@ -555,9 +557,21 @@ class SignTests(AgentTestCase):
         self.assertEqual(event["caller"], "127.0.0.1")
         self.assertGreater(event["duration_ms"], 0)
         self.assertIn("log_time", event)
-        everything = repr(events)
-        for secret in (context["token"], "SECRET-DOCUMENT", self.testcard.pin + '"'):
-            self.assertNotIn(secret, everything)
+        wrong_pin = "86429753"
+        yield self.assertFailure(
+            open_session(self.agent.url, wrong_pin, self.agent.fingerprint), WrongPin
+        )
+        # The test card's PIN is short: look for it as a value of its own.
+        pin = re.compile(
+            rf"(?<![0-9A-Za-z]){re.escape(self.testcard.pin)}(?![0-9A-Za-z])"
+        )
+        secrets = (context["token"], "SECRET-DOCUMENT", wrong_pin)
+        leaks = [
+            text
+            for text in (repr(e) + formatEvent(e) for e in events)
+            if pin.search(text) or any(secret in text for secret in secrets)
+        ]
+        self.assertEqual(leaks, [])
 
 
 class NoTokenTests(AgentTestCase):
