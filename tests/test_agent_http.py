@@ -24,7 +24,7 @@ from twisted.internet.endpoints import (
     wrapClientTLS,
 )
 from twisted.internet.protocol import Protocol
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
@@ -47,6 +47,7 @@ from cpsdmp.agent.client import (
     WrongPin,
     open_session,
 )
+from cpsdmp.agent.tap import CARD_WATCH_INTERVAL
 from cpsdmp.protocols.tls.interfaces import IRemoteKey
 from cpsdmp.protocols.tls.schemes import SignatureScheme, verify_signature
 from tests.agent_support import (
@@ -627,6 +628,23 @@ class PinningTests(AgentTestCase):
         self.assertIn(self.agent.url, str(failure))
 
 
+class RestartTests(AgentTestCase):
+    @inlineCallbacks
+    def test_tokens_do_not_survive(self) -> Any:
+        """
+        A token of an agent that stopped is unknown to the agent started
+        after it on the same card.
+        """
+        context = yield self.session()
+        yield self.agent.service.stopService()
+        restarted: RunningAgent = yield start_agent(self, self.backend())
+        client = CpsAgentClient(
+            restarted.url, context["token"], restarted.fingerprint, timeout=20
+        )
+        self.addCleanup(client.close)
+        yield self.assertFailure(client.card(), TokenExpired)
+
+
 class CorsTests(AgentTestCase):
     allow_origin = "https://frontend.example"
 
@@ -812,6 +830,22 @@ class FaultTests(TestCase):
         client = CpsAgentClient.from_context(context)
         self.addCleanup(client.close)
         yield self.assertFailure(client.card(), CardRemoved)
+
+    @inlineCallbacks
+    def test_card_watched_while_idle(self) -> Any:
+        """
+        The running agent checks the card on its own, every few seconds:
+        a card taken out ends the sessions without any call.
+        """
+        backend = _FaultBackend(None, None)
+        agent = yield self.start(backend)
+        yield open_session(agent.url, shared_testcard().pin, agent.fingerprint)
+        self.assertEqual(len(agent.resource.tokens), 1)
+        backend.present = False
+        deadline = reactor.seconds() + 2 * CARD_WATCH_INTERVAL + 1  # type: ignore[attr-defined]
+        while len(agent.resource.tokens) and reactor.seconds() < deadline:  # type: ignore[attr-defined]
+            yield deferLater(reactor, 0.1)
+        self.assertEqual(len(agent.resource.tokens), 0)
 
     @inlineCallbacks
     def test_timeout(self) -> Any:
