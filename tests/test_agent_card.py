@@ -37,7 +37,8 @@ from cpsdmp.agent.card import (
     build_chain,
     holder_from_certificate,
 )
-from tests.agent_support import shared_testcard, token_backend, verify_client_chain
+from cpsdmp.agent.pki import verify_card_chain
+from tests.agent_support import shared_testcard, token_backend
 
 
 def _verify(
@@ -131,7 +132,7 @@ class TokenTests(SynchronousTestCase):
         chain = self.backend.chain(KeyUsage.authentication)
         self.assertEqual(len(chain), 2)
         self.assertEqual(chain[0].issuer, chain[1].subject)
-        verify_client_chain(chain, self.testcard)
+        verify_card_chain(chain, [self.testcard.ca_root_certificate()])
 
     def test_holder(self) -> None:
         """

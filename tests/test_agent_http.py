@@ -47,6 +47,7 @@ from cpsdmp.agent.client import (
     WrongPin,
     open_session,
 )
+from cpsdmp.agent.pki import verify_card_chain
 from cpsdmp.agent.tap import CARD_WATCH_INTERVAL
 from cpsdmp.protocols.tls.interfaces import IRemoteKey
 from cpsdmp.protocols.tls.schemes import SignatureScheme, verify_signature
@@ -55,7 +56,6 @@ from tests.agent_support import (
     shared_testcard,
     start_agent,
     token_backend,
-    verify_client_chain,
 )
 
 
@@ -366,7 +366,7 @@ class SignTests(AgentTestCase):
         data = b"the bytes a CertificateVerify covers"
         auth_chain = yield client.certificate_chain()
         sig_chain = yield client.signature_certificate_chain()
-        verify_client_chain(auth_chain, self.testcard)
+        verify_card_chain(auth_chain, [self.testcard.ca_root_certificate()])
         self.assertNotEqual(auth_chain[0], sig_chain[0])
         for name in ALGORITHMS:
             signature = yield client.sign(data, name)
@@ -890,7 +890,7 @@ class SoftCardAgentTests(AgentTestCase):
         card = yield client.card()
         self.assertEqual(card["holder"]["id"], self.testcard.professional["id"])
         chain = yield client.certificate_chain()
-        verify_client_chain(chain, self.testcard)
+        verify_card_chain(chain, [self.testcard.ca_root_certificate()])
         for name in ALGORITHMS:
             signature = yield client.sign(b"soft", name)
             _verify(chain[0], signature, b"soft", name)
