@@ -197,7 +197,7 @@ class PolicyOptionsTests(SynchronousTestCase):
     def test_production_defaults(self) -> None:
         """
         On a real card the card authenticates to the DMP's hosts only, with
-        the roots given by --trust, at 30 signatures a minute per session.
+        the roots given by --trust, at 120 signatures a minute per session.
         """
         root = shared_testcard().ca_root
         options = _options("--pkcs11-module", "/usr/lib/cps.so", "--trust", root)
