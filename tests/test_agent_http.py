@@ -331,6 +331,63 @@ class PinPauseTests(AgentTestCase):
         self.assertIn("token", context)
 
 
+class _SlowLogin:
+    """
+    The test card, whose PIN check waits until the test lets it finish, and
+    that counts the PINs it was asked to check.
+    """
+
+    def __init__(self) -> None:
+        self.inner = token_backend()
+        self.description = self.inner.description
+        self.logins = 0
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def login(self, pin: str) -> None:
+        self.logins += 1
+        self.entered.set()
+        self.release.wait(10)
+        self.inner.login(pin)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+class ConcurrentPinTests(AgentTestCase):
+    def backend(self) -> Any:
+        self.slow = _SlowLogin()
+        self.addCleanup(self.slow.release.set)
+        return self.slow
+
+    @inlineCallbacks
+    def test_one_pin_at_a_time(self) -> Any:
+        """
+        While the card checks a PIN, other PINs are refused with 429 without
+        asking the card: PINs sent at once cannot run through the card's
+        few tries before the pause after a wrong one applies.
+        """
+        agent = self.agent
+        first = open_session(agent.url, "0000", agent.fingerprint)
+        deadline = reactor.seconds() + 10  # type: ignore[attr-defined]
+        while not self.slow.entered.is_set() and reactor.seconds() < deadline:  # type: ignore[attr-defined]
+            yield deferLater(reactor, 0.01)
+        reactor.callLater(1, self.slow.release.set)  # type: ignore[attr-defined]
+        others = yield gatherResults(
+            [
+                open_session(agent.url, pin, agent.fingerprint).addErrback(
+                    lambda f: f.value
+                )
+                for pin in ("1111", self.testcard.pin)
+            ]
+        )
+        for refused in others:
+            self.assertIsInstance(refused, PinPause)
+            self.assertIn("the card was not asked", str(refused))
+        yield self.assertFailure(first, WrongPin)
+        self.assertEqual(self.slow.logins, 1)
+
+
 class ExpiryTests(AgentTestCase):
     def setUp(self) -> Any:
         self.clock = Clock()
