@@ -23,6 +23,9 @@ from cpsdmp.agent import testcard
 from cpsdmp.agent.pki import verify_card_chain
 from cpsdmp.agent.testcard import TestCard, init_testcard
 
+# Read when trial imports the tests, before any card is made or loaded.
+_INHERITED_SOFTHSM2_CONF = os.environ.get("SOFTHSM2_CONF")
+
 
 @functools.cache
 def _token_card() -> TestCard:
@@ -174,11 +177,13 @@ class TokenTestCardTests(TestCase):
 
     def test_softhsm_configuration_is_its_own(self) -> None:
         """
-        The token lives in the card's folder, through its own configuration.
+        The token lives in the card's folder, through its own configuration,
+        and the test process's SOFTHSM2_CONF is what it inherited (the card
+        sets its own only for the time the module is loaded).
         """
         conf = Path(self.card.softhsm2_conf or "").read_text()
         self.assertIn(f"directories.tokendir = {self.directory / 'tokens'}", conf)
-        self.assertNotIn("SOFTHSM2_CONF", os.environ)
+        self.assertEqual(os.environ.get("SOFTHSM2_CONF"), _INHERITED_SOFTHSM2_CONF)
 
 
 class PkiTests(TestCase):
