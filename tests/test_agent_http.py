@@ -772,6 +772,7 @@ class _FaultBackend:
         self.sign_error = sign_error
         self.logins = 0
         self.present = True
+        self.check_error: Exception | None = None
         self.hold: threading.Event | None = None
         self.inner = token_backend()
 
@@ -789,6 +790,8 @@ class _FaultBackend:
             from cpsdmp.agent.card import CardRemoved as CardCardRemoved
 
             raise CardCardRemoved()
+        if self.check_error is not None:
+            raise self.check_error
         self.inner.check_present()
 
     def chain(self, usage: KeyUsage) -> list[x509.Certificate]:
@@ -903,6 +906,34 @@ class FaultTests(TestCase):
         while len(agent.resource.tokens) and reactor.seconds() < deadline:  # type: ignore[attr-defined]
             yield deferLater(reactor, 0.1)
         self.assertEqual(len(agent.resource.tokens), 0)
+
+    @inlineCallbacks
+    def test_card_failing_its_check(self) -> Any:
+        """
+        A card that answers the presence check with an error of its own has
+        lost its session: the sessions end, said in one line, not a
+        traceback at every check.
+        """
+        from cpsdmp.agent.card import CardFault
+
+        backend = _FaultBackend(None, None)
+        agent = yield self.start(backend)
+        context = yield open_session(
+            agent.url, shared_testcard().pin, agent.fingerprint
+        )
+        backend.check_error = CardFault(RuntimeError("reader error"))
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        for _ in range(2):
+            yield agent.resource.watch_card()
+        self.assertEqual(len(agent.resource.tokens), 0)
+        ended = [e for e in events if "sessions ended" in e.get("log_format", "")]
+        self.assertEqual(len(ended), 1)
+        self.assertIn("the card failed", formatEvent(ended[0]))
+        client = CpsAgentClient.from_context(context)
+        self.addCleanup(client.close)
+        yield self.assertFailure(client.card(), TokenExpired)
 
     @inlineCallbacks
     def test_timeout(self) -> Any:
