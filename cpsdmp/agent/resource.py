@@ -282,6 +282,13 @@ class AgentResource(Resource):
             if len(self.tokens):
                 _log.info("card out of the reader: sessions ended")
                 self.tokens.drop_all()
+        except CardError as error:
+            # The card dropped its session with the error: so do the tokens.
+            if len(self.tokens):
+                _log.warn(
+                    "card check failed, sessions ended: {reason}", reason=str(error)
+                )
+                self.tokens.drop_all()
         except Exception:
             _log.failure("could not check that the card is in the reader")
 
