@@ -14,13 +14,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
-from cryptography.x509.verification import (
-    Criticality,
-    ExtensionPolicy,
-    PolicyBuilder,
-    Store,
-)
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -37,25 +30,6 @@ from cpsdmp.agent.tap import (
     tls_options,
 )
 from cpsdmp.agent.testcard import TestCard, init_testcard
-
-
-def verify_client_chain(chain: list[x509.Certificate], testcard: TestCard) -> None:
-    """
-    Validate a card chain, leaf first, as a TLS client chain under the test
-    root; CPS certificates carry no subjectAltName, so that alone is relaxed.
-    """
-    ee_policy = ExtensionPolicy.webpki_defaults_ee().may_be_present(
-        x509.SubjectAlternativeName, Criticality.AGNOSTIC, None
-    )
-    verifier = (
-        PolicyBuilder()
-        .store(Store([testcard.ca_root_certificate()]))
-        .extension_policies(
-            ca_policy=ExtensionPolicy.webpki_defaults_ca(), ee_policy=ee_policy
-        )
-        .build_client_verifier()
-    )
-    verifier.verify(chain[0], chain[1:])
 
 
 @functools.cache

@@ -37,7 +37,8 @@ from cpsdmp.agent.card import (
     build_chain,
     holder_from_certificate,
 )
-from tests.agent_support import shared_testcard, token_backend, verify_client_chain
+from cpsdmp.agent.pki import verify_card_chain
+from tests.agent_support import shared_testcard, token_backend
 
 
 def _verify(
@@ -80,7 +81,8 @@ class TokenTests(SynchronousTestCase):
     def test_authentication_key_refuses_hashing_mechanisms(self) -> None:
         """
         The token really restricts the authentication key to CKM_RSA_PKCS, as
-        a CPS card does: a hash-and-sign mechanism is refused.
+        a CPS card does: hash-and-sign mechanisms are refused, and so is raw
+        RSA, which would sign any padding.
         """
         self.backend.close()
         lib = self.backend.library()
@@ -89,12 +91,13 @@ class TokenTests(SynchronousTestCase):
             key = session.get_key(
                 object_class=pkcs11.ObjectClass.PRIVATE_KEY, label="CPS_PRIV_AUT"
             )
-            for mechanism in (
-                pkcs11.Mechanism.SHA256_RSA_PKCS,
-                pkcs11.Mechanism.SHA1_RSA_PKCS,
+            for mechanism, data in (
+                (pkcs11.Mechanism.SHA256_RSA_PKCS, b"data"),
+                (pkcs11.Mechanism.SHA1_RSA_PKCS, b"data"),
+                (pkcs11.Mechanism.RSA_X_509, b"\x00\x01" + b"\xff" * 254),
             ):
                 self.assertRaises(
-                    p11errors.MechanismInvalid, key.sign, b"data", mechanism=mechanism
+                    p11errors.MechanismInvalid, key.sign, data, mechanism=mechanism
                 )
             # What the agent does is accepted.
             self.assertEqual(
@@ -129,7 +132,7 @@ class TokenTests(SynchronousTestCase):
         chain = self.backend.chain(KeyUsage.authentication)
         self.assertEqual(len(chain), 2)
         self.assertEqual(chain[0].issuer, chain[1].subject)
-        verify_client_chain(chain, self.testcard)
+        verify_card_chain(chain, [self.testcard.ca_root_certificate()])
 
     def test_holder(self) -> None:
         """

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,8 +24,8 @@ from twisted.internet.endpoints import (
     wrapClientTLS,
 )
 from twisted.internet.protocol import Protocol
-from twisted.internet.task import Clock
-from twisted.logger import globalLogPublisher
+from twisted.internet.task import Clock, deferLater
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
@@ -46,6 +47,8 @@ from cpsdmp.agent.client import (
     WrongPin,
     open_session,
 )
+from cpsdmp.agent.pki import verify_card_chain
+from cpsdmp.agent.tap import CARD_WATCH_INTERVAL
 from cpsdmp.protocols.tls.interfaces import IRemoteKey
 from cpsdmp.protocols.tls.schemes import SignatureScheme, verify_signature
 from tests.agent_support import (
@@ -53,7 +56,6 @@ from tests.agent_support import (
     shared_testcard,
     start_agent,
     token_backend,
-    verify_client_chain,
 )
 
 
@@ -329,6 +331,63 @@ class PinPauseTests(AgentTestCase):
         self.assertIn("token", context)
 
 
+class _SlowLogin:
+    """
+    The test card, whose PIN check waits until the test lets it finish, and
+    that counts the PINs it was asked to check.
+    """
+
+    def __init__(self) -> None:
+        self.inner = token_backend()
+        self.description = self.inner.description
+        self.logins = 0
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def login(self, pin: str) -> None:
+        self.logins += 1
+        self.entered.set()
+        self.release.wait(10)
+        self.inner.login(pin)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+class ConcurrentPinTests(AgentTestCase):
+    def backend(self) -> Any:
+        self.slow = _SlowLogin()
+        self.addCleanup(self.slow.release.set)
+        return self.slow
+
+    @inlineCallbacks
+    def test_one_pin_at_a_time(self) -> Any:
+        """
+        While the card checks a PIN, other PINs are refused with 429 without
+        asking the card: PINs sent at once cannot run through the card's
+        few tries before the pause after a wrong one applies.
+        """
+        agent = self.agent
+        first = open_session(agent.url, "0000", agent.fingerprint)
+        deadline = reactor.seconds() + 10  # type: ignore[attr-defined]
+        while not self.slow.entered.is_set() and reactor.seconds() < deadline:  # type: ignore[attr-defined]
+            yield deferLater(reactor, 0.01)
+        reactor.callLater(1, self.slow.release.set)  # type: ignore[attr-defined]
+        others = yield gatherResults(
+            [
+                open_session(agent.url, pin, agent.fingerprint).addErrback(
+                    lambda f: f.value
+                )
+                for pin in ("1111", self.testcard.pin)
+            ]
+        )
+        for refused in others:
+            self.assertIsInstance(refused, PinPause)
+            self.assertIn("the card was not asked", str(refused))
+        yield self.assertFailure(first, WrongPin)
+        self.assertEqual(self.slow.logins, 1)
+
+
 class ExpiryTests(AgentTestCase):
     def setUp(self) -> Any:
         self.clock = Clock()
@@ -364,7 +423,7 @@ class SignTests(AgentTestCase):
         data = b"the bytes a CertificateVerify covers"
         auth_chain = yield client.certificate_chain()
         sig_chain = yield client.signature_certificate_chain()
-        verify_client_chain(auth_chain, self.testcard)
+        verify_card_chain(auth_chain, [self.testcard.ca_root_certificate()])
         self.assertNotEqual(auth_chain[0], sig_chain[0])
         for name in ALGORITHMS:
             signature = yield client.sign(data, name)
@@ -536,7 +595,8 @@ class SignTests(AgentTestCase):
     def test_log(self) -> Any:
         """
         Each signature is logged with its algorithm, length, key, caller and
-        duration, and no event carries the PIN, the token or the data.
+        duration, and no event carries the PIN (right or wrong), the token or
+        the data.
         """
         events: list[dict[str, Any]] = []
         globalLogPublisher.addObserver(events.append)
@@ -555,9 +615,21 @@ class SignTests(AgentTestCase):
         self.assertEqual(event["caller"], "127.0.0.1")
         self.assertGreater(event["duration_ms"], 0)
         self.assertIn("log_time", event)
-        everything = repr(events)
-        for secret in (context["token"], "SECRET-DOCUMENT", self.testcard.pin + '"'):
-            self.assertNotIn(secret, everything)
+        wrong_pin = "86429753"
+        yield self.assertFailure(
+            open_session(self.agent.url, wrong_pin, self.agent.fingerprint), WrongPin
+        )
+        # The test card's PIN is short: look for it as a value of its own.
+        pin = re.compile(
+            rf"(?<![0-9A-Za-z]){re.escape(self.testcard.pin)}(?![0-9A-Za-z])"
+        )
+        secrets = (context["token"], "SECRET-DOCUMENT", wrong_pin)
+        leaks = [
+            text
+            for text in (repr(e) + formatEvent(e) for e in events)
+            if pin.search(text) or any(secret in text for secret in secrets)
+        ]
+        self.assertEqual(leaks, [])
 
 
 class NoTokenTests(AgentTestCase):
@@ -611,6 +683,23 @@ class PinningTests(AgentTestCase):
         self.addCleanup(client.close)
         failure = yield self.assertFailure(client.card(), AgentUnreachable)
         self.assertIn(self.agent.url, str(failure))
+
+
+class RestartTests(AgentTestCase):
+    @inlineCallbacks
+    def test_tokens_do_not_survive(self) -> Any:
+        """
+        A token of an agent that stopped is unknown to the agent started
+        after it on the same card.
+        """
+        context = yield self.session()
+        yield self.agent.service.stopService()
+        restarted: RunningAgent = yield start_agent(self, self.backend())
+        client = CpsAgentClient(
+            restarted.url, context["token"], restarted.fingerprint, timeout=20
+        )
+        self.addCleanup(client.close)
+        yield self.assertFailure(client.card(), TokenExpired)
 
 
 class CorsTests(AgentTestCase):
@@ -683,6 +772,7 @@ class _FaultBackend:
         self.sign_error = sign_error
         self.logins = 0
         self.present = True
+        self.check_error: Exception | None = None
         self.hold: threading.Event | None = None
         self.inner = token_backend()
 
@@ -700,6 +790,8 @@ class _FaultBackend:
             from cpsdmp.agent.card import CardRemoved as CardCardRemoved
 
             raise CardCardRemoved()
+        if self.check_error is not None:
+            raise self.check_error
         self.inner.check_present()
 
     def chain(self, usage: KeyUsage) -> list[x509.Certificate]:
@@ -800,6 +892,50 @@ class FaultTests(TestCase):
         yield self.assertFailure(client.card(), CardRemoved)
 
     @inlineCallbacks
+    def test_card_watched_while_idle(self) -> Any:
+        """
+        The running agent checks the card on its own, every few seconds:
+        a card taken out ends the sessions without any call.
+        """
+        backend = _FaultBackend(None, None)
+        agent = yield self.start(backend)
+        yield open_session(agent.url, shared_testcard().pin, agent.fingerprint)
+        self.assertEqual(len(agent.resource.tokens), 1)
+        backend.present = False
+        deadline = reactor.seconds() + 2 * CARD_WATCH_INTERVAL + 1  # type: ignore[attr-defined]
+        while len(agent.resource.tokens) and reactor.seconds() < deadline:  # type: ignore[attr-defined]
+            yield deferLater(reactor, 0.1)
+        self.assertEqual(len(agent.resource.tokens), 0)
+
+    @inlineCallbacks
+    def test_card_failing_its_check(self) -> Any:
+        """
+        A card that answers the presence check with an error of its own has
+        lost its session: the sessions end, said in one line, not a
+        traceback at every check.
+        """
+        from cpsdmp.agent.card import CardFault
+
+        backend = _FaultBackend(None, None)
+        agent = yield self.start(backend)
+        context = yield open_session(
+            agent.url, shared_testcard().pin, agent.fingerprint
+        )
+        backend.check_error = CardFault(RuntimeError("reader error"))
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        for _ in range(2):
+            yield agent.resource.watch_card()
+        self.assertEqual(len(agent.resource.tokens), 0)
+        ended = [e for e in events if "sessions ended" in e.get("log_format", "")]
+        self.assertEqual(len(ended), 1)
+        self.assertIn("the card failed", formatEvent(ended[0]))
+        client = CpsAgentClient.from_context(context)
+        self.addCleanup(client.close)
+        yield self.assertFailure(client.card(), TokenExpired)
+
+    @inlineCallbacks
     def test_timeout(self) -> Any:
         """
         A card that does not answer in time: the client gives up after its
@@ -842,7 +978,7 @@ class SoftCardAgentTests(AgentTestCase):
         card = yield client.card()
         self.assertEqual(card["holder"]["id"], self.testcard.professional["id"])
         chain = yield client.certificate_chain()
-        verify_client_chain(chain, self.testcard)
+        verify_card_chain(chain, [self.testcard.ca_root_certificate()])
         for name in ALGORITHMS:
             signature = yield client.sign(b"soft", name)
             _verify(chain[0], signature, b"soft", name)

@@ -11,12 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import sys
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.serialization import Encoding
 from lxml import etree
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
@@ -42,7 +44,12 @@ from cpsdmp.protocols.soap import read_message
 from cpsdmp.protocols.tls.endpoint import TLSAgentEndpointFactory, TLSClientEndpoint
 from cpsdmp.protocols.tls.handshake import TLSClientConfig
 from cpsdmp.protocols.tls.interfaces import IRemoteKey
-from cpsdmp.protocols.tls.messages import CertificateRequest, HandshakeReassembler
+from cpsdmp.protocols.tls.messages import (
+    CertificateRequest,
+    HandshakeReassembler,
+    decode_certificate,
+    encode_certificate,
+)
 from cpsdmp.protocols.tls.schemes import SignatureScheme, verify_signature
 from cpsdmp.sandbox.tap import SandboxService
 from cpsdmp.xds.signature import local_signer, sign_submission
@@ -273,6 +280,114 @@ class TranscriptTests(TestCase):
             card=pki()["client-ec"].chain[0],
         )
 
+    def with_server_leaf(self, leaf: bytes) -> bytes:
+        """
+        @return: the transcript with C{leaf} in place of the server's
+            certificate, the rest of its chain kept.
+        """
+        raws = messages(self.transcript)
+        chain = decode_certificate(raws[2][4:])
+        raws[2] = encode_certificate([leaf, *chain[1:]])
+        return b"".join(raws)
+
+    def test_malformed_server_certificate(self) -> None:
+        """
+        A server certificate that loads but whose version, names or
+        extensions do not parse is refused with a reason, never an error.
+        """
+        raws = messages(self.transcript)
+        der = decode_certificate(raws[2][4:])[0]
+        version = der.index(bytes.fromhex("a003020102"))
+        bad_version = der[: version + 4] + b"\x20" + der[version + 5 :]
+        bad_names = der.replace(b"localhost", b"localhos\xff")
+        for leaf in (bad_version, bad_names):
+            self.refused(self.with_server_leaf(leaf), "certificate")
+
+    def test_server_certificate_without_names(self) -> None:
+        """
+        A server certificate without subjectAltName is refused (no name to
+        check), not an error.
+        """
+        _, leaf = self_signed(rsa.generate_private_key(65537, 2048), "localhost")
+        der = leaf.public_bytes(Encoding.DER)
+        self.refused(self.with_server_leaf(der), "subjectAltName")
+
+    def test_mutated_transcripts(self) -> None:
+        """
+        Thousands of transcripts mutated at random (bytes changed, cut or
+        added, messages shuffled or repeated, certificates corrupted) each
+        get a decision: never an exception, a reason for every refusal.
+        """
+        rng = random.Random(20240611)
+        raws = messages(self.transcript)
+        checker = policy()
+        for _ in range(3000):
+            data = self.transcript
+            for _ in range(rng.randint(1, 3)):
+                data = _mutate(rng, data, raws)
+            decision = checker.check_authentication(data, CARD)
+            if not decision.allowed:
+                self.assertTrue(decision.reason)
+
+
+class FailClosedTests(SynchronousTestCase):
+    def test_error_in_a_check_refuses(self) -> None:
+        """
+        A check that fails by an error of its own (a bug, a library raising
+        what it did not document) refuses the signature and logs the error.
+        """
+        checker = policy()
+
+        def broken(*args: object) -> str:
+            raise RuntimeError("a bug")
+
+        for method, check in [
+            ("_check_transcript", lambda: checker.check_authentication(b"", CARD)),
+            ("_check_signed_info", lambda: checker.check_signature(b"", "x")),
+        ]:
+            self.patch(checker, method, broken)
+            decision = check()
+            self.assertFalse(decision.allowed)
+            self.assertIn("could not check", decision.reason)
+            self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+def _mutate(rng: random.Random, data: bytes, raws: list[bytes]) -> bytes:
+    """
+    @return: C{data} changed in one random way, with a bias towards the
+        parts a parser reads last (certificates, extensions).
+    """
+    kind = rng.randrange(7)
+    if kind == 0:
+        changed = bytearray(data)
+        for _ in range(rng.randint(1, 8)):
+            changed[rng.randrange(len(changed))] = rng.randrange(256)
+        return bytes(changed)
+    if kind == 1:
+        start = rng.randrange(len(data))
+        return data[:start] + data[start + rng.randint(1, 64) :]
+    if kind == 2:
+        start = rng.randrange(len(data) + 1)
+        return data[:start] + rng.randbytes(rng.randint(1, 64)) + data[start:]
+    if kind == 3:
+        shuffled = list(raws)
+        rng.shuffle(shuffled)
+        return b"".join(shuffled)
+    if kind == 4:
+        repeated = list(raws)
+        repeated[rng.randrange(len(repeated))] = rng.choice(raws)
+        return b"".join(repeated)
+    if kind == 5:
+        return rng.randbytes(rng.randint(0, 4096))
+    # Inside one message, past its header: most often a certificate.
+    corrupted = [bytearray(r) for r in raws]
+    targets = [2, 2, 2, 6, 0, 1, 3, 4] if len(raws) == 8 else range(len(raws))
+    message = corrupted[rng.choice(targets)]
+    for _ in range(rng.randint(1, 4)):
+        if len(message) > 4:
+            message[rng.randrange(4, len(message))] = rng.randrange(256)
+    return b"".join(bytes(r) for r in corrupted)
+
 
 # SignedInfo ----------------------------------------------------------------
 
@@ -331,6 +446,20 @@ class SignedInfoTests(SynchronousTestCase):
     def test_other_algorithm(self) -> None:
         self.refused(self.data, "SignatureMethod", "SHA256WithECDSA")
         self.refused(self.data, "not a submission-set signature", "SHA512WithRSA")
+
+    def test_mutated(self) -> None:
+        """
+        SignedInfos mutated at random each get a decision, never an error.
+        """
+        rng = random.Random(20240612)
+        checker = policy()
+        for _ in range(1500):
+            data = self.data
+            for _ in range(rng.randint(1, 3)):
+                data = _mutate(rng, data, [self.data])
+            decision = checker.check_signature(data, "SHA256WithRSA")
+            if not decision.allowed:
+                self.assertTrue(decision.reason)
 
     def test_altered(self) -> None:
         def altered(change: Any) -> bytes:
@@ -467,6 +596,31 @@ class SignatureEndpointTests(PolicyAgentTestCase):
         self.assertEqual(line["algorithm"], "SHA256WithRSA")
         self.assertEqual(line["outcome"], "refused")
         self.assertIn("transcript", line["reason"])
+
+
+class MalformedTranscriptTests(PolicyAgentTestCase):
+    @inlineCallbacks
+    def test_malformed_certificate_is_403(self) -> Any:
+        """
+        A transcript whose server certificate does not parse is a 403 with
+        the reason, like any other refusal, not an agent error.
+        """
+        transcript = yield capture(self, "localhost")
+        raws = messages(transcript)
+        der = decode_certificate(raws[2][4:])[0]
+        raws[2] = encode_certificate([der.replace(b"localhost", b"localhos\xff")])
+        context = yield self.session()
+        answer = yield self.request(
+            "POST",
+            "/cps/sign/for/authentication/SHA256WithRSA",
+            {"Content-Type": "application/octet-stream"},
+            b"".join(raws),
+            context["token"],
+        )
+        document = self.assertProblem(answer, 403, problems.POLICY_REFUSED)
+        self.assertIn("certificate", document["detail"])
+        [line] = self.audit_lines()
+        self.assertEqual(line["outcome"], "refused")
 
 
 class RateLimitTests(PolicyAgentTestCase):

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +99,54 @@ class OptionsTests(SynchronousTestCase):
         assert isinstance(service, tap.AgentService)
         self.assertEqual(service.resource.tls_fingerprint, tap.fingerprint(certificate))
 
+    def test_unusable_tls_identity(self) -> None:
+        """
+        A --tls-cert or --tls-key that is missing, not PEM, or a key that
+        does not match the certificate is a usage error naming the file,
+        not a traceback at start or a failure at the first connection.
+        """
+        key, certificate = tap.self_signed_identity()
+        other_key, _ = tap.self_signed_identity()
+        cert_path = Path(self.mktemp())
+        cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+        other_key_path = Path(self.mktemp())
+        other_key_path.write_bytes(
+            other_key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        garbage = Path(self.mktemp())
+        garbage.write_text("not PEM")
+        missing = self.mktemp()
+        for cert, key_file, expected in [
+            (missing, str(other_key_path), f"--tls-cert {missing}"),
+            (str(garbage), str(other_key_path), f"--tls-cert {garbage}"),
+            (str(cert_path), missing, f"--tls-key {missing}"),
+            (str(cert_path), str(garbage), f"--tls-key {garbage}"),
+            (str(cert_path), str(other_key_path), "does not match"),
+        ]:
+            with self.assertRaises(usage.UsageError) as raised:
+                _options(
+                    "--soft-card", "x.p12", "--tls-cert", cert, "--tls-key", key_file
+                )
+            self.assertIn(expected, str(raised.exception))
+
+    def test_unusable_files(self) -> None:
+        """
+        An --intermediate that is not a PEM certificate, or an --audit-log
+        that cannot be written, is a usage error naming the file.
+        """
+        missing = self.mktemp()
+        with self.assertRaises(usage.UsageError) as raised:
+            _options("--soft-card", "x.p12", "--intermediate", missing)
+        self.assertIn(f"--intermediate {missing}", str(raised.exception))
+        audit = str(Path(self.mktemp(), "no-such-folder", "audit.jsonl"))
+        with self.assertRaises(usage.UsageError) as raised:
+            _options("--soft-card", "x.p12", "--audit-log", audit)
+        self.assertIn(f"--audit-log {audit}", str(raised.exception))
+
     def test_bad_numbers(self) -> None:
         """
         Idle times and pauses that are not finite, positive and sensible are
@@ -147,7 +197,7 @@ class PolicyOptionsTests(SynchronousTestCase):
     def test_production_defaults(self) -> None:
         """
         On a real card the card authenticates to the DMP's hosts only, with
-        the roots given by --trust, at 30 signatures a minute per session.
+        the roots given by --trust, at 120 signatures a minute per session.
         """
         root = shared_testcard().ca_root
         options = _options("--pkcs11-module", "/usr/lib/cps.so", "--trust", root)
@@ -290,12 +340,24 @@ class CommandTests(TestCase):
         self.addCleanup(stop)
         return output
 
-    @inlineCallbacks
-    def test_help_lists_cpsagent(self) -> Any:
-        output = self.twist("--help")
-        output.listening.addErrback(lambda _: None)  # it does not serve
-        yield output.ended
-        self.assertIn(b"cpsagent", output.output)
+    def test_help_lists_cpsagent(self) -> None:
+        """
+        The C{twist} script of the environment the README's install made
+        lists cpsagent, run from outside the checkout and without
+        PYTHONPATH: Twisted finds the plugin the way a user's shell does.
+        """
+        twist = Path(sys.executable).parent / "twist"
+        self.assertTrue(twist.is_file(), f"no twist script beside {sys.executable}")
+        environment = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        result = subprocess.run(
+            [str(twist), "--help"],
+            capture_output=True,
+            cwd=tempfile.gettempdir(),
+            env=environment,
+            timeout=60,
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertRegex(result.stdout, rb"\n\s+cpsagent\s")
 
     @inlineCallbacks
     def test_twist_cpsagent(self) -> Any:

@@ -23,6 +23,9 @@ from cpsdmp.agent import testcard
 from cpsdmp.agent.pki import verify_card_chain
 from cpsdmp.agent.testcard import TestCard, init_testcard
 
+# Read when trial imports the tests, before any card is made or loaded.
+_INHERITED_SOFTHSM2_CONF = os.environ.get("SOFTHSM2_CONF")
+
 
 @functools.cache
 def _token_card() -> TestCard:
@@ -174,11 +177,13 @@ class TokenTestCardTests(TestCase):
 
     def test_softhsm_configuration_is_its_own(self) -> None:
         """
-        The token lives in the card's folder, through its own configuration.
+        The token lives in the card's folder, through its own configuration,
+        and the test process's SOFTHSM2_CONF is what it inherited (the card
+        sets its own only for the time the module is loaded).
         """
         conf = Path(self.card.softhsm2_conf or "").read_text()
         self.assertIn(f"directories.tokendir = {self.directory / 'tokens'}", conf)
-        self.assertNotIn("SOFTHSM2_CONF", os.environ)
+        self.assertEqual(os.environ.get("SOFTHSM2_CONF"), _INHERITED_SOFTHSM2_CONF)
 
 
 class PkiTests(TestCase):
@@ -281,6 +286,75 @@ class CommandTests(TestCase):
         )
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertIn(str(directory / "testcard.json"), result.stdout)
+        self.assertTrue(TestCard.load(directory).is_complete())
+
+    def test_nothing_written_outside(self) -> None:
+        """
+        `cpsdmp testcard init --dir DIR`, run twice with a SoftHSM2 token,
+        writes only in DIR: not in its working folder, HOME, TMPDIR, nor the
+        token folder of a SOFTHSM2_CONF it inherits or of the system's
+        SoftHSM2; the second run rewrites none of its files.
+        """
+        base = Path("outside").absolute()
+        home, temporary, working, decoy = (
+            base / name for name in ("home", "tmp", "cwd", "decoy-tokens")
+        )
+        for folder in (home, temporary, working, decoy):
+            folder.mkdir(parents=True)
+        decoy_conf = base / "decoy-softhsm2.conf"
+        decoy_conf.write_text(f"directories.tokendir = {decoy}\n")
+        system_tokens = Path("/var/lib/softhsm/tokens")
+
+        def system_state() -> list[tuple[str, float]]:
+            try:
+                return sorted(
+                    (str(p), p.stat().st_mtime) for p in system_tokens.rglob("*")
+                )
+            except OSError:
+                return []
+
+        def state(folder: Path) -> dict[str, tuple[int, float]]:
+            # SoftHSM2 rewrites its own token files at each login (the
+            # reuse check logs in to list the objects): their size only.
+            return {
+                str(p.relative_to(folder)): (
+                    p.stat().st_size,
+                    0.0 if p.is_relative_to(folder / "tokens") else p.stat().st_mtime,
+                )
+                for p in folder.rglob("*")
+                if p.name != ".testcard.lock"
+            }
+
+        directory = base / "card"
+        environment = {
+            **os.environ,
+            "PYTHONPATH": _source_root(),
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "HOME": str(home),
+            "TMPDIR": str(temporary),
+            "XDG_CACHE_HOME": str(home / ".cache"),
+            "XDG_CONFIG_HOME": str(home / ".config"),
+            "SOFTHSM2_CONF": str(decoy_conf),
+        }
+        before = system_state()
+        states = []
+        for _ in range(2):
+            result = subprocess.run(
+                [sys.executable, "-m", "cpsdmp.cli", "testcard", "init"]
+                + ["--dir", str(directory), "--softhsm"],
+                capture_output=True,
+                timeout=120,
+                text=True,
+                cwd=working,
+                env=environment,
+            )
+            self.assertEqual(result.returncode, 0, result.stderr)
+            states.append(state(directory))
+        self.assertIn("reused the test card", result.stdout)
+        self.assertEqual(states[0], states[1])
+        for folder in (home, temporary, working, decoy):
+            self.assertEqual(list(folder.iterdir()), [], folder)
+        self.assertEqual(system_state(), before)
         self.assertTrue(TestCard.load(directory).is_complete())
 
     def test_missing_card_message(self) -> None:

@@ -88,8 +88,9 @@ class WrongPin(AgentError):
 
 class PinPause(AgentError):
     """
-    A wrong PIN was entered moments ago: the agent takes no other PIN before
-    C{retry_after} seconds, and did not ask the card.
+    A wrong PIN was entered moments ago, or the card is checking another
+    one: the agent takes no other PIN before C{retry_after} seconds, and did
+    not ask the card.
     """
 
     @property

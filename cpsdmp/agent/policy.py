@@ -26,8 +26,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.serialization import Encoding
 from lxml import etree
+from service_identity import CertificateError
+from twisted.logger import Logger
 
 from cpsdmp.protocols.safexml import XmlRefused, parse_xml
 from cpsdmp.protocols.tls.alerts import ProtocolViolation
@@ -47,6 +50,8 @@ from cpsdmp.protocols.tls.schemes import (
     verify_signature,
 )
 from cpsdmp.protocols.tls.validation import VerifiedChains, is_ip_literal
+
+_log = Logger()
 
 #: The DMP's hosts: production, then the test platform.
 DMP_SERVERS = ("lps2.dmp.gouv.fr", "lps.dev1.dmp.gouv.fr")
@@ -166,6 +171,8 @@ class SigningPolicy:
             return PolicyDecision.refuse(str(e))
         except ProtocolViolation as e:
             return PolicyDecision.refuse(f"not a TLS 1.2 handshake transcript: {e}")
+        except Exception:
+            return _unchecked("transcript")
 
     def _check_transcript(
         self, data: bytes, card_certificate: x509.Certificate, algorithm: str
@@ -178,15 +185,9 @@ class SigningPolicy:
         if server_hello.cipher_suite not in hello.cipher_suites:
             raise _Refused("the server chose a cipher suite the client did not offer")
 
-        try:
-            server_chain = [
-                x509.load_der_x509_certificate(der)
-                for der in decode_certificate(messages[2])
-            ]
-        except ValueError:
-            raise _Refused(
-                "the server Certificate holds an unreadable certificate"
-            ) from None
+        server_chain = [
+            _server_certificate(der) for der in decode_certificate(messages[2])
+        ]
         if not server_chain:
             raise _Refused("the server sent no certificate")
         name = self._check_server(hello.server_name, server_chain)
@@ -251,7 +252,9 @@ class SigningPolicy:
         for name in candidates:
             try:
                 self._chains.check(chain, self.roots, name, self._now)
-            except ProtocolViolation as e:
+            except (ProtocolViolation, CertificateError) as e:
+                # service_identity raises CertificateError, not a mismatch,
+                # for a certificate that names no server at all.
                 reasons.append(str(e))
                 continue
             return name
@@ -268,6 +271,8 @@ class SigningPolicy:
             return PolicyDecision.allow(self._check_signed_info(data, algorithm))
         except _Refused as e:
             return PolicyDecision.refuse(str(e))
+        except Exception:
+            return _unchecked("SignedInfo")
 
     def _check_signed_info(self, data: bytes, algorithm: str) -> str:
         if len(data) > MAX_SIGNED_INFO:
@@ -308,6 +313,41 @@ class SigningPolicy:
             )
         ]
         return f"submission-set signature, manifest {digests[0].hex()[:16]}"
+
+
+def _unchecked(what: str) -> PolicyDecision:
+    """
+    Refuse what a check failed on by an error of its own rather than by a
+    reason: the card signs only what was checked through. The error is
+    logged for whoever maintains the agent.
+    """
+    _log.failure("the signing policy failed on a {what}", what=what)
+    return PolicyDecision.refuse(
+        f"the agent could not check this {what} (its log has the error); "
+        "it signs only what it has checked"
+    )
+
+
+def _server_certificate(der: bytes) -> x509.Certificate:
+    """
+    Load one certificate of the server's chain and read at once the parts
+    that C{cryptography} parses only when asked (names, extensions, key), so
+    that a malformed one is refused here, by name.
+    """
+    try:
+        certificate = x509.load_der_x509_certificate(der)
+        _ = (certificate.subject, certificate.issuer, certificate.extensions)
+        certificate.public_key()
+    except (
+        ValueError,
+        x509.InvalidVersion,
+        x509.DuplicateExtension,
+        UnsupportedAlgorithm,
+    ) as e:
+        raise _Refused(
+            f"the server Certificate holds a malformed certificate ({e})"
+        ) from None
+    return certificate
 
 
 def _split(data: bytes) -> list[bytes]:

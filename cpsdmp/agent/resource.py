@@ -247,6 +247,7 @@ class AgentResource(Resource):
         self.clock = clock
         self.wrong_pin_pause = wrong_pin_pause
         self._pin_retry_at = 0.0
+        self._checking_pin = False
         self.tokens = TokenStore(clock, session_idle)
         self.allow_origin = allow_origin
         self.policy = policy
@@ -280,6 +281,13 @@ class AgentResource(Resource):
         except (CardRemoved, NoCard):
             if len(self.tokens):
                 _log.info("card out of the reader: sessions ended")
+                self.tokens.drop_all()
+        except CardError as error:
+            # The card dropped its session with the error: so do the tokens.
+            if len(self.tokens):
+                _log.warn(
+                    "card check failed, sessions ended: {reason}", reason=str(error)
+                )
                 self.tokens.drop_all()
         except Exception:
             _log.failure("could not check that the card is in the reader")
@@ -498,6 +506,19 @@ class AgentResource(Resource):
                 {"Retry-After": str(seconds)},
                 retryAfter=seconds,
             )
+        if self._checking_pin:
+            # PINs sent at once would all reach the card before the pause
+            # after a wrong one could apply.
+            raise Problem(
+                429,
+                problems.PIN_PAUSE,
+                "Another PIN is being checked",
+                "the card is checking another PIN; try again in 1 s (the card "
+                "was not asked)",
+                {"Retry-After": "1"},
+                retryAfter=1,
+            )
+        self._checking_pin = True
         try:
             await self.card.login(pin)
         except WrongPin:
@@ -508,6 +529,8 @@ class AgentResource(Resource):
             # The card is locked now: no earlier token may use it.
             self.tokens.drop_all()
             raise
+        finally:
+            self._checking_pin = False
         self._card_certificate = None
         token, expires = self.tokens.issue()
         _log.info("session opened for {caller}", caller=request.getClientAddress().host)

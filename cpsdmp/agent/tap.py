@@ -119,6 +119,7 @@ class Options(usage.Options):
 
     def __init__(self) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
+        self["tls-identity"] = None
         self["intermediates"] = []
         self["allow-servers"] = []
         self["trust"] = []
@@ -148,6 +149,13 @@ class Options(usage.Options):
             )
         if bool(self["tls-cert"]) != bool(self["tls-key"]):
             raise usage.UsageError("--tls-cert and --tls-key go together")
+        if self["tls-cert"]:
+            try:
+                self["tls-identity"] = load_tls_identity(
+                    self["tls-cert"], self["tls-key"]
+                )
+            except ValueError as e:
+                raise usage.UsageError(str(e)) from None
         idle = self["session-idle"]
         if not (math.isfinite(idle) and 0 < idle <= MAX_SESSION_IDLE):
             raise usage.UsageError(
@@ -175,11 +183,22 @@ class Options(usage.Options):
             self["rate-limit"] = RateLimit.parse(self["rate-limit"])
         except ValueError as e:
             raise usage.UsageError(f"--rate-limit: {e}") from None
-        for path in self["trust"]:
+        for option, paths in [
+            ("--trust", self["trust"]),
+            ("--intermediate", self["intermediates"]),
+        ]:
+            for path in paths:
+                try:
+                    _load_certificates([path])
+                except (OSError, ValueError) as e:
+                    raise usage.UsageError(f"{option} {path}: {e}") from None
+        if self["audit-log"]:
             try:
-                _load_certificates([path])
-            except (OSError, ValueError) as e:
-                raise usage.UsageError(f"--trust {path}: {e}") from None
+                open(self["audit-log"], "a").close()
+            except OSError as e:
+                raise usage.UsageError(
+                    f"--audit-log {self['audit-log']}: cannot write it ({e.strerror})"
+                ) from None
 
 
 def _load_certificates(paths: list[str]) -> list[x509.Certificate]:
@@ -187,6 +206,40 @@ def _load_certificates(paths: list[str]) -> list[x509.Certificate]:
     for path in paths:
         certificates.extend(x509.load_pem_x509_certificates(Path(path).read_bytes()))
     return certificates
+
+
+def load_tls_identity(cert_path: str, key_path: str) -> tuple[Any, x509.Certificate]:
+    """
+    @return: the private key in C{key_path} and the certificate in
+        C{cert_path}, both PEM, once checked to belong together.
+    @raise ValueError: naming the option and the file that cannot serve.
+    """
+    try:
+        certificate = x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
+    except OSError as e:
+        raise ValueError(
+            f"--tls-cert {cert_path}: cannot read it ({e.strerror})"
+        ) from None
+    except ValueError:
+        raise ValueError(f"--tls-cert {cert_path}: not a PEM certificate") from None
+    try:
+        key = serialization.load_pem_private_key(
+            Path(key_path).read_bytes(), password=None
+        )
+    except OSError as e:
+        raise ValueError(
+            f"--tls-key {key_path}: cannot read it ({e.strerror})"
+        ) from None
+    except (ValueError, TypeError):
+        raise ValueError(
+            f"--tls-key {key_path}: not an unencrypted PEM private key"
+        ) from None
+    if key.public_key() != certificate.public_key():
+        raise ValueError(
+            f"--tls-key {key_path} does not match the certificate in --tls-cert "
+            f"{cert_path}"
+        )
+    return key, certificate
 
 
 def card_backend(options: Options | dict[str, Any]) -> CardBackend:
@@ -446,15 +499,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         from twisted.internet import reactor as _reactor
 
         reactor = _reactor
-    if options["tls-cert"]:
-        certificate = x509.load_pem_x509_certificate(
-            Path(options["tls-cert"]).read_bytes()
-        )
-        key: Any = serialization.load_pem_private_key(
-            Path(options["tls-key"]).read_bytes(), password=None
-        )
-    else:
-        key, certificate = self_signed_identity()
+    key, certificate = options["tls-identity"] or self_signed_identity()
     card = WorkerCard(card_backend(options), reactor)
     policy = signing_policy(options)
     _announce_policy(policy, options)
