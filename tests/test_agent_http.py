@@ -388,6 +388,60 @@ class ConcurrentPinTests(AgentTestCase):
         self.assertEqual(self.slow.logins, 1)
 
 
+class _CountingLogin:
+    """
+    The test card, counting the PINs it was asked to check.
+    """
+
+    def __init__(self) -> None:
+        self.inner = token_backend()
+        self.description = self.inner.description
+        self.logins = 0
+
+    def login(self, pin: str) -> None:
+        self.logins += 1
+        self.inner.login(pin)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+class WrongPinStormTests(AgentTestCase):
+    def setUp(self) -> Any:
+        # A clock that never moves: the pause after the wrong PIN lasts for
+        # the whole test, however slowly the machine serves the requests.
+        self.clock = Clock()
+        self.clock.advance(1_800_000_000)
+        return super().setUp()
+
+    def backend(self) -> Any:
+        self.counting = _CountingLogin()
+        return self.counting
+
+    @inlineCallbacks
+    def test_eighty_wrong_pins_at_once(self) -> Any:
+        """
+        Eighty wrong PINs sent at once, each on its own HTTPS connection:
+        the card is asked exactly once; that PIN is 401, every other one is
+        429 pin-pause without reaching the card.
+        """
+        agent = self.agent
+        answers = yield gatherResults(
+            [
+                open_session(
+                    agent.url, f"{9000 + i:04d}", agent.fingerprint
+                ).addErrback(lambda f: f.value)
+                for i in range(80)
+            ]
+        )
+        wrong = [a for a in answers if isinstance(a, WrongPin)]
+        paused = [a for a in answers if isinstance(a, PinPause)]
+        self.assertEqual((len(wrong), len(paused)), (1, 79), answers)
+        for refused in paused:
+            self.assertIn("the card was not asked", str(refused))
+        self.assertEqual(self.counting.logins, 1)
+
+
 class ExpiryTests(AgentTestCase):
     def setUp(self) -> Any:
         self.clock = Clock()
