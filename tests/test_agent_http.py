@@ -10,6 +10,7 @@ import json
 import re
 import threading
 from collections.abc import Mapping
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -106,10 +107,13 @@ class _Collector(Protocol):
 
 
 class _Answer:
-    def __init__(self, code: int, headers: Any, body: bytes) -> None:
+    def __init__(
+        self, code: int, headers: Any, body: bytes, phrase: bytes = b""
+    ) -> None:
         self.code = code
         self.headers = headers
         self.body = body
+        self.phrase = phrase
 
     def header(self, name: str) -> str | None:
         values = self.headers.getRawHeaders(name)
@@ -169,7 +173,9 @@ class AgentTestCase(TestCase):
             data=body,
         )
         content = yield response.content()
-        return _Answer(response.code, response.headers, content)
+        return _Answer(
+            response.code, response.headers, content, response.original.phrase
+        )
 
     @inlineCallbacks
     def session(self, pin: str | None = None) -> Any:
@@ -301,6 +307,48 @@ class SessionTests(AgentTestCase):
         self.assertProblem(answer, 404, problems.NOT_FOUND)
         answer = yield self.request("GET", "/cps/session")
         self.assertProblem(answer, 405, problems.METHOD_NOT_ALLOWED)
+
+
+class StatusLineTests(AgentTestCase):
+    allow_origin = "https://frontend.example"
+
+    @inlineCallbacks
+    def test_reason_phrases(self) -> Any:
+        """
+        Every status the agent answers with comes with its reason phrase in
+        the status line (RFC 9110), 423 and 429 included, never "Unknown
+        Status".
+        """
+        json_type = {"Content-Type": "application/json"}
+        pin = json.dumps({"pin": self.testcard.pin}).encode()
+        opened = yield self.request("POST", "/cps/session", json_type, pin)
+        token = opened.json()["token"]
+        answers = [opened]
+        for method, path, headers, body, with_token in [
+            ("GET", "/cps/card", {}, None, True),
+            ("POST", "/cps/session", json_type, b"{", False),
+            ("GET", "/cps/card", {}, None, False),
+            ("GET", "/cps/card", {"Origin": "https://evil.example"}, None, True),
+            ("GET", "/cps/nothing", {}, None, False),
+            ("PUT", "/cps/card", {}, None, True),
+            ("POST", "/cps/session", json_type, b" " * (70 * 1024), False),
+            ("OPTIONS", "/cps/card", {"Origin": "https://frontend.example"}, None, 0),
+            ("POST", "/cps/session", json_type, b'{"pin": "0000"}', False),
+            ("POST", "/cps/session", json_type, pin, False),
+            ("DELETE", "/cps/session", {}, None, True),
+        ]:
+            answer = yield self.request(
+                method, path, headers, body, token if with_token else None
+            )
+            answers.append(answer)
+        codes = [a.code for a in answers]
+        self.assertEqual(
+            codes, [201, 200, 400, 401, 403, 404, 405, 413, 204, 401, 429, 401]
+        )
+        for answer in answers:
+            self.assertEqual(
+                answer.phrase, HTTPStatus(answer.code).phrase.encode(), answer.code
+            )
 
 
 class PinPauseTests(AgentTestCase):
@@ -884,6 +932,16 @@ class FaultTests(TestCase):
         )
         self.assertEqual(failure.problem["status"], 423)
         self.assertIn("PUK", failure.problem["detail"])
+        http = HTTPClient(
+            Agent(
+                reactor,
+                contextFactory=PinnedCertificatePolicy(agent.fingerprint),
+                pool=HTTPConnectionPool(reactor, persistent=False),
+            )
+        )
+        response = yield http.post(agent.url + "/cps/session", b'{"pin": "1234"}')
+        yield response.content()
+        self.assertEqual((response.code, response.original.phrase), (423, b"Locked"))
 
     @inlineCallbacks
     def test_tries_left(self) -> Any:

@@ -14,6 +14,7 @@ import json
 import math
 import time
 from collections.abc import Awaitable, Callable
+from http import HTTPStatus
 from typing import IO, Any, Protocol, cast
 
 from cryptography import x509
@@ -84,7 +85,7 @@ class Request(Protocol):
 
     def setHeader(self, name: bytes, value: bytes) -> None: ...
 
-    def setResponseCode(self, code: int) -> None: ...
+    def setResponseCode(self, code: int, message: bytes | None = None) -> None: ...
 
     def write(self, data: bytes) -> None: ...
 
@@ -204,6 +205,18 @@ def _card_problem(error: CardError) -> Problem:
     if isinstance(error, KeyNotFound):
         return Problem(503, problems.KEY_NOT_FOUND, "Key not on the card", str(error))
     return Problem(503, problems.NO_CARD, "Card unavailable", str(error))
+
+
+def reason_phrase(code: int) -> bytes:
+    """
+    @return: the reason phrase of status C{code} (twisted.web knows none
+        for 423 or 429, and would send "Unknown Status").
+    """
+    return HTTPStatus(code).phrase.encode("ascii")
+
+
+def _set_status(request: Request, code: int) -> None:
+    request.setResponseCode(code, reason_phrase(code))
 
 
 def _b64(data: bytes) -> str:
@@ -376,7 +389,7 @@ class AgentResource(Resource):
                 "Method not allowed",
                 "not a preflight",
             )
-        request.setResponseCode(204)
+        _set_status(request, 204)
         request.setHeader(
             b"Access-Control-Allow-Methods", b"GET, POST, DELETE, OPTIONS"
         )
@@ -466,7 +479,7 @@ class AgentResource(Resource):
         if request._disconnected:
             return  # the caller gave up; the card's work is done anyway
         payload = json.dumps(body).encode()
-        request.setResponseCode(code)
+        _set_status(request, code)
         request.setHeader(b"Content-Type", b"application/json")
         request.setHeader(b"Cache-Control", b"no-store")
         request.setHeader(b"Content-Length", str(len(payload)).encode())
@@ -477,7 +490,7 @@ class AgentResource(Resource):
         if request.finished or request._disconnected:
             return
         payload = json.dumps(problem.document()).encode()
-        request.setResponseCode(problem.status)
+        _set_status(request, problem.status)
         request.setHeader(b"Content-Type", problems.CONTENT_TYPE.encode())
         request.setHeader(b"Cache-Control", b"no-store")
         for name, value in problem.headers.items():
@@ -551,7 +564,7 @@ class AgentResource(Resource):
         await self.card.logout()
         _log.info("card locked by {caller}", caller=request.getClientAddress().host)
         if not request._disconnected:
-            request.setResponseCode(204)
+            _set_status(request, 204)
             request.finish()
 
     async def _card(self, request: Request, rest: list[str]) -> None:
@@ -789,7 +802,7 @@ class _LimitedRequest(server.Request):
         )
         payload = json.dumps(problem.document()).encode()
         head = [
-            b"HTTP/1.1 413 Payload Too Large",
+            b"HTTP/1.1 413 " + reason_phrase(413),
             b"Content-Type: " + problems.CONTENT_TYPE.encode(),
             b"Content-Length: " + str(len(payload)).encode(),
             b"Connection: close",
