@@ -37,6 +37,7 @@ from cpsdmp.agent import problems
 from cpsdmp.agent.card import ALGORITHMS, KeyUsage, SoftCardBackend
 from cpsdmp.agent.client import (
     AgentCertificateMismatch,
+    AgentError,
     AgentUnreachable,
     CardRemoved,
     CpsAgentClient,
@@ -282,6 +283,30 @@ class SessionTests(AgentTestCase):
         answer = yield self.request("GET", "/cps/card", token="not-a-token")
         self.assertProblem(answer, 401, problems.TOKEN_EXPIRED)
         self.assertIn("invalid_token", answer.header("www-authenticate") or "")
+
+    @inlineCallbacks
+    def test_token_of_another_shape(self) -> Any:
+        """
+        A token is 43 base64url characters: anything else is 401 at once,
+        and one far too long for a header (100 KB) is a 431 problem at
+        once, not a connection dropped with no answer.
+        """
+        yield self.session()
+        for token in ["x" * 42, "x" * 44, "é" * 43, "a b" + "c" * 40, "x" * 8000]:
+            answer = yield self.request("GET", "/cps/card", token=token)
+            document = self.assertProblem(answer, 401, problems.TOKEN_EXPIRED)
+            self.assertIn("not a token of this agent", document["detail"])
+        started = reactor.seconds()  # type: ignore[attr-defined]
+        answer = yield self.request("GET", "/cps/card", token="A" * 100_000)
+        self.assertLess(reactor.seconds() - started, 5)  # type: ignore[attr-defined]
+        document = self.assertProblem(answer, 431, problems.HEADER_TOO_LARGE)
+        self.assertIn("16384 bytes", document["detail"])
+        client = CpsAgentClient(
+            self.agent.url, "A" * 100_000, self.agent.fingerprint, timeout=20
+        )
+        self.addCleanup(client.close)
+        error = yield self.assertFailure(client.card(), AgentError)
+        self.assertIn("header", str(error))
 
     @inlineCallbacks
     def test_delete_drops_token(self) -> Any:

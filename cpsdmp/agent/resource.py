@@ -51,7 +51,7 @@ from cpsdmp.agent.card import (
     algorithm_named,
 )
 from cpsdmp.agent.policy import PolicyDecision, SigningPolicy
-from cpsdmp.agent.tokens import TokenStore
+from cpsdmp.agent.tokens import TokenStore, is_token_shaped
 
 _log = Logger()
 
@@ -414,6 +414,16 @@ class AgentResource(Resource):
                 "this call needs the agent context's token in an "
                 "'Authorization: Bearer' header",
                 _BEARER_CHALLENGE,
+            )
+        if not is_token_shaped(token.strip()):
+            raise Problem(
+                401,
+                problems.TOKEN_EXPIRED,
+                "Token expired",
+                "this is not a token of this agent (a token is 43 characters: "
+                "letters, digits, '-' and '_'): take the token of the agent "
+                "context, or enter the PIN again for a new one",
+                {"WWW-Authenticate": 'Bearer realm="cpsagent", error="invalid_token"'},
             )
         if not self.tokens.check(token.strip()):
             raise Problem(
@@ -800,28 +810,66 @@ class _LimitedRequest(server.Request):
             "Body too large",
             f"the agent accepts request bodies of at most {MAX_BODY} bytes",
         )
-        payload = json.dumps(problem.document()).encode()
-        head = [
-            b"HTTP/1.1 413 " + reason_phrase(413),
-            b"Content-Type: " + problems.CONTENT_TYPE.encode(),
-            b"Content-Length: " + str(len(payload)).encode(),
-            b"Connection: close",
-        ]
-        origin = self.getHeader(b"origin")
         site = getattr(self.channel, "site", None)
         allowed = getattr(getattr(site, "resource", None), "allow_origin", None)
-        if origin is not None and allowed is not None and origin == allowed.encode():
-            head.append(b"Access-Control-Allow-Origin: " + origin)
         assert self.channel is not None and self.channel.transport is not None
-        self.channel.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + payload)
+        self.channel.transport.write(
+            _problem_answer(problem, self.getHeader(b"origin"), allowed)
+        )
         if close_now:
             self._close()
 
 
+def _problem_answer(
+    problem: Problem, origin: bytes | None, allowed: str | None
+) -> bytes:
+    """
+    @return: a whole HTTP/1.1 answer carrying C{problem}, that closes the
+        connection, for what is refused before a request exists.
+    """
+    payload = json.dumps(problem.document()).encode()
+    head = [
+        b"HTTP/1.1 %d %s" % (problem.status, reason_phrase(problem.status)),
+        b"Content-Type: " + problems.CONTENT_TYPE.encode(),
+        b"Cache-Control: no-store",
+        b"Content-Length: " + str(len(payload)).encode(),
+        b"Connection: close",
+    ]
+    if origin is not None and allowed is not None and origin == allowed.encode():
+        head.append(b"Access-Control-Allow-Origin: " + origin)
+    return b"\r\n".join(head) + b"\r\n\r\n" + payload
+
+
+class _AgentChannel(http.HTTPChannel):
+    """
+    An HTTP channel that answers a header line too long to read (a bearer
+    token of 100 KB) with a 431 problem and closes, where twisted.web's
+    line reader would drop the connection without a word and, over TLS,
+    leave the caller waiting.
+    """
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        problem = Problem(
+            431,
+            problems.HEADER_TOO_LARGE,
+            "Header too large",
+            f"a request line or header of the agent's requests is at most "
+            f"{self.MAX_LENGTH} bytes (a token is 43 characters)",
+        )
+        assert self.transport is not None
+        self.transport.write(_problem_answer(problem, None, None))
+        # HTTPChannel's own loseConnection lets go of the transport's
+        # producer first; without it, TLS never closes.
+        self.loseConnection()  # type: ignore[no-untyped-call]
+
+
 def agent_site(resource: AgentResource) -> server.Site:
     """
-    @return: a site serving C{resource} at its root with the body limit.
+    @return: a site serving C{resource} at its root with the body and
+        header limits.
     """
     site = server.Site(resource, requestFactory=_LimitedRequest)  # type: ignore[no-untyped-call]
+    # HTTP/1.1 only (no HTTP/2 is negotiated), so the plain channel serves.
+    site.protocol = _AgentChannel  # type: ignore[method-assign,assignment]
     site.displayTracebacks = False
     return site

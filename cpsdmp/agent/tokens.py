@@ -6,10 +6,23 @@ expiring when idle, kept in memory only, so that a restart drops them all.
 from __future__ import annotations
 
 import hmac
+import re
 import secrets
 from dataclasses import dataclass
 
 from twisted.internet.interfaces import IReactorTime
+
+# What L{secrets.token_urlsafe} makes of 32 bytes: 43 base64url characters.
+TOKEN_BYTES = 32
+_TOKEN_SHAPE = re.compile(r"[A-Za-z0-9_-]{43}")
+
+
+def is_token_shaped(text: str) -> bool:
+    """
+    @return: whether C{text} could be a token this agent handed out; what
+        cannot is refused without being compared to any.
+    """
+    return _TOKEN_SHAPE.fullmatch(text) is not None
 
 
 @dataclass
@@ -33,7 +46,7 @@ class TokenStore:
         @return: a new token (256 random bits) and the time it expires if unused.
         """
         self._forget_expired()
-        token = secrets.token_urlsafe(32)
+        token = secrets.token_urlsafe(TOKEN_BYTES)
         now = self._clock.seconds()
         self._entries.append(_Entry(token, now))
         return token, now + self.idle
