@@ -507,13 +507,14 @@ class PolicyAgentTestCase(AgentTestCase):
 
     timeout = 120
     rate_limit: RateLimit | None = None
+    audit_file: str | None = None
 
     @inlineCallbacks
     def setUp(self) -> Any:
         from tests.agent_support import shared_testcard
 
         self.testcard = shared_testcard()
-        self.audit_path = Path(self.mktemp())
+        self.audit_path = Path(self.audit_file or self.mktemp())
         self.policy = tap.signing_policy({"testcard": self.testcard.directory})
         assert self.policy is not None
         self.agent: RunningAgent = yield start_agent(
@@ -596,6 +597,82 @@ class SignatureEndpointTests(PolicyAgentTestCase):
         self.assertEqual(line["algorithm"], "SHA256WithRSA")
         self.assertEqual(line["outcome"], "refused")
         self.assertIn("transcript", line["reason"])
+
+
+class AuditEveryRequestTests(PolicyAgentTestCase):
+    @inlineCallbacks
+    def test_every_request_recorded(self) -> Any:
+        """
+        Every request that reaches a signing endpoint has its line, the
+        ones refused before the policy too (an unknown algorithm, bad
+        base64, bad JSON), each with its outcome and reason; the file is
+        readable by its owner only.
+        """
+        self.assertEqual(self.audit_path.stat().st_mode & 0o777, 0o600)
+        context = yield self.session()
+        for path, headers, body, status in [
+            (
+                "/cps/sign/for/authentication/MD5WithRSA",
+                {"Content-Type": "application/json"},
+                b'{"data": "aGVsbG8="}',
+                400,
+            ),
+            (
+                "/cps/sign/for/signature/SHA256WithRSA",
+                {"Content-Type": "application/json"},
+                b'{"data": "not base64!"}',
+                400,
+            ),
+            (
+                "/cps/sign/for/authentication/SHA256WithRSA",
+                {"Content-Type": "application/json"},
+                b"{",
+                400,
+            ),
+        ]:
+            answer = yield self.request("POST", path, headers, body, context["token"])
+            self.assertEqual(answer.code, status, answer.body)
+        lines = self.audit_lines()
+        self.assertEqual(
+            [(line["key"], line["algorithm"], line["outcome"]) for line in lines],
+            [
+                ("authentication", "MD5WithRSA", "refused"),
+                ("signature", "SHA256WithRSA", "refused"),
+                ("authentication", "SHA256WithRSA", "refused"),
+            ],
+        )
+        self.assertIn("unknown signature algorithm", lines[0]["reason"])
+        self.assertIn("base64", lines[1]["reason"])
+        self.assertIn("JSON", lines[2]["reason"])
+        for line in lines:
+            self.assertEqual(line["context"], context_id(context["token"]))
+
+
+class AuditFailClosedTests(PolicyAgentTestCase):
+    # Every write to /dev/full fails, as on a full disk.
+    audit_file = "/dev/full"
+
+    @inlineCallbacks
+    def test_unwritable_audit_log(self) -> Any:
+        """
+        When the audit log cannot be written, the agent does not hand out
+        a signature: 503 audit-unavailable, and the error in its log.
+        """
+        client = yield self.client()
+        chain = yield client.signature_certificate_chain()
+        submission = new_submission(
+            cda_entries()[:1], PROFESSIONAL, STRUCTURE, SOFTWARE, DEFAULTS
+        )
+        error = yield self.assertFailure(
+            sign_submission(
+                submission, client.sign_for_signature, chain[0], PROFESSIONAL, STRUCTURE
+            ),
+            AgentError,
+        )
+        self.assertEqual(error.problem["status"], 503)
+        self.assertEqual(error.problem["type"], problems.AUDIT_UNAVAILABLE)
+        self.assertIn("audit log", error.problem["detail"])
+        self.assertTrue(self.flushLoggedErrors(OSError))
 
 
 class MalformedTranscriptTests(PolicyAgentTestCase):

@@ -274,6 +274,7 @@ class PolicyOptionsTests(SynchronousTestCase):
         assert service.resource.audit is not None
         self.assertEqual(str(service.resource.audit.path), path)
         self.assertTrue(Path(path).exists())
+        self.assertEqual(Path(path).stat().st_mode & 0o777, 0o600)
         service.resource.audit.close()
 
 

@@ -8,13 +8,15 @@ that keeps one session from making the card sign without end.
 from __future__ import annotations
 
 import datetime
+import errno
 import hashlib
 import json
+import os
 import re
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
 
@@ -90,16 +92,30 @@ class RateLimiter:
         return None
 
 
+def create_private(path: str | Path) -> int:
+    """
+    Open C{path} for appending, created readable and writable by its owner
+    only (0600): the log names who signed what.
+
+    @return: the file descriptor.
+    @raise OSError: when it cannot be opened.
+    """
+    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+
 class AuditLog:
     """
-    Appends one JSON object per line to a file, flushed at each line so that
-    a crash loses nothing already answered.
+    Appends one JSON object per line to a file, each line in one unbuffered
+    write, so that a crash loses nothing already answered and a failed
+    write leaves nothing behind to be written later. C{failing} says
+    whether the last write failed.
     """
 
     def __init__(self, path: str | Path, clock: IReactorTime) -> None:
         self.path = Path(path)
         self._clock = clock
-        self._file: IO[str] = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+        self._fd: int | None = create_private(self.path)
+        self.failing = False
 
     def record(
         self,
@@ -111,12 +127,16 @@ class AuditLog:
         subject: str = "",
         reason: str = "",
         caller: str = "",
+        **details: Any,
     ) -> None:
         """
-        Write one line: C{outcome} is C{signed}, C{refused} or C{error}.
+        Write one line: C{outcome} is C{signed}, C{refused} or C{error};
+        C{details} are further members (what a document signature covers).
+
+        @raise OSError: when the line could not be written whole.
         """
         moment = datetime.datetime.fromtimestamp(self._clock.seconds(), datetime.UTC)
-        line = {
+        line: dict[str, Any] = {
             "time": moment.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             "context": context,
             "caller": caller,
@@ -127,8 +147,22 @@ class AuditLog:
         }
         if reason:
             line["reason"] = reason
-        self._file.write(json.dumps(line, ensure_ascii=False) + "\n")
-        self._file.flush()
+        line.update(details)
+        data = (json.dumps(line, ensure_ascii=False) + "\n").encode("utf-8")
+        try:
+            if self._fd is None:
+                raise OSError(errno.EBADF, "the audit log is closed")
+            written = os.write(self._fd, data)
+            if written != len(data):
+                raise OSError(
+                    errno.EIO, f"wrote {written} of the line's {len(data)} bytes"
+                )
+        except OSError:
+            self.failing = True
+            raise
+        self.failing = False
 
     def close(self) -> None:
-        self._file.close()
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)

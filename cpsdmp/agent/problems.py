@@ -27,5 +27,6 @@ METHOD_NOT_ALLOWED = PREFIX + "method-not-allowed"
 INTERNAL = PREFIX + "internal-error"
 POLICY_REFUSED = PREFIX + "signature-refused"
 RATE_LIMITED = PREFIX + "rate-limited"
+AUDIT_UNAVAILABLE = PREFIX + "audit-unavailable"
 
 CONTENT_TYPE = "application/problem+json"

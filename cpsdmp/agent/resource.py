@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime
-import functools
 import json
 import math
 import time
@@ -615,8 +614,56 @@ class AgentResource(Resource):
         ):
             raise Problem(404, problems.NOT_FOUND, "Not found", "no such endpoint")
         usage = KeyUsage(rest[1])
+        record = _AuditRecord(
+            self,
+            context=self._context(request),
+            usage=usage.value,
+            algorithm=_loggable(rest[2]),
+            caller=str(request.getClientAddress().host),
+        )
         try:
-            algorithm = algorithm_named(rest[2])
+            await self._sign_with(request, usage, rest[2], record)
+        except Problem as problem:
+            record.write(outcome="refused", reason=problem.detail)
+            raise
+        except CardError as error:
+            record.write(outcome="error", reason=str(error))
+            raise
+        except Exception as error:
+            record.write(outcome="error", reason=type(error).__name__)
+            raise
+
+    async def _sign_with(
+        self, request: Request, usage: KeyUsage, name: str, record: _AuditRecord
+    ) -> None:
+        """
+        Check, sign and answer one signature request; every way out leaves
+        one line in C{record}.
+        """
+        caller, context = record.fields["caller"], record.fields["context"]
+        if self.limiter is not None:
+            wait = self.limiter.take(context)
+            if wait is not None:
+                reason = f"more than {self.limiter.limit}"
+                _log.warn(
+                    "security: signature refused to {caller} (context {context}): "
+                    "{reason} for this session",
+                    caller=caller,
+                    context=context,
+                    reason=reason,
+                )
+                seconds = max(1, math.ceil(wait))
+                record.write(outcome="refused", reason="rate limit: " + reason)
+                raise Problem(
+                    429,
+                    problems.RATE_LIMITED,
+                    "Too many signatures",
+                    f"this session asked for {reason}; try again in {seconds} s",
+                    {"Retry-After": str(seconds)},
+                    retryAfter=seconds,
+                )
+        try:
+            algorithm = algorithm_named(name)
         except UnknownAlgorithm as e:
             raise Problem(
                 400, problems.UNKNOWN_ALGORITHM, "Unknown algorithm", str(e)
@@ -638,42 +685,8 @@ class AgentResource(Resource):
                     "'data' is not valid base64",
                 ) from None
 
-        caller = str(request.getClientAddress().host)
-        context = self._context(request)
-        audit = functools.partial(
-            self._audit,
-            context=context,
-            usage=usage.value,
-            algorithm=algorithm.name,
-            caller=caller,
-        )
-        if self.limiter is not None:
-            wait = self.limiter.take(context)
-            if wait is not None:
-                reason = f"more than {self.limiter.limit}"
-                _log.warn(
-                    "security: signature refused to {caller} (context {context}): "
-                    "{reason} for this session",
-                    caller=caller,
-                    context=context,
-                    reason=reason,
-                )
-                audit(outcome="refused", reason="rate limit: " + reason)
-                seconds = max(1, math.ceil(wait))
-                raise Problem(
-                    429,
-                    problems.RATE_LIMITED,
-                    "Too many signatures",
-                    f"this session asked for {reason}; try again in {seconds} s",
-                    {"Retry-After": str(seconds)},
-                    retryAfter=seconds,
-                )
-
-        try:
-            decision = await self._decide(usage, algorithm.name, data)
-        except Exception as e:
-            audit(outcome="error", reason=type(e).__name__)
-            raise
+        decision = await self._decide(usage, algorithm.name, data)
+        record.subject = decision.subject
         if not decision.allowed:
             _log.warn(
                 "security: signature with the {usage} key refused to {caller} "
@@ -683,7 +696,6 @@ class AgentResource(Resource):
                 context=context,
                 reason=decision.reason,
             )
-            audit(outcome="refused", subject=decision.subject, reason=decision.reason)
             raise Problem(
                 403,
                 problems.POLICY_REFUSED,
@@ -691,14 +703,14 @@ class AgentResource(Resource):
                 f"the agent does not sign this with the {usage.value} key: "
                 f"{decision.reason}",
             )
+        if self.audit is not None and self.audit.failing:
+            raise _audit_unavailable()
 
         started = time.perf_counter()
-        try:
-            signature, card_seconds = await self.card.sign(usage, algorithm, data)
-        except Exception as e:
-            audit(outcome="error", subject=decision.subject, reason=type(e).__name__)
-            raise
-        audit(outcome="signed", subject=decision.subject)
+        signature, card_seconds = await self.card.sign(usage, algorithm, data)
+        if not record.write(outcome="signed"):
+            # Nothing the card signed leaves the agent without its line.
+            raise _audit_unavailable()
         _log.info(
             "signed {length} bytes with {algorithm} by key {key} for {caller} "
             "in {duration_ms} ms (card {card_ms} ms)",
@@ -749,14 +761,58 @@ class AgentResource(Resource):
             self._card_certificate = chain[0]
         return self.policy.check_authentication(data, self._card_certificate, algorithm)
 
-    def _audit(self, **fields: str) -> None:
-        if self.audit is not None:
-            try:
-                self.audit.record(**fields)
-            except (OSError, ValueError):
-                _log.failure(
-                    "could not write the audit log {path}", path=self.audit.path
-                )
+
+def _loggable(name: str) -> str:
+    """
+    @return: an algorithm name as the caller gave it, cut to a length an
+        audit line can carry.
+    """
+    return name if len(name) <= 64 else name[:64] + "..."
+
+
+def _audit_unavailable() -> Problem:
+    return Problem(
+        503,
+        problems.AUDIT_UNAVAILABLE,
+        "Audit log unavailable",
+        "the agent cannot write its audit log, and it hands out no signature "
+        "that is not on record: see the agent's log",
+    )
+
+
+class _AuditRecord:
+    """
+    The one audit line of one signature request, written at most once,
+    whatever way the request ends.
+    """
+
+    def __init__(self, resource: AgentResource, **fields: str) -> None:
+        self._audit = resource.audit
+        self.fields = fields
+        self.subject = ""
+        self.written = False
+
+    def write(self, *, outcome: str, reason: str = "", **details: Any) -> bool:
+        """
+        @return: whether the line is on record (or there is no audit log).
+        """
+        if self.written:
+            return True
+        self.written = True
+        if self._audit is None:
+            return True
+        try:
+            self._audit.record(
+                outcome=outcome,
+                reason=reason,
+                subject=self.subject,
+                **details,
+                **self.fields,
+            )
+        except (OSError, ValueError):
+            _log.failure("could not write the audit log {path}", path=self._audit.path)
+            return False
+        return True
 
 
 # A refused body up to this size is drained before the connection closes, so

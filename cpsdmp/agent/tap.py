@@ -31,7 +31,12 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
-from cpsdmp.agent.audit import DEFAULT_RATE_LIMIT, AuditLog, RateLimit
+from cpsdmp.agent.audit import (
+    DEFAULT_RATE_LIMIT,
+    AuditLog,
+    RateLimit,
+    create_private,
+)
 from cpsdmp.agent.card import (
     CardBackend,
     Pkcs11Backend,
@@ -194,7 +199,7 @@ class Options(usage.Options):
                     raise usage.UsageError(f"{option} {path}: {e}") from None
         if self["audit-log"]:
             try:
-                open(self["audit-log"], "a").close()
+                os.close(create_private(self["audit-log"]))
             except OSError as e:
                 raise usage.UsageError(
                     f"--audit-log {self['audit-log']}: cannot write it ({e.strerror})"
