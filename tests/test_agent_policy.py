@@ -38,6 +38,7 @@ from cpsdmp.agent.audit import (
     RateLimiter,
     context_id,
 )
+from cpsdmp.agent.card import KeyUsage
 from cpsdmp.agent.client import AgentError, CpsAgentClient, open_session
 from cpsdmp.agent.policy import DMP_SERVERS, SigningPolicy
 from cpsdmp.protocols.soap import read_message
@@ -672,6 +673,28 @@ class AuditFailClosedTests(PolicyAgentTestCase):
         self.assertEqual(error.problem["status"], 503)
         self.assertEqual(error.problem["type"], problems.AUDIT_UNAVAILABLE)
         self.assertIn("audit log", error.problem["detail"])
+
+        # While the log fails, the card is not even asked.
+        card = self.agent.card
+        asked: list[KeyUsage] = []
+        sign = card.sign
+
+        def counted(usage: KeyUsage, *args: Any) -> Any:
+            asked.append(usage)
+            return sign(usage, *args)
+
+        self.patch(card, "sign", counted)
+        submission = new_submission(
+            cda_entries()[:1], PROFESSIONAL, STRUCTURE, SOFTWARE, DEFAULTS
+        )
+        error = yield self.assertFailure(
+            sign_submission(
+                submission, client.sign_for_signature, chain[0], PROFESSIONAL, STRUCTURE
+            ),
+            AgentError,
+        )
+        self.assertEqual(error.problem["type"], problems.AUDIT_UNAVAILABLE)
+        self.assertEqual(asked, [])
         self.assertTrue(self.flushLoggedErrors(OSError))
 
 
