@@ -36,6 +36,7 @@ from cpsdmp.agent.card import (
     algorithm_named,
     build_chain,
     holder_from_certificate,
+    pkcs12_problem,
 )
 from cpsdmp.agent.pki import verify_card_chain
 from tests.agent_support import shared_testcard, token_backend
@@ -214,6 +215,19 @@ class SoftCardTests(SynchronousTestCase):
     def test_wrong_pin(self) -> None:
         self.assertRaises(WrongPin, self.backend.login, "0000")
         self.assertRaises(NotLoggedIn, self.backend.chain, KeyUsage.authentication)
+
+    def test_not_pkcs12(self) -> None:
+        """
+        A soft card file that is not PKCS#12 is no card, said as such, not
+        a wrong PIN: the PIN was never tried.
+        """
+        backend = SoftCardBackend(Path(self.testcard.ca_root))
+        with self.assertRaises(NoCard) as raised:
+            backend.login(self.testcard.pin)
+        self.assertIn("a PEM file, not PKCS#12", str(raised.exception))
+        self.assertIsNone(pkcs12_problem(Path(self.testcard.soft_card).read_bytes()))
+        for data in [b"", b"\x30", b"\x30\x03\x02\x01\x03", bytes(100)]:
+            self.assertEqual(pkcs12_problem(data), "not a PKCS#12 file")
 
     def test_chain_and_holder(self) -> None:
         self.backend.login(self.testcard.pin)

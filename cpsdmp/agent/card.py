@@ -615,6 +615,59 @@ class Pkcs11Backend:
         self._drop_session()
 
 
+# The OIDs a PKCS#12 file's authSafe content is (RFC 7292, section 4):
+# PKCS#7 data or signedData, DER-encoded with their tag and length.
+_PKCS7_CONTENT_TYPES = (
+    bytes.fromhex("06092a864886f70d010701"),
+    bytes.fromhex("06092a864886f70d010702"),
+)
+
+
+def _der_length(data: bytes, offset: int) -> tuple[int, int] | None:
+    """
+    @return: the length that starts at C{offset} of DER C{data} and the
+        offset of the content after it, or C{None} if there is none.
+    """
+    if offset >= len(data):
+        return None
+    first = data[offset]
+    if first < 0x80:
+        return first, offset + 1
+    size = first & 0x7F
+    if not 1 <= size <= 4 or offset + 1 + size > len(data):
+        return None
+    return int.from_bytes(
+        data[offset + 1 : offset + 1 + size], "big"
+    ), offset + 1 + size
+
+
+def pkcs12_problem(data: bytes) -> str | None:
+    """
+    Tell, without the password, whether C{data} is shaped like a PKCS#12
+    file: a DER PFX (RFC 7292, section 4) of version 3 whose authSafe is
+    PKCS#7 data or signedData. C{cryptography} cannot tell a wrong password
+    from a file that is not PKCS#12 at all.
+
+    @return: C{None} if it is, else what it is instead.
+    """
+    if data.lstrip().startswith(b"-----BEGIN"):
+        return "a PEM file, not PKCS#12 (a soft card is a .p12 file)"
+    outer = _der_length(data, 1) if data[:1] == b"\x30" else None
+    if outer is not None and outer[0] + outer[1] == len(data):
+        start = outer[1]
+        version = data[start : start + 3]
+        content = (
+            _der_length(data, start + 4)
+            if data[start + 3 : start + 4] == b"\x30"
+            else None
+        )
+        if version == b"\x02\x01\x03" and content is not None:
+            kind = data[content[1] : content[1] + 11]
+            if kind in _PKCS7_CONTENT_TYPES:
+                return None
+    return "not a PKCS#12 file"
+
+
 class SoftCardBackend:
     """
     A card made of PKCS#12 files (one per key, each with its chain), unlocked
@@ -644,6 +697,10 @@ class SoftCardBackend:
                 data = path.read_bytes()
             except OSError as e:
                 raise NoCard(f"cannot read the soft card {path}: {e.strerror}") from e
+            problem = pkcs12_problem(data)
+            if problem is not None:
+                # Not a wrong PIN: the PIN was never tried.
+                raise NoCard(f"the soft card {path} is {problem}")
             try:
                 key, leaf, extra = pkcs12.load_key_and_certificates(data, pin.encode())
             except ValueError:
