@@ -37,6 +37,14 @@ def _source_root() -> str:
     return str(Path(cpsdmp.__file__).parent.parent)
 
 
+def _soft() -> str:
+    """
+    @return: the test card's PKCS#12 soft card, for options that need a
+        card and are about something else.
+    """
+    return shared_testcard().soft_card
+
+
 def _options(*argv: str) -> tap.Options:
     options = tap.Options()
     options.parseOptions(list(argv))
@@ -55,7 +63,7 @@ class OptionsTests(SynchronousTestCase):
 
     def test_tls_pair(self) -> None:
         self.assertRaises(
-            usage.UsageError, _options, "--soft-card", "x.p12", "--tls-cert", "a.pem"
+            usage.UsageError, _options, "--soft-card", _soft(), "--tls-cert", "a.pem"
         )
 
     def test_testcard_token(self) -> None:
@@ -68,9 +76,139 @@ class OptionsTests(SynchronousTestCase):
     def test_soft_card(self) -> None:
         card = shared_testcard()
         backend = tap.card_backend(
-            _options("--testcard", card.directory, "--soft-card", card.soft_card)
+            _options(
+                "--soft-card",
+                card.soft_card,
+                "--soft-card-signature",
+                card.soft_card_signature,
+            )
         )
         self.assertIsInstance(backend, SoftCardBackend)
+
+    def test_soft_card_not_pkcs12(self) -> None:
+        """
+        A --soft-card that is not a PKCS#12 file (a PEM certificate, the
+        test card's root) or cannot be read is a usage error naming it, not
+        a "wrong PIN" at the first session.
+        """
+        card = shared_testcard()
+        missing = self.mktemp()
+        for option, path, expected in [
+            ("--soft-card", card.ca_root, "a PEM file, not PKCS#12"),
+            ("--soft-card", card.sandbox_key, "a PEM file, not PKCS#12"),
+            ("--soft-card", missing, "cannot read it"),
+            ("--soft-card-signature", card.ca_root, "a PEM file, not PKCS#12"),
+        ]:
+            argv = ["--soft-card", card.soft_card, option, path]
+            with self.assertRaises(usage.UsageError) as raised:
+                _options(*argv)
+            message = str(raised.exception)
+            self.assertIn(f"{option} {path}", message)
+            self.assertIn(expected, message)
+        der = Path(self.mktemp())
+        der.write_bytes(
+            card.ca_root_certificate().public_bytes(serialization.Encoding.DER)
+        )
+        with self.assertRaises(usage.UsageError) as raised:
+            _options("--soft-card", str(der))
+        self.assertIn("not a PKCS#12 file", str(raised.exception))
+
+    def test_card_sources_conflict(self) -> None:
+        """
+        One card source at a time: --testcard names the card itself, so
+        --pkcs11-module, --token-label or --soft-card beside it is a usage
+        error saying they conflict, never one silently overriding the
+        other; --token-label goes with --pkcs11-module,
+        --soft-card-signature with --soft-card.
+        """
+        card = shared_testcard()
+        module = "/usr/lib/cps.so"
+        for argv, expected in [
+            (["--pkcs11-module", module], "--testcard conflicts with --pkcs11-module"),
+            (["--token-label", "X"], "--testcard conflicts with --token-label"),
+            (["--soft-card", card.soft_card], "--testcard conflicts with --soft-card"),
+            (
+                ["--soft-card-signature", card.soft_card_signature],
+                "--testcard conflicts with --soft-card-signature",
+            ),
+        ]:
+            with self.assertRaises(usage.UsageError) as raised:
+                _options("--testcard", card.directory, *argv)
+            self.assertIn(expected, str(raised.exception))
+        with self.assertRaises(usage.UsageError) as raised:
+            _options("--pkcs11-module", module, "--soft-card", card.soft_card)
+        self.assertIn(
+            "--pkcs11-module conflicts with --soft-card", str(raised.exception)
+        )
+        with self.assertRaises(usage.UsageError) as raised:
+            _options("--soft-card", card.soft_card, "--token-label", "X")
+        self.assertIn("--token-label goes with --pkcs11-module", str(raised.exception))
+        with self.assertRaises(usage.UsageError) as raised:
+            _options("--pkcs11-module", module, "--soft-card-signature", card.soft_card)
+        self.assertIn(
+            "--soft-card-signature goes with --soft-card", str(raised.exception)
+        )
+
+    def test_allow_origin(self) -> None:
+        """
+        --allow-origin is one web origin, scheme://host[:port] as a browser
+        sends it in Origin; anything else is a usage error.
+        """
+        for origin in ["https://frontend.example", "http://localhost:3000"]:
+            self.assertEqual(
+                _options("--soft-card", _soft(), "--allow-origin", origin)[
+                    "allow-origin"
+                ],
+                origin,
+            )
+        for origin in [
+            "*",
+            "notanorigin",
+            "null",
+            "",
+            "https://",
+            "https://frontend.example/",
+            "https://frontend.example/app",
+            "https://frontend.example?x=1",
+            "https://user@frontend.example",
+            "ftp://frontend.example",
+            "https://frontend.example:99999",
+            "HTTPS://Frontend.example",
+            "https://frontend.example:443",
+        ]:
+            with self.assertRaises(usage.UsageError) as raised:
+                _options("--soft-card", _soft(), "--allow-origin", origin)
+            self.assertIn(f"--allow-origin {origin!r}", str(raised.exception))
+            self.assertIn("scheme://host[:port]", str(raised.exception))
+
+    def test_allow_server(self) -> None:
+        """
+        An --allow-server that is empty or not a host name or IP address
+        is a usage error naming it.
+        """
+        for name in ["", " ", "a b", "https://lps2.dmp.gouv.fr", "lps2.dmp.gouv.fr/x"]:
+            with self.assertRaises(usage.UsageError) as raised:
+                _options("--soft-card", _soft(), "--allow-server", name)
+            self.assertIn(f"--allow-server {name!r}", str(raised.exception))
+        options = _options(
+            "--soft-card",
+            _soft(),
+            "--allow-server",
+            "::1",
+            "--allow-server",
+            "dmp.test",
+        )
+        self.assertEqual(options["allow-servers"], ["::1", "dmp.test"])
+
+    def test_listen(self) -> None:
+        """
+        A --listen that is not an endpoint description is a usage error
+        naming it, at start.
+        """
+        for listen in ["garbage:x", "tcp:notaport", "tcp:10035:nosuch=1"]:
+            with self.assertRaises(usage.UsageError) as raised:
+                _options("--soft-card", _soft(), "--listen", listen)
+            self.assertIn(f"--listen {listen}", str(raised.exception))
 
     def test_given_tls_identity(self) -> None:
         """
@@ -129,7 +267,7 @@ class OptionsTests(SynchronousTestCase):
         ]:
             with self.assertRaises(usage.UsageError) as raised:
                 _options(
-                    "--soft-card", "x.p12", "--tls-cert", cert, "--tls-key", key_file
+                    "--soft-card", _soft(), "--tls-cert", cert, "--tls-key", key_file
                 )
             self.assertIn(expected, str(raised.exception))
 
@@ -140,11 +278,11 @@ class OptionsTests(SynchronousTestCase):
         """
         missing = self.mktemp()
         with self.assertRaises(usage.UsageError) as raised:
-            _options("--soft-card", "x.p12", "--intermediate", missing)
+            _options("--soft-card", _soft(), "--intermediate", missing)
         self.assertIn(f"--intermediate {missing}", str(raised.exception))
         audit = str(Path(self.mktemp(), "no-such-folder", "audit.jsonl"))
         with self.assertRaises(usage.UsageError) as raised:
-            _options("--soft-card", "x.p12", "--audit-log", audit)
+            _options("--soft-card", _soft(), "--audit-log", audit)
         self.assertIn(f"--audit-log {audit}", str(raised.exception))
 
     def test_bad_numbers(self) -> None:
@@ -157,7 +295,7 @@ class OptionsTests(SynchronousTestCase):
                 usage.UsageError,
                 _options,
                 "--soft-card",
-                "x.p12",
+                _soft(),
                 "--session-idle",
                 value,
             )
@@ -166,19 +304,19 @@ class OptionsTests(SynchronousTestCase):
                 usage.UsageError,
                 _options,
                 "--soft-card",
-                "x.p12",
+                _soft(),
                 "--wrong-pin-pause",
                 value,
             )
 
     def test_public_url(self) -> None:
-        options = _options("--soft-card", "x.p12", "--public-url", "https://ws1:10035")
+        options = _options("--soft-card", _soft(), "--public-url", "https://ws1:10035")
         self.assertEqual(options["public-url"], "https://ws1:10035")
         self.assertRaises(
             usage.UsageError,
             _options,
             "--soft-card",
-            "x.p12",
+            _soft(),
             "--public-url",
             "http://ws1:10035",
         )
@@ -238,26 +376,26 @@ class PolicyOptionsTests(SynchronousTestCase):
         self.assertEqual(policy.allowed_servers, ["dmp.example", "10.0.0.1"])
 
     def test_insecure(self) -> None:
-        options = _options("--soft-card", "x.p12", "--insecure-sign-anything")
+        options = _options("--soft-card", _soft(), "--insecure-sign-anything")
         self.assertIsNone(tap.signing_policy(options))
 
     def test_rate_limit(self) -> None:
-        options = _options("--soft-card", "x.p12", "--rate-limit", "100/1.5")
+        options = _options("--soft-card", _soft(), "--rate-limit", "100/1.5")
         self.assertEqual(options["rate-limit"], RateLimit(100, 1.5))
         for bad in ("100", "0/60", "10/0", "ten/60", "-1/60"):
             with self.assertRaises(usage.UsageError) as caught:
-                _options("--soft-card", "x.p12", "--rate-limit", bad)
+                _options("--soft-card", _soft(), "--rate-limit", bad)
             self.assertIn("N/SECONDS", str(caught.exception))
 
     def test_bad_trust(self) -> None:
         missing = self.mktemp()
         self.assertRaises(
-            usage.UsageError, _options, "--soft-card", "x.p12", "--trust", missing
+            usage.UsageError, _options, "--soft-card", _soft(), "--trust", missing
         )
         not_pem = Path(self.mktemp())
         not_pem.write_text("no certificate here")
         self.assertRaises(
-            usage.UsageError, _options, "--soft-card", "x.p12", "--trust", str(not_pem)
+            usage.UsageError, _options, "--soft-card", _soft(), "--trust", str(not_pem)
         )
 
     def test_audit_log(self) -> None:
@@ -452,6 +590,28 @@ class CommandTests(TestCase):
         self.assertEqual(output.status, 1, output.output)
         self.assertIn(b"cpsagent cannot listen on", output.output)
         self.assertNotIn(b"Traceback", output.output)
+
+    @inlineCallbacks
+    def test_usage_errors_exit_non_zero(self) -> Any:
+        """
+        A bad option is one line naming it, no traceback, and a non-zero
+        exit, before anything listens.
+        """
+        card = shared_testcard()
+        for argv, expected in [
+            (["--listen", "garbage:x"], b"--listen garbage:x"),
+            (["--allow-origin", "*"], b"--allow-origin '*'"),
+            (["--soft-card", card.ca_root], b"--soft-card"),
+        ]:
+            testcard = (
+                [] if argv[0] == "--soft-card" else ["--testcard", card.directory]
+            )
+            output = self.twist("cpsagent", *testcard, *argv)
+            output.listening.addErrback(lambda _: None)
+            yield output.ended.addTimeout(30, reactor)
+            self.assertNotEqual(output.status, 0, output.output)
+            self.assertIn(b"Error: " + expected, output.output)
+            self.assertNotIn(b"Traceback", output.output)
 
     @inlineCallbacks
     def test_all_interfaces_warned_and_public_url(self) -> Any:

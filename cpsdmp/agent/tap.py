@@ -14,6 +14,7 @@ import re
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -42,6 +43,7 @@ from cpsdmp.agent.card import (
     Pkcs11Backend,
     SoftCardBackend,
     WorkerCard,
+    pkcs12_problem,
 )
 from cpsdmp.agent.policy import DMP_SERVERS, SANDBOX_SERVERS, SigningPolicy
 from cpsdmp.agent.resource import WRONG_PIN_PAUSE, AgentResource, agent_site
@@ -152,6 +154,15 @@ class Options(usage.Options):
             raise usage.UsageError(
                 "say where the card is: --pkcs11-module, --soft-card or --testcard"
             )
+        self._check_card_sources()
+        self._check_listen()
+        if self["allow-origin"] is not None:
+            self["allow-origin"] = check_origin(self["allow-origin"])
+        for name in self["allow-servers"]:
+            if not is_host_name(name):
+                raise usage.UsageError(
+                    f"--allow-server {name!r} is not a host name or an IP address"
+                )
         if bool(self["tls-cert"]) != bool(self["tls-key"]):
             raise usage.UsageError("--tls-cert and --tls-key go together")
         if self["tls-cert"]:
@@ -195,8 +206,14 @@ class Options(usage.Options):
             for path in paths:
                 try:
                     _load_certificates([path])
-                except (OSError, ValueError) as e:
-                    raise usage.UsageError(f"{option} {path}: {e}") from None
+                except OSError as e:
+                    raise usage.UsageError(
+                        f"{option} {path}: cannot read it ({e.strerror})"
+                    ) from None
+                except ValueError:
+                    raise usage.UsageError(
+                        f"{option} {path}: no PEM certificate in it"
+                    ) from None
         if self["audit-log"]:
             try:
                 os.close(create_private(self["audit-log"]))
@@ -204,6 +221,99 @@ class Options(usage.Options):
                 raise usage.UsageError(
                     f"--audit-log {self['audit-log']}: cannot write it ({e.strerror})"
                 ) from None
+
+    def _check_card_sources(self) -> None:
+        """
+        One card at a time: the options naming a card never silently
+        override one another.
+        """
+        others = ["pkcs11-module", "token-label", "soft-card", "soft-card-signature"]
+        if self["testcard"]:
+            for option in others:
+                if self[option]:
+                    raise usage.UsageError(
+                        f"--testcard conflicts with --{option}: a test card names "
+                        "its own card; give one or the other"
+                    )
+        if self["pkcs11-module"] and self["soft-card"]:
+            raise usage.UsageError(
+                "--pkcs11-module conflicts with --soft-card: give one card"
+            )
+        if self["token-label"] and not self["pkcs11-module"]:
+            raise usage.UsageError("--token-label goes with --pkcs11-module")
+        if self["soft-card-signature"] and not self["soft-card"]:
+            raise usage.UsageError("--soft-card-signature goes with --soft-card")
+        for option in ("soft-card", "soft-card-signature"):
+            if self[option]:
+                path = self[option]
+                try:
+                    problem = pkcs12_problem(Path(path).read_bytes())
+                except OSError as e:
+                    problem = f"cannot read it ({e.strerror})"
+                if problem is not None:
+                    raise usage.UsageError(f"--{option} {path}: {problem}")
+
+    def _check_listen(self) -> None:
+        """
+        Parse --listen now, so that a description Twisted cannot read is a
+        usage error rather than a traceback once the reactor runs.
+        """
+        try:
+            # Only parsed here: the endpoint keeps the reactor and does
+            # nothing with it until it listens, which it never does.
+            serverFromString(_NOT_A_REACTOR, self["listen"])  # type: ignore[no-untyped-call]
+        except (ValueError, TypeError, OSError) as e:
+            raise usage.UsageError(
+                f"--listen {self['listen']}: not an endpoint Twisted can listen "
+                f"on ({e}); e.g. tcp:10035:interface=127.0.0.1"
+            ) from None
+
+
+_NOT_A_REACTOR = object()
+
+# A DNS host name (RFC 1123): labels of letters, digits and hyphens.
+_HOST_NAME = re.compile(
+    r"(?=.{1,253}\.?$)(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?"
+)
+
+
+def is_host_name(name: str) -> bool:
+    """
+    @return: whether C{name} is a DNS host name or an IP address.
+    """
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return _HOST_NAME.fullmatch(name) is not None
+
+
+def check_origin(text: str) -> str:
+    """
+    @return: C{text}, if it is a web origin written as a browser sends it
+        in C{Origin} (RFC 6454): C{scheme://host[:port]}, lower case, no
+        default port, nothing after.
+    @raise usage.UsageError: saying what an origin is.
+    """
+    parts = urlsplit(text)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+        parts = parts._replace(scheme="")
+    host = parts.hostname or ""
+    serialized = ""
+    if parts.scheme in ("http", "https") and host:
+        serialized = f"{parts.scheme}://{f'[{host}]' if ':' in host else host}"
+        if port is not None and port != {"http": 80, "https": 443}[parts.scheme]:
+            serialized += f":{port}"
+    if serialized and serialized == text:
+        return text
+    hint = f" (as a browser writes it: {serialized})" if serialized else ""
+    raise usage.UsageError(
+        f"--allow-origin {text!r} is not a web origin: give scheme://host[:port], "
+        f"e.g. https://frontend.example{hint}"
+    )
 
 
 def _load_certificates(paths: list[str]) -> list[x509.Certificate]:
@@ -258,17 +368,12 @@ def card_backend(options: Options | dict[str, Any]) -> CardBackend:
 
         card = TestCard.load(options["testcard"])
         intermediates += card.ca_intermediate_certificates()
-        if card.pkcs11_module and not options.get("soft-card"):
+        if card.pkcs11_module:
             return Pkcs11Backend(
-                card.pkcs11_module,
-                options.get("token-label") or card.token_label,
-                intermediates,
-                card.environment(),
+                card.pkcs11_module, card.token_label, intermediates, card.environment()
             )
         return SoftCardBackend(
-            Path(options.get("soft-card") or card.soft_card),
-            Path(card.soft_card_signature),
-            intermediates,
+            Path(card.soft_card), Path(card.soft_card_signature), intermediates
         )
     if options.get("soft-card"):
         signature = options.get("soft-card-signature")
