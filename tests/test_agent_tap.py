@@ -19,14 +19,17 @@ from twisted.application.service import IServiceMaker
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.protocol import Factory, ProcessProtocol
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from cpsdmp.agent import problems, tap
 from cpsdmp.agent.audit import RateLimit
-from cpsdmp.agent.card import Pkcs11Backend, SoftCardBackend
+from cpsdmp.agent.card import Pkcs11Backend, SoftCardBackend, WorkerCard
 from cpsdmp.agent.client import AgentError, CpsAgentClient, open_session
+from cpsdmp.agent.resource import AgentResource
 from cpsdmp.agent.tap import LISTENING_LINE
 from tests.agent_support import shared_testcard
 
@@ -414,6 +417,31 @@ class PolicyOptionsTests(SynchronousTestCase):
         self.assertTrue(Path(path).exists())
         self.assertEqual(Path(path).stat().st_mode & 0o777, 0o600)
         service.resource.audit.close()
+
+
+class ServiceStartTests(SynchronousTestCase):
+    def test_endpoint_failing_as_made(self) -> None:
+        """
+        An endpoint description that fails as the endpoint is made (past
+        the options' check) fails the start like a busy port: the
+        reactor stops, with one line saying why.
+        """
+        reactor = MemoryReactorClock()
+        card = WorkerCard(SoftCardBackend(Path(_soft())), reactor)
+        resource = AgentResource(card, reactor, policy=None)
+        key, certificate = tap.self_signed_identity()
+        service = tap.AgentService(
+            reactor, "garbage:x", card, resource, tap.tls_options(key, certificate)
+        )
+        self.addCleanup(service.stopService)
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        service.startService()
+        reactor.advance(0)
+        self.assertTrue(reactor.hasStopped)
+        [line] = [e for e in events if "cannot listen" in e.get("log_format", "")]
+        self.assertIn("Unknown endpoint type", formatEvent(line))
 
 
 class PluginTests(SynchronousTestCase):

@@ -24,7 +24,7 @@ from OpenSSL import crypto
 from twisted.application.service import IService, Service
 from twisted.internet import ssl
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import LoopingCall
@@ -547,9 +547,16 @@ class AgentService(Service):
         super().startService()  # type: ignore[no-untyped-call]
         self.card.start()
         self._watch.start(CARD_WATCH_INTERVAL, now=False)
-        endpoint = serverFromString(self._reactor, self._listen)  # type: ignore[no-untyped-call]
         factory = TLSMemoryBIOFactory(self._tls, False, agent_site(self.resource))
-        d = endpoint.listen(factory)
+
+        def listen() -> Deferred[IListeningPort]:
+            endpoint = serverFromString(self._reactor, self._listen)  # type: ignore[no-untyped-call]
+            listening: Deferred[IListeningPort] = endpoint.listen(factory)
+            return listening
+
+        # An endpoint that fails as it is made fails like one that cannot
+        # listen: one line and exit 1, never a traceback and a live process.
+        d = maybeDeferred(listen)
         d.addCallbacks(self._listened, self._not_listening)
 
     def _listened(self, port: IListeningPort) -> None:
