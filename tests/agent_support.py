@@ -27,9 +27,9 @@ from cpsdmp.agent.tap import (
     AgentService,
     fingerprint,
     self_signed_identity,
-    tls_options,
 )
 from cpsdmp.agent.testcard import TestCard, init_testcard
+from cpsdmp.protocols.server_tls import server_tls_options
 
 
 @functools.cache
@@ -94,7 +94,7 @@ class RunningAgent:
             "tcp:0:interface=127.0.0.1",
             self.card,
             self.resource,
-            tls_options(key, self.certificate),
+            server_tls_options(key, [self.certificate]),
         )
 
     @property

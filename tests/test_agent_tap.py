@@ -20,6 +20,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.plugin import getPlugins
 from twisted.python import usage
@@ -31,7 +32,9 @@ from cpsdmp.agent.card import Pkcs11Backend, SoftCardBackend, WorkerCard
 from cpsdmp.agent.client import AgentError, CpsAgentClient, open_session
 from cpsdmp.agent.resource import AgentResource
 from cpsdmp.agent.tap import LISTENING_LINE
+from cpsdmp.protocols.server_tls import server_tls_options
 from tests.agent_support import shared_testcard
+from tests.tlssupport import pki
 
 
 def _source_root() -> str:
@@ -240,6 +243,37 @@ class OptionsTests(SynchronousTestCase):
         assert isinstance(service, tap.AgentService)
         self.assertEqual(service.resource.tls_fingerprint, tap.fingerprint(certificate))
 
+    def test_tls_chain_in_order(self) -> None:
+        """
+        A --tls-cert whose intermediate comes before the certificate it
+        issued is a usage error saying the order.
+        """
+        identity = pki()["server-rsa"]
+        reversed_chain = Path(self.mktemp())
+        reversed_chain.write_bytes(
+            Path(identity.chain_file).read_bytes()
+            + Path(identity.cert_file).read_bytes()
+        )
+        with self.assertRaises(usage.UsageError) as raised:
+            _options(
+                "--soft-card",
+                _soft(),
+                "--tls-cert",
+                str(reversed_chain),
+                "--tls-key",
+                identity.key_file,
+            )
+        self.assertIn("did not issue certificate 1", str(raised.exception))
+        options = _options(
+            "--soft-card",
+            _soft(),
+            "--tls-cert",
+            identity.cert_file,
+            "--tls-key",
+            identity.key_file,
+        )
+        self.assertEqual(options["tls-identity"][1], identity.chain[:1])
+
     def test_unusable_tls_identity(self) -> None:
         """
         A --tls-cert or --tls-key that is missing, not PEM, or a key that
@@ -431,7 +465,7 @@ class ServiceStartTests(SynchronousTestCase):
         resource = AgentResource(card, reactor, policy=None)
         key, certificate = tap.self_signed_identity()
         service = tap.AgentService(
-            reactor, "garbage:x", card, resource, tap.tls_options(key, certificate)
+            reactor, "garbage:x", card, resource, server_tls_options(key, [certificate])
         )
         self.addCleanup(service.stopService)
         events: list[dict[str, Any]] = []
@@ -618,6 +652,56 @@ class CommandTests(TestCase):
         self.assertEqual(output.status, 1, output.output)
         self.assertIn(b"cpsagent cannot listen on", output.output)
         self.assertNotIn(b"Traceback", output.output)
+
+    @inlineCallbacks
+    def test_tls_chain_served(self) -> Any:
+        """
+        With a --tls-cert holding the agent's certificate and its
+        intermediate, the agent sends both: OpenSSL, trusting only the
+        root, verifies it (what curl --cacert root.pem needs), and the
+        context pins the agent's own certificate.
+        """
+        identity = pki()["server-rsa"]
+        both = Path(self.mktemp())
+        both.write_bytes(
+            Path(identity.cert_file).read_bytes()
+            + Path(identity.chain_file).read_bytes()
+        )
+        output = self.twist(
+            "--log-format",
+            "text",
+            "cpsagent",
+            "--testcard",
+            shared_testcard().directory,
+            "--listen",
+            "tcp:0:interface=127.0.0.1",
+            "--tls-cert",
+            str(both),
+            "--tls-key",
+            identity.key_file,
+        )
+        url, fingerprint = yield output.listening.addTimeout(30, reactor)
+        self.assertEqual(fingerprint, tap.fingerprint(identity.chain[0]))
+        done = yield deferToThread(
+            subprocess.run,
+            [
+                "openssl",
+                "s_client",
+                "-connect",
+                url.removeprefix("https://"),
+                "-CAfile",
+                pki().root_file,
+                "-verify_return_error",
+                "-showcerts",
+            ],
+            input=b"",
+            capture_output=True,
+            timeout=30,
+        )
+        report = done.stdout.decode()
+        self.assertEqual(done.returncode, 0, report + done.stderr.decode())
+        self.assertIn("Verify return code: 0 (ok)", report)
+        self.assertEqual(report.count("-----BEGIN CERTIFICATE-----"), 2)
 
     @inlineCallbacks
     def test_usage_errors_exit_non_zero(self) -> Any:

@@ -22,6 +22,7 @@ from twisted.logger import globalLogBeginner, textFileLogObserver  # noqa: E402
 from cpsdmp.agent import tap  # noqa: E402
 from cpsdmp.agent.card import CardBackend, KeyUsage, WorkerCard  # noqa: E402
 from cpsdmp.agent.resource import AgentResource  # noqa: E402
+from cpsdmp.protocols.server_tls import server_tls_options  # noqa: E402
 
 
 class InstantCard:
@@ -62,7 +63,7 @@ def main(directory: str, listen: str) -> None:
     resource = AgentResource(card, reactor, policy=None, rate_limit=None)  # type: ignore[arg-type]
     resource.tls_fingerprint = tap.fingerprint(certificate)
     service = tap.AgentService(
-        reactor, listen, card, resource, tap.tls_options(key, certificate)
+        reactor, listen, card, resource, server_tls_options(key, [certificate])
     )
     reactor.callWhenRunning(service.startService)  # type: ignore[attr-defined]
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)  # type: ignore[attr-defined]

@@ -20,7 +20,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from OpenSSL import crypto
 from twisted.application.service import IService, Service
 from twisted.internet import ssl
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -47,6 +46,7 @@ from cpsdmp.agent.card import (
 )
 from cpsdmp.agent.policy import DMP_SERVERS, SANDBOX_SERVERS, SigningPolicy
 from cpsdmp.agent.resource import WRONG_PIN_PAUSE, AgentResource, agent_site
+from cpsdmp.protocols.server_tls import load_server_identity, server_tls_options
 
 _log = Logger()
 
@@ -83,7 +83,8 @@ class Options(usage.Options):
             "tls-cert",
             None,
             None,
-            "PEM certificate of the agent (default: self-signed).",
+            "PEM certificate of the agent, then its intermediates "
+            "(default: self-signed).",
         ],
         ["tls-key", None, None, "PEM private key for --tls-cert."],
         ["pkcs11-module", None, None, "PKCS#11 module of the card reader."],
@@ -167,7 +168,7 @@ class Options(usage.Options):
             raise usage.UsageError("--tls-cert and --tls-key go together")
         if self["tls-cert"]:
             try:
-                self["tls-identity"] = load_tls_identity(
+                self["tls-identity"] = load_server_identity(
                     self["tls-cert"], self["tls-key"]
                 )
             except ValueError as e:
@@ -323,40 +324,6 @@ def _load_certificates(paths: list[str]) -> list[x509.Certificate]:
     return certificates
 
 
-def load_tls_identity(cert_path: str, key_path: str) -> tuple[Any, x509.Certificate]:
-    """
-    @return: the private key in C{key_path} and the certificate in
-        C{cert_path}, both PEM, once checked to belong together.
-    @raise ValueError: naming the option and the file that cannot serve.
-    """
-    try:
-        certificate = x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
-    except OSError as e:
-        raise ValueError(
-            f"--tls-cert {cert_path}: cannot read it ({e.strerror})"
-        ) from None
-    except ValueError:
-        raise ValueError(f"--tls-cert {cert_path}: not a PEM certificate") from None
-    try:
-        key = serialization.load_pem_private_key(
-            Path(key_path).read_bytes(), password=None
-        )
-    except OSError as e:
-        raise ValueError(
-            f"--tls-key {key_path}: cannot read it ({e.strerror})"
-        ) from None
-    except (ValueError, TypeError):
-        raise ValueError(
-            f"--tls-key {key_path}: not an unencrypted PEM private key"
-        ) from None
-    if key.public_key() != certificate.public_key():
-        raise ValueError(
-            f"--tls-key {key_path} does not match the certificate in --tls-cert "
-            f"{cert_path}"
-        )
-    return key, certificate
-
-
 def card_backend(options: Options | dict[str, Any]) -> CardBackend:
     """
     @return: the card the options name: a test card's token (or its soft
@@ -470,17 +437,6 @@ def fingerprint(certificate: x509.Certificate) -> str:
     """
     der = certificate.public_bytes(serialization.Encoding.DER)
     return "sha256:" + hashlib.sha256(der).hexdigest()
-
-
-def tls_options(key: Any, certificate: x509.Certificate) -> ssl.CertificateOptions:
-    """
-    @return: server TLS settings (TLS 1.2 or later) for C{key} and C{certificate}.
-    """
-    return ssl.CertificateOptions(
-        privateKey=crypto.PKey.from_cryptography_key(key),
-        certificate=crypto.X509.from_cryptography(certificate),
-        raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
-    )
 
 
 def agent_url(address: Any) -> str:
@@ -616,7 +572,11 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         from twisted.internet import reactor as _reactor
 
         reactor = _reactor
-    key, certificate = options["tls-identity"] or self_signed_identity()
+    if options["tls-identity"] is not None:
+        key, chain = options["tls-identity"]
+    else:
+        key, certificate = self_signed_identity()
+        chain = [certificate]
     card = WorkerCard(card_backend(options), reactor)
     policy = signing_policy(options)
     _announce_policy(policy, options)
@@ -630,13 +590,13 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         rate_limit=options["rate-limit"],
         audit=AuditLog(options["audit-log"], reactor) if options["audit-log"] else None,
     )
-    resource.tls_fingerprint = fingerprint(certificate)
+    resource.tls_fingerprint = fingerprint(chain[0])
     service = AgentService(
         reactor,
         options["listen"],
         card,
         resource,
-        tls_options(key, certificate),
+        server_tls_options(key, chain),
         public_url=options["public-url"],
         exit_on_failure=True,
     )

@@ -12,8 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from OpenSSL import crypto
 from twisted.application.service import Service
 from twisted.internet import ssl
 from twisted.internet.defer import Deferred
@@ -25,6 +23,7 @@ from twisted.python import usage
 
 from cpsdmp.facade.resource import DEFAULT_MAX_REQUEST_BYTES, make_site
 from cpsdmp.facade.service import DmpService, FacadeConfig
+from cpsdmp.protocols.server_tls import load_server_identity, server_tls_options
 from cpsdmp.xds.context import (
     ACTIVITY_SECTOR_SYSTEM,
     PRACTICE_SETTING_SYSTEM,
@@ -188,13 +187,7 @@ def server_options(cert: str, key: str) -> ssl.CertificateOptions:
     @param key: PEM private key.
     @return: OpenSSL server options sending the whole chain.
     """
-    chain = x509.load_pem_x509_certificates(Path(cert).read_bytes())
-    private_key = serialization.load_pem_private_key(Path(key).read_bytes(), None)
-    return ssl.CertificateOptions(
-        privateKey=crypto.PKey.from_cryptography_key(private_key),  # type: ignore[arg-type]
-        certificate=crypto.X509.from_cryptography(chain[0]),
-        extraCertChain=[crypto.X509.from_cryptography(c) for c in chain[1:]],
-    )
+    return server_tls_options(*load_server_identity(cert, key))
 
 
 class FacadeService(Service):
