@@ -177,9 +177,38 @@ class TranscriptTests(TestCase):
         )
 
     def test_arbitrary_bytes(self) -> None:
+        """
+        What is not a transcript is said to be so by its first byte, never
+        by a length read out of text.
+        """
         self.refused(b"hello", "not a TLS 1.2 handshake transcript")
         self.refused(b"", "ends before its client_hello")
         self.refused(bytes(range(256)) * 8, "transcript")
+        decision = policy().check_authentication(b"secret data to sign", CARD)
+        self.assertEqual(
+            decision.reason,
+            "not a TLS 1.2 handshake transcript: it starts with 's' (0x73), "
+            "where a transcript starts with a ClientHello (handshake type 1)",
+        )
+        decision = policy().check_authentication(b"\x00\x00\x00\x00", CARD)
+        self.assertIn("it starts with a hello_request (type 0)", decision.reason)
+
+    def test_oversized_message(self) -> None:
+        """
+        A message longer than any our TLS client sends or accepts is
+        refused by name and size, before its bytes are read.
+        """
+        raws = messages(self.transcript)
+        hello = raws[0][:1] + (1 << 20).to_bytes(3, "big") + raws[0][4:]
+        self.refused(
+            hello + b"".join(raws[1:]),
+            "the client_hello is 1048576 bytes, more than the 8192",
+        )
+        request = raws[4][:1] + (60000).to_bytes(3, "big") + raws[4][4:]
+        self.refused(
+            b"".join([*raws[:4], request, *raws[5:]]),
+            "the certificate_request is 60000 bytes, more than the 16384",
+        )
 
     def test_bare_hash(self) -> None:
         """
@@ -558,7 +587,8 @@ class SignatureEndpointTests(PolicyAgentTestCase):
             )
             self.assertEqual(error.problem["status"], 403)
             self.assertEqual(error.problem["type"], problems.POLICY_REFUSED)
-            self.assertIn("does not sign this with the signature key", str(error))
+            self.assertIn("the card's signature key does not sign this", str(error))
+            self.assertNotIn("the agent: the agent", str(error))
         outcomes = [line["outcome"] for line in self.audit_lines()]
         self.assertEqual(outcomes, ["signed", "refused", "refused", "refused"])
 

@@ -37,7 +37,6 @@ from cpsdmp.protocols.tls.alerts import ProtocolViolation
 from cpsdmp.protocols.tls.messages import (
     CertificateRequest,
     ClientHello,
-    HandshakeReassembler,
     HandshakeType,
     Reader,
     ServerHello,
@@ -72,6 +71,12 @@ TRANSCRIPT = (
     HandshakeType.certificate,
     HandshakeType.client_key_exchange,
 )
+
+# The largest body of each message of the transcript, in the same order:
+# well above what the project's TLS client sends (a ClientHello with a
+# session ticket, a ClientKeyExchange of a P-384 point) and what a server
+# sends it (a chain of a few certificates, the names of the CAs it accepts).
+MAX_MESSAGE = (8192, 1024, 32768, 2048, 16384, 0, 16384, 1 + 97)
 
 # The agent's algorithm names and the TLS 1.2 signature scheme each one
 # makes (RFC 5246, section 7.4.1.4.1).
@@ -353,28 +358,65 @@ def _server_certificate(der: bytes) -> x509.Certificate:
 def _split(data: bytes) -> list[bytes]:
     """
     @return: the bodies of the transcript's messages, once their types,
-        order and lengths are checked.
+        order and lengths are checked. Each message's type is checked
+        before its length is read, so that what is not a transcript at all
+        is said to be so, not taken for a huge message.
     """
-    reassembler = HandshakeReassembler()
-    reassembler.feed(data)
     bodies: list[bytes] = []
-    for expected in TRANSCRIPT:
-        message = reassembler.next_message()
-        if message is None:
+    offset = 0
+    for index, (expected, limit) in enumerate(
+        zip(TRANSCRIPT, MAX_MESSAGE, strict=True)
+    ):
+        if offset == len(data):
             raise _Refused(
                 f"the transcript ends before its {expected.name} (truncated, "
                 "or not handshake messages)"
             )
-        msg_type, body, _ = message
+        msg_type = data[offset]
         if msg_type != expected:
+            if index == 0:
+                raise _Refused(
+                    "not a TLS 1.2 handshake transcript: it starts with "
+                    f"{_first_byte(msg_type)}, where a transcript starts with a "
+                    "ClientHello (handshake type 1)"
+                )
             raise _Refused(
-                f"message {len(bodies) + 1} of the transcript is "
+                f"message {index + 1} of the transcript is "
                 f"{_type_name(msg_type)}, not {expected.name}"
             )
-        bodies.append(body)
-    if reassembler.pending:
+        truncated = _Refused(
+            f"the transcript ends before its {expected.name} is whole (truncated)"
+        )
+        if offset + 4 > len(data):
+            raise truncated
+        length = int.from_bytes(data[offset + 1 : offset + 4], "big")
+        if length > limit:
+            raise _Refused(
+                f"the {expected.name} is {length} bytes, more than the {limit} "
+                "the project's TLS client sends or accepts"
+            )
+        end = offset + 4 + length
+        if end > len(data):
+            raise truncated
+        bodies.append(data[offset + 4 : end])
+        offset = end
+    if offset != len(data):
         raise _Refused("the transcript goes on after the ClientKeyExchange")
     return bodies
+
+
+def _first_byte(value: int) -> str:
+    """
+    @return: how to name the first byte of what is not a transcript: as a
+        handshake type if it is one, else as a character or in hex.
+    """
+    try:
+        return f"a {HandshakeType(value).name} (type {value})"
+    except ValueError:
+        pass
+    if 0x20 < value < 0x7F:
+        return f"{chr(value)!r} ({value:#04x})"
+    return f"byte {value:#04x}"
 
 
 def _type_name(msg_type: int) -> str:

@@ -700,8 +700,7 @@ class AgentResource(Resource):
                 403,
                 problems.POLICY_REFUSED,
                 "Signature refused",
-                f"the agent does not sign this with the {usage.value} key: "
-                f"{decision.reason}",
+                f"the card's {usage.value} key does not sign this: {decision.reason}",
             )
         if self.audit is not None and self.audit.failing:
             raise _audit_unavailable()
