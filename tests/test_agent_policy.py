@@ -50,6 +50,7 @@ from cpsdmp.protocols.tls.messages import (
     HandshakeReassembler,
     decode_certificate,
     encode_certificate,
+    handshake,
 )
 from cpsdmp.protocols.tls.schemes import SignatureScheme, verify_signature
 from cpsdmp.sandbox.tap import SandboxService
@@ -124,7 +125,10 @@ def messages(transcript: bytes) -> list[bytes]:
     return raws
 
 
-CARD = pki()["client-rsa"].chain[0]
+# The card's chain as the agent serves it, DER: what the policy compares
+# the client Certificate with. The test PKI's client certificate has no
+# intermediate.
+CARD = [c.public_bytes(Encoding.DER) for c in pki()["client-rsa"].chain]
 
 
 def policy(**kw: Any) -> SigningPolicy:
@@ -143,7 +147,7 @@ class TranscriptTests(TestCase):
         self,
         data: bytes,
         why: str,
-        card: x509.Certificate = CARD,
+        card: list[bytes] = CARD,
         algorithm: str = "SHA256WithRSA",
         **kw: Any,
     ) -> None:
@@ -307,8 +311,37 @@ class TranscriptTests(TestCase):
         self.refused(
             self.transcript,
             "not this card's authentication certificate",
-            card=pki()["client-ec"].chain[0],
+            card=[pki()["client-ec"].chain[0].public_bytes(Encoding.DER)],
         )
+
+    def test_client_certificate_with_more(self) -> None:
+        """
+        The client Certificate is the card's chain as the agent serves it,
+        byte for byte: a second "certificate" of arbitrary bytes after the
+        card's is refused, small or of 48 KB, and so is the card's chain
+        without the intermediate the agent serves.
+        """
+        raws = messages(self.transcript)
+        for extra in (os.urandom(1000), os.urandom(48 * 1024)):
+            raws[6] = encode_certificate([*CARD, extra])
+            decision = policy().check_authentication(b"".join(raws), CARD)
+            self.assertFalse(decision.allowed)
+            self.assertTrue(
+                "not exactly the card's certificate and its chain" in decision.reason
+                or "the certificate is" in decision.reason,
+                decision.reason,
+            )
+        raws[6] = encode_certificate([*CARD, os.urandom(1000)])
+        self.refused(
+            b"".join(raws),
+            "not exactly the card's certificate and its chain as the agent "
+            "serves them (2 certificates where the agent serves 1)",
+        )
+        served = [*CARD, pki()["server-rsa"].chain[1].public_bytes(Encoding.DER)]
+        self.refused(self.transcript, "not exactly the card's certificate", served)
+        raws = messages(self.transcript)
+        raws[6] = handshake(raws[6][0], raws[6][4:] + b"\x00")
+        self.refused(b"".join(raws), "it does not parse whole")
 
     def with_server_leaf(self, leaf: bytes) -> bytes:
         """

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives.serialization import Encoding
 from lxml import etree
 from service_identity import CertificateError
 from twisted.logger import Logger
@@ -42,6 +41,7 @@ from cpsdmp.protocols.tls.messages import (
     ServerHello,
     ServerKeyExchange,
     decode_certificate,
+    encode_certificate,
 )
 from cpsdmp.protocols.tls.schemes import (
     SignatureScheme,
@@ -159,18 +159,19 @@ class SigningPolicy:
     def check_authentication(
         self,
         data: bytes,
-        card_certificate: x509.Certificate,
+        card_chain: Sequence[bytes],
         algorithm: str = "SHA256WithRSA",
     ) -> PolicyDecision:
         """
         Check that C{data} is the transcript of a TLS 1.2 handshake, up to
         the client's ClientKeyExchange, between the card whose
-        authentication certificate is C{card_certificate} and an allowed
-        server, which accepts client signatures made with C{algorithm}.
+        authentication certificate and intermediates are C{card_chain}
+        (DER, as the agent serves them) and an allowed server, which
+        accepts client signatures made with C{algorithm}.
         """
         try:
             return PolicyDecision.allow(
-                self._check_transcript(data, card_certificate, algorithm)
+                self._check_transcript(data, card_chain, algorithm)
             )
         except _Refused as e:
             return PolicyDecision.refuse(str(e))
@@ -180,7 +181,7 @@ class SigningPolicy:
             return _unchecked("transcript")
 
     def _check_transcript(
-        self, data: bytes, card_certificate: x509.Certificate, algorithm: str
+        self, data: bytes, card_chain: Sequence[bytes], algorithm: str
     ) -> str:
         messages = _split(data)
         hello = ClientHello.decode(messages[0])
@@ -219,12 +220,10 @@ class SigningPolicy:
             )
         if messages[5]:
             raise _Refused("the ServerHelloDone is not empty")
-        client_chain = decode_certificate(messages[6])
-        card_der = card_certificate.public_bytes(Encoding.DER)
-        if not client_chain or client_chain[0] != card_der:
-            raise _Refused(
-                "the client Certificate is not this card's authentication certificate"
-            )
+        # The project's TLS client sends the chain the agent serves, as is:
+        # nothing else may ride in it.
+        if messages[6] != encode_certificate(list(card_chain))[4:]:
+            raise _Refused(_client_certificate_mismatch(messages[6], card_chain))
         key_exchange = Reader(messages[7], "ClientKeyExchange")
         if not key_exchange.vector(1):
             raise _Refused("the ClientKeyExchange is empty")
@@ -330,6 +329,24 @@ def _unchecked(what: str) -> PolicyDecision:
     return PolicyDecision.refuse(
         f"the agent could not check this {what} (its log has the error); "
         "it signs only what it has checked"
+    )
+
+
+def _client_certificate_mismatch(body: bytes, card_chain: Sequence[bytes]) -> str:
+    """
+    @return: how the client Certificate C{body} differs from the card's
+        chain as the agent serves it.
+    """
+    exactly = "is not exactly the card's certificate and its chain as the agent serves"
+    try:
+        client_chain = decode_certificate(body)
+    except ProtocolViolation:
+        return f"the client Certificate {exactly} them: it does not parse whole"
+    if not client_chain or client_chain[0] != card_chain[0]:
+        return "the client Certificate is not this card's authentication certificate"
+    return (
+        f"the client Certificate {exactly} them ({len(client_chain)} "
+        f"certificates where the agent serves {len(card_chain)})"
     )
 
 

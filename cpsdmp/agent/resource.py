@@ -265,8 +265,8 @@ class AgentResource(Resource):
         self.policy = policy
         self.limiter = RateLimiter(rate_limit, clock) if rate_limit else None
         self.audit = audit
-        # The card's authentication certificate, read once per session.
-        self._card_certificate: x509.Certificate | None = None
+        # The card's authentication chain (DER), read once per session.
+        self._card_chain: list[bytes] | None = None
         self.url = ""
         self.tls_fingerprint = ""
         self._routes: dict[tuple[bytes, str], tuple[Handler, bool]] = {
@@ -349,7 +349,7 @@ class AgentResource(Resource):
                 error, (CardRemoved, CardFault, NoCard, NotLoggedIn, PinBlocked)
             ):
                 self.tokens.drop_all()
-                self._card_certificate = None
+                self._card_chain = None
             self._write_problem(request, _card_problem(error))
 
     def _internal_error(self, failure: Failure, request: Request) -> None:
@@ -553,7 +553,7 @@ class AgentResource(Resource):
             raise
         finally:
             self._checking_pin = False
-        self._card_certificate = None
+        self._card_chain = None
         token, expires = self.tokens.issue()
         _log.info("session opened for {caller}", caller=request.getClientAddress().host)
         self._write_json(
@@ -569,7 +569,7 @@ class AgentResource(Resource):
 
     async def _lock(self, request: Request, rest: list[str]) -> None:
         self.tokens.drop_all()
-        self._card_certificate = None
+        self._card_chain = None
         await self.card.logout()
         _log.info("card locked by {caller}", caller=request.getClientAddress().host)
         if not request._disconnected:
@@ -755,10 +755,10 @@ class AgentResource(Resource):
             return PolicyDecision.allow("unchecked")
         if usage is KeyUsage.signature:
             return self.policy.check_signature(data, algorithm)
-        if self._card_certificate is None:
+        if self._card_chain is None:
             chain = await self.card.chain(KeyUsage.authentication)
-            self._card_certificate = chain[0]
-        return self.policy.check_authentication(data, self._card_certificate, algorithm)
+            self._card_chain = [c.public_bytes(Encoding.DER) for c in chain]
+        return self.policy.check_authentication(data, self._card_chain, algorithm)
 
 
 def _loggable(name: str) -> str:
