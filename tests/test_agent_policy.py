@@ -48,11 +48,14 @@ from cpsdmp.protocols.tls.interfaces import IRemoteKey
 from cpsdmp.protocols.tls.messages import (
     CertificateRequest,
     HandshakeReassembler,
+    HandshakeType,
     decode_certificate,
     encode_certificate,
     handshake,
+    vector,
 )
 from cpsdmp.protocols.tls.schemes import SignatureScheme, verify_signature
+from cpsdmp.protocols.tls.suites import NamedGroup
 from cpsdmp.sandbox.tap import SandboxService
 from cpsdmp.xds.signature import local_signer, sign_submission
 from cpsdmp.xds.transactions import (
@@ -93,10 +96,11 @@ class RecordingKey:
 
 
 @inlineCallbacks
-def capture(testcase: TestCase, host: str) -> Any:
+def capture(testcase: TestCase, host: str, **config: Any) -> Any:
     """
     Run our TLS client, with a local key, against a pyOpenSSL server
-    asking for a client certificate.
+    asking for a client certificate; C{config} goes to the client's
+    L{TLSClientConfig}.
 
     @return: a Deferred that fires with the transcript the client had signed.
     """
@@ -105,7 +109,7 @@ def capture(testcase: TestCase, host: str) -> Any:
     )
     testcase.addCleanup(port.stopListening)
     key = RecordingKey()
-    config = TLSClientConfig(roots=[pki().root], remote_key=key)
+    config = TLSClientConfig(roots=[pki().root], remote_key=key, **config)
     endpoint = TLSClientEndpoint.for_host(reactor, host, port.getHost().port, config)
     protocol = yield endpoint.connect(Factory.forProtocol(Protocol))
     protocol.transport.loseConnection()
@@ -306,6 +310,64 @@ class TranscriptTests(TestCase):
                 f"did not ask for a client signature with {name}",
                 algorithm=name,
             )
+
+    def with_key_exchange(self, transcript: bytes, body: bytes) -> bytes:
+        raws = messages(transcript)
+        raws[7] = handshake(HandshakeType.client_key_exchange, body)
+        return b"".join(raws)
+
+    def test_key_exchange_x25519(self) -> None:
+        """
+        The ClientKeyExchange is one X25519 key (the server's group here),
+        nothing after it: 201 arbitrary bytes, a key of 31 bytes or one
+        followed by more are refused.
+        """
+        self.assertEqual(messages(self.transcript)[3][5:7], b"\x00\x1d")
+        self.refused(
+            self.with_key_exchange(self.transcript, os.urandom(201)),
+            "the client_key_exchange is 201 bytes, more than the 98",
+        )
+        self.refused(
+            self.with_key_exchange(self.transcript, vector(os.urandom(31), 1)),
+            "the ClientKeyExchange is not one x25519 public value: 31 bytes, "
+            "where X25519 takes 32",
+        )
+        self.refused(
+            self.with_key_exchange(self.transcript, vector(os.urandom(32), 1) + b"x"),
+            "the ClientKeyExchange goes on after its public value",
+        )
+        self.refused(
+            self.with_key_exchange(self.transcript, vector(os.urandom(40), 1)[:20]),
+            "malformed ClientKeyExchange",
+        )
+
+    @inlineCallbacks
+    def test_key_exchange_nist_curves(self) -> Any:
+        """
+        With P-256 or P-384, the ClientKeyExchange is one uncompressed point
+        of that curve: a genuine one passes, one off the curve, compressed,
+        or of the other curve's size does not.
+        """
+        for group, size in [(NamedGroup.secp256r1, 65), (NamedGroup.secp384r1, 97)]:
+            transcript = yield capture(self, "localhost", groups=[group])
+            decision = policy().check_authentication(transcript, CARD)
+            self.assertTrue(decision.allowed, decision.reason)
+            point = messages(transcript)[7][5:]
+            self.assertEqual(len(point), size)
+            off_curve = point[:-1] + bytes([point[-1] ^ 1])
+            self.refused(
+                self.with_key_exchange(transcript, vector(off_curve, 1)),
+                f"not one {group.name} public value: not a point of the curve",
+            )
+            compressed = bytes([2 + point[-1] % 2]) + point[1 : 1 + size // 2]
+            self.refused(
+                self.with_key_exchange(transcript, vector(compressed, 1)),
+                f"where an uncompressed point is {size} bytes starting with 04",
+            )
+        self.refused(
+            self.with_key_exchange(transcript, vector(b"\x04" + bytes(64), 1)),
+            "where an uncompressed point is 97 bytes",
+        )
 
     def test_other_client_certificate(self) -> None:
         self.refused(

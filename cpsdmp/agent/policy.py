@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives.asymmetric import ec, x25519
 from lxml import etree
 from service_identity import CertificateError
 from twisted.logger import Logger
@@ -48,6 +49,7 @@ from cpsdmp.protocols.tls.schemes import (
     UnsupportedKey,
     verify_signature,
 )
+from cpsdmp.protocols.tls.suites import NamedGroup
 from cpsdmp.protocols.tls.validation import VerifiedChains, is_ip_literal
 
 _log = Logger()
@@ -199,6 +201,18 @@ class SigningPolicy:
         name = self._check_server(hello.server_name, server_chain)
 
         exchange = ServerKeyExchange.decode(messages[3])
+        if exchange.group not in hello.groups:
+            raise _Refused(
+                f"the server chose group {exchange.group}, which the ClientHello "
+                "did not offer"
+            )
+        try:
+            group = NamedGroup(exchange.group)
+        except ValueError:
+            raise _Refused(
+                f"the server chose group {exchange.group}, which the project's TLS "
+                "client does not support"
+            ) from None
         try:
             scheme = SignatureScheme(exchange.scheme)
             signed = hello.random + server_hello.random + exchange.signed_params
@@ -224,10 +238,7 @@ class SigningPolicy:
         # nothing else may ride in it.
         if messages[6] != encode_certificate(list(card_chain))[4:]:
             raise _Refused(_client_certificate_mismatch(messages[6], card_chain))
-        key_exchange = Reader(messages[7], "ClientKeyExchange")
-        if not key_exchange.vector(1):
-            raise _Refused("the ClientKeyExchange is empty")
-        key_exchange.done()
+        _check_client_key_exchange(messages[7], group)
         return name
 
     def _check_server(
@@ -330,6 +341,42 @@ def _unchecked(what: str) -> PolicyDecision:
         f"the agent could not check this {what} (its log has the error); "
         "it signs only what it has checked"
     )
+
+
+# The NIST curves of the groups the project's TLS client offers.
+_CURVES: dict[NamedGroup, ec.EllipticCurve] = {
+    NamedGroup.secp256r1: ec.SECP256R1(),
+    NamedGroup.secp384r1: ec.SECP384R1(),
+}
+
+
+def _check_client_key_exchange(body: bytes, group: NamedGroup) -> None:
+    """
+    Check that the ClientKeyExchange is what the project's TLS client sends:
+    one ECDHE public value for the server's group (RFC 8422, section 5.7),
+    nothing after it.
+    """
+    reader = Reader(body, "ClientKeyExchange")
+    public = reader.vector(1)
+    if reader.remaining():
+        raise _Refused("the ClientKeyExchange goes on after its public value")
+    what = f"the ClientKeyExchange is not one {group.name} public value"
+    if group is NamedGroup.x25519:
+        if len(public) != 32:
+            raise _Refused(f"{what}: {len(public)} bytes, where X25519 takes 32")
+        x25519.X25519PublicKey.from_public_bytes(public)
+        return
+    curve = _CURVES[group]
+    size = 1 + 2 * ((curve.key_size + 7) // 8)
+    if len(public) != size or public[0] != 4:
+        raise _Refused(
+            f"{what}: {len(public)} bytes, where an uncompressed point is {size} "
+            "bytes starting with 04"
+        )
+    try:
+        ec.EllipticCurvePublicKey.from_encoded_point(curve, public)
+    except ValueError:
+        raise _Refused(f"{what}: not a point of the curve") from None
 
 
 def _client_certificate_mismatch(body: bytes, card_chain: Sequence[bytes]) -> str:
