@@ -26,19 +26,22 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives.asymmetric import ec, x25519
 from lxml import etree
 from service_identity import CertificateError
 from twisted.logger import Logger
 
+from cpsdmp.agent.transcript import (
+    Refused,
+    check_client_key_exchange,
+    client_certificate_mismatch,
+    server_certificate,
+    split_transcript,
+)
 from cpsdmp.protocols.safexml import XmlRefused, parse_xml
 from cpsdmp.protocols.tls.alerts import ProtocolViolation
 from cpsdmp.protocols.tls.messages import (
     CertificateRequest,
     ClientHello,
-    HandshakeType,
-    Reader,
     ServerHello,
     ServerKeyExchange,
     decode_certificate,
@@ -59,26 +62,6 @@ DMP_SERVERS = ("lps2.dmp.gouv.fr", "lps.dev1.dmp.gouv.fr")
 
 #: The sandbox's names, allowed too when the agent runs on a test card.
 SANDBOX_SERVERS = ("localhost", "127.0.0.1")
-
-# The messages a client has sent or received when it signs its
-# CertificateVerify in a full handshake with client authentication
-# (RFC 5246, section 7.4.8), in order.
-TRANSCRIPT = (
-    HandshakeType.client_hello,
-    HandshakeType.server_hello,
-    HandshakeType.certificate,
-    HandshakeType.server_key_exchange,
-    HandshakeType.certificate_request,
-    HandshakeType.server_hello_done,
-    HandshakeType.certificate,
-    HandshakeType.client_key_exchange,
-)
-
-# The largest body of each message of the transcript, in the same order:
-# well above what the project's TLS client sends (a ClientHello with a
-# session ticket, a ClientKeyExchange of a P-384 point) and what a server
-# sends it (a chain of a few certificates, the names of the CAs it accepts).
-MAX_MESSAGE = (8192, 1024, 32768, 2048, 16384, 0, 16384, 1 + 97)
 
 # The agent's algorithm names and the TLS 1.2 signature scheme each one
 # makes (RFC 5246, section 7.4.1.4.1).
@@ -129,12 +112,6 @@ class PolicyDecision:
         return cls(False, subject, reason)
 
 
-class _Refused(Exception):
-    """
-    A check failed; the message is the reason given to the caller.
-    """
-
-
 def _name_matches(name: str, allowed: str) -> bool:
     return name.rstrip(".").lower() == allowed.rstrip(".").lower()
 
@@ -175,7 +152,7 @@ class SigningPolicy:
             return PolicyDecision.allow(
                 self._check_transcript(data, card_chain, algorithm)
             )
-        except _Refused as e:
+        except Refused as e:
             return PolicyDecision.refuse(str(e))
         except ProtocolViolation as e:
             return PolicyDecision.refuse(f"not a TLS 1.2 handshake transcript: {e}")
@@ -185,31 +162,31 @@ class SigningPolicy:
     def _check_transcript(
         self, data: bytes, card_chain: Sequence[bytes], algorithm: str
     ) -> str:
-        messages = _split(data)
+        messages = split_transcript(data)
         hello = ClientHello.decode(messages[0])
         server_hello = ServerHello.decode(messages[1])
         if server_hello.version != 0x0303:
-            raise _Refused("the ServerHello is not TLS 1.2")
+            raise Refused("the ServerHello is not TLS 1.2")
         if server_hello.cipher_suite not in hello.cipher_suites:
-            raise _Refused("the server chose a cipher suite the client did not offer")
+            raise Refused("the server chose a cipher suite the client did not offer")
 
         server_chain = [
-            _server_certificate(der) for der in decode_certificate(messages[2])
+            server_certificate(der) for der in decode_certificate(messages[2])
         ]
         if not server_chain:
-            raise _Refused("the server sent no certificate")
+            raise Refused("the server sent no certificate")
         name = self._check_server(hello.server_name, server_chain)
 
         exchange = ServerKeyExchange.decode(messages[3])
         if exchange.group not in hello.groups:
-            raise _Refused(
+            raise Refused(
                 f"the server chose group {exchange.group}, which the ClientHello "
                 "did not offer"
             )
         try:
             group = NamedGroup(exchange.group)
         except ValueError:
-            raise _Refused(
+            raise Refused(
                 f"the server chose group {exchange.group}, which the project's TLS "
                 "client does not support"
             ) from None
@@ -222,23 +199,23 @@ class SigningPolicy:
         except (ValueError, UnsupportedKey):
             good = False
         if not good:
-            raise _Refused(
+            raise Refused(
                 f"the ServerKeyExchange signature does not verify with the "
                 f"certificate of {name} over this handshake's randoms"
             )
 
         request = CertificateRequest.decode(messages[4])
         if TLS_SCHEMES.get(algorithm) not in request.signature_schemes:
-            raise _Refused(
+            raise Refused(
                 f"the server did not ask for a client signature with {algorithm}"
             )
         if messages[5]:
-            raise _Refused("the ServerHelloDone is not empty")
+            raise Refused("the ServerHelloDone is not empty")
         # The project's TLS client sends the chain the agent serves, as is:
         # nothing else may ride in it.
         if messages[6] != encode_certificate(list(card_chain))[4:]:
-            raise _Refused(_client_certificate_mismatch(messages[6], card_chain))
-        _check_client_key_exchange(messages[7], group)
+            raise Refused(client_certificate_mismatch(messages[6], card_chain))
+        check_client_key_exchange(messages[7], group)
         return name
 
     def _check_server(
@@ -252,14 +229,14 @@ class SigningPolicy:
                 s for s in self.allowed_servers if _name_matches(server_name, s)
             ]
             if not candidates:
-                raise _Refused(
+                raise Refused(
                     f"the server {server_name!r} is not allowed (the agent "
                     "authenticates only to the servers of its --allow-server list)"
                 )
         else:
             candidates = [s for s in self.allowed_servers if is_ip_literal(s)]
             if not candidates:
-                raise _Refused(
+                raise Refused(
                     "the handshake names no server (no server_name) and no IP "
                     "address is allowed (--allow-server)"
                 )
@@ -273,7 +250,7 @@ class SigningPolicy:
                 reasons.append(str(e))
                 continue
             return name
-        raise _Refused(f"the server chain is not accepted: {'; '.join(reasons)}")
+        raise Refused(f"the server chain is not accepted: {'; '.join(reasons)}")
 
     # The signature key
 
@@ -284,42 +261,42 @@ class SigningPolicy:
         """
         try:
             return PolicyDecision.allow(self._check_signed_info(data, algorithm))
-        except _Refused as e:
+        except Refused as e:
             return PolicyDecision.refuse(str(e))
         except Exception:
             return _unchecked("SignedInfo")
 
     def _check_signed_info(self, data: bytes, algorithm: str) -> str:
         if len(data) > MAX_SIGNED_INFO:
-            raise _Refused(
+            raise Refused(
                 f"{len(data)} bytes is too large for a submission-set SignedInfo"
             )
         try:
             root = parse_xml(data, what="SignedInfo")
         except XmlRefused as e:
-            raise _Refused(f"not a submission-set SignedInfo: {e}") from None
+            raise Refused(f"not a submission-set SignedInfo: {e}") from None
         if root.tag != f"{{{DS}}}SignedInfo":
-            raise _Refused("not an XML-DSig SignedInfo")
+            raise Refused("not an XML-DSig SignedInfo")
         canonical = etree.tostring(root, method="c14n", exclusive=True)
         if canonical != data:
-            raise _Refused("the SignedInfo is not in exclusive canonical form")
+            raise Refused("the SignedInfo is not in exclusive canonical form")
         for element in root.iter():
             if not isinstance(element.tag, str):
-                raise _Refused("the SignedInfo holds comments or instructions")
+                raise Refused("the SignedInfo holds comments or instructions")
             text = element.text if element.tag != f"{{{DS}}}DigestValue" else None
             if text or (element is not root and element.tail):
-                raise _Refused("the SignedInfo holds unexpected text")
+                raise Refused("the SignedInfo holds unexpected text")
 
         children = list(root)
         if len(children) != 2 + len(SIGNED_INFO_REFERENCES):
-            raise _Refused(
+            raise Refused(
                 "a submission-set SignedInfo has a canonicalization method, a "
                 f"signature method and {len(SIGNED_INFO_REFERENCES)} references"
             )
         _expect(children[0], "CanonicalizationMethod", EXC_C14N)
         method = SIGNATURE_METHODS.get(algorithm)
         if method is None:
-            raise _Refused(f"{algorithm} is not a submission-set signature algorithm")
+            raise Refused(f"{algorithm} is not a submission-set signature algorithm")
         _expect(children[1], "SignatureMethod", method)
         digests = [
             _reference(element, uri, kind)
@@ -343,165 +320,18 @@ def _unchecked(what: str) -> PolicyDecision:
     )
 
 
-# The NIST curves of the groups the project's TLS client offers.
-_CURVES: dict[NamedGroup, ec.EllipticCurve] = {
-    NamedGroup.secp256r1: ec.SECP256R1(),
-    NamedGroup.secp384r1: ec.SECP384R1(),
-}
-
-
-def _check_client_key_exchange(body: bytes, group: NamedGroup) -> None:
-    """
-    Check that the ClientKeyExchange is what the project's TLS client sends:
-    one ECDHE public value for the server's group (RFC 8422, section 5.7),
-    nothing after it.
-    """
-    reader = Reader(body, "ClientKeyExchange")
-    public = reader.vector(1)
-    if reader.remaining():
-        raise _Refused("the ClientKeyExchange goes on after its public value")
-    what = f"the ClientKeyExchange is not one {group.name} public value"
-    if group is NamedGroup.x25519:
-        if len(public) != 32:
-            raise _Refused(f"{what}: {len(public)} bytes, where X25519 takes 32")
-        x25519.X25519PublicKey.from_public_bytes(public)
-        return
-    curve = _CURVES[group]
-    size = 1 + 2 * ((curve.key_size + 7) // 8)
-    if len(public) != size or public[0] != 4:
-        raise _Refused(
-            f"{what}: {len(public)} bytes, where an uncompressed point is {size} "
-            "bytes starting with 04"
-        )
-    try:
-        ec.EllipticCurvePublicKey.from_encoded_point(curve, public)
-    except ValueError:
-        raise _Refused(f"{what}: not a point of the curve") from None
-
-
-def _client_certificate_mismatch(body: bytes, card_chain: Sequence[bytes]) -> str:
-    """
-    @return: how the client Certificate C{body} differs from the card's
-        chain as the agent serves it.
-    """
-    exactly = "is not exactly the card's certificate and its chain as the agent serves"
-    try:
-        client_chain = decode_certificate(body)
-    except ProtocolViolation:
-        return f"the client Certificate {exactly} them: it does not parse whole"
-    if not client_chain or client_chain[0] != card_chain[0]:
-        return "the client Certificate is not this card's authentication certificate"
-    return (
-        f"the client Certificate {exactly} them ({len(client_chain)} "
-        f"certificates where the agent serves {len(card_chain)})"
-    )
-
-
-def _server_certificate(der: bytes) -> x509.Certificate:
-    """
-    Load one certificate of the server's chain and read at once the parts
-    that C{cryptography} parses only when asked (names, extensions, key), so
-    that a malformed one is refused here, by name.
-    """
-    try:
-        certificate = x509.load_der_x509_certificate(der)
-        _ = (certificate.subject, certificate.issuer, certificate.extensions)
-        certificate.public_key()
-    except (
-        ValueError,
-        x509.InvalidVersion,
-        x509.DuplicateExtension,
-        UnsupportedAlgorithm,
-    ) as e:
-        raise _Refused(
-            f"the server Certificate holds a malformed certificate ({e})"
-        ) from None
-    return certificate
-
-
-def _split(data: bytes) -> list[bytes]:
-    """
-    @return: the bodies of the transcript's messages, once their types,
-        order and lengths are checked. Each message's type is checked
-        before its length is read, so that what is not a transcript at all
-        is said to be so, not taken for a huge message.
-    """
-    bodies: list[bytes] = []
-    offset = 0
-    for index, (expected, limit) in enumerate(
-        zip(TRANSCRIPT, MAX_MESSAGE, strict=True)
-    ):
-        if offset == len(data):
-            raise _Refused(
-                f"the transcript ends before its {expected.name} (truncated, "
-                "or not handshake messages)"
-            )
-        msg_type = data[offset]
-        if msg_type != expected:
-            if index == 0:
-                raise _Refused(
-                    "not a TLS 1.2 handshake transcript: it starts with "
-                    f"{_first_byte(msg_type)}, where a transcript starts with a "
-                    "ClientHello (handshake type 1)"
-                )
-            raise _Refused(
-                f"message {index + 1} of the transcript is "
-                f"{_type_name(msg_type)}, not {expected.name}"
-            )
-        truncated = _Refused(
-            f"the transcript ends before its {expected.name} is whole (truncated)"
-        )
-        if offset + 4 > len(data):
-            raise truncated
-        length = int.from_bytes(data[offset + 1 : offset + 4], "big")
-        if length > limit:
-            raise _Refused(
-                f"the {expected.name} is {length} bytes, more than the {limit} "
-                "the project's TLS client sends or accepts"
-            )
-        end = offset + 4 + length
-        if end > len(data):
-            raise truncated
-        bodies.append(data[offset + 4 : end])
-        offset = end
-    if offset != len(data):
-        raise _Refused("the transcript goes on after the ClientKeyExchange")
-    return bodies
-
-
-def _first_byte(value: int) -> str:
-    """
-    @return: how to name the first byte of what is not a transcript: as a
-        handshake type if it is one, else as a character or in hex.
-    """
-    try:
-        return f"a {HandshakeType(value).name} (type {value})"
-    except ValueError:
-        pass
-    if 0x20 < value < 0x7F:
-        return f"{chr(value)!r} ({value:#04x})"
-    return f"byte {value:#04x}"
-
-
-def _type_name(msg_type: int) -> str:
-    try:
-        return HandshakeType(msg_type).name
-    except ValueError:
-        return f"type {msg_type}"
-
-
 def _local(element: etree._Element) -> str:
     tag = element.tag
     if not isinstance(tag, str) or not tag.startswith(f"{{{DS}}}"):
-        raise _Refused(f"unexpected {tag!r} in the SignedInfo")
+        raise Refused(f"unexpected {tag!r} in the SignedInfo")
     return tag[len(DS) + 2 :]
 
 
 def _expect(element: etree._Element, name: str, algorithm: str) -> None:
     if _local(element) != name or element.get("Algorithm") != algorithm:
-        raise _Refused(f"the SignedInfo's {name} must be {algorithm}")
+        raise Refused(f"the SignedInfo's {name} must be {algorithm}")
     if len(element) or (element.text or "").strip():
-        raise _Refused(f"the SignedInfo's {name} has unexpected content")
+        raise Refused(f"the SignedInfo's {name} has unexpected content")
 
 
 def _reference(element: etree._Element, uri: str, kind: str | None) -> bytes:
@@ -509,19 +339,19 @@ def _reference(element: etree._Element, uri: str, kind: str | None) -> bytes:
     @return: the SHA-256 digest a reference carries, once its shape is checked.
     """
     if _local(element) != "Reference" or element.get("URI") != uri:
-        raise _Refused(f"the SignedInfo must refer to {uri}")
+        raise Refused(f"the SignedInfo must refer to {uri}")
     if element.get("Type") != kind or set(element.keys()) - {"URI", "Type"}:
-        raise _Refused(f"the reference to {uri} has unexpected attributes")
+        raise Refused(f"the reference to {uri} has unexpected attributes")
     parts = list(element)
     if len(parts) != 3 or [_local(p) for p in parts] != [
         "Transforms",
         "DigestMethod",
         "DigestValue",
     ]:
-        raise _Refused(f"the reference to {uri} is not a submission-set reference")
+        raise Refused(f"the reference to {uri} is not a submission-set reference")
     transforms, method, value = parts
     if len(transforms) != 1:
-        raise _Refused(f"the reference to {uri} must have one transform")
+        raise Refused(f"the reference to {uri} must have one transform")
     _expect(transforms[0], "Transform", EXC_C14N)
     _expect(method, "DigestMethod", SHA256)
     try:
@@ -529,5 +359,5 @@ def _reference(element: etree._Element, uri: str, kind: str | None) -> bytes:
     except (binascii.Error, ValueError):
         digest = b""
     if len(digest) != 32 or len(value):
-        raise _Refused(f"the reference to {uri} has no SHA-256 digest value")
+        raise Refused(f"the reference to {uri} has no SHA-256 digest value")
     return digest
