@@ -49,6 +49,7 @@ from cpsdmp.protocols.tls.messages import (
     CertificateRequest,
     HandshakeReassembler,
     HandshakeType,
+    Reader,
     decode_certificate,
     encode_certificate,
     handshake,
@@ -133,6 +134,62 @@ def messages(transcript: bytes) -> list[bytes]:
 # the client Certificate with. The test PKI's client certificate has no
 # intermediate.
 CARD = [c.public_bytes(Encoding.DER) for c in pki()["client-rsa"].chain]
+
+
+def hello_fields(body: bytes, server: bool = False) -> dict[str, Any]:
+    """
+    @return: the fields of a ClientHello body (or a ServerHello's), raw,
+        the extensions as a list of (type, data).
+    """
+    reader = Reader(body, "hello")
+    fields: dict[str, Any] = {"version": reader.take(2), "random": reader.take(32)}
+    fields["session_id"] = reader.vector(1)
+    if server:
+        fields["suites"], fields["compression"] = reader.take(2), reader.take(1)
+    else:
+        fields["suites"], fields["compression"] = reader.vector(2), reader.vector(1)
+    listed = Reader(reader.vector(2), "extensions")
+    reader.done()
+    fields["extensions"] = []
+    while listed.remaining():
+        fields["extensions"].append((listed.uint(2), listed.vector(2)))
+    fields["server"] = server
+    return fields
+
+
+def build_hello(fields: dict[str, Any]) -> bytes:
+    """
+    @return: the hello body L{hello_fields} read, from its fields.
+    """
+    suites, compression = fields["suites"], fields["compression"]
+    if not fields["server"]:
+        suites, compression = vector(suites, 2), vector(compression, 1)
+    extensions = b"".join(
+        t.to_bytes(2, "big") + vector(d, 2) for t, d in fields["extensions"]
+    )
+    return (
+        fields["version"]
+        + fields["random"]
+        + vector(fields["session_id"], 1)
+        + suites
+        + compression
+        + vector(extensions, 2)
+        + fields.get("trailer", b"")
+    )
+
+
+def fields_extensions(fields: dict[str, Any]) -> list[tuple[int, bytes]]:
+    extensions: list[tuple[int, bytes]] = fields["extensions"]
+    return extensions
+
+
+def replace(fields: dict[str, Any], ext_type: int, data: bytes) -> None:
+    """
+    Put C{data} in the hello's extension C{ext_type}, in its place.
+    """
+    fields["extensions"] = [
+        (t, data if t == ext_type else d) for t, d in fields["extensions"]
+    ]
 
 
 def policy(**kw: Any) -> SigningPolicy:
@@ -310,6 +367,79 @@ class TranscriptTests(TestCase):
                 f"did not ask for a client signature with {name}",
                 algorithm=name,
             )
+
+    def with_hello(self, change: Any, index: int = 0) -> bytes:
+        """
+        @return: the transcript with its ClientHello (or, with C{index} 1,
+            its ServerHello) rebuilt after C{change} had its fields.
+        """
+        raws = messages(self.transcript)
+        fields = hello_fields(raws[index][4:], server=index == 1)
+        change(fields)
+        raws[index] = handshake(raws[index][0], build_hello(fields))
+        return b"".join(raws)
+
+    def test_client_hello_as_sent(self) -> None:
+        """
+        The ClientHello is one the project's TLS client sends: its
+        extensions only, each in its shape and size, its suites, groups
+        and schemes only, no compression, nothing after the extensions.
+        The genuine one, rebuilt unchanged, passes.
+        """
+        decision = policy().check_authentication(self.with_hello(lambda f: None), CARD)
+        self.assertTrue(decision.allowed, decision.reason)
+        ext = fields_extensions
+        for change, why in [
+            (lambda f: ext(f).append((21, bytes(1000))), "carries extension 21"),
+            (lambda f: ext(f).append((0xFF01, b"\x00")), "repeats its renegotiation"),
+            (
+                lambda f: ext(f).remove(next(e for e in ext(f) if e[0] == 23)),
+                "lacks extended_master_secret",
+            ),
+            (lambda f: replace(f, 11, b"\x02\x00\x01"), "ec_point_formats is not"),
+            (lambda f: replace(f, 23, b"x"), "extended_master_secret is not"),
+            (lambda f: replace(f, 35, bytes(5000)), "session ticket is 5000 bytes"),
+            (lambda f: replace(f, 10, vector(b"\x00\x19", 2)), "offers group 0x0019"),
+            (
+                lambda f: replace(f, 10, vector(b"\x00\x1d\x00\x1d", 2)),
+                "lists a group twice",
+            ),
+            (
+                lambda f: replace(f, 13, vector(b"\x02\x01\x04\x01", 2)),
+                "accepts signature scheme 0x0201",
+            ),
+            (lambda f: f.update(suites=b"\x00\x2f"), "offers cipher suite 0x002f"),
+            (lambda f: f.update(compression=b"\x01\x00"), "offers compression"),
+            (lambda f: f.update(trailer=b"\x00"), "not a TLS 1.2 handshake"),
+            (
+                lambda f: ext(f).append((16, vector(vector(b"\x01" * 40, 1), 2))),
+                "ALPN protocol name",
+            ),
+        ]:
+            self.refused(self.with_hello(change), why)
+
+    @inlineCallbacks
+    def test_client_hello_with_alpn(self) -> Any:
+        """
+        A ClientHello offering ALPN, as the facade's client does, passes.
+        """
+        transcript = yield capture(self, "localhost", alpn=[b"http/1.1"])
+        decision = policy().check_authentication(transcript, CARD)
+        self.assertTrue(decision.allowed, decision.reason)
+
+    def test_server_hello_as_accepted(self) -> None:
+        """
+        The ServerHello answers only extensions the client offered, each
+        in its shape; no compression.
+        """
+        ext = fields_extensions
+        for change, why in [
+            (lambda f: ext(f).append((0xAAAA, bytes(500))), "extension 43690"),
+            (lambda f: ext(f).append((10, vector(b"\x00\x1d", 2))), "extension 10"),
+            (lambda f: replace(f, 0xFF01, b"\x01\x00"), "renegotiation_info"),
+            (lambda f: f.update(compression=b"\x01"), "compression"),
+        ]:
+            self.refused(self.with_hello(change, 1), why)
 
     def with_key_exchange(self, transcript: bytes, body: bytes) -> bytes:
         raws = messages(transcript)

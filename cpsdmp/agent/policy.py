@@ -32,7 +32,9 @@ from twisted.logger import Logger
 
 from cpsdmp.agent.transcript import (
     Refused,
+    check_client_hello,
     check_client_key_exchange,
+    check_server_hello,
     client_certificate_mismatch,
     server_certificate,
     split_transcript,
@@ -41,8 +43,6 @@ from cpsdmp.protocols.safexml import XmlRefused, parse_xml
 from cpsdmp.protocols.tls.alerts import ProtocolViolation
 from cpsdmp.protocols.tls.messages import (
     CertificateRequest,
-    ClientHello,
-    ServerHello,
     ServerKeyExchange,
     decode_certificate,
     encode_certificate,
@@ -163,12 +163,9 @@ class SigningPolicy:
         self, data: bytes, card_chain: Sequence[bytes], algorithm: str
     ) -> str:
         messages = split_transcript(data)
-        hello = ClientHello.decode(messages[0])
-        server_hello = ServerHello.decode(messages[1])
-        if server_hello.version != 0x0303:
-            raise Refused("the ServerHello is not TLS 1.2")
-        if server_hello.cipher_suite not in hello.cipher_suites:
-            raise Refused("the server chose a cipher suite the client did not offer")
+        offered = check_client_hello(messages[0])
+        hello = offered.hello
+        server_hello = check_server_hello(messages[1], offered)
 
         server_chain = [
             server_certificate(der) for der in decode_certificate(messages[2])
@@ -190,6 +187,11 @@ class SigningPolicy:
                 f"the server chose group {exchange.group}, which the project's TLS "
                 "client does not support"
             ) from None
+        if exchange.scheme not in hello.signature_schemes:
+            raise Refused(
+                f"the server signed its key exchange with scheme "
+                f"{exchange.scheme:#06x}, which the ClientHello did not offer"
+            )
         try:
             scheme = SignatureScheme(exchange.scheme)
             signed = hello.random + server_hello.random + exchange.signed_params

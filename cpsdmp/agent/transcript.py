@@ -10,19 +10,24 @@ its ServerKeyExchange signature) are the signing policy's.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
+from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec, x25519
 
 from cpsdmp.protocols.tls.alerts import ProtocolViolation
+from cpsdmp.protocols.tls.handshake import SERVER_SIGNATURE_SCHEMES
 from cpsdmp.protocols.tls.messages import (
+    ClientHello,
+    ExtensionType,
     HandshakeType,
     Reader,
+    ServerHello,
     decode_certificate,
 )
-from cpsdmp.protocols.tls.suites import NamedGroup
+from cpsdmp.protocols.tls.suites import SUITES_BY_CODE, NamedGroup
 
 
 class Refused(Exception):
@@ -50,6 +55,218 @@ TRANSCRIPT = (
 # session ticket, a ClientKeyExchange of a P-384 point) and what a server
 # sends it (a chain of a few certificates, the names of the CAs it accepts).
 MAX_MESSAGE = (8192, 1024, 32768, 2048, 16384, 0, 16384, 1 + 97)
+
+# What the project's TLS client puts in a ClientHello (see
+# cpsdmp.protocols.tls.messages.ClientHello.encode): these extensions and no
+# other, the first five always.
+_ALWAYS_SENT = (
+    ExtensionType.supported_groups,
+    ExtensionType.ec_point_formats,
+    ExtensionType.signature_algorithms,
+    ExtensionType.extended_master_secret,
+    ExtensionType.renegotiation_info,
+)
+_SENT = frozenset(ExtensionType)
+# The schemes it accepts for a server's signature, SHA-1 not among them.
+_SCHEMES = frozenset(int(s) for s in SERVER_SIGNATURE_SCHEMES)
+# What a server may answer of them in its ServerHello (RFC 5246, 7.4.1.4).
+_ANSWERED = frozenset(
+    {
+        ExtensionType.server_name,
+        ExtensionType.ec_point_formats,
+        ExtensionType.application_layer_protocol_negotiation,
+        ExtensionType.extended_master_secret,
+        ExtensionType.session_ticket,
+        ExtensionType.renegotiation_info,
+    }
+)
+# A session ticket the client offers back is the server's, opaque: a few
+# hundred bytes from OpenSSL, more when the server keeps the client's
+# certificate in it.
+MAX_TICKET = 4096
+# An ALPN name the project's client offers: "http/1.1" and the like.
+MAX_ALPN_NAMES = 8
+MAX_ALPN_NAME = 32
+
+
+@dataclass
+class Hello:
+    """
+    A ClientHello, checked, with what the later checks need of it.
+    """
+
+    hello: ClientHello
+    extensions: dict[int, bytes]
+    alpn: list[bytes]
+
+
+def check_client_hello(body: bytes) -> Hello:
+    """
+    Check that the ClientHello is one the project's TLS client sends: TLS
+    1.2, its suites, groups and signature schemes only, no compression, its
+    extensions only and each in the shape it sends, nothing after them.
+    """
+    reader = Reader(body, "ClientHello")
+    if reader.uint(2) != 0x0303:
+        raise Refused("the ClientHello is not TLS 1.2")
+    reader.take(32)
+    if len(reader.vector(1)) > 32:
+        raise Refused("the ClientHello's session_id is longer than 32 bytes")
+    suites = _uint16s(reader.vector(2), "cipher suites")
+    _only(suites, SUITES_BY_CODE, "cipher suite", "offers")
+    if reader.vector(1) != b"\x00":
+        raise Refused(
+            "the ClientHello offers compression; the project's client never does"
+        )
+    listed = Reader(reader.vector(2), "ClientHello extensions")
+    reader.done()
+    extensions: dict[int, bytes] = {}
+    while listed.remaining():
+        ext_type = listed.uint(2)
+        data = listed.vector(2)
+        if ext_type not in _SENT:
+            raise Refused(
+                f"the ClientHello carries extension {ext_type}, which the "
+                "project's TLS client never sends"
+            )
+        if ext_type in extensions:
+            raise Refused(f"the ClientHello repeats its {_ext_name(ext_type)}")
+        extensions[ext_type] = data
+    for ext_type in _ALWAYS_SENT:
+        if ext_type not in extensions:
+            raise Refused(
+                f"the ClientHello lacks {ext_type.name}, which the project's TLS "
+                "client always sends"
+            )
+
+    groups = _uint16_vector(extensions[ExtensionType.supported_groups], "groups")
+    _only(groups, NamedGroup._value2member_map_, "group", "offers")
+    schemes = _uint16_vector(
+        extensions[ExtensionType.signature_algorithms], "signature_algorithms"
+    )
+    _only(
+        schemes,
+        {int(s) for s in SERVER_SIGNATURE_SCHEMES},
+        "signature scheme",
+        "accepts",
+    )
+    for ext_type, expected, what in [
+        (ExtensionType.ec_point_formats, b"\x01\x00", "uncompressed points only"),
+        (ExtensionType.extended_master_secret, b"", "empty"),
+        (ExtensionType.renegotiation_info, b"\x00", "empty, for an initial handshake"),
+    ]:
+        if extensions[ext_type] != expected:
+            raise Refused(
+                f"the ClientHello's {ext_type.name} is not the project's TLS "
+                f"client's ({what})"
+            )
+    ticket = extensions.get(ExtensionType.session_ticket, b"")
+    if len(ticket) > MAX_TICKET:
+        raise Refused(
+            f"the ClientHello's session ticket is {len(ticket)} bytes, more than "
+            f"the {MAX_TICKET} a server's ticket takes"
+        )
+    alpn = _alpn_names(
+        extensions.get(ExtensionType.application_layer_protocol_negotiation)
+    )
+    # The fields the policy reads (randoms, server_name, lists) as the TLS
+    # client's own decoder reads them.
+    return Hello(ClientHello.decode(body), extensions, alpn)
+
+
+def check_server_hello(body: bytes, offered: Hello) -> ServerHello:
+    """
+    Check that the ServerHello is one the project's TLS client accepts
+    after C{offered}: TLS 1.2, a suite offered, no compression, only answers
+    to extensions offered, each in its shape.
+    """
+    hello = ServerHello.decode(body)
+    if hello.version != 0x0303:
+        raise Refused("the ServerHello is not TLS 1.2")
+    if hello.cipher_suite not in offered.hello.cipher_suites:
+        raise Refused("the server chose a cipher suite the client did not offer")
+    if hello.compression != 0:
+        raise Refused("the server chose a compression method the client did not offer")
+    for ext_type, data in hello.extensions.items():
+        if ext_type not in _ANSWERED or ext_type not in offered.extensions:
+            raise Refused(
+                f"the ServerHello carries extension {ext_type}, which the client "
+                "did not offer or a server does not answer"
+            )
+        if ext_type == ExtensionType.renegotiation_info:
+            good = data == b"\x00"
+        elif ext_type == ExtensionType.ec_point_formats:
+            good = 1 <= len(data) - 1 == data[0] <= 8 and 0 in data[1:]
+        elif ext_type == ExtensionType.application_layer_protocol_negotiation:
+            names = _alpn_names(data)
+            good = len(names) == 1 and names[0] in offered.alpn
+        else:
+            good = data == b""
+        if not good:
+            raise Refused(
+                f"the ServerHello's {_ext_name(ext_type)} is not one the project's "
+                "TLS client accepts"
+            )
+    return hello
+
+
+def _uint16s(data: bytes, what: str) -> list[int]:
+    if not data or len(data) % 2:
+        raise Refused(f"the ClientHello's {what} are not a list of 16-bit values")
+    return [int.from_bytes(data[i : i + 2], "big") for i in range(0, len(data), 2)]
+
+
+def _uint16_vector(data: bytes, what: str) -> list[int]:
+    reader = Reader(data, f"ClientHello {what}")
+    values = _uint16s(reader.vector(2), what)
+    reader.done()
+    return values
+
+
+def _only(values: list[int], known: Container[int], what: str, verb: str) -> None:
+    """
+    Refuse a list with a value the project's TLS client never puts in it,
+    or with one value twice.
+    """
+    for value in values:
+        if value not in known:
+            raise Refused(
+                f"the ClientHello {verb} {what} {value:#06x}, which the project's "
+                "TLS client never does"
+            )
+    if len(set(values)) != len(values):
+        raise Refused(f"the ClientHello lists a {what} twice")
+
+
+def _alpn_names(data: bytes | None) -> list[bytes]:
+    """
+    @return: the protocol names of an ALPN extension (RFC 7301, section
+        3.1), each a short printable name.
+    """
+    if data is None:
+        return []
+    reader = Reader(data, "ALPN extension")
+    names_reader = Reader(reader.vector(2), "ALPN protocol list")
+    reader.done()
+    names = []
+    while names_reader.remaining():
+        name = names_reader.vector(1)
+        if not 1 <= len(name) <= MAX_ALPN_NAME or not all(
+            0x21 <= c <= 0x7E for c in name
+        ):
+            raise Refused("an ALPN protocol name is not a short printable name")
+        names.append(name)
+    if not 1 <= len(names) <= MAX_ALPN_NAMES:
+        raise Refused(f"the ALPN extension names {len(names)} protocols")
+    return names
+
+
+def _ext_name(ext_type: int) -> str:
+    try:
+        return f"{ExtensionType(ext_type).name} extension"
+    except ValueError:
+        return f"extension {ext_type}"
+
 
 # The NIST curves of the groups the project's TLS client offers.
 _CURVES: dict[NamedGroup, ec.EllipticCurve] = {
