@@ -351,22 +351,79 @@ class TranscriptTests(TestCase):
         raws[3] = messages(other)[3]
         self.refused(b"".join(raws), "the ServerKeyExchange signature does not verify")
 
-    def test_algorithm_not_asked(self) -> None:
+    def with_request(self, schemes: list[int], types: bytes = b"\x01\x40") -> bytes:
         """
-        The card signs only with an algorithm the server's CertificateRequest
-        accepts: here, OpenSSL's list without SHA-1, and an unknown name.
+        @return: the transcript with a CertificateRequest offering
+            C{schemes} for C{types} of certificates (the server's signature
+            does not cover it: anyone can edit it).
         """
-        decision = policy().check_authentication(self.transcript, CARD, "SHA384WithRSA")
-        self.assertTrue(decision.allowed, decision.reason)
         raws = messages(self.transcript)
         request = CertificateRequest.decode(raws[4][4:])
-        self.assertNotIn(SignatureScheme.rsa_pkcs1_sha1, request.signature_schemes)
-        for name in ("SHA1WithRSA", "MD5WithRSA"):
+        body = (
+            vector(types, 1)
+            + vector(b"".join(s.to_bytes(2, "big") for s in schemes), 2)
+            + vector(b"".join(vector(a, 2) for a in request.authorities), 2)
+        )
+        raws[4] = handshake(HandshakeType.certificate_request, body)
+        return b"".join(raws)
+
+    def test_algorithm_implied(self) -> None:
+        """
+        The algorithm asked for is the one the project's TLS client signs
+        the CertificateVerify with: the first of the card's schemes
+        (SHA-256, SHA-384, SHA-512) the CertificateRequest accepts; any
+        other, a scheme the server accepts included, is refused.
+        """
+        self.assertNotIn(
+            SignatureScheme.rsa_pkcs1_sha1,
+            CertificateRequest.decode(
+                messages(self.transcript)[4][4:]
+            ).signature_schemes,
+        )
+        decision = policy().check_authentication(self.transcript, CARD)
+        self.assertTrue(decision.allowed, decision.reason)
+        for name in ("SHA384WithRSA", "SHA512WithRSA", "MD5WithRSA"):
             self.refused(
                 self.transcript,
-                f"did not ask for a client signature with {name}",
+                "this handshake's CertificateVerify is made with SHA256WithRSA "
+                f"(the first of the card's schemes that the server's "
+                f"CertificateRequest accepts), not {name}",
                 algorithm=name,
             )
+        only_384 = self.with_request([SignatureScheme.rsa_pkcs1_sha384, 0x0403])
+        decision = policy().check_authentication(only_384, CARD, "SHA384WithRSA")
+        self.assertTrue(decision.allowed, decision.reason)
+        self.refused(only_384, "made with SHA384WithRSA", algorithm="SHA256WithRSA")
+        self.refused(
+            self.with_request([SignatureScheme.rsa_pkcs1_sha256], b"\x40"),
+            "does not take an RSA certificate",
+        )
+
+    def test_sha1_refused(self) -> None:
+        """
+        SHA-1 is refused for a transcript, the CertificateRequest edited to
+        offer rsa_pkcs1_sha1 or not: the project's TLS client never offers
+        it (neither in its ClientHello nor as a scheme of the card's).
+        """
+        sha1 = SignatureScheme.rsa_pkcs1_sha1
+        self.assertNotIn(sha1, CpsAgentClient.supported_signature_schemes)
+        offered = dict(hello_fields(messages(self.transcript)[0][4:])["extensions"])
+        schemes = offered[13][2:]
+        self.assertNotIn(
+            sha1,
+            [int.from_bytes(schemes[i : i + 2]) for i in range(0, len(schemes), 2)],
+        )
+        for transcript in (self.transcript, self.with_request([sha1])):
+            self.refused(
+                transcript,
+                "SHA1WithRSA is refused for TLS client authentication",
+                algorithm="SHA1WithRSA",
+            )
+        self.refused(
+            self.with_request([sha1]),
+            "accepts none of the schemes the card signs with (rsa_pkcs1_sha256, "
+            "rsa_pkcs1_sha384, rsa_pkcs1_sha512)",
+        )
 
     def with_hello(self, change: Any, index: int = 0) -> bytes:
         """
@@ -1162,6 +1219,71 @@ class RecordingAgentKey:
     def sign(self, data: bytes, scheme: SignatureScheme) -> Deferred[bytes]:
         self.signed.append(data)
         return self._client.sign(data, scheme)
+
+
+class CapturedTranscriptTests(SandboxAgentTestCase):
+    """
+    What a user did with a transcript captured from a real handshake of
+    the card with the sandbox DMP.
+    """
+
+    @inlineCallbacks
+    def captured(self) -> Any:
+        """
+        @return: the client, and the transcript the card signed for one
+            handshake of our TLS client with the sandbox.
+        """
+        client = yield self.client()
+        key = RecordingAgentKey(client)
+        config = TLSClientConfig(
+            roots=[self.testcard.ca_root_certificate()], remote_key=key
+        )
+        endpoint = TLSClientEndpoint.for_host(reactor, "localhost", self.port, config)
+        protocol = yield endpoint.connect(Factory.forProtocol(Protocol))
+        protocol.transport.loseConnection()
+        [transcript] = key.signed
+        return client, transcript
+
+    @inlineCallbacks
+    def test_edited_transcripts_refused(self) -> Any:
+        """
+        The card's certificate followed by a 48 KB "certificate" and a
+        201-byte ClientKeyExchange; the CertificateRequest edited to offer
+        rsa_pkcs1_sha1, signed with SHA1WithRSA: both 403, on record.
+        """
+        client, transcript = yield self.captured()
+        raws = messages(transcript)
+        chain = decode_certificate(raws[6][4:])
+        raws[6] = encode_certificate([*chain, os.urandom(48 * 1024)])
+        raws[7] = handshake(HandshakeType.client_key_exchange, os.urandom(201))
+        error = yield self.assertFailure(
+            client.sign(b"".join(raws), "SHA256WithRSA"), AgentError
+        )
+        self.assertEqual(error.problem["status"], 403)
+        self.assertIn("the certificate is", error.problem["detail"])
+
+        raws = messages(transcript)
+        request = CertificateRequest.decode(raws[4][4:])
+        raws[4] = handshake(
+            HandshakeType.certificate_request,
+            vector(request.certificate_types, 1)
+            + vector(SignatureScheme.rsa_pkcs1_sha1.to_bytes(2, "big"), 2)
+            + vector(b"".join(vector(a, 2) for a in request.authorities), 2),
+        )
+        error = yield self.assertFailure(
+            client.sign(b"".join(raws), "SHA1WithRSA"), AgentError
+        )
+        self.assertEqual(error.problem["status"], 403)
+        self.assertIn("SHA1WithRSA is refused", error.problem["detail"])
+        lines = self.audit_lines()
+        self.assertEqual(
+            [(line["algorithm"], line["outcome"]) for line in lines],
+            [
+                ("SHA256WithRSA", "signed"),
+                ("SHA256WithRSA", "refused"),
+                ("SHA1WithRSA", "refused"),
+            ],
+        )
 
 
 class ProbeThroughTheCardTests(SandboxAgentTestCase):

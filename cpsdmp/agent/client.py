@@ -32,17 +32,15 @@ from twisted.web.iweb import IBodyProducer, IPolicyForHTTPS
 from zope.interface import implementer
 
 from cpsdmp.agent import problems
+from cpsdmp.agent.policy import CARD_TLS_SCHEMES
 from cpsdmp.protocols.tls.interfaces import IRemoteKey
 from cpsdmp.protocols.tls.schemes import SignatureScheme
 
 DEFAULT_TIMEOUT = 30.0
 
-# The TLS signature schemes the card's keys serve, and the agent's name of each.
-SCHEME_ALGORITHMS: Mapping[SignatureScheme, str] = {
-    SignatureScheme.rsa_pkcs1_sha256: "SHA256WithRSA",
-    SignatureScheme.rsa_pkcs1_sha384: "SHA384WithRSA",
-    SignatureScheme.rsa_pkcs1_sha512: "SHA512WithRSA",
-}
+# The TLS signature schemes the card's keys serve, and the agent's name of
+# each: the ones, in the order, the agent's policy expects of a handshake.
+SCHEME_ALGORITHMS: Mapping[SignatureScheme, str] = CARD_TLS_SCHEMES
 
 
 class AgentError(Exception):

@@ -22,7 +22,7 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -63,14 +63,18 @@ DMP_SERVERS = ("lps2.dmp.gouv.fr", "lps.dev1.dmp.gouv.fr")
 #: The sandbox's names, allowed too when the agent runs on a test card.
 SANDBOX_SERVERS = ("localhost", "127.0.0.1")
 
-# The agent's algorithm names and the TLS 1.2 signature scheme each one
-# makes (RFC 5246, section 7.4.1.4.1).
-TLS_SCHEMES = {
-    "SHA1WithRSA": SignatureScheme.rsa_pkcs1_sha1,
-    "SHA256WithRSA": SignatureScheme.rsa_pkcs1_sha256,
-    "SHA384WithRSA": SignatureScheme.rsa_pkcs1_sha384,
-    "SHA512WithRSA": SignatureScheme.rsa_pkcs1_sha512,
+#: The TLS 1.2 signature schemes the card's authentication key signs
+#: with, in the order the project's TLS client prefers them (it takes the
+#: first one the server's CertificateRequest accepts), and the agent's name
+#: of each (RFC 5246, section 7.4.1.4.1). SHA-1 is not among them.
+CARD_TLS_SCHEMES: Mapping[SignatureScheme, str] = {
+    SignatureScheme.rsa_pkcs1_sha256: "SHA256WithRSA",
+    SignatureScheme.rsa_pkcs1_sha384: "SHA384WithRSA",
+    SignatureScheme.rsa_pkcs1_sha512: "SHA512WithRSA",
 }
+
+# ClientCertificateType rsa_sign (RFC 5246, section 7.4.4).
+_RSA_SIGN = 1
 
 # XML-DSig (RFC 3275), exclusive C14N, and the XAdES type of the signed
 # properties: what a submission-set SignedInfo is made of.
@@ -162,6 +166,12 @@ class SigningPolicy:
     def _check_transcript(
         self, data: bytes, card_chain: Sequence[bytes], algorithm: str
     ) -> str:
+        if algorithm == "SHA1WithRSA":
+            raise Refused(
+                "SHA1WithRSA is refused for TLS client authentication: SHA-1 is "
+                "broken for signatures (chosen-prefix collisions), and the "
+                "project's TLS client never signs with it"
+            )
         messages = split_transcript(data)
         offered = check_client_hello(messages[0])
         hello = offered.hello
@@ -207,9 +217,12 @@ class SigningPolicy:
             )
 
         request = CertificateRequest.decode(messages[4])
-        if TLS_SCHEMES.get(algorithm) not in request.signature_schemes:
+        implied = _implied_algorithm(request)
+        if algorithm != implied:
             raise Refused(
-                f"the server did not ask for a client signature with {algorithm}"
+                f"this handshake's CertificateVerify is made with {implied} (the "
+                "first of the card's schemes that the server's CertificateRequest "
+                f"accepts), not {algorithm}"
             )
         if messages[5]:
             raise Refused("the ServerHelloDone is not empty")
@@ -307,6 +320,25 @@ class SigningPolicy:
             )
         ]
         return f"submission-set signature, manifest {digests[0].hex()[:16]}"
+
+
+def _implied_algorithm(request: CertificateRequest) -> str:
+    """
+    @return: the agent's name of the scheme the project's TLS client signs
+        its CertificateVerify with after C{request}: the first of the
+        card's that the server accepts, for an RSA certificate.
+    """
+    if _RSA_SIGN not in request.certificate_types:
+        raise Refused(
+            "the server's CertificateRequest does not take an RSA certificate"
+        )
+    for scheme, name in CARD_TLS_SCHEMES.items():
+        if scheme in request.signature_schemes:
+            return name
+    raise Refused(
+        "the server's CertificateRequest accepts none of the schemes the card "
+        f"signs with ({', '.join(s.name for s in CARD_TLS_SCHEMES)})"
+    )
 
 
 def _unchecked(what: str) -> PolicyDecision:
