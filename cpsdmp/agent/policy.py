@@ -22,7 +22,9 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -120,6 +122,58 @@ def _name_matches(name: str, allowed: str) -> bool:
     return name.rstrip(".").lower() == allowed.rstrip(".").lower()
 
 
+#: How long, and how many, client randoms of signed transcripts the agent
+#: remembers to refuse them again: a day of handshakes, far more than a
+#: professional's software makes in one (the rate limit allows 120 a
+#: minute per session, and TLS resumption spares most handshakes a
+#: signature).
+REPLAY_WINDOW = 24 * 3600.0
+REPLAY_CAPACITY = 10_000
+
+
+class RecentRandoms:
+    """
+    The client randoms of the transcripts signed lately. A TLS client makes
+    a new random for every handshake (RFC 5246, section 7.4.1.2), so a
+    transcript whose random was signed already is a replay. Bounded: a
+    random is forgotten after C{window} seconds, the oldest first beyond
+    C{capacity}.
+    """
+
+    def __init__(
+        self,
+        clock: Callable[[], float],
+        window: float = REPLAY_WINDOW,
+        capacity: int = REPLAY_CAPACITY,
+    ) -> None:
+        self._clock = clock
+        self.window = window
+        self.capacity = capacity
+        self._seen: OrderedDict[bytes, float] = OrderedDict()
+
+    def claim(self, random: bytes) -> None:
+        """
+        Remember C{random} as signed now.
+
+        @raise Refused: if it was signed within the window.
+        """
+        now = self._clock()
+        while self._seen and next(iter(self._seen.values())) <= now - self.window:
+            self._seen.popitem(last=False)
+        signed = self._seen.get(random)
+        if signed is not None:
+            raise Refused(
+                f"this transcript was signed {now - signed:.0f} s ago, and a TLS "
+                "client makes a new random for every handshake: a replay"
+            )
+        self._seen[random] = now
+        if len(self._seen) > self.capacity:
+            self._seen.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+
 class SigningPolicy:
     """
     The agent's rules for signing, with the roots server chains must lead to
@@ -131,11 +185,13 @@ class SigningPolicy:
         roots: Sequence[x509.Certificate],
         allowed_servers: Iterable[str] = DMP_SERVERS,
         now: datetime.datetime | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.roots = list(roots)
         self.allowed_servers = [s.strip() for s in allowed_servers if s.strip()]
         self._now = now
         self._chains = VerifiedChains()
+        self.recent = RecentRandoms(clock)
 
     # The authentication key
 
@@ -231,6 +287,9 @@ class SigningPolicy:
         if messages[6] != encode_certificate(list(card_chain))[4:]:
             raise Refused(client_certificate_mismatch(messages[6], card_chain))
         check_client_key_exchange(messages[7], group)
+
+        # Last, once everything else holds: a transcript is signed once.
+        self.recent.claim(hello.random)
         return name
 
     def _check_server(
