@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -100,6 +101,36 @@ class RunningAgent:
     @property
     def url(self) -> str:
         return self.resource.url
+
+
+def signature_request(
+    certificate: x509.Certificate, documents: int = 2, **kwargs: Any
+) -> bytes:
+    """
+    @return: what L{sign_submission} asks the signer to sign for a
+        submission of C{documents} consultation reports signed with
+        C{certificate}: the signature without its value.
+    """
+    from cpsdmp.xds.cda import document_entry
+    from cpsdmp.xds.sample import sample_cda
+    from cpsdmp.xds.signature import sign_submission
+    from cpsdmp.xds.transactions import new_submission
+    from tests.xdsvalues import DEFAULTS, PROFESSIONAL, SOFTWARE, STRUCTURE
+
+    professional = shared_testcard().professional
+    entries = []
+    for _ in range(documents):
+        data = sample_cda(professional)
+        entries.append((document_entry(data), data))
+    submission = new_submission(entries, PROFESSIONAL, STRUCTURE, SOFTWARE, DEFAULTS)
+    asked: list[bytes] = []
+
+    def signer(request: bytes, algorithm: str) -> Deferred[bytes]:
+        asked.append(request)
+        return Deferred()  # never signs: only the request is wanted
+
+    sign_submission(submission, signer, certificate, PROFESSIONAL, STRUCTURE, **kwargs)
+    return asked[0]
 
 
 def start_agent(

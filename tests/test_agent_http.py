@@ -53,9 +53,11 @@ from cpsdmp.agent.pki import verify_card_chain
 from cpsdmp.agent.tap import CARD_WATCH_INTERVAL
 from cpsdmp.protocols.tls.interfaces import IRemoteKey
 from cpsdmp.protocols.tls.schemes import SignatureScheme, verify_signature
+from cpsdmp.xds.signature import to_be_signed
 from tests.agent_support import (
     RunningAgent,
     shared_testcard,
+    signature_request,
     start_agent,
     token_backend,
 )
@@ -544,7 +546,9 @@ class SignTests(AgentTestCase):
         """
         Each algorithm, with each key, signs through the agent; the signature
         verifies with the certificate the agent serves, whose chain
-        validates against the test root.
+        validates against the test root. The authentication key signs the
+        data; the signature key, the SignedInfo of the signature request it
+        is handed (the policy, off here, would check the request).
         """
         client = yield self.client()
         data = b"the bytes a CertificateVerify covers"
@@ -552,11 +556,17 @@ class SignTests(AgentTestCase):
         sig_chain = yield client.signature_certificate_chain()
         verify_card_chain(auth_chain, [self.testcard.ca_root_certificate()])
         self.assertNotEqual(auth_chain[0], sig_chain[0])
+        request = signature_request(sig_chain[0])
         for name in ALGORITHMS:
             signature = yield client.sign(data, name)
             _verify(auth_chain[0], signature, data, name)
-            signature = yield client.sign_for_signature(data, name)
-            _verify(sig_chain[0], signature, data, name)
+            signature = yield client.sign_for_signature(request, name)
+            _verify(sig_chain[0], signature, to_be_signed(request), name)
+        error = yield self.assertFailure(
+            client.sign_for_signature(data, "SHA256WithRSA"), AgentError
+        )
+        self.assertEqual(error.problem["status"], 400)
+        self.assertIn("signs the SignedInfo of a signature request", str(error))
 
     @inlineCallbacks
     def test_json_and_raw(self) -> Any:
@@ -732,13 +742,13 @@ class SignTests(AgentTestCase):
         client = CpsAgentClient.from_context(context)
         self.addCleanup(client.close)
         data = b"SECRET-DOCUMENT-CONTENT"
-        yield client.sign_for_signature(data, "SHA512WithRSA")
+        yield client.sign(data, "SHA512WithRSA")
         signed = [e for e in events if e.get("log_format", "").startswith("signed")]
         self.assertEqual(len(signed), 1)
         event = signed[0]
         self.assertEqual(event["algorithm"], "SHA512WithRSA")
         self.assertEqual(event["length"], len(data))
-        self.assertEqual(event["key"], "CPS_PRIV_SIG")
+        self.assertEqual(event["key"], "CPS_PRIV_AUT")
         self.assertEqual(event["caller"], "127.0.0.1")
         self.assertGreater(event["duration_ms"], 0)
         self.assertIn("log_time", event)

@@ -8,6 +8,7 @@ through the agent and the card to the sandbox DMP.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -17,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 from lxml import etree
 from twisted.internet import reactor
@@ -30,6 +32,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from zope.interface import implementer
 
 import cpsdmp
+from cpsdmp.agent import policy as policy_module
 from cpsdmp.agent import problems, tap
 from cpsdmp.agent.audit import (
     DEFAULT_RATE_LIMIT,
@@ -64,7 +67,7 @@ from cpsdmp.protocols.tls.messages import (
 from cpsdmp.protocols.tls.schemes import SignatureScheme
 from cpsdmp.protocols.tls.suites import NamedGroup
 from cpsdmp.sandbox.tap import SandboxService
-from cpsdmp.xds.signature import local_signer, sign_submission
+from cpsdmp.xds.signature import document_uri, sign_submission, to_be_signed
 from cpsdmp.xds.transactions import (
     DmpEndpoints,
     existence_test,
@@ -72,7 +75,12 @@ from cpsdmp.xds.transactions import (
     read_existence,
 )
 from cpsdmp.xds.vihf import VihfRequest
-from tests.agent_support import RunningAgent, start_agent, token_backend
+from tests.agent_support import (
+    RunningAgent,
+    signature_request,
+    start_agent,
+    token_backend,
+)
 from tests.conformance.test_transactions import cda_entries
 from tests.pki import self_signed
 from tests.test_agent_http import AgentTestCase
@@ -693,11 +701,19 @@ class FailClosedTests(SynchronousTestCase):
         def broken(*args: object) -> str:
             raise RuntimeError("a bug")
 
-        for method, check in [
-            ("_check_transcript", lambda: checker.check_authentication(b"", CARD)),
-            ("_check_signed_info", lambda: checker.check_signature(b"", "x")),
+        for owner, method, check in [
+            (
+                checker,
+                "_check_transcript",
+                lambda: checker.check_authentication(b"", CARD),
+            ),
+            (
+                policy_module,
+                "check_signature_request",
+                lambda: checker.check_signature(b"", "x", [CERTIFICATE]),
+            ),
         ]:
-            self.patch(checker, method, broken)
+            self.patch(owner, method, broken)
             decision = check()
             self.assertFalse(decision.allowed)
             self.assertIn("could not check", decision.reason)
@@ -741,111 +757,134 @@ def _mutate(rng: random.Random, data: bytes, raws: list[bytes]) -> bytes:
     return b"".join(bytes(r) for r in corrupted)
 
 
-# SignedInfo ----------------------------------------------------------------
+# Signature requests ------------------------------------------------------------
 
 KEY, CERTIFICATE = self_signed(rsa.generate_private_key(65537, 2048), "Dr LIBRE")
-
-
-def signed_info(**kw: Any) -> bytes:
-    """
-    @return: what L{sign_submission} hands its signer.
-    """
-    asked: list[bytes] = []
-
-    def signer(data: bytes, algorithm: str) -> Deferred[bytes]:
-        asked.append(data)
-        return local_signer(KEY)(data, algorithm)
-
-    submission = new_submission(
-        cda_entries()[:2], PROFESSIONAL, STRUCTURE, SOFTWARE, DEFAULTS
-    )
-    sign_submission(submission, signer, CERTIFICATE, PROFESSIONAL, STRUCTURE, **kw)
-    return asked[0]
-
-
 DS = "http://www.w3.org/2000/09/xmldsig#"
+NS = {"ds": DS}
 
 
 def c14n(element: etree._Element) -> bytes:
     return etree.tostring(element, method="c14n", exclusive=True)
 
 
-class SignedInfoTests(SynchronousTestCase):
+def own_manifest(request: bytes, document: bytes, redigest: bool = True) -> bytes:
+    """
+    @return: C{request} whose manifest lists, in place of its first
+        document, one of its maker's own (C{document} under uniqueId
+        1.2.3.4), the SignedInfo's digest of the manifest recomputed when
+        C{redigest}, as its maker would.
+    """
+    root = etree.fromstring(request)
+    manifest = root.find("ds:Object/ds:Manifest", NS)
+    manifest[0].set("URI", "urn:oid:1.2.3.4")
+    manifest[0].find("ds:DigestValue", NS).text = base64.b64encode(
+        hashlib.sha256(document).digest()
+    ).decode()
+    if redigest:
+        reference = root.find("ds:SignedInfo/ds:Reference[@URI='#IHEManifest']", NS)
+        reference.find("ds:DigestValue", NS).text = base64.b64encode(
+            hashlib.sha256(c14n(manifest)).digest()
+        ).decode()
+    return etree.tostring(root, encoding="UTF-8", xml_declaration=True)
+
+
+class SignatureRequestTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.data = signed_info()
+        self.request = signature_request(CERTIFICATE)
+
+    def decide(self, data: bytes, algorithm: str = "SHA256WithRSA", **kw: Any) -> Any:
+        return policy(**kw).check_signature(data, algorithm, [CERTIFICATE])
 
     def refused(self, data: bytes, why: str, algorithm: str = "SHA256WithRSA") -> None:
-        decision = policy().check_signature(data, algorithm)
+        decision = self.decide(data, algorithm)
         self.assertFalse(decision.allowed)
         self.assertIn(why, decision.reason)
 
-    def test_submission_signed_info(self) -> None:
-        decision = policy().check_signature(self.data, "SHA256WithRSA")
+    def test_submission_request(self) -> None:
+        """
+        The request L{sign_submission} makes is allowed: the card signs its
+        SignedInfo's exclusive C14N, and the decision says, for the audit
+        log, the submission set and each document's reference and SHA-256.
+        """
+        decision = self.decide(self.request)
         self.assertTrue(decision.allowed, decision.reason)
-        self.assertTrue(decision.subject.startswith("submission-set signature"))
+        root = etree.fromstring(self.request)
+        self.assertEqual(decision.payload, c14n(root.find("ds:SignedInfo", NS)))
+        set_id = root.findtext(".//ds:SignatureProperty[@Id='setId']", namespaces=NS)
+        self.assertEqual(decision.subject, f"submission set {set_id}, 2 documents")
+        self.assertEqual(decision.details["submissionSet"], set_id)
+        self.assertEqual(
+            decision.details["documents"],
+            [
+                {
+                    "reference": r.get("URI"),
+                    "sha256": base64.b64decode(
+                        r.findtext("ds:DigestValue", namespaces=NS)
+                    ).hex(),
+                }
+                for r in root.iterfind("ds:Object/ds:Manifest/ds:Reference", NS)
+            ],
+        )
 
     def test_arbitrary(self) -> None:
-        self.refused(b"hello", "not well-formed")
-        self.refused(hashlib.sha256(self.data).digest(), "not a submission-set")
-        self.refused(b"<a/>", "not an XML-DSig SignedInfo")
-        self.refused(b"<!DOCTYPE a><a/>", "not a submission-set SignedInfo")
+        """
+        Arbitrary bytes, a bare SignedInfo (what the agent used to sign),
+        XML with a DTD: refused, each with its reason.
+        """
+        root = etree.fromstring(self.request)
+        self.refused(b"hello", "not a submission-set signature")
+        self.refused(c14n(root.find("ds:SignedInfo", NS)), "not an XML-DSig Signature")
+        self.refused(b"<!DOCTYPE a><a/>", "not a submission-set signature")
+        self.refused(hashlib.sha256(self.request).digest(), "not a submission-set")
 
-    def test_not_canonical(self) -> None:
-        self.refused(self.data.replace(b"><", b">\n<", 1), "unexpected text")
-        self.refused(self.data.replace(b"><", b"><!-- x --><", 1), "comments")
-        self.refused(b'<?xml version="1.0"?>' + self.data, "canonical")
+    def test_own_manifest(self) -> None:
+        """
+        A manifest its maker wrote about a document of his own: with the
+        SignedInfo's digest left as it was, refused; recomputed, the shape
+        is the project's and the agent cannot tell, but the decision names
+        the document, so that it is on record.
+        """
+        self.refused(
+            own_manifest(self.request, b"mine", redigest=False),
+            "the digest of #IHEManifest does not match",
+        )
+        decision = self.decide(own_manifest(self.request, b"mine"))
+        self.assertTrue(decision.allowed, decision.reason)
+        self.assertEqual(
+            decision.details["documents"][0],
+            {
+                "reference": "urn:oid:1.2.3.4",
+                "sha256": hashlib.sha256(b"mine").hexdigest(),
+            },
+        )
+
+    def test_other_card(self) -> None:
+        """
+        A request made for another signature certificate than the card's.
+        """
+        _, other = self_signed(rsa.generate_private_key(65537, 2048), "Dr AUTRE")
+        decision = policy().check_signature(self.request, "SHA256WithRSA", [other])
+        self.assertFalse(decision.allowed)
+        self.assertIn("not the card's signature certificate", decision.reason)
 
     def test_other_algorithm(self) -> None:
-        self.refused(self.data, "SignatureMethod", "SHA256WithECDSA")
-        self.refused(self.data, "not a submission-set signature", "SHA512WithRSA")
+        self.refused(self.request, "SignatureMethod", "SHA256WithECDSA")
+        self.refused(self.request, "not a submission-set signature", "SHA512WithRSA")
 
     def test_mutated(self) -> None:
         """
-        SignedInfos mutated at random each get a decision, never an error.
+        Requests mutated at random each get a decision, never an error.
         """
         rng = random.Random(20240612)
         checker = policy()
-        for _ in range(1500):
-            data = self.data
+        for _ in range(800):
+            data = self.request
             for _ in range(rng.randint(1, 3)):
-                data = _mutate(rng, data, [self.data])
-            decision = checker.check_signature(data, "SHA256WithRSA")
+                data = _mutate(rng, data, [self.request])
+            decision = checker.check_signature(data, "SHA256WithRSA", [CERTIFICATE])
             if not decision.allowed:
                 self.assertTrue(decision.reason)
-
-    def test_altered(self) -> None:
-        def altered(change: Any) -> bytes:
-            root = etree.fromstring(self.data)
-            change(root)
-            return c14n(root)
-
-        references = f"{{{DS}}}Reference"
-        self.refused(
-            altered(lambda r: r.find(references).set("URI", "http://evil/")),
-            "must refer to #IHEManifest",
-        )
-        self.refused(
-            altered(lambda r: r.append(etree.fromstring(c14n(r.find(references))))),
-            "references",
-        )
-        self.refused(
-            altered(lambda r: r.remove(r.findall(references)[1])),
-            "references",
-        )
-        self.refused(
-            altered(
-                lambda r: r[0].set(
-                    "Algorithm", "http://www.w3.org/TR/2001/REC-xml-c14n-20010315"
-                )
-            ),
-            "CanonicalizationMethod",
-        )
-        self.refused(
-            altered(
-                lambda r: setattr(r.find(f".//{{{DS}}}DigestValue"), "text", "AAAA")
-            ),
-            "no SHA-256 digest value",
-        )
 
 
 # Through the agent ------------------------------------------------------------
@@ -885,9 +924,10 @@ class SignatureEndpointTests(PolicyAgentTestCase):
     @inlineCallbacks
     def test_submission_signature(self) -> Any:
         """
-        The card signs, through the agent, the SignedInfo that
-        L{sign_submission} sends (the signature verifies), and refuses
-        anything else with a 403 naming the reason.
+        The card signs, through the agent, the request L{sign_submission}
+        sends (the signature verifies), and its audit line names the
+        submission set and each document's reference and SHA-256; anything
+        else is refused with a 403 naming the reason.
         """
         client = yield self.client()
         chain = yield client.signature_certificate_chain()
@@ -898,11 +938,31 @@ class SignatureEndpointTests(PolicyAgentTestCase):
             submission, client.sign_for_signature, chain[0], PROFESSIONAL, STRUCTURE
         )
         self.assertEqual(len(signed.documents), 3)
+        [line] = self.audit_lines()
+        self.assertEqual(line["outcome"], "signed")
+        self.assertEqual(line["submissionSet"], signed.submission_set.uniqueId)
+        self.assertEqual(
+            line["documents"],
+            [
+                {
+                    "reference": document_uri(d.entry.uniqueId),
+                    "sha256": hashlib.sha256(d.data).hexdigest(),
+                }
+                for d in signed.documents[:2]
+            ],
+        )
+        self.assertEqual(
+            line["subject"],
+            f"submission set {signed.submission_set.uniqueId}, 2 documents",
+        )
 
+        request = signature_request(chain[0])
         for data, algorithm in [
             (b"hello", "SHA256WithRSA"),
-            (signed_info(), "SHA512WithRSA"),
-            (signed_info().replace(b"IHEManifest", b"Elsewhere"), "SHA256WithRSA"),
+            (request, "SHA512WithRSA"),
+            (request.replace(b"IHEManifest", b"Elsewhere"), "SHA256WithRSA"),
+            (own_manifest(request, b"mine", redigest=False), "SHA256WithRSA"),
+            (signature_request(CERTIFICATE), "SHA256WithRSA"),
         ]:
             error = yield self.assertFailure(
                 client.sign_for_signature(data, algorithm), AgentError
@@ -912,7 +972,32 @@ class SignatureEndpointTests(PolicyAgentTestCase):
             self.assertIn("the card's signature key does not sign this", str(error))
             self.assertNotIn("the agent: the agent", str(error))
         outcomes = [line["outcome"] for line in self.audit_lines()]
-        self.assertEqual(outcomes, ["signed", "refused", "refused", "refused"])
+        self.assertEqual(outcomes, ["signed"] + ["refused"] * 5)
+
+    @inlineCallbacks
+    def test_own_manifest_on_record(self) -> Any:
+        """
+        What the agent cannot judge, a manifest about documents of the
+        caller's choosing, is signed, and on record: the audit line names
+        the document's reference and digest.
+        """
+        client = yield self.client()
+        chain = yield client.signature_certificate_chain()
+        request = own_manifest(signature_request(chain[0]), b"mine")
+        signature = yield client.sign_for_signature(request, "SHA256WithRSA")
+        public_key = chain[0].public_key()
+        assert isinstance(public_key, rsa.RSAPublicKey)
+        public_key.verify(
+            signature, to_be_signed(request), padding.PKCS1v15(), hashes.SHA256()
+        )
+        [line] = self.audit_lines()
+        self.assertEqual(
+            line["documents"][0],
+            {
+                "reference": "urn:oid:1.2.3.4",
+                "sha256": hashlib.sha256(b"mine").hexdigest(),
+            },
+        )
 
     @inlineCallbacks
     def test_authentication_refused(self) -> Any:
@@ -1103,7 +1188,7 @@ class RateLimitTests(PolicyAgentTestCase):
             "POST",
             "/cps/sign/for/signature/SHA256WithRSA",
             {"Content-Type": "application/octet-stream"},
-            signed_info(),
+            signature_request(chain[0]),
             context["token"],
         )
         self.assertProblem(answer, 429, problems.RATE_LIMITED)
@@ -1111,7 +1196,7 @@ class RateLimitTests(PolicyAgentTestCase):
         self.assertTrue(55 <= retry <= 60, retry)
 
         other = yield self.client()
-        yield other.sign_for_signature(signed_info(), "SHA256WithRSA")
+        yield other.sign_for_signature(signature_request(chain[0]), "SHA256WithRSA")
         outcomes = [(line["context"], line["outcome"]) for line in self.audit_lines()]
         mine, theirs = context_id(context["token"]), outcomes[-1][0]
         self.assertNotEqual(mine, theirs)

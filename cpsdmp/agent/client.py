@@ -518,13 +518,17 @@ class CpsAgentClient:
             algorithm = name
         return self._sign("authentication", data, algorithm)
 
-    def sign_for_signature(self, data: bytes, algorithm: str) -> Deferred[bytes]:
+    def sign_for_signature(self, request: bytes, algorithm: str) -> Deferred[bytes]:
         """
-        Sign C{data} with the card's signature (non-repudiation) key.
+        Have the card's signature (non-repudiation) key sign a submission-set
+        signature request: the signature without its value, as
+        L{cpsdmp.xds.signature.sign_submission} hands it to its signer. The
+        agent checks it and signs its SignedInfo's exclusive C14N; this is
+        a L{cpsdmp.xds.signature.Signer}.
 
         @return: a Deferred that fires with the PKCS#1 v1.5 signature.
         """
-        return self._sign("signature", data, algorithm)
+        return self._sign("signature", request, algorithm)
 
     def lock(self) -> Deferred[None]:
         """

@@ -2,7 +2,9 @@
 What the agent agrees to sign. The card's authentication key signs only the
 transcript of a genuine TLS 1.2 handshake between this card and an allowed
 server; its signature key signs only the canonical SignedInfo of a
-submission-set signature. Everything else is refused with a reason.
+submission-set signature whose request it has checked whole (the manifest,
+the signature properties and the signed properties the SignedInfo covers).
+Everything else is refused with a reason.
 
 A transcript is genuine when it parses as the client's view of a full
 handshake with client authentication, the server chain leads to a trusted
@@ -19,16 +21,14 @@ matches a handshake without server_name.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import datetime
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from cryptography import x509
-from lxml import etree
 from service_identity import CertificateError
 from twisted.logger import Logger
 
@@ -41,7 +41,6 @@ from cpsdmp.agent.transcript import (
     server_certificate,
     split_transcript,
 )
-from cpsdmp.protocols.safexml import XmlRefused, parse_xml
 from cpsdmp.protocols.tls.alerts import ProtocolViolation
 from cpsdmp.protocols.tls.messages import (
     CertificateRequest,
@@ -56,6 +55,12 @@ from cpsdmp.protocols.tls.schemes import (
 )
 from cpsdmp.protocols.tls.suites import NamedGroup
 from cpsdmp.protocols.tls.validation import VerifiedChains, is_ip_literal
+from cpsdmp.xds.signature import (
+    SignatureRequest,
+    SignatureRequestRefused,
+    check_signature_request,
+    document_uri,
+)
 
 _log = Logger()
 
@@ -78,40 +83,27 @@ CARD_TLS_SCHEMES: Mapping[SignatureScheme, str] = {
 # ClientCertificateType rsa_sign (RFC 5246, section 7.4.4).
 _RSA_SIGN = 1
 
-# XML-DSig (RFC 3275), exclusive C14N, and the XAdES type of the signed
-# properties: what a submission-set SignedInfo is made of.
-DS = "http://www.w3.org/2000/09/xmldsig#"
-EXC_C14N = "http://www.w3.org/2001/10/xml-exc-c14n#"
-SHA256 = "http://www.w3.org/2001/04/xmlenc#sha256"
-SIGNATURE_METHODS = {
-    "SHA256WithRSA": "http://www.w3.org/2001/04/xmldsig-more#rsa-sha256",
-    "SHA256WithECDSA": "http://www.w3.org/2001/04/xmldsig-more#ecdsa-sha256",
-}
-# The three references, in order: the IHE manifest of the documents, the
-# signature properties (purpose, submission set), the XAdES properties.
-SIGNED_INFO_REFERENCES = (
-    ("#IHEManifest", "http://www.w3.org/2000/09/xmldsig#Manifest"),
-    ("#SignatureProperties", None),
-    ("#SignedProperties", "http://uri.etsi.org/01903#SignedProperties"),
-)
-# A SignedInfo of three references is a few hundred bytes.
-MAX_SIGNED_INFO = 8192
-
 
 @dataclass(frozen=True)
 class PolicyDecision:
     """
     Whether to sign; C{reason} says why not, C{subject} what was asked for
-    (the server's name, or the document), for the audit log.
+    (the server's name, or the submission set), for the audit log.
     """
 
     allowed: bool
     subject: str
     reason: str = ""
+    #: What the card signs once allowed (not always the data asked).
+    payload: bytes = b""
+    #: More for the audit log: what a document signature is about.
+    details: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def allow(cls, subject: str) -> PolicyDecision:
-        return cls(True, subject)
+    def allow(
+        cls, subject: str, payload: bytes, details: Mapping[str, Any] | None = None
+    ) -> PolicyDecision:
+        return cls(True, subject, "", payload, details or {})
 
     @classmethod
     def refuse(cls, reason: str, subject: str = "") -> PolicyDecision:
@@ -210,7 +202,7 @@ class SigningPolicy:
         """
         try:
             return PolicyDecision.allow(
-                self._check_transcript(data, card_chain, algorithm)
+                self._check_transcript(data, card_chain, algorithm), data
             )
         except Refused as e:
             return PolicyDecision.refuse(str(e))
@@ -328,57 +320,49 @@ class SigningPolicy:
 
     # The signature key
 
-    def check_signature(self, data: bytes, algorithm: str) -> PolicyDecision:
+    def check_signature(
+        self,
+        data: bytes,
+        algorithm: str,
+        card_chain: Sequence[x509.Certificate],
+    ) -> PolicyDecision:
         """
-        Check that C{data} is the exclusive C14N of a submission-set
-        signature's SignedInfo, for C{algorithm} (the endpoint's name).
+        Check that C{data} is a submission-set signature request (the
+        signature without its value) as L{cpsdmp.xds.signature} makes it
+        for the card whose signature certificate and intermediates are
+        C{card_chain}, with C{algorithm} (the endpoint's name): every
+        reference's digest recomputed, the manifest's shape, the signing
+        certificate, the signing time. Allowed, the card signs its
+        SignedInfo's exclusive C14N.
         """
         try:
-            return PolicyDecision.allow(self._check_signed_info(data, algorithm))
-        except Refused as e:
+            checked = check_signature_request(data, algorithm, card_chain[0], self._now)
+        except SignatureRequestRefused as e:
             return PolicyDecision.refuse(str(e))
         except Exception:
-            return _unchecked("SignedInfo")
+            return _unchecked("signature request")
+        count = len(checked.documents)
+        return PolicyDecision.allow(
+            f"submission set {checked.set_id}, {count} document"
+            + ("s" if count > 1 else ""),
+            checked.to_be_signed,
+            signature_details(checked),
+        )
 
-    def _check_signed_info(self, data: bytes, algorithm: str) -> str:
-        if len(data) > MAX_SIGNED_INFO:
-            raise Refused(
-                f"{len(data)} bytes is too large for a submission-set SignedInfo"
-            )
-        try:
-            root = parse_xml(data, what="SignedInfo")
-        except XmlRefused as e:
-            raise Refused(f"not a submission-set SignedInfo: {e}") from None
-        if root.tag != f"{{{DS}}}SignedInfo":
-            raise Refused("not an XML-DSig SignedInfo")
-        canonical = etree.tostring(root, method="c14n", exclusive=True)
-        if canonical != data:
-            raise Refused("the SignedInfo is not in exclusive canonical form")
-        for element in root.iter():
-            if not isinstance(element.tag, str):
-                raise Refused("the SignedInfo holds comments or instructions")
-            text = element.text if element.tag != f"{{{DS}}}DigestValue" else None
-            if text or (element is not root and element.tail):
-                raise Refused("the SignedInfo holds unexpected text")
 
-        children = list(root)
-        if len(children) != 2 + len(SIGNED_INFO_REFERENCES):
-            raise Refused(
-                "a submission-set SignedInfo has a canonicalization method, a "
-                f"signature method and {len(SIGNED_INFO_REFERENCES)} references"
-            )
-        _expect(children[0], "CanonicalizationMethod", EXC_C14N)
-        method = SIGNATURE_METHODS.get(algorithm)
-        if method is None:
-            raise Refused(f"{algorithm} is not a submission-set signature algorithm")
-        _expect(children[1], "SignatureMethod", method)
-        digests = [
-            _reference(element, uri, kind)
-            for element, (uri, kind) in zip(
-                children[2:], SIGNED_INFO_REFERENCES, strict=True
-            )
-        ]
-        return f"submission-set signature, manifest {digests[0].hex()[:16]}"
+def signature_details(checked: SignatureRequest) -> dict[str, Any]:
+    """
+    @return: what the audit log keeps of a document signature: the
+        submission set's uniqueId, and each document's manifest reference
+        and SHA-256, so that what the professional signed is on record.
+    """
+    return {
+        "submissionSet": checked.set_id,
+        "documents": [
+            {"reference": document_uri(unique_id), "sha256": digest.hex()}
+            for unique_id, digest in checked.documents
+        ],
+    }
 
 
 def _implied_algorithm(request: CertificateRequest) -> str:
@@ -411,46 +395,3 @@ def _unchecked(what: str) -> PolicyDecision:
         f"the agent could not check this {what} (its log has the error); "
         "it signs only what it has checked"
     )
-
-
-def _local(element: etree._Element) -> str:
-    tag = element.tag
-    if not isinstance(tag, str) or not tag.startswith(f"{{{DS}}}"):
-        raise Refused(f"unexpected {tag!r} in the SignedInfo")
-    return tag[len(DS) + 2 :]
-
-
-def _expect(element: etree._Element, name: str, algorithm: str) -> None:
-    if _local(element) != name or element.get("Algorithm") != algorithm:
-        raise Refused(f"the SignedInfo's {name} must be {algorithm}")
-    if len(element) or (element.text or "").strip():
-        raise Refused(f"the SignedInfo's {name} has unexpected content")
-
-
-def _reference(element: etree._Element, uri: str, kind: str | None) -> bytes:
-    """
-    @return: the SHA-256 digest a reference carries, once its shape is checked.
-    """
-    if _local(element) != "Reference" or element.get("URI") != uri:
-        raise Refused(f"the SignedInfo must refer to {uri}")
-    if element.get("Type") != kind or set(element.keys()) - {"URI", "Type"}:
-        raise Refused(f"the reference to {uri} has unexpected attributes")
-    parts = list(element)
-    if len(parts) != 3 or [_local(p) for p in parts] != [
-        "Transforms",
-        "DigestMethod",
-        "DigestValue",
-    ]:
-        raise Refused(f"the reference to {uri} is not a submission-set reference")
-    transforms, method, value = parts
-    if len(transforms) != 1:
-        raise Refused(f"the reference to {uri} must have one transform")
-    _expect(transforms[0], "Transform", EXC_C14N)
-    _expect(method, "DigestMethod", SHA256)
-    try:
-        digest = base64.b64decode(value.text or "", validate=True)
-    except (binascii.Error, ValueError):
-        digest = b""
-    if len(digest) != 32 or len(value):
-        raise Refused(f"the reference to {uri} has no SHA-256 digest value")
-    return digest

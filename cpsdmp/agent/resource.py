@@ -51,6 +51,7 @@ from cpsdmp.agent.card import (
 )
 from cpsdmp.agent.policy import PolicyDecision, SigningPolicy
 from cpsdmp.agent.tokens import TokenStore, is_token_shaped
+from cpsdmp.xds.signature import SignatureRequestRefused, to_be_signed
 
 _log = Logger()
 
@@ -265,8 +266,10 @@ class AgentResource(Resource):
         self.policy = policy
         self.limiter = RateLimiter(rate_limit, clock) if rate_limit else None
         self.audit = audit
-        # The card's authentication chain (DER), read once per session.
+        # The card's chains, read once per session: the authentication one
+        # in DER, as transcripts carry it.
         self._card_chain: list[bytes] | None = None
+        self._card_signature_chain: list[x509.Certificate] | None = None
         self.url = ""
         self.tls_fingerprint = ""
         self._routes: dict[tuple[bytes, str], tuple[Handler, bool]] = {
@@ -350,6 +353,7 @@ class AgentResource(Resource):
             ):
                 self.tokens.drop_all()
                 self._card_chain = None
+                self._card_signature_chain = None
             self._write_problem(request, _card_problem(error))
 
     def _internal_error(self, failure: Failure, request: Request) -> None:
@@ -554,6 +558,7 @@ class AgentResource(Resource):
         finally:
             self._checking_pin = False
         self._card_chain = None
+        self._card_signature_chain = None
         token, expires = self.tokens.issue()
         _log.info("session opened for {caller}", caller=request.getClientAddress().host)
         self._write_json(
@@ -570,6 +575,7 @@ class AgentResource(Resource):
     async def _lock(self, request: Request, rest: list[str]) -> None:
         self.tokens.drop_all()
         self._card_chain = None
+        self._card_signature_chain = None
         await self.card.logout()
         _log.info("card locked by {caller}", caller=request.getClientAddress().host)
         if not request._disconnected:
@@ -706,14 +712,16 @@ class AgentResource(Resource):
             raise _audit_unavailable()
 
         started = time.perf_counter()
-        signature, card_seconds = await self.card.sign(usage, algorithm, data)
-        if not record.write(outcome="signed"):
+        signature, card_seconds = await self.card.sign(
+            usage, algorithm, decision.payload
+        )
+        if not record.write(outcome="signed", **decision.details):
             # Nothing the card signed leaves the agent without its line.
             raise _audit_unavailable()
         _log.info(
             "signed {length} bytes with {algorithm} by key {key} for {caller} "
             "in {duration_ms} ms (card {card_ms} ms)",
-            length=len(data),
+            length=len(decision.payload),
             algorithm=algorithm.name,
             key=KEY_LABELS[usage],
             caller=request.getClientAddress().host,
@@ -752,13 +760,38 @@ class AgentResource(Resource):
                 length=len(data),
                 usage=usage.value,
             )
-            return PolicyDecision.allow("unchecked")
+            return PolicyDecision.allow("unchecked", _payload(usage, data))
         if usage is KeyUsage.signature:
-            return self.policy.check_signature(data, algorithm)
+            if self._card_signature_chain is None:
+                chain = await self.card.chain(KeyUsage.signature)
+                self._card_signature_chain = chain
+            return self.policy.check_signature(
+                data, algorithm, self._card_signature_chain
+            )
         if self._card_chain is None:
             chain = await self.card.chain(KeyUsage.authentication)
             self._card_chain = [c.public_bytes(Encoding.DER) for c in chain]
         return self.policy.check_authentication(data, self._card_chain, algorithm)
+
+
+def _payload(usage: KeyUsage, data: bytes) -> bytes:
+    """
+    @return: what the card signs for C{data} without a policy: the data
+        itself with the authentication key, the SignedInfo of a signature
+        request with the signature key.
+    @raise Problem: 400 for a signature request without a SignedInfo.
+    """
+    if usage is KeyUsage.authentication:
+        return data
+    try:
+        return to_be_signed(data)
+    except SignatureRequestRefused as e:
+        raise Problem(
+            400,
+            problems.BAD_REQUEST,
+            "Not a signature request",
+            f"the signature key signs the SignedInfo of a signature request: {e}",
+        ) from None
 
 
 def _loggable(name: str) -> str:

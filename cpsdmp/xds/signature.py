@@ -8,18 +8,25 @@ association.
 
 The signature value is made by an asynchronous L{Signer}: the agent's
 C{/cps/sign/for/signature/{algorithm}} endpoint (the card's signature key)
-or a local key. Canonicalisation is lxml's exclusive C14N. What we produce
-is verified before it is used (L{verify}).
+or a local key. The signer is handed the whole signature without its value
+(the I{signature request}), not only the SignedInfo it signs, so that it can
+check what the SignedInfo's references cover: the agent does, with
+L{check_signature_request}, before the card signs. Canonicalisation is
+lxml's exclusive C14N. What we produce is verified before it is used
+(L{verify}).
 """
 
 from __future__ import annotations
 
 import base64
+import copy
 import hashlib
+import re
 import uuid
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
-from urllib.parse import quote
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from urllib.parse import quote, unquote
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -34,7 +41,7 @@ from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from cpsdmp.protocols.safexml import parse_xml
+from cpsdmp.protocols.safexml import XmlRefused, parse_xml
 from cpsdmp.xds.context import Professional, Structure
 from cpsdmp.xds.ebrim import (
     Association,
@@ -84,9 +91,23 @@ SIGNATURE_FORMAT = CodedValue(
 SIGNATURE_EVENT = CodedValue(PURPOSE_SOURCE, "1.2.840.10065.1.12", "Source")
 NORMAL = CodedValue("N", "2.16.840.1.113883.5.25", "Normal")
 
-#: sign(data, algorithm) -> Deferred firing with the signature bytes (for
-#: ECDSA, DER or raw r||s).
+#: sign(request, algorithm) -> Deferred firing with the signature bytes (for
+#: ECDSA, DER or raw r||s) over L{to_be_signed}(request): C{request} is the
+#: signature without its value, as L{sign_submission} makes it.
 Signer = Callable[[bytes, str], "Deferred[bytes]"]
+
+#: How far a request's signing time may be from the checker's clock: the
+#: facade that builds it and the workstation that signs it are different
+#: machines.
+MAX_SIGNING_TIME_SKEW = timedelta(minutes=15)
+
+# What a submission set's uniqueId is (an OID), and what a document's is
+# (an OID, or a CDA id root^extension), at most as long as XDS allows.
+_OID = re.compile(r"[0-2](\.(0|[1-9][0-9]*))+")
+MAX_UNIQUE_ID = 128
+_SIGNATURE_ID = re.compile(
+    r"sig-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+)
 
 
 class SignatureInvalid(Exception):
@@ -95,14 +116,50 @@ class SignatureInvalid(Exception):
     """
 
 
+class SignatureRequestRefused(Exception):
+    """
+    A signature request is not one L{sign_submission} makes for the given
+    certificate; the message says what differs.
+    """
+
+
+@dataclass(frozen=True)
+class SignatureRequest:
+    """
+    What a checked signature request has the signer sign, and what that
+    signature is about: the submission set's uniqueId and each document's
+    manifest reference with the SHA-256 of its bytes.
+    """
+
+    to_be_signed: bytes
+    set_id: str
+    documents: tuple[tuple[str, bytes], ...]
+    signing_time: datetime
+
+
+def to_be_signed(request: bytes) -> bytes:
+    """
+    @return: what a signer signs for C{request}: the exclusive C14N of its
+        SignedInfo.
+    @raise SignatureRequestRefused: when C{request} is not an XML signature
+        with a SignedInfo.
+    """
+    root = _parse_request(request)
+    signed_info = root.find(f"{{{DS}}}SignedInfo")
+    if signed_info is None:
+        raise SignatureRequestRefused("the signature has no SignedInfo")
+    return _c14n(signed_info)
+
+
 def local_signer(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> Signer:
     """
     @return: a L{Signer} over a key held in this process.
     """
 
-    def sign(data: bytes, algorithm: str) -> Deferred[bytes]:
+    def sign(request: bytes, algorithm: str) -> Deferred[bytes]:
         if algorithm not in ALGORITHMS:
             raise ValueError(f"unsupported signature algorithm {algorithm}")
+        data = to_be_signed(request)
         if isinstance(key, rsa.RSAPrivateKey):
             value = key.sign(data, padding.PKCS1v15(), hashes.SHA256())
         else:
@@ -149,15 +206,20 @@ def document_uri(unique_id: str) -> str:
 
 
 def _skeleton(
-    submission: Submission,
+    documents: Sequence[tuple[str, bytes]],
+    set_id: str,
     certificate: x509.Certificate,
     chain: Sequence[x509.Certificate],
     algorithm: str,
     signing_time: datetime,
+    signature_id: str,
 ) -> etree._Element:
-    # The signature without its value: SignedInfo refers to the manifest and
-    # to the XAdES signed properties, both in ds:Objects of the signature.
-    signature_id = f"sig-{uuid.uuid4()}"
+    """
+    @param documents: each document's uniqueId and the SHA-256 of its bytes.
+    @return: the signature without its value: SignedInfo refers to the
+        manifest, the signature properties and the XAdES signed
+        properties, all in ds:Objects of the signature.
+    """
     root = etree.Element(f"{{{DS}}}Signature", Id=signature_id, nsmap={"ds": DS})
     signed_info = etree.SubElement(root, f"{{{DS}}}SignedInfo")
     etree.SubElement(signed_info, f"{{{DS}}}CanonicalizationMethod", Algorithm=EXC_C14N)
@@ -175,9 +237,8 @@ def _skeleton(
     # The manifest: each document by uniqueId with the SHA-256 of its bytes.
     manifest_object = etree.SubElement(root, f"{{{DS}}}Object")
     manifest = etree.SubElement(manifest_object, f"{{{DS}}}Manifest", Id="IHEManifest")
-    for document in submission.documents:
-        digest = hashlib.sha256(document.data).digest()
-        _digest_reference(manifest, document_uri(document.entry.uniqueId), digest)
+    for unique_id, digest in documents:
+        _digest_reference(manifest, document_uri(unique_id), digest)
 
     # What is signed and why: purpose of signature and the submission set.
     properties_object = etree.SubElement(root, f"{{{DS}}}Object")
@@ -186,7 +247,7 @@ def _skeleton(
     )
     for name, value in [
         ("purposeOfSignature", PURPOSE_SOURCE),
-        ("setId", submission.submission_set.uniqueId),
+        ("setId", set_id),
     ]:
         prop = etree.SubElement(
             properties, f"{{{DS}}}SignatureProperty", Id=name, Target=f"#{signature_id}"
@@ -272,7 +333,8 @@ def sign_submission(
     Sign C{submission} and add the signature to it as a document with its
     own DocumentEntry, a HasMember and a C{signs} association.
 
-    @param signer: makes the signature value over the canonical SignedInfo.
+    @param signer: makes the signature value over the canonical SignedInfo
+        of the signature request it is handed.
     @param clock: when given, the signer gets C{timeout} seconds.
     @return: a Deferred that fires with the same L{Submission}, signed, or
         fails with L{SignatureInvalid} if the signer's value does not verify
@@ -283,13 +345,23 @@ def sign_submission(
     if any(d.entry.formatCode == SIGNATURE_FORMAT for d in submission.documents):
         raise MetadataError("this submission is already signed")
     moment = now or datetime.now(UTC)
-    root = _skeleton(submission, certificate, chain, algorithm, moment)
-    signed_info = root.find(f"{{{DS}}}SignedInfo")
-    to_sign = _c14n(signed_info)
+    root = _skeleton(
+        [
+            (d.entry.uniqueId, hashlib.sha256(d.data).digest())
+            for d in submission.documents
+        ],
+        submission.submission_set.uniqueId,
+        certificate,
+        chain,
+        algorithm,
+        moment,
+        f"sig-{uuid.uuid4()}",
+    )
+    request: bytes = etree.tostring(root, encoding="UTF-8", xml_declaration=True)
 
     started = datetime.now(UTC)
     _log.info("submission-set signature asked ({algorithm})", algorithm=algorithm)
-    waiting: Deferred[bytes] = maybeDeferred(signer, to_sign, algorithm)
+    waiting: Deferred[bytes] = maybeDeferred(signer, request, algorithm)
     if clock is not None:
         waiting.addTimeout(timeout, clock)
 
@@ -348,6 +420,180 @@ def _attach(
     submission.associations.append(
         Association(AssociationType.signs, entry.entryUUID, set_id)
     )
+
+
+def _parse_request(request: bytes) -> etree._Element:
+    try:
+        root = parse_xml(request, what="signature request")
+    except XmlRefused as e:
+        raise SignatureRequestRefused(f"not a submission-set signature: {e}") from None
+    if root.tag != f"{{{DS}}}Signature":
+        raise SignatureRequestRefused("not an XML-DSig Signature")
+    return root
+
+
+def check_signature_request(
+    request: bytes,
+    algorithm: str,
+    certificate: x509.Certificate,
+    now: datetime | None = None,
+) -> SignatureRequest:
+    """
+    Check that C{request} is a signature request as L{sign_submission}
+    makes it for C{certificate} and C{algorithm}: every
+    SignedInfo reference's digest recomputed from the element it names; a
+    manifest of documents by uniqueId with SHA-256 digests; the submission
+    set's uniqueId and the purpose in the signature properties; the signed
+    properties naming C{certificate}, with a signing time within
+    L{MAX_SIGNING_TIME_SKEW} of C{now}; and the whole, rebuilt by this
+    module from what it says, identical to it: nothing else rides in it.
+    The KeyInfo, which no reference covers and the signer does not sign,
+    is not checked.
+
+    @return: what it has signed, and what that signature is about.
+    @raise SignatureRequestRefused: saying what is not so.
+    """
+    refused = SignatureRequestRefused
+    root = _parse_request(request)
+    method = ALGORITHMS.get(algorithm)
+    if method is None:
+        raise refused(
+            f"{algorithm} is not a submission-set signature algorithm "
+            f"({', '.join(ALGORITHMS)})"
+        )
+    ns = {"ds": DS, "xades": XADES}
+    signed_info = root.find("ds:SignedInfo", ns)
+    if signed_info is None:
+        raise refused("the signature has no SignedInfo")
+    found = signed_info.find("ds:SignatureMethod", ns)
+    if found is None or found.get("Algorithm") != method:
+        raise refused(f"the SignatureMethod is not {method} ({algorithm})")
+
+    # Every digest of the SignedInfo, recomputed from what it names.
+    for reference in signed_info.iterfind("ds:Reference", ns):
+        uri = reference.get("URI", "")
+        targets = root.xpath("//*[@Id=$id]", id=uri[1:])
+        if not uri.startswith("#") or len(targets) != 1:
+            raise refused(f"the SignedInfo's reference {uri!r} names no single element")
+        try:
+            _check_digest(reference, _c14n(targets[0]), uri)
+        except SignatureInvalid as e:
+            raise refused(f"{e} in the SignedInfo") from None
+
+    # What the signature is about: documents, submission set, time, signer.
+    documents = _manifest(root.find("ds:Object/ds:Manifest", ns))
+    set_id = root.findtext(
+        "ds:Object/ds:SignatureProperties/ds:SignatureProperty[@Id='setId']",
+        namespaces=ns,
+    )
+    if not set_id or not _OID.fullmatch(set_id) or len(set_id) > MAX_UNIQUE_ID:
+        raise refused(
+            "the signature properties name no submission set uniqueId (an OID)"
+        )
+    signing_time = _signing_time(root, now or datetime.now(UTC))
+    cert_digest = root.findtext(
+        ".//xades:SigningCertificate//ds:DigestValue", namespaces=ns
+    )
+    if cert_digest != _b64(certificate.fingerprint(hashes.SHA256())):
+        raise refused(
+            "the signing certificate in the signed properties is not the card's "
+            "signature certificate"
+        )
+    signature_id = root.get("Id", "")
+    if not _SIGNATURE_ID.fullmatch(signature_id):
+        raise refused("the signature's Id is not one the project's signer makes")
+
+    # The whole request, as this module makes it from the same facts. Its
+    # KeyInfo, which no reference covers, is taken as it is.
+    expected = _skeleton(
+        documents, set_id, certificate, (), algorithm, signing_time, signature_id
+    )
+    key_info = root.find("ds:KeyInfo", ns)
+    if key_info is not None:
+        expected.replace(expected.find("ds:KeyInfo", ns), copy.deepcopy(key_info))
+    # The objects first: a SignedInfo differs whenever one of them does.
+    parts = sorted(
+        zip(expected, root, strict=False),
+        key=lambda p: p[0] is not None and etree.QName(p[0]).localname == "SignedInfo",
+    )
+    for mine, theirs in parts:
+        if _c14n(mine) != _c14n(theirs):
+            raise refused(
+                f"its {_part_name(mine)} is not what the project's signer "
+                "makes for these documents, this submission set and this card"
+            )
+    if _c14n(expected) != _c14n(root):
+        raise refused(
+            "it is not what the project's signer makes for these documents, this "
+            "submission set and this card (other elements or attributes)"
+        )
+    return SignatureRequest(_c14n(signed_info), set_id, tuple(documents), signing_time)
+
+
+def _part_name(element: etree._Element) -> str:
+    """
+    @return: the local name of a part of the signature, or of what a
+        ds:Object holds.
+    """
+    if etree.QName(element).localname == "Object" and len(element):
+        element = element[0]
+    return str(etree.QName(element).localname)
+
+
+def _manifest(manifest: etree._Element | None) -> list[tuple[str, bytes]]:
+    """
+    @return: the uniqueId and SHA-256 of each document the manifest lists.
+    """
+    refused = SignatureRequestRefused
+    if manifest is None:
+        raise refused("the signature has no IHE manifest")
+    documents: list[tuple[str, bytes]] = []
+    for reference in manifest:
+        uri = reference.get("URI", "") if reference.tag == f"{{{DS}}}Reference" else ""
+        unique_id = unquote(uri.removeprefix("urn:oid:"))
+        if (
+            not uri.startswith("urn:oid:")
+            or document_uri(unique_id) != uri
+            or not 0 < len(unique_id) <= MAX_UNIQUE_ID
+            or not unique_id.isprintable()
+        ):
+            raise refused(
+                "the manifest lists something else than documents by uniqueId "
+                f"({uri[:80]!r})"
+            )
+        try:
+            digest = base64.b64decode(
+                reference.findtext(f"{{{DS}}}DigestValue") or "", validate=True
+            )
+        except ValueError:
+            digest = b""
+        if len(digest) != 32:
+            raise refused(f"the manifest's reference {uri} has no SHA-256 digest")
+        documents.append((unique_id, digest))
+    if not documents:
+        raise refused("the manifest lists no document")
+    if len({u for u, _ in documents}) != len(documents):
+        raise refused("the manifest lists a document twice")
+    return documents
+
+
+def _signing_time(root: etree._Element, now: datetime) -> datetime:
+    text = root.findtext(
+        f".//{{{XADES}}}SignedSignatureProperties/{{{XADES}}}SigningTime"
+    )
+    try:
+        moment = datetime.strptime(text or "", "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    except ValueError:
+        raise SignatureRequestRefused(
+            "the signed properties have no signing time (YYYY-MM-DDThh:mm:ssZ)"
+        ) from None
+    if abs(now - moment) > MAX_SIGNING_TIME_SKEW:
+        raise SignatureRequestRefused(
+            f"the signing time {text} is more than "
+            f"{MAX_SIGNING_TIME_SKEW.total_seconds() / 60:g} minutes from now "
+            f"({now.astimezone(UTC):%Y-%m-%dT%H:%M:%SZ})"
+        )
+    return moment
 
 
 def verify(

@@ -13,6 +13,7 @@ import hashlib
 import re
 import shutil
 import subprocess
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography.hazmat.primitives import hashes, serialization
@@ -24,13 +25,17 @@ from twisted.trial.unittest import SynchronousTestCase
 from cpsdmp.xds.ebrim import AssociationType
 from cpsdmp.xds.signature import (
     DS,
+    MAX_SIGNING_TIME_SKEW,
     PURPOSE_SOURCE,
     SIGNATURE_CLASS,
     SIGNATURE_FORMAT,
     SignatureInvalid,
+    SignatureRequestRefused,
+    check_signature_request,
     document_uri,
     local_signer,
     sign_submission,
+    to_be_signed,
     verify,
 )
 from cpsdmp.xds.transactions import new_submission, provide_and_register
@@ -310,7 +315,9 @@ class SignatureTests(SynchronousTestCase):
         self.assertNoResult(result)
         data, algorithm, waiting = pending[0]
         self.assertEqual(algorithm, "SHA256WithRSA")
-        waiting.callback(KEY.sign(data, padding.PKCS1v15(), hashes.SHA256()))
+        waiting.callback(
+            KEY.sign(to_be_signed(data), padding.PKCS1v15(), hashes.SHA256())
+        )
         self.assertEqual(len(self.successResultOf(result).documents), 3)
 
         never = sign_submission(
@@ -336,4 +343,225 @@ class SignatureTests(SynchronousTestCase):
         root = etree.fromstring(signed.documents[-1].data)
         self.assertEqual(
             len(base64.b64decode(root.findtext("ds:SignatureValue", namespaces=NS))), 64
+        )
+
+
+def signature_request(documents=None, **kw) -> tuple[bytes, object]:
+    """
+    @return: the request L{sign_submission} hands its signer, and the
+        submission it signs.
+    """
+    asked: list[bytes] = []
+
+    def signer(request: bytes, algorithm: str) -> defer.Deferred[bytes]:
+        asked.append(request)
+        return local_signer(KEY)(request, algorithm)
+
+    signed = submission() if documents is None else documents
+    sign_submission(signed, signer, CERTIFICATE, PROFESSIONAL, STRUCTURE, **kw)
+    return asked[0], signed
+
+
+def edited(request: bytes, change) -> bytes:
+    """
+    @return: C{request} after C{change} had its tree.
+    """
+    root = etree.fromstring(request)
+    change(root)
+    return etree.tostring(root)
+
+
+REFERENCES = ("#IHEManifest", "#SignatureProperties", "#SignedProperties")
+
+
+def redigest(root, uri: str) -> None:
+    """
+    Recompute the SignedInfo digest of C{uri} after an edit, as someone
+    building a request of his own would.
+    """
+    target = root.xpath("//*[@Id=$i]", i=uri[1:])[0]
+    reference = root.find(f"ds:SignedInfo/ds:Reference[@URI='{uri}']", NS)
+    reference.find("ds:DigestValue", NS).text = base64.b64encode(
+        hashlib.sha256(c14n(target)).digest()
+    ).decode()
+
+
+class SignatureRequestTests(SynchronousTestCase):
+    """
+    What the signer is handed, as the agent checks it before the card's
+    signature key signs.
+    """
+
+    def setUp(self) -> None:
+        self.request, self.submission = signature_request()
+
+    def refused(self, request: bytes, why: str, **kw) -> None:
+        kw.setdefault("algorithm", "SHA256WithRSA")
+        kw.setdefault("certificate", CERTIFICATE)
+        with self.assertRaises(SignatureRequestRefused) as raised:
+            check_signature_request(request, **kw)
+        self.assertIn(why, str(raised.exception))
+
+    def test_genuine(self) -> None:
+        """
+        The request of a real submission passes, and says what it is about:
+        the set's uniqueId, each document's uniqueId and SHA-256; what is
+        signed is its SignedInfo's exclusive C14N.
+        """
+        checked = check_signature_request(self.request, "SHA256WithRSA", CERTIFICATE)
+        self.assertEqual(checked.set_id, self.submission.submission_set.uniqueId)
+        self.assertEqual(
+            checked.documents,
+            tuple(
+                (d.entry.uniqueId, hashlib.sha256(d.data).digest())
+                for d in self.submission.documents[:2]
+            ),
+        )
+        self.assertEqual(checked.to_be_signed, to_be_signed(self.request))
+        root = etree.fromstring(self.request)
+        self.assertEqual(checked.to_be_signed, c14n(root.find("ds:SignedInfo", NS)))
+
+    def test_own_manifest(self) -> None:
+        """
+        A request whose manifest is one its maker wrote, about documents of
+        his own, the SignedInfo's digest recomputed to match: the manifest
+        is still the project's shape, so it passes, and what it is about is
+        on record; with the SignedInfo digest left as it was, it is refused.
+        """
+        forged = hashlib.sha256(b"a document of mine").digest()
+
+        def own_document(root) -> None:
+            manifest = root.find("ds:Object/ds:Manifest", NS)
+            manifest[0].set("URI", "urn:oid:1.2.3.4")
+            manifest[0].find("ds:DigestValue", NS).text = base64.b64encode(
+                forged
+            ).decode()
+
+        stale = edited(self.request, own_document)
+        self.refused(
+            stale, "the digest of #IHEManifest does not match in the SignedInfo"
+        )
+
+        def own_and_redigested(root) -> None:
+            own_document(root)
+            redigest(root, "#IHEManifest")
+
+        checked = check_signature_request(
+            edited(self.request, own_and_redigested), "SHA256WithRSA", CERTIFICATE
+        )
+        self.assertEqual(checked.documents[0], ("1.2.3.4", forged))
+
+    def test_not_the_projects_shape(self) -> None:
+        """
+        Whatever the project's signer does not make is refused, each
+        SignedInfo digest recomputed so that only the shape is at fault.
+        """
+
+        def with_digests(change):
+            def apply(root) -> None:
+                change(root)
+                for uri in (
+                    "#IHEManifest",
+                    "#SignatureProperties",
+                    "#SignedProperties",
+                ):
+                    redigest(root, uri)
+
+            return edited(self.request, apply)
+
+        manifest = "ds:Object/ds:Manifest"
+        for change, why in [
+            (
+                lambda r: r.find(manifest, NS).append(
+                    etree.fromstring(f'<ds:Object xmlns:ds="{DS}">x</ds:Object>')
+                ),
+                "the manifest lists something else than documents",
+            ),
+            (
+                lambda r: r.find(manifest, NS)[0].set("URI", "http://evil/"),
+                "the manifest lists something else than documents",
+            ),
+            (
+                lambda r: r.find(manifest, NS).append(
+                    etree.fromstring(etree.tostring(r.find(manifest, NS)[0]))
+                ),
+                "lists a document twice",
+            ),
+            (
+                lambda r: [
+                    r.find(manifest, NS).remove(e) for e in list(r.find(manifest, NS))
+                ],
+                "the manifest lists no document",
+            ),
+            (
+                lambda r: r.find(manifest, NS)[0].set("Type", "x"),
+                "its Manifest is not what the project's signer makes",
+            ),
+            (
+                lambda r: setattr(
+                    r.find("ds:Object/ds:SignatureProperties/ds:SignatureProperty", NS),
+                    "text",
+                    "for fun",
+                ),
+                "its SignatureProperties is not",
+            ),
+            (
+                lambda r: setattr(
+                    r.find(
+                        "ds:Object/ds:SignatureProperties/ds:SignatureProperty[@Id='setId']",
+                        NS,
+                    ),
+                    "text",
+                    "not an OID",
+                ),
+                "name no submission set uniqueId",
+            ),
+            (
+                lambda r: r.append(etree.fromstring(f'<ds:Object xmlns:ds="{DS}"/>')),
+                "other elements or attributes",
+            ),
+            (lambda r: r.set("Id", "mine"), "the signature's Id"),
+        ]:
+            self.refused(with_digests(change), why)
+
+    def test_signing_certificate(self) -> None:
+        """
+        The signed properties name the card's signature certificate: a
+        request made for another certificate is refused.
+        """
+        _, other = self_signed(rsa.generate_private_key(65537, 2048), "Dr AUTRE")
+        self.refused(
+            self.request,
+            "the signing certificate in the signed properties is not the card's",
+            certificate=other,
+        )
+
+    def test_signing_time(self) -> None:
+        """
+        The signing time is within a quarter of an hour of the checker's
+        clock.
+        """
+        moment = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+        request, _ = signature_request(now=moment)
+        check_signature_request(
+            request, "SHA256WithRSA", CERTIFICATE, now=moment + MAX_SIGNING_TIME_SKEW
+        )
+        self.refused(
+            request,
+            "the signing time 2026-03-01T12:00:00Z is more than 15 minutes from now",
+            now=moment + MAX_SIGNING_TIME_SKEW + timedelta(seconds=1),
+        )
+        self.refused(request, "more than 15 minutes", now=moment - timedelta(hours=1))
+
+    def test_not_a_request(self) -> None:
+        self.refused(b"hello", "not a submission-set signature")
+        self.refused(b"<a/>", "not an XML-DSig Signature")
+        self.refused(b"<!DOCTYPE a><a/>", "not a submission-set signature")
+        self.refused(
+            self.request, "the SignatureMethod is not", algorithm="SHA256WithECDSA"
+        )
+        self.refused(
+            self.request,
+            "SHA512WithRSA is not a submission-set",
+            algorithm="SHA512WithRSA",
         )
