@@ -21,7 +21,12 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.trial.unittest import TestCase
 
 from cpsdmp.agent.audit import AuditLog, RateLimit
-from cpsdmp.agent.card import CardBackend, Pkcs11Backend, WorkerCard
+from cpsdmp.agent.card import (
+    DEFAULT_CARD_TIMEOUT,
+    CardBackend,
+    Pkcs11Backend,
+    WorkerCard,
+)
 from cpsdmp.agent.policy import SigningPolicy
 from cpsdmp.agent.resource import AgentResource
 from cpsdmp.agent.tap import (
@@ -72,6 +77,7 @@ class RunningAgent:
         policy: SigningPolicy | None = None,
         rate_limit: RateLimit | None = None,
         audit: AuditLog | None = None,
+        card_timeout: float = DEFAULT_CARD_TIMEOUT,
     ) -> None:
         """
         By default the agent signs anything, unlimited: the tests that use
@@ -79,7 +85,7 @@ class RunningAgent:
         """
         key, self.certificate = self_signed_identity()
         self.fingerprint = fingerprint(self.certificate)
-        self.card = WorkerCard(backend, reactor)  # type: ignore[arg-type]
+        self.card = WorkerCard(backend, reactor, card_timeout)
         self.resource = AgentResource(
             self.card,
             clock or reactor,  # type: ignore[arg-type]

@@ -18,12 +18,13 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 from twisted.internet import reactor
-from twisted.internet.defer import gatherResults
+from twisted.internet.defer import gatherResults, inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from cpsdmp.agent.card import (
     ALGORITHMS,
     CardRemoved,
+    CardTimeout,
     KeyUsage,
     NoCard,
     NotLoggedIn,
@@ -439,6 +440,78 @@ class WorkerTests(TestCase):
             self.assertEqual(backend.order, list(range(50)))
 
         return gatherResults(ds).addCallback(check)  # type: ignore[return-value]
+
+
+class _HungBackend(_RecordingBackend):
+    """
+    A card whose signatures hang until the test lets them go.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+        self.closed = False
+
+    def sign_digest(self, usage: KeyUsage, algorithm: Any, digest: bytes) -> bytes:
+        self.release.wait(30)
+        return super().sign_digest(usage, algorithm, digest)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class WorkerTimeoutTests(TestCase):
+    """
+    A card that hangs.
+    """
+
+    @inlineCallbacks
+    def test_operations_time_out(self) -> Any:
+        """
+        An operation that takes longer than the timeout fails with
+        CardTimeout, and so does the one queued behind it; once the card
+        answers, the worker is idle again and signs.
+        """
+        backend = _HungBackend()
+        self.addCleanup(backend.release.set)
+        card = WorkerCard(backend, reactor, timeout=0.3)
+        card.start()
+        self.addCleanup(card.stop)
+        algorithm = algorithm_named("SHA256WithRSA")
+        started = reactor.seconds()  # type: ignore[attr-defined]
+        first = card.sign(KeyUsage.authentication, algorithm, b"1")
+        second = card.sign(KeyUsage.authentication, algorithm, b"2")
+        error = yield self.assertFailure(first, CardTimeout)
+        self.assertIn("did not answer within 0.3 s", str(error))
+        yield self.assertFailure(second, CardTimeout)
+        self.assertLess(reactor.seconds() - started, 5)  # type: ignore[attr-defined]
+        idle = card.when_idle()
+        self.assertNoResult(idle)
+        backend.release.set()
+        yield idle
+        signature, _ = yield card.sign(KeyUsage.authentication, algorithm, b"3")
+        self.assertEqual(signature, hashes_of(b"3"))
+
+    @inlineCallbacks
+    def test_stop_does_not_wait_forever(self) -> Any:
+        """
+        Stopping with the card's thread stuck in the card ends after the
+        timeout, not when the card answers; the thread is a daemon, so that
+        the process can exit.
+        """
+        backend = _HungBackend()
+        self.addCleanup(backend.release.set)
+        card = WorkerCard(backend, reactor, timeout=0.3)
+        card.start()
+        algorithm = algorithm_named("SHA256WithRSA")
+        signing = card.sign(KeyUsage.authentication, algorithm, b"1")
+        signing.addErrback(lambda f: f.trap(CardTimeout))
+        started = reactor.seconds()  # type: ignore[attr-defined]
+        yield card.stop().addTimeout(10, reactor)
+        self.assertLess(reactor.seconds() - started, 5)  # type: ignore[attr-defined]
+        self.assertFalse(backend.closed)
+        self.assertTrue(all(t.daemon for t in card._pool.threads))
+        yield signing
 
 
 def hashes_of(data: bytes) -> bytes:

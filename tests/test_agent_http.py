@@ -40,6 +40,7 @@ from cpsdmp.agent.client import (
     AgentError,
     AgentUnreachable,
     CardRemoved,
+    CardTimeout,
     CpsAgentClient,
     NoCard,
     PinBlocked,
@@ -838,6 +839,19 @@ class RestartTests(AgentTestCase):
         self.addCleanup(client.close)
         yield self.assertFailure(client.card(), TokenExpired)
 
+    @inlineCallbacks
+    def test_kept_connections_end_with_the_agent(self) -> Any:
+        """
+        A caller's kept-alive connection ends when the agent stops: its next
+        call finds no agent, at once, rather than a card let go of.
+        """
+        client = yield self.client()
+        yield client.card()
+        yield self.agent.service.stopService()
+        started = reactor.seconds()  # type: ignore[attr-defined]
+        yield self.assertFailure(client.card(), AgentUnreachable)
+        self.assertLess(reactor.seconds() - started, 5)  # type: ignore[attr-defined]
+
 
 class CorsTests(AgentTestCase):
     allow_origin = "https://frontend.example"
@@ -911,10 +925,13 @@ class _FaultBackend:
         self.present = True
         self.check_error: Exception | None = None
         self.hold: threading.Event | None = None
+        self.login_hold: threading.Event | None = None
         self.inner = token_backend()
 
     def login(self, pin: str) -> None:
         self.logins += 1
+        if self.login_hold is not None:
+            self.login_hold.wait(30)
         if self.login_error is not None:
             raise self.login_error
         self.inner.login(pin)
@@ -952,9 +969,88 @@ class FaultTests(TestCase):
     """
 
     @inlineCallbacks
-    def start(self, backend: _FaultBackend) -> Any:
-        agent: RunningAgent = yield start_agent(self, backend)
+    def start(self, backend: _FaultBackend, **kwargs: Any) -> Any:
+        agent: RunningAgent = yield start_agent(self, backend, **kwargs)
         return agent
+
+    @inlineCallbacks
+    def test_card_that_hangs(self) -> Any:
+        """
+        A card that does not answer a signature within --card-timeout: 503
+        card-timeout, for it and for the request queued behind it, each
+        after the timeout and not when the card answers; once it answers,
+        the agent signs again.
+        """
+        backend = _FaultBackend(None, None)
+        backend.hold = threading.Event()
+        self.addCleanup(backend.hold.set)  # runs before the agent stops
+        agent = yield self.start(backend, card_timeout=0.5)
+        context = yield open_session(
+            agent.url, shared_testcard().pin, agent.fingerprint
+        )
+        client = CpsAgentClient.from_context(context, timeout=20)
+        self.addCleanup(client.close)
+        started = reactor.seconds()  # type: ignore[attr-defined]
+        errors = yield gatherResults(
+            [
+                self.assertFailure(client.sign(b"x", "SHA256WithRSA"), CardTimeout)
+                for _ in range(2)
+            ]
+        )
+        self.assertLess(reactor.seconds() - started, 5)  # type: ignore[attr-defined]
+        for error in errors:
+            self.assertEqual(error.problem["status"], 503)
+            self.assertIn("did not answer within 0.5 s", str(error))
+        backend.hold.set()
+        yield agent.card.when_idle()
+        backend.hold = None
+        yield client.sign(b"x", "SHA256WithRSA")
+
+    @inlineCallbacks
+    def test_pin_check_that_hangs(self) -> Any:
+        """
+        A card that does not answer a PIN in time: 503 card-timeout; no
+        other PIN reaches it while it may still be checking that one, and
+        the pause after a wrong PIN follows its answer.
+        """
+        backend = _FaultBackend(None, None)
+        backend.login_hold = threading.Event()
+        self.addCleanup(backend.login_hold.set)
+        agent = yield self.start(backend, card_timeout=0.5)
+        error = yield self.assertFailure(
+            open_session(agent.url, "1111", agent.fingerprint), CardTimeout
+        )
+        self.assertEqual(error.problem["status"], 503)
+        paused = yield self.assertFailure(
+            open_session(agent.url, "2222", agent.fingerprint), PinPause
+        )
+        self.assertIn("checking another PIN", str(paused))
+        backend.login_hold.set()
+        yield agent.card.when_idle()
+        paused = yield self.assertFailure(
+            open_session(agent.url, "3333", agent.fingerprint), PinPause
+        )
+        self.assertIn("after a wrong PIN", str(paused))
+        self.assertEqual(backend.logins, 1)
+
+    @inlineCallbacks
+    def test_stop_with_a_card_that_hangs(self) -> Any:
+        """
+        Stopping the agent while the card hangs ends after the timeout.
+        """
+        backend = _FaultBackend(None, None)
+        backend.hold = threading.Event()
+        self.addCleanup(backend.hold.set)
+        agent = yield self.start(backend, card_timeout=0.5)
+        context = yield open_session(
+            agent.url, shared_testcard().pin, agent.fingerprint
+        )
+        client = CpsAgentClient.from_context(context, timeout=20)
+        self.addCleanup(client.close)
+        yield self.assertFailure(client.sign(b"x", "SHA256WithRSA"), CardTimeout)
+        started = reactor.seconds()  # type: ignore[attr-defined]
+        yield agent.service.stopService().addTimeout(10, reactor)
+        self.assertLess(reactor.seconds() - started, 5)  # type: ignore[attr-defined]
 
     @inlineCallbacks
     def test_pin_blocked(self) -> Any:

@@ -453,27 +453,29 @@ class PolicyOptionsTests(SynchronousTestCase):
         service.resource.audit.close()
 
 
-class ServiceStartTests(SynchronousTestCase):
+class ServiceStartTests(TestCase):
     def test_endpoint_failing_as_made(self) -> None:
         """
         An endpoint description that fails as the endpoint is made (past
         the options' check) fails the start like a busy port: the
         reactor stops, with one line saying why.
         """
-        reactor = MemoryReactorClock()
+        # The service's reactor is in memory, to see it stop; the card's
+        # thread reports to the real one.
+        memory = MemoryReactorClock()
         card = WorkerCard(SoftCardBackend(Path(_soft())), reactor)
-        resource = AgentResource(card, reactor, policy=None)
+        resource = AgentResource(card, memory, policy=None)
         key, certificate = tap.self_signed_identity()
         service = tap.AgentService(
-            reactor, "garbage:x", card, resource, server_tls_options(key, [certificate])
+            memory, "garbage:x", card, resource, server_tls_options(key, [certificate])
         )
         self.addCleanup(service.stopService)
         events: list[dict[str, Any]] = []
         globalLogPublisher.addObserver(events.append)
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
         service.startService()
-        reactor.advance(0)
-        self.assertTrue(reactor.hasStopped)
+        memory.advance(0)
+        self.assertTrue(memory.hasStopped)
         [line] = [e for e in events if "cannot listen" in e.get("log_format", "")]
         self.assertIn("Unknown endpoint type", formatEvent(line))
 

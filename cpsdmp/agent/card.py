@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -21,10 +22,10 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import NameOID
-from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 _log = Logger()
@@ -240,6 +241,24 @@ class KeyNotFound(CardError):
     """
 
 
+class CardTimeout(CardError):
+    """
+    The card did not answer in time; the operation may still be under way
+    on the card's thread, and what comes after it waits for it.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(
+            f"the card did not answer within {seconds:g} s: check the reader, "
+            "take the card out and put it back"
+        )
+
+
+#: Seconds a card operation may take before the agent answers without it.
+#: A CPS card signs in well under a second, and checks a PIN in about one.
+DEFAULT_CARD_TIMEOUT = 30.0
+
+
 class CardBackend(Protocol):
     """
     The blocking operations of one card. Only the worker thread of a
@@ -284,24 +303,46 @@ class CardBackend(Protocol):
         """
 
 
+class _CardThread(threading.Thread):
+    """
+    The card's worker thread: a daemon, so that a card that hangs does not
+    keep the process from exiting.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.daemon = True
+
+
 class WorkerCard:
     """
     A card whose operations run on one dedicated thread, in the order they
     are asked, so that concurrent callers queue rather than fail and the
-    reactor never waits on the card.
+    reactor never waits on the card. An operation that takes longer than
+    C{timeout} seconds fails with L{CardTimeout}; the thread cannot be
+    interrupted, so what is queued behind it waits on, each with its own
+    timeout.
     """
 
     def __init__(
-        self, backend: CardBackend, reactor: IReactorFromThreads | None = None
+        self,
+        backend: CardBackend,
+        reactor: Any = None,
+        timeout: float = DEFAULT_CARD_TIMEOUT,
     ):
         if reactor is None:
             from twisted.internet import reactor as _reactor
 
-            reactor = _reactor  # type: ignore[assignment]
+            reactor = _reactor
         assert reactor is not None
         self.backend = backend
+        self.timeout = timeout
         self._reactor = reactor
         self._pool = ThreadPool(1, 1, name="cpsdmp-card")
+        self._pool.threadFactory = _CardThread
+        self._outstanding = 0
+        self._idle: list[Deferred[None]] = []
+        self._stopping = False
 
     @property
     def description(self) -> str:
@@ -311,16 +352,68 @@ class WorkerCard:
         if not self._pool.started:
             self._pool.start()
 
-    def stop(self) -> None:
+    def stop(self) -> Deferred[None]:
         """
-        Finish the queued operations, then release the card.
+        Finish the queued operations, then release the card; a card that
+        hangs is given up on after the timeout.
+
+        @return: a Deferred that fires once the card is released or given
+            up on.
         """
-        if self._pool.started and not self._pool.joined:
-            self._pool.callInThread(self.backend.close)
-            self._pool.stop()
+        if not self._pool.started or self._stopping:
+            return succeed(None)
+        closed = self._run(self.backend.close)
+        self._stopping = True
+
+        def let_go(result: object) -> None:
+            if isinstance(result, Failure):
+                _log.warn(
+                    "the card was not released: {reason}",
+                    reason=result.getErrorMessage(),
+                )
+            if self._outstanding:
+                # The thread is stuck in the card: join it on a thread of
+                # its own, which the process does not wait for either.
+                threading.Thread(target=self._pool.stop, daemon=True).start()
+            else:
+                self._pool.stop()
+
+        return closed.addBoth(let_go)
+
+    def when_idle(self) -> Deferred[None]:
+        """
+        @return: a Deferred that fires once every operation asked so far
+            has ended on the card's thread, timed out or not.
+        """
+        if not self._outstanding:
+            return succeed(None)
+        waiting: Deferred[None] = Deferred()
+        self._idle.append(waiting)
+        return waiting
+
+    def _ended(self) -> None:
+        self._outstanding -= 1
+        if not self._outstanding:
+            waiting, self._idle = self._idle, []
+            for d in waiting:
+                d.callback(None)
 
     def _run(self, f: Callable[..., _T], *args: Any) -> Deferred[_T]:
-        return deferToThreadPool(self._reactor, self._pool, f, *args)
+        def run() -> _T:
+            try:
+                return f(*args)
+            finally:
+                self._reactor.callFromThread(self._ended)
+
+        def timed_out(result: object, timeout: float) -> _T:
+            raise CardTimeout(timeout)
+
+        if self._stopping:
+            # A request on a connection that outlived the agent's port.
+            return fail(NoCard("the agent is stopping: it has let go of the card"))
+        self._outstanding += 1
+        d: Deferred[_T] = deferToThreadPool(self._reactor, self._pool, run)
+        return d.addTimeout(self.timeout, self._reactor, onTimeoutCancel=timed_out)
 
     def login(self, pin: str) -> Deferred[None]:
         """

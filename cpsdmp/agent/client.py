@@ -127,6 +127,13 @@ class CardRemoved(AgentError):
     """
 
 
+class CardTimeout(AgentError):
+    """
+    The card did not answer the agent in time (a reader or a card that
+    hangs); the agent gave up waiting for it.
+    """
+
+
 _ERRORS: Mapping[str, type[AgentError]] = {
     problems.WRONG_PIN: WrongPin,
     problems.PIN_PAUSE: PinPause,
@@ -136,6 +143,7 @@ _ERRORS: Mapping[str, type[AgentError]] = {
     problems.KEY_NOT_FOUND: NoCard,
     problems.CARD_REMOVED: CardRemoved,
     problems.CARD_FAULT: CardRemoved,
+    problems.CARD_TIMEOUT: CardTimeout,
     problems.TOKEN_MISSING: TokenExpired,
     problems.TOKEN_EXPIRED: TokenExpired,
     problems.CARD_LOCKED: TokenExpired,

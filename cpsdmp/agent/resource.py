@@ -39,6 +39,7 @@ from cpsdmp.agent.card import (
     CardError,
     CardFault,
     CardRemoved,
+    CardTimeout,
     Holder,
     KeyNotFound,
     KeyUsage,
@@ -108,6 +109,8 @@ class ICardLike(Protocol):
     def holder(self) -> Deferred[Holder]: ...
 
     def check_present(self) -> Deferred[None]: ...
+
+    def when_idle(self) -> Deferred[None]: ...
 
     def sign(
         self, usage: KeyUsage, algorithm: Algorithm, data: bytes
@@ -202,6 +205,8 @@ def _card_problem(error: CardError) -> Problem:
         )
     if isinstance(error, CardFault):
         return Problem(503, problems.CARD_FAULT, "Card error", str(error))
+    if isinstance(error, CardTimeout):
+        return Problem(503, problems.CARD_TIMEOUT, "Card timeout", str(error))
     if isinstance(error, KeyNotFound):
         return Problem(503, problems.KEY_NOT_FOUND, "Key not on the card", str(error))
     return Problem(503, problems.NO_CARD, "Card unavailable", str(error))
@@ -545,6 +550,7 @@ class AgentResource(Resource):
                 retryAfter=1,
             )
         self._checking_pin = True
+        checked = True
         try:
             await self.card.login(pin)
         except WrongPin:
@@ -555,8 +561,17 @@ class AgentResource(Resource):
             # The card is locked now: no earlier token may use it.
             self.tokens.drop_all()
             raise
+        except CardTimeout:
+            # The card may still be checking this PIN: no other PIN reaches
+            # it until it is done, and then only after the pause, as after
+            # a wrong one.
+            self.tokens.drop_all()
+            checked = False
+            self.card.when_idle().addCallback(self._pin_check_ended)
+            raise
         finally:
-            self._checking_pin = False
+            if checked:
+                self._checking_pin = False
         self._card_chain = None
         self._card_signature_chain = None
         token, expires = self.tokens.issue()
@@ -571,6 +586,10 @@ class AgentResource(Resource):
             },
             201,
         )
+
+    def _pin_check_ended(self, _: object) -> None:
+        self._checking_pin = False
+        self._pin_retry_at = self.clock.seconds() + self.wrong_pin_pause
 
     async def _lock(self, request: Request, rest: list[str]) -> None:
         self.tokens.drop_all()

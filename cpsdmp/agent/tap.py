@@ -23,7 +23,7 @@ from cryptography.x509.oid import NameOID
 from twisted.application.service import IService, Service
 from twisted.internet import ssl
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import LoopingCall
@@ -38,6 +38,7 @@ from cpsdmp.agent.audit import (
     create_private,
 )
 from cpsdmp.agent.card import (
+    DEFAULT_CARD_TIMEOUT,
     CardBackend,
     Pkcs11Backend,
     SoftCardBackend,
@@ -115,6 +116,13 @@ class Options(usage.Options):
             "Signatures allowed per session: N/SECONDS.",
         ],
         ["audit-log", None, None, "File to append a JSON line per signature to."],
+        [
+            "card-timeout",
+            None,
+            DEFAULT_CARD_TIMEOUT,
+            "Seconds a card operation may take before the agent answers 503.",
+            float,
+        ],
     ]
 
     optFlags = [
@@ -178,6 +186,12 @@ class Options(usage.Options):
             raise usage.UsageError(
                 f"--session-idle must be a number of seconds from 1 to "
                 f"{MAX_SESSION_IDLE:g}"
+            )
+        if not (
+            math.isfinite(self["card-timeout"]) and 0 < self["card-timeout"] <= 600
+        ):
+            raise usage.UsageError(
+                "--card-timeout must be a number of seconds from 1 to 600"
             )
         pause = self["wrong-pin-pause"]
         if not (math.isfinite(pause) and 0 <= pause <= 3600):
@@ -495,6 +509,7 @@ class AgentService(Service):
         self.resource = resource
         self._tls = tls
         self.port: IListeningPort | None = None
+        self._factory: TLSMemoryBIOFactory | None = None
         self._watch = LoopingCall(resource.watch_card)
         self._watch.clock = reactor
         self.listening: Deferred[IListeningPort] = Deferred()
@@ -504,6 +519,7 @@ class AgentService(Service):
         self.card.start()
         self._watch.start(CARD_WATCH_INTERVAL, now=False)
         factory = TLSMemoryBIOFactory(self._tls, False, agent_site(self.resource))
+        self._factory = factory
 
         def listen() -> Deferred[IListeningPort]:
             endpoint = serverFromString(self._reactor, self._listen)  # type: ignore[no-untyped-call]
@@ -555,13 +571,20 @@ class AgentService(Service):
         port, self.port = self.port, None
         if self._watch.running:
             self._watch.stop()
-        self.card.stop()
+        # Connections kept alive by callers end with the agent: they would
+        # reach a card it no longer holds.
+        if self._factory is not None:
+            for protocol in list(self._factory.protocols):
+                protocol.transport.loseConnection()
+        released = self.card.stop()
         if self.resource.audit is not None:
             self.resource.audit.close()
+        stopping = [released]
         if port is not None:
             stopped: Deferred[None] | None = port.stopListening()
-            return stopped
-        return None
+            if stopped is not None:
+                stopping.append(stopped)
+        return gatherResults(stopping).addCallback(lambda _: None)
 
 
 def makeService(options: Options, reactor: Any = None) -> IService:
@@ -577,7 +600,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     else:
         key, certificate = self_signed_identity()
         chain = [certificate]
-    card = WorkerCard(card_backend(options), reactor)
+    card = WorkerCard(card_backend(options), reactor, options["card-timeout"])
     policy = signing_policy(options)
     _announce_policy(policy, options)
     resource = AgentResource(
