@@ -25,7 +25,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -160,17 +160,23 @@ async def running_agent(
         await agent.ended
 
 
-async def sequential(client: CpsAgentClient, data: bytes, count: int) -> list[float]:
+async def sequential(
+    client: CpsAgentClient, data: bytes | Iterator[bytes], count: int
+) -> list[float]:
     """
-    @return: the seconds each of C{count} signatures of C{data} took, one
-        at a time, after 10 not counted.
+    @param data: what to sign each time, or an iterator giving a new one
+        each time (a transcript is signed once).
+    @return: the seconds each of C{count} signatures took, one at a time,
+        after 10 not counted.
     """
+    next_data = (lambda: data) if isinstance(data, bytes) else data.__next__
     for _ in range(10):
-        await client.sign(data, ALGORITHM.name)
+        await client.sign(next_data(), ALGORITHM.name)
     times = []
     for _ in range(count):
+        item = next_data()
         started = time.perf_counter()
-        await client.sign(data, ALGORITHM.name)
+        await client.sign(item, ALGORITHM.name)
         times.append(time.perf_counter() - started)
     return times
 
@@ -212,13 +218,15 @@ class _Recording:
         return self._client.sign(data, scheme)
 
 
-async def real_transcript(
-    reactor: Any, card: TestCard, client: CpsAgentClient
-) -> bytes:
+async def real_transcripts(
+    reactor: Any, card: TestCard, client: CpsAgentClient, count: int
+) -> list[bytes]:
     """
-    @return: the transcript of a real handshake of our TLS client, its key
-        the card behind the agent, with an OpenSSL server set up like the
-        sandbox DMP (its certificate, client certificates required).
+    @return: the transcripts of C{count} real handshakes of our TLS client,
+        its key the card behind the agent C{client} talks to, with an
+        OpenSSL server set up like the sandbox DMP (its certificate, client
+        certificates required). The policy signs a transcript once: each
+        measure of it needs new ones, made through another agent.
     """
     server = dmp_server_options(
         card.sandbox_cert, card.sandbox_key, [card.ca_root, *card.ca_intermediates]
@@ -232,37 +240,95 @@ async def real_transcript(
         endpoint = TLSClientEndpoint.for_host(
             reactor, "localhost", port.getHost().port, config
         )
-        protocol = await endpoint.connect(Factory.forProtocol(Protocol))
-        protocol.transport.loseConnection()
-        return key.transcripts[0]
+        for _ in range(count):
+            protocol = await endpoint.connect(Factory.forProtocol(Protocol))
+            protocol.transport.loseConnection()
+        return key.transcripts
     finally:
         await port.stopListening()
 
 
 def policy_check(
-    card: TestCard, transcript: bytes, card_chain: list[bytes], count: int
+    card: TestCard, transcripts: list[bytes], card_chain: list[bytes], count: int
 ) -> tuple[list[float], list[float]]:
     """
-    @return: the seconds C{check_authentication} took on C{transcript},
-        with the server chain already verified once (as for every handshake
-        after the first), and with a fresh policy each time (a cold chain).
+    @return: the seconds C{check_authentication} took on each of C{count}
+        transcripts (after 20 not counted), with the server chain already
+        verified once (as for every handshake after the first), and with a
+        fresh policy each time (a cold chain).
     """
     warm, cold = [], []
     policy = signing_policy({"testcard": card.directory})
     assert policy is not None
-    for i in range(count + 20):
+    for i, transcript in enumerate(transcripts[: count + 20]):
         started = time.perf_counter()
         decision = policy.check_authentication(transcript, card_chain)
         if i >= 20:
             warm.append(time.perf_counter() - started)
         assert decision.allowed, decision.reason
-    for _ in range(min(count, 100)):
+    for transcript in transcripts[: min(count, 100)]:
         fresh = signing_policy({"testcard": card.directory})
         assert fresh is not None
         started = time.perf_counter()
-        fresh.check_authentication(transcript, card_chain)
+        decision = fresh.check_authentication(transcript, card_chain)
         cold.append(time.perf_counter() - started)
+        assert decision.allowed, decision.reason
     return warm, cold
+
+
+def signature_requests(certificate: x509.Certificate, count: int) -> list[bytes]:
+    """
+    @return: C{count} submission-set signature requests for C{certificate},
+        each of one consultation report, as the facade hands them to the
+        agent.
+    """
+    from cpsdmp.xds.cda import document_entry
+    from cpsdmp.xds.sample import sample_cda
+    from cpsdmp.xds.signature import sign_submission
+    from cpsdmp.xds.transactions import new_submission
+    from tests.xdsvalues import DEFAULTS, PROFESSIONAL, SOFTWARE, STRUCTURE
+
+    requests: list[bytes] = []
+
+    def signer(request: bytes, algorithm: str) -> Deferred[bytes]:
+        requests.append(request)
+        return Deferred()  # only the request is wanted
+
+    professional = {
+        "id": "810001234567",
+        "given_name": "Marie",
+        "family_name": "DURAND-TEST",
+        "specialty": "G15_10/SM54",
+        "organization": "CABINET CPSDMP TEST",
+    }
+    for _ in range(count):
+        data = sample_cda(professional)
+        submission = new_submission(
+            [(document_entry(data), data)], PROFESSIONAL, STRUCTURE, SOFTWARE, DEFAULTS
+        )
+        sign_submission(submission, signer, certificate, PROFESSIONAL, STRUCTURE)
+    return requests
+
+
+def signature_check(
+    card: TestCard, chain: list[x509.Certificate], count: int
+) -> tuple[list[float], int]:
+    """
+    @return: the seconds C{check_signature} took on each of C{count}
+        requests of one document (after 20 not counted), and a request's
+        size.
+    """
+    policy = signing_policy({"testcard": card.directory})
+    assert policy is not None
+    requests = signature_requests(chain[0], count + 20)
+    times = []
+    for i, request in enumerate(requests):
+        started = time.perf_counter()
+        decision = policy.check_signature(request, ALGORITHM.name, chain)
+        if i >= 20:
+            times.append(time.perf_counter() - started)
+        assert decision.allowed, decision.reason
+    return times, len(requests[0])
 
 
 def summary(times: list[float]) -> dict[str, float]:
@@ -284,19 +350,31 @@ async def run(reactor: Any, arguments: argparse.Namespace) -> None:
         running_agent(reactor, card, twist_cpsagent(card, True)) as on,
         running_agent(reactor, card, twist_cpsagent(card)) as off,
     ):
-        transcript = await real_transcript(reactor, card, on)
+        # Made through the agent with the policy off, so that the other has
+        # signed none of them yet; enough for its measure, warm-ups included.
+        blocks = range(0, arguments.count, 50)
+        transcripts = await real_transcripts(
+            reactor, card, off, arguments.count + 10 * len(blocks) + 20
+        )
         card_chain = [
             c.public_bytes(Encoding.DER) for c in await on.certificate_chain()
         ]
+        signature_chain = await on.signature_certificate_chain()
         # Blocks of 50 taken in turn from each agent, so that both see the
-        # same moments of the machine's load.
+        # same moments of the machine's load; each signs the same
+        # transcripts, once each.
         policy_on: list[float] = []
         policy_off: list[float] = []
-        for start in range(0, arguments.count, 50):
+        for_on, for_off = iter(transcripts), iter(transcripts)
+        for start in blocks:
             block = min(50, arguments.count - start)
-            policy_on += await sequential(on, transcript, block)
-            policy_off += await sequential(off, transcript, block)
-    warm, cold = policy_check(card, transcript, card_chain, arguments.count)
+            policy_on += await sequential(on, for_on, block)
+            policy_off += await sequential(off, for_off, block)
+    warm, cold = policy_check(card, transcripts, card_chain, arguments.count)
+    transcript = transcripts[0]
+    request_times, request_bytes = signature_check(
+        card, signature_chain, arguments.count
+    )
     agent_times, wall = await through_agent(
         reactor, card, twist_cpsagent(card), arguments.count, arguments.concurrency
     )
@@ -321,6 +399,8 @@ async def run(reactor: Any, arguments: argparse.Namespace) -> None:
         "check_cold": summary(cold),
         "agent_policy_on": summary(policy_on),
         "agent_policy_off": summary(policy_off),
+        "signature_request_bytes": request_bytes,
+        "check_signature_request": summary(request_times),
     }
     results["overhead_ms"] = {
         "mean": results["agent_sequential"]["mean_ms"] - results["direct"]["mean_ms"],
@@ -353,7 +433,10 @@ async def run(reactor: Any, arguments: argparse.Namespace) -> None:
         f"{o['median']:.2f} ms median"
     )
     p = results["policy"]
-    print(f"signing policy, on a real {p['transcript_bytes']}-byte transcript:")
+    print(
+        f"signing policy, on real transcripts of {p['transcript_bytes']} bytes, "
+        "each signed once:"
+    )
     rows = (
         ("check, chain known", p["check_warm"]),
         ("check, chain new", p["check_cold"]),
@@ -365,6 +448,12 @@ async def run(reactor: Any, arguments: argparse.Namespace) -> None:
             f"{label:24}{r['per_second']:10.1f}{r['mean_ms']:10.2f}"
             f"{r['median_ms']:11.2f}{r['p95_ms']:9.2f}"
         )
+    r = p["check_signature_request"]
+    print(f"signature key, on requests of {p['signature_request_bytes']} bytes:")
+    print(
+        f"{'check, signature request':24}{r['per_second']:10.1f}{r['mean_ms']:10.2f}"
+        f"{r['median_ms']:11.2f}{r['p95_ms']:9.2f}"
+    )
 
 
 def main() -> None:
