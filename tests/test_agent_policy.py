@@ -1034,7 +1034,11 @@ class SignatureEndpointTests(PolicyAgentTestCase):
         self.assertEqual(line["key"], "authentication")
         self.assertEqual(line["algorithm"], "SHA256WithRSA")
         self.assertEqual(line["outcome"], "refused")
-        self.assertIn("transcript", line["reason"])
+        self.assertEqual(
+            document["detail"],
+            "the card's authentication key does not sign this: " + line["reason"],
+        )
+        self.assertTrue(line["reason"].startswith("not a TLS 1.2 handshake transcript"))
 
 
 class AuditEveryRequestTests(PolicyAgentTestCase):

@@ -721,6 +721,7 @@ class AgentResource(Resource):
                 context=context,
                 reason=decision.reason,
             )
+            record.write(outcome="refused", reason=decision.reason)
             raise Problem(
                 403,
                 problems.POLICY_REFUSED,
