@@ -11,7 +11,11 @@ handshake with client authentication, the server chain leads to a trusted
 root for the server's name, and the ServerKeyExchange signature verifies
 over the transcript's own randoms: that signature is made by the server's
 private key, so no one can build such a transcript from the server's public
-chain alone.
+chain alone. What that signature does not cover (the ClientHello but its
+random, the ServerHello but its random, the CertificateRequest, the client's
+Certificate and ClientKeyExchange) is held to what the project's TLS client
+sends (L{cpsdmp.agent.transcript}), the algorithm asked for must be the one
+that client would sign the handshake with, and a transcript is signed once.
 
 The server's name is the ClientHello's server_name. A client sends none for
 an IP address (RFC 6066, section 3); then the certificate must be valid for
@@ -115,10 +119,9 @@ def _name_matches(name: str, allowed: str) -> bool:
 
 
 #: How long, and how many, client randoms of signed transcripts the agent
-#: remembers to refuse them again: a day of handshakes, far more than a
-#: professional's software makes in one (the rate limit allows 120 a
-#: minute per session, and TLS resumption spares most handshakes a
-#: signature).
+#: remembers to refuse them again: a day, and far more handshakes than a
+#: professional's software makes in one (TLS resumption spares most
+#: connections a handshake signature).
 REPLAY_WINDOW = 24 * 3600.0
 REPLAY_CAPACITY = 10_000
 
@@ -197,8 +200,9 @@ class SigningPolicy:
         Check that C{data} is the transcript of a TLS 1.2 handshake, up to
         the client's ClientKeyExchange, between the card whose
         authentication certificate and intermediates are C{card_chain}
-        (DER, as the agent serves them) and an allowed server, which
-        accepts client signatures made with C{algorithm}.
+        (DER, as the agent serves them) and an allowed server, made by the
+        project's TLS client, which signs it with C{algorithm}, and not
+        signed before.
         """
         try:
             return PolicyDecision.allow(
@@ -238,13 +242,8 @@ class SigningPolicy:
                 f"the server chose group {exchange.group}, which the ClientHello "
                 "did not offer"
             )
-        try:
-            group = NamedGroup(exchange.group)
-        except ValueError:
-            raise Refused(
-                f"the server chose group {exchange.group}, which the project's TLS "
-                "client does not support"
-            ) from None
+        # One of the project's groups: the ClientHello offers no other.
+        group = NamedGroup(exchange.group)
         if exchange.scheme not in hello.signature_schemes:
             raise Refused(
                 f"the server signed its key exchange with scheme "

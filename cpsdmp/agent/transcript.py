@@ -57,8 +57,8 @@ TRANSCRIPT = (
 MAX_MESSAGE = (8192, 1024, 32768, 2048, 16384, 0, 16384, 1 + 97)
 
 # What the project's TLS client puts in a ClientHello (see
-# cpsdmp.protocols.tls.messages.ClientHello.encode): these extensions and no
-# other, the first five always.
+# cpsdmp.protocols.tls.messages.ClientHello.encode): the extensions it
+# names (_SENT) and no other, these five always.
 _ALWAYS_SENT = (
     ExtensionType.supported_groups,
     ExtensionType.ec_point_formats,
