@@ -678,10 +678,14 @@ def _check_digest(
     reference: etree._Element, data: bytes | memoryview, name: str
 ) -> None:
     ns = {"ds": DS}
-    if reference.find("ds:DigestMethod", ns).get("Algorithm") != SHA256:
+    method = reference.find("ds:DigestMethod", ns)
+    if method is None or method.get("Algorithm") != SHA256:
         raise SignatureInvalid(f"reference {name} does not use SHA-256")
-    expected = base64.b64decode(
-        reference.findtext("ds:DigestValue", namespaces=ns) or ""
-    )
+    try:
+        expected = base64.b64decode(
+            reference.findtext("ds:DigestValue", namespaces=ns) or "", validate=True
+        )
+    except ValueError:
+        raise SignatureInvalid(f"reference {name} has no base64 digest") from None
     if hashlib.sha256(data).digest() != expected:
         raise SignatureInvalid(f"the digest of {name} does not match")

@@ -553,6 +553,23 @@ class SignatureRequestTests(SynchronousTestCase):
         )
         self.refused(request, "more than 15 minutes", now=moment - timedelta(hours=1))
 
+    def test_malformed_references(self) -> None:
+        """
+        A SignedInfo reference without its DigestMethod, or with a digest
+        that is not base64, is refused by name, never an error.
+        """
+        info = "ds:SignedInfo/ds:Reference"
+
+        def no_method(root) -> None:
+            reference = root.find(info, NS)
+            reference.remove(reference.find("ds:DigestMethod", NS))
+
+        def not_base64(root) -> None:
+            root.find(info, NS).find("ds:DigestValue", NS).text = "x"
+
+        self.refused(edited(self.request, no_method), "does not use SHA-256")
+        self.refused(edited(self.request, not_base64), "has no base64 digest")
+
     def test_not_a_request(self) -> None:
         self.refused(b"hello", "not a submission-set signature")
         self.refused(b"<a/>", "not an XML-DSig Signature")
