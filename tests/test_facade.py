@@ -12,6 +12,7 @@ import base64
 import json
 import os
 import re
+import secrets
 import socket
 import sys
 from dataclasses import dataclass
@@ -800,7 +801,7 @@ class FaultTests(FacadeTestCase):
         A token the agent does not know (expired, or the card was locked):
         401, saying the PIN is needed again.
         """
-        context = dict(self.context, token="not-a-token")
+        context = dict(self.context, token=secrets.token_urlsafe(32))
         error = yield self.failure_of(
             self.facade.td02_exist(CDA_PATIENT, context), AgentSessionExpired
         )
@@ -1462,6 +1463,124 @@ class SubmitCommandTests(FacadeTestCase):
         )
         self.assertEqual(code, 1)
         self.assertIn(b"422", err)
+
+
+class _Counting(Protocol):
+    """
+    A listener that notes every connection and every byte it receives, and
+    never answers.
+    """
+
+    def connectionMade(self) -> None:
+        self.factory.connections += 1  # type: ignore[attr-defined]
+
+    def dataReceived(self, data: bytes) -> None:
+        self.factory.received += data  # type: ignore[attr-defined]
+
+
+def counting_listener(test: TestCase) -> tuple[Factory, int]:
+    """
+    @return: a L{_Counting} listener's factory on loopback, and its port.
+    """
+    factory = Factory.forProtocol(_Counting)
+    factory.connections = 0  # type: ignore[attr-defined]
+    factory.received = b""  # type: ignore[attr-defined]
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    test.addCleanup(port.stopListening)
+    return factory, port.getHost().port
+
+
+class AgentContextTests(FacadeTestCase):
+    @inlineCallbacks
+    def test_malformed_context_refused_at_once(self) -> Any:
+        """
+        An agent context whose URL is not https://, whose fingerprint is not
+        a SHA-256 or whose token is not shaped like the agent's is refused
+        at once (400, naming the member; the token never repeated), and
+        nothing is sent to the address it names: a listener there sees no
+        connection.
+        """
+        listener, port = counting_listener(self)
+        token = self.context["token"]
+        cases = [
+            ({"url": f"http://127.0.0.1:{port}"}, "https://"),
+            ({"url": f"ftp://127.0.0.1:{port}"}, "https://"),
+            ({"url": "https://"}, "url"),
+            ({"url": f"https://user:pw@127.0.0.1:{port}"}, "credentials"),
+            ({"url": f"https://127.0.0.1:{port}/?a=b"}, "query"),
+            ({"url": "https://127.0.0.1:99999"}, "port"),
+            ({"url": f"https://127.0.0.1:{port}/" + "a" * 3000}, "url"),
+            ({"tlsFingerprint": "nope"}, "tlsFingerprint"),
+            ({"tlsFingerprint": "sha256:00"}, "tlsFingerprint"),
+            ({"tlsFingerprint": "sha256:" + "g" * 64}, "tlsFingerprint"),
+            ({"tlsFingerprint": "sha256:" + "00 " * 32}, "tlsFingerprint"),
+            ({"token": token[:15]}, "token"),
+            ({"token": "A" * 513}, "token"),
+            ({"token": token[:20] + " " + token[21:]}, "token"),
+            ({"token": token[:20] + "=" + token[21:]}, "token"),
+        ]
+        for change, named in cases:
+            context = {**self.context, "url": f"https://127.0.0.1:{port}", **change}
+            response, problem = yield post_json(
+                self.facade_url + "/dmp/td02Exist",
+                {"agentContext": context, "patient": CDA_PATIENT},
+            )
+            self.assertEqual(response.code, 400, (change, problem))
+            self.assertEqual(
+                problem["type"].rsplit("/", 1)[-1], "malformed-request", problem
+            )
+            self.assertIn(named, problem["detail"], change)
+            self.assertLess(len(problem["detail"]), 400, change)
+            if "token" in change:
+                self.assertNotIn(change["token"], problem["detail"])
+        self.assertEqual((listener.connections, listener.received), (0, b""))
+        # Each refused as the description says: not one of these conforms.
+        schema = _pointer(
+            "paths",
+            "/dmp/td02Exist",
+            "post",
+            "requestBody",
+            "content",
+            "application/json",
+            "schema",
+            "properties",
+            "agentContext",
+        )
+        conforms(self.context, schema)
+        for change, _ in cases:
+            if (
+                change.get("url", "").startswith("https://")
+                and len(change["url"]) < 2048
+            ):
+                continue  # the description does not parse URLs
+            self.assertRaises(
+                AssertionError, conforms, dict(self.context, **change), schema
+            )
+
+    @inlineCallbacks
+    def test_well_formed_contexts(self) -> Any:
+        """
+        A fingerprint with colons between its bytes or in capitals, and a
+        token of another length than the agent's own, are well formed: the
+        agent is asked, and says whether it knows them.
+        """
+        fingerprint = self.context["tlsFingerprint"]
+        digest = fingerprint.split(":", 1)[1]
+        for variant in [
+            "sha256:" + digest.upper(),
+            "sha256:" + ":".join(digest[i : i + 2] for i in range(0, 64, 2)),
+        ]:
+            answer = yield self.facade.td02_exist(
+                CDA_PATIENT, dict(self.context, tlsFingerprint=variant)
+            )
+            self.assertTrue(answer["exists"])
+        error = yield self.failure_of(
+            self.facade.td02_exist(
+                CDA_PATIENT, dict(self.context, token=secrets.token_urlsafe(12))
+            ),
+            AgentSessionExpired,
+        )
+        self.assertEqual(error.status, 401)
 
 
 class MoreFaultTests(FacadeTestCase):

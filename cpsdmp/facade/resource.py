@@ -359,9 +359,17 @@ _CONTEXT_SCHEMA = {
     "from the agent (POST /cps/session).",
     "required": ["url", "token", "tlsFingerprint"],
     "properties": {
-        "url": {"type": "string"},
-        "token": {"type": "string"},
-        "tlsFingerprint": {"type": "string", "pattern": "^sha256:"},
+        "url": {
+            "type": "string",
+            "pattern": "^https://",
+            "maxLength": 2048,
+            "description": "the agent's https:// URL",
+        },
+        "token": {"type": "string", "pattern": "^[A-Za-z0-9_-]{16,512}$"},
+        "tlsFingerprint": {
+            "type": "string",
+            "pattern": "^sha256:([0-9A-Fa-f]{64}|[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){31})$",
+        },
     },
 }
 _PATIENT_SCHEMA = {

@@ -15,12 +15,14 @@ was stored.
 
 from __future__ import annotations
 
+import re
 import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import treq
 from cryptography import x509
@@ -180,6 +182,58 @@ class UnknownOutcome(FacadeError):
         self.unique_ids = list(unique_ids)
 
 
+#: The agent's tokens are 256 random bits in base64url (43 characters); a
+#: context may carry another length, but only of those characters, bounded.
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{16,512}")
+#: A certificate's SHA-256 as the agent gives it, colons between bytes allowed.
+_FINGERPRINT = re.compile(
+    r"sha256:(?:[0-9A-Fa-f]{64}|[0-9A-Fa-f]{2}(?::[0-9A-Fa-f]{2}){31})"
+)
+MAX_URL_LENGTH = 2048
+
+
+def excerpt(value: object, length: int = 40) -> str:
+    """
+    @return: the start of a value a request gave, quoted, to name it in an
+        error without echoing all of it.
+    """
+    text = value if isinstance(value, str) else repr(value)
+    if len(text) > length:
+        return repr(text[:length]) + f"... ({len(text)} characters)"
+    return repr(text)
+
+
+def _agent_url(url: str) -> str:
+    """
+    @return: C{url}, an C{https://} URL of a host, with neither credentials,
+        query nor fragment.
+    @raise ValueError: saying what is wrong with it.
+    """
+    if len(url) > MAX_URL_LENGTH:
+        raise ValueError(f"agentContext.url is over {MAX_URL_LENGTH} characters")
+    parts = urlsplit(url)
+    if parts.scheme.lower() != "https":
+        raise ValueError(
+            f"agentContext.url must be an https:// URL (the agent only speaks "
+            f"HTTPS and the token must not travel in clear), not {excerpt(url)}"
+        )
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port is not None and not 0 < port < 65536:
+        raise ValueError(f"agentContext.url has an invalid port: {excerpt(url)}")
+    if not parts.hostname or parts.username is not None:
+        raise ValueError(
+            f"agentContext.url must name a host, without credentials: {excerpt(url)}"
+        )
+    if parts.query or parts.fragment or "?" in url or "#" in url:
+        raise ValueError(
+            f"agentContext.url must have no query or fragment: {excerpt(url)}"
+        )
+    return url
+
+
 @dataclass(frozen=True)
 class AgentContext:
     """
@@ -194,7 +248,12 @@ class AgentContext:
     @classmethod
     def from_json(cls, value: object) -> AgentContext:
         """
-        @raise ValueError: not an object with the three string members.
+        Read an agent context, checking the shape of each member before
+        anything is sent anywhere: an C{https://} URL, a token of the
+        agent's alphabet and a bounded length, a SHA-256 fingerprint.
+
+        @raise ValueError: not an object with the three members, or one of
+            them malformed (the message names it; it never repeats the token).
         """
         if not isinstance(value, Mapping):
             raise ValueError(
@@ -206,7 +265,20 @@ class AgentContext:
             if not isinstance(member, str) or not member:
                 raise ValueError(f"agentContext lacks the string member {name!r}")
             members.append(member)
-        return cls(*members)
+        url, token, fingerprint = members
+        _agent_url(url)
+        if not _TOKEN.fullmatch(token):
+            raise ValueError(
+                f"agentContext.token is not an agent token: 16 to 512 characters "
+                f"of A-Z, a-z, 0-9, '-' and '_' (this one has {len(token)} "
+                "characters)"
+            )
+        if not _FINGERPRINT.fullmatch(fingerprint):
+            raise ValueError(
+                "agentContext.tlsFingerprint must be sha256: and the 64 hex "
+                f"digits of the agent's certificate, not {excerpt(fingerprint)}"
+            )
+        return cls(url, token, fingerprint)
 
     def __repr__(self) -> str:
         # Never show the token.
