@@ -483,16 +483,7 @@ class ScenarioTests(FacadeTestCase):
             ),
             ('name="documents"; filename="cda.xml"', "text/xml", data),
         ]
-        body = (
-            b"".join(
-                f"--{boundary}\r\nContent-Disposition: form-data; {disposition}\r\n"
-                f"Content-Type: {media}\r\n\r\n".encode()
-                + content
-                + b"\r\n"
-                for disposition, media, content in parts
-            )
-            + f"--{boundary}--\r\n".encode()
-        )
+        body = multipart(boundary, parts)
         status, answer = yield self.post(
             "/dmp/td21SubmitDocuments",
             body,
@@ -1400,6 +1391,41 @@ def post_json(url: str, body: Any, **headers: str) -> Any:
     return response, json.loads(content) if content else None
 
 
+@inlineCallbacks
+def post_raw(url: str, body: bytes, content_type: str) -> Any:
+    """
+    POST C{body} as it is to C{url}.
+
+    @return: a Deferred that fires with the response and its JSON body
+        (C{None} when it has none).
+    """
+    response = yield Agent(reactor).request(
+        b"POST",
+        url.encode(),
+        Headers({b"content-type": [content_type.encode()]}),
+        _body(body),
+    )
+    content = yield readBody(response)
+    return response, json.loads(content) if content else None
+
+
+def multipart(boundary: str, parts: list[tuple[str, str, bytes]]) -> bytes:
+    """
+    @return: a multipart/form-data body of C{(disposition, media type,
+        content)} parts.
+    """
+    return (
+        b"".join(
+            f"--{boundary}\r\nContent-Disposition: form-data; {disposition}\r\n"
+            f"Content-Type: {media}\r\n\r\n".encode()
+            + content
+            + b"\r\n"
+            for disposition, media, content in parts
+        )
+        + f"--{boundary}--\r\n".encode()
+    )
+
+
 def _body(data: bytes) -> Any:
     import io
 
@@ -1602,6 +1628,37 @@ class MoreFaultTests(FacadeTestCase):
             facade.td02_exist(CDA_PATIENT, context), AgentTimedOut
         )
         self.assertEqual(error.status, 504)
+
+    @inlineCallbacks
+    def test_deeply_nested_json(self) -> Any:
+        """
+        A body, or a multipart JSON part, of 200,000 nested lists: 400, as a
+        malformed request, not an internal error.
+        """
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        nested = b"[" * 200_000
+        response, problem = yield post_raw(
+            self.facade_url + "/dmp/td02Exist", nested, "application/json"
+        )
+        self.assertEqual(response.code, 400, problem)
+        self.assertIn("nested too deeply", problem["detail"])
+        boundary = "b0undary"
+        response, problem = yield post_raw(
+            self.facade_url + "/dmp/td21SubmitDocuments",
+            multipart(
+                boundary,
+                [
+                    ('name="agentContext"', "application/json", nested),
+                    ('name="documents"; filename="a.xml"', "text/xml", cda("BIO")),
+                ],
+            ),
+            f"multipart/form-data; boundary={boundary}",
+        )
+        self.assertEqual(response.code, 400, problem)
+        self.assertIn("'agentContext' is JSON nested too deeply", problem["detail"])
+        self.assertEqual([e for e in events if e.get("log_failure")], [])
 
     @inlineCallbacks
     def test_body_limit(self) -> Any:

@@ -1119,10 +1119,7 @@ class FacadeResource(Resource):
             return _multipart(request.getHeader("content-type") or "", raw)
         if not content_type.startswith(JSON):
             raise BadRequest(f"the body must be {JSON}, not {content_type or 'absent'}")
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as error:
-            raise BadRequest(f"the body is not JSON: {error}") from None
+        body = _json(raw, "the body")
         if not isinstance(body, dict):
             raise BadRequest("the body must be a JSON object")
         return body
@@ -1139,6 +1136,20 @@ class FacadeResource(Resource):
             json.dumps(problem.document(), ensure_ascii=False).encode("utf-8")
         )
         request.finish()
+
+
+def _json(raw: bytes, what: str) -> Any:
+    """
+    @return: C{raw} read as JSON.
+    @raise BadRequest: it is not JSON, or nested too deeply to be read.
+    """
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise BadRequest(f"{what} is JSON nested too deeply") from None
+    except ValueError as error:
+        # UnicodeDecodeError included.
+        raise BadRequest(f"{what} is not JSON: {error}") from None
 
 
 def _multipart(content_type: str, raw: bytes) -> dict[str, Any]:
@@ -1162,15 +1173,9 @@ def _multipart(content_type: str, raw: bytes) -> dict[str, Any]:
         if not isinstance(payload, bytes):
             payload = b""
         if name == "agentContext" and not filename:
-            try:
-                context = json.loads(payload)
-            except ValueError:
-                raise BadRequest("the part 'agentContext' is not JSON") from None
+            context = _json(payload, "the part 'agentContext'")
         elif name == "overrides" and not filename:
-            try:
-                overrides = json.loads(payload)
-            except ValueError:
-                raise BadRequest("the part 'overrides' is not JSON") from None
+            overrides = _json(payload, "the part 'overrides'")
         elif filename:
             documents.append(payload)
     if overrides is not None and (
