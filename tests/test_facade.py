@@ -17,6 +17,7 @@ import socket
 import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from ipaddress import ip_network
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,12 @@ from treq.client import HTTPClient
 from twisted.internet import reactor, ssl
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
+from twisted.internet.protocol import (
+    ClientFactory,
+    Factory,
+    ProcessProtocol,
+    Protocol,
+)
 from twisted.internet.task import deferLater
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import formatEvent, globalLogPublisher
@@ -45,6 +51,7 @@ from cpsdmp.agent.card import PinBlocked as CardPinBlockedError
 from cpsdmp.agent.client import CpsAgentClient, open_session
 from cpsdmp.facade.client import (
     AgentFailed,
+    AgentNotAllowed,
     AgentSessionExpired,
     AgentTimedOut,
     CardPinBlocked,
@@ -59,6 +66,7 @@ from cpsdmp.facade.client import (
     MalformedRequest,
     OutcomeUnknown,
 )
+from cpsdmp.facade.networks import AgentNetworkReactor
 from cpsdmp.facade.resource import ROUTES, openapi
 from cpsdmp.facade.service import FacadeConfig
 from cpsdmp.facade.tap import FacadeService
@@ -1499,6 +1507,7 @@ class _Counting(Protocol):
 
     def connectionMade(self) -> None:
         self.factory.connections += 1  # type: ignore[attr-defined]
+        self.factory.transports.append(self.transport)  # type: ignore[attr-defined]
 
     def dataReceived(self, data: bytes) -> None:
         self.factory.received += data  # type: ignore[attr-defined]
@@ -1511,8 +1520,15 @@ def counting_listener(test: TestCase) -> tuple[Factory, int]:
     factory = Factory.forProtocol(_Counting)
     factory.connections = 0  # type: ignore[attr-defined]
     factory.received = b""  # type: ignore[attr-defined]
+    factory.transports = []  # type: ignore[attr-defined]
     port = reactor.listenTCP(0, factory, interface="127.0.0.1")
     test.addCleanup(port.stopListening)
+
+    def close() -> None:
+        for transport in factory.transports:  # type: ignore[attr-defined]
+            transport.abortConnection()
+
+    test.addCleanup(close)
     return factory, port.getHost().port
 
 
@@ -1534,6 +1550,7 @@ class AgentContextTests(FacadeTestCase):
             ({"url": "https://"}, "url"),
             ({"url": f"https://user:pw@127.0.0.1:{port}"}, "credentials"),
             ({"url": f"https://127.0.0.1:{port}/?a=b"}, "query"),
+            ({"url": f"https://[::1]:{port}"}, "IPv6"),
             ({"url": "https://127.0.0.1:99999"}, "port"),
             ({"url": f"https://127.0.0.1:{port}/" + "a" * 3000}, "url"),
             ({"tlsFingerprint": "nope"}, "tlsFingerprint"),
@@ -1607,6 +1624,122 @@ class AgentContextTests(FacadeTestCase):
             AgentSessionExpired,
         )
         self.assertEqual(error.status, 401)
+
+
+class _Greeting(Protocol):
+    """
+    A client that writes as soon as it is connected, as TLS does.
+    """
+
+    def connectionMade(self) -> None:
+        self.transport.write(b"hello")  # type: ignore[union-attr]
+
+
+class _Attempt(ClientFactory):
+    protocol = _Greeting
+
+    def __init__(self) -> None:
+        self.failed: Deferred[Any] = Deferred()
+
+    def clientConnectionFailed(self, connector: Any, reason: Any) -> None:
+        # The reason as a value, not as the Deferred's failure.
+        self.failed.callback([reason])
+
+
+class AgentNetworkTests(FacadeTestCase):
+    @inlineCallbacks
+    def test_outside_networks_refused(self) -> Any:
+        """
+        With agents allowed only in another network than loopback, every
+        agent URL on loopback is refused with the same 403, whether a real
+        agent, a closed port, a plain listener or a TLS server is there (the
+        facade is no port scanner), and nothing is sent: the listener sees
+        no connection.
+        """
+        facade = yield self.start_facade(
+            self.dmp_url(self.sandbox_port),
+            agent_networks=[ip_network("192.0.2.0/24")],
+        )
+        listener, port = counting_listener(self)
+        details = set()
+        for url in [
+            self.agent.url,
+            f"https://127.0.0.1:{free_port()}",
+            f"https://127.0.0.1:{port}",
+            f"https://localhost:{port}",
+            f"https://127.0.0.1:{self.sandbox_port}",
+        ]:
+            error = yield self.failure_of(
+                facade.td02_exist(CDA_PATIENT, dict(self.context, url=url)),
+                AgentNotAllowed,
+            )
+            self.assertEqual((error.status, error.kind), (403, "agent-not-allowed"))
+            self.assertIn("--agent-network", str(error))
+            self.assertNotIn("127.0.0.1", str(error))
+            details.add(error.problem["detail"])
+        self.assertEqual(len(details), 1, details)
+        self.assertEqual((listener.connections, listener.received), (0, b""))
+        self.assertEqual(self.authentication_signatures, 0)
+
+        # The same agent, allowed: it answers.
+        facade = yield self.start_facade(
+            self.dmp_url(self.sandbox_port),
+            agent_networks=[ip_network("192.0.2.0/24"), ip_network("127.0.0.1/32")],
+        )
+        answer = yield facade.td02_exist(CDA_PATIENT, self.context)
+        self.assertTrue(answer["exists"])
+
+    @inlineCallbacks
+    def test_peer_checked_once_connected(self) -> Any:
+        """
+        A name is resolved by the reactor and its address is not known
+        before the connection is made: the connected peer is checked before
+        the client may write, so a name that resolves into a refused network
+        fails with nothing written (the listener sees a connection, and not
+        one byte).
+        """
+        from cpsdmp.facade.networks import AgentNotAllowed as NotAllowed
+
+        listener, port = counting_listener(self)
+        guarded = AgentNetworkReactor(reactor, [ip_network("192.0.2.0/24")])
+        attempt = _Attempt()
+        guarded.connectTCP("localhost", port, attempt)
+        [reason] = yield attempt.failed
+        self.assertIsInstance(reason.value, NotAllowed)
+        for _ in range(20):
+            if listener.connections:
+                break
+            yield deferLater(reactor, 0.05, lambda: None)
+        yield deferLater(reactor, 0.1, lambda: None)
+        self.assertEqual((listener.connections, listener.received), (1, b""))
+
+        # Allowed, the same client writes.
+        guarded = AgentNetworkReactor(reactor, [ip_network("127.0.0.0/8")])
+        connector = guarded.connectTCP("localhost", port, _Attempt())
+        self.addCleanup(connector.disconnect)
+        for _ in range(40):
+            if listener.received:
+                break
+            yield deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(listener.received, b"hello")
+
+    def test_is_allowed(self) -> None:
+        from cpsdmp.facade.networks import DEFAULT_AGENT_NETWORKS, is_allowed
+
+        for host, allowed in [
+            ("127.0.0.1", True),
+            ("127.1.2.3", True),
+            ("::1", True),
+            ("::ffff:127.0.0.1", True),
+            ("10.0.0.1", False),
+            ("::ffff:10.0.0.1", False),
+            ("169.254.169.254", False),
+            ("fe80::1%eth0", False),
+            ("localhost", False),
+            ("", False),
+        ]:
+            self.assertEqual(is_allowed(host, DEFAULT_AGENT_NETWORKS), allowed, host)
+        self.assertTrue(is_allowed("fe80::1%eth0", [ip_network("fe80::/10")]))
 
 
 class MoreFaultTests(FacadeTestCase):
@@ -1898,6 +2031,45 @@ class OptionsTests(SynchronousTestCase):
         makeService(options)
         warned = {e.get("option") for e in events if e.get("log_level").name == "warn"}
         self.assertEqual(warned, {"structure-id", "structure-name", "homologation-id"})
+
+    def test_agent_networks(self) -> None:
+        """
+        Agents are reached on loopback unless --agent-network says where,
+        as often as needed; a value that is not a network is refused.
+        """
+        from twisted.python.usage import UsageError
+
+        from cpsdmp.facade.tap import Options, makeService
+
+        card = shared_testcard()
+        testcard = ["--testcard", str(Path(card.ca_root).parent)]
+        options = Options()
+        options.parseOptions(testcard)
+        config = makeService(options).dmp.config
+        self.assertEqual(
+            list(config.agent_networks),
+            [ip_network("127.0.0.0/8"), ip_network("::1/128")],
+        )
+        options = Options()
+        options.parseOptions(
+            [*testcard, "--agent-network", "10.20.0.0/16"]
+            + ["--agent-network", "fd00::/8"]
+        )
+        service = makeService(options)
+        self.assertEqual(
+            list(service.dmp.config.agent_networks),
+            [ip_network("10.20.0.0/16"), ip_network("fd00::/8")],
+        )
+        self.assertEqual(
+            service.dmp.agent_reactor.networks,
+            (ip_network("10.20.0.0/16"), ip_network("fd00::/8")),
+        )
+        for bad in ["10.20.0.1/16", "tunnel", "10.0.0.0/33"]:
+            self.assertRaises(
+                UsageError,
+                Options().parseOptions,
+                [*testcard, "--agent-network", bad],
+            )
 
     def test_testcard_and_settings(self) -> None:
         from cpsdmp.facade.tap import SANDBOX_URL, Options, makeService

@@ -114,6 +114,13 @@ class AgentFailed(FacadeProblem):
     pass
 
 
+class AgentNotAllowed(AgentFailed):
+    """
+    The agent context's URL leads outside the networks the facade may reach
+    agents in; nothing was sent there.
+    """
+
+
 class DocumentNotFound(FacadeProblem):
     """
     TD3.3 on a document the DMP does not have (or no longer current).
@@ -167,6 +174,7 @@ _KINDS: Mapping[str, type[FacadeProblem]] = {
     "dmp-refused": DmpRefused,
     "agent-unreachable": AgentFailed,
     "agent-mismatch": AgentFailed,
+    "agent-not-allowed": AgentNotAllowed,
     "agent-error": AgentFailed,
     "handshake-failed": HandshakeRefused,
     "handshake-refused": HandshakeRefused,

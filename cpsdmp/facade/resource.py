@@ -36,6 +36,7 @@ from cpsdmp.agent.client import (
     TokenExpired,
     WrongPin,
 )
+from cpsdmp.facade.networks import AgentNotAllowed
 from cpsdmp.facade.service import (
     AgentContext,
     CardHolderError,
@@ -148,6 +149,10 @@ def problem_for(error: BaseException) -> Problem:
         )
     if isinstance(error, NoCard | CardRemoved):
         return Problem(503, "no-card", "No CPS card in the workstation", text)
+    if isinstance(error, AgentNotAllowed):
+        return Problem(
+            403, "agent-not-allowed", "The agent's address is not allowed", text
+        )
     if isinstance(error, AgentCertificateMismatch):
         return Problem(502, "agent-mismatch", "Not the agent the context names", text)
     if isinstance(error, AgentUnreachable):
@@ -363,7 +368,8 @@ _CONTEXT_SCHEMA = {
             "type": "string",
             "pattern": "^https://",
             "maxLength": 2048,
-            "description": "the agent's https:// URL",
+            "description": "the agent's https:// URL; the facade reaches only "
+            "agents in the networks its operator allows (--agent-network)",
         },
         "token": {"type": "string", "pattern": "^[A-Za-z0-9_-]{16,512}$"},
         "tlsFingerprint": {
@@ -471,7 +477,7 @@ class Route:
     handler: Handler | None
     request: dict[str, Any] | None
     answer: dict[str, Any]
-    errors: tuple[int, ...] = (400, 401, 413, 422, 423, 429, 502, 503, 504)
+    errors: tuple[int, ...] = (400, 401, 403, 413, 422, 423, 429, 502, 503, 504)
     answer_types: tuple[str, ...] = (JSON,)
     request_types: tuple[str, ...] = (JSON,)
 
@@ -849,7 +855,7 @@ ROUTES: tuple[Route, ...] = (
             },
         },
         request_types=(JSON, MULTIPART),
-        errors=(400, 401, 413, 422, 423, 429, 502, 503, 504),
+        errors=(400, 401, 403, 413, 422, 423, 429, 502, 503, 504),
     ),
     Route(
         "POST",
@@ -943,13 +949,15 @@ ROUTES: tuple[Route, ...] = (
                 "action": {"type": "string"},
             },
         },
-        errors=(400, 401, 404, 409, 413, 422, 423, 429, 502, 503, 504),
+        errors=(400, 401, 403, 404, 409, 413, 422, 423, 429, 502, 503, 504),
     ),
 )
 
 _STATUS_TEXT = {
     400: "malformed request",
     401: "the agent session expired (enter the PIN again)",
+    403: "the agent context's URL leads outside the networks the facade may "
+    "reach agents in (--agent-network); nothing was sent there",
     404: "no such document",
     409: "the document is already in the state asked for",
     413: "request body too large",

@@ -57,6 +57,11 @@ from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from cpsdmp.agent.client import AgentError, CpsAgentClient, TokenExpired
+from cpsdmp.facade.networks import (
+    DEFAULT_AGENT_NETWORKS,
+    AgentNetworkReactor,
+    Network,
+)
 from cpsdmp.protocols.soap import SoapFault, SoapResponse, read_message
 from cpsdmp.protocols.tls import (
     HandshakeFailed,
@@ -227,6 +232,12 @@ def _agent_url(url: str) -> str:
         raise ValueError(
             f"agentContext.url must name a host, without credentials: {excerpt(url)}"
         )
+    if ":" in parts.hostname:
+        # The HTTP client's URL handling (hyperlink) fails on them.
+        raise ValueError(
+            "agentContext.url: an IPv6 address cannot be the agent's host; "
+            f"give a name that resolves to it: {excerpt(url)}"
+        )
     if parts.query or parts.fragment or "?" in url or "#" in url:
         raise ValueError(
             f"agentContext.url must have no query or fragment: {excerpt(url)}"
@@ -307,6 +318,9 @@ class FacadeConfig:
     #: connection kept, so that every exchange pays a full handshake (and a
     #: card signature).
     reuse_connections: bool = True
+    #: The networks agents may be reached in: an agent context whose URL
+    #: leads elsewhere is refused before anything is sent (403).
+    agent_networks: Sequence[Network] = DEFAULT_AGENT_NETWORKS
 
 
 @implementer(IRemoteKey)
@@ -582,6 +596,9 @@ class DmpService:
             reactor = default_reactor
         self.reactor = reactor
         self.config = config
+        # The agent clients connect through this one: only to the networks
+        # the operator allows.
+        self.agent_reactor = AgentNetworkReactor(reactor, config.agent_networks)
         self.endpoints = DmpEndpoints(config.dmp_url)
         self.session_cache = SessionCache(reactor)
         self._sessions: OrderedDict[
@@ -619,7 +636,7 @@ class DmpService:
             context.url,
             context.token,
             context.tls_fingerprint,
-            self.reactor,
+            self.agent_reactor,
             self.config.agent_timeout,
         )
         try:
