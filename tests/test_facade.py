@@ -58,6 +58,7 @@ from cpsdmp.facade.client import (
     CardRateLimited,
     DmpFailed,
     DmpRefused,
+    DocumentNotFound,
     FacadeClient,
     FacadeError,
     FacadeProblem,
@@ -67,7 +68,7 @@ from cpsdmp.facade.client import (
     OutcomeUnknown,
 )
 from cpsdmp.facade.networks import AgentNetworkReactor
-from cpsdmp.facade.resource import ROUTES, openapi
+from cpsdmp.facade.resource import ROUTES, UPDATE_ACTIONS, openapi
 from cpsdmp.facade.service import FacadeConfig
 from cpsdmp.facade.tap import FacadeService
 from cpsdmp.sandbox.tap import SandboxService
@@ -771,9 +772,12 @@ class FaultTests(FacadeTestCase):
         )
         self.assertEqual(found, [])
         error = yield self.failure_of(
-            self.facade.td32_retrieve(document, self.context, CDA_PATIENT), DmpRefused
+            self.facade.td32_retrieve(document, self.context, CDA_PATIENT),
+            DocumentNotFound,
         )
+        self.assertEqual((error.status, error.kind), (404, "document-not-found"))
         self.assertEqual(error.codes, ["XDSMissingDocument"])
+        self.assertIn("no document", error.problem["detail"])
         self.assertNotIn(DEFAULT_PATIENT.ins, json.dumps(error.problem))
         error = yield self.failure_of(
             self.facade.td33_update(document, "mask", self.context, CDA_PATIENT),
@@ -793,6 +797,83 @@ class FaultTests(FacadeTestCase):
         content = yield self.facade.td32_retrieve(document, self.context, other)
         self.assertIn(DEFAULT_PATIENT.ins.encode(), content)
         yield self.facade.td33_update(document, "mask", self.context, other)
+
+    @inlineCallbacks
+    def test_status_updates(self) -> Any:
+        """
+        TD3.3 answers the same way for every action: one that would not
+        change the document's state is 409 (archive, unarchive, mask,
+        unmask alike) and changes nothing; a document that is not there is
+        404, saying whether it was deleted or is unknown, for TD3.3 and
+        TD3.2 alike.
+        """
+        from cpsdmp.xds.sample import DEFAULT_PATIENT, sample_cda
+
+        patient = {"ins": DEFAULT_PATIENT.ins, "authority": INS_OID_TEST}
+        submitted = yield self.facade.td21_submit(
+            [sample_cda(self.card.professional)], self.context
+        )
+        document = submitted["documents"][0]["uniqueId"]
+
+        @inlineCallbacks
+        def update(action: str, unique_id: str = document) -> Any:
+            try:
+                answer = yield self.facade.td33_update(
+                    unique_id, action, self.context, patient
+                )
+            except FacadeProblem as error:
+                return error.status, error.kind, error.problem["detail"]
+            return 200, answer["status"], ""
+
+        @inlineCallbacks
+        def state() -> Any:
+            [entry] = yield self.facade.td31_find(
+                self.context,
+                patient,
+                uniqueIds=[document],
+            )
+            masked = "MASQUE_PS" in [c["code"] for c in entry["confidentialityCode"]]
+            return entry["availabilityStatus"].rsplit(":", 1)[-1], masked
+
+        for action, expected, after in [
+            ("unarchive", (409, "conflict", "not archived"), ("Approved", False)),
+            ("unmask", (409, "conflict", "not masked"), ("Approved", False)),
+            ("archive", (200, "Success", ""), ("Archived", False)),
+            ("archive", (409, "conflict", "already archived"), ("Archived", False)),
+            ("mask", (200, "Success", ""), ("Archived", True)),
+            ("mask", (409, "conflict", "already masked"), ("Archived", True)),
+            ("unarchive", (200, "Success", ""), ("Approved", True)),
+            ("unarchive", (409, "conflict", "not archived"), ("Approved", True)),
+            ("unmask", (200, "Success", ""), ("Approved", False)),
+            ("unmask", (409, "conflict", "not masked"), ("Approved", False)),
+        ]:
+            status, kind, detail = yield update(action)
+            self.assertEqual((status, kind), expected[:2], (action, detail))
+            self.assertIn(expected[2], detail, action)
+            self.assertEqual((yield state()), after, action)
+
+        self.assertEqual((yield update("delete"))[:2], (200, "Success"))
+        for action in UPDATE_ACTIONS:
+            status, kind, detail = yield update(action)
+            self.assertEqual((status, kind), (404, "document-not-found"), action)
+            self.assertIn("was deleted", detail, action)
+        error = yield self.failure_of(
+            self.facade.td32_retrieve(document, self.context, patient),
+            DocumentNotFound,
+        )
+        self.assertEqual(error.status, 404)
+        self.assertIn("was deleted", error.problem["detail"])
+        self.assertEqual(error.codes, ["XDSMissingDocument"])
+
+        unknown = "1.2.250.1.999.42.4242"
+        status, kind, detail = yield update("mask", unknown)
+        self.assertEqual((status, kind), (404, "document-not-found"))
+        self.assertIn(f"no document {unknown}", detail)
+        error = yield self.failure_of(
+            self.facade.td32_retrieve(unknown, self.context, patient),
+            DocumentNotFound,
+        )
+        self.assertIn(f"no document {unknown}", error.problem["detail"])
 
     @inlineCallbacks
     def test_wrong_token(self) -> Any:

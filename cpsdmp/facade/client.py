@@ -123,7 +123,8 @@ class AgentNotAllowed(AgentFailed):
 
 class DocumentNotFound(FacadeProblem):
     """
-    TD3.3 on a document the DMP does not have (or no longer current).
+    TD3.2 or TD3.3 of a document the DMP does not have for the patient:
+    unknown, deleted or replaced (the detail says which).
     """
 
 

@@ -15,7 +15,7 @@ import binascii
 import email.parser
 import email.policy
 import json
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,13 +59,21 @@ from cpsdmp.protocols.tls import (
     TruncatedConnection,
 )
 from cpsdmp.xds.cda import CdaError
-from cpsdmp.xds.ebrim import CodedValue, MetadataError, PatientId, Status
+from cpsdmp.xds.ebrim import (
+    CodedValue,
+    DocumentEntry,
+    MetadataError,
+    PatientId,
+    Status,
+)
 from cpsdmp.xds.responses import RegistryFailure, UnexpectedAnswer
-from cpsdmp.xds.transactions import FindDocuments, HL7Error
+from cpsdmp.xds.transactions import MASQUE_PS, FindDocuments, HL7Error
 
 _log = Logger()
 
 PROBLEM_BASE = "https://cpsdmp.invalid/problems/"
+#: The registry's and repository's word for a document it does not have.
+MISSING_DOCUMENT = "XDSMissingDocument"
 DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
 JSON = "application/json"
 PROBLEM_JSON = "application/problem+json"
@@ -272,6 +280,12 @@ def _string(body: Mapping[str, Any], name: str, required: bool = True) -> str | 
         return None
     if not isinstance(value, str) or not value:
         raise BadRequest(f"{name!r} must be a non-empty string")
+    return value
+
+
+def _unique_id(body: Mapping[str, Any]) -> str:
+    value = _string(body, "uniqueId")
+    assert value is not None
     return value
 
 
@@ -626,12 +640,48 @@ async def _td31(resource: FacadeResource, request: server.Request, body: Any) ->
     }
 
 
+def _not_found(unique_id: str, entries: Sequence[DocumentEntry]) -> Problem:
+    """
+    @param entries: what the registry has under C{unique_id} for the
+        patient (nothing, or only versions that are no longer current).
+    @return: the 404 that says why the document is not there: deleted,
+        replaced, or unknown for this patient.
+    """
+    statuses = {e.availabilityStatus for e in entries}
+    if Status.Deleted in statuses:
+        why = f"document {unique_id} was deleted from this patient's DMP"
+    elif Status.Deprecated in statuses:
+        why = f"document {unique_id} was replaced by a new version"
+    else:
+        why = f"the DMP has no document {unique_id} for this patient"
+    return Problem(404, "document-not-found", "No such document", why)
+
+
+def _missing_only(error: RegistryFailure) -> bool:
+    return bool(error.errors) and all(e.code == MISSING_DOCUMENT for e in error.errors)
+
+
 async def _td32(resource: FacadeResource, request: server.Request, body: Any) -> Any:
     context = _context(body)
-    unique_id = _string(body, "uniqueId")
-    assert unique_id is not None
+    unique_id = _unique_id(body)
     patient = resource.patient(_object(body, "patient"))
-    documents = await resource.service.td32(context, patient, [unique_id])
+    try:
+        documents = await resource.service.td32(context, patient, [unique_id])
+    except RegistryFailure as error:
+        if not _missing_only(error):
+            raise
+        # The registry tells a deleted document from an unknown one.
+        try:
+            found = await resource.service.td31(
+                context, patient=patient, unique_ids=[unique_id]
+            )
+        except Exception:
+            entries: list[DocumentEntry] = []
+        else:
+            entries = found.entries
+        problem = _not_found(unique_id, entries)
+        problem.extra["errors"] = _dmp_errors(error)
+        raise problem from error
     if len(documents) != 1:
         raise Problem(
             502,
@@ -658,13 +708,31 @@ async def _td32(resource: FacadeResource, request: server.Request, body: Any) ->
 UPDATE_ACTIONS = ("mask", "unmask", "archive", "unarchive", "delete")
 
 
+def _conflict(entry: DocumentEntry, action: str) -> str | None:
+    """
+    @return: why C{action} would not change the document C{entry} is the
+        current version of, or C{None} when it would.
+    """
+    masked = any(c.code == MASQUE_PS.code for c in entry.confidentialityCode)
+    archived = entry.availabilityStatus == Status.Archived
+    already = {
+        "mask": "masked" if masked else None,
+        "unmask": None if masked else "not masked",
+        "archive": "archived" if archived else None,
+        "unarchive": None if archived else "not archived",
+        "delete": None,
+    }[action]
+    if already is None:
+        return None
+    return f"document {entry.uniqueId} is already {already}: nothing to {action}"
+
+
 async def _td33(resource: FacadeResource, request: server.Request, body: Any) -> Any:
     context = _context(body)
-    unique_id = _string(body, "uniqueId")
+    unique_id = _unique_id(body)
     action = _string(body, "action")
     if action not in UPDATE_ACTIONS:
         raise BadRequest(f"'action' must be one of {', '.join(UPDATE_ACTIONS)}")
-    assert unique_id is not None
     patient = resource.patient(_object(body, "patient"))
     found = await resource.service.td31(
         context, patient=patient, unique_ids=[unique_id]
@@ -672,22 +740,21 @@ async def _td33(resource: FacadeResource, request: server.Request, body: Any) ->
     current = [
         e
         for e in found.entries
-        if e.availabilityStatus not in (Status.Deprecated, Status.Deleted)
+        if e.availabilityStatus in (Status.Approved, Status.Archived)
     ]
     if not current:
-        raise Problem(
-            404 if not found.entries else 422,
-            "document-not-found",
-            "No such document",
-            f"the DMP has no current document {unique_id} for this patient",
-        )
+        raise _not_found(unique_id, found.entries)
     entry = current[-1]
+    conflict = _conflict(entry, action)
+    if conflict is not None:
+        raise Problem(409, "conflict", "Not possible in the document's state", conflict)
     try:
         await resource.service.td33(context, entry, action)
     except MetadataError as error:
-        # Masking a masked document, say: nothing was sent.
+        # The entry the DMP gave lacks what an update needs (its status or
+        # its version): nothing was sent.
         raise Problem(
-            409, "conflict", "Not possible in the document's state", str(error)
+            502, "dmp-bad-answer", "The DMP's answer is not usable", str(error)
         ) from error
     return {"status": "Success", "uniqueId": unique_id, "action": action}
 
@@ -898,7 +965,8 @@ ROUTES: tuple[Route, ...] = (
         "TD3.2: a document's exact bytes, base64 in JSON, or raw with "
         "Accept: application/octet-stream or the document's mimeType. The "
         "patient is required: it goes into the VIHF, and a document of another "
-        "patient is answered as one the DMP does not have.",
+        "patient is answered as one the DMP does not have (404, as an unknown "
+        "or deleted one).",
         _td32,
         {
             "type": "object",
@@ -921,6 +989,7 @@ ROUTES: tuple[Route, ...] = (
             },
         },
         answer_types=(JSON, "application/octet-stream", ANY_MEDIA),
+        errors=(400, 401, 403, 404, 413, 422, 423, 429, 502, 503, 504),
     ),
     Route(
         "POST",
@@ -928,7 +997,9 @@ ROUTES: tuple[Route, ...] = (
         "td33UpdateStatus",
         "TD3.3: mask or unmask a document from professionals, archive, "
         "unarchive or delete it. The patient is required: it goes into the "
-        "VIHF, and a document of another patient is answered as unknown (404).",
+        "VIHF, and a document of another patient is answered as unknown (404, "
+        "as a deleted one); an action that would not change the document's "
+        "state (archiving an archived one, masking a masked one) is 409.",
         _td33,
         {
             "type": "object",
@@ -958,7 +1029,8 @@ _STATUS_TEXT = {
     401: "the agent session expired (enter the PIN again)",
     403: "the agent context's URL leads outside the networks the facade may "
     "reach agents in (--agent-network); nothing was sent there",
-    404: "no such document",
+    404: "no such document for this patient: unknown, deleted or replaced "
+    "(the detail says which)",
     409: "the document is already in the state asked for",
     413: "request body too large",
     422: "the document is invalid, or the DMP refused (its codes in 'errors')",
