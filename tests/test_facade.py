@@ -751,6 +751,26 @@ class FaultTests(FacadeTestCase):
         self.assertIn("mask", str(error))
 
     @inlineCallbacks
+    def test_empty_lists_of_documents(self) -> Any:
+        """
+        TD3.1 with an empty list of uniqueIds or entryUUIDs asks for nothing:
+        400, not a search of every document of the patient.
+        """
+        submitted = yield self.submit(cda("VAC-NOTE"))
+        self.assertTrue(submitted["documents"])
+        found = yield self.facade.td31_find(self.context, CDA_PATIENT)
+        self.assertIn(
+            submitted["documents"][0]["uniqueId"], [d["uniqueId"] for d in found]
+        )
+        for name in ["uniqueIds", "entryUUIDs"]:
+            error = yield self.failure_of(
+                self.facade.td31_find(self.context, CDA_PATIENT, **{name: []}),
+                MalformedRequest,
+            )
+            self.assertEqual(error.status, 400)
+            self.assertIn(f"'{name}' is empty", str(error))
+
+    @inlineCallbacks
     def test_other_patients_document(self) -> Any:
         """
         A document of patient B asked for with patient A: TD3.1 by uniqueId

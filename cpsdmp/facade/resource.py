@@ -616,6 +616,13 @@ async def _td31(resource: FacadeResource, request: server.Request, body: Any) ->
     context = _context(body)
     unique_ids = _strings(body, "uniqueIds")
     entry_uuids = _strings(body, "entryUUIDs")
+    for name, values in [("uniqueIds", unique_ids), ("entryUUIDs", entry_uuids)]:
+        # An empty list asks for nothing: it is not a search of everything.
+        if name in body and not values:
+            raise BadRequest(
+                f"{name!r} is empty: list the documents wanted, or leave it out "
+                "to search the patient's documents"
+            )
     if unique_ids and entry_uuids:
         raise BadRequest("give uniqueIds or entryUUIDs, not both")
     if unique_ids or entry_uuids:
@@ -945,8 +952,16 @@ ROUTES: tuple[Route, ...] = (
                 "classCodes": {"type": "array", "items": _CODE_SCHEMA},
                 "typeCodes": {"type": "array", "items": _CODE_SCHEMA},
                 "confidentialityCodes": {"type": "array", "items": _CODE_SCHEMA},
-                "uniqueIds": {"type": "array", "items": {"type": "string"}},
-                "entryUUIDs": {"type": "array", "items": {"type": "string"}},
+                "uniqueIds": {
+                    "type": "array",
+                    "items": {"type": "string"},
+                    "minItems": 1,
+                },
+                "entryUUIDs": {
+                    "type": "array",
+                    "items": {"type": "string"},
+                    "minItems": 1,
+                },
             },
         },
         {
