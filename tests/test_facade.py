@@ -1895,6 +1895,55 @@ class MoreFaultTests(FacadeTestCase):
         self.assertEqual([e for e in events if e.get("log_failure")], [])
 
     @inlineCallbacks
+    def test_malformed_multipart(self) -> Any:
+        """
+        A multipart/form-data body that cannot be read (no part under its
+        boundary, no boundary at all, no agent context or no file) is a 400
+        problem document saying what is wrong, and the facade logs it; the
+        card signs nothing.
+        """
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        url = self.facade_url + "/dmp/td21SubmitDocuments"
+        context = ('name="agentContext"', "application/json", b"{}")
+        document = ('name="documents"; filename="a.xml"', "text/xml", cda("BIO"))
+        for content_type, body, said in [
+            ("multipart/form-data; boundary=xyz", b"garbage", "boundary 'xyz'"),
+            ("multipart/form-data", b"garbage", "no boundary"),
+            (
+                "multipart/form-data; boundary=xyz",
+                multipart("xyz", [document]),
+                "no part 'agentContext'",
+            ),
+            (
+                "multipart/form-data; boundary=xyz",
+                multipart("xyz", [context]),
+                "no file part",
+            ),
+            (
+                "multipart/form-data; boundary=xyz",
+                multipart("xyz", [(context[0], context[1], b'"x"'), document]),
+                "agentContext",
+            ),
+        ]:
+            response, problem = yield post_raw(url, body, content_type)
+            self.assertEqual(response.code, 400, (body[:20], problem))
+            self.assertEqual(
+                response.headers.getRawHeaders(b"content-type"),
+                [b"application/problem+json"],
+            )
+            self.assertEqual(problem["type"].rsplit("/", 1)[-1], "malformed-request")
+            self.assertIn(said, problem["detail"])
+        logged = [
+            e
+            for e in events
+            if e.get("operation") == "td21SubmitDocuments" and e.get("status") == 400
+        ]
+        self.assertEqual(len(logged), 5)
+        self.assertEqual(self.backend.signatures[KeyUsage.signature], 0)
+
+    @inlineCallbacks
     def test_body_limit(self) -> Any:
         """
         A body over the limit is refused with 413 and a problem document,

@@ -47,6 +47,7 @@ from cpsdmp.facade.service import (
     DmpUnreachable,
     Submitted,
     UnknownOutcome,
+    excerpt,
 )
 from cpsdmp.protocols import bounded
 from cpsdmp.protocols.safexml import XmlRefused
@@ -1257,7 +1258,15 @@ def _multipart(content_type: str, raw: bytes) -> dict[str, Any]:
         b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + raw
     )
     if not message.is_multipart():
-        raise BadRequest("the multipart body could not be read")
+        boundary = message.get_param("boundary")
+        if not boundary:
+            raise BadRequest(
+                "the multipart/form-data body has no boundary in its Content-Type"
+            )
+        raise BadRequest(
+            "the multipart/form-data body has no part: its boundary "
+            f"{excerpt(boundary)} is not found in it"
+        )
     context: Any = None
     overrides: Any = None
     documents: list[bytes] = []
@@ -1273,6 +1282,12 @@ def _multipart(content_type: str, raw: bytes) -> dict[str, Any]:
             overrides = _json(payload, "the part 'overrides'")
         elif filename:
             documents.append(payload)
+    if context is None:
+        raise BadRequest("the form has no part 'agentContext' (the JSON context)")
+    if not documents:
+        raise BadRequest(
+            "the form has no file part: each CDA document is a part with a filename"
+        )
     if overrides is not None and (
         not isinstance(overrides, list) or len(overrides) != len(documents)
     ):
@@ -1314,7 +1329,9 @@ def make_site(
     """
     @return: the facade's web site, bodies limited to C{max_request_bytes}.
     """
-    site = server.Site(FacadeResource(service))
+    # The facade reads a form itself, and answers a malformed one with a
+    # problem document: twisted.web would answer a bare 400 and close.
+    site = server.Site(FacadeResource(service), parsePOSTFormSubmission=False)
     site.requestFactory = type(  # type: ignore[assignment]
         "BoundedFacadeRequest", (BoundedRequest,), {"max_body": max_request_bytes}
     )
