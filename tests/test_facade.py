@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from jsonschema import Draft202012Validator
 from openapi_spec_validator import validate as validate_description
+from OpenSSL import crypto
 from referencing import Registry
 from referencing.jsonschema import DRAFT202012
 from treq.client import HTTPClient
@@ -906,7 +907,7 @@ class FaultTests(FacadeTestCase):
             self.facade.td02_exist(CDA_PATIENT, context), AgentSessionExpired
         )
         self.assertEqual(error.status, 401)
-        self.assertIn("PIN", str(error))
+        self.assertEqual(str(error).count("PIN again"), 1, str(error))
 
     @inlineCallbacks
     def test_locked_card_stops_kept_sessions(self) -> Any:
@@ -1633,6 +1634,15 @@ def counting_listener(test: TestCase) -> tuple[Factory, int]:
     return factory, port.getHost().port
 
 
+class _HangUp(Protocol):
+    """
+    Reads a request, then closes the connection without answering.
+    """
+
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+
 class AgentContextTests(FacadeTestCase):
     @inlineCallbacks
     def test_malformed_context_refused_at_once(self) -> Any:
@@ -1944,6 +1954,107 @@ class MoreFaultTests(FacadeTestCase):
         self.assertEqual(self.backend.signatures[KeyUsage.signature], 0)
 
     @inlineCallbacks
+    def test_agent_hangs_up(self) -> Any:
+        """
+        Something that holds the agent's certificate takes each request and
+        closes the connection without an answer: 502, saying so in words,
+        not with the HTTP client's exception.
+        """
+        certificate = x509.load_pem_x509_certificate(
+            Path(self.card.sandbox_cert).read_bytes()
+        )
+        options = ssl.CertificateOptions(
+            privateKey=crypto.PKey.from_cryptography_key(
+                serialization.load_pem_private_key(
+                    Path(self.card.sandbox_key).read_bytes(), None
+                )
+            ),
+            certificate=crypto.X509.from_cryptography(certificate),
+        )
+        port = reactor.listenSSL(  # type: ignore[attr-defined]
+            0, Factory.forProtocol(_HangUp), options, interface="127.0.0.1"
+        )
+        self.addCleanup(port.stopListening)
+        context = dict(
+            self.context,
+            url=f"https://127.0.0.1:{port.getHost().port}",
+            tlsFingerprint="sha256:" + certificate.fingerprint(hashes.SHA256()).hex(),
+        )
+        error = yield self.failure_of(
+            self.facade.td02_exist(CDA_PATIENT, context), AgentFailed
+        )
+        self.assertEqual((error.status, error.kind), (502, "agent-unreachable"))
+        detail = error.problem["detail"]
+        self.assertIn("the connection ended before the answer came", detail)
+        for internal in ["ResponseNeverReceived", "Failure", "twisted", "<", "(["]:
+            self.assertNotIn(internal, detail)
+
+    @inlineCallbacks
+    def test_bad_values_quoted_short(self) -> Any:
+        """
+        A huge bad value (a 100 KB INS, authority, uniqueId, time, status or
+        override name) is named by its first characters and its length in
+        the 400, never echoed whole.
+        """
+        huge = "1" * 100_000
+        calls = [
+            ("/dmp/td02Exist", {"patient": {"ins": huge}}, "patient.ins"),
+            (
+                "/dmp/td02Exist",
+                {"patient": {"ins": CDA_PATIENT["ins"], "authority": huge}},
+                "patient.authority",
+            ),
+            (
+                "/dmp/td32Retrieve",
+                {"patient": CDA_PATIENT, "uniqueId": huge},
+                "uniqueId",
+            ),
+            (
+                "/dmp/td31Find",
+                {"patient": CDA_PATIENT, "uniqueIds": ["1.2", huge]},
+                "uniqueIds",
+            ),
+            (
+                "/dmp/td31Find",
+                {"patient": CDA_PATIENT, "creationFrom": huge},
+                "creationFrom",
+            ),
+            ("/dmp/td31Find", {"patient": CDA_PATIENT, "statuses": [huge]}, "status"),
+            (
+                "/dmp/td21SubmitDocuments",
+                {
+                    "documents": [
+                        {
+                            "content": base64.b64encode(cda("BIO")).decode(),
+                            "overrides": {huge: "x"},
+                        }
+                    ]
+                },
+                "cannot be overridden",
+            ),
+            (
+                "/dmp/td21SubmitDocuments",
+                {
+                    "documents": [
+                        {
+                            "content": base64.b64encode(cda("BIO")).decode(),
+                            "overrides": {"creationTime": huge},
+                        }
+                    ]
+                },
+                "creationTime",
+            ),
+        ]
+        for path, body, named in calls:
+            response, problem = yield post_json(
+                self.facade_url + path, {"agentContext": self.context, **body}
+            )
+            self.assertEqual(response.code, 400, (path, named, problem))
+            self.assertIn(named, problem["detail"])
+            self.assertLess(len(problem["detail"]), 300, problem["detail"])
+            self.assertNotIn("1" * 100, problem["detail"])
+
+    @inlineCallbacks
     def test_body_limit(self) -> Any:
         """
         A body over the limit is refused with 413 and a problem document,
@@ -2118,6 +2229,18 @@ class ProblemMappingTests(SynchronousTestCase):
             ("WAIT_SIGNATURE", "internal_error"),
         )
         self.assertNotIn("bug", json.dumps(problem_for(RuntimeError("bug")).document()))
+
+    def test_long_detail_cut(self) -> None:
+        """
+        Whatever a message quotes, a problem's detail is at most 1000
+        characters and says it was cut.
+        """
+        from cpsdmp.facade.resource import problem_for
+        from cpsdmp.xds.ebrim import MetadataError
+
+        document = problem_for(MetadataError("bad " + "x" * 5000)).document()
+        self.assertEqual(len(document["detail"]), 1000 + len("... (cut)"))
+        self.assertTrue(document["detail"].endswith("... (cut)"))
 
     def test_overrides(self) -> None:
         from cpsdmp.facade.resource import BadRequest, read_overrides

@@ -15,6 +15,7 @@ import binascii
 import email.parser
 import email.policy
 import json
+import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,6 +74,8 @@ from cpsdmp.xds.transactions import MASQUE_PS, FindDocuments, HL7Error
 _log = Logger()
 
 PROBLEM_BASE = "https://cpsdmp.invalid/problems/"
+#: The longest detail a problem document carries.
+MAX_DETAIL = 1000
 #: The registry's and repository's word for a document it does not have.
 MISSING_DOCUMENT = "XDSMissingDocument"
 DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
@@ -103,13 +106,41 @@ class Problem(Exception):
     extra: dict[str, Any] = field(default_factory=dict)
 
     def document(self) -> dict[str, Any]:
+        detail = self.detail
+        if len(detail) > MAX_DETAIL:
+            # Whatever the message quotes, a caller never gets it all back.
+            detail = detail[:MAX_DETAIL] + "... (cut)"
         return {
             "type": PROBLEM_BASE + self.kind,
             "title": self.title,
             "status": self.status,
-            "detail": self.detail,
+            "detail": detail,
             **self.extra,
         }
+
+
+#: A Python representation of an exception, as some messages of the agent
+#: client end with: C{ResponseNeverReceived([<twisted.python.failure...>])}.
+_PYTHON_REPR = re.compile(r"(?:: )?\b([A-Z]\w*)\((?:\[<twisted\.python|['\"]).*$")
+#: What the HTTP client's failures mean, in words.
+_HTTP_FAILURES = {
+    "ResponseNeverReceived": "the connection ended before the answer came",
+    "ResponseFailed": "the connection ended during the answer",
+    "RequestTransmissionFailed": "the connection ended while the request was sent",
+    "RequestGenerationFailed": "the request could not be sent",
+}
+
+
+def _in_words(text: str) -> str:
+    """
+    @return: C{text} with a Python representation of an exception at its
+        end said in words.
+    """
+    found = _PYTHON_REPR.search(text)
+    if found is None:
+        return text
+    words = _HTTP_FAILURES.get(found.group(1), "the exchange failed")
+    return text[: found.start()] + ": " + words
 
 
 def _dmp_errors(error: RegistryFailure) -> list[dict[str, str]]:
@@ -136,11 +167,14 @@ def problem_for(error: BaseException) -> Problem:
     if isinstance(error, BadRequest):
         return Problem(400, "malformed-request", "Malformed request", text)
     if isinstance(error, TokenExpired):
+        said = str(error.problem.get("detail") or "the token is expired or unknown")
+        if "PIN" not in said:
+            said += ": the professional must enter the PIN again in the agent"
         return Problem(
             401,
             "token-expired",
             "The agent session expired",
-            f"{text}: the professional must enter the PIN again in the agent",
+            f"the agent refused the context's token: {said}",
         )
     if isinstance(error, PinBlocked):
         return Problem(423, "pin-blocked", "The card's PIN is blocked", text)
@@ -170,7 +204,9 @@ def problem_for(error: BaseException) -> Problem:
             return Problem(
                 504, "agent-timeout", "The agent did not answer in time", text
             )
-        return Problem(502, "agent-unreachable", "The agent is unreachable", text)
+        return Problem(
+            502, "agent-unreachable", "The agent is unreachable", _in_words(text)
+        )
     if isinstance(error, AgentError):
         return Problem(502, "agent-error", "The agent refused", text)
     if isinstance(error, HandshakeFailed):
@@ -275,25 +311,40 @@ def _object(body: Mapping[str, Any], name: str, required: bool = True) -> Any:
     return body[name]
 
 
-def _string(body: Mapping[str, Any], name: str, required: bool = True) -> str | None:
+#: The longest uniqueId (an OID, with its extension) and XDS time taken.
+MAX_UNIQUE_ID = 128
+MAX_TIME = 32
+
+
+def _bounded(value: str, name: str, longest: int) -> str:
+    if len(value) > longest:
+        raise BadRequest(f"{name!r} is over {longest} characters: {excerpt(value)}")
+    return value
+
+
+def _string(
+    body: Mapping[str, Any], name: str, required: bool = True, longest: int = 256
+) -> str | None:
     value = _object(body, name, required)
     if value is None and not required:
         return None
     if not isinstance(value, str) or not value:
         raise BadRequest(f"{name!r} must be a non-empty string")
-    return value
+    return _bounded(value, name, longest)
 
 
 def _unique_id(body: Mapping[str, Any]) -> str:
-    value = _string(body, "uniqueId")
+    value = _string(body, "uniqueId", longest=MAX_UNIQUE_ID)
     assert value is not None
     return value
 
 
-def _strings(body: Mapping[str, Any], name: str) -> list[str]:
+def _strings(body: Mapping[str, Any], name: str, longest: int = 256) -> list[str]:
     value = body.get(name, [])
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise BadRequest(f"{name!r} must be a list of strings")
+    for item in value:
+        _bounded(item, name, longest)
     return value
 
 
@@ -352,11 +403,13 @@ def read_overrides(value: Any) -> dict[str, object]:
         elif name in TEXT_OVERRIDES:
             if not isinstance(item, str):
                 raise BadRequest(f"{name} must be a string")
+            if name.endswith("Time"):
+                _bounded(item, name, MAX_TIME)
             result[name] = item
         else:
             known = sorted(CODED_OVERRIDES | CODED_LIST_OVERRIDES | TEXT_OVERRIDES)
             raise BadRequest(
-                f"{name!r} cannot be overridden; one of {', '.join(known)}"
+                f"{excerpt(name)} cannot be overridden; one of {', '.join(known)}"
             )
     return result
 
@@ -584,7 +637,7 @@ def _find_parameters(
     resource: FacadeResource, body: Mapping[str, Any]
 ) -> FindDocuments:
     patient = resource.patient(_object(body, "patient"))
-    statuses = _strings(body, "statuses") or ["Approved"]
+    statuses = _strings(body, "statuses", 64) or ["Approved"]
     names = {
         "approved": Status.Approved,
         "archived": Status.Archived,
@@ -594,7 +647,10 @@ def _find_parameters(
     try:
         urns = [s if s.startswith("urn:") else names[s.lower()] for s in statuses]
     except KeyError as error:
-        raise BadRequest(f"unknown status {error.args[0]!r}") from None
+        raise BadRequest(
+            f"unknown status {excerpt(error.args[0])}: approved, archived, "
+            "deprecated or deleted"
+        ) from None
 
     def codes(name: str) -> list[CodedValue]:
         value = body.get(name, [])
@@ -605,8 +661,8 @@ def _find_parameters(
     return FindDocuments(
         patient=patient,
         statuses=urns,
-        creation_from=_string(body, "creationFrom", False),
-        creation_to=_string(body, "creationTo", False),
+        creation_from=_string(body, "creationFrom", False, MAX_TIME),
+        creation_to=_string(body, "creationTo", False, MAX_TIME),
         class_codes=codes("classCodes"),
         type_codes=codes("typeCodes"),
         confidentiality_codes=codes("confidentialityCodes"),
@@ -615,8 +671,8 @@ def _find_parameters(
 
 async def _td31(resource: FacadeResource, request: server.Request, body: Any) -> Any:
     context = _context(body)
-    unique_ids = _strings(body, "uniqueIds")
-    entry_uuids = _strings(body, "entryUUIDs")
+    unique_ids = _strings(body, "uniqueIds", MAX_UNIQUE_ID)
+    entry_uuids = _strings(body, "entryUUIDs", MAX_UNIQUE_ID)
     for name, values in [("uniqueIds", unique_ids), ("entryUUIDs", entry_uuids)]:
         # An empty list asks for nothing: it is not a search of everything.
         if name in body and not values:
@@ -1147,8 +1203,14 @@ class FacadeResource(Resource):
         if not isinstance(value, Mapping) or not isinstance(value.get("ins"), str):
             raise BadRequest("'patient' must be an object {ins, authority?}")
         authority = value.get("authority") or self.service.config.defaults.ins_authority
+        if not isinstance(authority, str):
+            raise BadRequest("'patient.authority' must be an OID string")
+        # Bounded before any message quotes them: an INS has at most 15
+        # characters, an OID at most 64.
+        _bounded(value["ins"], "patient.ins", 15)
+        _bounded(authority, "patient.authority", 64)
         try:
-            return PatientId(value["ins"], str(authority))
+            return PatientId(value["ins"], authority)
         except MetadataError as error:
             raise BadRequest(str(error)) from None
 
