@@ -15,6 +15,8 @@ import re
 import secrets
 import socket
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from ipaddress import ip_network
@@ -121,12 +123,16 @@ class CountingBackend:
     def __init__(self, backend: Any) -> None:
         self._backend = backend
         self.signatures = {KeyUsage.authentication: 0, KeyUsage.signature: 0}
+        #: Called, in the card's thread, with the key of each signature.
+        self.on_signature: Any = None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._backend, name)
 
     def sign_digest(self, usage: KeyUsage, algorithm: Any, digest: bytes) -> bytes:
         self.signatures[usage] += 1
+        if self.on_signature is not None:
+            self.on_signature(usage)
         return self._backend.sign_digest(usage, algorithm, digest)
 
 
@@ -993,6 +999,80 @@ class FaultTests(FacadeTestCase):
         self.assertEqual(error.kind, "dmp-unreachable")
 
     @inlineCallbacks
+    def test_dmp_down_no_card_signature(self) -> Any:
+        """
+        A submission to a DMP that nothing answers for: 502, and the card
+        signed nothing, the submission set included (the connection comes
+        before the set's signature).
+        """
+        facade = yield self.start_facade(self.dmp_url(free_port()))
+        data = cda("VAC-NOTE")
+        error = yield self.failure_of(
+            facade.td21_submit([data], self.context, [overrides_for(data)]),
+            DmpFailed,
+        )
+        self.assertEqual((error.status, error.kind), (502, "dmp-unreachable"))
+        self.assertEqual(
+            self.backend.signatures,
+            {KeyUsage.authentication: 0, KeyUsage.signature: 0},
+        )
+
+    @inlineCallbacks
+    def test_log_of_failed_connections(self) -> Any:
+        """
+        The log of an exchange that never had a connection says so, with
+        the card's signature of a handshake that failed; one whose message
+        could not be made says its connection went unused; none claims a
+        connection reused.
+        """
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+
+        def logged() -> dict[str, Any]:
+            [event] = [
+                e
+                for e in events
+                if e.get("log_namespace") == "cpsdmp.facade.service" and e.get("action")
+            ]
+            del events[:]
+            return event
+
+        down = yield self.start_facade(self.dmp_url(free_port()))
+        yield self.failure_of(down.td02_exist(CDA_PATIENT, self.context), DmpFailed)
+        event = logged()
+        self.assertEqual(
+            (event["code"], event["connection"], event["signature"]),
+            ("DmpUnreachable", "not established", "none"),
+        )
+        self.assertIn("connection not established", formatEvent(event))
+
+        other_ca = Path(self.mktemp() + ".pem")
+        other_ca.write_bytes(_other_authority())
+        port = yield self.start_sandbox([str(other_ca)])
+        refusing = yield self.start_facade(self.dmp_url(port))
+        yield self.failure_of(
+            refusing.td02_exist(CDA_PATIENT, self.context), HandshakeRefused
+        )
+        event = logged()
+        self.assertEqual(event["connection"], "not established")
+        self.assertNotEqual(event["signature"], "none")
+
+        # The set's signature refused by the agent once the connection is up.
+        from cpsdmp.agent.audit import RateLimit
+
+        agent = yield start_agent(self, self.backend, rate_limit=RateLimit(1, 60.0))
+        context = yield open_session(agent.url, self.card.pin, agent.fingerprint)
+        data = cda("VAC-NOTE")
+        yield self.failure_of(
+            self.facade.td21_submit([data], context, [overrides_for(data)]),
+            CardRateLimited,
+        )
+        event = logged()
+        self.assertEqual(event["connection"], "new handshake (unused)")
+        self.assertIn("connection new handshake (unused)", formatEvent(event))
+
+    @inlineCallbacks
     def test_untrusted_card(self) -> Any:
         """
         A DMP that trusts another authority refuses the card's certificate
@@ -1013,6 +1093,14 @@ class FaultTests(FacadeTestCase):
         self.assertIn("after our Finished", error.problem["step"])
         self.assertIn(error.problem["step"], str(error))
         self.assertEqual(self.authentication_signatures, 1)
+        # A submission there: the handshake fails again before the card is
+        # asked for the submission set's signature.
+        data = cda("VAC-NOTE")
+        error = yield self.failure_of(
+            facade.td21_submit([data], self.context, [overrides_for(data)]),
+            HandshakeRefused,
+        )
+        self.assertEqual(self.backend.signatures[KeyUsage.signature], 0)
 
     @inlineCallbacks
     def test_dmp_timeout(self) -> Any:
@@ -1237,6 +1325,7 @@ class LosingProxy(Factory):
         #: C{late-request}: the connection whose request is held, its data.
         self.late: _Downstream | None = None
         self.late_data: list[bytes] = []
+        self.downstreams: list[_Downstream] = []
 
     def release_late(self, resend: _Downstream) -> None:
         """
@@ -1258,8 +1347,19 @@ class LosingProxy(Factory):
                 call.cancel()
                 transport.abortConnection()
 
+    def drop_all(self) -> None:
+        """
+        Close every connection through the proxy, as a DMP closes idle ones.
+        """
+        for downstream in self.downstreams:
+            downstream.transport.loseConnection()
+            if downstream.upstream is not None:
+                downstream.upstream.transport.loseConnection()
+
     def buildProtocol(self, addr: Any) -> _Downstream:
-        return _Downstream(self)
+        downstream = _Downstream(self)
+        self.downstreams.append(downstream)
+        return downstream
 
 
 class LostAnswerTests(FacadeTestCase):
@@ -1345,6 +1445,32 @@ class LostAnswerTests(FacadeTestCase):
         self.assertEqual(answer["outcome"], "stored-after-lost-answer")
         copies = yield self.stored_copies()
         self.assertEqual(copies, 1)
+
+    @inlineCallbacks
+    def test_kept_connection_closed_while_signing(self) -> Any:
+        """
+        The DMP closes the kept connection while the card signs the
+        submission set: nothing was sent on it, so the facade sends the
+        submission on a new connection, which resumes the TLS session (no
+        second card signature for the handshake); stored once, answered.
+        """
+        closed = threading.Event()
+
+        def close_during_set_signature(usage: KeyUsage) -> None:
+            if usage is KeyUsage.signature:
+                reactor.callFromThread(lambda: (self.proxy.drop_all(), closed.set()))
+                closed.wait(5)
+                # Time for the close to reach the facade's side.
+                time.sleep(0.3)
+
+        self.backend.on_signature = close_during_set_signature
+        answer = yield self.submit(self.data)
+        self.assertTrue(closed.is_set())
+        self.assertEqual(answer["outcome"], "answered")
+        self.assertEqual(answer["timings"]["connection"], "resumed")
+        copies = yield self.stored_copies()
+        self.assertEqual(copies, 1)
+        self.assertEqual(self.authentication_signatures, 1)
 
     @inlineCallbacks
     def test_still_unknown(self) -> Any:
