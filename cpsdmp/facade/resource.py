@@ -46,6 +46,7 @@ from cpsdmp.facade.service import (
     DmpService,
     DmpTimeout,
     DmpUnreachable,
+    DocumentRefused,
     Submitted,
     UnknownOutcome,
     excerpt,
@@ -60,7 +61,7 @@ from cpsdmp.protocols.tls import (
     TLSError,
     TruncatedConnection,
 )
-from cpsdmp.xds.cda import CdaError
+from cpsdmp.xds.cda import CdaError, UnknownClassCode
 from cpsdmp.xds.ebrim import (
     CodedValue,
     DocumentEntry,
@@ -504,6 +505,10 @@ PROBLEM_SCHEMA = {
         "alert": {"type": ["string", "null"]},
         "uniqueIds": {"type": "array", "items": {"type": "string"}},
         "outcome": {"type": "string"},
+        "documentIndex": {
+            "type": "integer",
+            "description": "which document of a submission is invalid, from 0",
+        },
         "retryAfter": {
             "type": "integer",
             "description": "seconds to wait, as the Retry-After header says",
@@ -613,7 +618,9 @@ async def _td21(resource: FacadeResource, request: server.Request, body: Any) ->
     items = _object(body, "documents")
     if not isinstance(items, list) or not items:
         raise BadRequest("'documents' must be a non-empty list")
-    documents, overrides = [], []
+    # A form's documents are files, named in what the facade answers.
+    form = (request.getHeader("content-type") or "").lower().startswith(MULTIPART)
+    documents, overrides, names = [], [], []
     for index, item in enumerate(items):
         if not isinstance(item, Mapping):
             raise BadRequest(f"documents[{index}] must be an object")
@@ -623,10 +630,39 @@ async def _td21(resource: FacadeResource, request: server.Request, body: Any) ->
             if isinstance(content, bytes)
             else _b64(content, f"documents[{index}].content")
         )
-        overrides.append(read_overrides(item.get("overrides")))
+        names.append(item.get("name"))
+        try:
+            overrides.append(read_overrides(item.get("overrides")))
+        except BadRequest as error:
+            where = (
+                f"overrides[{index}] (for {excerpt(names[-1])})"
+                if form
+                else f"documents[{index}].overrides"
+            )
+            raise BadRequest(f"{where}: {error}") from None
     try:
         submitted = await resource.service.submit(context, documents, overrides)
+    except DocumentRefused as refused:
+        index, why = refused.index, refused.error
+        if isinstance(why, UnknownClassCode):
+            why = why.hinting(
+                f"give it as overrides[{index}].classCode in the form's part "
+                "'overrides' (a JSON list, one object per file)"
+                if form
+                else f"give it as documents[{index}].overrides.classCode"
+            )
+        where = f"documents[{index}]"
+        if form:
+            where += f" ({excerpt(names[index])})"
+        raise Problem(
+            422,
+            "invalid-cda",
+            "The document or its metadata is invalid",
+            f"{where}: {why}",
+            {"documentIndex": index},
+        ) from refused
     except (CdaError, XmlRefused, MetadataError) as error:
+        # The submission as a whole (documents of several patients, say).
         raise Problem(
             422, "invalid-cda", "The document or its metadata is invalid", str(error)
         ) from error
@@ -1331,7 +1367,7 @@ def _multipart(content_type: str, raw: bytes) -> dict[str, Any]:
         )
     context: Any = None
     overrides: Any = None
-    documents: list[bytes] = []
+    documents: list[tuple[str, bytes]] = []
     for part in message.iter_parts():
         name = part.get_param("name", header="content-disposition")
         filename = part.get_filename()
@@ -1343,7 +1379,7 @@ def _multipart(content_type: str, raw: bytes) -> dict[str, Any]:
         elif name == "overrides" and not filename:
             overrides = _json(payload, "the part 'overrides'")
         elif filename:
-            documents.append(payload)
+            documents.append((filename, payload))
     if context is None:
         raise BadRequest("the form has no part 'agentContext' (the JSON context)")
     if not documents:
@@ -1357,8 +1393,12 @@ def _multipart(content_type: str, raw: bytes) -> dict[str, Any]:
     return {
         "agentContext": context,
         "documents": [
-            {"content": data, "overrides": overrides[i] if overrides else None}
-            for i, data in enumerate(documents)
+            {
+                "content": data,
+                "name": filename,
+                "overrides": overrides[i] if overrides else None,
+            }
+            for i, (filename, data) in enumerate(documents)
         ],
     }
 

@@ -65,6 +65,7 @@ from cpsdmp.facade.networks import (
     AgentNetworkReactor,
     Network,
 )
+from cpsdmp.protocols.safexml import XmlRefused
 from cpsdmp.protocols.soap import SoapFault, SoapResponse, read_message
 from cpsdmp.protocols.tls import (
     HandshakeFailed,
@@ -187,6 +188,19 @@ class DmpHttpError(FacadeError):
     """
     The DMP answered with an HTTP error and no SOAP message.
     """
+
+
+class DocumentRefused(FacadeError):
+    """
+    A document of a submission is not one the DMP can take: C{index} says
+    which (from 0), C{error} why (a L{CdaError}, L{XmlRefused} or
+    L{MetadataError}).
+    """
+
+    def __init__(self, index: int, error: Exception) -> None:
+        super().__init__(f"documents[{index}]: {error}")
+        self.index = index
+        self.error = error
 
 
 class UnknownOutcome(FacadeError):
@@ -1094,23 +1108,24 @@ class DmpService:
         """
         @return: each document's metadata, derived from the CDA with its
             overrides, and its bytes.
-        @raise CdaError: a document lacks a mandatory element.
-        @raise XmlRefused: a document is not well-formed or unsafe XML.
+        @raise DocumentRefused: a document lacks a mandatory element, is not
+            well-formed or safe XML, or has a value XDS cannot carry.
         """
         if overrides is not None and len(overrides) != len(documents):
             raise MetadataError("one overrides mapping per document, or none")
-        return [
-            (
-                document_entry(
+        entries = []
+        for index, data in enumerate(documents):
+            try:
+                entry = document_entry(
                     data,
                     self.config.structure,
                     self.config.defaults,
                     overrides[index] if overrides else None,
-                ),
-                data,
-            )
-            for index, data in enumerate(documents)
-        ]
+                )
+            except (MetadataError, XmlRefused) as error:
+                raise DocumentRefused(index, error) from error
+            entries.append((entry, data))
+        return entries
 
     async def _signed(
         self,
@@ -1150,7 +1165,7 @@ class DmpService:
         sending it again, once; when the DMP refuses that resend as a
         duplicate, ask again (the first may have arrived late).
 
-        @raise CdaError: a document lacks a mandatory element (nothing was
+        @raise DocumentRefused: a document cannot be submitted (nothing was
             asked of the agent).
         @raise UnknownOutcome: the outcome could not be learnt.
         """
