@@ -1845,6 +1845,7 @@ class AgentContextTests(FacadeTestCase):
         cases = [
             ({"url": f"http://127.0.0.1:{port}"}, "https://"),
             ({"url": f"ftp://127.0.0.1:{port}"}, "https://"),
+            ({"url": f"HTTPS://127.0.0.1:{port}"}, "https://"),
             ({"url": "https://"}, "url"),
             ({"url": f"https://user:pw@127.0.0.1:{port}"}, "credentials"),
             ({"url": f"https://127.0.0.1:{port}/?a=b"}, "query"),

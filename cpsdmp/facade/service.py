@@ -245,7 +245,7 @@ def _agent_url(url: str) -> str:
     if len(url) > MAX_URL_LENGTH:
         raise ValueError(f"agentContext.url is over {MAX_URL_LENGTH} characters")
     parts = urlsplit(url)
-    if parts.scheme.lower() != "https":
+    if not url.startswith("https://"):
         raise ValueError(
             f"agentContext.url must be an https:// URL (the agent only speaks "
             f"HTTPS and the token must not travel in clear), not {excerpt(url)}"
