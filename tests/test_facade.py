@@ -2241,6 +2241,22 @@ class MoreFaultTests(FacadeTestCase):
             self.assertIn(named, problem["detail"])
             self.assertLess(len(problem["detail"]), 400, problem["detail"])
             self.assertNotIn("1" * 100, problem["detail"])
+            # The description refuses them too.
+            request = _pointer(
+                "paths",
+                path,
+                "post",
+                "requestBody",
+                "content",
+                "application/json",
+                "schema",
+            )
+            self.assertRaises(
+                AssertionError,
+                conforms,
+                {"agentContext": self.context, **body},
+                request,
+            )
 
     @inlineCallbacks
     def test_body_limit(self) -> Any:

@@ -451,9 +451,14 @@ _PATIENT_SCHEMA = {
     "type": "object",
     "required": ["ins"],
     "properties": {
-        "ins": {"type": "string", "description": "the patient's INS (NIR or NIA)"},
+        "ins": {
+            "type": "string",
+            "maxLength": 15,
+            "description": "the patient's INS (NIR or NIA)",
+        },
         "authority": {
             "type": "string",
+            "maxLength": 64,
             "description": "the INS authority OID; the facade's default if absent",
         },
     },
@@ -871,7 +876,14 @@ _OVERRIDES_SCHEMA = {
             name: {"type": "array", "items": _CODE_SCHEMA}
             for name in sorted(CODED_LIST_OVERRIDES)
         },
-        **{name: {"type": "string"} for name in sorted(TEXT_OVERRIDES)},
+        **{
+            name: (
+                {"type": "string", "maxLength": MAX_TIME}
+                if name.endswith("Time")
+                else {"type": "string"}
+            )
+            for name in sorted(TEXT_OVERRIDES)
+        },
     },
     "additionalProperties": False,
 }
@@ -1039,20 +1051,23 @@ ROUTES: tuple[Route, ...] = (
             "properties": {
                 **_AGENT,
                 "patient": _PATIENT_SCHEMA,
-                "statuses": {"type": "array", "items": {"type": "string"}},
-                "creationFrom": {"type": "string"},
-                "creationTo": {"type": "string"},
+                "statuses": {
+                    "type": "array",
+                    "items": {"type": "string", "maxLength": 64},
+                },
+                "creationFrom": {"type": "string", "maxLength": MAX_TIME},
+                "creationTo": {"type": "string", "maxLength": MAX_TIME},
                 "classCodes": {"type": "array", "items": _CODE_SCHEMA},
                 "typeCodes": {"type": "array", "items": _CODE_SCHEMA},
                 "confidentialityCodes": {"type": "array", "items": _CODE_SCHEMA},
                 "uniqueIds": {
                     "type": "array",
-                    "items": {"type": "string"},
+                    "items": {"type": "string", "maxLength": MAX_UNIQUE_ID},
                     "minItems": 1,
                 },
                 "entryUUIDs": {
                     "type": "array",
-                    "items": {"type": "string"},
+                    "items": {"type": "string", "maxLength": MAX_UNIQUE_ID},
                     "minItems": 1,
                 },
             },
@@ -1082,7 +1097,7 @@ ROUTES: tuple[Route, ...] = (
             "properties": {
                 **_AGENT,
                 "patient": _PATIENT_SCHEMA,
-                "uniqueId": {"type": "string"},
+                "uniqueId": {"type": "string", "maxLength": MAX_UNIQUE_ID},
             },
         },
         {
@@ -1115,7 +1130,7 @@ ROUTES: tuple[Route, ...] = (
             "properties": {
                 **_AGENT,
                 "patient": _PATIENT_SCHEMA,
-                "uniqueId": {"type": "string"},
+                "uniqueId": {"type": "string", "maxLength": MAX_UNIQUE_ID},
                 "action": {"enum": list(UPDATE_ACTIONS)},
             },
         },
