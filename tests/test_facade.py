@@ -12,10 +12,14 @@ import base64
 import json
 import os
 import re
+import secrets
 import socket
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from ipaddress import ip_network
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +29,19 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from jsonschema import Draft202012Validator
 from openapi_spec_validator import validate as validate_description
+from OpenSSL import crypto
 from referencing import Registry
 from referencing.jsonschema import DRAFT202012
 from treq.client import HTTPClient
 from twisted.internet import reactor, ssl
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
+from twisted.internet.protocol import (
+    ClientFactory,
+    Factory,
+    ProcessProtocol,
+    Protocol,
+)
 from twisted.internet.task import deferLater
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import formatEvent, globalLogPublisher
@@ -44,12 +54,14 @@ from cpsdmp.agent.card import PinBlocked as CardPinBlockedError
 from cpsdmp.agent.client import CpsAgentClient, open_session
 from cpsdmp.facade.client import (
     AgentFailed,
+    AgentNotAllowed,
     AgentSessionExpired,
     AgentTimedOut,
     CardPinBlocked,
     CardRateLimited,
     DmpFailed,
     DmpRefused,
+    DocumentNotFound,
     FacadeClient,
     FacadeError,
     FacadeProblem,
@@ -58,7 +70,8 @@ from cpsdmp.facade.client import (
     MalformedRequest,
     OutcomeUnknown,
 )
-from cpsdmp.facade.resource import ROUTES, openapi
+from cpsdmp.facade.networks import AgentNetworkReactor
+from cpsdmp.facade.resource import ROUTES, UPDATE_ACTIONS, openapi
 from cpsdmp.facade.service import FacadeConfig
 from cpsdmp.facade.tap import FacadeService
 from cpsdmp.sandbox.tap import SandboxService
@@ -110,12 +123,16 @@ class CountingBackend:
     def __init__(self, backend: Any) -> None:
         self._backend = backend
         self.signatures = {KeyUsage.authentication: 0, KeyUsage.signature: 0}
+        #: Called, in the card's thread, with the key of each signature.
+        self.on_signature: Any = None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._backend, name)
 
     def sign_digest(self, usage: KeyUsage, algorithm: Any, digest: bytes) -> bytes:
         self.signatures[usage] += 1
+        if self.on_signature is not None:
+            self.on_signature(usage)
         return self._backend.sign_digest(usage, algorithm, digest)
 
 
@@ -482,16 +499,7 @@ class ScenarioTests(FacadeTestCase):
             ),
             ('name="documents"; filename="cda.xml"', "text/xml", data),
         ]
-        body = (
-            b"".join(
-                f"--{boundary}\r\nContent-Disposition: form-data; {disposition}\r\n"
-                f"Content-Type: {media}\r\n\r\n".encode()
-                + content
-                + b"\r\n"
-                for disposition, media, content in parts
-            )
-            + f"--{boundary}--\r\n".encode()
-        )
+        body = multipart(boundary, parts)
         status, answer = yield self.post(
             "/dmp/td21SubmitDocuments",
             body,
@@ -726,6 +734,67 @@ class FaultTests(FacadeTestCase):
         self.assertEqual(error.status, 422)
 
     @inlineCallbacks
+    def test_which_document_is_invalid(self) -> Any:
+        """
+        With several documents in one submission, the error names the bad
+        one: its index, and its file name in a form; a missing classCode is
+        asked for as the facade takes it (the document's overrides), not as
+        the command line does. Nothing is sent, and the card signs nothing.
+        """
+        good, unmapped = cda("VAC-NOTE"), cda("DLU-EHPAD-FLUDT")
+        self.assertIsNotNone(overrides_for(unmapped))
+        self.assertIsNone(overrides_for(good))
+        error = yield self.failure_of(
+            self.facade.td21_submit([good, unmapped], self.context), InvalidDocument
+        )
+        detail = error.problem["detail"]
+        self.assertTrue(detail.startswith("documents[1]: "), detail)
+        self.assertIn("give it as documents[1].overrides.classCode", detail)
+        self.assertNotIn("cpsdmp metadata", detail)
+        self.assertEqual(error.problem["documentIndex"], 1)
+        error = yield self.failure_of(
+            self.facade.td21_submit([good, good, b"<not-xml"], self.context),
+            InvalidDocument,
+        )
+        self.assertTrue(error.problem["detail"].startswith("documents[2]: "))
+
+        boundary = "b0undary"
+        form = multipart(
+            boundary,
+            [
+                (
+                    'name="agentContext"',
+                    "application/json",
+                    json.dumps(self.context).encode(),
+                ),
+                ('name="documents"; filename="note.xml"', "text/xml", good),
+                ('name="documents"; filename="ehpad.xml"', "text/xml", unmapped),
+            ],
+        )
+        response, problem = yield post_raw(
+            self.facade_url + "/dmp/td21SubmitDocuments",
+            form,
+            f"multipart/form-data; boundary={boundary}",
+        )
+        self.assertEqual(response.code, 422, problem)
+        detail = problem["detail"]
+        self.assertTrue(detail.startswith("documents[1] ('ehpad.xml'): "), detail)
+        self.assertIn("overrides[1].classCode in the form's part 'overrides'", detail)
+        self.assertEqual(problem["documentIndex"], 1)
+        # A bad override is named by its document too.
+        error = yield self.failure_of(
+            self.facade.td21_submit(
+                [good, good], self.context, [None, {"classCode": {"code": "11"}}]
+            ),
+            MalformedRequest,
+        )
+        self.assertIn("documents[1].overrides: classCode", str(error))
+        self.assertEqual(
+            self.backend.signatures,
+            {KeyUsage.authentication: 0, KeyUsage.signature: 0},
+        )
+
+    @inlineCallbacks
     def test_malformed_requests(self) -> Any:
         error = yield self.failure_of(
             self.facade.td21_submit([], self.context), MalformedRequest
@@ -750,6 +819,26 @@ class FaultTests(FacadeTestCase):
         self.assertIn("mask", str(error))
 
     @inlineCallbacks
+    def test_empty_lists_of_documents(self) -> Any:
+        """
+        TD3.1 with an empty list of uniqueIds or entryUUIDs asks for nothing:
+        400, not a search of every document of the patient.
+        """
+        submitted = yield self.submit(cda("VAC-NOTE"))
+        self.assertTrue(submitted["documents"])
+        found = yield self.facade.td31_find(self.context, CDA_PATIENT)
+        self.assertIn(
+            submitted["documents"][0]["uniqueId"], [d["uniqueId"] for d in found]
+        )
+        for name in ["uniqueIds", "entryUUIDs"]:
+            error = yield self.failure_of(
+                self.facade.td31_find(self.context, CDA_PATIENT, **{name: []}),
+                MalformedRequest,
+            )
+            self.assertEqual(error.status, 400)
+            self.assertIn(f"'{name}' is empty", str(error))
+
+    @inlineCallbacks
     def test_other_patients_document(self) -> Any:
         """
         A document of patient B asked for with patient A: TD3.1 by uniqueId
@@ -771,9 +860,12 @@ class FaultTests(FacadeTestCase):
         )
         self.assertEqual(found, [])
         error = yield self.failure_of(
-            self.facade.td32_retrieve(document, self.context, CDA_PATIENT), DmpRefused
+            self.facade.td32_retrieve(document, self.context, CDA_PATIENT),
+            DocumentNotFound,
         )
+        self.assertEqual((error.status, error.kind), (404, "document-not-found"))
         self.assertEqual(error.codes, ["XDSMissingDocument"])
+        self.assertIn("no document", error.problem["detail"])
         self.assertNotIn(DEFAULT_PATIENT.ins, json.dumps(error.problem))
         error = yield self.failure_of(
             self.facade.td33_update(document, "mask", self.context, CDA_PATIENT),
@@ -795,17 +887,94 @@ class FaultTests(FacadeTestCase):
         yield self.facade.td33_update(document, "mask", self.context, other)
 
     @inlineCallbacks
+    def test_status_updates(self) -> Any:
+        """
+        TD3.3 answers the same way for every action: one that would not
+        change the document's state is 409 (archive, unarchive, mask,
+        unmask alike) and changes nothing; a document that is not there is
+        404, saying whether it was deleted or is unknown, for TD3.3 and
+        TD3.2 alike.
+        """
+        from cpsdmp.xds.sample import DEFAULT_PATIENT, sample_cda
+
+        patient = {"ins": DEFAULT_PATIENT.ins, "authority": INS_OID_TEST}
+        submitted = yield self.facade.td21_submit(
+            [sample_cda(self.card.professional)], self.context
+        )
+        document = submitted["documents"][0]["uniqueId"]
+
+        @inlineCallbacks
+        def update(action: str, unique_id: str = document) -> Any:
+            try:
+                answer = yield self.facade.td33_update(
+                    unique_id, action, self.context, patient
+                )
+            except FacadeProblem as error:
+                return error.status, error.kind, error.problem["detail"]
+            return 200, answer["status"], ""
+
+        @inlineCallbacks
+        def state() -> Any:
+            [entry] = yield self.facade.td31_find(
+                self.context,
+                patient,
+                uniqueIds=[document],
+            )
+            masked = "MASQUE_PS" in [c["code"] for c in entry["confidentialityCode"]]
+            return entry["availabilityStatus"].rsplit(":", 1)[-1], masked
+
+        for action, expected, after in [
+            ("unarchive", (409, "conflict", "not archived"), ("Approved", False)),
+            ("unmask", (409, "conflict", "not masked"), ("Approved", False)),
+            ("archive", (200, "Success", ""), ("Archived", False)),
+            ("archive", (409, "conflict", "already archived"), ("Archived", False)),
+            ("mask", (200, "Success", ""), ("Archived", True)),
+            ("mask", (409, "conflict", "already masked"), ("Archived", True)),
+            ("unarchive", (200, "Success", ""), ("Approved", True)),
+            ("unarchive", (409, "conflict", "not archived"), ("Approved", True)),
+            ("unmask", (200, "Success", ""), ("Approved", False)),
+            ("unmask", (409, "conflict", "not masked"), ("Approved", False)),
+        ]:
+            status, kind, detail = yield update(action)
+            self.assertEqual((status, kind), expected[:2], (action, detail))
+            self.assertIn(expected[2], detail, action)
+            self.assertEqual((yield state()), after, action)
+
+        self.assertEqual((yield update("delete"))[:2], (200, "Success"))
+        for action in UPDATE_ACTIONS:
+            status, kind, detail = yield update(action)
+            self.assertEqual((status, kind), (404, "document-not-found"), action)
+            self.assertIn("was deleted", detail, action)
+        error = yield self.failure_of(
+            self.facade.td32_retrieve(document, self.context, patient),
+            DocumentNotFound,
+        )
+        self.assertEqual(error.status, 404)
+        self.assertIn("was deleted", error.problem["detail"])
+        self.assertEqual(error.codes, ["XDSMissingDocument"])
+
+        unknown = "1.2.250.1.999.42.4242"
+        status, kind, detail = yield update("mask", unknown)
+        self.assertEqual((status, kind), (404, "document-not-found"))
+        self.assertIn(f"no document {unknown}", detail)
+        error = yield self.failure_of(
+            self.facade.td32_retrieve(unknown, self.context, patient),
+            DocumentNotFound,
+        )
+        self.assertIn(f"no document {unknown}", error.problem["detail"])
+
+    @inlineCallbacks
     def test_wrong_token(self) -> Any:
         """
         A token the agent does not know (expired, or the card was locked):
         401, saying the PIN is needed again.
         """
-        context = dict(self.context, token="not-a-token")
+        context = dict(self.context, token=secrets.token_urlsafe(32))
         error = yield self.failure_of(
             self.facade.td02_exist(CDA_PATIENT, context), AgentSessionExpired
         )
         self.assertEqual(error.status, 401)
-        self.assertIn("PIN", str(error))
+        self.assertEqual(str(error).count("PIN again"), 1, str(error))
 
     @inlineCallbacks
     def test_locked_card_stops_kept_sessions(self) -> Any:
@@ -891,6 +1060,80 @@ class FaultTests(FacadeTestCase):
         self.assertEqual(error.kind, "dmp-unreachable")
 
     @inlineCallbacks
+    def test_dmp_down_no_card_signature(self) -> Any:
+        """
+        A submission to a DMP that nothing answers for: 502, and the card
+        signed nothing, the submission set included (the connection comes
+        before the set's signature).
+        """
+        facade = yield self.start_facade(self.dmp_url(free_port()))
+        data = cda("VAC-NOTE")
+        error = yield self.failure_of(
+            facade.td21_submit([data], self.context, [overrides_for(data)]),
+            DmpFailed,
+        )
+        self.assertEqual((error.status, error.kind), (502, "dmp-unreachable"))
+        self.assertEqual(
+            self.backend.signatures,
+            {KeyUsage.authentication: 0, KeyUsage.signature: 0},
+        )
+
+    @inlineCallbacks
+    def test_log_of_failed_connections(self) -> Any:
+        """
+        The log of an exchange that never had a connection says so, with
+        the card's signature of a handshake that failed; one whose message
+        could not be made says its connection went unused; none claims a
+        connection reused.
+        """
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+
+        def logged() -> dict[str, Any]:
+            [event] = [
+                e
+                for e in events
+                if e.get("log_namespace") == "cpsdmp.facade.service" and e.get("action")
+            ]
+            del events[:]
+            return event
+
+        down = yield self.start_facade(self.dmp_url(free_port()))
+        yield self.failure_of(down.td02_exist(CDA_PATIENT, self.context), DmpFailed)
+        event = logged()
+        self.assertEqual(
+            (event["code"], event["connection"], event["signature"]),
+            ("DmpUnreachable", "not established", "none"),
+        )
+        self.assertIn("connection not established", formatEvent(event))
+
+        other_ca = Path(self.mktemp() + ".pem")
+        other_ca.write_bytes(_other_authority())
+        port = yield self.start_sandbox([str(other_ca)])
+        refusing = yield self.start_facade(self.dmp_url(port))
+        yield self.failure_of(
+            refusing.td02_exist(CDA_PATIENT, self.context), HandshakeRefused
+        )
+        event = logged()
+        self.assertEqual(event["connection"], "not established")
+        self.assertNotEqual(event["signature"], "none")
+
+        # The set's signature refused by the agent once the connection is up.
+        from cpsdmp.agent.audit import RateLimit
+
+        agent = yield start_agent(self, self.backend, rate_limit=RateLimit(1, 60.0))
+        context = yield open_session(agent.url, self.card.pin, agent.fingerprint)
+        data = cda("VAC-NOTE")
+        yield self.failure_of(
+            self.facade.td21_submit([data], context, [overrides_for(data)]),
+            CardRateLimited,
+        )
+        event = logged()
+        self.assertEqual(event["connection"], "new handshake (unused)")
+        self.assertIn("connection new handshake (unused)", formatEvent(event))
+
+    @inlineCallbacks
     def test_untrusted_card(self) -> Any:
         """
         A DMP that trusts another authority refuses the card's certificate
@@ -911,6 +1154,14 @@ class FaultTests(FacadeTestCase):
         self.assertIn("after our Finished", error.problem["step"])
         self.assertIn(error.problem["step"], str(error))
         self.assertEqual(self.authentication_signatures, 1)
+        # A submission there: the handshake fails again before the card is
+        # asked for the submission set's signature.
+        data = cda("VAC-NOTE")
+        error = yield self.failure_of(
+            facade.td21_submit([data], self.context, [overrides_for(data)]),
+            HandshakeRefused,
+        )
+        self.assertEqual(self.backend.signatures[KeyUsage.signature], 0)
 
     @inlineCallbacks
     def test_dmp_timeout(self) -> Any:
@@ -1135,6 +1386,7 @@ class LosingProxy(Factory):
         #: C{late-request}: the connection whose request is held, its data.
         self.late: _Downstream | None = None
         self.late_data: list[bytes] = []
+        self.downstreams: list[_Downstream] = []
 
     def release_late(self, resend: _Downstream) -> None:
         """
@@ -1156,8 +1408,19 @@ class LosingProxy(Factory):
                 call.cancel()
                 transport.abortConnection()
 
+    def drop_all(self) -> None:
+        """
+        Close every connection through the proxy, as a DMP closes idle ones.
+        """
+        for downstream in self.downstreams:
+            downstream.transport.loseConnection()
+            if downstream.upstream is not None:
+                downstream.upstream.transport.loseConnection()
+
     def buildProtocol(self, addr: Any) -> _Downstream:
-        return _Downstream(self)
+        downstream = _Downstream(self)
+        self.downstreams.append(downstream)
+        return downstream
 
 
 class LostAnswerTests(FacadeTestCase):
@@ -1243,6 +1506,32 @@ class LostAnswerTests(FacadeTestCase):
         self.assertEqual(answer["outcome"], "stored-after-lost-answer")
         copies = yield self.stored_copies()
         self.assertEqual(copies, 1)
+
+    @inlineCallbacks
+    def test_kept_connection_closed_while_signing(self) -> Any:
+        """
+        The DMP closes the kept connection while the card signs the
+        submission set: nothing was sent on it, so the facade sends the
+        submission on a new connection, which resumes the TLS session (no
+        second card signature for the handshake); stored once, answered.
+        """
+        closed = threading.Event()
+
+        def close_during_set_signature(usage: KeyUsage) -> None:
+            if usage is KeyUsage.signature:
+                reactor.callFromThread(lambda: (self.proxy.drop_all(), closed.set()))
+                closed.wait(5)
+                # Time for the close to reach the facade's side.
+                time.sleep(0.3)
+
+        self.backend.on_signature = close_during_set_signature
+        answer = yield self.submit(self.data)
+        self.assertTrue(closed.is_set())
+        self.assertEqual(answer["outcome"], "answered")
+        self.assertEqual(answer["timings"]["connection"], "resumed")
+        copies = yield self.stored_copies()
+        self.assertEqual(copies, 1)
+        self.assertEqual(self.authentication_signatures, 1)
 
     @inlineCallbacks
     def test_still_unknown(self) -> Any:
@@ -1399,6 +1688,41 @@ def post_json(url: str, body: Any, **headers: str) -> Any:
     return response, json.loads(content) if content else None
 
 
+@inlineCallbacks
+def post_raw(url: str, body: bytes, content_type: str) -> Any:
+    """
+    POST C{body} as it is to C{url}.
+
+    @return: a Deferred that fires with the response and its JSON body
+        (C{None} when it has none).
+    """
+    response = yield Agent(reactor).request(
+        b"POST",
+        url.encode(),
+        Headers({b"content-type": [content_type.encode()]}),
+        _body(body),
+    )
+    content = yield readBody(response)
+    return response, json.loads(content) if content else None
+
+
+def multipart(boundary: str, parts: list[tuple[str, str, bytes]]) -> bytes:
+    """
+    @return: a multipart/form-data body of C{(disposition, media type,
+        content)} parts.
+    """
+    return (
+        b"".join(
+            f"--{boundary}\r\nContent-Disposition: form-data; {disposition}\r\n"
+            f"Content-Type: {media}\r\n\r\n".encode()
+            + content
+            + b"\r\n"
+            for disposition, media, content in parts
+        )
+        + f"--{boundary}--\r\n".encode()
+    )
+
+
 def _body(data: bytes) -> Any:
     import io
 
@@ -1464,6 +1788,259 @@ class SubmitCommandTests(FacadeTestCase):
         self.assertIn(b"422", err)
 
 
+class _Counting(Protocol):
+    """
+    A listener that notes every connection and every byte it receives, and
+    never answers.
+    """
+
+    def connectionMade(self) -> None:
+        self.factory.connections += 1  # type: ignore[attr-defined]
+        self.factory.transports.append(self.transport)  # type: ignore[attr-defined]
+
+    def dataReceived(self, data: bytes) -> None:
+        self.factory.received += data  # type: ignore[attr-defined]
+
+
+def counting_listener(test: TestCase) -> tuple[Factory, int]:
+    """
+    @return: a L{_Counting} listener's factory on loopback, and its port.
+    """
+    factory = Factory.forProtocol(_Counting)
+    factory.connections = 0  # type: ignore[attr-defined]
+    factory.received = b""  # type: ignore[attr-defined]
+    factory.transports = []  # type: ignore[attr-defined]
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    test.addCleanup(port.stopListening)
+
+    def close() -> None:
+        for transport in factory.transports:  # type: ignore[attr-defined]
+            transport.abortConnection()
+
+    test.addCleanup(close)
+    return factory, port.getHost().port
+
+
+class _HangUp(Protocol):
+    """
+    Reads a request, then closes the connection without answering.
+    """
+
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+
+class AgentContextTests(FacadeTestCase):
+    @inlineCallbacks
+    def test_malformed_context_refused_at_once(self) -> Any:
+        """
+        An agent context whose URL is not https://, whose fingerprint is not
+        a SHA-256 or whose token is not shaped like the agent's is refused
+        at once (400, naming the member; the token never repeated), and
+        nothing is sent to the address it names: a listener there sees no
+        connection.
+        """
+        listener, port = counting_listener(self)
+        token = self.context["token"]
+        cases = [
+            ({"url": f"http://127.0.0.1:{port}"}, "https://"),
+            ({"url": f"ftp://127.0.0.1:{port}"}, "https://"),
+            ({"url": f"HTTPS://127.0.0.1:{port}"}, "https://"),
+            ({"url": "https://"}, "url"),
+            ({"url": f"https://user:pw@127.0.0.1:{port}"}, "credentials"),
+            ({"url": f"https://127.0.0.1:{port}/?a=b"}, "query"),
+            ({"url": f"https://[::1]:{port}"}, "IPv6"),
+            ({"url": "https://127.0.0.1:99999"}, "port"),
+            ({"url": f"https://127.0.0.1:{port}/" + "a" * 3000}, "url"),
+            ({"tlsFingerprint": "nope"}, "tlsFingerprint"),
+            ({"tlsFingerprint": "sha256:00"}, "tlsFingerprint"),
+            ({"tlsFingerprint": "sha256:" + "g" * 64}, "tlsFingerprint"),
+            ({"tlsFingerprint": "sha256:" + "00 " * 32}, "tlsFingerprint"),
+            ({"token": token[:15]}, "token"),
+            ({"token": "A" * 513}, "token"),
+            ({"token": token[:20] + " " + token[21:]}, "token"),
+            ({"token": token[:20] + "=" + token[21:]}, "token"),
+        ]
+        for change, named in cases:
+            context = {**self.context, "url": f"https://127.0.0.1:{port}", **change}
+            response, problem = yield post_json(
+                self.facade_url + "/dmp/td02Exist",
+                {"agentContext": context, "patient": CDA_PATIENT},
+            )
+            self.assertEqual(response.code, 400, (change, problem))
+            self.assertEqual(
+                problem["type"].rsplit("/", 1)[-1], "malformed-request", problem
+            )
+            self.assertIn(named, problem["detail"], change)
+            self.assertLess(len(problem["detail"]), 400, change)
+            if "token" in change:
+                self.assertNotIn(change["token"], problem["detail"])
+        self.assertEqual((listener.connections, listener.received), (0, b""))
+        # Each refused as the description says: not one of these conforms.
+        schema = _pointer(
+            "paths",
+            "/dmp/td02Exist",
+            "post",
+            "requestBody",
+            "content",
+            "application/json",
+            "schema",
+            "properties",
+            "agentContext",
+        )
+        conforms(self.context, schema)
+        for change, _ in cases:
+            if (
+                change.get("url", "").startswith("https://")
+                and len(change["url"]) < 2048
+            ):
+                continue  # the description does not parse URLs
+            self.assertRaises(
+                AssertionError, conforms, dict(self.context, **change), schema
+            )
+
+    @inlineCallbacks
+    def test_well_formed_contexts(self) -> Any:
+        """
+        A fingerprint with colons between its bytes or in capitals, and a
+        token of another length than the agent's own, are well formed: the
+        agent is asked, and says whether it knows them.
+        """
+        fingerprint = self.context["tlsFingerprint"]
+        digest = fingerprint.split(":", 1)[1]
+        for variant in [
+            "sha256:" + digest.upper(),
+            "sha256:" + ":".join(digest[i : i + 2] for i in range(0, 64, 2)),
+        ]:
+            answer = yield self.facade.td02_exist(
+                CDA_PATIENT, dict(self.context, tlsFingerprint=variant)
+            )
+            self.assertTrue(answer["exists"])
+        error = yield self.failure_of(
+            self.facade.td02_exist(
+                CDA_PATIENT, dict(self.context, token=secrets.token_urlsafe(12))
+            ),
+            AgentSessionExpired,
+        )
+        self.assertEqual(error.status, 401)
+
+
+class _Greeting(Protocol):
+    """
+    A client that writes as soon as it is connected, as TLS does.
+    """
+
+    def connectionMade(self) -> None:
+        self.transport.write(b"hello")  # type: ignore[union-attr]
+
+
+class _Attempt(ClientFactory):
+    protocol = _Greeting
+
+    def __init__(self) -> None:
+        self.failed: Deferred[Any] = Deferred()
+
+    def clientConnectionFailed(self, connector: Any, reason: Any) -> None:
+        # The reason as a value, not as the Deferred's failure.
+        self.failed.callback([reason])
+
+
+class AgentNetworkTests(FacadeTestCase):
+    @inlineCallbacks
+    def test_outside_networks_refused(self) -> Any:
+        """
+        With agents allowed only in another network than loopback, every
+        agent URL on loopback is refused with the same 403, whether a real
+        agent, a closed port, a plain listener or a TLS server is there (the
+        facade is no port scanner), and nothing is sent: the listener sees
+        no connection.
+        """
+        facade = yield self.start_facade(
+            self.dmp_url(self.sandbox_port),
+            agent_networks=[ip_network("192.0.2.0/24")],
+        )
+        listener, port = counting_listener(self)
+        details = set()
+        for url in [
+            self.agent.url,
+            f"https://127.0.0.1:{free_port()}",
+            f"https://127.0.0.1:{port}",
+            f"https://localhost:{port}",
+            f"https://127.0.0.1:{self.sandbox_port}",
+        ]:
+            error = yield self.failure_of(
+                facade.td02_exist(CDA_PATIENT, dict(self.context, url=url)),
+                AgentNotAllowed,
+            )
+            self.assertEqual((error.status, error.kind), (403, "agent-not-allowed"))
+            self.assertIn("--agent-network", str(error))
+            self.assertNotIn("127.0.0.1", str(error))
+            details.add(error.problem["detail"])
+        self.assertEqual(len(details), 1, details)
+        self.assertEqual((listener.connections, listener.received), (0, b""))
+        self.assertEqual(self.authentication_signatures, 0)
+
+        # The same agent, allowed: it answers.
+        facade = yield self.start_facade(
+            self.dmp_url(self.sandbox_port),
+            agent_networks=[ip_network("192.0.2.0/24"), ip_network("127.0.0.1/32")],
+        )
+        answer = yield facade.td02_exist(CDA_PATIENT, self.context)
+        self.assertTrue(answer["exists"])
+
+    @inlineCallbacks
+    def test_peer_checked_once_connected(self) -> Any:
+        """
+        A name is resolved by the reactor and its address is not known
+        before the connection is made: the connected peer is checked before
+        the client may write, so a name that resolves into a refused network
+        fails with nothing written (the listener sees a connection, and not
+        one byte).
+        """
+        from cpsdmp.facade.networks import AgentNotAllowed as NotAllowed
+
+        listener, port = counting_listener(self)
+        guarded = AgentNetworkReactor(reactor, [ip_network("192.0.2.0/24")])
+        attempt = _Attempt()
+        guarded.connectTCP("localhost", port, attempt)
+        [reason] = yield attempt.failed
+        self.assertIsInstance(reason.value, NotAllowed)
+        for _ in range(20):
+            if listener.connections:
+                break
+            yield deferLater(reactor, 0.05, lambda: None)
+        yield deferLater(reactor, 0.1, lambda: None)
+        self.assertEqual((listener.connections, listener.received), (1, b""))
+
+        # Allowed, the same client writes.
+        guarded = AgentNetworkReactor(reactor, [ip_network("127.0.0.0/8")])
+        connector = guarded.connectTCP("localhost", port, _Attempt())
+        self.addCleanup(connector.disconnect)
+        for _ in range(40):
+            if listener.received:
+                break
+            yield deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(listener.received, b"hello")
+
+    def test_is_allowed(self) -> None:
+        from cpsdmp.facade.networks import DEFAULT_AGENT_NETWORKS, is_allowed
+
+        for host, allowed in [
+            ("127.0.0.1", True),
+            ("127.1.2.3", True),
+            ("::1", True),
+            ("::ffff:127.0.0.1", True),
+            ("10.0.0.1", False),
+            ("::ffff:10.0.0.1", False),
+            ("169.254.169.254", False),
+            ("fe80::1%eth0", False),
+            ("localhost", False),
+            ("", False),
+        ]:
+            self.assertEqual(is_allowed(host, DEFAULT_AGENT_NETWORKS), allowed, host)
+        self.assertTrue(is_allowed("fe80::1%eth0", [ip_network("fe80::/10")]))
+
+
 class MoreFaultTests(FacadeTestCase):
     @inlineCallbacks
     def test_agent_timeout(self) -> Any:
@@ -1483,6 +2060,203 @@ class MoreFaultTests(FacadeTestCase):
             facade.td02_exist(CDA_PATIENT, context), AgentTimedOut
         )
         self.assertEqual(error.status, 504)
+
+    @inlineCallbacks
+    def test_deeply_nested_json(self) -> Any:
+        """
+        A body, or a multipart JSON part, of 200,000 nested lists: 400, as a
+        malformed request, not an internal error.
+        """
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        nested = b"[" * 200_000
+        response, problem = yield post_raw(
+            self.facade_url + "/dmp/td02Exist", nested, "application/json"
+        )
+        self.assertEqual(response.code, 400, problem)
+        self.assertIn("nested too deeply", problem["detail"])
+        boundary = "b0undary"
+        response, problem = yield post_raw(
+            self.facade_url + "/dmp/td21SubmitDocuments",
+            multipart(
+                boundary,
+                [
+                    ('name="agentContext"', "application/json", nested),
+                    ('name="documents"; filename="a.xml"', "text/xml", cda("BIO")),
+                ],
+            ),
+            f"multipart/form-data; boundary={boundary}",
+        )
+        self.assertEqual(response.code, 400, problem)
+        self.assertIn("'agentContext' is JSON nested too deeply", problem["detail"])
+        self.assertEqual([e for e in events if e.get("log_failure")], [])
+
+    @inlineCallbacks
+    def test_malformed_multipart(self) -> Any:
+        """
+        A multipart/form-data body that cannot be read (no part under its
+        boundary, no boundary at all, no agent context or no file) is a 400
+        problem document saying what is wrong, and the facade logs it; the
+        card signs nothing.
+        """
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        url = self.facade_url + "/dmp/td21SubmitDocuments"
+        context = ('name="agentContext"', "application/json", b"{}")
+        document = ('name="documents"; filename="a.xml"', "text/xml", cda("BIO"))
+        for content_type, body, said in [
+            ("multipart/form-data; boundary=xyz", b"garbage", "boundary 'xyz'"),
+            ("multipart/form-data", b"garbage", "no boundary"),
+            (
+                "multipart/form-data; boundary=xyz",
+                multipart("xyz", [document]),
+                "no part 'agentContext'",
+            ),
+            (
+                "multipart/form-data; boundary=xyz",
+                multipart("xyz", [context]),
+                "no file part",
+            ),
+            (
+                "multipart/form-data; boundary=xyz",
+                multipart("xyz", [(context[0], context[1], b'"x"'), document]),
+                "agentContext",
+            ),
+        ]:
+            response, problem = yield post_raw(url, body, content_type)
+            self.assertEqual(response.code, 400, (body[:20], problem))
+            self.assertEqual(
+                response.headers.getRawHeaders(b"content-type"),
+                [b"application/problem+json"],
+            )
+            self.assertEqual(problem["type"].rsplit("/", 1)[-1], "malformed-request")
+            self.assertIn(said, problem["detail"])
+        logged = [
+            e
+            for e in events
+            if e.get("operation") == "td21SubmitDocuments" and e.get("status") == 400
+        ]
+        self.assertEqual(len(logged), 5)
+        self.assertEqual(self.backend.signatures[KeyUsage.signature], 0)
+
+    @inlineCallbacks
+    def test_agent_hangs_up(self) -> Any:
+        """
+        Something that holds the agent's certificate takes each request and
+        closes the connection without an answer: 502, saying so in words,
+        not with the HTTP client's exception.
+        """
+        certificate = x509.load_pem_x509_certificate(
+            Path(self.card.sandbox_cert).read_bytes()
+        )
+        options = ssl.CertificateOptions(
+            privateKey=crypto.PKey.from_cryptography_key(
+                serialization.load_pem_private_key(
+                    Path(self.card.sandbox_key).read_bytes(), None
+                )
+            ),
+            certificate=crypto.X509.from_cryptography(certificate),
+        )
+        port = reactor.listenSSL(  # type: ignore[attr-defined]
+            0, Factory.forProtocol(_HangUp), options, interface="127.0.0.1"
+        )
+        self.addCleanup(port.stopListening)
+        context = dict(
+            self.context,
+            url=f"https://127.0.0.1:{port.getHost().port}",
+            tlsFingerprint="sha256:" + certificate.fingerprint(hashes.SHA256()).hex(),
+        )
+        error = yield self.failure_of(
+            self.facade.td02_exist(CDA_PATIENT, context), AgentFailed
+        )
+        self.assertEqual((error.status, error.kind), (502, "agent-unreachable"))
+        detail = error.problem["detail"]
+        self.assertIn("the connection ended before the answer came", detail)
+        for internal in ["ResponseNeverReceived", "Failure", "twisted", "<", "(["]:
+            self.assertNotIn(internal, detail)
+
+    @inlineCallbacks
+    def test_bad_values_quoted_short(self) -> Any:
+        """
+        A huge bad value (a 100 KB INS, authority, uniqueId, time, status or
+        override name) is named by its first characters and its length in
+        the 400, never echoed whole.
+        """
+        huge = "1" * 100_000
+        calls = [
+            ("/dmp/td02Exist", {"patient": {"ins": huge}}, "patient.ins"),
+            (
+                "/dmp/td02Exist",
+                {"patient": {"ins": CDA_PATIENT["ins"], "authority": huge}},
+                "patient.authority",
+            ),
+            (
+                "/dmp/td32Retrieve",
+                {"patient": CDA_PATIENT, "uniqueId": huge},
+                "uniqueId",
+            ),
+            (
+                "/dmp/td31Find",
+                {"patient": CDA_PATIENT, "uniqueIds": ["1.2", huge]},
+                "uniqueIds",
+            ),
+            (
+                "/dmp/td31Find",
+                {"patient": CDA_PATIENT, "creationFrom": huge},
+                "creationFrom",
+            ),
+            ("/dmp/td31Find", {"patient": CDA_PATIENT, "statuses": [huge]}, "status"),
+            (
+                "/dmp/td21SubmitDocuments",
+                {
+                    "documents": [
+                        {
+                            "content": base64.b64encode(cda("BIO")).decode(),
+                            "overrides": {huge: "x"},
+                        }
+                    ]
+                },
+                "cannot be overridden",
+            ),
+            (
+                "/dmp/td21SubmitDocuments",
+                {
+                    "documents": [
+                        {
+                            "content": base64.b64encode(cda("BIO")).decode(),
+                            "overrides": {"creationTime": huge},
+                        }
+                    ]
+                },
+                "creationTime",
+            ),
+        ]
+        for path, body, named in calls:
+            response, problem = yield post_json(
+                self.facade_url + path, {"agentContext": self.context, **body}
+            )
+            self.assertEqual(response.code, 400, (path, named, problem))
+            self.assertIn(named, problem["detail"])
+            self.assertLess(len(problem["detail"]), 400, problem["detail"])
+            self.assertNotIn("1" * 100, problem["detail"])
+            # The description refuses them too.
+            request = _pointer(
+                "paths",
+                path,
+                "post",
+                "requestBody",
+                "content",
+                "application/json",
+                "schema",
+            )
+            self.assertRaises(
+                AssertionError,
+                conforms,
+                {"agentContext": self.context, **body},
+                request,
+            )
 
     @inlineCallbacks
     def test_body_limit(self) -> Any:
@@ -1660,6 +2434,18 @@ class ProblemMappingTests(SynchronousTestCase):
         )
         self.assertNotIn("bug", json.dumps(problem_for(RuntimeError("bug")).document()))
 
+    def test_long_detail_cut(self) -> None:
+        """
+        Whatever a message quotes, a problem's detail is at most 1000
+        characters and says it was cut.
+        """
+        from cpsdmp.facade.resource import problem_for
+        from cpsdmp.xds.ebrim import MetadataError
+
+        document = problem_for(MetadataError("bad " + "x" * 5000)).document()
+        self.assertEqual(len(document["detail"]), 1000 + len("... (cut)"))
+        self.assertTrue(document["detail"].endswith("... (cut)"))
+
     def test_overrides(self) -> None:
         from cpsdmp.facade.resource import BadRequest, read_overrides
 
@@ -1722,6 +2508,45 @@ class OptionsTests(SynchronousTestCase):
         makeService(options)
         warned = {e.get("option") for e in events if e.get("log_level").name == "warn"}
         self.assertEqual(warned, {"structure-id", "structure-name", "homologation-id"})
+
+    def test_agent_networks(self) -> None:
+        """
+        Agents are reached on loopback unless --agent-network says where,
+        as often as needed; a value that is not a network is refused.
+        """
+        from twisted.python.usage import UsageError
+
+        from cpsdmp.facade.tap import Options, makeService
+
+        card = shared_testcard()
+        testcard = ["--testcard", str(Path(card.ca_root).parent)]
+        options = Options()
+        options.parseOptions(testcard)
+        config = makeService(options).dmp.config
+        self.assertEqual(
+            list(config.agent_networks),
+            [ip_network("127.0.0.0/8"), ip_network("::1/128")],
+        )
+        options = Options()
+        options.parseOptions(
+            [*testcard, "--agent-network", "10.20.0.0/16"]
+            + ["--agent-network", "fd00::/8"]
+        )
+        service = makeService(options)
+        self.assertEqual(
+            list(service.dmp.config.agent_networks),
+            [ip_network("10.20.0.0/16"), ip_network("fd00::/8")],
+        )
+        self.assertEqual(
+            service.dmp.agent_reactor.networks,
+            (ip_network("10.20.0.0/16"), ip_network("fd00::/8")),
+        )
+        for bad in ["10.20.0.1/16", "tunnel", "10.0.0.0/33"]:
+            self.assertRaises(
+                UsageError,
+                Options().parseOptions,
+                [*testcard, "--agent-network", bad],
+            )
 
     def test_testcard_and_settings(self) -> None:
         from cpsdmp.facade.tap import SANDBOX_URL, Options, makeService

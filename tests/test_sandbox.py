@@ -649,6 +649,72 @@ class RefusalTests(SandboxTestCase):
         self.assertEqual(codes, ["XDSMetadataVersionError"])
 
     @inlineCallbacks
+    def test_update_to_same_state(self):  # type: ignore[no-untyped-def]
+        """
+        A status change to the status the document has (archiving an
+        archived one, unarchiving an approved one) is refused as the DMP
+        refuses it, and changes nothing.
+        """
+        entry = _entry(_cda())
+        yield self.submit(self.td21([entry]))
+        (approved,) = yield self.get(entry[0].uniqueId)
+        codes = yield self.refused(self.update(approved, Status.Approved))
+        self.assertEqual(codes, ["XDSMetadataUpdateError"])
+        answer = yield self.post(self.update(approved, Status.Approved))
+        self.assertIn(
+            "already approved",
+            str(self.assertRaises(RegistryFailure, read_registry_response, answer)),
+        )
+        yield self.submit(self.update(approved, Status.Archived))
+        (archived,) = yield self.get(entry[0].uniqueId)
+        codes = yield self.refused(self.update(archived, Status.Archived))
+        self.assertEqual(codes, ["XDSMetadataUpdateError"])
+        (still,) = yield self.get(entry[0].uniqueId)
+        self.assertEqual(
+            (still.availabilityStatus, still.version), (Status.Archived, "1")
+        )
+        self.assertEqual((yield self.service.store.count("submission_sets")), 2)
+
+    @inlineCallbacks
+    def test_deleted_no_longer_changes(self):  # type: ignore[no-untyped-def]
+        """
+        Once deleted, a document's status and metadata no longer change:
+        a second deletion, an unarchiving, a masking are refused; its
+        retrieval says it was deleted, where an unknown one is unknown.
+        """
+        entry = _entry(_cda())
+        yield self.submit(self.td21([entry]))
+        (current,) = yield self.get(entry[0].uniqueId)
+        yield self.submit(self.update(current, Status.Deleted))
+        (deleted,) = yield self.get(entry[0].uniqueId)
+        self.assertEqual(deleted.availabilityStatus, Status.Deleted)
+        for message in [
+            self.update(deleted, Status.Deleted),
+            self.update(deleted, Status.Approved),
+            self.update(deleted, Status.Archived),
+            self.mask(deleted),
+        ]:
+            answer = yield self.post(message)
+            failure = self.assertRaises(RegistryFailure, read_registry_response, answer)
+            self.assertEqual(
+                [e.code for e in failure.errors], ["XDSMetadataUpdateError"]
+            )
+        (still,) = yield self.get(entry[0].uniqueId)
+        self.assertEqual(
+            (still.availabilityStatus, still.version), (Status.Deleted, "1")
+        )
+        for unique_id, said in [
+            (entry[0].uniqueId, "was deleted"),
+            ("1.2.3.4.5", "no document"),
+        ]:
+            answer = yield self.post(
+                retrieve_documents(self.endpoints, self.vihf(), [unique_id])
+            )
+            failure = self.assertRaises(RegistryFailure, read_retrieve, answer)
+            self.assertEqual([e.code for e in failure.errors], ["XDSMissingDocument"])
+            self.assertIn(said, failure.errors[0].context)
+
+    @inlineCallbacks
     def test_wrong_service(self):  # type: ignore[no-untyped-def]
         """
         An action sent to a service that does not take it is a WS-Addressing

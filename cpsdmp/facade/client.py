@@ -114,9 +114,17 @@ class AgentFailed(FacadeProblem):
     pass
 
 
+class AgentNotAllowed(AgentFailed):
+    """
+    The agent context's URL leads outside the networks the facade may reach
+    agents in; nothing was sent there.
+    """
+
+
 class DocumentNotFound(FacadeProblem):
     """
-    TD3.3 on a document the DMP does not have (or no longer current).
+    TD3.2 or TD3.3 of a document the DMP does not have for the patient:
+    unknown, deleted or replaced (the detail says which).
     """
 
 
@@ -167,6 +175,7 @@ _KINDS: Mapping[str, type[FacadeProblem]] = {
     "dmp-refused": DmpRefused,
     "agent-unreachable": AgentFailed,
     "agent-mismatch": AgentFailed,
+    "agent-not-allowed": AgentNotAllowed,
     "agent-error": AgentFailed,
     "handshake-failed": HandshakeRefused,
     "handshake-refused": HandshakeRefused,

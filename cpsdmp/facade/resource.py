@@ -15,7 +15,8 @@ import binascii
 import email.parser
 import email.policy
 import json
-from collections.abc import Awaitable, Callable, Mapping
+import re
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +37,7 @@ from cpsdmp.agent.client import (
     TokenExpired,
     WrongPin,
 )
+from cpsdmp.facade.networks import AgentNotAllowed
 from cpsdmp.facade.service import (
     AgentContext,
     CardHolderError,
@@ -44,8 +46,10 @@ from cpsdmp.facade.service import (
     DmpService,
     DmpTimeout,
     DmpUnreachable,
+    DocumentRefused,
     Submitted,
     UnknownOutcome,
+    excerpt,
 )
 from cpsdmp.protocols import bounded
 from cpsdmp.protocols.safexml import XmlRefused
@@ -57,14 +61,24 @@ from cpsdmp.protocols.tls import (
     TLSError,
     TruncatedConnection,
 )
-from cpsdmp.xds.cda import CdaError
-from cpsdmp.xds.ebrim import CodedValue, MetadataError, PatientId, Status
+from cpsdmp.xds.cda import CdaError, UnknownClassCode
+from cpsdmp.xds.ebrim import (
+    CodedValue,
+    DocumentEntry,
+    MetadataError,
+    PatientId,
+    Status,
+)
 from cpsdmp.xds.responses import RegistryFailure, UnexpectedAnswer
-from cpsdmp.xds.transactions import FindDocuments, HL7Error
+from cpsdmp.xds.transactions import MASQUE_PS, FindDocuments, HL7Error
 
 _log = Logger()
 
 PROBLEM_BASE = "https://cpsdmp.invalid/problems/"
+#: The longest detail a problem document carries.
+MAX_DETAIL = 1000
+#: The registry's and repository's word for a document it does not have.
+MISSING_DOCUMENT = "XDSMissingDocument"
 DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
 JSON = "application/json"
 PROBLEM_JSON = "application/problem+json"
@@ -93,13 +107,41 @@ class Problem(Exception):
     extra: dict[str, Any] = field(default_factory=dict)
 
     def document(self) -> dict[str, Any]:
+        detail = self.detail
+        if len(detail) > MAX_DETAIL:
+            # Whatever the message quotes, a caller never gets it all back.
+            detail = detail[:MAX_DETAIL] + "... (cut)"
         return {
             "type": PROBLEM_BASE + self.kind,
             "title": self.title,
             "status": self.status,
-            "detail": self.detail,
+            "detail": detail,
             **self.extra,
         }
+
+
+#: A Python representation of an exception, as some messages of the agent
+#: client end with: C{ResponseNeverReceived([<twisted.python.failure...>])}.
+_PYTHON_REPR = re.compile(r"(?:: )?\b([A-Z]\w*)\((?:\[<twisted\.python|['\"]).*$")
+#: What the HTTP client's failures mean, in words.
+_HTTP_FAILURES = {
+    "ResponseNeverReceived": "the connection ended before the answer came",
+    "ResponseFailed": "the connection ended during the answer",
+    "RequestTransmissionFailed": "the connection ended while the request was sent",
+    "RequestGenerationFailed": "the request could not be sent",
+}
+
+
+def _in_words(text: str) -> str:
+    """
+    @return: C{text} with a Python representation of an exception at its
+        end said in words.
+    """
+    found = _PYTHON_REPR.search(text)
+    if found is None:
+        return text
+    words = _HTTP_FAILURES.get(found.group(1), "the exchange failed")
+    return text[: found.start()] + ": " + words
 
 
 def _dmp_errors(error: RegistryFailure) -> list[dict[str, str]]:
@@ -126,11 +168,14 @@ def problem_for(error: BaseException) -> Problem:
     if isinstance(error, BadRequest):
         return Problem(400, "malformed-request", "Malformed request", text)
     if isinstance(error, TokenExpired):
+        said = str(error.problem.get("detail") or "the token is expired or unknown")
+        if "PIN" not in said:
+            said += ": the professional must enter the PIN again in the agent"
         return Problem(
             401,
             "token-expired",
             "The agent session expired",
-            f"{text}: the professional must enter the PIN again in the agent",
+            f"the agent refused the context's token: {said}",
         )
     if isinstance(error, PinBlocked):
         return Problem(423, "pin-blocked", "The card's PIN is blocked", text)
@@ -148,6 +193,10 @@ def problem_for(error: BaseException) -> Problem:
         )
     if isinstance(error, NoCard | CardRemoved):
         return Problem(503, "no-card", "No CPS card in the workstation", text)
+    if isinstance(error, AgentNotAllowed):
+        return Problem(
+            403, "agent-not-allowed", "The agent's address is not allowed", text
+        )
     if isinstance(error, AgentCertificateMismatch):
         return Problem(502, "agent-mismatch", "Not the agent the context names", text)
     if isinstance(error, AgentUnreachable):
@@ -156,7 +205,9 @@ def problem_for(error: BaseException) -> Problem:
             return Problem(
                 504, "agent-timeout", "The agent did not answer in time", text
             )
-        return Problem(502, "agent-unreachable", "The agent is unreachable", text)
+        return Problem(
+            502, "agent-unreachable", "The agent is unreachable", _in_words(text)
+        )
     if isinstance(error, AgentError):
         return Problem(502, "agent-error", "The agent refused", text)
     if isinstance(error, HandshakeFailed):
@@ -261,19 +312,40 @@ def _object(body: Mapping[str, Any], name: str, required: bool = True) -> Any:
     return body[name]
 
 
-def _string(body: Mapping[str, Any], name: str, required: bool = True) -> str | None:
+#: The longest uniqueId (an OID, with its extension) and XDS time taken.
+MAX_UNIQUE_ID = 128
+MAX_TIME = 32
+
+
+def _bounded(value: str, name: str, longest: int) -> str:
+    if len(value) > longest:
+        raise BadRequest(f"{name!r} is over {longest} characters: {excerpt(value)}")
+    return value
+
+
+def _string(
+    body: Mapping[str, Any], name: str, required: bool = True, longest: int = 256
+) -> str | None:
     value = _object(body, name, required)
     if value is None and not required:
         return None
     if not isinstance(value, str) or not value:
         raise BadRequest(f"{name!r} must be a non-empty string")
+    return _bounded(value, name, longest)
+
+
+def _unique_id(body: Mapping[str, Any]) -> str:
+    value = _string(body, "uniqueId", longest=MAX_UNIQUE_ID)
+    assert value is not None
     return value
 
 
-def _strings(body: Mapping[str, Any], name: str) -> list[str]:
+def _strings(body: Mapping[str, Any], name: str, longest: int = 256) -> list[str]:
     value = body.get(name, [])
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise BadRequest(f"{name!r} must be a list of strings")
+    for item in value:
+        _bounded(item, name, longest)
     return value
 
 
@@ -332,11 +404,13 @@ def read_overrides(value: Any) -> dict[str, object]:
         elif name in TEXT_OVERRIDES:
             if not isinstance(item, str):
                 raise BadRequest(f"{name} must be a string")
+            if name.endswith("Time"):
+                _bounded(item, name, MAX_TIME)
             result[name] = item
         else:
             known = sorted(CODED_OVERRIDES | CODED_LIST_OVERRIDES | TEXT_OVERRIDES)
             raise BadRequest(
-                f"{name!r} cannot be overridden; one of {', '.join(known)}"
+                f"{excerpt(name)} cannot be overridden; one of {', '.join(known)}"
             )
     return result
 
@@ -359,18 +433,32 @@ _CONTEXT_SCHEMA = {
     "from the agent (POST /cps/session).",
     "required": ["url", "token", "tlsFingerprint"],
     "properties": {
-        "url": {"type": "string"},
-        "token": {"type": "string"},
-        "tlsFingerprint": {"type": "string", "pattern": "^sha256:"},
+        "url": {
+            "type": "string",
+            "pattern": "^https://",
+            "maxLength": 2048,
+            "description": "the agent's https:// URL; the facade reaches only "
+            "agents in the networks its operator allows (--agent-network)",
+        },
+        "token": {"type": "string", "pattern": "^[A-Za-z0-9_-]{16,512}$"},
+        "tlsFingerprint": {
+            "type": "string",
+            "pattern": "^sha256:([0-9A-Fa-f]{64}|[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){31})$",
+        },
     },
 }
 _PATIENT_SCHEMA = {
     "type": "object",
     "required": ["ins"],
     "properties": {
-        "ins": {"type": "string", "description": "the patient's INS (NIR or NIA)"},
+        "ins": {
+            "type": "string",
+            "maxLength": 15,
+            "description": "the patient's INS (NIR or NIA)",
+        },
         "authority": {
             "type": "string",
+            "maxLength": 64,
             "description": "the INS authority OID; the facade's default if absent",
         },
     },
@@ -422,6 +510,10 @@ PROBLEM_SCHEMA = {
         "alert": {"type": ["string", "null"]},
         "uniqueIds": {"type": "array", "items": {"type": "string"}},
         "outcome": {"type": "string"},
+        "documentIndex": {
+            "type": "integer",
+            "description": "which document of a submission is invalid, from 0",
+        },
         "retryAfter": {
             "type": "integer",
             "description": "seconds to wait, as the Retry-After header says",
@@ -463,7 +555,7 @@ class Route:
     handler: Handler | None
     request: dict[str, Any] | None
     answer: dict[str, Any]
-    errors: tuple[int, ...] = (400, 401, 413, 422, 423, 429, 502, 503, 504)
+    errors: tuple[int, ...] = (400, 401, 403, 413, 422, 423, 429, 502, 503, 504)
     answer_types: tuple[str, ...] = (JSON,)
     request_types: tuple[str, ...] = (JSON,)
 
@@ -531,7 +623,9 @@ async def _td21(resource: FacadeResource, request: server.Request, body: Any) ->
     items = _object(body, "documents")
     if not isinstance(items, list) or not items:
         raise BadRequest("'documents' must be a non-empty list")
-    documents, overrides = [], []
+    # A form's documents are files, named in what the facade answers.
+    form = (request.getHeader("content-type") or "").lower().startswith(MULTIPART)
+    documents, overrides, names = [], [], []
     for index, item in enumerate(items):
         if not isinstance(item, Mapping):
             raise BadRequest(f"documents[{index}] must be an object")
@@ -541,10 +635,39 @@ async def _td21(resource: FacadeResource, request: server.Request, body: Any) ->
             if isinstance(content, bytes)
             else _b64(content, f"documents[{index}].content")
         )
-        overrides.append(read_overrides(item.get("overrides")))
+        names.append(item.get("name"))
+        try:
+            overrides.append(read_overrides(item.get("overrides")))
+        except BadRequest as error:
+            where = (
+                f"overrides[{index}] (for {excerpt(names[-1])})"
+                if form
+                else f"documents[{index}].overrides"
+            )
+            raise BadRequest(f"{where}: {error}") from None
     try:
         submitted = await resource.service.submit(context, documents, overrides)
+    except DocumentRefused as refused:
+        index, why = refused.index, refused.error
+        if isinstance(why, UnknownClassCode):
+            why = why.hinting(
+                f"give it as overrides[{index}].classCode in the form's part "
+                "'overrides' (a JSON list, one object per file)"
+                if form
+                else f"give it as documents[{index}].overrides.classCode"
+            )
+        where = f"documents[{index}]"
+        if form:
+            where += f" ({excerpt(names[index])})"
+        raise Problem(
+            422,
+            "invalid-cda",
+            "The document or its metadata is invalid",
+            f"{where}: {why}",
+            {"documentIndex": index},
+        ) from refused
     except (CdaError, XmlRefused, MetadataError) as error:
+        # The submission as a whole (documents of several patients, say).
         raise Problem(
             422, "invalid-cda", "The document or its metadata is invalid", str(error)
         ) from error
@@ -555,7 +678,7 @@ def _find_parameters(
     resource: FacadeResource, body: Mapping[str, Any]
 ) -> FindDocuments:
     patient = resource.patient(_object(body, "patient"))
-    statuses = _strings(body, "statuses") or ["Approved"]
+    statuses = _strings(body, "statuses", 64) or ["Approved"]
     names = {
         "approved": Status.Approved,
         "archived": Status.Archived,
@@ -565,7 +688,10 @@ def _find_parameters(
     try:
         urns = [s if s.startswith("urn:") else names[s.lower()] for s in statuses]
     except KeyError as error:
-        raise BadRequest(f"unknown status {error.args[0]!r}") from None
+        raise BadRequest(
+            f"unknown status {excerpt(error.args[0])}: approved, archived, "
+            "deprecated or deleted"
+        ) from None
 
     def codes(name: str) -> list[CodedValue]:
         value = body.get(name, [])
@@ -576,8 +702,8 @@ def _find_parameters(
     return FindDocuments(
         patient=patient,
         statuses=urns,
-        creation_from=_string(body, "creationFrom", False),
-        creation_to=_string(body, "creationTo", False),
+        creation_from=_string(body, "creationFrom", False, MAX_TIME),
+        creation_to=_string(body, "creationTo", False, MAX_TIME),
         class_codes=codes("classCodes"),
         type_codes=codes("typeCodes"),
         confidentiality_codes=codes("confidentialityCodes"),
@@ -586,8 +712,15 @@ def _find_parameters(
 
 async def _td31(resource: FacadeResource, request: server.Request, body: Any) -> Any:
     context = _context(body)
-    unique_ids = _strings(body, "uniqueIds")
-    entry_uuids = _strings(body, "entryUUIDs")
+    unique_ids = _strings(body, "uniqueIds", MAX_UNIQUE_ID)
+    entry_uuids = _strings(body, "entryUUIDs", MAX_UNIQUE_ID)
+    for name, values in [("uniqueIds", unique_ids), ("entryUUIDs", entry_uuids)]:
+        # An empty list asks for nothing: it is not a search of everything.
+        if name in body and not values:
+            raise BadRequest(
+                f"{name!r} is empty: list the documents wanted, or leave it out "
+                "to search the patient's documents"
+            )
     if unique_ids and entry_uuids:
         raise BadRequest("give uniqueIds or entryUUIDs, not both")
     if unique_ids or entry_uuids:
@@ -612,12 +745,48 @@ async def _td31(resource: FacadeResource, request: server.Request, body: Any) ->
     }
 
 
+def _not_found(unique_id: str, entries: Sequence[DocumentEntry]) -> Problem:
+    """
+    @param entries: what the registry has under C{unique_id} for the
+        patient (nothing, or only versions that are no longer current).
+    @return: the 404 that says why the document is not there: deleted,
+        replaced, or unknown for this patient.
+    """
+    statuses = {e.availabilityStatus for e in entries}
+    if Status.Deleted in statuses:
+        why = f"document {unique_id} was deleted from this patient's DMP"
+    elif Status.Deprecated in statuses:
+        why = f"document {unique_id} was replaced by a new version"
+    else:
+        why = f"the DMP has no document {unique_id} for this patient"
+    return Problem(404, "document-not-found", "No such document", why)
+
+
+def _missing_only(error: RegistryFailure) -> bool:
+    return bool(error.errors) and all(e.code == MISSING_DOCUMENT for e in error.errors)
+
+
 async def _td32(resource: FacadeResource, request: server.Request, body: Any) -> Any:
     context = _context(body)
-    unique_id = _string(body, "uniqueId")
-    assert unique_id is not None
+    unique_id = _unique_id(body)
     patient = resource.patient(_object(body, "patient"))
-    documents = await resource.service.td32(context, patient, [unique_id])
+    try:
+        documents = await resource.service.td32(context, patient, [unique_id])
+    except RegistryFailure as error:
+        if not _missing_only(error):
+            raise
+        # The registry tells a deleted document from an unknown one.
+        try:
+            found = await resource.service.td31(
+                context, patient=patient, unique_ids=[unique_id]
+            )
+        except Exception:
+            entries: list[DocumentEntry] = []
+        else:
+            entries = found.entries
+        problem = _not_found(unique_id, entries)
+        problem.extra["errors"] = _dmp_errors(error)
+        raise problem from error
     if len(documents) != 1:
         raise Problem(
             502,
@@ -644,13 +813,31 @@ async def _td32(resource: FacadeResource, request: server.Request, body: Any) ->
 UPDATE_ACTIONS = ("mask", "unmask", "archive", "unarchive", "delete")
 
 
+def _conflict(entry: DocumentEntry, action: str) -> str | None:
+    """
+    @return: why C{action} would not change the document C{entry} is the
+        current version of, or C{None} when it would.
+    """
+    masked = any(c.code == MASQUE_PS.code for c in entry.confidentialityCode)
+    archived = entry.availabilityStatus == Status.Archived
+    already = {
+        "mask": "masked" if masked else None,
+        "unmask": None if masked else "not masked",
+        "archive": "archived" if archived else None,
+        "unarchive": None if archived else "not archived",
+        "delete": None,
+    }[action]
+    if already is None:
+        return None
+    return f"document {entry.uniqueId} is already {already}: nothing to {action}"
+
+
 async def _td33(resource: FacadeResource, request: server.Request, body: Any) -> Any:
     context = _context(body)
-    unique_id = _string(body, "uniqueId")
+    unique_id = _unique_id(body)
     action = _string(body, "action")
     if action not in UPDATE_ACTIONS:
         raise BadRequest(f"'action' must be one of {', '.join(UPDATE_ACTIONS)}")
-    assert unique_id is not None
     patient = resource.patient(_object(body, "patient"))
     found = await resource.service.td31(
         context, patient=patient, unique_ids=[unique_id]
@@ -658,22 +845,21 @@ async def _td33(resource: FacadeResource, request: server.Request, body: Any) ->
     current = [
         e
         for e in found.entries
-        if e.availabilityStatus not in (Status.Deprecated, Status.Deleted)
+        if e.availabilityStatus in (Status.Approved, Status.Archived)
     ]
     if not current:
-        raise Problem(
-            404 if not found.entries else 422,
-            "document-not-found",
-            "No such document",
-            f"the DMP has no current document {unique_id} for this patient",
-        )
+        raise _not_found(unique_id, found.entries)
     entry = current[-1]
+    conflict = _conflict(entry, action)
+    if conflict is not None:
+        raise Problem(409, "conflict", "Not possible in the document's state", conflict)
     try:
         await resource.service.td33(context, entry, action)
     except MetadataError as error:
-        # Masking a masked document, say: nothing was sent.
+        # The entry the DMP gave lacks what an update needs (its status or
+        # its version): nothing was sent.
         raise Problem(
-            409, "conflict", "Not possible in the document's state", str(error)
+            502, "dmp-bad-answer", "The DMP's answer is not usable", str(error)
         ) from error
     return {"status": "Success", "uniqueId": unique_id, "action": action}
 
@@ -690,7 +876,14 @@ _OVERRIDES_SCHEMA = {
             name: {"type": "array", "items": _CODE_SCHEMA}
             for name in sorted(CODED_LIST_OVERRIDES)
         },
-        **{name: {"type": "string"} for name in sorted(TEXT_OVERRIDES)},
+        **{
+            name: (
+                {"type": "string", "maxLength": MAX_TIME}
+                if name.endswith("Time")
+                else {"type": "string"}
+            )
+            for name in sorted(TEXT_OVERRIDES)
+        },
     },
     "additionalProperties": False,
 }
@@ -841,7 +1034,7 @@ ROUTES: tuple[Route, ...] = (
             },
         },
         request_types=(JSON, MULTIPART),
-        errors=(400, 401, 413, 422, 423, 429, 502, 503, 504),
+        errors=(400, 401, 403, 413, 422, 423, 429, 502, 503, 504),
     ),
     Route(
         "POST",
@@ -858,14 +1051,25 @@ ROUTES: tuple[Route, ...] = (
             "properties": {
                 **_AGENT,
                 "patient": _PATIENT_SCHEMA,
-                "statuses": {"type": "array", "items": {"type": "string"}},
-                "creationFrom": {"type": "string"},
-                "creationTo": {"type": "string"},
+                "statuses": {
+                    "type": "array",
+                    "items": {"type": "string", "maxLength": 64},
+                },
+                "creationFrom": {"type": "string", "maxLength": MAX_TIME},
+                "creationTo": {"type": "string", "maxLength": MAX_TIME},
                 "classCodes": {"type": "array", "items": _CODE_SCHEMA},
                 "typeCodes": {"type": "array", "items": _CODE_SCHEMA},
                 "confidentialityCodes": {"type": "array", "items": _CODE_SCHEMA},
-                "uniqueIds": {"type": "array", "items": {"type": "string"}},
-                "entryUUIDs": {"type": "array", "items": {"type": "string"}},
+                "uniqueIds": {
+                    "type": "array",
+                    "items": {"type": "string", "maxLength": MAX_UNIQUE_ID},
+                    "minItems": 1,
+                },
+                "entryUUIDs": {
+                    "type": "array",
+                    "items": {"type": "string", "maxLength": MAX_UNIQUE_ID},
+                    "minItems": 1,
+                },
             },
         },
         {
@@ -884,7 +1088,8 @@ ROUTES: tuple[Route, ...] = (
         "TD3.2: a document's exact bytes, base64 in JSON, or raw with "
         "Accept: application/octet-stream or the document's mimeType. The "
         "patient is required: it goes into the VIHF, and a document of another "
-        "patient is answered as one the DMP does not have.",
+        "patient is answered as one the DMP does not have (404, as an unknown "
+        "or deleted one).",
         _td32,
         {
             "type": "object",
@@ -892,7 +1097,7 @@ ROUTES: tuple[Route, ...] = (
             "properties": {
                 **_AGENT,
                 "patient": _PATIENT_SCHEMA,
-                "uniqueId": {"type": "string"},
+                "uniqueId": {"type": "string", "maxLength": MAX_UNIQUE_ID},
             },
         },
         {
@@ -907,6 +1112,7 @@ ROUTES: tuple[Route, ...] = (
             },
         },
         answer_types=(JSON, "application/octet-stream", ANY_MEDIA),
+        errors=(400, 401, 403, 404, 413, 422, 423, 429, 502, 503, 504),
     ),
     Route(
         "POST",
@@ -914,7 +1120,9 @@ ROUTES: tuple[Route, ...] = (
         "td33UpdateStatus",
         "TD3.3: mask or unmask a document from professionals, archive, "
         "unarchive or delete it. The patient is required: it goes into the "
-        "VIHF, and a document of another patient is answered as unknown (404).",
+        "VIHF, and a document of another patient is answered as unknown (404, "
+        "as a deleted one); an action that would not change the document's "
+        "state (archiving an archived one, masking a masked one) is 409.",
         _td33,
         {
             "type": "object",
@@ -922,7 +1130,7 @@ ROUTES: tuple[Route, ...] = (
             "properties": {
                 **_AGENT,
                 "patient": _PATIENT_SCHEMA,
-                "uniqueId": {"type": "string"},
+                "uniqueId": {"type": "string", "maxLength": MAX_UNIQUE_ID},
                 "action": {"enum": list(UPDATE_ACTIONS)},
             },
         },
@@ -935,14 +1143,17 @@ ROUTES: tuple[Route, ...] = (
                 "action": {"type": "string"},
             },
         },
-        errors=(400, 401, 404, 409, 413, 422, 423, 429, 502, 503, 504),
+        errors=(400, 401, 403, 404, 409, 413, 422, 423, 429, 502, 503, 504),
     ),
 )
 
 _STATUS_TEXT = {
     400: "malformed request",
     401: "the agent session expired (enter the PIN again)",
-    404: "no such document",
+    403: "the agent context's URL leads outside the networks the facade may "
+    "reach agents in (--agent-network); nothing was sent there",
+    404: "no such document for this patient: unknown, deleted or replaced "
+    "(the detail says which)",
     409: "the document is already in the state asked for",
     413: "request body too large",
     422: "the document is invalid, or the DMP refused (its codes in 'errors')",
@@ -1043,8 +1254,14 @@ class FacadeResource(Resource):
         if not isinstance(value, Mapping) or not isinstance(value.get("ins"), str):
             raise BadRequest("'patient' must be an object {ins, authority?}")
         authority = value.get("authority") or self.service.config.defaults.ins_authority
+        if not isinstance(authority, str):
+            raise BadRequest("'patient.authority' must be an OID string")
+        # Bounded before any message quotes them: an INS has at most 15
+        # characters, an OID at most 64.
+        _bounded(value["ins"], "patient.ins", 15)
+        _bounded(authority, "patient.authority", 64)
         try:
-            return PatientId(value["ins"], str(authority))
+            return PatientId(value["ins"], authority)
         except MetadataError as error:
             raise BadRequest(str(error)) from None
 
@@ -1111,10 +1328,7 @@ class FacadeResource(Resource):
             return _multipart(request.getHeader("content-type") or "", raw)
         if not content_type.startswith(JSON):
             raise BadRequest(f"the body must be {JSON}, not {content_type or 'absent'}")
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as error:
-            raise BadRequest(f"the body is not JSON: {error}") from None
+        body = _json(raw, "the body")
         if not isinstance(body, dict):
             raise BadRequest("the body must be a JSON object")
         return body
@@ -1133,6 +1347,20 @@ class FacadeResource(Resource):
         request.finish()
 
 
+def _json(raw: bytes, what: str) -> Any:
+    """
+    @return: C{raw} read as JSON.
+    @raise BadRequest: it is not JSON, or nested too deeply to be read.
+    """
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise BadRequest(f"{what} is JSON nested too deeply") from None
+    except ValueError as error:
+        # UnicodeDecodeError included.
+        raise BadRequest(f"{what} is not JSON: {error}") from None
+
+
 def _multipart(content_type: str, raw: bytes) -> dict[str, Any]:
     """
     Read a multipart/form-data TD2.1: the part C{agentContext}, an optional
@@ -1143,10 +1371,18 @@ def _multipart(content_type: str, raw: bytes) -> dict[str, Any]:
         b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + raw
     )
     if not message.is_multipart():
-        raise BadRequest("the multipart body could not be read")
+        boundary = message.get_param("boundary")
+        if not boundary:
+            raise BadRequest(
+                "the multipart/form-data body has no boundary in its Content-Type"
+            )
+        raise BadRequest(
+            "the multipart/form-data body has no part: its boundary "
+            f"{excerpt(boundary)} is not found in it"
+        )
     context: Any = None
     overrides: Any = None
-    documents: list[bytes] = []
+    documents: list[tuple[str, bytes]] = []
     for part in message.iter_parts():
         name = part.get_param("name", header="content-disposition")
         filename = part.get_filename()
@@ -1154,17 +1390,17 @@ def _multipart(content_type: str, raw: bytes) -> dict[str, Any]:
         if not isinstance(payload, bytes):
             payload = b""
         if name == "agentContext" and not filename:
-            try:
-                context = json.loads(payload)
-            except ValueError:
-                raise BadRequest("the part 'agentContext' is not JSON") from None
+            context = _json(payload, "the part 'agentContext'")
         elif name == "overrides" and not filename:
-            try:
-                overrides = json.loads(payload)
-            except ValueError:
-                raise BadRequest("the part 'overrides' is not JSON") from None
+            overrides = _json(payload, "the part 'overrides'")
         elif filename:
-            documents.append(payload)
+            documents.append((filename, payload))
+    if context is None:
+        raise BadRequest("the form has no part 'agentContext' (the JSON context)")
+    if not documents:
+        raise BadRequest(
+            "the form has no file part: each CDA document is a part with a filename"
+        )
     if overrides is not None and (
         not isinstance(overrides, list) or len(overrides) != len(documents)
     ):
@@ -1172,8 +1408,12 @@ def _multipart(content_type: str, raw: bytes) -> dict[str, Any]:
     return {
         "agentContext": context,
         "documents": [
-            {"content": data, "overrides": overrides[i] if overrides else None}
-            for i, data in enumerate(documents)
+            {
+                "content": data,
+                "name": filename,
+                "overrides": overrides[i] if overrides else None,
+            }
+            for i, (filename, data) in enumerate(documents)
         ],
     }
 
@@ -1206,7 +1446,9 @@ def make_site(
     """
     @return: the facade's web site, bodies limited to C{max_request_bytes}.
     """
-    site = server.Site(FacadeResource(service))
+    # The facade reads a form itself, and answers a malformed one with a
+    # problem document: twisted.web would answer a bare 400 and close.
+    site = server.Site(FacadeResource(service), parsePOSTFormSubmission=False)
     site.requestFactory = type(  # type: ignore[assignment]
         "BoundedFacadeRequest", (BoundedRequest,), {"max_body": max_request_bytes}
     )

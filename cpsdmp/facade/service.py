@@ -15,18 +15,19 @@ was stored.
 
 from __future__ import annotations
 
+import re
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Coroutine, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import treq
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
-from treq.client import HTTPClient
 from twisted.internet.defer import (
     CancelledError,
     Deferred,
@@ -34,16 +35,20 @@ from twisted.internet.defer import (
     TimeoutError,
     ensureDeferred,
 )
-from twisted.internet.error import ConnectError, ConnectionLost
+from twisted.internet.error import ConnectError, ConnectionLost, DNSLookupError
 from twisted.internet.interfaces import (
     IProtocol,
     IProtocolFactory,
     IStreamClientEndpoint,
 )
 from twisted.logger import Logger
+
+# The request a connection of HTTPConnectionPool.getConnection takes, and
+# its refusal on a closed connection, are named only in twisted.web's
+# _newclient (twisted.web.client uses them the same way).
+from twisted.web._newclient import Request, RequestNotSent
 from twisted.web.client import (
     URI,
-    Agent,
     HTTPConnectionPool,
     RequestGenerationFailed,
     RequestTransmissionFailed,
@@ -55,6 +60,12 @@ from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from cpsdmp.agent.client import AgentError, CpsAgentClient, TokenExpired
+from cpsdmp.facade.networks import (
+    DEFAULT_AGENT_NETWORKS,
+    AgentNetworkReactor,
+    Network,
+)
+from cpsdmp.protocols.safexml import XmlRefused
 from cpsdmp.protocols.soap import SoapFault, SoapResponse, read_message
 from cpsdmp.protocols.tls import (
     HandshakeFailed,
@@ -67,6 +78,7 @@ from cpsdmp.protocols.tls import (
 )
 from cpsdmp.protocols.tls.alerts import AlertDescription
 from cpsdmp.protocols.tls.handshake import State
+from cpsdmp.xds.cda import document_entry
 from cpsdmp.xds.context import (
     PROFESSION_SYSTEM,
     Professional,
@@ -82,8 +94,8 @@ from cpsdmp.xds.ebrim import (
     Status,
 )
 from cpsdmp.xds.responses import RegistryFailure, RegistryResult
-from cpsdmp.xds.signature import Signer
-from cpsdmp.xds.submit import PreparedSubmission, SigningIdentity, prepare_td21
+from cpsdmp.xds.signature import Signer, sign_submission
+from cpsdmp.xds.submit import PreparedSubmission, SigningIdentity
 from cpsdmp.xds.transactions import (
     DmpEndpoints,
     ExistenceResult,
@@ -91,9 +103,12 @@ from cpsdmp.xds.transactions import (
     OutgoingMessage,
     QueryResult,
     RetrievedDocument,
+    Submission,
     existence_test,
     find_documents,
     get_documents,
+    new_submission,
+    provide_and_register,
     read_existence,
     read_query,
     read_registry_response,
@@ -143,6 +158,13 @@ class DmpTimeout(FacadeError):
     """
 
 
+class DmpNotReached(DmpTimeout):
+    """
+    No connection to the DMP was made in time (or its TLS handshake did not
+    finish): nothing was sent.
+    """
+
+
 class DmpUnreachable(FacadeError):
     """
     No connection to the DMP could be opened.
@@ -168,6 +190,19 @@ class DmpHttpError(FacadeError):
     """
 
 
+class DocumentRefused(FacadeError):
+    """
+    A document of a submission is not one the DMP can take: C{index} says
+    which (from 0), C{error} why (a L{CdaError}, L{XmlRefused} or
+    L{MetadataError}).
+    """
+
+    def __init__(self, index: int, error: Exception) -> None:
+        super().__init__(f"documents[{index}]: {error}")
+        self.index = index
+        self.error = error
+
+
 class UnknownOutcome(FacadeError):
     """
     A submission whose answer never came could not be confirmed either way.
@@ -178,6 +213,64 @@ class UnknownOutcome(FacadeError):
     def __init__(self, message: str, unique_ids: Sequence[str]) -> None:
         super().__init__(message)
         self.unique_ids = list(unique_ids)
+
+
+#: The agent's tokens are 256 random bits in base64url (43 characters); a
+#: context may carry another length, but only of those characters, bounded.
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{16,512}")
+#: A certificate's SHA-256 as the agent gives it, colons between bytes allowed.
+_FINGERPRINT = re.compile(
+    r"sha256:(?:[0-9A-Fa-f]{64}|[0-9A-Fa-f]{2}(?::[0-9A-Fa-f]{2}){31})"
+)
+MAX_URL_LENGTH = 2048
+
+
+def excerpt(value: object, length: int = 40) -> str:
+    """
+    @return: the start of a value a request gave, quoted, to name it in an
+        error without echoing all of it.
+    """
+    text = value if isinstance(value, str) else repr(value)
+    if len(text) > length:
+        return repr(text[:length]) + f"... ({len(text)} characters)"
+    return repr(text)
+
+
+def _agent_url(url: str) -> str:
+    """
+    @return: C{url}, an C{https://} URL of a host, with neither credentials,
+        query nor fragment.
+    @raise ValueError: saying what is wrong with it.
+    """
+    if len(url) > MAX_URL_LENGTH:
+        raise ValueError(f"agentContext.url is over {MAX_URL_LENGTH} characters")
+    parts = urlsplit(url)
+    if not url.startswith("https://"):
+        raise ValueError(
+            f"agentContext.url must be an https:// URL (the agent only speaks "
+            f"HTTPS and the token must not travel in clear), not {excerpt(url)}"
+        )
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port is not None and not 0 < port < 65536:
+        raise ValueError(f"agentContext.url has an invalid port: {excerpt(url)}")
+    if not parts.hostname or parts.username is not None:
+        raise ValueError(
+            f"agentContext.url must name a host, without credentials: {excerpt(url)}"
+        )
+    if ":" in parts.hostname:
+        # The HTTP client's URL handling (hyperlink) fails on them.
+        raise ValueError(
+            "agentContext.url: an IPv6 address cannot be the agent's host; "
+            f"give a name that resolves to it: {excerpt(url)}"
+        )
+    if parts.query or parts.fragment or "?" in url or "#" in url:
+        raise ValueError(
+            f"agentContext.url must have no query or fragment: {excerpt(url)}"
+        )
+    return url
 
 
 @dataclass(frozen=True)
@@ -194,7 +287,12 @@ class AgentContext:
     @classmethod
     def from_json(cls, value: object) -> AgentContext:
         """
-        @raise ValueError: not an object with the three string members.
+        Read an agent context, checking the shape of each member before
+        anything is sent anywhere: an C{https://} URL, a token of the
+        agent's alphabet and a bounded length, a SHA-256 fingerprint.
+
+        @raise ValueError: not an object with the three members, or one of
+            them malformed (the message names it; it never repeats the token).
         """
         if not isinstance(value, Mapping):
             raise ValueError(
@@ -206,7 +304,20 @@ class AgentContext:
             if not isinstance(member, str) or not member:
                 raise ValueError(f"agentContext lacks the string member {name!r}")
             members.append(member)
-        return cls(*members)
+        url, token, fingerprint = members
+        _agent_url(url)
+        if not _TOKEN.fullmatch(token):
+            raise ValueError(
+                f"agentContext.token is not an agent token: 16 to 512 characters "
+                f"of A-Z, a-z, 0-9, '-' and '_' (this one has {len(token)} "
+                "characters)"
+            )
+        if not _FINGERPRINT.fullmatch(fingerprint):
+            raise ValueError(
+                "agentContext.tlsFingerprint must be sha256: and the 64 hex "
+                f"digits of the agent's certificate, not {excerpt(fingerprint)}"
+            )
+        return cls(url, token, fingerprint)
 
     def __repr__(self) -> str:
         # Never show the token.
@@ -235,6 +346,9 @@ class FacadeConfig:
     #: connection kept, so that every exchange pays a full handshake (and a
     #: card signature).
     reuse_connections: bool = True
+    #: The networks agents may be reached in: an agent context whose URL
+    #: leads elsewhere is refused before anything is sent (403).
+    agent_networks: Sequence[Network] = DEFAULT_AGENT_NETWORKS
 
 
 @implementer(IRemoteKey)
@@ -307,15 +421,12 @@ class _Connection:
     handshake_seconds: float | None = None
 
 
-def _connection_of(response: Any, info: ConnectionInfo) -> _Connection:
+def _connection_of(protocol: Any, info: ConnectionInfo) -> _Connection:
     """
-    @return: the connection that carried C{response} (a treq response,
-        headers read, body not yet), told from our TLS transport under it.
+    @return: how the connection of C{protocol}, an HTTP client connection
+        the pool gave over our TLS transport, came to be.
     """
-    # twisted.web offers no public way from a response to its transport: the
-    # response's transport proxy holds it until the body is read.
-    proxy = getattr(getattr(response, "original", None), "_transport", None)
-    tls = getattr(proxy, "_producer", None)
+    tls = getattr(protocol, "transport", None)
     negotiated = getattr(tls, "negotiated", None)
     if tls is None or negotiated is None:
         return _Connection("unknown")
@@ -392,14 +503,15 @@ class _RecordingEndpoints:
 class ProfessionalSession:
     """
     What the facade keeps for one agent context and DMP: the agent client,
-    the card holder, and the HTTP client with its connection pool.
+    the card holder, and the HTTP connection pool to the DMP with the
+    endpoints (our TLS client) it opens connections through.
     """
 
     agent: CpsAgentClient
     key: TimedKey
     professional: Professional
     issuer: str
-    http: HTTPClient
+    dmp_endpoints: _RecordingEndpoints
     pool: HTTPConnectionPool
     connections: ConnectionInfo
     signing: SigningIdentity | None
@@ -407,6 +519,18 @@ class ProfessionalSession:
 
     def close(self) -> Deferred[Any]:
         return DeferredList([self.pool.closeCachedConnections(), self.agent.close()])
+
+
+@dataclass(frozen=True)
+class LateMessage:
+    """
+    A message made only once the connection that will carry it is up: its
+    URL, and what makes it. The submission-set signature is made so, and
+    the card's signature is not spent on a DMP that cannot be reached.
+    """
+
+    url: str
+    make: Callable[[], Awaitable[OutgoingMessage]]
 
 
 @dataclass
@@ -510,6 +634,9 @@ class DmpService:
             reactor = default_reactor
         self.reactor = reactor
         self.config = config
+        # The agent clients connect through this one: only to the networks
+        # the operator allows.
+        self.agent_reactor = AgentNetworkReactor(reactor, config.agent_networks)
         self.endpoints = DmpEndpoints(config.dmp_url)
         self.session_cache = SessionCache(reactor)
         self._sessions: OrderedDict[
@@ -547,7 +674,7 @@ class DmpService:
             context.url,
             context.token,
             context.tls_fingerprint,
-            self.reactor,
+            self.agent_reactor,
             self.config.agent_timeout,
         )
         try:
@@ -587,15 +714,12 @@ class DmpService:
         pool.maxPersistentPerHost = 4
         pool.retryAutomatically = False
         pool.persistent = self.config.reuse_connections
-        http_agent = Agent.usingEndpointFactory(
-            self.reactor, _RecordingEndpoints(self.reactor, tls, connections), pool=pool
-        )
         return ProfessionalSession(
             agent=agent,
             key=key,
             professional=professional,
             issuer=chain[0].subject.rfc4514_string(),
-            http=HTTPClient(http_agent),
+            dmp_endpoints=_RecordingEndpoints(self.reactor, tls, connections),
             pool=pool,
             connections=connections,
             signing=signing,
@@ -640,34 +764,57 @@ class DmpService:
         self,
         session: ProfessionalSession,
         name: str,
-        message: OutgoingMessage,
+        message: OutgoingMessage | LateMessage,
         reader: Callable[[SoapResponse], T],
         timings: dict[str, Any] | None = None,
     ) -> T:
         """
-        POST one SOAP message to the DMP and read its answer, with a timeout
-        on the whole exchange; log one event for it, and note in C{timings}
-        its duration, the connection used and the card's TLS signature.
+        POST one SOAP message to the DMP and read its answer: first the
+        connection (a kept one, or a new one with its TLS handshake done),
+        then, for a L{LateMessage}, the message made, then the exchange,
+        each wait with the DMP's timeout. Log one event for it, and note in
+        C{timings} its duration (the making of a late message left out),
+        the connection used and the card's TLS signature.
 
         @raise DmpUnreachable: no connection could be made.
+        @raise DmpNotReached: none was made in time; nothing was sent.
         @raise DmpAnswerLost: the request went out, or started to, and the
             answer never came.
         @raise DmpTimeout: no answer in time.
         """
         started = time.monotonic()
-        handshakes = session.connections.handshakes
         signatures = session.key.signatures
-        used: list[_Connection] = []
+        connection: _Connection | None = None
+        sent = False
+        making = 0.0
         code = "-"
         try:
-            response = await _timed(
-                self._post(session, message, used),
-                self.config.dmp_timeout,
-                self.reactor,
-            )
-            content_type, body, status = response
+            protocol = await self._connect(session, message.url)
+            connection = _connection_of(protocol, session.connections)
+            if isinstance(message, LateMessage):
+                made_at = time.monotonic()
+                try:
+                    message = await message.make()
+                except BaseException:
+                    # Nothing went over it: closed rather than kept out of
+                    # the pool for good.
+                    protocol.transport.loseConnection()
+                    raise
+                making = time.monotonic() - made_at
             try:
-                answer = read_message(content_type, body)
+                sent = True
+                answer = await self._send(session, protocol, message)
+            except RequestNotSent:
+                # The kept connection closed while the message was made, and
+                # nothing was sent: a new one resumes the TLS session.
+                sent = False
+                protocol = await self._connect(session, message.url)
+                connection = _connection_of(protocol, session.connections)
+                sent = True
+                answer = await self._send(session, protocol, message)
+            content_type, body, status = answer
+            try:
+                result = read_message(content_type, body)
             except SoapFault as fault:
                 code = fault.subcodes[-1] if fault.subcodes else fault.code
                 raise
@@ -677,28 +824,26 @@ class DmpService:
                         f"the DMP answered HTTP {status} without a SOAP message"
                     ) from None
                 raise
-            result = reader(answer)
-            code = _code_of(result)
-            return result
+            value = reader(result)
+            code = _code_of(value)
+            return value
         except Exception as error:
             if code == "-":
                 code = getattr(error, "code", None) or type(error).__name__
             raise
         finally:
-            handshake_seconds = None
-            if used:
-                # The connection that carried this request says what it cost.
-                connection, card_seconds = used[0].label, used[0].card_seconds
-                handshake_seconds = used[0].handshake_seconds
-            else:
-                # It could not be told (no answer): say what happened meanwhile.
-                connection = "reused"
-                if session.connections.handshakes > handshakes:
-                    resumed = session.connections.last_resumed
-                    connection = "resumed" if resumed else "new handshake"
+            duration = time.monotonic() - started - making
+            if connection is None:
+                # None was made: a card signature may have been made in a
+                # handshake that failed.
+                used = "not established"
                 signed = session.key.signatures > signatures
                 card_seconds = session.key.last_signature_seconds if signed else None
-            duration = time.monotonic() - started
+                handshake_seconds = None
+            else:
+                used = connection.label if sent else f"{connection.label} (unused)"
+                card_seconds = connection.card_seconds
+                handshake_seconds = connection.handshake_seconds
             set_seconds = (timings or {}).get("submissionSetSignature")
             _log.info(
                 "DMP {action}: {code} in {duration:.3f}s, connection {connection}, "
@@ -706,7 +851,7 @@ class DmpService:
                 action=name,
                 code=code,
                 duration=duration,
-                connection=connection,
+                connection=used,
                 signature="none" if card_seconds is None else f"{card_seconds:.3f}s",
                 set_signature=(
                     ""
@@ -717,7 +862,7 @@ class DmpService:
             if timings is not None:
                 timings.update(
                     dmp=round(duration, 6),
-                    connection=connection,
+                    connection=used,
                     handshake=(
                         None
                         if handshake_seconds is None
@@ -726,27 +871,25 @@ class DmpService:
                     handshakeSignature=card_seconds,
                 )
 
-    async def _post(
-        self,
-        session: ProfessionalSession,
-        message: OutgoingMessage,
-        used: list[_Connection],
-    ) -> tuple[str, bytes, int]:
+    async def _connect(self, session: ProfessionalSession, url: str) -> Any:
+        """
+        @return: an HTTP client connection to the DMP from the session's
+            pool: a kept one, or a new one once its TLS handshake is done.
+        @raise DmpUnreachable: no connection could be made.
+        @raise DmpNotReached: none within the DMP's timeout.
+        """
+        uri = URI.fromBytes(url.encode("ascii"))
+        key = (uri.scheme, uri.host, uri.port)
+        endpoint = session.dmp_endpoints.endpointForURI(uri)
         session.key.last_error = None
+        connecting: Deferred[Any] = session.pool.getConnection(key, endpoint)
+        connecting.addTimeout(self.config.dmp_timeout, self.reactor)
         try:
-            response = await session.http.post(
-                message.url,
-                data=message.producer(),
-                headers=Headers({"Content-Type": [message.content_type]}),
-                unbuffered=True,
-            )
-        except (RequestTransmissionFailed, RequestGenerationFailed) as error:
-            # The TLS connection was up (the HTTP client only gets it after
-            # the handshake) and died while the request was being sent: part
-            # of it may have reached the DMP, so its outcome is unknown.
-            raise DmpRequestCut(
-                f"the connection to the DMP died while the request was being "
-                f"sent: {_reasons(error)}"
+            return await connecting
+        except (TimeoutError, CancelledError) as error:
+            raise DmpNotReached(
+                f"no connection to the DMP within {self.config.dmp_timeout:g} "
+                "seconds: nothing was sent"
             ) from error
         except TLSError as error:
             agent_error = session.key.last_error
@@ -758,20 +901,62 @@ class DmpService:
             ):
                 # Our handshake timer gave up (the only user_canceled we send):
                 # a timeout, not a refusal by the DMP.
-                raise DmpTimeout(
+                raise DmpNotReached(
                     f"the TLS handshake with the DMP did not finish within "
-                    f"{self.config.handshake_timeout:g} seconds ({error.step})"
+                    f"{self.config.handshake_timeout:g} seconds ({error.step}): "
+                    "nothing was sent"
                 ) from error
             raise
-        except ConnectError as error:
+        except (ConnectError, DNSLookupError) as error:
             raise DmpUnreachable(
-                f"no connection to the DMP at {message.url}: {error}"
+                f"no connection to the DMP at {url}: {error}"
+            ) from error
+
+    async def _send(
+        self, session: ProfessionalSession, protocol: Any, message: OutgoingMessage
+    ) -> tuple[str, bytes, int]:
+        """
+        POST C{message} over C{protocol} and read the whole answer, within
+        the DMP's timeout.
+
+        @return: the answer's Content-Type, body and HTTP status.
+        @raise RequestNotSent: the connection was closed: nothing was sent.
+        """
+        return await _timed(
+            self._post(session, protocol, message),
+            self.config.dmp_timeout,
+            self.reactor,
+        )
+
+    async def _post(
+        self, session: ProfessionalSession, protocol: Any, message: OutgoingMessage
+    ) -> tuple[str, bytes, int]:
+        uri = URI.fromBytes(message.url.encode("ascii"))
+        request = Request(
+            b"POST",
+            uri.originForm,
+            Headers(
+                {
+                    b"Content-Type": [message.content_type.encode("ascii")],
+                    b"Host": [_host_header(uri)],
+                }
+            ),
+            message.producer(),
+            persistent=session.pool.persistent,
+        )
+        try:
+            response = await protocol.request(request)
+        except (RequestTransmissionFailed, RequestGenerationFailed) as error:
+            # The connection died while the request was being sent: part of
+            # it may have reached the DMP, so its outcome is unknown.
+            raise DmpRequestCut(
+                f"the connection to the DMP died while the request was being "
+                f"sent: {_reasons(error)}"
             ) from error
         except _ANSWER_LOST as error:
             raise DmpAnswerLost(
                 f"the DMP's answer never came: {_reasons(error)}"
             ) from error
-        used.append(_connection_of(response, session.connections))
         limit = self.config.max_answer_bytes
         length = response.length
         announced = length if isinstance(length, int) else 0
@@ -915,36 +1100,56 @@ class DmpService:
             context, session, "TD3.3", message, read_registry_response
         )
 
-    async def prepare(
+    def derive(
         self,
-        context: AgentContext,
         documents: Sequence[bytes],
-        overrides: Sequence[dict[str, object]] | None,
-        timings: dict[str, Any] | None = None,
-    ) -> tuple[ProfessionalSession, PreparedSubmission]:
+        overrides: Sequence[dict[str, object]] | None = None,
+    ) -> list[tuple[DocumentEntry, bytes]]:
         """
-        Derive the metadata of C{documents} and sign the submission set on
-        the card.
+        @return: each document's metadata, derived from the CDA with its
+            overrides, and its bytes.
+        @raise DocumentRefused: a document lacks a mandatory element, is not
+            well-formed or safe XML, or has a value XDS cannot carry.
+        """
+        if overrides is not None and len(overrides) != len(documents):
+            raise MetadataError("one overrides mapping per document, or none")
+        entries = []
+        for index, data in enumerate(documents):
+            try:
+                entry = document_entry(
+                    data,
+                    self.config.structure,
+                    self.config.defaults,
+                    overrides[index] if overrides else None,
+                )
+            except (MetadataError, XmlRefused) as error:
+                raise DocumentRefused(index, error) from error
+            entries.append((entry, data))
+        return entries
 
-        @raise CdaError: a document lacks a mandatory element.
+    async def _signed(
+        self,
+        session: ProfessionalSession,
+        submission: Submission,
+        timings: dict[str, Any],
+    ) -> Submission:
         """
-        session = await self._session(context)
+        @return: C{submission} with the set's signature made by the card's
+            signature key, when the facade signs submission sets.
+        """
         signing = session.signing
-        if signing is not None and timings is not None:
-            signing = replace(signing, signer=_timed_signer(signing.signer, timings))
-        prepared = await prepare_td21(
-            documents,
-            professional=session.professional,
-            structure=self.config.structure,
-            software=self.config.software,
-            defaults=self.config.defaults,
-            endpoints=self.endpoints,
-            issuer=session.issuer,
-            signing=signing,
-            overrides=overrides,
+        if signing is None:
+            return submission
+        return await sign_submission(
+            submission,
+            _timed_signer(signing.signer, timings),
+            signing.certificate,
+            session.professional,
+            self.config.structure,
+            chain=signing.chain,
+            algorithm=signing.algorithm,
             clock=self.reactor,
         )
-        return session, prepared
 
     async def submit(
         self,
@@ -953,37 +1158,62 @@ class DmpService:
         overrides: Sequence[dict[str, object]] | None = None,
     ) -> Submitted:
         """
-        TD2.1: submit C{documents}; done only on a DMP Success. When the
+        TD2.1: submit C{documents}; done only on a DMP Success. The card
+        signs the submission set once the connection to the DMP is up, so
+        that no signature is spent when the DMP cannot be reached. When the
         answer is lost, ask the DMP by uniqueId whether it was stored before
         sending it again, once; when the DMP refuses that resend as a
         duplicate, ask again (the first may have arrived late).
 
+        @raise DocumentRefused: a document cannot be submitted (nothing was
+            asked of the agent).
         @raise UnknownOutcome: the outcome could not be learnt.
         """
         timings: dict[str, Any] = {}
-        session, prepared = await self.prepare(context, documents, overrides, timings)
+        entries = self.derive(documents, overrides)
+        session = await self._session(context)
+        submission = new_submission(
+            entries,
+            session.professional,
+            self.config.structure,
+            self.config.software,
+            self.config.defaults,
+        )
         count = len(documents)
         # The CDA documents come first; the signature, if any, after them.
-        unique_ids = [d.entry.uniqueId for d in prepared.submission.documents[:count]]
-        patient = prepared.submission.submission_set.patientId
+        unique_ids = [d.entry.uniqueId for d in submission.documents[:count]]
+        patient = submission.submission_set.patientId
+        vihf = self.vihf(session, patient)
+        made: list[PreparedSubmission] = []
+
+        async def make() -> OutgoingMessage:
+            signed = await self._signed(session, submission, timings)
+            message = provide_and_register(self.endpoints, vihf, signed)
+            made.append(PreparedSubmission(signed, message))
+            return message
+
         try:
             result = await self._exchange(
                 context,
                 session,
                 "TD2.1",
-                prepared.message,
+                LateMessage(self.endpoints.repository, make),
                 read_registry_response,
                 timings=timings,
             )
             return Submitted(
-                prepared, result, "answered", result.warnings, count, timings
+                made[0], result, "answered", result.warnings, count, timings
             )
+        except DmpNotReached:
+            raise
         except (DmpAnswerLost, DmpTimeout) as first:
             _log.warn(
                 "TD2.1 outcome unknown ({why}); checking {count} uniqueIds",
                 why=type(first).__name__,
                 count=len(unique_ids),
             )
+        # The message was made and sent, or started to be.
+        prepared = made[0]
         stored = await self._stored(context, patient, unique_ids)
         if stored is None:
             raise UnknownOutcome(
@@ -1091,7 +1321,7 @@ class DmpService:
         context: AgentContext,
         session: ProfessionalSession,
         name: str,
-        message: OutgoingMessage,
+        message: OutgoingMessage | LateMessage,
         reader: Callable[[SoapResponse], T],
         idempotent: bool = False,
         timings: dict[str, Any] | None = None,
@@ -1145,6 +1375,19 @@ async def _timed(work: Coroutine[Any, Any, T], seconds: float, reactor: Any) -> 
         raise DmpTimeout(
             f"the DMP did not answer within {seconds:g} seconds"
         ) from error
+
+
+def _host_header(uri: URI) -> bytes:
+    """
+    @return: the Host header of a request to C{uri}, as twisted.web's Agent
+        makes it.
+    """
+    host: bytes = uri.host
+    if b":" in host:
+        host = b"[" + host + b"]"
+    if (uri.scheme, uri.port) in ((b"http", 80), (b"https", 443)):
+        return host
+    return host + b":%d" % uri.port
 
 
 def _reasons(error: Exception) -> str:

@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
+from cpsdmp.facade.networks import DEFAULT_AGENT_NETWORKS, parse_network
 from cpsdmp.facade.resource import DEFAULT_MAX_REQUEST_BYTES, make_site
 from cpsdmp.facade.service import DmpService, FacadeConfig
 from cpsdmp.protocols.server_tls import load_server_identity, server_tls_options
@@ -124,7 +125,19 @@ class Options(usage.Options):
         ],
     ]
 
+    def __init__(self) -> None:
+        super().__init__()
+        self["agent-network"] = []
+
+    def opt_agent_network(self, value: str) -> None:
+        """Agents may be in this CIDR network (repeatable; default loopback)."""
+        try:
+            self["agent-network"].append(parse_network(value))
+        except ValueError as error:
+            raise usage.UsageError(f"--agent-network {value!r}: {error}") from None
+
     def postOptions(self) -> None:
+        self["agent-network"] = self["agent-network"] or list(DEFAULT_AGENT_NETWORKS)
         roots: list[x509.Certificate] = []
         test_patients = False
         if self["testcard"]:
@@ -292,6 +305,7 @@ def makeService(options: Options) -> FacadeService:
         handshake_timeout=options["handshake-timeout"],
         dmp_timeout=options["dmp-timeout"],
         reuse_connections=not options["no-connection-reuse"],
+        agent_networks=options["agent-network"],
     )
     return FacadeService(
         options["listen"],

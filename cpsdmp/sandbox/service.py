@@ -481,10 +481,14 @@ class Sandbox:
             assert vihf is not None  # nothing is asked without it
             found = await self.store.document(unique_id, vihf)
             if found is None:
+                entries = await self.store.get(vihf, unique_ids=[unique_id])
+                deleted = any(e.status == Status.Deleted for e in entries)
                 errors.append(
                     _error(
                         "XDSMissingDocument",
-                        f"no document {unique_id} in the DMP",
+                        f"document {unique_id} was deleted"
+                        if deleted
+                        else f"no document {unique_id} in the DMP",
                         unique_id,
                     )
                 )
@@ -543,6 +547,15 @@ class Sandbox:
                             "XDSMetadataUpdateError",
                             f"status change from {original!r} to {new!r} is not "
                             "one the DMP makes",
+                            association.targetObject,
+                        )
+                    )
+                elif new == original:
+                    errors.append(
+                        _error(
+                            "XDSMetadataUpdateError",
+                            f"document entry {association.targetObject} is "
+                            f"already {_STATUS_NAMES[new]}",
                             association.targetObject,
                         )
                     )

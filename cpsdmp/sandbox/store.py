@@ -279,6 +279,20 @@ def _refusing_conflicts(work: Callable[..., None]) -> Callable[..., None]:
     return guarded
 
 
+def _refuse_unless_current(entry: StoredEntry) -> None:
+    """
+    @raise StoreRefusal: C{entry} is deleted or was replaced: neither its
+        status nor its metadata change any more.
+    """
+    if entry.status not in (Status.Approved, Status.Archived):
+        state = "deleted" if entry.status == Status.Deleted else "replaced"
+        raise StoreRefusal(
+            "XDSMetadataUpdateError",
+            f"document {entry.unique_id} is {state}: it no longer changes",
+            entry.entry_uuid,
+        )
+
+
 class Store:
     """
     The sandbox's SQLite database, used from the reactor through Deferreds.
@@ -514,8 +528,8 @@ class Store:
         Apply a whole TD3.3 in one transaction.
 
         @return: a Deferred that fires when it is committed, or fails with
-            L{StoreRefusal} (unknown document, status or version that is not
-            the current one) with nothing changed.
+            L{StoreRefusal} (unknown document, deleted or replaced one, status
+            or version that is not the current one) with nothing changed.
         """
         return self._run(_refusing_conflicts(self._update), update)
 
@@ -533,6 +547,7 @@ class Store:
                     f"no document entry {change.entry_uuid}",
                     change.entry_uuid,
                 )
+            _refuse_unless_current(current)
             if current.status != change.original:
                 raise StoreRefusal(
                     "XDSMetadataUpdateError",
@@ -562,6 +577,7 @@ class Store:
                     f"no document entry with logical id {logical_id}",
                     logical_id,
                 )
+            _refuse_unless_current(current)
             if str(current.version) != version.previous_version:
                 raise StoreRefusal(
                     "XDSMetadataVersionError",

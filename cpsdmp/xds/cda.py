@@ -56,6 +56,28 @@ class CdaError(MetadataError):
     """
 
 
+class UnknownClassCode(CdaError):
+    """
+    The document's typeCode has no classCode in the table. The message ends
+    with how to give one; each caller words it its own way (L{hinting}).
+    """
+
+    def __init__(
+        self, type_code: CodedValue, hint: str = "give it as the classCode override"
+    ) -> None:
+        super().__init__(
+            f"no classCode is known for the typeCode {type_code.code} "
+            f"({type_code.display}) in this version's table; {hint}"
+        )
+        self.type_code = type_code
+
+    def hinting(self, hint: str) -> UnknownClassCode:
+        """
+        @return: the same error, its message ending with C{hint}.
+        """
+        return UnknownClassCode(self.type_code, hint)
+
+
 # Tables ---------------------------------------------------------------------------
 #: TRE_A03 document classes (XDS classCode).
 CLASS_CODE_SYSTEM = "1.2.250.1.213.1.1.4.1"
@@ -429,12 +451,7 @@ def document_entry(
     ):
         class_code = replace(class_code, display=CLASS_DISPLAYS[class_code.code])
     if class_code is None:
-        raise CdaError(
-            f"no classCode is known for the typeCode {type_code.code} "
-            f"({type_code.display}) in this version's table; give it as the "
-            "classCode override (`cpsdmp metadata --class-code CODE`, or "
-            "overrides.classCode through the facade)"
-        )
+        raise UnknownClassCode(type_code)
     format_code = overrides.pop("formatCode", None) or _format_code(header)
     if format_code is None:
         what = (
@@ -528,6 +545,7 @@ def document_entry(
 __all__ = [
     "CdaError",
     "CdaHeader",
+    "UnknownClassCode",
     "XmlRefused",
     "document_entry",
     "hl7_time_to_utc",

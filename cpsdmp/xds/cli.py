@@ -14,7 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from cpsdmp.protocols.safexml import XmlRefused
-from cpsdmp.xds.cda import CLASS_CODE_SYSTEM, CdaError, document_entry
+from cpsdmp.xds.cda import (
+    CLASS_CODE_SYSTEM,
+    CdaError,
+    UnknownClassCode,
+    document_entry,
+)
 from cpsdmp.xds.context import (
     ACTIVITY_SECTOR_SYSTEM,
     PRACTICE_SETTING_SYSTEM,
@@ -128,6 +133,10 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    except UnknownClassCode as error:
+        hint = "give it with --class-code CODE (a TRE_A03 code)"
+        print(f"cpsdmp metadata: {args.cda}: {error.hinting(hint)}", file=sys.stderr)
+        return 1
     except (CdaError, XmlRefused, MetadataError, ValueError) as error:
         print(f"cpsdmp metadata: {args.cda}: {error}", file=sys.stderr)
         return 1
