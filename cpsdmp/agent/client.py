@@ -26,7 +26,14 @@ from twisted.internet.defer import (
 from twisted.internet.error import ConnectError
 from twisted.internet.interfaces import IConsumer, IOpenSSLClientConnectionCreator
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import (
+    Agent,
+    HTTPConnectionPool,
+    RequestGenerationFailed,
+    RequestTransmissionFailed,
+    ResponseFailed,
+    ResponseNeverReceived,
+)
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, IPolicyForHTTPS
 from zope.interface import implementer
@@ -341,7 +348,8 @@ class _Channel:
                 "running on the workstation?"
             )
         raise AgentUnreachable(
-            f"no answer from the agent at {self.url} to {method} {path}: {error!r}"
+            f"no answer from the agent at {self.url} to {method} {path}: "
+            f"{_in_words(error)}"
         )
 
     def close(self) -> Deferred[None]:
@@ -405,6 +413,26 @@ def _certificates(content: Mapping[str, Any] | bytes) -> list[x509.Certificate]:
         return [x509.load_der_x509_certificate(base64.b64decode(d)) for d in ders]
     except (KeyError, TypeError, ValueError) as e:
         raise AgentError(f"the agent sent an unreadable certificate: {e}") from e
+
+
+#: What the HTTP client's failures mean, in words a professional can act on.
+_HTTP_FAILURES: tuple[tuple[type[BaseException], str], ...] = (
+    (ResponseNeverReceived, "the connection ended before the answer came"),
+    (ResponseFailed, "the connection ended during the answer"),
+    (RequestTransmissionFailed, "the connection ended while the request was sent"),
+    (RequestGenerationFailed, "the request could not be sent"),
+)
+
+
+def _in_words(error: BaseException | None) -> str:
+    """
+    @return: what went wrong with an exchange, without the HTTP client's
+        exception representation.
+    """
+    for kind, words in _HTTP_FAILURES:
+        if isinstance(error, kind):
+            return words
+    return str(error or "") or type(error).__name__
 
 
 @implementer(IRemoteKey)

@@ -15,7 +15,6 @@ import binascii
 import email.parser
 import email.policy
 import json
-import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -120,30 +119,6 @@ class Problem(Exception):
         }
 
 
-#: A Python representation of an exception, as some messages of the agent
-#: client end with: C{ResponseNeverReceived([<twisted.python.failure...>])}.
-_PYTHON_REPR = re.compile(r"(?:: )?\b([A-Z]\w*)\((?:\[<twisted\.python|['\"]).*$")
-#: What the HTTP client's failures mean, in words.
-_HTTP_FAILURES = {
-    "ResponseNeverReceived": "the connection ended before the answer came",
-    "ResponseFailed": "the connection ended during the answer",
-    "RequestTransmissionFailed": "the connection ended while the request was sent",
-    "RequestGenerationFailed": "the request could not be sent",
-}
-
-
-def _in_words(text: str) -> str:
-    """
-    @return: C{text} with a Python representation of an exception at its
-        end said in words.
-    """
-    found = _PYTHON_REPR.search(text)
-    if found is None:
-        return text
-    words = _HTTP_FAILURES.get(found.group(1), "the exchange failed")
-    return text[: found.start()] + ": " + words
-
-
 def _dmp_errors(error: RegistryFailure) -> list[dict[str, str]]:
     return [
         {
@@ -205,9 +180,7 @@ def problem_for(error: BaseException) -> Problem:
             return Problem(
                 504, "agent-timeout", "The agent did not answer in time", text
             )
-        return Problem(
-            502, "agent-unreachable", "The agent is unreachable", _in_words(text)
-        )
+        return Problem(502, "agent-unreachable", "The agent is unreachable", text)
     if isinstance(error, AgentError):
         return Problem(502, "agent-error", "The agent refused", text)
     if isinstance(error, HandshakeFailed):
