@@ -16,15 +16,21 @@ from cryptography.hazmat.primitives import serialization
 from OpenSSL import crypto
 from twisted.application.service import Service
 from twisted.internet import ssl
-from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort, IReactorCore
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
 from cpsdmp.facade.resource import DEFAULT_MAX_REQUEST_BYTES, make_site
 from cpsdmp.facade.service import DmpService, FacadeConfig
+from cpsdmp.tapsupport import (
+    check_endpoint,
+    exit_on_start_failure,
+    listen,
+    read_certificates,
+    read_tls_identity,
+)
 from cpsdmp.xds.context import (
     ACTIVITY_SECTOR_SYSTEM,
     PRACTICE_SETTING_SYSTEM,
@@ -126,6 +132,7 @@ class Options(usage.Options):
     ]
 
     def postOptions(self) -> None:
+        check_endpoint("listen", self["listen"])
         roots: list[x509.Certificate] = []
         test_patients = False
         if self["testcard"]:
@@ -135,17 +142,10 @@ class Options(usage.Options):
                 card = TestCard.load(self["testcard"])
             except TestCardError as error:
                 raise usage.UsageError(str(error)) from None
-            roots.append(card.ca_root_certificate())
+            roots += read_certificates("testcard", card.ca_root)
             test_patients = True
         if self["dmp-ca"]:
-            try:
-                roots += x509.load_pem_x509_certificates(
-                    Path(self["dmp-ca"]).read_bytes()
-                )
-            except (OSError, ValueError) as error:
-                raise usage.UsageError(
-                    f"cannot read the DMP roots {self['dmp-ca']}: {error}"
-                ) from None
+            roots += read_certificates("dmp-ca", self["dmp-ca"])
         if not roots:
             raise usage.UsageError(
                 "say which roots the DMP's certificate leads to: --dmp-ca PEM "
@@ -153,6 +153,8 @@ class Options(usage.Options):
             )
         if bool(self["tls-cert"]) != bool(self["tls-key"]):
             raise usage.UsageError("--tls-cert and --tls-key go together")
+        if self["tls-cert"]:
+            read_tls_identity("tls-cert", self["tls-cert"], "tls-key", self["tls-key"])
         try:
             kind = StructureIdentifier[self["structure-kind"]]
         except KeyError:
@@ -232,7 +234,6 @@ class FacadeService(Service):
             factory = TLSMemoryBIOFactory(
                 server_options(self.tls_cert, self.tls_key), False, self.site
             )
-        endpoint = serverFromString(self.reactor, self.listen_on)
 
         def listening(port: IListeningPort) -> IListeningPort:
             self.port = port
@@ -246,18 +247,15 @@ class FacadeService(Service):
             )
             return port
 
-        listening_port: Deferred[IListeningPort] = endpoint.listen(factory)
-        return listening_port.addCallback(listening)
+        return listen(self.reactor, self.listen_on, factory).addCallback(listening)
 
     def startService(self) -> None:
         super().startService()
-
-        def failed(failure: Any) -> None:
-            _log.failure("the DMP facade could not start", failure)
-            core: IReactorCore = self.reactor
-            core.stop()
-
-        self.start().addErrback(failed)
+        maybeDeferred(self.start).addErrback(
+            lambda failure: exit_on_start_failure(
+                self.reactor, "dmpfacade", failure, _log
+            )
+        )
 
     def stopService(self) -> Deferred[Any]:
         """
