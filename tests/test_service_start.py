@@ -9,12 +9,17 @@ left running without serving.
 from __future__ import annotations
 
 import os
+import queue
+import re
 import socket
 import sqlite3
 import subprocess
 import sys
+import threading
+import time
 from functools import cache
 from pathlib import Path
+from typing import IO
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -212,6 +217,14 @@ class UsageTests(SynchronousTestCase):
             "--dmp-ca /nonexistent.pem: cannot read it (No such file or directory)",
         )
 
+    def test_facade_bad_dmp_url(self) -> None:
+        result = _twist(*_facade("--dmp-url", "ftp://x"))
+        self.assert_usage_error(
+            result,
+            "--dmp-url ftp://x: the DMP's services are reached over HTTPS: give "
+            "an https:// URL",
+        )
+
     def test_bad_listen(self) -> None:
         for command in (_facade, _sandbox):
             result = _twist(*command("--listen", "bogus:1"))
@@ -219,3 +232,134 @@ class UsageTests(SynchronousTestCase):
             self.assertEqual(result.returncode, EX_USAGE, output)
             self.assertNotIn("Traceback", output)
             self.assertIn("Error: --listen bogus:1: not a server endpoint", output)
+
+
+def _read_lines(stream: IO[str], lines: queue.Queue[str | None]) -> None:
+    for line in stream:
+        lines.put(line)
+    lines.put(None)
+
+
+class PlainHttpWarningTests(SynchronousTestCase):
+    def facade_output(self, listen: str) -> str:
+        """
+        @return: what C{twist dmpfacade --listen LISTEN} logs up to its
+            end, stopped once it has said where it listens and its reactor
+            is starting: the warning, if any, is logged in between.
+        """
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "twisted",
+                "--log-format",
+                "text",
+                *_facade("--listen", listen),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(REPOSITORY)},
+        )
+        self.addCleanup(process.wait, 30)
+        self.addCleanup(process.terminate)
+        assert process.stdout is not None
+        lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(
+            target=_read_lines, args=(process.stdout, lines), daemon=True
+        ).start()
+        seen: list[str] = []
+        deadline = time.monotonic() + 60
+        while not all(
+            any(expected in line for line in seen)
+            for expected in ("DMP facade on http", "Starting reactor")
+        ):
+            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            self.assertIsNotNone(line, "".join(seen))
+            assert line is not None
+            seen.append(line)
+        # The lines up to now are all it logged at start, in order: a SIGTERM
+        # sent at once may cut what follows, never these.
+        process.terminate()
+        while (line := lines.get(timeout=30)) is not None:
+            seen.append(line)
+        return "".join(seen)
+
+    def test_all_interfaces_warned(self) -> None:
+        """
+        A facade serving plain HTTP beyond the loopback says loudly that
+        agent contexts and documents then cross the network in clear.
+        """
+        output = self.facade_output("tcp:0")
+        self.assertRegex(
+            output,
+            r"#warn\] the DMP facade serves plain HTTP on 0\.0\.0\.0:\d+, beyond "
+            r"the loopback",
+        )
+
+    def test_loopback_not_warned(self) -> None:
+        output = self.facade_output("tcp:0:interface=127.0.0.1")
+        self.assertNotIn("plain HTTP", output)
+        self.assertTrue(re.search(r"DMP facade on http://127\.0\.0\.1:\d+", output))
+
+
+class FacadeOptionsTests(SynchronousTestCase):
+    """
+    The facade refuses at start what would make every request fail later.
+    """
+
+    def refused(self, *argv: str) -> str:
+        from twisted.python.usage import UsageError
+
+        from cpsdmp.facade.tap import Options
+
+        error = self.assertRaises(
+            UsageError,
+            Options().parseOptions,
+            ["--testcard", _card().directory, *argv],
+        )
+        return str(error)
+
+    def test_dmp_url(self) -> None:
+        for url in [
+            "ftp://x",
+            "notaurl",
+            "http://127.0.0.1:18998/si-dmp-server/v2/services",
+            "https://",
+            "https://127.0.0.1:99999/services",
+            "https://127.0.0.1:port/services",
+        ]:
+            message = self.refused("--dmp-url", url)
+            self.assertTrue(message.startswith(f"--dmp-url {url}: "), message)
+
+    def test_dmp_url_accepted(self) -> None:
+        from cpsdmp.facade.tap import PRODUCTION_URL, Options
+
+        options = Options()
+        options.parseOptions(
+            ["--testcard", _card().directory, "--dmp-url", PRODUCTION_URL]
+        )
+        self.assertEqual(options["dmp-url"], PRODUCTION_URL)
+
+    def test_max_request_bytes(self) -> None:
+        for value in ["-1", "0"]:
+            self.assertEqual(
+                self.refused("--max-request-bytes", value),
+                "--max-request-bytes must be a positive number of bytes",
+            )
+
+    def test_source_oid(self) -> None:
+        for value in ["notanoid", "1", "1.2.", "1..2", "3.1.2", "1.02"]:
+            self.assertEqual(
+                self.refused("--source-oid", value),
+                f"--source-oid {value}: not an OID (digits separated by dots, "
+                "such as 1.2.250.1.999.1.1.1)",
+            )
+
+    def test_timeouts(self) -> None:
+        for name in ["agent-timeout", "handshake-timeout", "dmp-timeout"]:
+            for value in ["-1", "0", "nan", "inf"]:
+                self.assertEqual(
+                    self.refused(f"--{name}", value),
+                    f"--{name} must be a positive number of seconds",
+                )

@@ -8,8 +8,11 @@ certificate) in front of the DMP.
 
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -27,6 +30,7 @@ from cpsdmp.facade.service import DmpService, FacadeConfig
 from cpsdmp.tapsupport import (
     check_endpoint,
     exit_on_start_failure,
+    is_loopback,
     listen,
     read_certificates,
     read_tls_identity,
@@ -48,6 +52,8 @@ SANDBOX_URL = "https://127.0.0.1:10443/si-dmp-server/v2/services"
 PRODUCTION_URL = "https://lps2.dmp.gouv.fr/si-dmp-server/v2/services"
 #: The code system of the submission sets' contentTypeCode (--content-type).
 CONTENT_TYPE_SYSTEM = "1.2.250.1.213.2.2"
+# A dotted OID (ITU-T X.660): no empty arc, no leading zero, first arc 0 to 2.
+_OID = re.compile(r"[0-2](\.(0|[1-9][0-9]*))+")
 
 
 def _coded(system: str) -> Any:
@@ -151,10 +157,20 @@ class Options(usage.Options):
                 "say which roots the DMP's certificate leads to: --dmp-ca PEM "
                 "(or --testcard DIR for the sandbox)"
             )
+        _check_dmp_url(self["dmp-url"])
         if bool(self["tls-cert"]) != bool(self["tls-key"]):
             raise usage.UsageError("--tls-cert and --tls-key go together")
         if self["tls-cert"]:
             read_tls_identity("tls-cert", self["tls-cert"], "tls-key", self["tls-key"])
+        if not _OID.fullmatch(self["source-oid"]):
+            raise usage.UsageError(
+                f"--source-oid {self['source-oid']}: not an OID (digits separated "
+                "by dots, such as 1.2.250.1.999.1.1.1)"
+            )
+        if self["max-request-bytes"] <= 0:
+            raise usage.UsageError(
+                "--max-request-bytes must be a positive number of bytes"
+            )
         try:
             kind = StructureIdentifier[self["structure-kind"]]
         except KeyError:
@@ -180,8 +196,29 @@ class Options(usage.Options):
             content_type=_coded(CONTENT_TYPE_SYSTEM)(self["content-type"]),
         )
         for name in ("agent-timeout", "handshake-timeout", "dmp-timeout"):
-            if self[name] <= 0:
-                raise usage.UsageError(f"--{name} must be positive")
+            if not (math.isfinite(self[name]) and self[name] > 0):
+                raise usage.UsageError(f"--{name} must be a positive number of seconds")
+
+
+def _check_dmp_url(url: str) -> None:
+    """
+    @raise usage.UsageError: unless C{url} is an https URL with a host and,
+        if any, a valid port: the facade's TLS client speaks only HTTPS.
+    """
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as error:
+        raise usage.UsageError(f"--dmp-url {url}: {error}") from None
+    if port == 0:
+        raise usage.UsageError(f"--dmp-url {url}: port 0 is no port")
+    if parts.scheme != "https":
+        raise usage.UsageError(
+            f"--dmp-url {url}: the DMP's services are reached over HTTPS: give "
+            "an https:// URL"
+        )
+    if not parts.hostname:
+        raise usage.UsageError(f"--dmp-url {url}: the URL names no host")
 
 
 def server_options(cert: str, key: str) -> ssl.CertificateOptions:
@@ -245,6 +282,15 @@ class FacadeService(Service):
                 port=getattr(host, "port", "?"),
                 dmp=self.dmp.config.dmp_url,
             )
+            if not self.tls_cert and not is_loopback(host):
+                _log.warn(
+                    "the DMP facade serves plain HTTP on {host}:{port}, beyond "
+                    "the loopback: agent contexts (their tokens) and documents "
+                    "cross the network in clear; serve HTTPS with --tls-cert "
+                    "and --tls-key, or listen on 127.0.0.1 behind a TLS proxy",
+                    host=getattr(host, "host", "?"),
+                    port=getattr(host, "port", "?"),
+                )
             return port
 
         return listen(self.reactor, self.listen_on, factory).addCallback(listening)
