@@ -21,7 +21,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.protocol import Factory, Protocol
 
 from cpsdmp.protocols.tls.alerts import TLSError
-from cpsdmp.protocols.tls.endpoint import TLSClientEndpoint
+from cpsdmp.protocols.tls.endpoint import TLSClientEndpoint, server_name
 from cpsdmp.protocols.tls.handshake import State, TLSClientConfig, TLSInfo
 from cpsdmp.protocols.tls.interfaces import IRemoteKey
 from cpsdmp.protocols.tls.localkey import LocalKey
@@ -72,9 +72,17 @@ def _agent_key(context_path: str) -> IRemoteKey:
 
 def _target(url: str) -> tuple[str, int]:
     parts = urlsplit(url if "://" in url else f"https://{url}")
+    try:
+        port = parts.port
+    except ValueError as e:
+        raise ProbeError(f"{url!r}: {e}") from None
     if parts.scheme != "https" or not parts.hostname:
         raise ProbeError(f"{url!r} is not an https URL")
-    return parts.hostname, parts.port or 443
+    try:
+        server_name(parts.hostname)
+    except ValueError as e:
+        raise ProbeError(str(e)) from None
+    return parts.hostname, port or 443
 
 
 class _Quiet(Protocol):
