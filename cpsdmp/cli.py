@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 # Module that defines each subcommand, in the order `--help` lists them.
 SUBCOMMANDS = [
@@ -21,8 +23,32 @@ SUBCOMMANDS = [
 ]
 
 
+class _Parser(argparse.ArgumentParser):
+    """
+    Says a bad argument in one line, pointing at the help, with exit status 2.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def positive_seconds(value: str) -> float:
+    """
+    An argparse type: a finite number of seconds above zero.
+    """
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a positive number of seconds"
+        )
+    return seconds
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="cpsdmp",
         description="Talk to the French DMP with a CPS card left in the "
         "professional's workstation.",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 from typing import Any
 
@@ -124,6 +125,46 @@ class ProbeCommandTests(OpenSSLServerMixin, TestCase):
         )
         self.assertEqual(status, 2)
         self.assertIn("cannot read the agent context", err.decode())
+
+    @inlineCallbacks
+    def test_bad_timeout(self) -> Any:
+        """
+        A timeout that is not a positive number of seconds is a bad argument:
+        one line, exit status 2, before any connection.
+        """
+        for value in ["-1", "0", "nan"]:
+            out, err, status = yield self._probe(
+                "https://localhost:1/", *self._key_args(), "--timeout", value
+            )
+            self.assertEqual(status, 2, err.decode())
+            self.assertEqual(
+                err.decode(),
+                f"cpsdmp probe: argument --timeout: {value!r} is not a positive "
+                "number of seconds (see cpsdmp probe --help)\n",
+            )
+
+    @inlineCallbacks
+    def test_missing_argument(self) -> Any:
+        out, err, status = yield self._probe("https://localhost:1/")
+        self.assertEqual(status, 2, err.decode())
+        self.assertEqual(len(err.decode().splitlines()), 1, err.decode())
+        self.assertIn("--ca", err.decode())
+
+    @inlineCallbacks
+    def test_connection_refused(self) -> Any:
+        """
+        Nothing listening: one line saying so, exit status 1.
+        """
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        out, err, status = yield self._probe(
+            f"https://127.0.0.1:{port}/", *self._key_args()
+        )
+        self.assertEqual(status, 1, err.decode())
+        self.assertEqual(len(err.decode().splitlines()), 1, err.decode())
+        self.assertIn("CONNECTION FAILED", err.decode())
+        self.assertIn("refused", err.decode())
 
     @inlineCallbacks
     def test_trailing_dot(self) -> Any:

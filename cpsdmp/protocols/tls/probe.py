@@ -19,7 +19,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import react
 
+from cpsdmp.cli import positive_seconds
 from cpsdmp.protocols.tls.alerts import TLSError
 from cpsdmp.protocols.tls.endpoint import TLSClientEndpoint, server_name
 from cpsdmp.protocols.tls.handshake import State, TLSClientConfig, TLSInfo
@@ -209,7 +211,12 @@ def add_parser(subparsers: Any) -> None:
     )
     parser.add_argument("--alpn", action="append", default=[], help="offer ALPN")
     parser.add_argument(
-        "--timeout", type=float, default=30.0, help="seconds for each wait"
+        "--timeout",
+        type=positive_seconds,
+        default=30.0,
+        metavar="SECONDS",
+        help="seconds for each wait, the key holder's included (default 30; "
+        "twice that for the whole handshake)",
     )
     parser.set_defaults(func=run)
 
@@ -241,10 +248,6 @@ def run(args: argparse.Namespace) -> int:
     @return: 0 when every handshake succeeded, 1 when one failed, 2 when
         the probe could not start.
     """
-    from twisted.internet import reactor as _reactor
-
-    reactor: Any = _reactor
-
     try:
         host, port = _target(args.url)
         config = _config(args)
@@ -254,16 +257,25 @@ def run(args: argparse.Namespace) -> int:
 
     outcome: dict[str, Any] = {}
 
-    def done(result: Any) -> None:
-        outcome["result"] = result
-        reactor.stop()
+    def main(reactor: Any) -> Deferred[None]:
+        d: Deferred[Any] = probe(
+            reactor, host, port, config, 2 if args.reconnect else 1
+        )
+
+        def done(result: Any) -> None:
+            outcome["result"] = result
+
+        return d.addBoth(done)
 
     started = time.monotonic()
-    d: Deferred[Any] = probe(reactor, host, port, config, 2 if args.reconnect else 1)
-    d.addBoth(done)
-    if "result" not in outcome:
-        reactor.run()
-    result = outcome["result"]
+    try:
+        react(main)
+    except SystemExit:
+        pass
+    result = outcome.get("result")
+    if result is None:
+        print("cpsdmp probe: ended without a result", file=sys.stderr)
+        return 1
     if not isinstance(result, list):
         error = result.value
         kind = "TLS error" if isinstance(error, TLSError) else type(error).__name__
@@ -288,11 +300,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="cpsdmp")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["probe", *(sys.argv[1:] if argv is None else argv)])
-    status: int = args.func(args)
-    return status
+    from cpsdmp.cli import main as cpsdmp
+
+    return cpsdmp(["probe", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
