@@ -12,6 +12,7 @@ import math
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
+from urllib.parse import urlsplit
 
 # Module that defines each subcommand, in the order `--help` lists them.
 SUBCOMMANDS = [
@@ -45,6 +46,22 @@ def positive_seconds(value: str) -> float:
             f"{value!r} is not a positive number of seconds"
         )
     return seconds
+
+
+def http_url(value: str) -> str:
+    """
+    An argparse type: an http or https URL naming a host.
+    """
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 -- raises ValueError for a bad port
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{value!r}: {e}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not an http:// or https:// URL with a host"
+        )
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
