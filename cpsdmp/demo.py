@@ -34,7 +34,7 @@ from twisted.internet.task import deferLater, react
 from twisted.internet.threads import deferToThreadPool
 
 import cpsdmp
-from cpsdmp._fixtures import fixtures_dir
+from cpsdmp._fixtures import fixtures_dir, fixtures_missing
 from cpsdmp.agent.client import (
     AgentError,
     CpsAgentClient,
@@ -315,12 +315,16 @@ class Demo:
             except (OSError, ValueError) as e:
                 raise DemoFailed(f"cannot read a --cda document: {e}") from e
         fixtures = fixtures_dir()
-        examples = fixtures / ANS_EXAMPLES if fixtures else None
-        if examples is not None and examples.is_dir():
-            return [(p.name, p.read_bytes()) for p in sorted(examples.glob("*.xml"))]
+        if fixtures is None:
+            why = fixtures_missing()
+        elif not (fixtures / ANS_EXAMPLES).is_dir():
+            why = f"no {ANS_EXAMPLES} folder in {fixtures}"
+        else:
+            examples = sorted((fixtures / ANS_EXAMPLES).glob("*.xml"))
+            return [(p.name, p.read_bytes()) for p in examples]
         print(
-            "  (the ANS example CDAs are not at hand: using a consultation report "
-            "made by cpsdmp)"
+            f"  (the ANS example CDAs are not at hand: {why}; using a consultation "
+            "report made by cpsdmp)"
         )
         return [("cpsdmp-consultation.xml", sample_cda(card.professional))]
 

@@ -211,12 +211,20 @@ class GeneratedDocumentDemoTests(TestCase):
         Without the public DMP material, the demo plays a consultation
         report it makes itself, so that it works from any clone.
         """
+        nowhere = Path("no-fixtures-here").absolute()
         result = _run_demo(
             "--dir",
             str(Path("demo-own").absolute()),
-            env={"CPSDMP_FIXTURES": str(Path("no-fixtures-here").absolute())},
+            env={"CPSDMP_FIXTURES": str(nowhere)},
         )
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        # Where it looked, and that the variable was set but wrong.
+        self.assertIn(
+            f"(the ANS example CDAs are not at hand: CPSDMP_FIXTURES is set to "
+            f"{nowhere}, which is not a folder",
+            result.stdout,
+        )
+        self.assertIn("shared/fixtures beside the checkout (", result.stdout)
         self.assertIn("using a consultation report made by cpsdmp", result.stdout)
         self.assertIn("cpsdmp-consultation.xml", result.stdout)
         self.assertEqual(result.stdout.count("identical to the document sent"), 1)
