@@ -694,10 +694,8 @@ class Demo:
         except AgentError as e:
             if e.problem.get("status") != 403:
                 raise
-            return (
-                "403, the card signs only TLS handshakes with an allowed server "
-                f"(the agent: {e.problem.get('detail')})"
-            )
+            # The agent's own words say why.
+            return f"403 {e.problem.get('title')}: {e.problem.get('detail')}"
         raise DemoFailed("the agent had the card sign arbitrary data")
 
     async def count_signatures(self) -> tuple[int, int]:
