@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="cpsdmp",
         description="Talk to the French DMP with a CPS card left in the "
         "professional's workstation.",
+        epilog="The services run under twist: twist cpsagent (the "
+        "workstation agent), twist dmpfacade (the REST facade), twist "
+        "dmpsandbox (a local DMP); twist NAME --help lists their options.",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True

@@ -363,3 +363,16 @@ class FacadeOptionsTests(SynchronousTestCase):
                     self.refused(f"--{name}", value),
                     f"--{name} must be a positive number of seconds",
                 )
+
+
+class HelpTests(SynchronousTestCase):
+    def test_no_empty_defaults(self) -> None:
+        """
+        The help shows no "[default: ]" for an option without a default.
+        """
+        from cpsdmp.facade.tap import Options as FacadeOptions
+        from cpsdmp.sandbox.tap import Options as SandboxOptions
+
+        for options in (FacadeOptions(), SandboxOptions()):
+            text = " ".join(str(options).split())
+            self.assertNotIn("[default: ]", text)

@@ -80,8 +80,8 @@ class Options(usage.Options):
     )
 
     optParameters = [
-        ["listen", None, DEFAULT_LISTEN, "Endpoint to serve the REST API on."],
-        ["tls-cert", None, None, "PEM certificate chain: serve HTTPS."],
+        ["listen", None, DEFAULT_LISTEN, "Endpoint of the REST API (plain HTTP)."],
+        ["tls-cert", None, None, "PEM certificate chain: serve HTTPS instead."],
         ["tls-key", None, None, "PEM private key for --tls-cert."],
         [
             "dmp-url",
@@ -90,14 +90,14 @@ class Options(usage.Options):
             f"The DMP's services (production: {PRODUCTION_URL}).",
         ],
         ["dmp-ca", None, None, "PEM file of the roots the DMP's chain must lead to."],
-        ["testcard", None, None, "Trust the root of this test card folder."],
+        ["testcard", None, None, "Trust this test card folder's root; test INS."],
         ["software-name", None, "cpsdmp", "The software's name for the VIHF."],
         ["software-version", None, "0.1", "The software's version."],
-        ["homologation-id", None, "", "The DMP's homologation number."],
+        ["homologation-id", None, None, "The DMP's homologation number."],
         ["source-oid", None, "1.2.250.1.999.1.1.1", "OID of this installation."],
-        ["structure-name", None, "", "The health structure's name."],
+        ["structure-name", None, None, "The health structure's name."],
         ["structure-kind", None, "RPPS_PRACTICE", "FINESS, SIRET or RPPS_PRACTICE."],
-        ["structure-id", None, "", "The structure's number (without prefix)."],
+        ["structure-id", None, None, "The structure's number (without prefix)."],
         [
             "activity-sector",
             None,
@@ -188,7 +188,7 @@ class Options(usage.Options):
         self["software"] = Software(
             name=self["software-name"],
             version=self["software-version"],
-            homologation_id=self["homologation-id"],
+            homologation_id=self["homologation-id"] or "",
             source_oid=self["source-oid"],
         )
         self["defaults"] = SubmissionDefaults(

@@ -189,12 +189,25 @@ def add_parser(subparsers: Any) -> None:
         description="Connect to URL with the cpsdmp TLS client, the client key "
         "being the agent's card (--agent-context) or a local key (--key/--cert), "
         "and report the session like `openssl s_client -brief`.",
+        epilog="Exit status: 0 when the handshake succeeded, 1 when it "
+        "failed, 2 for a bad argument.",
     )
-    parser.add_argument("url", help="https://host[:port]/...")
-    parser.add_argument("--ca", required=True, help="PEM file of the trusted roots")
-    parser.add_argument("--agent-context", help="JSON agent context file")
-    parser.add_argument("--key", help="PEM private key (instead of the agent)")
-    parser.add_argument("--cert", help="PEM client certificate and its chain")
+    parser.add_argument("url", metavar="URL", help="https://host[:port]/...")
+    parser.add_argument(
+        "--ca", required=True, metavar="PEM", help="PEM file of the trusted roots"
+    )
+    parser.add_argument(
+        "--agent-context",
+        metavar="FILE",
+        help="JSON agent context {url, token, tlsFingerprint}: the card behind "
+        "that agent signs",
+    )
+    parser.add_argument(
+        "--key", metavar="PEM", help="PEM private key (instead of the agent)"
+    )
+    parser.add_argument(
+        "--cert", metavar="PEM", help="PEM client certificate and its chain"
+    )
     parser.add_argument(
         "--reconnect", action="store_true", help="connect twice, say if it resumed"
     )
@@ -209,7 +222,13 @@ def add_parser(subparsers: Any) -> None:
         action="store_true",
         help="accept a server without secure renegotiation (RFC 5746)",
     )
-    parser.add_argument("--alpn", action="append", default=[], help="offer ALPN")
+    parser.add_argument(
+        "--alpn",
+        action="append",
+        default=[],
+        metavar="PROTOCOL",
+        help="protocol to offer by ALPN, such as http/1.1 (repeatable)",
+    )
     parser.add_argument(
         "--timeout",
         type=positive_seconds,
