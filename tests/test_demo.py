@@ -184,11 +184,22 @@ def _start_demo(
         start_new_session=True,
     )
     case.addCleanup(demo.wait, 30)
-    case.addCleanup(demo.kill)
+    case.addCleanup(_kill_group, demo.pid)
     assert demo.stdout is not None
     lines: queue.Queue[str | None] = queue.Queue()
     threading.Thread(target=_read_lines, args=(demo.stdout, lines), daemon=True).start()
     return demo, lines
+
+
+def _kill_group(pid: int) -> None:
+    """
+    Kill the process group C{pid} leads: the demo and, should it have left
+    any behind, the processes it started.
+    """
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def _read_until(
