@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
+from urllib.parse import urlsplit
 
 # Module that defines each subcommand, in the order `--help` lists them.
 SUBCOMMANDS = [
@@ -21,11 +24,54 @@ SUBCOMMANDS = [
 ]
 
 
+class _Parser(argparse.ArgumentParser):
+    """
+    Says a bad argument in one line, pointing at the help, with exit status 2.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def positive_seconds(value: str) -> float:
+    """
+    An argparse type: a finite number of seconds above zero.
+    """
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a positive number of seconds"
+        )
+    return seconds
+
+
+def http_url(value: str) -> str:
+    """
+    An argparse type: an http or https URL naming a host.
+    """
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 -- raises ValueError for a bad port
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{value!r}: {e}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not an http:// or https:// URL with a host"
+        )
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="cpsdmp",
         description="Talk to the French DMP with a CPS card left in the "
         "professional's workstation.",
+        epilog="The services run under twist: twist cpsagent (the "
+        "workstation agent), twist dmpfacade (the REST facade), twist "
+        "dmpsandbox (a local DMP); twist NAME --help lists their options.",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True

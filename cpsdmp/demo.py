@@ -29,12 +29,17 @@ from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
-from twisted.internet.defer import Deferred, TimeoutError, ensureDeferred
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    TimeoutError,
+    ensureDeferred,
+)
 from twisted.internet.task import deferLater, react
 from twisted.internet.threads import deferToThreadPool
 
 import cpsdmp
-from cpsdmp._fixtures import fixtures_dir
+from cpsdmp._fixtures import fixtures_dir, fixtures_missing
 from cpsdmp.agent.client import (
     AgentError,
     CpsAgentClient,
@@ -95,11 +100,21 @@ def add_parser(subparsers: Any) -> None:
         "demo",
         help="play the whole chain on this machine: test card, agent, local "
         "DMP, facade, and each CDA submitted, found, read back and masked",
+        description="Play the whole chain on this machine, each step printed "
+        "with its time: a test CPS card on SoftHSM2, the local DMP, the agent "
+        "and the facade started as processes on free loopback ports, a wrong "
+        "PIN refused, a card session opened, then for each CDA the existence "
+        "test, the submission, the search, the retrieval and the masking "
+        "through the facade; the card's signatures counted, the card locked.",
+        epilog="Every process started is stopped at the end. Exit status: 0 "
+        "when the demo passed, 1 when a step failed (the folder is kept then, "
+        "with the processes' logs), 130 on Ctrl-C.",
     )
     parser.add_argument(
         "--dir",
-        help="folder for the test card, keys and logs (default: a new "
-        "temporary folder, removed unless --keep)",
+        help="folder for the test card, keys, database and logs, kept at the "
+        "end (default: a new temporary folder, removed unless --keep or a "
+        "step failed)",
     )
     parser.add_argument(
         "--keep", action="store_true", help="keep the folder and say where it is"
@@ -124,11 +139,21 @@ def run(args: argparse.Namespace) -> int:
     status: list[int] = []
 
     def main(reactor: Any) -> Deferred[None]:
-        async def play() -> None:
-            demo = Demo(reactor, args.dir, args.keep, args.cda, args.class_code)
-            status.append(await demo.play())
+        demo = Demo(reactor, args.dir, args.keep, args.cda, args.class_code)
 
-        return ensureDeferred(play())
+        def interrupted(signum: int, frame: Any) -> None:
+            demo.interrupt(signum)
+
+        def handle_signals() -> None:
+            # Instead of the reactor's own handlers, which stop it at once,
+            # leaving the processes and the folder behind. Now, and once
+            # the reactor runs: it sets its SIGTERM handler then.
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(signum, interrupted)
+
+        handle_signals()
+        reactor.callWhenRunning(handle_signals)
+        return ensureDeferred(demo.play()).addCallback(status.append)
 
     try:
         react(main)
@@ -173,6 +198,28 @@ class Demo:
         self.started = time.monotonic()
         self.number = 0
         self.processes: list[tuple[str, subprocess.Popen[bytes]]] = []
+        # Work done in threads, each Deferred firing once its thread is done.
+        self.threads: list[Deferred[None]] = []
+        self.current_step = ""
+        # The signal that interrupted the demo, if one did.
+        self.interrupted: int | None = None
+        self._chain: Deferred[None] | None = None
+
+    def interrupt(self, signum: int) -> None:
+        """
+        Interrupt the demo on signal C{signum}: from a signal handler, so
+        that every failure seen from now on is known to come from it. The
+        steps are cancelled; what they started is then stopped.
+        """
+        if self.interrupted is not None:
+            return
+        self.interrupted = signum
+
+        def cancel() -> None:
+            if self._chain is not None:
+                self._chain.cancel()
+
+        self.reactor.callFromThread(cancel)
 
     def say(self, title: str, detail: str, seconds: float) -> None:
         self.number += 1
@@ -186,6 +233,7 @@ class Demo:
         detail: Callable[[_T], str],
     ) -> _T:
         start = time.monotonic()
+        self.current_step = title
 
         async def act() -> _T:
             return await action()
@@ -194,29 +242,74 @@ class Demo:
         running.addTimeout(STEP_TIMEOUT, self.reactor)
         try:
             result = await running
-        except DemoFailed:
+        except (DemoFailed, CancelledError):
             raise
         except TimeoutError as e:
             raise DemoFailed(f"{title}: no result within {STEP_TIMEOUT:g} s") from e
         except Exception as e:
             raise DemoFailed(f"{title}: {e}") from e
+        self.current_step = ""
         self.say(title, detail(result), time.monotonic() - start)
         return result
 
     async def play(self) -> int:
+        """
+        Play the steps, then stop what they started.
+
+        @return: the exit status: 0 when every step passed, 1 when one
+            failed, 128 + the signal's number when interrupted.
+        """
         print(f"cpsdmp {cpsdmp.__version__} demo, working in {self.directory}")
+        sys.stdout.flush()
+        failure: DemoFailed | None = None
+        self._chain = ensureDeferred(self.play_chain())
         try:
-            await self.play_chain()
+            await self._chain
         except DemoFailed as e:
-            print(f"\nDEMO FAILED: {e}", file=sys.stderr)
-            self.show_logs()
-            return 1
+            failure = e
+        except CancelledError:
+            if self.interrupted is None:
+                await self.stop(keep=True)
+                raise
+        except BaseException:
+            # A fault of the demo itself: stop, and keep the files for a look.
+            await self.stop(keep=True)
+            raise
         finally:
-            await self.stop_processes()
-            self.clean_up()
+            self._chain = None
+        if self.interrupted is not None:
+            # A step that failed after the interruption failed because of it.
+            name = signal.Signals(self.interrupted).name
+            during = (
+                f" during step {self.number + 1} ({self.current_step})"
+                if self.current_step
+                else ""
+            )
+            print(
+                f"\nDEMO INTERRUPTED ({name}){during}: stopping what it started",
+                file=sys.stderr,
+            )
+            await self.stop(keep=self.keep)
+            return 128 + self.interrupted
+        if failure is not None:
+            print(f"\nDEMO FAILED: {failure}", file=sys.stderr)
+            self.show_logs()
+            await self.stop(keep=True)
+            return 1
+        await self.stop(keep=self.keep)
         total = time.monotonic() - self.started
         print(f"\nDemo passed in {total:.1f} s.")
         return 0
+
+    async def stop(self, keep: bool) -> None:
+        """
+        Stop the processes, wait for the work in threads, then remove the
+        folder unless C{keep}.
+        """
+        await self.stop_processes()
+        for thread in self.threads:
+            await thread
+        self.clean_up(keep)
 
     async def play_chain(self) -> None:
         card = await self.step(
@@ -315,12 +408,16 @@ class Demo:
             except (OSError, ValueError) as e:
                 raise DemoFailed(f"cannot read a --cda document: {e}") from e
         fixtures = fixtures_dir()
-        examples = fixtures / ANS_EXAMPLES if fixtures else None
-        if examples is not None and examples.is_dir():
-            return [(p.name, p.read_bytes()) for p in sorted(examples.glob("*.xml"))]
+        if fixtures is None:
+            why = fixtures_missing()
+        elif not (fixtures / ANS_EXAMPLES).is_dir():
+            why = f"no {ANS_EXAMPLES} folder in {fixtures}"
+        else:
+            examples = sorted((fixtures / ANS_EXAMPLES).glob("*.xml"))
+            return [(p.name, p.read_bytes()) for p in examples]
         print(
-            "  (the ANS example CDAs are not at hand: using a consultation report "
-            "made by cpsdmp)"
+            f"  (the ANS example CDAs are not at hand: {why}; using a consultation "
+            "report made by cpsdmp)"
         )
         return [("cpsdmp-consultation.xml", sample_cda(card.professional))]
 
@@ -424,9 +521,17 @@ class Demo:
             raise DemoFailed(str(e)) from e
 
     async def in_thread(self, function: Callable[..., _T], *args: Any) -> _T:
-        return await deferToThreadPool(
+        """
+        @return: what C{function} returns, run in a thread; the step may be
+            cancelled meanwhile, the thread is still waited for before the
+            folder it may write in is removed.
+        """
+        work: Deferred[_T] = deferToThreadPool(
             self.reactor, self.reactor.getThreadPool(), function, *args
         )
+        result: Deferred[_T] = Deferred()
+        self.threads.append(work.chainDeferred(result))
+        return await result
 
     async def start_agent(
         self,
@@ -589,10 +694,8 @@ class Demo:
         except AgentError as e:
             if e.problem.get("status") != 403:
                 raise
-            return (
-                "403, the card signs only TLS handshakes with an allowed server "
-                f"(the agent: {e.problem.get('detail')})"
-            )
+            # The agent's own words say why.
+            return f"403 {e.problem.get('title')}: {e.problem.get('detail')}"
         raise DemoFailed("the agent had the card sign arbitrary data")
 
     async def count_signatures(self) -> tuple[int, int]:
@@ -629,8 +732,10 @@ class Demo:
                 process.kill()
                 process.wait()
                 print(f"  the {name} did not stop in time and was killed")
-            elif process.returncode in (0, -signal.SIGTERM):
-                # twist ends on SIGTERM by re-raising it once shut down.
+            elif process.returncode in (0, -signal.SIGTERM, -signal.SIGINT):
+                # twist ends on SIGTERM or SIGINT (Ctrl-C in the terminal
+                # reaches the demo's processes too) by re-raising it once
+                # shut down.
                 print(f"  {name} stopped")
             else:
                 print(f"  the {name} stopped with status {process.returncode}")
@@ -647,11 +752,15 @@ class Demo:
                 print(f"--- last lines of the {name}'s log ({log}):", file=sys.stderr)
                 print("\n".join(tail), file=sys.stderr)
 
-    def clean_up(self) -> None:
-        if self.keep:
+    def clean_up(self, keep: bool) -> None:
+        if keep and not self.keep:
+            print(f"  the demo failed: everything is kept in {self.directory}")
+            return
+        if keep:
             print(f"  everything is kept in {self.directory}")
             return
         shutil.rmtree(self.directory, ignore_errors=True)
+        print(f"  {self.directory} removed")
 
 
 def _describe_timings(timings: dict[str, Any]) -> list[str]:

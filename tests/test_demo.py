@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -59,7 +60,6 @@ class DemoTests(TestCase):
             "card session opened",
             "certificate chain checked",
             "arbitrary data refused",
-            "403, the card signs only TLS handshakes with an allowed server",
             "1 TLS handshake signature(s) for 30 DMP transactions",
             "6 submission-set signature(s)",
             "the facade refuses the agent context afterwards (401)",
@@ -69,6 +69,9 @@ class DemoTests(TestCase):
             "Demo passed",
         ]:
             self.assertIn(expected, out)
+        # The agent's refusal, said once: no "the agent: the agent".
+        self.assertRegex(out, r"arbitrary data refused +[\d.]+ ms  403 [^:\n]+: \S")
+        self.assertNotIn("the agent: the agent", out)
         examples = fixtures_dir()
         assert examples is not None
         names = sorted(p.name for p in (examples / ANS_EXAMPLES).glob("*.xml"))
@@ -101,39 +104,13 @@ class DemoTests(TestCase):
         """
         When the agent dies midway (killed while the demo waits out the pause
         after the wrong PIN), the demo says which step failed and why, shows
-        the agent's log, and exits non-zero.
+        the agent's log, keeps its folder for a look, and exits non-zero.
         """
-        directory = Path("demo-broken").absolute()
-        source = str(Path(cpsdmp.__file__).resolve().parent.parent)
-        demo = subprocess.Popen(
-            [sys.executable, "-m", "cpsdmp.cli", "demo", "--dir", str(directory)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "PYTHONPATH": source},
-        )
-        self.addCleanup(demo.kill)
-        assert demo.stdout is not None
-        lines: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(
-            target=_read_lines, args=(demo.stdout, lines), daemon=True
-        ).start()
-        seen = []
-        deadline = time.monotonic() + 100
-        while True:
-            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
-            self.assertIsNotNone(line, "".join(seen))
-            assert line is not None
-            seen.append(line)
-            if "next PIN held back" in line:
-                self.assertTrue(_kill_agent_of(directory / "card"))
-                break
-        demo.wait(timeout=120)
-        assert demo.stderr is not None
-        err = demo.stderr.read()
-        while (line := lines.get(timeout=10)) is not None:
-            seen.append(line)
-        out = "".join(seen)
+        demo, lines = _start_demo(self)
+        seen = _read_until(self, lines, "next PIN held back")
+        directory = _working_folder(seen)
+        self.assertTrue(_kill_agent_of(directory / "card"))
+        out, err = _finish(self, demo, lines, seen)
         self.assertEqual(demo.returncode, 1, out + err)
         self.assertIn("DEMO FAILED: card session opened:", err)
         self.assertIn("agent", err.split("DEMO FAILED")[1].splitlines()[0])
@@ -143,6 +120,125 @@ class DemoTests(TestCase):
         self.assertIn("  facade stopped\n", out)
         self.assertIn("  local DMP stopped\n", out)
         self.assertEqual(_processes_of(directory), [])
+        # The logs it points at are kept, and it says so.
+        log = directory / "agent.log"
+        self.assertIn(f"({log})", err)
+        self.assertTrue(log.is_file())
+        self.assertIn(f"the demo failed: everything is kept in {directory}", out)
+
+    def test_interrupted_early(self) -> None:
+        """
+        Ctrl-C (SIGINT to the whole process group, as a terminal sends it)
+        while the test card is being made: the demo says it was
+        interrupted, stops everything, removes its folder and exits 130.
+        """
+        demo, lines = _start_demo(self)
+        seen = _read_until(self, lines, "working in")
+        directory = _working_folder(seen)
+        time.sleep(1.2)
+        os.killpg(demo.pid, signal.SIGINT)
+        out, err = _finish(self, demo, lines, seen)
+        self.assertEqual(demo.returncode, 130, out + err)
+        self.assertIn("DEMO INTERRUPTED (SIGINT)", err)
+        self.assertNotIn("Exception ignored", err)
+        self.assertNotIn("Traceback", err)
+        self.assertNotIn("DEMO FAILED", err)
+        self.assertFalse(directory.exists())
+        self.assertEqual(_processes_of(directory), [])
+
+    def test_interrupted_with_processes(self) -> None:
+        """
+        SIGINT to the demo alone once the local DMP and the agent run: the
+        demo stops them itself before it removes its folder.
+        """
+        demo, lines = _start_demo(self)
+        seen = _read_until(self, lines, "agent started")
+        directory = _working_folder(seen)
+        demo.send_signal(signal.SIGINT)
+        out, err = _finish(self, demo, lines, seen)
+        self.assertEqual(demo.returncode, 130, out + err)
+        self.assertIn("DEMO INTERRUPTED (SIGINT)", err)
+        self.assertIn("  agent stopped\n", out)
+        self.assertIn("  local DMP stopped\n", out)
+        self.assertNotIn("Traceback", err)
+        self.assertFalse(directory.exists())
+        self.assertEqual(_processes_of(directory), [])
+
+
+def _start_demo(
+    case: TestCase, *arguments: str
+) -> tuple[subprocess.Popen[str], queue.Queue[str | None]]:
+    """
+    Start the demo in a process group of its own, its temporary folder in
+    this test's folder; its output lines go to the queue returned.
+    """
+    source = str(Path(cpsdmp.__file__).resolve().parent.parent)
+    temporary = Path(case.mktemp()).absolute()
+    temporary.mkdir(parents=True)
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "cpsdmp.cli", "demo", *arguments],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": source, "TMPDIR": str(temporary)},
+        start_new_session=True,
+    )
+    case.addCleanup(demo.wait, 30)
+    case.addCleanup(_kill_group, demo.pid)
+    assert demo.stdout is not None
+    lines: queue.Queue[str | None] = queue.Queue()
+    threading.Thread(target=_read_lines, args=(demo.stdout, lines), daemon=True).start()
+    return demo, lines
+
+
+def _kill_group(pid: int) -> None:
+    """
+    Kill the process group C{pid} leads: the demo and, should it have left
+    any behind, the processes it started.
+    """
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _read_until(
+    case: TestCase, lines: queue.Queue[str | None], expected: str
+) -> list[str]:
+    """
+    @return: the output lines up to the first holding C{expected}.
+    """
+    seen: list[str] = []
+    deadline = time.monotonic() + 100
+    while not (seen and expected in seen[-1]):
+        line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        case.assertIsNotNone(line, "".join(seen))
+        assert line is not None
+        seen.append(line)
+    return seen
+
+
+def _working_folder(seen: list[str]) -> Path:
+    found = re.search(r"demo, working in (\S+)", seen[0])
+    assert found is not None, seen[0]
+    return Path(found.group(1))
+
+
+def _finish(
+    case: TestCase,
+    demo: subprocess.Popen[str],
+    lines: queue.Queue[str | None],
+    seen: list[str],
+) -> tuple[str, str]:
+    """
+    @return: the demo's whole output and error output once it has ended.
+    """
+    demo.wait(timeout=120)
+    assert demo.stderr is not None
+    err = demo.stderr.read()
+    while (line := lines.get(timeout=10)) is not None:
+        seen.append(line)
+    return "".join(seen), err
 
 
 def _read_lines(stream: IO[str], lines: queue.Queue[str | None]) -> None:
@@ -211,12 +307,20 @@ class GeneratedDocumentDemoTests(TestCase):
         Without the public DMP material, the demo plays a consultation
         report it makes itself, so that it works from any clone.
         """
+        nowhere = Path("no-fixtures-here").absolute()
         result = _run_demo(
             "--dir",
             str(Path("demo-own").absolute()),
-            env={"CPSDMP_FIXTURES": str(Path("no-fixtures-here").absolute())},
+            env={"CPSDMP_FIXTURES": str(nowhere)},
         )
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        # Where it looked, and that the variable was set but wrong.
+        self.assertIn(
+            f"(the ANS example CDAs are not at hand: CPSDMP_FIXTURES is set to "
+            f"{nowhere}, which is not a folder",
+            result.stdout,
+        )
+        self.assertIn("shared/fixtures beside the checkout (", result.stdout)
         self.assertIn("using a consultation report made by cpsdmp", result.stdout)
         self.assertIn("cpsdmp-consultation.xml", result.stdout)
         self.assertEqual(result.stdout.count("identical to the document sent"), 1)

@@ -44,14 +44,22 @@ class OptionsTests(SynchronousTestCase):
             usage.UsageError, Options().parseOptions, ["--testcard", "nowhere"]
         )
         self.assertIn("cpsdmp testcard init", str(error))
-        self.assertRaises(
-            usage.UsageError, Options().parseOptions, ["--cert", "c", "--key", "k"]
-        )
+        card = init_testcard(Path("units-card").absolute(), softhsm=False)
+        files = ["--cert", card.sandbox_cert, "--key", card.sandbox_key]
+        self.assertRaises(usage.UsageError, Options().parseOptions, files)
         options = Options()
         options.parseOptions(
-            ["--cert", "c", "--key", "k", "--client-ca", "a", "--client-ca", "b"]
+            [
+                *files,
+                "--client-ca",
+                card.ca_root,
+                "--client-ca",
+                card.ca_intermediates[0],
+            ]
         )
-        self.assertEqual(options["client-cas"], ["a", "b"])
+        self.assertEqual(
+            options["client-cas"], [card.ca_root, card.ca_intermediates[0]]
+        )
 
 
 class NamesTests(SynchronousTestCase):

@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.testing import MemoryReactorClock
 from twisted.internet.utils import getProcessOutputAndValue
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from cpsdmp.protocols.tls.endpoint import TLSClientEndpoint, server_name
+from cpsdmp.protocols.tls.handshake import TLSClientConfig
 from tests.test_tls_interop import OpenSSLServerMixin
 from tests.tlssupport import pki
 
@@ -121,3 +125,88 @@ class ProbeCommandTests(OpenSSLServerMixin, TestCase):
         )
         self.assertEqual(status, 2)
         self.assertIn("cannot read the agent context", err.decode())
+
+    @inlineCallbacks
+    def test_bad_timeout(self) -> Any:
+        """
+        A timeout that is not a positive number of seconds is a bad argument:
+        one line, exit status 2, before any connection.
+        """
+        for value in ["-1", "0", "nan"]:
+            out, err, status = yield self._probe(
+                "https://localhost:1/", *self._key_args(), "--timeout", value
+            )
+            self.assertEqual(status, 2, err.decode())
+            self.assertEqual(
+                err.decode(),
+                f"cpsdmp probe: argument --timeout: {value!r} is not a positive "
+                "number of seconds (see cpsdmp probe --help)\n",
+            )
+
+    @inlineCallbacks
+    def test_missing_argument(self) -> Any:
+        out, err, status = yield self._probe("https://localhost:1/")
+        self.assertEqual(status, 2, err.decode())
+        self.assertEqual(len(err.decode().splitlines()), 1, err.decode())
+        self.assertIn("--ca", err.decode())
+
+    @inlineCallbacks
+    def test_connection_refused(self) -> Any:
+        """
+        Nothing listening: one line saying so, exit status 1.
+        """
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        out, err, status = yield self._probe(
+            f"https://127.0.0.1:{port}/", *self._key_args()
+        )
+        self.assertEqual(status, 1, err.decode())
+        self.assertEqual(len(err.decode().splitlines()), 1, err.decode())
+        self.assertIn("CONNECTION FAILED", err.decode())
+        self.assertIn("refused", err.decode())
+
+    @inlineCallbacks
+    def test_trailing_dot(self) -> Any:
+        """
+        A host name ending with the root's dot is the same name for the
+        certificate check (and SNI).
+        """
+        server = self.start_server("-www")
+        out, err, status = yield self._probe(
+            f"https://localhost.:{server.port}/", *self._key_args()
+        )
+        self.assertEqual(status, 0, err.decode())
+        self.assertIn("Protocol version: TLSv1.2", out.decode())
+
+
+class ServerNameTests(SynchronousTestCase):
+    """
+    The name a TLS endpoint sends in SNI and checks the certificate against.
+    """
+
+    def test_names(self) -> None:
+        for host, expected in [
+            ("lps2.dmp.gouv.fr", "lps2.dmp.gouv.fr"),
+            ("lps2.dmp.gouv.fr.", "lps2.dmp.gouv.fr"),
+            ("hôpital.example", "xn--hpital-ixa.example"),
+            ("hôpital.example.", "xn--hpital-ixa.example"),
+            ("127.0.0.1", "127.0.0.1"),
+            ("::1", "::1"),
+        ]:
+            self.assertEqual(server_name(host), expected, host)
+
+    def test_bad_name(self) -> None:
+        error = self.assertRaises(ValueError, server_name, "a\N{SNOWMAN}\u200d.example")
+        self.assertIn("is not a valid host name", str(error))
+
+    def test_endpoint_for_non_ascii_host(self) -> None:
+        """
+        An endpoint to a non-ASCII host name is made (it raised
+        UnicodeEncodeError), with the ASCII form as the TLS name.
+        """
+        config = TLSClientConfig(roots=[pki().root])
+        endpoint = TLSClientEndpoint.for_host(
+            MemoryReactorClock(), "hôpital.example.", 443, config
+        )
+        self.assertEqual(endpoint.host, "xn--hpital-ixa.example")

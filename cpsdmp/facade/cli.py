@@ -8,13 +8,20 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cpsdmp.xds.cda import CLASS_CODE_SYSTEM
-from cpsdmp.xds.cli import coded
+from cpsdmp.cli import http_url, positive_seconds
+from cpsdmp.protocols.safexml import XmlRefused
+from cpsdmp.xds.cda import CLASS_CODE_SYSTEM, CdaError, document_entry, read_header
+from cpsdmp.xds.cli import coded, read_cda
+from cpsdmp.xds.ebrim import MetadataError
 
 DEFAULT_FACADE = "http://127.0.0.1:10080"
+
+# What an agent context holds for the facade (POST /cps/session's answer).
+CONTEXT_KEYS = ("url", "token", "tlsFingerprint")
 
 
 def add_parser(subparsers: Any) -> None:
@@ -23,16 +30,27 @@ def add_parser(subparsers: Any) -> None:
         help="submit CDA documents through a running facade (TD2.1)",
         description="Submit CDA documents of one patient to the DMP through "
         "a running facade, with the professional's agent context.",
+        epilog="Exit status: 0 when the DMP took the documents, 1 on a "
+        "failure or a refusal, 2 for a bad argument or a file that is not a "
+        "CDA (nothing is sent then).",
     )
-    parser.add_argument("cda", nargs="+", type=Path, help="CDA documents (XML)")
     parser.add_argument(
-        "--facade", default=DEFAULT_FACADE, help=f"facade URL ({DEFAULT_FACADE})"
+        "cda", nargs="+", type=Path, metavar="CDA", help="CDA documents (XML)"
+    )
+    parser.add_argument(
+        "--facade",
+        default=DEFAULT_FACADE,
+        type=http_url,
+        metavar="URL",
+        help=f"the facade's URL (default {DEFAULT_FACADE})",
     )
     parser.add_argument(
         "--agent-context",
         required=True,
         type=Path,
-        help="JSON file with the agent context {url, token, tlsFingerprint}",
+        metavar="FILE",
+        help="JSON file with the agent context {url, token, tlsFingerprint}, "
+        "as POST /cps/session of the agent answers it",
     )
     parser.add_argument(
         "--class-code",
@@ -43,20 +61,80 @@ def add_parser(subparsers: Any) -> None:
     )
     parser.add_argument("--json", action="store_true", help="print the JSON answer")
     parser.add_argument(
-        "--timeout", type=float, default=300.0, help="seconds to wait (300)"
+        "--timeout",
+        type=positive_seconds,
+        default=300.0,
+        metavar="SECONDS",
+        help="seconds to wait for the facade's answer (default 300)",
     )
     parser.set_defaults(func=run)
 
 
+class _BadInput(Exception):
+    """
+    An argument that cannot serve; the message names the file.
+    """
+
+
+def _read_context(path: Path) -> dict[str, Any]:
+    try:
+        context = json.loads(path.read_text("utf-8"))
+    except OSError as error:
+        raise _BadInput(f"{path}: {error.strerror}") from None
+    except ValueError as error:
+        raise _BadInput(f"the agent context {path} is not JSON: {error}") from None
+    if not isinstance(context, dict):
+        raise _BadInput(
+            f"the agent context {path} is not an agent context (a JSON object "
+            "with url, token and tlsFingerprint)"
+        )
+    missing = [key for key in CONTEXT_KEYS if key not in context]
+    if missing:
+        raise _BadInput(f"the agent context {path} lacks {', '.join(missing)}")
+    return context
+
+
+def _read_document(path: Path) -> bytes:
+    try:
+        data = read_cda(path)
+    except OSError as error:
+        raise _BadInput(f"{path}: {error.strerror}") from None
+    except ValueError as error:
+        raise _BadInput(f"{path}: {error}") from None
+    try:
+        read_header(data)
+    except (CdaError, XmlRefused) as error:
+        raise _BadInput(f"{path}: {error}") from None
+    return data
+
+
+def _refused_files(
+    detail: str,
+    paths: Sequence[Path],
+    documents: Sequence[bytes],
+    overrides: Sequence[dict[str, Any]] | None,
+) -> list[Path]:
+    """
+    @return: the files whose metadata, derived here as the facade derives
+        it, fails with the very reason the facade gave (C{detail}), since
+        the facade does not say which document of a submission it refused.
+    """
+    found = []
+    for index, (path, data) in enumerate(zip(paths, documents, strict=True)):
+        try:
+            document_entry(data, overrides=dict(overrides[index]) if overrides else {})
+        except (CdaError, XmlRefused, MetadataError) as error:
+            if str(error) == detail:
+                found.append(path)
+    return found
+
+
 def run(args: argparse.Namespace) -> int:
     try:
-        context = json.loads(args.agent_context.read_text())
-        documents = [path.read_bytes() for path in args.cda]
-    except OSError as error:
-        print(f"cpsdmp submit: {error.filename}: {error.strerror}", file=sys.stderr)
-        return 2
-    except ValueError as error:
-        print(f"cpsdmp submit: the agent context is not JSON: {error}", file=sys.stderr)
+        context = _read_context(args.agent_context)
+        documents = [_read_document(path) for path in args.cda]
+    except _BadInput as error:
+        print(f"cpsdmp submit: {error}", file=sys.stderr)
         return 2
     overrides = None
     if args.class_code:
@@ -73,7 +151,17 @@ def run(args: argparse.Namespace) -> int:
         try:
             answer = await client.td21_submit(documents, context, overrides)
         except FacadeProblem as problem:
-            print(f"cpsdmp submit: {problem}", file=sys.stderr)
+            about = "cpsdmp submit"
+            if problem.kind == "invalid-cda":
+                files = _refused_files(
+                    str(problem.problem.get("detail", "")),
+                    args.cda,
+                    documents,
+                    overrides,
+                )
+                if len(args.cda) == 1 or len(files) == 1:
+                    about += f": {(files or args.cda)[0]}"
+            print(f"{about}: {problem}", file=sys.stderr)
             for error in problem.errors:
                 print(
                     f"  DMP {error.get('severity', '')} {error.get('code', '')}: "

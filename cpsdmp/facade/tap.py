@@ -8,15 +8,16 @@ certificate) in front of the DMP.
 
 from __future__ import annotations
 
-from pathlib import Path
+import math
+import re
 from typing import Any
+from urllib.parse import urlsplit
 
 from cryptography import x509
 from twisted.application.service import Service
 from twisted.internet import ssl
-from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort, IReactorCore
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
@@ -24,7 +25,15 @@ from twisted.python import usage
 from cpsdmp.facade.networks import DEFAULT_AGENT_NETWORKS, parse_network
 from cpsdmp.facade.resource import DEFAULT_MAX_REQUEST_BYTES, make_site
 from cpsdmp.facade.service import DmpService, FacadeConfig
-from cpsdmp.protocols.server_tls import load_server_identity, server_tls_options
+from cpsdmp.protocols.server_tls import server_tls_options
+from cpsdmp.tapsupport import (
+    check_endpoint,
+    exit_on_start_failure,
+    is_loopback,
+    listen,
+    read_certificates,
+    read_tls_identity,
+)
 from cpsdmp.xds.context import (
     ACTIVITY_SECTOR_SYSTEM,
     PRACTICE_SETTING_SYSTEM,
@@ -42,6 +51,8 @@ SANDBOX_URL = "https://127.0.0.1:10443/si-dmp-server/v2/services"
 PRODUCTION_URL = "https://lps2.dmp.gouv.fr/si-dmp-server/v2/services"
 #: The code system of the submission sets' contentTypeCode (--content-type).
 CONTENT_TYPE_SYSTEM = "1.2.250.1.213.2.2"
+# A dotted OID (ITU-T X.660): no empty arc, no leading zero, first arc 0 to 2.
+_OID = re.compile(r"[0-2](\.(0|[1-9][0-9]*))+")
 
 
 def _coded(system: str) -> Any:
@@ -68,8 +79,8 @@ class Options(usage.Options):
     )
 
     optParameters = [
-        ["listen", None, DEFAULT_LISTEN, "Endpoint to serve the REST API on."],
-        ["tls-cert", None, None, "PEM certificate chain: serve HTTPS."],
+        ["listen", None, DEFAULT_LISTEN, "Endpoint of the REST API (plain HTTP)."],
+        ["tls-cert", None, None, "PEM certificate chain: serve HTTPS instead."],
         ["tls-key", None, None, "PEM private key for --tls-cert."],
         [
             "dmp-url",
@@ -78,14 +89,14 @@ class Options(usage.Options):
             f"The DMP's services (production: {PRODUCTION_URL}).",
         ],
         ["dmp-ca", None, None, "PEM file of the roots the DMP's chain must lead to."],
-        ["testcard", None, None, "Trust the root of this test card folder."],
+        ["testcard", None, None, "Trust this test card folder's root; test INS."],
         ["software-name", None, "cpsdmp", "The software's name for the VIHF."],
         ["software-version", None, "0.1", "The software's version."],
-        ["homologation-id", None, "", "The DMP's homologation number."],
+        ["homologation-id", None, None, "The DMP's homologation number."],
         ["source-oid", None, "1.2.250.1.999.1.1.1", "OID of this installation."],
-        ["structure-name", None, "", "The health structure's name."],
+        ["structure-name", None, None, "The health structure's name."],
         ["structure-kind", None, "RPPS_PRACTICE", "FINESS, SIRET or RPPS_PRACTICE."],
-        ["structure-id", None, "", "The structure's number (without prefix)."],
+        ["structure-id", None, None, "The structure's number (without prefix)."],
         [
             "activity-sector",
             None,
@@ -138,6 +149,7 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         self["agent-network"] = self["agent-network"] or list(DEFAULT_AGENT_NETWORKS)
+        check_endpoint("listen", self["listen"])
         roots: list[x509.Certificate] = []
         test_patients = False
         if self["testcard"]:
@@ -147,24 +159,29 @@ class Options(usage.Options):
                 card = TestCard.load(self["testcard"])
             except TestCardError as error:
                 raise usage.UsageError(str(error)) from None
-            roots.append(card.ca_root_certificate())
+            roots += read_certificates("testcard", card.ca_root)
             test_patients = True
         if self["dmp-ca"]:
-            try:
-                roots += x509.load_pem_x509_certificates(
-                    Path(self["dmp-ca"]).read_bytes()
-                )
-            except (OSError, ValueError) as error:
-                raise usage.UsageError(
-                    f"cannot read the DMP roots {self['dmp-ca']}: {error}"
-                ) from None
+            roots += read_certificates("dmp-ca", self["dmp-ca"])
         if not roots:
             raise usage.UsageError(
                 "say which roots the DMP's certificate leads to: --dmp-ca PEM "
                 "(or --testcard DIR for the sandbox)"
             )
+        _check_dmp_url(self["dmp-url"])
         if bool(self["tls-cert"]) != bool(self["tls-key"]):
             raise usage.UsageError("--tls-cert and --tls-key go together")
+        if self["tls-cert"]:
+            read_tls_identity("tls-cert", self["tls-cert"], "tls-key", self["tls-key"])
+        if not _OID.fullmatch(self["source-oid"]):
+            raise usage.UsageError(
+                f"--source-oid {self['source-oid']}: not an OID (digits separated "
+                "by dots, such as 1.2.250.1.999.1.1.1)"
+            )
+        if self["max-request-bytes"] <= 0:
+            raise usage.UsageError(
+                "--max-request-bytes must be a positive number of bytes"
+            )
         try:
             kind = StructureIdentifier[self["structure-kind"]]
         except KeyError:
@@ -182,7 +199,7 @@ class Options(usage.Options):
         self["software"] = Software(
             name=self["software-name"],
             version=self["software-version"],
-            homologation_id=self["homologation-id"],
+            homologation_id=self["homologation-id"] or "",
             source_oid=self["source-oid"],
         )
         self["defaults"] = SubmissionDefaults(
@@ -190,8 +207,29 @@ class Options(usage.Options):
             content_type=_coded(CONTENT_TYPE_SYSTEM)(self["content-type"]),
         )
         for name in ("agent-timeout", "handshake-timeout", "dmp-timeout"):
-            if self[name] <= 0:
-                raise usage.UsageError(f"--{name} must be positive")
+            if not (math.isfinite(self[name]) and self[name] > 0):
+                raise usage.UsageError(f"--{name} must be a positive number of seconds")
+
+
+def _check_dmp_url(url: str) -> None:
+    """
+    @raise usage.UsageError: unless C{url} is an https URL with a host and,
+        if any, a valid port: the facade's TLS client speaks only HTTPS.
+    """
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as error:
+        raise usage.UsageError(f"--dmp-url {url}: {error}") from None
+    if port == 0:
+        raise usage.UsageError(f"--dmp-url {url}: port 0 is no port")
+    if parts.scheme != "https":
+        raise usage.UsageError(
+            f"--dmp-url {url}: the DMP's services are reached over HTTPS: give "
+            "an https:// URL"
+        )
+    if not parts.hostname:
+        raise usage.UsageError(f"--dmp-url {url}: the URL names no host")
 
 
 def server_options(cert: str, key: str) -> ssl.CertificateOptions:
@@ -200,7 +238,7 @@ def server_options(cert: str, key: str) -> ssl.CertificateOptions:
     @param key: PEM private key.
     @return: OpenSSL server options sending the whole chain.
     """
-    return server_tls_options(*load_server_identity(cert, key))
+    return server_tls_options(*read_tls_identity("tls-cert", cert, "tls-key", key))
 
 
 class FacadeService(Service):
@@ -238,7 +276,6 @@ class FacadeService(Service):
             factory = TLSMemoryBIOFactory(
                 server_options(self.tls_cert, self.tls_key), False, self.site
             )
-        endpoint = serverFromString(self.reactor, self.listen_on)
 
         def listening(port: IListeningPort) -> IListeningPort:
             self.port = port
@@ -250,20 +287,26 @@ class FacadeService(Service):
                 port=getattr(host, "port", "?"),
                 dmp=self.dmp.config.dmp_url,
             )
+            if not self.tls_cert and not is_loopback(host):
+                _log.warn(
+                    "the DMP facade serves plain HTTP on {host}:{port}, beyond "
+                    "the loopback: agent contexts (their tokens) and documents "
+                    "cross the network in clear; serve HTTPS with --tls-cert "
+                    "and --tls-key, or listen on 127.0.0.1 behind a TLS proxy",
+                    host=getattr(host, "host", "?"),
+                    port=getattr(host, "port", "?"),
+                )
             return port
 
-        listening_port: Deferred[IListeningPort] = endpoint.listen(factory)
-        return listening_port.addCallback(listening)
+        return listen(self.reactor, self.listen_on, factory).addCallback(listening)
 
     def startService(self) -> None:
         super().startService()
-
-        def failed(failure: Any) -> None:
-            _log.failure("the DMP facade could not start", failure)
-            core: IReactorCore = self.reactor
-            core.stop()
-
-        self.start().addErrback(failed)
+        maybeDeferred(self.start).addErrback(
+            lambda failure: exit_on_start_failure(
+                self.reactor, "dmpfacade", failure, _log
+            )
+        )
 
     def stopService(self) -> Deferred[Any]:
         """

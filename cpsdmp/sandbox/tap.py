@@ -7,13 +7,14 @@ its SQLite database and serves its web services over mutual TLS.
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort, IReactorCore
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
@@ -21,6 +22,14 @@ from twisted.python import usage
 from cpsdmp.sandbox.service import DEFAULT_MAX_REQUEST_BYTES, make_site
 from cpsdmp.sandbox.store import Store
 from cpsdmp.sandbox.tls import dmp_server_options
+from cpsdmp.tapsupport import (
+    StartError,
+    check_endpoint,
+    exit_on_start_failure,
+    listen,
+    read_certificates,
+    read_tls_identity,
+)
 
 _log = Logger()
 
@@ -72,6 +81,7 @@ class Options(usage.Options):
         self["client-cas"].append(path)
 
     def postOptions(self) -> None:
+        check_endpoint("listen", self["listen"])
         if self["testcard"]:
             from cpsdmp.agent.testcard import TestCard, TestCardError
 
@@ -88,8 +98,55 @@ class Options(usage.Options):
                 "say which certificate to serve and which cards to accept: "
                 "--testcard DIR, or --cert, --key and --client-ca"
             )
+        read_tls_identity("cert", self["cert"], "key", self["key"])
+        for path in self["client-cas"]:
+            read_certificates("client-ca", path)
+        check_database("db", self["db"])
         if self["max-request-bytes"] <= 0:
             raise usage.UsageError("--max-request-bytes must be positive")
+
+
+def check_database(option: str, path: str) -> None:
+    """
+    @raise usage.UsageError: when C{path} cannot be the SQLite database: its
+        folder is missing, it is a folder, or it is a file SQLite cannot read
+        as a database (the file is opened read-only, never changed).
+    """
+    file = Path(path)
+    if file.is_dir():
+        raise usage.UsageError(f"--{option} {path}: a folder, not a file")
+    if not file.exists():
+        folder = file.absolute().parent
+        if not folder.is_dir():
+            raise usage.UsageError(
+                f"--{option} {path}: its folder {folder} does not exist"
+            )
+        return
+    try:
+        with open(file, "rb"):
+            pass
+        uri = f"{file.absolute().as_uri()}?mode=ro"
+        connection = sqlite3.connect(uri, uri=True, timeout=0)
+        try:
+            connection.execute("PRAGMA schema_version").fetchone()
+        finally:
+            connection.close()
+    except OSError as e:
+        raise usage.UsageError(
+            f"--{option} {path}: cannot read it ({e.strerror})"
+        ) from None
+    except sqlite3.DatabaseError as e:
+        if e.sqlite_errorname in ("SQLITE_BUSY", "SQLITE_LOCKED"):
+            # In use by another process now: the sandbox will wait for it,
+            # and say so if it cannot.
+            return
+        if e.sqlite_errorname == "SQLITE_NOTADB":
+            raise usage.UsageError(
+                f"--{option} {path}: not an SQLite database ({e})"
+            ) from None
+        raise usage.UsageError(
+            f"--{option} {path}: SQLite cannot open it ({e})"
+        ) from None
 
 
 class SandboxService(Service):
@@ -128,7 +185,11 @@ class SandboxService(Service):
         store = self.store = Store(self.db)
         site = make_site(store, self.max_request_bytes)
         factory = TLSMemoryBIOFactory(self.tls, False, site)
-        endpoint = serverFromString(self.reactor, self.listen_on)
+
+        def not_opened(failure: Any) -> None:
+            raise StartError(
+                f"cannot open the database {self.db}: {failure.getErrorMessage()}"
+            )
 
         def listening(port: IListeningPort) -> IListeningPort:
             self.port = port
@@ -144,20 +205,19 @@ class SandboxService(Service):
 
         self._starting = (
             store.open()
-            .addCallback(lambda _: endpoint.listen(factory))
+            .addErrback(not_opened)
+            .addCallback(lambda _: listen(self.reactor, self.listen_on, factory))
             .addCallback(listening)
         )
         return self._starting
 
     def startService(self) -> None:
         super().startService()
-
-        def failed(failure: Any) -> None:
-            _log.failure("the DMP sandbox could not start", failure)
-            core: IReactorCore = self.reactor
-            core.stop()
-
-        self.start().addErrback(failed)
+        maybeDeferred(self.start).addErrback(
+            lambda failure: exit_on_start_failure(
+                self.reactor, "dmpsandbox", failure, _log
+            )
+        )
 
     def stopService(self) -> Deferred[None]:
         """

@@ -83,6 +83,10 @@ def read_cda(path: Path, limit: int = MAX_CDA_BYTES) -> bytes:
     return data
 
 
+# How a code is given on the command line (an HL7 v2 CE).
+_CE = "CODE[^DISPLAY[^SCHEME]]"
+
+
 def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "metadata",
@@ -90,22 +94,30 @@ def add_parser(subparsers: Any) -> None:
         description="Derive the XDS DocumentEntry of a CDA document as the DMP "
         "would receive it. Codes are given as code[^display[^codingScheme]].",
     )
-    parser.add_argument("cda", type=Path, help="the CDA document")
+    parser.add_argument("cda", type=Path, metavar="CDA", help="the CDA document")
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.add_argument(
-        "--class-code", type=coded(CLASS_CODE_SYSTEM), help="classCode to use"
+        "--class-code",
+        type=coded(CLASS_CODE_SYSTEM),
+        metavar=_CE,
+        help="classCode to use (TRE_A03; a code alone gets its display name)",
     )
     parser.add_argument(
-        "--format-code", type=coded(""), help="formatCode to use (with its scheme)"
+        "--format-code",
+        type=coded(""),
+        metavar="CODE^DISPLAY^SCHEME",
+        help="formatCode to use (with its scheme)",
     )
     parser.add_argument(
         "--practice-setting",
         type=coded(PRACTICE_SETTING_SYSTEM),
+        metavar=_CE,
         help="practiceSettingCode when the CDA has none, or to replace it",
     )
     parser.add_argument(
         "--facility-type",
         type=coded(ACTIVITY_SECTOR_SYSTEM),
+        metavar=_CE,
         help="healthcareFacilityTypeCode when the CDA has none, or to replace it",
     )
     parser.add_argument("--title", type=_title, help="title to use")

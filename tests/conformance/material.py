@@ -11,15 +11,14 @@ from pathlib import Path
 
 from lxml import etree
 
-from cpsdmp._fixtures import fixtures_dir
+from cpsdmp._fixtures import fixtures_dir, fixtures_missing
 
 
 def material() -> Path:
     folder = fixtures_dir()
     if folder is None:
         raise RuntimeError(
-            "the public DMP material was not found: set CPSDMP_FIXTURES to its "
-            "folder (schemas, exemples-messages, ExemplesCDA)"
+            f"the public DMP material was not found: {fixtures_missing()}"
         )
     return folder
 

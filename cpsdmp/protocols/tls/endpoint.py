@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import idna
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import (
@@ -23,6 +24,26 @@ from zope.interface import implementer
 
 from cpsdmp.protocols.tls.handshake import TLSClientConfig
 from cpsdmp.protocols.tls.protocol import TLSClientProtocol
+from cpsdmp.protocols.tls.validation import is_ip_literal
+
+
+def server_name(host: str) -> str:
+    """
+    @return: the name of C{host} to send in the server_name extension and to
+        check the server's certificate against: an address as it is, a host
+        name in its ASCII form (IDNA, the certificate's form too) and
+        without the trailing dot of an absolute name (RFC 6066, section 3).
+    @raise ValueError: when IDNA refuses the name.
+    """
+    if is_ip_literal(host):
+        return host
+    name = host[:-1] if host.endswith(".") else host
+    if name.isascii():
+        return name
+    try:
+        return idna.encode(name, uts46=True).decode("ascii")
+    except idna.IDNAError as e:
+        raise ValueError(f"{host!r} is not a valid host name: {e}") from None
 
 
 class _TLSFactory(Factory):
@@ -78,8 +99,23 @@ class TLSClientEndpoint:
     def for_host(
         cls, reactor: Any, host: str, port: int, config: TLSClientConfig
     ) -> TLSClientEndpoint:
-        tcp = HostnameEndpoint(reactor, host.encode("ascii"), port, timeout=30)
-        return cls(reactor, tcp, host, port, config)
+        """
+        @return: an endpoint to C{host} (a name, IDNA or not, or an address)
+            at C{port}.
+        @raise ValueError: when C{host} is not a valid host name.
+        """
+        # Resolved without its trailing dot too: /etc/hosts names no
+        # absolute name, and a resolver tries a dotted name as it is first.
+        name = server_name(host)
+        tcp = HostnameEndpoint(reactor, name.encode("ascii"), port, timeout=30)
+        return cls(reactor, tcp, name, port, config)
+
+    @property
+    def host(self) -> str:
+        """
+        The server's name as the handshake sends and checks it.
+        """
+        return self._host
 
     def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
         """

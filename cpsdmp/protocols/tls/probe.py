@@ -19,9 +19,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import react
 
+from cpsdmp.cli import positive_seconds
 from cpsdmp.protocols.tls.alerts import TLSError
-from cpsdmp.protocols.tls.endpoint import TLSClientEndpoint
+from cpsdmp.protocols.tls.endpoint import TLSClientEndpoint, server_name
 from cpsdmp.protocols.tls.handshake import State, TLSClientConfig, TLSInfo
 from cpsdmp.protocols.tls.interfaces import IRemoteKey
 from cpsdmp.protocols.tls.localkey import LocalKey
@@ -72,9 +74,17 @@ def _agent_key(context_path: str) -> IRemoteKey:
 
 def _target(url: str) -> tuple[str, int]:
     parts = urlsplit(url if "://" in url else f"https://{url}")
+    try:
+        port = parts.port
+    except ValueError as e:
+        raise ProbeError(f"{url!r}: {e}") from None
     if parts.scheme != "https" or not parts.hostname:
         raise ProbeError(f"{url!r} is not an https URL")
-    return parts.hostname, parts.port or 443
+    try:
+        server_name(parts.hostname)
+    except ValueError as e:
+        raise ProbeError(str(e)) from None
+    return parts.hostname, port or 443
 
 
 class _Quiet(Protocol):
@@ -179,12 +189,25 @@ def add_parser(subparsers: Any) -> None:
         description="Connect to URL with the cpsdmp TLS client, the client key "
         "being the agent's card (--agent-context) or a local key (--key/--cert), "
         "and report the session like `openssl s_client -brief`.",
+        epilog="Exit status: 0 when the handshake succeeded, 1 when it "
+        "failed, 2 for a bad argument.",
     )
-    parser.add_argument("url", help="https://host[:port]/...")
-    parser.add_argument("--ca", required=True, help="PEM file of the trusted roots")
-    parser.add_argument("--agent-context", help="JSON agent context file")
-    parser.add_argument("--key", help="PEM private key (instead of the agent)")
-    parser.add_argument("--cert", help="PEM client certificate and its chain")
+    parser.add_argument("url", metavar="URL", help="https://host[:port]/...")
+    parser.add_argument(
+        "--ca", required=True, metavar="PEM", help="PEM file of the trusted roots"
+    )
+    parser.add_argument(
+        "--agent-context",
+        metavar="FILE",
+        help="JSON agent context {url, token, tlsFingerprint}: the card behind "
+        "that agent signs",
+    )
+    parser.add_argument(
+        "--key", metavar="PEM", help="PEM private key (instead of the agent)"
+    )
+    parser.add_argument(
+        "--cert", metavar="PEM", help="PEM client certificate and its chain"
+    )
     parser.add_argument(
         "--reconnect", action="store_true", help="connect twice, say if it resumed"
     )
@@ -199,9 +222,20 @@ def add_parser(subparsers: Any) -> None:
         action="store_true",
         help="accept a server without secure renegotiation (RFC 5746)",
     )
-    parser.add_argument("--alpn", action="append", default=[], help="offer ALPN")
     parser.add_argument(
-        "--timeout", type=float, default=30.0, help="seconds for each wait"
+        "--alpn",
+        action="append",
+        default=[],
+        metavar="PROTOCOL",
+        help="protocol to offer by ALPN, such as http/1.1 (repeatable)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=positive_seconds,
+        default=30.0,
+        metavar="SECONDS",
+        help="seconds for each wait, the key holder's included (default 30; "
+        "twice that for the whole handshake)",
     )
     parser.set_defaults(func=run)
 
@@ -233,10 +267,6 @@ def run(args: argparse.Namespace) -> int:
     @return: 0 when every handshake succeeded, 1 when one failed, 2 when
         the probe could not start.
     """
-    from twisted.internet import reactor as _reactor
-
-    reactor: Any = _reactor
-
     try:
         host, port = _target(args.url)
         config = _config(args)
@@ -246,16 +276,25 @@ def run(args: argparse.Namespace) -> int:
 
     outcome: dict[str, Any] = {}
 
-    def done(result: Any) -> None:
-        outcome["result"] = result
-        reactor.stop()
+    def main(reactor: Any) -> Deferred[None]:
+        d: Deferred[Any] = probe(
+            reactor, host, port, config, 2 if args.reconnect else 1
+        )
+
+        def done(result: Any) -> None:
+            outcome["result"] = result
+
+        return d.addBoth(done)
 
     started = time.monotonic()
-    d: Deferred[Any] = probe(reactor, host, port, config, 2 if args.reconnect else 1)
-    d.addBoth(done)
-    if "result" not in outcome:
-        reactor.run()
-    result = outcome["result"]
+    try:
+        react(main)
+    except SystemExit:
+        pass
+    result = outcome.get("result")
+    if result is None:
+        print("cpsdmp probe: ended without a result", file=sys.stderr)
+        return 1
     if not isinstance(result, list):
         error = result.value
         kind = "TLS error" if isinstance(error, TLSError) else type(error).__name__
@@ -280,11 +319,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="cpsdmp")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["probe", *(sys.argv[1:] if argv is None else argv)])
-    status: int = args.func(args)
-    return status
+    from cpsdmp.cli import main as cpsdmp
+
+    return cpsdmp(["probe", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

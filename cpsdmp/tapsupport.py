@@ -1,0 +1,154 @@
+# twisted.python.failure and twisted.internet.endpoints are not annotated.
+# mypy: disable-error-code="no-untyped-call"
+"""
+What the C{twist} services of cpsdmp share at start: the files their options
+name, read and checked before anything starts, each refusal a one-line usage
+error naming the option and the file; and a start that fails (a port in use,
+a database that does not open) said in one line, after which the process
+exits with status 1 instead of running without serving.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import sys
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.python.failure import Failure
+
+from cpsdmp.protocols.server_tls import load_server_identity
+
+_log = Logger()
+
+
+class StartError(Exception):
+    """
+    A service could not start; the message says what and why, in one line.
+    """
+
+
+def check_endpoint(option: str, description: str) -> None:
+    """
+    @raise usage.UsageError: when C{description} is not a server endpoint
+        description that Twisted can parse.
+    """
+    from twisted.internet import reactor
+
+    try:
+        serverFromString(reactor, description)
+    except Exception as e:  # endpoint parsers raise many kinds
+        raise usage.UsageError(
+            f"--{option} {description}: not a server endpoint ({e}); for "
+            "example tcp:PORT:interface=127.0.0.1"
+        ) from None
+
+
+def _read(option: str, path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise usage.UsageError(
+            f"--{option} {path}: cannot read it ({e.strerror})"
+        ) from None
+
+
+def read_certificates(option: str, path: str) -> list[x509.Certificate]:
+    """
+    @return: the PEM certificates in C{path}, in their order.
+    @raise usage.UsageError: naming the option and the file when it cannot
+        be read or holds no PEM certificate.
+    """
+    data = _read(option, path)
+    try:
+        return x509.load_pem_x509_certificates(data)
+    except ValueError:
+        raise usage.UsageError(
+            f"--{option} {path}: not a PEM certificate file"
+        ) from None
+
+
+def read_tls_identity(
+    cert_option: str, cert_path: str, key_option: str, key_path: str
+) -> tuple[PrivateKeyTypes, list[x509.Certificate]]:
+    """
+    @return: the private key and the certificate chain (its own certificate
+        first, then each issuer in turn), once checked to belong together.
+    @raise usage.UsageError: naming the option and the file that cannot serve.
+    """
+    try:
+        return load_server_identity(
+            cert_path, key_path, f"--{cert_option}", f"--{key_option}"
+        )
+    except ValueError as e:
+        raise usage.UsageError(str(e)) from None
+
+
+def listen(
+    reactor: Any, description: str, factory: IProtocolFactory
+) -> Deferred[IListeningPort]:
+    """
+    Listen on the endpoint C{description} describes.
+
+    @return: a Deferred that fires with the port, or fails with a
+        L{StartError} that says why in one line.
+    """
+
+    def failed(failure: Failure) -> Failure:
+        error = failure.value
+        reason = failure.getErrorMessage()
+        if isinstance(error, CannotListenError) and error.socketError is not None:
+            socket_error = error.socketError
+            reason = getattr(socket_error, "strerror", None) or str(socket_error)
+        return Failure(StartError(f"cannot listen on {description}: {reason}"))
+
+    endpoint = serverFromString(reactor, description)
+    listening: Deferred[IListeningPort] = endpoint.listen(factory)
+    return listening.addErrback(failed)
+
+
+def is_loopback(address: Any) -> bool:
+    """
+    @return: whether only this machine can reach C{address}: an IP address
+        on the loopback, or a UNIX socket.
+    """
+    if not isinstance(address, IPv4Address | IPv6Address):
+        return True
+    try:
+        return ipaddress.ip_address(address.host.split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def exit_on_start_failure(
+    reactor: Any, name: str, failure: Failure, log: Logger = _log
+) -> None:
+    """
+    Say in one line on C{log} why the service C{name} did not start (a
+    traceback only for an error nobody foresaw), stop the reactor, and have
+    the process exit with status 1 once it has stopped: C{twist} itself
+    would exit 0, and a service manager must see that the service is not
+    running.
+    """
+    if failure.check(StartError):
+        log.error("{name} {reason}", name=name, reason=failure.getErrorMessage())
+    else:
+        log.failure("{name} could not start", failure, name=name)
+    reactor.addSystemEventTrigger("after", "shutdown", _exit, 1)
+    reactor.callLater(0, reactor.stop)
+
+
+def _exit(status: int) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
