@@ -187,7 +187,7 @@ class UsageTests(SynchronousTestCase):
         card = _card()
         result = _twist(*_sandbox("--cert", card.sandbox_key))
         self.assert_usage_error(
-            result, f"--cert {card.sandbox_key}: not a PEM certificate file"
+            result, f"--cert {card.sandbox_key}: not a PEM certificate chain"
         )
 
     def test_facade_tls_key_not_a_key(self) -> None:
@@ -206,8 +206,8 @@ class UsageTests(SynchronousTestCase):
         )
         self.assert_usage_error(
             result,
-            f"--tls-key {card.sandbox_key} does not match the first certificate "
-            f"of --tls-cert {card.ca_root}",
+            f"--tls-key {card.sandbox_key} does not match the certificate in "
+            f"--tls-cert {card.ca_root}",
         )
 
     def test_facade_dmp_ca_missing(self) -> None:

@@ -8,15 +8,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from cpsdmp.cli import http_url, positive_seconds
 from cpsdmp.protocols.safexml import XmlRefused
-from cpsdmp.xds.cda import CLASS_CODE_SYSTEM, CdaError, document_entry, read_header
+from cpsdmp.xds.cda import CLASS_CODE_SYSTEM, CdaError, read_header
 from cpsdmp.xds.cli import coded, read_cda
-from cpsdmp.xds.ebrim import MetadataError
 
 DEFAULT_FACADE = "http://127.0.0.1:10080"
 
@@ -108,27 +106,6 @@ def _read_document(path: Path) -> bytes:
     return data
 
 
-def _refused_files(
-    detail: str,
-    paths: Sequence[Path],
-    documents: Sequence[bytes],
-    overrides: Sequence[dict[str, Any]] | None,
-) -> list[Path]:
-    """
-    @return: the files whose metadata, derived here as the facade derives
-        it, fails with the very reason the facade gave (C{detail}), since
-        the facade does not say which document of a submission it refused.
-    """
-    found = []
-    for index, (path, data) in enumerate(zip(paths, documents, strict=True)):
-        try:
-            document_entry(data, overrides=dict(overrides[index]) if overrides else {})
-        except (CdaError, XmlRefused, MetadataError) as error:
-            if str(error) == detail:
-                found.append(path)
-    return found
-
-
 def run(args: argparse.Namespace) -> int:
     try:
         context = _read_context(args.agent_context)
@@ -152,15 +129,11 @@ def run(args: argparse.Namespace) -> int:
             answer = await client.td21_submit(documents, context, overrides)
         except FacadeProblem as problem:
             about = "cpsdmp submit"
-            if problem.kind == "invalid-cda":
-                files = _refused_files(
-                    str(problem.problem.get("detail", "")),
-                    args.cda,
-                    documents,
-                    overrides,
-                )
-                if len(args.cda) == 1 or len(files) == 1:
-                    about += f": {(files or args.cda)[0]}"
+            index = problem.problem.get("documentIndex")
+            if isinstance(index, int) and 0 <= index < len(args.cda):
+                about += f": {args.cda[index]}"
+            elif len(args.cda) == 1 and problem.kind == "invalid-cda":
+                about += f": {args.cda[0]}"
             print(f"{about}: {problem}", file=sys.stderr)
             for error in problem.errors:
                 print(
