@@ -18,7 +18,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
@@ -42,15 +42,18 @@ def check_endpoint(option: str, description: str) -> None:
     @raise usage.UsageError: when C{description} is not a server endpoint
         description that Twisted can parse.
     """
-    from twisted.internet import reactor
-
     try:
-        serverFromString(reactor, description)
+        # Only parsed: the endpoint keeps the reactor and does nothing with
+        # it until it listens, which this one never does.
+        serverFromString(_NOT_A_REACTOR, description)
     except Exception as e:  # endpoint parsers raise many kinds
         raise usage.UsageError(
             f"--{option} {description}: not a server endpoint ({e}); for "
             "example tcp:PORT:interface=127.0.0.1"
         ) from None
+
+
+_NOT_A_REACTOR = object()
 
 
 def _read(option: str, path: str) -> bytes:
@@ -112,9 +115,13 @@ def listen(
             reason = getattr(socket_error, "strerror", None) or str(socket_error)
         return Failure(StartError(f"cannot listen on {description}: {reason}"))
 
-    endpoint = serverFromString(reactor, description)
-    listening: Deferred[IListeningPort] = endpoint.listen(factory)
-    return listening.addErrback(failed)
+    def start() -> Deferred[IListeningPort]:
+        endpoint = serverFromString(reactor, description)
+        listening: Deferred[IListeningPort] = endpoint.listen(factory)
+        return listening
+
+    # An endpoint that fails as it is made fails like one that cannot listen.
+    return maybeDeferred(start).addErrback(failed)
 
 
 def is_loopback(address: Any) -> bool:

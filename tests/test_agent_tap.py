@@ -476,8 +476,9 @@ class ServiceStartTests(TestCase):
         service.startService()
         memory.advance(0)
         self.assertTrue(memory.hasStopped)
-        [line] = [e for e in events if "cannot listen" in e.get("log_format", "")]
-        self.assertIn("Unknown endpoint type", formatEvent(line))
+        [line] = [formatEvent(e) for e in events if "cannot listen" in formatEvent(e)]
+        self.assertIn("cpsagent cannot listen on garbage:x", line)
+        self.assertIn("Unknown endpoint type", line)
 
 
 class PluginTests(SynchronousTestCase):

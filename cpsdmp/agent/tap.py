@@ -11,7 +11,6 @@ import ipaddress
 import math
 import os
 import re
-import sys
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -23,13 +22,13 @@ from cryptography.x509.oid import NameOID
 from twisted.application.service import IService, Service
 from twisted.internet import ssl
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
-from twisted.internet.endpoints import serverFromString
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
+from twisted.python.failure import Failure
 
 from cpsdmp.agent.audit import (
     DEFAULT_RATE_LIMIT,
@@ -48,6 +47,12 @@ from cpsdmp.agent.card import (
 from cpsdmp.agent.policy import DMP_SERVERS, SANDBOX_SERVERS, SigningPolicy
 from cpsdmp.agent.resource import WRONG_PIN_PAUSE, AgentResource, agent_site
 from cpsdmp.protocols.server_tls import load_server_identity, server_tls_options
+from cpsdmp.tapsupport import (
+    check_endpoint,
+    exit_on_start_failure,
+    is_loopback,
+    listen,
+)
 
 _log = Logger()
 
@@ -164,7 +169,7 @@ class Options(usage.Options):
                 "say where the card is: --pkcs11-module, --soft-card or --testcard"
             )
         self._check_card_sources()
-        self._check_listen()
+        check_endpoint("listen", self["listen"])
         if self["allow-origin"] is not None:
             self["allow-origin"] = check_origin(self["allow-origin"])
         for name in self["allow-servers"]:
@@ -268,23 +273,6 @@ class Options(usage.Options):
                 if problem is not None:
                     raise usage.UsageError(f"--{option} {path}: {problem}")
 
-    def _check_listen(self) -> None:
-        """
-        Parse --listen now, so that a description Twisted cannot read is a
-        usage error rather than a traceback once the reactor runs.
-        """
-        try:
-            # Only parsed here: the endpoint keeps the reactor and does
-            # nothing with it until it listens, which it never does.
-            serverFromString(_NOT_A_REACTOR, self["listen"])  # type: ignore[no-untyped-call]
-        except (ValueError, TypeError, OSError) as e:
-            raise usage.UsageError(
-                f"--listen {self['listen']}: not an endpoint Twisted can listen "
-                f"on ({e}); e.g. tcp:10035:interface=127.0.0.1"
-            ) from None
-
-
-_NOT_A_REACTOR = object()
 
 # A DNS host name (RFC 1123): labels of letters, digits and hyphens.
 _HOST_NAME = re.compile(
@@ -472,19 +460,6 @@ def _describe(address: Any) -> str:
     return f"{host}:{getattr(address, 'port', '?')}"
 
 
-def _is_loopback(address: Any) -> bool:
-    try:
-        return ipaddress.ip_address(getattr(address, "host", "")).is_loopback
-    except ValueError:
-        return False
-
-
-def _exit(status: int) -> None:
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)
-
-
 class AgentService(Service):
     """
     Listen with TLS on the endpoint, serve the resource, run the card's
@@ -521,15 +496,9 @@ class AgentService(Service):
         factory = TLSMemoryBIOFactory(self._tls, False, agent_site(self.resource))
         self._factory = factory
 
-        def listen() -> Deferred[IListeningPort]:
-            endpoint = serverFromString(self._reactor, self._listen)  # type: ignore[no-untyped-call]
-            listening: Deferred[IListeningPort] = endpoint.listen(factory)
-            return listening
-
-        # An endpoint that fails as it is made fails like one that cannot
-        # listen: one line and exit 1, never a traceback and a live process.
-        d = maybeDeferred(listen)
-        d.addCallbacks(self._listened, self._not_listening)
+        listen(self._reactor, self._listen, factory).addCallbacks(
+            self._listened, self._not_listening
+        )
 
     def _listened(self, port: IListeningPort) -> None:
         self.port = port
@@ -543,7 +512,7 @@ class AgentService(Service):
             fingerprint=self.resource.tls_fingerprint,
             card=self.card.description,
         )
-        if not _is_loopback(address):
+        if not is_loopback(address):
             _log.warn(
                 "cpsagent listens on {address}, not only on the loopback: any "
                 "machine that reaches this port can try PINs and, with a "
@@ -552,19 +521,14 @@ class AgentService(Service):
             )
         self.listening.callback(port)
 
-    def _not_listening(self, failure: Any) -> None:
-        _log.error(
-            "cpsagent cannot listen on {listen}: {reason}",
-            listen=self._listen,
-            reason=failure.getErrorMessage(),
-        )
+    def _not_listening(self, failure: Failure) -> None:
         self.listening.errback(failure)
         self.listening.addErrback(lambda _: None)
         if self._exit_on_failure:
-            # twist exits 0 once its reactor stops; a service manager must
-            # see that the agent did not start.
-            self._reactor.addSystemEventTrigger("after", "shutdown", _exit, 1)
-        self._reactor.callLater(0, self._reactor.stop)
+            exit_on_start_failure(self._reactor, "cpsagent", failure, _log)
+        else:
+            _log.error("cpsagent {reason}", reason=failure.getErrorMessage())
+            self._reactor.callLater(0, self._reactor.stop)
 
     def stopService(self) -> Deferred[None] | None:
         super().stopService()  # type: ignore[no-untyped-call]
