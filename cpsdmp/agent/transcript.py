@@ -26,6 +26,7 @@ from cpsdmp.protocols.tls.messages import (
     Reader,
     ServerHello,
     decode_certificate,
+    handshake_type_name,
 )
 from cpsdmp.protocols.tls.suites import SUITES_BY_CODE, NamedGroup
 
@@ -371,7 +372,7 @@ def split_transcript(data: bytes) -> list[bytes]:
                 )
             raise Refused(
                 f"message {index + 1} of the transcript is "
-                f"{_type_name(msg_type)}, not {expected.name}"
+                f"{handshake_type_name(msg_type)}, not {expected.name}"
             )
         truncated = Refused(
             f"the transcript ends before its {expected.name} is whole (truncated)"
@@ -406,10 +407,3 @@ def _first_byte(value: int) -> str:
     if 0x20 < value < 0x7F:
         return f"{chr(value)!r} ({value:#04x})"
     return f"byte {value:#04x}"
-
-
-def _type_name(msg_type: int) -> str:
-    try:
-        return HandshakeType(msg_type).name
-    except ValueError:
-        return f"type {msg_type}"

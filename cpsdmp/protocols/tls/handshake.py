@@ -51,6 +51,7 @@ from cpsdmp.protocols.tls.messages import (
     encode_certificate_verify,
     encode_client_key_exchange,
     encode_finished,
+    handshake_type_name,
 )
 from cpsdmp.protocols.tls.records import (
     ContentType,
@@ -323,7 +324,8 @@ class ClientHandshake:
             _log.failure("TLS handshake with {host}: internal error", host=self.host)
             self.fail(
                 AlertDescription.internal_error,
-                f"internal error handling the server's {_type_name(msg_type)}: {e}",
+                f"internal error handling the server's "
+                f"{handshake_type_name(msg_type)}: {e}",
             )
 
     def handle_change_cipher_spec(
@@ -413,7 +415,7 @@ class ClientHandshake:
             return
         expected = _EXPECTED.get(state, ())
         if msg_type not in expected:
-            name = _type_name(msg_type)
+            name = handshake_type_name(msg_type)
             raise _violation(
                 AlertDescription.unexpected_message,
                 f"unexpected {name} message",
@@ -939,13 +941,6 @@ _EXPECTED: dict[State, tuple[int, ...]] = {
     State.WAIT_FINISHED: (HandshakeType.finished,),
     State.WAIT_RESUMED_FINISHED: (HandshakeType.finished,),
 }
-
-
-def _type_name(msg_type: int) -> str:
-    try:
-        return HandshakeType(msg_type).name
-    except ValueError:
-        return f"type {msg_type}"
 
 
 def _scheme_name(code: int) -> str:

@@ -28,6 +28,17 @@ class HandshakeType(enum.IntEnum):
     finished = 20
 
 
+def handshake_type_name(msg_type: int) -> str:
+    """
+    @return: the name of a handshake message type, or its number when it is
+        none this client knows.
+    """
+    try:
+        return HandshakeType(msg_type).name
+    except ValueError:
+        return f"type {msg_type}"
+
+
 class ExtensionType(enum.IntEnum):
     server_name = 0
     supported_groups = 10
