@@ -20,6 +20,14 @@ def add_parser(subparsers: Any) -> None:
     init = actions.add_parser(
         "init",
         help="create the test card in a folder, or reuse the one already there",
+        description=(
+            "Make, in DIR and nowhere else, a test PKI shaped like IGC-Santé's "
+            "test hierarchy, a server certificate for the local DMP, and a test "
+            "CPS card: a SoftHSM2 token holding the professional's keys and "
+            "certificates under a real card's labels (its own softhsm2.conf in "
+            "DIR), and a PKCS#12 soft card. DIR/testcard.json describes it all. "
+            "Run again, it reuses what reads back whole."
+        ),
     )
     init.add_argument("--dir", required=True, help="folder that holds everything")
     kind = init.add_mutually_exclusive_group()
