@@ -135,7 +135,49 @@ def add_parser(subparsers: Any) -> None:
     parser.set_defaults(func=run)
 
 
+class _BadArgument(Exception):
+    """
+    An argument the demo cannot play with; the message names it.
+    """
+
+
+def _prepare_folder(option: str, path: str) -> Path:
+    """
+    Make the folder C{path} names if it is missing, and check that the demo
+    can write in it.
+
+    @return: the folder.
+    @raise _BadArgument: naming C{option} and the folder, when it is a file
+        or cannot be made or written in.
+    """
+    if not path.strip():
+        raise _BadArgument(f"{option}: empty; name a folder")
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise _BadArgument(f"{option} {path}: a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _BadArgument(
+            f"{option} {path}: cannot make this folder ({e.strerror})"
+        ) from None
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".cpsdmp-demo-"):
+            pass
+    except OSError as e:
+        raise _BadArgument(
+            f"{option} {path}: cannot write in this folder ({e.strerror})"
+        ) from None
+    return folder
+
+
 def run(args: argparse.Namespace) -> int:
+    try:
+        if args.dir is not None:
+            _prepare_folder("--dir", args.dir)
+    except _BadArgument as e:
+        print(f"cpsdmp demo: {e}", file=sys.stderr)
+        return 2
     status: list[int] = []
 
     def main(reactor: Any) -> Deferred[None]:

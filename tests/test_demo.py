@@ -282,6 +282,69 @@ def _kill_agent_of(card: Path) -> bool:
     return killed
 
 
+class BadArgumentTests(SynchronousTestCase):
+    """
+    A --dir that cannot be the demo's folder, or a --cda that cannot be
+    played, is one line and exit status 2, before anything is made or
+    started.
+    """
+
+    def assert_refused(self, expected: str, *arguments: str) -> str:
+        """
+        @return: the one line of error output, which starts with
+            C{expected} after the command's name.
+        """
+        temporary = Path(self.mktemp()).absolute()
+        temporary.mkdir(parents=True)
+        result = _run_demo(*arguments, env={"TMPDIR": str(temporary)})
+        self.assertEqual(result.returncode, 2, result.stdout + result.stderr)
+        self.assertEqual(result.stdout, "")
+        self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+        self.assertTrue(
+            result.stderr.startswith(f"cpsdmp demo: {expected}"), result.stderr
+        )
+        # Not even a temporary folder was made.
+        self.assertEqual(list(temporary.iterdir()), [])
+        return result.stderr
+
+    def test_dir_is_a_file(self) -> None:
+        path = Path("a-file").absolute()
+        path.write_text("kept as it is\n")
+        self.assert_refused(f"--dir {path}: a file, not a folder", "--dir", str(path))
+        self.assertEqual(path.read_text(), "kept as it is\n")
+
+    def test_dir_under_a_file(self) -> None:
+        path = Path("another-file").absolute()
+        path.write_text("")
+        self.assert_refused(
+            f"--dir {path}/card: cannot make this folder (Not a directory)",
+            "--dir",
+            f"{path}/card",
+        )
+
+    def test_dir_cannot_be_made(self) -> None:
+        self.assert_refused(
+            "--dir /proc/x: cannot make this folder (No such file or directory)",
+            "--dir",
+            "/proc/x",
+        )
+
+    def test_dir_not_writable(self) -> None:
+        """
+        A folder where no file can be made (root included) is refused too.
+        """
+        self.assert_refused(
+            "--dir /sys: cannot write in this folder (", "--dir", "/sys"
+        )
+
+
+_PROFESSIONAL = {
+    "id": "810001234567",
+    "given_name": "Marie",
+    "family_name": "DURAND-TEST",
+}
+
+
 class StepTests(SynchronousTestCase):
     def test_step_timeout(self) -> None:
         """
