@@ -57,6 +57,7 @@ from cpsdmp.xds.cda import (
     CLASS_CODE_SYSTEM,
     NS,
     CdaError,
+    UnknownClassCode,
     document_entry,
     read_header,
 )
@@ -108,7 +109,9 @@ def add_parser(subparsers: Any) -> None:
         "through the facade; the card's signatures counted, the card locked.",
         epilog="Every process started is stopped at the end. Exit status: 0 "
         "when the demo passed, 1 when a step failed (the folder is kept then, "
-        "with the processes' logs), 130 on Ctrl-C.",
+        "with the processes' logs), 2 for a bad argument (a --dir that cannot "
+        "be the folder, a --cda that is not a CDA the DMP would take: checked "
+        "before anything starts), 130 on Ctrl-C.",
     )
     parser.add_argument(
         "--dir",
@@ -171,8 +174,35 @@ def _prepare_folder(option: str, path: str) -> Path:
     return folder
 
 
-def run(args: argparse.Namespace) -> int:
+def _read_document(path: str, class_code: CodedValue | None) -> tuple[str, bytes]:
+    """
+    Read a --cda file and derive its metadata as the demo will submit it.
+
+    @return: the file's name and bytes.
+    @raise _BadArgument: naming the file, when it cannot be read or is not
+        a CDA the DMP would take.
+    """
     try:
+        data = read_cda(Path(path))
+    except OSError as e:
+        raise _BadArgument(f"--cda {path}: cannot read it ({e.strerror})") from None
+    except ValueError as e:
+        raise _BadArgument(f"--cda {path}: {e}") from None
+    try:
+        overrides = overrides_for(data, class_code)
+        document_entry(data, overrides=dict(overrides or {}))
+    except UnknownClassCode as e:
+        hint = "give it with --class-code CODE (a TRE_A03 code)"
+        raise _BadArgument(f"--cda {path}: {e.hinting(hint)}") from None
+    except (CdaError, MetadataError, XmlRefused) as e:
+        raise _BadArgument(f"--cda {path}: not a CDA the DMP would take: {e}") from None
+    return Path(path).name, data
+
+
+def run(args: argparse.Namespace) -> int:
+    # Every argument checked before anything is made or started.
+    try:
+        documents = [_read_document(path, args.class_code) for path in args.cda or []]
         if args.dir is not None:
             _prepare_folder("--dir", args.dir)
     except _BadArgument as e:
@@ -181,7 +211,7 @@ def run(args: argparse.Namespace) -> int:
     status: list[int] = []
 
     def main(reactor: Any) -> Deferred[None]:
-        demo = Demo(reactor, args.dir, args.keep, args.cda, args.class_code)
+        demo = Demo(reactor, args.dir, args.keep, documents, args.class_code)
 
         def interrupted(signum: int, frame: Any) -> None:
             demo.interrupt(signum)
@@ -203,6 +233,21 @@ def run(args: argparse.Namespace) -> int:
         if e.code not in (0, None):
             return int(e.code) if isinstance(e.code, int) else 1
     return status[0] if status else 1
+
+
+def overrides_for(data: bytes, class_code: CodedValue | None) -> dict[str, Any] | None:
+    """
+    @return: the classCode to give when the CDA's typeCode has none in the
+        table: C{class_code} (--class-code), or the demo's own for the ANS
+        examples.
+    @raise CdaError: not a CDA.
+    @raise XmlRefused: unsafe or malformed XML.
+    """
+    type_code = read_header(data).root.xpath("string(h:code/@code)", namespaces=NS)
+    if type_code in CLASS_BY_TYPE_CODES:
+        return None
+    given = class_code or _DEMO_CLASS_BY_TYPE.get(str(type_code))
+    return {"classCode": given.as_dict()} if given else None
 
 
 def _free_port() -> int:
@@ -228,11 +273,11 @@ class Demo:
         reactor: Any,
         directory: str | None,
         keep: bool,
-        cda_paths: list[str] | None = None,
+        documents: list[tuple[str, bytes]] | None = None,
         class_code: CodedValue | None = None,
     ) -> None:
         self.reactor = reactor
-        self.cda_paths = list(cda_paths or [])
+        self.given_documents = list(documents or [])
         self.class_code = class_code
         self.keep = keep or directory is not None
         self.directory = Path(directory or tempfile.mkdtemp(prefix="cpsdmp-demo-"))
@@ -444,11 +489,8 @@ class Demo:
             else the ANS examples when the public material is at hand, else
             a consultation report made here.
         """
-        if self.cda_paths:
-            try:
-                return [(Path(p).name, read_cda(Path(p))) for p in self.cda_paths]
-            except (OSError, ValueError) as e:
-                raise DemoFailed(f"cannot read a --cda document: {e}") from e
+        if self.given_documents:
+            return self.given_documents
         fixtures = fixtures_dir()
         if fixtures is None:
             why = fixtures_missing()
@@ -472,7 +514,7 @@ class Demo:
     ) -> None:
         print(f"\n  {name} ({len(data)} bytes)")
         try:
-            overrides = self.overrides_for(data)
+            overrides = overrides_for(data, self.class_code)
             entry = document_entry(data, overrides=dict(overrides or {}))
         except (CdaError, MetadataError, XmlRefused) as e:
             raise DemoFailed(f"{name}: not a CDA the DMP would take: {e}") from e
@@ -515,17 +557,6 @@ class Demo:
             lambda: facade.td33_update(unique_id, "mask", context, patient),
             lambda answer: f"masked to professionals: {answer['status']}",
         )
-
-    def overrides_for(self, data: bytes) -> dict[str, Any] | None:
-        """
-        @return: the classCode to give when the CDA's typeCode has none in
-            the table: --class-code, or the demo's own for the ANS examples.
-        """
-        type_code = read_header(data).root.xpath("string(h:code/@code)", namespaces=NS)
-        if type_code in CLASS_BY_TYPE_CODES:
-            return None
-        given = self.class_code or _DEMO_CLASS_BY_TYPE.get(str(type_code))
-        return {"classCode": given.as_dict()} if given else None
 
     async def find(
         self,

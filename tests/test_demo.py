@@ -337,6 +337,43 @@ class BadArgumentTests(SynchronousTestCase):
             "--dir /sys: cannot write in this folder (", "--dir", "/sys"
         )
 
+    def test_cda_missing(self) -> None:
+        self.assert_refused(
+            "--cda /nonexistent.xml: cannot read it (No such file or directory)",
+            "--cda",
+            "/nonexistent.xml",
+        )
+
+    def test_cda_not_a_cda(self) -> None:
+        """
+        Of several --cda files, the one that is not a CDA is named.
+        """
+        good = Path("good.xml").absolute()
+        good.write_bytes(sample_cda(_PROFESSIONAL))
+        bad = Path("not-xml.xml").absolute()
+        bad.write_text("hello\n")
+        self.assert_refused(
+            f"--cda {bad}: not a CDA the DMP would take: CDA document is not "
+            "well-formed XML: Start tag expected, '<' not found, line 1, column 1",
+            "--cda",
+            str(good),
+            "--cda",
+            str(bad),
+        )
+
+    def test_cda_without_class(self) -> None:
+        """
+        A CDA whose type has no classCode in the table, without
+        --class-code, is refused at once, saying what to give.
+        """
+        path = Path("progress-note.xml").absolute()
+        path.write_bytes(
+            sample_cda(_PROFESSIONAL).replace(b'code="11488-4"', b'code="11506-3"')
+        )
+        error = self.assert_refused(f"--cda {path}: ", "--cda", str(path))
+        self.assertIn("11506-3", error)
+        self.assertIn("--class-code", error)
+
 
 _PROFESSIONAL = {
     "id": "810001234567",
