@@ -85,6 +85,23 @@ _DEMO_CLASS_BY_TYPE = {
 }
 PROCESS_STOP_TIMEOUT = 10.0
 
+# What a run leaves in its folder beside the card: the local DMP's database
+# (holding the documents submitted, whose uniqueIds a CDA fixes, so that the
+# same documents played again would be refused as duplicates), the agent's
+# audit log (which the signatures are counted in), and the logs.
+RUN_FILES = (
+    "dmp.sqlite",
+    "dmp.sqlite-journal",
+    "dmp.sqlite-wal",
+    "dmp.sqlite-shm",
+    "audit.jsonl",
+    "local-DMP.log",
+    "agent.log",
+    "facade.log",
+)
+# Where a run sets aside what the one before left, in place of the run before.
+PREVIOUS_RUN = "previous-run"
+
 # Shorter than the agent's default, so that the demo shows the pause after a
 # wrong PIN without waiting long.
 AGENT_WRONG_PIN_PAUSE = 1
@@ -117,7 +134,9 @@ def add_parser(subparsers: Any) -> None:
         "--dir",
         help="folder for the test card, keys, database and logs, kept at the "
         "end (default: a new temporary folder, removed unless --keep or a "
-        "step failed)",
+        "step failed); played again there, the demo keeps the card and moves "
+        "the previous run's database, audit log and logs to "
+        f"DIR/{PREVIOUS_RUN}",
     )
     parser.add_argument(
         "--keep", action="store_true", help="keep the folder and say where it is"
@@ -398,7 +417,37 @@ class Demo:
             await thread
         self.clean_up(keep)
 
+    def set_previous_run_aside(self) -> None:
+        """
+        Move what an earlier run left in the folder (L{RUN_FILES}) to its
+        L{PREVIOUS_RUN} folder, in place of what was there, and say so: the
+        local DMP then starts with a new database. The card stays.
+
+        @raise DemoFailed: when the files cannot be moved.
+        """
+        found = [self.directory / name for name in RUN_FILES]
+        found = [path for path in found if path.exists()]
+        if not found:
+            return
+        aside = self.directory / PREVIOUS_RUN
+        try:
+            if aside.exists():
+                shutil.rmtree(aside)
+            aside.mkdir()
+            for path in found:
+                path.rename(aside / path.name)
+        except OSError as e:
+            raise DemoFailed(
+                f"cannot set the previous run's files aside in {aside}: {e}"
+            ) from e
+        print(
+            f"  (the previous run's database, audit log and logs set aside in "
+            f"{aside}: the local DMP starts with a new database)"
+        )
+        sys.stdout.flush()
+
     async def play_chain(self) -> None:
+        self.set_previous_run_aside()
         card = await self.step(
             "test card ready",
             self.make_card,

@@ -426,6 +426,40 @@ class GeneratedDocumentDemoTests(TestCase):
         self.assertEqual(result.stdout.count("identical to the document sent"), 1)
         self.assertIn("Demo passed", result.stdout)
 
+    def test_rerun_in_the_same_folder(self) -> None:
+        """
+        The demo plays again in the folder of an earlier run, the same
+        documents included (their uniqueIds are fixed): it keeps the card,
+        sets the earlier run's database, audit log and logs aside, says so,
+        and starts its local DMP with a new database.
+        """
+        path = Path("same-document.xml").absolute()
+        path.write_bytes(sample_cda(_PROFESSIONAL))
+        directory = Path("demo-again").absolute()
+        first = _run_demo("--dir", str(directory), "--cda", str(path))
+        self.assertEqual(first.returncode, 0, first.stdout + first.stderr)
+        self.assertNotIn("previous run", first.stdout)
+        card = (directory / "card" / "testcard.json").read_bytes()
+        database = (directory / "dmp.sqlite").read_bytes()
+        audit = (directory / "audit.jsonl").read_bytes()
+
+        second = _run_demo("--dir", str(directory), "--cda", str(path))
+        self.assertEqual(second.returncode, 0, second.stdout + second.stderr)
+        aside = directory / "previous-run"
+        self.assertIn(
+            f"  (the previous run's database, audit log and logs set aside in "
+            f"{aside}: the local DMP starts with a new database)\n",
+            second.stdout,
+        )
+        self.assertIn("Demo passed", second.stdout)
+        # The signatures counted are this run's alone.
+        self.assertIn("1 TLS handshake signature(s) for 5 DMP", second.stdout)
+        self.assertIn("1 submission-set signature(s)", second.stdout)
+        self.assertEqual((directory / "card" / "testcard.json").read_bytes(), card)
+        self.assertEqual((aside / "dmp.sqlite").read_bytes(), database)
+        self.assertEqual((aside / "audit.jsonl").read_bytes(), audit)
+        self.assertTrue((aside / "agent.log").is_file())
+
     def test_own_document_with_class_code(self) -> None:
         """
         A document given with --cda whose type the classCode table lacks
