@@ -14,6 +14,7 @@ masking. The agent's audit log then tells how many times the card signed.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import shutil
@@ -274,6 +275,41 @@ def _free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+def _die_with_this_process() -> Callable[[], None] | None:
+    """
+    @return: on Linux, a function to run in a child between fork and exec
+        that has the kernel send it SIGTERM when this process ends, however
+        it ends (SIGKILL included, which no handler sees); elsewhere
+        C{None}. Everything it calls is looked up here, before any fork.
+        The kernel sends the signal when the thread that started the child
+        ends: the demo starts its processes from the reactor's thread, the
+        main one.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong]
+    prctl.restype = ctypes.c_int
+    parent = os.getpid()
+    getppid = os.getppid
+    exit_now = os._exit
+
+    def set_death_signal() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0)
+        # This process may have ended between the fork and the prctl.
+        if getppid() != parent:
+            exit_now(1)
+
+    return set_death_signal
+
+
+# linux/prctl.h
+_PR_SET_PDEATHSIG = 1
 
 
 def _source_root() -> str:
@@ -770,6 +806,8 @@ class Demo:
             stdin=subprocess.DEVNULL,
             env=env,
             cwd=self.directory,
+            # Should the demo be killed outright, its processes end too.
+            preexec_fn=_die_with_this_process(),
         )
         log.close()
         self.processes.append((name, process))

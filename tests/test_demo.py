@@ -165,6 +165,24 @@ class DemoTests(TestCase):
         self.assertEqual(_processes_of(directory), [])
 
 
+class KilledDemoTests(TestCase):
+    def test_processes_end_with_the_demo(self) -> None:
+        """
+        SIGKILL on the demo, which it cannot handle: the local DMP, the
+        agent and the facade it started end too, instead of running on.
+        """
+        demo, lines = _start_demo(self)
+        seen = _read_until(self, lines, "facade started")
+        directory = _working_folder(seen)
+        self.assertEqual(len(_processes_of(directory)), 3)
+        demo.kill()
+        demo.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while _processes_of(directory) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        self.assertEqual(_processes_of(directory), [])
+
+
 def _start_demo(
     case: TestCase, *arguments: str
 ) -> tuple[subprocess.Popen[str], queue.Queue[str | None]]:
