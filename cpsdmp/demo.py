@@ -832,7 +832,19 @@ class Demo:
         try:
             await open_session(url, wrong, tls_fingerprint, self.reactor)
         except WrongPin as e:
-            return str(e)
+            said = f"{e.problem.get('status', 401)} from the agent: "
+            said += str(e.problem.get("detail") or e)
+            if e.tries_left is None:
+                # What the agent says of the card's flags is about a real
+                # card; the test card's PIN never blocks.
+                said += (
+                    " (the test token, SoftHSM2, keeps no count of tries and "
+                    "never blocks)"
+                    if card.has_token
+                    else " (the PKCS#12 soft card keeps no count of tries and "
+                    "never blocks)"
+                )
+            return said
         raise DemoFailed("the agent accepted a wrong PIN")
 
     async def pin_pause(self, url: str, tls_fingerprint: str, card: TestCard) -> int:

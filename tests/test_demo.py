@@ -69,6 +69,14 @@ class DemoTests(TestCase):
             "Demo passed",
         ]:
             self.assertIn(expected, out)
+        # What the agent answered to the wrong PIN, and that the test card
+        # never blocks, whatever the agent's words about the card's flags.
+        self.assertRegex(
+            out,
+            r"wrong PIN refused +[\d.]+ ms  401 from the agent: wrong PIN[^\n]* "
+            r"\(the test token, SoftHSM2, keeps no count of tries and never "
+            r"blocks\)\n",
+        )
         # The agent's refusal, said once: no "the agent: the agent".
         self.assertRegex(out, r"arbitrary data refused +[\d.]+ ms  403 [^:\n]+: \S")
         self.assertNotIn("the agent: the agent", out)
