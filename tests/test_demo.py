@@ -5,6 +5,7 @@ real SoftHSM2 test card, real HTTPS on the loopback.
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
@@ -22,6 +23,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 import cpsdmp
 from cpsdmp._fixtures import fixtures_dir
+from cpsdmp.agent.testcard import TestCard
 from cpsdmp.demo import ANS_EXAMPLES, STEP_TIMEOUT, Demo, DemoFailed
 from cpsdmp.xds.sample import sample_cda
 
@@ -105,8 +107,15 @@ class DemoTests(TestCase):
             r"handshake \(handshake [\d.]+ s, card signature [\d.]+ s\)",
         )
         self.assertEqual(out.count("connection reused"), 11)
-        self.assertTrue((directory / "card" / "testcard.json").exists())
-        self.assertNotIn("1234", (directory / "agent.log").read_text())
+        card = TestCard.load(directory / "card")
+        # The PIN in none of the processes' logs, the audit log or what the
+        # demo printed: the folder holds them all.
+        checked = _assert_no_pin(self, directory, card.pin)
+        self.assertEqual(
+            sorted(checked),
+            ["agent.log", "audit.jsonl", "facade.log", "local-DMP.log"],
+        )
+        self.assertEqual(_pin_fields(out + result.stderr, card.pin), [])
 
     def test_demo_fails_loudly(self) -> None:
         """
@@ -189,6 +198,91 @@ class KilledDemoTests(TestCase):
         while _processes_of(directory) and time.monotonic() < deadline:
             time.sleep(0.1)
         self.assertEqual(_processes_of(directory), [])
+
+
+def _pin_fields(text: str, pin: str) -> list[str]:
+    """
+    @return: the lines of C{text} that hold C{pin} as a value of its own: a
+        JSON string or number, or a field between characters that cannot
+        be part of it (spaces, quotes, C{=}, C{:}...), so that a port, a
+        fingerprint, a duration or an identifier that merely contains its
+        digits (C{41234}, C{ab1234}, C{0.1234 s}, C{810001234567}) does
+        not count.
+    """
+    field = re.compile(rf"(?<![\w.]){re.escape(pin)}(?!\w)")
+    return [line for line in text.splitlines() if field.search(line)]
+
+
+def _assert_no_pin(case: SynchronousTestCase, directory: Path, pin: str) -> list[str]:
+    """
+    Check that no log (C{*.log}) and no audit log (C{*.jsonl}) in
+    C{directory} holds C{pin}, and that every audit line is JSON whose
+    values are not it either.
+
+    @return: the names of the files checked.
+    """
+    checked = []
+    for path in sorted([*directory.glob("*.log"), *directory.glob("*.jsonl")]):
+        text = path.read_text("utf-8", "replace")
+        case.assertEqual(_pin_fields(text, pin), [], path)
+        if path.suffix == ".jsonl":
+            for line in text.splitlines():
+                case.assertNotIn(pin, _json_values(json.loads(line)), path)
+        checked.append(path.name)
+    return checked
+
+
+def _json_values(value: object) -> list[str]:
+    """
+    @return: every scalar in a JSON value, as text.
+    """
+    if isinstance(value, dict):
+        return [v for item in value.values() for v in _json_values(item)]
+    if isinstance(value, list):
+        return [v for item in value for v in _json_values(item)]
+    return [str(value)]
+
+
+class PinCheckTests(SynchronousTestCase):
+    def test_pin_fields(self) -> None:
+        """
+        The PIN is found as a value of its own, not inside other numbers.
+        """
+        for leak in [
+            '{"pin": "1234"}',
+            "pin=1234 refused",
+            "PIN 1234",
+            "[1234]",
+            "the PIN: 1234.",
+        ]:
+            self.assertEqual(_pin_fields(leak, "1234"), [leak])
+        for innocent in [
+            "listening on 127.0.0.1:41234",
+            "sha256:ab1234cd",
+            "took 0.1234 s",
+            "holder 810001234567",
+            "pid 12345",
+        ]:
+            self.assertEqual(_pin_fields(innocent, "1234"), [])
+
+    def test_folder(self) -> None:
+        """
+        Every log and audit log of the folder is checked, a JSON value
+        included.
+        """
+        folder = Path(self.mktemp())
+        folder.mkdir()
+        (folder / "agent.log").write_text("fine\n")
+        (folder / "audit.jsonl").write_text('{"caller": "1234"}\n')
+        self.assertRaises(self.failureException, _assert_no_pin, self, folder, "1234")
+        (folder / "audit.jsonl").write_text('{"caller": "127.0.0.1"}\n')
+        (folder / "facade.log").write_text("secret 1234 here\n")
+        self.assertRaises(self.failureException, _assert_no_pin, self, folder, "1234")
+        (folder / "facade.log").write_text("port 41234\n")
+        self.assertEqual(
+            _assert_no_pin(self, folder, "1234"),
+            ["agent.log", "audit.jsonl", "facade.log"],
+        )
 
 
 def _start_demo(
