@@ -1,18 +1,21 @@
 # twisted.python.failure and twisted.internet.endpoints are not annotated.
 # mypy: disable-error-code="no-untyped-call"
 """
-What the C{twist} services of cpsdmp share at start: the files their options
-name, read and checked before anything starts, each refusal a one-line usage
-error naming the option and the file; and a start that fails (a port in use,
-a database that does not open) said in one line, after which the process
-exits with status 1 instead of running without serving.
+What the C{twist} services of cpsdmp share at start: the files and numbers
+their options name, read and checked before anything starts, each refusal a
+one-line usage error naming the option and the form it takes; and a start
+that fails (a port in use, a database that does not open) said in one line,
+after which the process exits with status 1 instead of running without
+serving.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from cryptography import x509
@@ -35,6 +38,54 @@ class StartError(Exception):
     """
     A service could not start; the message says what and why, in one line.
     """
+
+
+def number_option(
+    option: str,
+    unit: str,
+    example: str,
+    *,
+    whole: bool = False,
+    minimum: float = 0,
+    minimum_allowed: bool = False,
+    maximum: float | None = None,
+) -> Callable[[str], float]:
+    """
+    A coerce function for an option of C{usage.Options.optParameters} that
+    takes a number, finite, above C{minimum} (or from it, when
+    C{minimum_allowed}) and at most C{maximum}; a whole number when
+    C{whole}, returned as an C{int}.
+
+    @param option: the option's name, without its dashes, for the message.
+    @param unit: what the number counts (C{seconds}, C{bytes}).
+    @param example: a value that the option takes, as the message gives it.
+    @return: the coerce function; it raises a L{usage.UsageError} naming
+        the option, the value and the form expected, which twist prints as
+        it is (it words a C{ValueError} as a "Parameter type enforcement"
+        failure that names no option).
+    """
+    if maximum is not None:
+        bounds = f"from {minimum:g} to {maximum:g}"
+        if not minimum_allowed:
+            bounds = f"above {minimum:g} and at most {maximum:g}"
+    else:
+        bounds = f"from {minimum:g}" if minimum_allowed else f"above {minimum:g}"
+    form = f"{'a whole' if whole else 'a'} number of {unit} {bounds}, such as {example}"
+
+    def coerce(value: str) -> float:
+        try:
+            parsed: float = int(value, 10) if whole else float(value)
+        except ValueError:
+            parsed = math.nan
+        if not (
+            math.isfinite(parsed)
+            and (parsed >= minimum if minimum_allowed else parsed > minimum)
+            and (maximum is None or parsed <= maximum)
+        ):
+            raise usage.UsageError(f"--{option} {value}: not {form}")
+        return parsed
+
+    return coerce
 
 
 def check_endpoint(option: str, description: str) -> None:

@@ -225,6 +225,30 @@ class UsageTests(SynchronousTestCase):
             "an https:// URL",
         )
 
+    def test_typed_options_named(self) -> None:
+        """
+        A value of the wrong type names its option and the form expected,
+        in twist's usage line.
+        """
+        for argv, expected in [
+            (
+                _facade("--agent-timeout", "abc"),
+                "--agent-timeout abc: not a number of seconds above 0, such as "
+                "30 or 2.5",
+            ),
+            (
+                _facade("--max-request-bytes", "1e3"),
+                "--max-request-bytes 1e3: not a whole number of bytes above 0, "
+                "such as 67108864 (64 MiB)",
+            ),
+            (
+                _sandbox("--max-request-bytes", "1e3"),
+                "--max-request-bytes 1e3: not a whole number of bytes above 0, "
+                "such as 67108864 (64 MiB)",
+            ),
+        ]:
+            self.assert_usage_error(_twist(*argv), expected)
+
     def test_bad_listen(self) -> None:
         for command in (_facade, _sandbox):
             result = _twist(*command("--listen", "bogus:1"))
@@ -342,10 +366,11 @@ class FacadeOptionsTests(SynchronousTestCase):
         self.assertEqual(options["dmp-url"], PRODUCTION_URL)
 
     def test_max_request_bytes(self) -> None:
-        for value in ["-1", "0"]:
+        for value in ["-1", "0", "1e3", "1.5", "abc", "64MiB"]:
             self.assertEqual(
                 self.refused("--max-request-bytes", value),
-                "--max-request-bytes must be a positive number of bytes",
+                f"--max-request-bytes {value}: not a whole number of bytes above "
+                "0, such as 67108864 (64 MiB)",
             )
 
     def test_source_oid(self) -> None:
@@ -358,11 +383,60 @@ class FacadeOptionsTests(SynchronousTestCase):
 
     def test_timeouts(self) -> None:
         for name in ["agent-timeout", "handshake-timeout", "dmp-timeout"]:
-            for value in ["-1", "0", "nan", "inf"]:
+            for value in ["-1", "0", "nan", "inf", "abc", "30s"]:
                 self.assertEqual(
                     self.refused(f"--{name}", value),
-                    f"--{name} must be a positive number of seconds",
+                    f"--{name} {value}: not a number of seconds above 0, such "
+                    "as 30 or 2.5",
                 )
+
+    def test_coded_values(self) -> None:
+        for name in ["activity-sector", "practice-setting", "content-type"]:
+            for value in ["", ":display only"]:
+                self.assertEqual(
+                    self.refused(f"--{name}", value),
+                    f"--{name} {value}: no code; give CODE or CODE:display",
+                )
+
+    def test_numbers_accepted(self) -> None:
+        from cpsdmp.facade.tap import Options
+
+        options = Options()
+        options.parseOptions(
+            [
+                "--testcard",
+                _card().directory,
+                "--agent-timeout",
+                "2.5",
+                "--dmp-timeout",
+                "90",
+                "--max-request-bytes",
+                "1000",
+            ]
+        )
+        self.assertEqual(options["agent-timeout"], 2.5)
+        self.assertEqual(options["dmp-timeout"], 90.0)
+        self.assertEqual(options["handshake-timeout"], 60.0)
+        self.assertEqual(options["max-request-bytes"], 1000)
+
+
+class SandboxOptionsTests(SynchronousTestCase):
+    def test_max_request_bytes(self) -> None:
+        from twisted.python.usage import UsageError
+
+        from cpsdmp.sandbox.tap import Options
+
+        for value in ["-1", "0", "1e3", "abc"]:
+            error = self.assertRaises(
+                UsageError,
+                Options().parseOptions,
+                ["--testcard", _card().directory, "--max-request-bytes", value],
+            )
+            self.assertEqual(
+                str(error),
+                f"--max-request-bytes {value}: not a whole number of bytes above "
+                "0, such as 67108864 (64 MiB)",
+            )
 
 
 class HelpTests(SynchronousTestCase):
@@ -376,3 +450,41 @@ class HelpTests(SynchronousTestCase):
         for options in (FacadeOptions(), SandboxOptions()):
             text = " ".join(str(options).split())
             self.assertNotIn("[default: ]", text)
+
+
+class NumberOptionTests(SynchronousTestCase):
+    """
+    The coerce function of numeric options, for every service's options.
+    """
+
+    def test_bounds(self) -> None:
+        from twisted.python.usage import UsageError
+
+        from cpsdmp.tapsupport import number_option
+
+        pause = number_option(
+            "wrong-pin-pause",
+            "seconds",
+            "5",
+            minimum=0,
+            minimum_allowed=True,
+            maximum=3600,
+        )
+        self.assertEqual(pause("0"), 0.0)
+        self.assertEqual(pause("3600"), 3600.0)
+        for value in ["-1", "3600.5", "nan", "", "five"]:
+            error = self.assertRaises(UsageError, pause, value)
+            self.assertEqual(
+                str(error),
+                f"--wrong-pin-pause {value}: not a number of seconds from 0 to "
+                "3600, such as 5",
+            )
+        count = number_option("tries", "tries", "3", whole=True, maximum=10)
+        self.assertEqual(count("10"), 10)
+        self.assertIsInstance(count("10"), int)
+        error = self.assertRaises(UsageError, count, "2.0")
+        self.assertEqual(
+            str(error),
+            "--tries 2.0: not a whole number of tries above 0 and at most 10, "
+            "such as 3",
+        )

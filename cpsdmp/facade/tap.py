@@ -8,7 +8,6 @@ certificate) in front of the DMP.
 
 from __future__ import annotations
 
-import math
 import re
 from typing import Any
 from urllib.parse import urlsplit
@@ -31,6 +30,7 @@ from cpsdmp.tapsupport import (
     exit_on_start_failure,
     is_loopback,
     listen,
+    number_option,
     read_certificates,
     read_tls_identity,
 )
@@ -55,14 +55,21 @@ CONTENT_TYPE_SYSTEM = "1.2.250.1.213.2.2"
 _OID = re.compile(r"[0-2](\.(0|[1-9][0-9]*))+")
 
 
-def _coded(system: str) -> Any:
-    def parse(value: str) -> CodedValue:
-        code, _, display = value.partition(":")
-        if not code:
-            raise usage.UsageError(f"expected CODE[:display], got {value!r}")
-        return CodedValue(code, system, display)
+def _coded(option: str, system: str, value: str) -> CodedValue:
+    """
+    @return: the code C{value} gives as C{CODE[:display]}, in C{system}.
+    @raise usage.UsageError: naming the option, when it gives no code.
+    """
+    code, _, display = value.partition(":")
+    if not code.strip():
+        raise usage.UsageError(
+            f"--{option} {value}: no code; give CODE or CODE:display"
+        )
+    return CodedValue(code, system, display)
 
-    return parse
+
+_SECONDS = "30 or 2.5"
+_BYTES = f"{DEFAULT_MAX_REQUEST_BYTES} ({DEFAULT_MAX_REQUEST_BYTES // 2**20} MiB)"
 
 
 class Options(usage.Options):
@@ -115,15 +122,33 @@ class Options(usage.Options):
             "04:Hospitalisation de jour",
             "The submission sets' contentTypeCode, CODE[:display].",
         ],
-        ["agent-timeout", None, 30.0, "Seconds to wait for the agent.", float],
-        ["handshake-timeout", None, 60.0, "Seconds for a TLS handshake.", float],
-        ["dmp-timeout", None, 60.0, "Seconds to wait for the DMP's answer.", float],
+        [
+            "agent-timeout",
+            None,
+            30.0,
+            "Seconds to wait for the agent.",
+            number_option("agent-timeout", "seconds", _SECONDS),
+        ],
+        [
+            "handshake-timeout",
+            None,
+            60.0,
+            "Seconds for a TLS handshake.",
+            number_option("handshake-timeout", "seconds", _SECONDS),
+        ],
+        [
+            "dmp-timeout",
+            None,
+            60.0,
+            "Seconds to wait for the DMP's answer.",
+            number_option("dmp-timeout", "seconds", _SECONDS),
+        ],
         [
             "max-request-bytes",
             None,
             DEFAULT_MAX_REQUEST_BYTES,
-            "Largest request body accepted.",
-            int,
+            "Largest request body accepted, in bytes.",
+            number_option("max-request-bytes", "bytes", _BYTES, whole=True),
         ],
     ]
 
@@ -178,10 +203,6 @@ class Options(usage.Options):
                 f"--source-oid {self['source-oid']}: not an OID (digits separated "
                 "by dots, such as 1.2.250.1.999.1.1.1)"
             )
-        if self["max-request-bytes"] <= 0:
-            raise usage.UsageError(
-                "--max-request-bytes must be a positive number of bytes"
-            )
         try:
             kind = StructureIdentifier[self["structure-kind"]]
         except KeyError:
@@ -193,8 +214,12 @@ class Options(usage.Options):
             name=self["structure-name"] or "cpsdmp test structure",
             kind=kind,
             number=self["structure-id"] or "99900000000001",
-            activity_sector=_coded(ACTIVITY_SECTOR_SYSTEM)(self["activity-sector"]),
-            practice_setting=_coded(PRACTICE_SETTING_SYSTEM)(self["practice-setting"]),
+            activity_sector=_coded(
+                "activity-sector", ACTIVITY_SECTOR_SYSTEM, self["activity-sector"]
+            ),
+            practice_setting=_coded(
+                "practice-setting", PRACTICE_SETTING_SYSTEM, self["practice-setting"]
+            ),
         )
         self["software"] = Software(
             name=self["software-name"],
@@ -204,11 +229,10 @@ class Options(usage.Options):
         )
         self["defaults"] = SubmissionDefaults(
             ins_authority=INS_OID_TEST if test_patients else INS_OID_PRODUCTION,
-            content_type=_coded(CONTENT_TYPE_SYSTEM)(self["content-type"]),
+            content_type=_coded(
+                "content-type", CONTENT_TYPE_SYSTEM, self["content-type"]
+            ),
         )
-        for name in ("agent-timeout", "handshake-timeout", "dmp-timeout"):
-            if not (math.isfinite(self[name]) and self[name] > 0):
-                raise usage.UsageError(f"--{name} must be a positive number of seconds")
 
 
 def _check_dmp_url(url: str) -> None:

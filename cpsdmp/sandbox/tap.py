@@ -27,6 +27,7 @@ from cpsdmp.tapsupport import (
     check_endpoint,
     exit_on_start_failure,
     listen,
+    number_option,
     read_certificates,
     read_tls_identity,
 )
@@ -65,8 +66,14 @@ class Options(usage.Options):
             "max-request-bytes",
             None,
             DEFAULT_MAX_REQUEST_BYTES,
-            "Largest request body accepted.",
-            int,
+            "Largest request body accepted, in bytes.",
+            number_option(
+                "max-request-bytes",
+                "bytes",
+                f"{DEFAULT_MAX_REQUEST_BYTES} "
+                f"({DEFAULT_MAX_REQUEST_BYTES // 2**20} MiB)",
+                whole=True,
+            ),
         ],
     ]
 
@@ -102,8 +109,6 @@ class Options(usage.Options):
         for path in self["client-cas"]:
             read_certificates("client-ca", path)
         check_database("db", self["db"])
-        if self["max-request-bytes"] <= 0:
-            raise usage.UsageError("--max-request-bytes must be positive")
 
 
 def check_database(option: str, path: str) -> None:
