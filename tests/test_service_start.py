@@ -264,12 +264,16 @@ def _read_lines(stream: IO[str], lines: queue.Queue[str | None]) -> None:
     lines.put(None)
 
 
-class PlainHttpWarningTests(SynchronousTestCase):
-    def facade_output(self, listen: str) -> str:
+class StartWarningTests(SynchronousTestCase):
+    """
+    What the facade warns of at start, said before it serves.
+    """
+
+    def facade_output(self, listen: str, *argv: str) -> str:
         """
-        @return: what C{twist dmpfacade --listen LISTEN} logs up to its
+        @return: what C{twist dmpfacade --listen LISTEN ARGV} logs up to its
             end, stopped once it has said where it listens and its reactor
-            is starting: the warning, if any, is logged in between.
+            is starting: the warnings, if any, are logged before.
         """
         process = subprocess.Popen(
             [
@@ -278,7 +282,7 @@ class PlainHttpWarningTests(SynchronousTestCase):
                 "twisted",
                 "--log-format",
                 "text",
-                *_facade("--listen", listen),
+                *_facade("--listen", listen, *argv),
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -325,6 +329,54 @@ class PlainHttpWarningTests(SynchronousTestCase):
         output = self.facade_output("tcp:0:interface=127.0.0.1")
         self.assertNotIn("plain HTTP", output)
         self.assertTrue(re.search(r"DMP facade on http://127\.0\.0\.1:\d+", output))
+        self.assertNotIn("--agent-network", output)
+
+    def test_public_agent_network_warned(self) -> None:
+        """
+        An --agent-network that holds public addresses is said loudly at
+        start: the facade connects to agents anywhere in it.
+        """
+        output = self.facade_output(
+            "tcp:0:interface=127.0.0.1",
+            "--agent-network",
+            "0.0.0.0/0",
+            "--agent-network",
+            "::/0",
+            "--agent-network",
+            "10.20.0.0/16",
+            "--agent-network",
+            "192.168.0.0/15",
+        )
+        for network in ["0.0.0.0/0", "::/0", "192.168.0.0/15"]:
+            self.assertIn(
+                f"#warn] --agent-network {network} holds public addresses: the "
+                "facade connects to an agent anywhere in it, wherever an agent "
+                "context's URL leads",
+                output,
+            )
+        self.assertNotIn("--agent-network 10.20.0.0/16", output)
+
+    def test_private_agent_networks_not_warned(self) -> None:
+        output = self.facade_output(
+            "tcp:0:interface=127.0.0.1",
+            *[
+                argument
+                for network in [
+                    "10.0.0.0/8",
+                    "172.16.0.0/12",
+                    "192.168.1.0/24",
+                    "100.64.0.0/10",
+                    "169.254.0.0/16",
+                    "127.0.0.0/8",
+                    "fd00::/8",
+                    "fe80::/10",
+                    "::1/128",
+                ]
+                for argument in ("--agent-network", network)
+            ],
+        )
+        self.assertIn("DMP facade on http", output)
+        self.assertNotIn("--agent-network", output)
 
 
 class FacadeOptionsTests(SynchronousTestCase):

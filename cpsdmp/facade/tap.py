@@ -9,6 +9,7 @@ certificate) in front of the DMP.
 from __future__ import annotations
 
 import re
+from ipaddress import IPv4Network, IPv6Network
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -21,7 +22,7 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
-from cpsdmp.facade.networks import DEFAULT_AGENT_NETWORKS, parse_network
+from cpsdmp.facade.networks import DEFAULT_AGENT_NETWORKS, Network, parse_network
 from cpsdmp.facade.resource import DEFAULT_MAX_REQUEST_BYTES, make_site
 from cpsdmp.facade.service import DmpService, FacadeConfig
 from cpsdmp.protocols.server_tls import server_tls_options
@@ -66,6 +67,32 @@ def _coded(option: str, system: str, value: str) -> CodedValue:
             f"--{option} {value}: no code; give CODE or CODE:display"
         )
     return CodedValue(code, system, display)
+
+
+# Where no public address lies: private (RFC 1918, RFC 4193), shared
+# (RFC 6598), loopback and link-local addresses.
+_NON_PUBLIC_V4 = [
+    IPv4Network(network)
+    for network in [
+        "10.0.0.0/8",
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "100.64.0.0/10",
+        "127.0.0.0/8",
+        "169.254.0.0/16",
+    ]
+]
+_NON_PUBLIC_V6 = [IPv6Network(n) for n in ["fc00::/7", "::1/128", "fe80::/10"]]
+
+
+def holds_public_addresses(network: Network) -> bool:
+    """
+    @return: whether C{network} holds addresses beyond the private, shared,
+        loopback and link-local ranges: addresses of anyone on the Internet.
+    """
+    if isinstance(network, IPv4Network):
+        return not any(network.subnet_of(block) for block in _NON_PUBLIC_V4)
+    return not any(network.subnet_of(block) for block in _NON_PUBLIC_V6)
 
 
 _SECONDS = "30 or 2.5"
@@ -361,6 +388,16 @@ def makeService(options: Options) -> FacadeService:
                 "which only a local DMP accepts",
                 option=option,
                 meaning=meaning,
+            )
+    for network in options["agent-network"]:
+        if holds_public_addresses(network):
+            _log.warn(
+                "--agent-network {network} holds public addresses: the facade "
+                "connects to an agent anywhere in it, wherever an agent "
+                "context's URL leads, and sends it the context's token; name "
+                "the workstations' own network (such as 10.20.0.0/16) or the "
+                "end of the tunnel that reaches them",
+                network=str(network),
             )
     config = FacadeConfig(
         dmp_url=options["dmp-url"],
