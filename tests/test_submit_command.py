@@ -18,7 +18,8 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase
 
-from cpsdmp.agent.testcard import init_testcard
+from cpsdmp.agent.testcard import TestCard, init_testcard
+from cpsdmp.facade.tap import FacadeService
 from cpsdmp.xds.sample import sample_cda
 from tests.test_facade import FacadeTestCase
 
@@ -38,6 +39,13 @@ def _submit(*argv: str) -> subprocess.CompletedProcess[str]:
 def _professional() -> dict[str, str]:
     card = init_testcard(Path("submit-card").absolute(), softhsm=False)
     return card.professional
+
+
+def _other_card() -> TestCard:
+    """
+    @return: a test card of another test PKI.
+    """
+    return init_testcard(Path("other-card").absolute(), softhsm=False)
 
 
 def _files() -> tuple[Path, Path]:
@@ -189,3 +197,168 @@ class RefusedDocumentTests(FacadeTestCase):
         self.assertIn(f"cpsdmp submit: {bad}: 422 ", result.stderr)
         self.assertIn("confidentialityCode", result.stderr)
         self.assertNotIn(str(good), result.stderr)
+
+
+class FacadeOverHttpsTests(FacadeTestCase):
+    """
+    A facade that serves HTTPS, with a certificate of the test PKI, which
+    the system does not trust.
+    """
+
+    @inlineCallbacks
+    def setUp(self) -> Any:
+        yield super().setUp()
+        service = FacadeService(
+            "tcp:0:interface=127.0.0.1",
+            self.service.dmp.config,
+            self.card.sandbox_cert,
+            self.card.sandbox_key,
+        )
+        self.addCleanup(service.stopService)
+        port = yield service.start()
+        self.https_url = f"https://127.0.0.1:{port.getHost().port}"
+        self.cda = Path("https.xml").absolute()
+        self.cda.write_bytes(sample_cda(self.card.professional))
+        self.context_file = Path("context.json").absolute()
+        self.context_file.write_text(json.dumps(self.context))
+
+    @inlineCallbacks
+    def test_untrusted_certificate(self) -> Any:
+        """
+        The facade's certificate is not trusted: said in words, with what
+        to do, in one line, status 1.
+        """
+        result = yield deferToThread(
+            _submit,
+            str(self.cda),
+            "--agent-context",
+            str(self.context_file),
+            "--facade",
+            self.https_url,
+        )
+        self.assertEqual(result.returncode, 1, result.stderr)
+        self.assertEqual(
+            result.stderr,
+            f"cpsdmp submit: the connection to the facade at {self.https_url} "
+            "failed: the facade's TLS certificate is not trusted (its chain "
+            "leads to no root this machine trusts): give the root it leads to "
+            "with --facade-ca PEM\n",
+        )
+
+    @inlineCallbacks
+    def test_other_facade_ca(self) -> Any:
+        """
+        With C{--facade-ca} naming another root, that is said.
+        """
+        other = Path("other-root.pem").absolute()
+        other.write_bytes(Path(_other_card().ca_root).read_bytes())
+        result = yield deferToThread(
+            _submit,
+            str(self.cda),
+            "--agent-context",
+            str(self.context_file),
+            "--facade",
+            self.https_url,
+            "--facade-ca",
+            str(other),
+        )
+        self.assertEqual(result.returncode, 1, result.stderr)
+        self.assertEqual(
+            result.stderr,
+            f"cpsdmp submit: the connection to the facade at {self.https_url} "
+            "failed: the facade's TLS certificate is not trusted (its chain "
+            "leads to none of the roots of --facade-ca, or the facade does "
+            "not send its intermediate certificates)\n",
+        )
+
+    @inlineCallbacks
+    def test_name_not_in_certificate(self) -> Any:
+        """
+        A facade reached at an address its certificate does not name (the
+        local DMP's certificate names 127.0.0.1, not 127.0.0.2): said so.
+        """
+        service = FacadeService(
+            "tcp:0:interface=127.0.0.2",
+            self.service.dmp.config,
+            self.card.sandbox_cert,
+            self.card.sandbox_key,
+        )
+        self.addCleanup(service.stopService)
+        port = yield service.start()
+        url = f"https://127.0.0.2:{port.getHost().port}"
+        result = yield deferToThread(
+            _submit,
+            str(self.cda),
+            "--agent-context",
+            str(self.context_file),
+            "--facade",
+            url,
+            "--facade-ca",
+            self.card.ca_root,
+        )
+        self.assertEqual(result.returncode, 1, result.stderr)
+        self.assertEqual(
+            result.stderr,
+            f"cpsdmp submit: the connection to the facade at {url} failed: the "
+            "facade's TLS certificate does not name 127.0.0.2, the host of the "
+            "URL: use a name or address it gives\n",
+        )
+
+    @inlineCallbacks
+    def test_trusted_with_facade_ca(self) -> Any:
+        """
+        With C{--facade-ca} naming the root the facade's chain leads to,
+        the submission goes through.
+        """
+        result = yield deferToThread(
+            _submit,
+            str(self.cda),
+            "--agent-context",
+            str(self.context_file),
+            "--facade",
+            self.https_url,
+            "--facade-ca",
+            self.card.ca_root,
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("submitted (answered): submission set ", result.stdout)
+
+    @inlineCallbacks
+    def test_handshake_refused(self) -> Any:
+        """
+        An https:// URL whose server refuses the handshake (here the local
+        DMP, which asks for a client certificate): the failure is said in
+        words, OpenSSL's reason quoted as text.
+        """
+        result = yield deferToThread(
+            _submit,
+            str(self.cda),
+            "--agent-context",
+            str(self.context_file),
+            "--facade",
+            f"https://127.0.0.1:{self.sandbox_port}",
+            "--facade-ca",
+            self.card.ca_root,
+        )
+        self.assertEqual(result.returncode, 1, result.stderr)
+        self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+        self.assertIn(
+            "failed: the TLS handshake with the facade failed (OpenSSL: ",
+            result.stderr,
+        )
+        self.assertNotIn("[(", result.stderr)
+
+
+class FacadeCaArgumentTests(SynchronousTestCase):
+    def test_facade_ca_unreadable(self) -> None:
+        cda, context = _files()
+        for path, expected in [
+            ("/nonexistent.pem", "cannot read it (No such file or directory)"),
+            (str(cda), "no PEM certificate in it"),
+        ]:
+            result = _submit(
+                str(cda), "--agent-context", str(context), "--facade-ca", path
+            )
+            self.assertEqual(result.returncode, 2, result.stderr)
+            self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+            self.assertIn(f"argument --facade-ca: {path}: {expected}", result.stderr)

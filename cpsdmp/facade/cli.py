@@ -1,3 +1,5 @@
+# twisted.python.failure and twisted.web.client are not annotated.
+# mypy: disable-error-code="no-untyped-call"
 """
 C{cpsdmp submit CDA.xml... --facade URL --agent-context FILE}: a submission
 through a running facade, as a backend would make it.
@@ -10,6 +12,21 @@ import json
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from OpenSSL import SSL
+from service_identity import VerificationError
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+from twisted.web.client import (
+    RequestTransmissionFailed,
+    ResponseFailed,
+    ResponseNeverReceived,
+)
+from twisted.web.iweb import IAgent
+from zope.interface import implementer
 
 from cpsdmp.cli import http_url, positive_seconds
 from cpsdmp.protocols.safexml import XmlRefused
@@ -57,6 +74,13 @@ def add_parser(subparsers: Any) -> None:
         help="classCode of every document, when the CDA's type has none "
         "(as for cpsdmp metadata)",
     )
+    parser.add_argument(
+        "--facade-ca",
+        type=_pem_certificates,
+        metavar="PEM",
+        help="for an https:// facade: the roots its certificate may lead to "
+        "(default: those this machine trusts)",
+    )
     parser.add_argument("--json", action="store_true", help="print the JSON answer")
     parser.add_argument(
         "--timeout",
@@ -66,6 +90,131 @@ def add_parser(subparsers: Any) -> None:
         help="seconds to wait for the facade's answer (default 300)",
     )
     parser.set_defaults(func=run)
+
+
+def _pem_certificates(path: str) -> list[x509.Certificate]:
+    """
+    An argparse type: the PEM certificates of a file.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as error:
+        raise argparse.ArgumentTypeError(
+            f"{path}: cannot read it ({error.strerror})"
+        ) from None
+    try:
+        return x509.load_pem_x509_certificates(data)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{path}: no PEM certificate in it") from None
+
+
+class FacadeTlsFailure(Exception):
+    """
+    The TLS handshake with an https:// facade failed; the message says why
+    in words.
+    """
+
+
+def _tls_failure_in_words(reason: Failure, host: str, roots_given: bool) -> str | None:
+    """
+    @param host: the host of the facade's URL.
+    @param roots_given: whether the roots the facade's certificate may lead
+        to were given (--facade-ca), instead of this machine's.
+    @return: what a failure of the connection to the facade says about its
+        TLS handshake, in words, or C{None} when it is about something else.
+    """
+    if reason.check(VerificationError):
+        return (
+            f"the facade's TLS certificate does not name {host}, the host of "
+            "the URL: use a name or address it gives"
+        )
+    if not reason.check(SSL.Error):
+        return None
+    # OpenSSL's error queue: (library, function, reason) for each error.
+    args = reason.value.args if reason.value is not None else ()
+    queue = args[0] if args else []
+    said = [
+        str(error[2])
+        for error in (queue if isinstance(queue, list) else [])
+        if isinstance(error, tuple) and len(error) == 3 and error[2]
+    ]
+    if "certificate verify failed" in said and roots_given:
+        return (
+            "the facade's TLS certificate is not trusted (its chain leads to "
+            "none of the roots of --facade-ca, or the facade does not send "
+            "its intermediate certificates)"
+        )
+    if "certificate verify failed" in said:
+        return (
+            "the facade's TLS certificate is not trusted (its chain leads to "
+            "no root this machine trusts): give the root it leads to with "
+            "--facade-ca PEM"
+        )
+    return (
+        "the TLS handshake with the facade failed (OpenSSL: "
+        f"{', '.join(said) or reason.getErrorMessage()})"
+    )
+
+
+# How twisted.web's client reports a connection that failed, its reasons
+# (Failures) in a list.
+_WRAPPERS = (ResponseNeverReceived, ResponseFailed, RequestTransmissionFailed)
+
+
+@implementer(IAgent)
+class _TlsFailuresInWords:
+    """
+    An HTTP agent that says why a TLS handshake with the facade failed in
+    words, where OpenSSL gives a list of tuples.
+    """
+
+    def __init__(self, agent: IAgent, roots_given: bool) -> None:
+        self._agent = agent
+        self._roots_given = roots_given
+
+    def request(
+        self,
+        method: bytes,
+        uri: bytes,
+        headers: Any = None,
+        bodyProducer: Any = None,
+    ) -> Deferred[Any]:
+        host = urlsplit(uri.decode("ascii", "replace")).hostname or "?"
+
+        def in_words(failure: Failure) -> Failure:
+            error = failure.value
+            # The same exception, its reasons in words.
+            if isinstance(error, _WRAPPERS):
+                for reason in error.reasons:
+                    words = _tls_failure_in_words(reason, host, self._roots_given)
+                    if words is not None:
+                        return Failure(type(error)([Failure(FacadeTlsFailure(words))]))
+            return failure
+
+        sent: Deferred[Any] = self._agent.request(method, uri, headers, bodyProducer)
+        return sent.addErrback(in_words)
+
+
+def _http_client(reactor: Any, roots: list[x509.Certificate] | None) -> Any:
+    """
+    @return: a treq client whose HTTPS trusts C{roots}, or this machine's
+        roots when C{None}, and says a failed handshake in words.
+    """
+    from treq.client import HTTPClient
+    from twisted.internet import ssl
+    from twisted.web.client import Agent, BrowserLikePolicyForHTTPS
+
+    trust = None
+    if roots:
+        trust = ssl.trustRootFromCertificates(
+            [
+                ssl.Certificate.loadPEM(c.public_bytes(serialization.Encoding.PEM))
+                for c in roots
+            ]
+        )
+    agent = Agent(reactor, BrowserLikePolicyForHTTPS(trust))
+    return HTTPClient(_TlsFailuresInWords(agent, bool(roots)))
 
 
 class _BadInput(Exception):
@@ -124,7 +273,12 @@ def run(args: argparse.Namespace) -> int:
     async def main(reactor: Any) -> None:
         from cpsdmp.facade.client import FacadeClient, FacadeError, FacadeProblem
 
-        client = FacadeClient(args.facade, reactor, timeout=args.timeout)
+        client = FacadeClient(
+            args.facade,
+            reactor,
+            timeout=args.timeout,
+            http=_http_client(reactor, args.facade_ca),
+        )
         try:
             answer = await client.td21_submit(documents, context, overrides)
         except FacadeProblem as problem:
