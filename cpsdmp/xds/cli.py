@@ -93,6 +93,10 @@ def add_parser(subparsers: Any) -> None:
         help="show the XDS metadata a submission of a CDA would carry",
         description="Derive the XDS DocumentEntry of a CDA document as the DMP "
         "would receive it. Codes are given as code[^display[^codingScheme]].",
+        epilog="Exit status: 0 when the metadata is printed, 2 for a bad "
+        "argument or a file that cannot give it (unreadable, not a CDA the DMP "
+        "would take, or of a type without classCode and no --class-code), "
+        "said in one line.",
     )
     parser.add_argument("cda", type=Path, metavar="CDA", help="the CDA document")
     parser.add_argument("--json", action="store_true", help="print JSON")
@@ -148,10 +152,10 @@ def run(args: argparse.Namespace) -> int:
     except UnknownClassCode as error:
         hint = "give it with --class-code CODE (a TRE_A03 code)"
         print(f"cpsdmp metadata: {args.cda}: {error.hinting(hint)}", file=sys.stderr)
-        return 1
+        return 2
     except (CdaError, XmlRefused, MetadataError, ValueError) as error:
         print(f"cpsdmp metadata: {args.cda}: {error}", file=sys.stderr)
-        return 1
+        return 2
     values = entry.as_dict()
     if args.json:
         print(json.dumps(values, ensure_ascii=False, indent=2))

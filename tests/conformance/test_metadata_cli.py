@@ -9,6 +9,9 @@ import argparse
 import hashlib
 import io
 import json
+import os
+import subprocess
+import sys
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
@@ -16,6 +19,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from cpsdmp.xds import cli
 from tests.conformance.material import example_cdas
+
+REPOSITORY = Path(__file__).resolve().parents[2]
 
 
 def run(*argv: str) -> tuple[int, str, str]:
@@ -77,12 +82,13 @@ class MetadataCommandTests(SynchronousTestCase):
 
     def test_unknown_class_then_override(self) -> None:
         """
-        A typeCode without classCode mapping fails with exit status 1 and a
-        message naming it; C{--class-code} fixes it.
+        A typeCode without classCode mapping fails with exit status 2 (the
+        input does not do without an argument) and a message naming it;
+        C{--class-code} fixes it.
         """
         path = str(example("DLU-EHPAD-FLUDR"))
         status, _, err = run(path)
-        self.assertEqual(status, 1)
+        self.assertEqual(status, 2)
         self.assertIn("74207-2", err)
         self.assertIn("--class-code", err)
         status, out, _ = run(path, "--json", "--class-code", "11^Synthèse")
@@ -131,6 +137,67 @@ class MetadataCommandTests(SynchronousTestCase):
         status, _, err = run("/nonexistent/cda.xml")
         self.assertEqual(status, 2)
         self.assertIn("/nonexistent/cda.xml", err)
+
+    def test_bad_input_files(self) -> None:
+        """
+        A file that is not a CDA the DMP would take, whatever the reason,
+        is exit status 2 with one line naming it, as for cpsdmp submit.
+        """
+        data = example("VAC-NOTE").read_bytes()
+        start = data.index(b"<confidentialityCode")
+        end = data.index(b">", start) + 1
+        for name, content, expected in [
+            (
+                "doctype.xml",
+                b'<?xml version="1.0"?>\n<!DOCTYPE x [<!ENTITY a "b">]>\n'
+                b'<ClinicalDocument xmlns="urn:hl7-org:v3"/>\n',
+                "a document type declaration (DOCTYPE) is not accepted",
+            ),
+            ("hello.xml", b"hello\n", "not well-formed XML"),
+            ("html.xml", b"<html/>", "ClinicalDocument"),
+            (
+                "no-confidentiality.xml",
+                data[:start] + data[end:],
+                "confidentialityCode",
+            ),
+        ]:
+            path = Path(self.mktemp() + name)
+            path.write_bytes(content)
+            status, out, err = run(str(path))
+            self.assertEqual(status, 2, err)
+            self.assertEqual(out, "")
+            self.assertEqual(len(err.splitlines()), 1, err)
+            self.assertTrue(err.startswith(f"cpsdmp metadata: {path}: "), err)
+            self.assertIn(expected, err)
+
+    def test_exit_status_as_a_process(self) -> None:
+        """
+        Run as a user runs them, cpsdmp metadata and cpsdmp submit exit
+        with the same status for a CDA with a DOCTYPE.
+        """
+        path = Path(self.mktemp() + ".xml").absolute()
+        path.write_bytes(
+            b'<?xml version="1.0"?>\n<!DOCTYPE x [<!ENTITY a "b">]>\n'
+            b'<ClinicalDocument xmlns="urn:hl7-org:v3"/>\n'
+        )
+        context = Path(self.mktemp() + ".json").absolute()
+        context.write_text(
+            '{"url": "https://127.0.0.1:1", "token": "t", '
+            '"tlsFingerprint": "sha256:00"}'
+        )
+        for argv in [
+            ["metadata", str(path)],
+            ["submit", str(path), "--agent-context", str(context)],
+        ]:
+            result = subprocess.run(
+                [sys.executable, "-m", "cpsdmp.cli", *argv],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                env={**os.environ, "PYTHONPATH": str(REPOSITORY)},
+            )
+            self.assertEqual(result.returncode, 2, result.stderr)
+            self.assertIn("DOCTYPE", result.stderr)
 
     def test_malformed_codes_refused(self) -> None:
         """
