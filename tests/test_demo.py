@@ -5,6 +5,7 @@ real SoftHSM2 test card, real HTTPS on the loopback.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import queue
@@ -500,6 +501,18 @@ _PROFESSIONAL = {
     "given_name": "Marie",
     "family_name": "DURAND-TEST",
 }
+
+
+class ReadmeTests(SynchronousTestCase):
+    def test_testcard_keys_listed(self) -> None:
+        """
+        The README lists every key of the testcard.json that the demo keeps
+        with --dir.
+        """
+        readme = (Path(cpsdmp.__file__).parents[1] / "README.md").read_text()
+        section = readme.split("## The test card")[1].split("\n## ")[0]
+        for field in dataclasses.fields(TestCard):
+            self.assertIn(f"`{field.name}`", section)
 
 
 class StepTests(SynchronousTestCase):

@@ -540,3 +540,34 @@ class NumberOptionTests(SynchronousTestCase):
             "--tries 2.0: not a whole number of tries above 0 and at most 10, "
             "such as 3",
         )
+
+
+class ReadmeTests(SynchronousTestCase):
+    def test_defaults_said(self) -> None:
+        """
+        The README names each option of twist dmpfacade and dmpsandbox, and
+        the default size of a request they take.
+        """
+        from cpsdmp.facade.tap import Options as FacadeOptions
+        from cpsdmp.sandbox.tap import Options as SandboxOptions
+
+        readme = (REPOSITORY / "README.md").read_text()
+        for options, title in [
+            (FacadeOptions, "## The facade"),
+            (SandboxOptions, "## The local DMP"),
+        ]:
+            section = readme.split(title)[1].split("\n## ")[0]
+            names = [p[0] for p in options.optParameters]
+            names += [f[0] for f in getattr(options, "optFlags", [])]
+            names += [
+                name[4:].replace("_", "-")
+                for name in dir(options)
+                if name.startswith("opt_") and name not in ("opt_help", "opt_version")
+            ]
+            for name in names:
+                if name == "no-connection-reuse":
+                    # For benchmarks only: the README says so there.
+                    self.assertIn(f"`--{name}`", readme)
+                    continue
+                self.assertIn(f"`--{name}", section, f"{title}: --{name}")
+            self.assertRegex(section, r"`--max-request-bytes`[^.]*64 MiB")

@@ -362,3 +362,21 @@ class FacadeCaArgumentTests(SynchronousTestCase):
             self.assertEqual(result.returncode, 2, result.stderr)
             self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
             self.assertIn(f"argument --facade-ca: {path}: {expected}", result.stderr)
+
+
+class ReadmeTests(SynchronousTestCase):
+    def test_options_listed(self) -> None:
+        """
+        The README's paragraph on cpsdmp submit names each of its options.
+        """
+        from cpsdmp.cli import build_parser
+
+        readme = (REPOSITORY / "README.md").read_text()
+        paragraph = readme[readme.index("`cpsdmp submit CDA...") :].split("\n\n")[0]
+        parser = build_parser()
+        subparsers = next(a for a in parser._actions if a.dest == "command")
+        submit = subparsers.choices["submit"]  # type: ignore[attr-defined]
+        for action in submit._actions:
+            for option in action.option_strings:
+                if option not in ("-h", "--help"):
+                    self.assertRegex(paragraph, rf"(?<![\w-]){option}(?![\w-])")
