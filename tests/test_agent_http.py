@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import threading
 from collections.abc import Mapping
@@ -26,6 +27,7 @@ from twisted.internet.endpoints import (
 )
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock, deferLater
+from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
@@ -377,6 +379,43 @@ class StatusLineTests(AgentTestCase):
             self.assertEqual(
                 answer.phrase, HTTPStatus(answer.code).phrase.encode(), answer.code
             )
+
+
+class AlpnTests(AgentTestCase):
+    """
+    TLS clients offering application protocols (ALPN, RFC 7301), seen with
+    OpenSSL's own client.
+    """
+
+    def s_client(self, *arguments: str) -> Deferred[tuple[bytes, bytes, int]]:
+        host = self.agent.url.removeprefix("https://")
+        return getProcessOutputAndValue(
+            "openssl",
+            ["s_client", "-connect", host, "-ign_eof", *arguments],
+            env=dict(os.environ),
+            reactor=reactor,
+            stdinBytes=b"GET /cps/card HTTP/1.0\r\n\r\n",
+        )
+
+    @inlineCallbacks
+    def test_alpn(self) -> Any:
+        """
+        A client offering http/1.1 gets it; one offering only protocols the
+        agent does not speak (h2, http/1.0) goes on without ALPN instead of
+        being cut off with an internal_error alert, and its HTTP/1.0
+        request is answered.
+        """
+        out, err, code = yield self.s_client("-alpn", "h2,http/1.1")
+        text = (out + err).decode(errors="replace")
+        self.assertEqual(code, 0, text)
+        self.assertIn("ALPN protocol: http/1.1", text)
+        for offered in ("h2", "http/1.0"):
+            out, err, code = yield self.s_client("-alpn", offered)
+            text = (out + err).decode(errors="replace")
+            self.assertEqual(code, 0, text)
+            self.assertNotIn("alert", text)
+            self.assertIn("No ALPN negotiated", text)
+            self.assertIn("HTTP/1.0 401 Unauthorized", text)
 
 
 class PinPauseTests(AgentTestCase):
