@@ -672,6 +672,40 @@ class TranscriptTests(TestCase):
         der = leaf.public_bytes(Encoding.DER)
         self.refused(self.with_server_leaf(der), "subjectAltName")
 
+    def test_server_chain_in_words(self) -> None:
+        """
+        A server chain that does not lead to a trusted root is refused in
+        plain words: certificates by their subject, extensions by their
+        name, none of the path builder's phrasing or of Python's
+        representation of its objects.
+        """
+        _, agent_certificate = tap.self_signed_identity()
+        without_key_id = self.with_server_leaf(
+            agent_certificate.public_bytes(Encoding.DER)
+        )
+        _, other_root = self_signed(rsa.generate_private_key(65537, 2048), "other")
+        for data, roots, said in [
+            (
+                without_key_id,
+                [pki().root],
+                "the server chain does not lead to a trusted root: the "
+                "certificate of CN=cpsdmp agent lacks the authority key "
+                "identifier extension",
+            ),
+            (
+                self.transcript,
+                [other_root],
+                "the server chain does not lead to a trusted root: no trusted "
+                "root issued the certificate of CN=localhost,O=cpsdmp tests "
+                "(issuer CN=cpsdmp test intermediate,O=cpsdmp tests)",
+            ),
+        ]:
+            decision = policy(roots=roots).check_authentication(data, CARD)
+            self.assertFalse(decision.allowed)
+            self.assertIn(said, decision.reason)
+            for internal in ("<Certificate", "Name(", "encountered", "candidates"):
+                self.assertNotIn(internal, decision.reason)
+
     def test_mutated_transcripts(self) -> None:
         """
         Thousands of transcripts mutated at random (bytes changed, cut or
