@@ -9,11 +9,13 @@ through the agent and the card to the sandbox DMP.
 from __future__ import annotations
 
 import base64
+import datetime
 import hashlib
 import json
 import os
 import random
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +69,12 @@ from cpsdmp.protocols.tls.messages import (
 from cpsdmp.protocols.tls.schemes import SignatureScheme
 from cpsdmp.protocols.tls.suites import NamedGroup
 from cpsdmp.sandbox.tap import SandboxService
-from cpsdmp.xds.signature import document_uri, sign_submission, to_be_signed
+from cpsdmp.xds.signature import (
+    _skeleton,
+    document_uri,
+    sign_submission,
+    to_be_signed,
+)
 from cpsdmp.xds.transactions import (
     DmpEndpoints,
     existence_test,
@@ -991,12 +998,26 @@ class SignatureEndpointTests(PolicyAgentTestCase):
         )
 
         request = signature_request(chain[0])
+        not_by_unique_id = etree.tostring(
+            _skeleton(
+                [("not an oid <>&", hashlib.sha256(b"mine").digest())],
+                "2.25.1",
+                chain[0],
+                chain[1:],
+                "SHA256WithRSA",
+                datetime.datetime.now(datetime.UTC),
+                f"sig-{uuid.uuid4()}",
+            ),
+            encoding="UTF-8",
+            xml_declaration=True,
+        )
         for data, algorithm in [
             (b"hello", "SHA256WithRSA"),
             (request, "SHA512WithRSA"),
             (request.replace(b"IHEManifest", b"Elsewhere"), "SHA256WithRSA"),
             (own_manifest(request, b"mine", redigest=False), "SHA256WithRSA"),
             (signature_request(CERTIFICATE), "SHA256WithRSA"),
+            (not_by_unique_id, "SHA256WithRSA"),
         ]:
             error = yield self.assertFailure(
                 client.sign_for_signature(data, algorithm), AgentError
@@ -1006,7 +1027,8 @@ class SignatureEndpointTests(PolicyAgentTestCase):
             self.assertIn("the card's signature key does not sign this", str(error))
             self.assertNotIn("the agent: the agent", str(error))
         outcomes = [line["outcome"] for line in self.audit_lines()]
-        self.assertEqual(outcomes, ["signed"] + ["refused"] * 5)
+        self.assertEqual(outcomes, ["signed"] + ["refused"] * 6)
+        self.assertIn("documents by uniqueId", self.audit_lines()[-1]["reason"])
 
     @inlineCallbacks
     def test_own_manifest_on_record(self) -> Any:
