@@ -604,7 +604,9 @@ class CommandTests(TestCase):
     def test_insecure_sign_anything(self) -> Any:
         """
         With C{--insecure-sign-anything} the agent signs anything, says so
-        loudly at start and warns at every signature.
+        loudly at start and warns at every signature it makes, and only
+        then: a request it refuses as bad input (a signature request that
+        is not XML) is not said to be signed.
         """
         card = shared_testcard()
         output = self.twist(
@@ -628,6 +630,10 @@ class CommandTests(TestCase):
             public_key = chain[0].public_key()
             assert isinstance(public_key, rsa.RSAPublicKey)
             public_key.verify(signature, b"hello", padding.PKCS1v15(), hashes.SHA256())
+        error = yield self.assertFailure(
+            client.sign_for_signature(b"hello", "SHA256WithRSA"), AgentError
+        )
+        self.assertEqual(error.problem["status"], 400)
         yield client.card()
         self.assertEqual(output.output.count(b"without any check"), 2)
         self.assertNotIn(context["token"].encode(), output.output)

@@ -738,6 +738,13 @@ class AgentResource(Resource):
         if not record.write(outcome="signed", **decision.details):
             # Nothing the card signed leaves the agent without its line.
             raise _audit_unavailable()
+        if self.policy is None:
+            _log.warn(
+                "INSECURE: the card signed {length} bytes with the {usage} key "
+                "without any check (--insecure-sign-anything)",
+                length=len(decision.payload),
+                usage=usage.value,
+            )
         _log.info(
             "signed {length} bytes with {algorithm} by key {key} for {caller} "
             "in {duration_ms} ms (card {card_ms} ms)",
@@ -774,12 +781,6 @@ class AgentResource(Resource):
         self, usage: KeyUsage, algorithm: str, data: bytes
     ) -> PolicyDecision:
         if self.policy is None:
-            _log.warn(
-                "INSECURE: signing {length} bytes with the {usage} key without any "
-                "check (--insecure-sign-anything)",
-                length=len(data),
-                usage=usage.value,
-            )
             return PolicyDecision.allow("unchecked", _payload(usage, data))
         if usage is KeyUsage.signature:
             if self._card_signature_chain is None:
