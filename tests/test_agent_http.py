@@ -975,6 +975,9 @@ class _FaultBackend:
             raise self.login_error
         self.inner.login(pin)
 
+    def load(self) -> None:
+        self.inner.load()
+
     def logout(self) -> None:
         self.inner.logout()
 

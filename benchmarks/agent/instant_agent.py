@@ -35,6 +35,9 @@ class InstantCard:
         self.inner = inner
         self.description = "instant card (benchmark)"
 
+    def load(self) -> None:
+        self.inner.load()
+
     def login(self, pin: str) -> None:
         self.inner.login(pin)
 

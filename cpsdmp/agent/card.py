@@ -278,6 +278,13 @@ class CardBackend(Protocol):
         Lock the card.
         """
 
+    def load(self) -> None:
+        """
+        Make ready what every card operation needs, the card itself aside
+        (a PKCS#11 module loaded and initialised), once, at start. Raise
+        L{NoCard} saying why it cannot be.
+        """
+
     def check_present(self) -> None:
         """
         Raise L{CardRemoved} if the card left the reader since the login (the
@@ -425,6 +432,14 @@ class WorkerCard:
     def logout(self) -> Deferred[None]:
         return self._run(self.backend.logout)
 
+    def load(self) -> Deferred[None]:
+        """
+        @return: a Deferred that fires with C{None} once what the card needs
+            is ready (see L{CardBackend.load}), or fails with a L{CardError}
+            saying why it cannot be.
+        """
+        return self._run(self.backend.load)
+
     def chain(self, usage: KeyUsage) -> Deferred[list[x509.Certificate]]:
         """
         @return: a Deferred that fires with the chain of the key for
@@ -499,6 +514,29 @@ def build_chain(
     return chain
 
 
+def _load_problem(module: str, error: Exception) -> str:
+    """
+    @return: why the dynamic loader or the module's C_Initialize refused
+        C{module}, in words, from python-pkcs11's C{error}.
+    """
+    text = str(error).removeprefix(f"OS exception while loading {module}: ")
+    text = text.removeprefix(f"{module}: ")
+    if "C_GetFunctionList" in text:
+        return "not a PKCS#11 module (no C_GetFunctionList)"
+    if "file too short" in text or "invalid ELF header" in text:
+        return f"not a shared library ({text})"
+    if "cannot open shared object file: " in text:
+        reason = text.partition("cannot open shared object file: ")[2]
+        if "/" in module:
+            return f"cannot open it ({reason})"
+        return f"the dynamic loader finds no such library ({reason})"
+    if not text:
+        # A PKCS#11 return value from C_Initialize, which python-pkcs11
+        # raises as an exception of its own name, without words.
+        return f"its C_Initialize failed ({type(error).__name__})"
+    return text
+
+
 # What PKCS#11 answers when the token left the reader under our session.
 _REMOVED = (
     p11errors.DeviceRemoved,
@@ -545,13 +583,19 @@ class Pkcs11Backend:
         try:
             return pkcs11.lib(self.module)
         except (p11errors.PKCS11Error, OSError) as e:
-            raise NoCard(f"cannot load the PKCS#11 module {self.module}: {e}") from e
+            raise NoCard(
+                f"cannot load the PKCS#11 module {self.module}: "
+                + _load_problem(self.module, e)
+            ) from e
         finally:
             for name, value in saved.items():
                 if value is None:
                     os.environ.pop(name, None)
                 else:
                     os.environ[name] = value
+
+    def load(self) -> None:
+        self.library()
 
     def _token(self) -> Any:
         lib = self.library()
@@ -781,6 +825,11 @@ class SoftCardBackend:
         self._keys: dict[
             KeyUsage, tuple[rsa.RSAPrivateKey, list[x509.Certificate]]
         ] = {}
+
+    def load(self) -> None:
+        """
+        Nothing to load: the files are read at each PIN.
+        """
 
     def login(self, pin: str) -> None:
         self._keys.clear()
