@@ -45,6 +45,7 @@ from cpsdmp.agent.client import (
     CardTimeout,
     CpsAgentClient,
     NoCard,
+    NoSignatureKey,
     PinBlocked,
     PinnedCertificatePolicy,
     PinPause,
@@ -1270,3 +1271,49 @@ class SoftCardAgentTests(AgentTestCase):
         yield self.assertFailure(
             open_session(self.agent.url, "0000", self.agent.fingerprint), WrongPin
         )
+
+
+class NoSignatureKeyTests(AgentTestCase):
+    """
+    A card without a signature key: a soft card given no
+    --soft-card-signature.
+    """
+
+    def backend(self) -> Any:
+        card = shared_testcard()
+        return SoftCardBackend(
+            Path(card.soft_card), None, card.ca_intermediate_certificates()
+        )
+
+    @inlineCallbacks
+    def test_no_signature_key(self) -> Any:
+        """
+        The signature certificate and signatures with the signature key
+        are 409 no-signature-key, saying that the card cannot sign
+        submissions, not 503 "no card"; the authentication key serves.
+        """
+        context = yield self.session()
+        # A request as the project's signer makes it (with the signing
+        # policy off, as here, only its SignedInfo is read).
+        some = self.testcard.ca_root_certificate()
+        request = json.dumps(
+            {"data": base64.b64encode(signature_request(some)).decode()}
+        ).encode()
+        for method, path, body in [
+            ("GET", "/cps/signatureCertificate", None),
+            ("POST", "/cps/sign/for/signature/SHA256WithRSA", request),
+        ]:
+            answer = yield self.request(
+                method,
+                path,
+                {"Content-Type": "application/json"},
+                body,
+                context["token"],
+            )
+            document = self.assertProblem(answer, 409, problems.NO_SIGNATURE_KEY)
+            self.assertIn("no signature key", document["detail"])
+            self.assertIn("cannot sign submissions", document["detail"])
+        client = CpsAgentClient.from_context(context)
+        self.addCleanup(client.close)
+        yield self.assertFailure(client.signature_certificate_chain(), NoSignatureKey)
+        yield client.certificate_chain()

@@ -477,6 +477,45 @@ class PolicyOptionsTests(SynchronousTestCase):
             usage.UsageError, _options, "--soft-card", _soft(), "--trust", str(not_pem)
         )
 
+    def test_soft_card_without_signature_key(self) -> None:
+        """
+        A soft card given no --soft-card-signature has no signature key:
+        said at start, as a warning, since no submission can then be
+        signed; not said when it has one.
+        """
+        card = shared_testcard()
+        for argv, warned in [
+            (["--soft-card", card.soft_card], True),
+            (
+                [
+                    "--soft-card",
+                    card.soft_card,
+                    "--soft-card-signature",
+                    card.soft_card_signature,
+                ],
+                False,
+            ),
+        ]:
+            events: list[dict[str, Any]] = []
+            globalLogPublisher.addObserver(events.append)
+            try:
+                tap.makeService(_options(*argv))
+            finally:
+                globalLogPublisher.removeObserver(events.append)
+            said = [
+                formatEvent(e) for e in events if "no signature key" in formatEvent(e)
+            ]
+            if warned:
+                [line] = said
+                self.assertEqual(
+                    [e["log_level"].name for e in events if formatEvent(e) == line],
+                    ["warn"],
+                )
+                self.assertIn("--soft-card-signature", line)
+                self.assertIn("submissions cannot be signed", line)
+            else:
+                self.assertEqual(said, [])
+
     def test_audit_log(self) -> None:
         """
         --audit-log gives the resource an audit log on that file, closed

@@ -241,6 +241,27 @@ class KeyNotFound(CardError):
     """
 
 
+class NoSignatureKey(KeyNotFound):
+    """
+    The card has no signature key (or no certificate for it): it
+    authenticates its holder but cannot sign submissions.
+    """
+
+    def __init__(self, why: str) -> None:
+        super().__init__(
+            f"the card has no signature key ({why}): it cannot sign submissions"
+        )
+
+
+def _key_missing(usage: KeyUsage, why: str) -> KeyNotFound:
+    """
+    @return: the error for a card that lacks the key for C{usage}.
+    """
+    if usage is KeyUsage.signature:
+        return NoSignatureKey(why)
+    return KeyNotFound(f"the card lacks its {usage.value} key: {why}")
+
+
 class CardTimeout(CardError):
     """
     The card did not answer in time; the operation may still be under way
@@ -701,7 +722,7 @@ class Pkcs11Backend:
                 )
             )
         except p11errors.NoSuchKey:
-            raise KeyNotFound(f"the card has no private key labelled {label}") from None
+            raise _key_missing(usage, f"no private key labelled {label}") from None
         except p11errors.UserNotLoggedIn:
             self._drop_session()
             raise NotLoggedIn() from None
@@ -712,7 +733,7 @@ class Pkcs11Backend:
             self._drop_session()
             raise CardFault(e) from e
         if not leaf_objects:
-            raise KeyNotFound(f"the card has no certificate for its key {label}")
+            raise _key_missing(usage, f"no certificate for its key {label}")
         leaf = x509.load_der_x509_certificate(leaf_objects[0][pkcs11.Attribute.VALUE])
         found: tuple[Any, list[x509.Certificate]] = (
             key,
@@ -822,6 +843,7 @@ class SoftCardBackend:
             self._files[KeyUsage.signature] = signature
         self._intermediates = list(intermediates)
         self.description = f"soft card {authentication}"
+        self.has_signature_key = signature is not None
         self._keys: dict[
             KeyUsage, tuple[rsa.RSAPrivateKey, list[x509.Certificate]]
         ] = {}
@@ -869,7 +891,9 @@ class SoftCardBackend:
         try:
             return self._keys[usage]
         except KeyError:
-            raise KeyNotFound(f"the soft card has no {usage.value} key") from None
+            raise _key_missing(
+                usage, "the soft card was given no PKCS#12 file for it"
+            ) from None
 
     def chain(self, usage: KeyUsage) -> list[x509.Certificate]:
         return list(self._key(usage)[1])

@@ -128,6 +128,12 @@ class NoCard(AgentError):
     """
 
 
+class NoSignatureKey(AgentError):
+    """
+    The card has no signature key: it cannot sign submissions.
+    """
+
+
 class CardRemoved(AgentError):
     """
     The card was taken out during the operation.
@@ -148,6 +154,7 @@ _ERRORS: Mapping[str, type[AgentError]] = {
     problems.RATE_LIMITED: RateLimited,
     problems.NO_CARD: NoCard,
     problems.KEY_NOT_FOUND: NoCard,
+    problems.NO_SIGNATURE_KEY: NoSignatureKey,
     problems.CARD_REMOVED: CardRemoved,
     problems.CARD_FAULT: CardRemoved,
     problems.CARD_TIMEOUT: CardTimeout,

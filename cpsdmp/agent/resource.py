@@ -44,6 +44,7 @@ from cpsdmp.agent.card import (
     KeyNotFound,
     KeyUsage,
     NoCard,
+    NoSignatureKey,
     NotLoggedIn,
     PinBlocked,
     UnknownAlgorithm,
@@ -207,6 +208,10 @@ def _card_problem(error: CardError) -> Problem:
         return Problem(503, problems.CARD_FAULT, "Card error", str(error))
     if isinstance(error, CardTimeout):
         return Problem(503, problems.CARD_TIMEOUT, "Card timeout", str(error))
+    if isinstance(error, NoSignatureKey):
+        return Problem(
+            409, problems.NO_SIGNATURE_KEY, "No signature key on the card", str(error)
+        )
     if isinstance(error, KeyNotFound):
         return Problem(503, problems.KEY_NOT_FOUND, "Key not on the card", str(error))
     return Problem(503, problems.NO_CARD, "Card unavailable", str(error))

@@ -593,7 +593,13 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     else:
         key, certificate = self_signed_identity()
         chain = [certificate]
-    card = WorkerCard(card_backend(options), reactor, options["card-timeout"])
+    backend = card_backend(options)
+    if isinstance(backend, SoftCardBackend) and not backend.has_signature_key:
+        _log.warn(
+            "the soft card has no signature key (no --soft-card-signature): "
+            "submissions cannot be signed with it"
+        )
+    card = WorkerCard(backend, reactor, options["card-timeout"])
     policy = signing_policy(options)
     _announce_policy(policy, options)
     resource = AgentResource(
