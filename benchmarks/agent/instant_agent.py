@@ -38,6 +38,9 @@ class InstantCard:
     def load(self) -> None:
         self.inner.load()
 
+    def pin_final_try(self) -> bool:
+        return self.inner.pin_final_try()
+
     def login(self, pin: str) -> None:
         self.inner.login(pin)
 

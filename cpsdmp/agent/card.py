@@ -182,6 +182,20 @@ class WrongPin(CardError):
         super().__init__(message)
 
 
+class LastTry(CardError):
+    """
+    The card's next wrong PIN blocks it, and the request did not say that
+    the professional knows: the PIN was not presented.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(
+            "one try left: a wrong PIN now blocks the card, so the PIN was not "
+            "presented; ask the professional to check it, then send it again "
+            'with "lastTry": true'
+        )
+
+
 class CardFault(CardError):
     """
     The card answered with an error of its own (not a PIN, not a removal):
@@ -292,6 +306,13 @@ class CardBackend(Protocol):
         """
         Unlock the card with C{pin}, verified by the card even when it was
         already unlocked. Raise L{WrongPin}, L{PinBlocked} or L{NoCard}.
+        """
+
+    def pin_final_try(self) -> bool:
+        """
+        @return: whether the card says that its next wrong PIN blocks it
+            (PKCS#11's CKF_USER_PIN_FINAL_TRY). Raise L{NoCard} if there is
+            no card.
         """
 
     def logout(self) -> None:
@@ -443,12 +464,24 @@ class WorkerCard:
         d: Deferred[_T] = deferToThreadPool(self._reactor, self._pool, run)
         return d.addTimeout(self.timeout, self._reactor, onTimeoutCancel=timed_out)
 
-    def login(self, pin: str) -> Deferred[None]:
+    def login(self, pin: str, last_try: bool = False) -> Deferred[None]:
         """
+        Present C{pin} to the card, unless the card says that a wrong PIN
+        now blocks it and C{last_try} does not say that the professional
+        knows: a program trying PINs blindly cannot block the card. Both
+        happen in one turn of the card's thread, nothing in between.
+
         @return: a Deferred that fires with C{None} once the card accepted
-            C{pin}, or fails with a L{CardError}.
+            C{pin}, or fails with a L{CardError}: L{LastTry} when the PIN
+            was not presented.
         """
-        return self._run(self.backend.login, pin)
+
+        def login() -> None:
+            if not last_try and self.backend.pin_final_try():
+                raise LastTry()
+            self.backend.login(pin)
+
+        return self._run(login)
 
     def logout(self) -> Deferred[None]:
         return self._run(self.backend.logout)
@@ -672,6 +705,10 @@ class Pkcs11Backend:
             raise CardFault(e) from e
         _log.info("card unlocked: {description}", description=self.description)
 
+    def pin_final_try(self) -> bool:
+        flags: pkcs11.TokenFlag = self._token().flags
+        return bool(flags & pkcs11.TokenFlag.USER_PIN_FINAL_TRY)
+
     @staticmethod
     def _fresh_flags(token: Any) -> pkcs11.TokenFlag:
         try:
@@ -875,6 +912,12 @@ class SoftCardBackend:
                 )
             keys[usage] = (key, build_chain(leaf, list(extra) + self._intermediates))
         self._keys = keys
+
+    def pin_final_try(self) -> bool:
+        """
+        A PKCS#12 file has no try counter: it never blocks.
+        """
+        return False
 
     def logout(self) -> None:
         self._keys.clear()

@@ -9,6 +9,7 @@ from __future__ import annotations
 PREFIX = "urn:cpsdmp:agent:"
 WRONG_PIN = PREFIX + "wrong-pin"
 PIN_PAUSE = PREFIX + "pin-pause"
+PIN_LAST_TRY = PREFIX + "pin-last-try"
 PIN_BLOCKED = PREFIX + "pin-blocked"
 NO_CARD = PREFIX + "no-card"
 CARD_REMOVED = PREFIX + "card-removed"

@@ -46,7 +46,12 @@ from cpsdmp.agent.card import (
     pkcs12_problem,
 )
 from cpsdmp.agent.policy import DMP_SERVERS, SANDBOX_SERVERS, SigningPolicy
-from cpsdmp.agent.resource import WRONG_PIN_PAUSE, AgentResource, agent_site
+from cpsdmp.agent.resource import (
+    MAX_WRONG_PIN_PAUSE,
+    WRONG_PIN_PAUSE,
+    AgentResource,
+    agent_site,
+)
 from cpsdmp.protocols.server_tls import load_server_identity, server_tls_options
 from cpsdmp.tapsupport import (
     StartError,
@@ -106,7 +111,8 @@ class Options(usage.Options):
             "wrong-pin-pause",
             None,
             WRONG_PIN_PAUSE,
-            "Seconds during which no PIN is tried after a wrong one.",
+            "Seconds during which no PIN is tried after a wrong one; doubled "
+            f"with each wrong PIN in a row, up to {MAX_WRONG_PIN_PAUSE:g} s.",
             float,
         ],
         [
