@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from twisted.application.service import IServiceMaker
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, succeed
 from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.internet.threads import deferToThread
@@ -587,6 +587,19 @@ class _Output(ProcessProtocol):
         self.output = b""
         self.listening: Deferred[tuple[str, str]] = Deferred()
         self.ended: Deferred[None] = Deferred()
+        self.exited = False
+        self._exit_waiters: list[Deferred[None]] = []
+
+    def wait_exit(self) -> Deferred[None]:
+        """
+        @return: a Deferred that fires once the process has ended, whatever
+            became of C{ended} (a test's timeout cancels it).
+        """
+        if self.exited:
+            return succeed(None)
+        waiting: Deferred[None] = Deferred()
+        self._exit_waiters.append(waiting)
+        return waiting
 
     def outReceived(self, data: bytes) -> None:
         self.output += data
@@ -598,6 +611,9 @@ class _Output(ProcessProtocol):
 
     def processEnded(self, reason: Any) -> None:
         self.status = reason.value.exitCode
+        self.exited = True
+        for waiting in self._exit_waiters:
+            waiting.callback(None)
         if not self.listening.called:
             self.listening.errback(
                 AssertionError(
@@ -621,9 +637,17 @@ class CommandTests(TestCase):
         )
 
         def stop() -> Deferred[None]:
-            if not output.ended.called:
-                transport.signalProcess("TERM")
-            return output.ended
+            # Not output.ended: a test that timed out waiting on it has
+            # cancelled it, and the process would be left running.
+            if output.exited:
+                return succeed(None)
+            transport.signalProcess("TERM")
+            return output.wait_exit().addTimeout(30, reactor).addErrback(kill)
+
+        def kill(failure: Any) -> Deferred[None]:
+            if not output.exited:
+                transport.signalProcess("KILL")
+            return output.wait_exit()
 
         self.addCleanup(stop)
         return output
