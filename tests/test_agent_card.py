@@ -342,6 +342,21 @@ class Pkcs11FaultTests(SynchronousTestCase):
         self.assertIn("1 try left", str(raised.exception))
         self.assertEqual(token.logins, 1, "the agent retried a wrong PIN")
 
+    def test_final_try_told_before_a_pin(self) -> None:
+        """
+        Before any PIN, the backend reads from the token's flags whether the
+        next wrong PIN blocks the card, asking the card to check none.
+        """
+        for flags, final in [
+            (pkcs11.TokenFlag.USER_PIN_FINAL_TRY, True),
+            (pkcs11.TokenFlag.USER_PIN_COUNT_LOW, False),
+            (pkcs11.TokenFlag(0), False),
+        ]:
+            token = _FakeToken(None, flags)
+            token.flags = flags
+            self.assertIs(_FakeTokenBackend(token).pin_final_try(), final)
+            self.assertEqual(token.logins, 0)
+
     def test_blocked_by_this_try(self) -> None:
         token = _FakeToken(p11errors.PinIncorrect, pkcs11.TokenFlag.USER_PIN_LOCKED)
         self.assertRaises(PinBlocked, _FakeTokenBackend(token).login, "1111")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import threading
 from collections.abc import Mapping
@@ -14,6 +15,8 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
+import pkcs11
+import pkcs11.exceptions as p11errors
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from treq.client import HTTPClient
@@ -26,6 +29,7 @@ from twisted.internet.endpoints import (
 )
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock, deferLater
+from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
@@ -34,7 +38,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from cpsdmp.agent import problems
-from cpsdmp.agent.card import ALGORITHMS, KeyUsage, SoftCardBackend
+from cpsdmp.agent.card import ALGORITHMS, KeyUsage, Pkcs11Backend, SoftCardBackend
 from cpsdmp.agent.client import (
     AgentCertificateMismatch,
     AgentError,
@@ -43,7 +47,9 @@ from cpsdmp.agent.client import (
     CardTimeout,
     CpsAgentClient,
     NoCard,
+    NoSignatureKey,
     PinBlocked,
+    PinLastTry,
     PinnedCertificatePolicy,
     PinPause,
     TokenExpired,
@@ -379,6 +385,43 @@ class StatusLineTests(AgentTestCase):
             )
 
 
+class AlpnTests(AgentTestCase):
+    """
+    TLS clients offering application protocols (ALPN, RFC 7301), seen with
+    OpenSSL's own client.
+    """
+
+    def s_client(self, *arguments: str) -> Deferred[tuple[bytes, bytes, int]]:
+        host = self.agent.url.removeprefix("https://")
+        return getProcessOutputAndValue(
+            "openssl",
+            ["s_client", "-connect", host, "-ign_eof", *arguments],
+            env=dict(os.environ),
+            reactor=reactor,
+            stdinBytes=b"GET /cps/card HTTP/1.0\r\n\r\n",
+        )
+
+    @inlineCallbacks
+    def test_alpn(self) -> Any:
+        """
+        A client offering http/1.1 gets it; one offering only protocols the
+        agent does not speak (h2, http/1.0) goes on without ALPN instead of
+        being cut off with an internal_error alert, and its HTTP/1.0
+        request is answered.
+        """
+        out, err, code = yield self.s_client("-alpn", "h2,http/1.1")
+        text = (out + err).decode(errors="replace")
+        self.assertEqual(code, 0, text)
+        self.assertIn("ALPN protocol: http/1.1", text)
+        for offered in ("h2", "http/1.0"):
+            out, err, code = yield self.s_client("-alpn", offered)
+            text = (out + err).decode(errors="replace")
+            self.assertEqual(code, 0, text)
+            self.assertNotIn("alert", text)
+            self.assertIn("No ALPN negotiated", text)
+            self.assertIn("HTTP/1.0 401 Unauthorized", text)
+
+
 class PinPauseTests(AgentTestCase):
     def setUp(self) -> Any:
         self.clock = Clock()
@@ -405,6 +448,224 @@ class PinPauseTests(AgentTestCase):
         self.clock.advance(5)
         context = yield open_session(agent.url, self.testcard.pin, agent.fingerprint)
         self.assertIn("token", context)
+
+
+class GrowingPauseTests(AgentTestCase):
+    def setUp(self) -> Any:
+        self.clock = Clock()
+        self.clock.advance(1_800_000_000)
+        return super().setUp()
+
+    @inlineCallbacks
+    def pin(self, pin: str, expected: type[Exception] | None) -> Any:
+        """
+        Send C{pin}; check that the agent answers with C{expected}, or a
+        context when C{None}.
+
+        @return: a Deferred that fires with the error or the context.
+        """
+        opened = open_session(self.agent.url, pin, self.agent.fingerprint)
+        if expected is None:
+            context = yield opened
+            return context
+        error = yield self.assertFailure(opened, expected)
+        return error
+
+    @inlineCallbacks
+    def test_pause_doubles(self) -> Any:
+        """
+        The pause after a wrong PIN doubles with each wrong PIN in a row,
+        from --wrong-pin-pause (5 s) up to 300 s, said in the 429; a right
+        PIN brings it back to 5 s.
+        """
+        assert self.clock is not None
+        for pause in (5, 10, 20, 40, 80, 160, 300, 300):
+            yield self.pin("0000", WrongPin)
+            paused = yield self.pin(self.testcard.pin, PinPause)
+            self.assertEqual(paused.retry_after, pause)
+            self.assertIn(f"only after {pause} s", str(paused))
+            self.clock.advance(pause - 1)
+            paused = yield self.pin("0000", PinPause)
+            self.assertEqual(paused.retry_after, 1)
+            self.clock.advance(1)
+        self.assertIn("8 wrong PINs in a row", str(paused))
+        yield self.pin(self.testcard.pin, None)
+        yield self.pin("0000", WrongPin)
+        paused = yield self.pin(self.testcard.pin, PinPause)
+        self.assertEqual(paused.retry_after, 5)
+        self.assertIn("after a wrong PIN", str(paused))
+
+
+class _CountingToken:
+    """
+    The test card's SoftHSM2 token behind the PIN counter of a CPS card,
+    which SoftHSM2 lacks: three tries, the third one final, the PIN blocked
+    after it, the flags PKCS#11 defines for each (CKF_USER_PIN_COUNT_LOW,
+    CKF_USER_PIN_FINAL_TRY, CKF_USER_PIN_LOCKED), as python-pkcs11 shows a
+    token.
+    """
+
+    def __init__(self, card: _CardWithTries, real: Any) -> None:
+        self.card = card
+        self.real = real
+
+    @property
+    def slot(self) -> _CountingToken:
+        return self
+
+    def get_token(self) -> _CountingToken:
+        return self
+
+    @property
+    def flags(self) -> pkcs11.TokenFlag:
+        flags = pkcs11.TokenFlag(self.real.flags) & ~(
+            pkcs11.TokenFlag.USER_PIN_COUNT_LOW
+            | pkcs11.TokenFlag.USER_PIN_FINAL_TRY
+            | pkcs11.TokenFlag.USER_PIN_LOCKED
+        )
+        if self.card.tries == 0:
+            return flags | pkcs11.TokenFlag.USER_PIN_LOCKED
+        if self.card.tries == 1:
+            flags |= pkcs11.TokenFlag.USER_PIN_FINAL_TRY
+        if self.card.tries < _CardWithTries.TRIES:
+            flags |= pkcs11.TokenFlag.USER_PIN_COUNT_LOW
+        return flags
+
+    def open(self, user_pin: str, **kwargs: Any) -> Any:
+        self.card.presented.append(user_pin)
+        if self.card.tries == 0:
+            raise p11errors.PinLocked()
+        if user_pin != self.card.pin:
+            self.card.tries -= 1
+            raise p11errors.PinIncorrect()
+        self.card.tries = _CardWithTries.TRIES
+        return self.real.open(user_pin=user_pin, **kwargs)
+
+
+class _CardWithTries(Pkcs11Backend):
+    """
+    The agent's own PKCS#11 backend on the test card, whose token counts
+    the PIN's tries like a CPS card (L{_CountingToken}).
+    """
+
+    TRIES = 3
+
+    def __init__(self) -> None:
+        card = shared_testcard()
+        assert card.pkcs11_module is not None
+        super().__init__(
+            card.pkcs11_module,
+            card.token_label,
+            card.ca_intermediate_certificates(),
+            card.environment(),
+        )
+        self.pin = card.pin
+        self.tries = self.TRIES
+        self.presented: list[str] = []
+
+    def _token(self) -> Any:
+        return _CountingToken(self, super()._token())
+
+
+class LastTryTests(AgentTestCase):
+    """
+    A card that counts its PIN's tries, as a CPS card does: the agent does
+    not spend its last try unless the request says the professional knows.
+    """
+
+    def setUp(self) -> Any:
+        self.clock = Clock()
+        self.clock.advance(1_800_000_000)
+        return super().setUp()
+
+    def backend(self) -> Any:
+        self.card = _CardWithTries()
+        return self.card
+
+    @inlineCallbacks
+    def post(self, body: dict[str, Any]) -> Any:
+        """
+        POST C{body} to /cps/session, then let the pause after a wrong PIN
+        run out.
+        """
+        assert self.clock is not None
+        answer = yield self.request(
+            "POST",
+            "/cps/session",
+            {"Content-Type": "application/json"},
+            json.dumps(body).encode(),
+        )
+        self.clock.advance(3600)
+        return answer
+
+    @inlineCallbacks
+    def test_blind_script_cannot_block_the_card(self) -> Any:
+        """
+        Wrong PINs sent one after the other, each after the pause: the
+        first two reach the card, the second saying one try is left and how
+        to spend it; from then on the agent presents no PIN (409
+        pin-last-try, the card not asked), the right one included, and the
+        card is never blocked.
+        """
+        answers = []
+        for _ in range(4):
+            answer = yield self.post({"pin": "0000"})
+            answers.append(answer)
+        self.assertEqual([a.code for a in answers], [401, 401, 409, 409])
+        second = self.assertProblem(answers[1], 401, problems.WRONG_PIN)
+        self.assertEqual(second["triesLeft"], 1)
+        self.assertIn('"lastTry": true', second["detail"])
+        for answer in answers[2:]:
+            document = self.assertProblem(answer, 409, problems.PIN_LAST_TRY)
+            self.assertEqual(document["triesLeft"], 1)
+            self.assertIn("one try left", document["detail"])
+            self.assertIn("the PIN was not presented", document["detail"])
+            self.assertIn('"lastTry": true', document["detail"])
+        answer = yield self.post({"pin": self.testcard.pin})
+        self.assertProblem(answer, 409, problems.PIN_LAST_TRY)
+        answer = yield self.post({"pin": self.testcard.pin, "lastTry": False})
+        self.assertProblem(answer, 409, problems.PIN_LAST_TRY)
+        self.assertEqual(self.card.presented, ["0000", "0000"])
+        self.assertEqual(self.card.tries, 1)
+
+    @inlineCallbacks
+    def test_last_try_spent_when_asked(self) -> Any:
+        """
+        With "lastTry": true the agent presents the PIN on the last try: the
+        right one opens a session and gives the card its tries back; a
+        wrong one blocks the card (423). Through the client, the same.
+        """
+        for _ in range(2):
+            yield self.post({"pin": "0000"})
+        held = yield self.assertFailure(
+            open_session(self.agent.url, self.testcard.pin, self.agent.fingerprint),
+            PinLastTry,
+        )
+        self.assertEqual(held.problem["status"], 409)
+        context = yield open_session(
+            self.agent.url, self.testcard.pin, self.agent.fingerprint, last_try=True
+        )
+        self.assertIn("token", context)
+        self.assertEqual(self.card.tries, _CardWithTries.TRIES)
+        client = CpsAgentClient.from_context(context)
+        self.addCleanup(client.close)
+        yield client.card()
+
+        for _ in range(2):
+            yield self.post({"pin": "0000"})
+        answer = yield self.post({"pin": "0000", "lastTry": True})
+        self.assertProblem(answer, 423, problems.PIN_BLOCKED)
+        self.assertEqual(self.card.tries, 0)
+        self.assertEqual(self.card.presented[-1], "0000")
+        self.assertEqual(len(self.card.presented), 6)
+
+    @inlineCallbacks
+    def test_last_try_must_be_true_or_false(self) -> Any:
+        for value in ("yes", 1, None, [True]):
+            answer = yield self.post({"pin": "0000", "lastTry": value})
+            document = self.assertProblem(answer, 400, problems.BAD_REQUEST)
+            self.assertIn("lastTry", document["detail"])
+        self.assertEqual(self.card.presented, [])
 
 
 class _SlowLogin:
@@ -936,6 +1197,12 @@ class _FaultBackend:
             raise self.login_error
         self.inner.login(pin)
 
+    def load(self) -> None:
+        self.inner.load()
+
+    def pin_final_try(self) -> bool:
+        return self.inner.pin_final_try()
+
     def logout(self) -> None:
         self.inner.logout()
 
@@ -1228,3 +1495,49 @@ class SoftCardAgentTests(AgentTestCase):
         yield self.assertFailure(
             open_session(self.agent.url, "0000", self.agent.fingerprint), WrongPin
         )
+
+
+class NoSignatureKeyTests(AgentTestCase):
+    """
+    A card without a signature key: a soft card given no
+    --soft-card-signature.
+    """
+
+    def backend(self) -> Any:
+        card = shared_testcard()
+        return SoftCardBackend(
+            Path(card.soft_card), None, card.ca_intermediate_certificates()
+        )
+
+    @inlineCallbacks
+    def test_no_signature_key(self) -> Any:
+        """
+        The signature certificate and signatures with the signature key
+        are 409 no-signature-key, saying that the card cannot sign
+        submissions, not 503 "no card"; the authentication key serves.
+        """
+        context = yield self.session()
+        # A request as the project's signer makes it (with the signing
+        # policy off, as here, only its SignedInfo is read).
+        some = self.testcard.ca_root_certificate()
+        request = json.dumps(
+            {"data": base64.b64encode(signature_request(some)).decode()}
+        ).encode()
+        for method, path, body in [
+            ("GET", "/cps/signatureCertificate", None),
+            ("POST", "/cps/sign/for/signature/SHA256WithRSA", request),
+        ]:
+            answer = yield self.request(
+                method,
+                path,
+                {"Content-Type": "application/json"},
+                body,
+                context["token"],
+            )
+            document = self.assertProblem(answer, 409, problems.NO_SIGNATURE_KEY)
+            self.assertIn("no signature key", document["detail"])
+            self.assertIn("cannot sign submissions", document["detail"])
+        client = CpsAgentClient.from_context(context)
+        self.addCleanup(client.close)
+        yield self.assertFailure(client.signature_certificate_chain(), NoSignatureKey)
+        yield client.certificate_chain()

@@ -9,11 +9,13 @@ through the agent and the card to the sandbox DMP.
 from __future__ import annotations
 
 import base64
+import datetime
 import hashlib
 import json
 import os
 import random
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +69,12 @@ from cpsdmp.protocols.tls.messages import (
 from cpsdmp.protocols.tls.schemes import SignatureScheme
 from cpsdmp.protocols.tls.suites import NamedGroup
 from cpsdmp.sandbox.tap import SandboxService
-from cpsdmp.xds.signature import document_uri, sign_submission, to_be_signed
+from cpsdmp.xds.signature import (
+    _skeleton,
+    document_uri,
+    sign_submission,
+    to_be_signed,
+)
 from cpsdmp.xds.transactions import (
     DmpEndpoints,
     existence_test,
@@ -672,22 +679,82 @@ class TranscriptTests(TestCase):
         der = leaf.public_bytes(Encoding.DER)
         self.refused(self.with_server_leaf(der), "subjectAltName")
 
+    def test_server_chain_in_words(self) -> None:
+        """
+        A server chain that does not lead to a trusted root is refused in
+        plain words: certificates by their subject, extensions by their
+        name, none of the path builder's phrasing or of Python's
+        representation of its objects.
+        """
+        _, agent_certificate = tap.self_signed_identity()
+        without_key_id = self.with_server_leaf(
+            agent_certificate.public_bytes(Encoding.DER)
+        )
+        _, other_root = self_signed(rsa.generate_private_key(65537, 2048), "other")
+        for data, roots, said in [
+            (
+                without_key_id,
+                [pki().root],
+                "the server chain does not lead to a trusted root: the "
+                "certificate of CN=cpsdmp agent lacks the authority key "
+                "identifier extension",
+            ),
+            (
+                self.transcript,
+                [other_root],
+                "the server chain does not lead to a trusted root: no trusted "
+                "root issued the certificate of CN=localhost,O=cpsdmp tests "
+                "(issuer CN=cpsdmp test intermediate,O=cpsdmp tests)",
+            ),
+        ]:
+            decision = policy(roots=roots).check_authentication(data, CARD)
+            self.assertFalse(decision.allowed)
+            self.assertIn(said, decision.reason)
+            for internal in ("<Certificate", "Name(", "encountered", "candidates"):
+                self.assertNotIn(internal, decision.reason)
+
     def test_mutated_transcripts(self) -> None:
         """
         Thousands of transcripts mutated at random (bytes changed, cut or
-        added, messages shuffled or repeated, certificates corrupted) each
-        get a decision: never an exception, a reason for every refusal.
+        added, messages shuffled or repeated, certificates corrupted): each
+        one that differs from the genuine transcript is refused with a
+        reason, never an exception, unless the change lies only inside the
+        fields no check can hold to one value, the client's and the server's
+        own choices (L{_chosen_bytes}); the genuine transcript itself is
+        signed, by the same checker, after them.
         """
         rng = random.Random(20240611)
         raws = messages(self.transcript)
+        chosen = _chosen_bytes(raws)
         checker = policy()
+        refused = 0
         for _ in range(3000):
             data = self.transcript
             for _ in range(rng.randint(1, 3)):
                 data = _mutate(rng, data, raws)
+            if data == self.transcript:
+                continue
             decision = checker.check_authentication(data, CARD)
             if not decision.allowed:
                 self.assertTrue(decision.reason)
+                refused += 1
+                continue
+            outside = sorted(
+                i
+                for i, (a, b) in enumerate(zip(data, self.transcript, strict=False))
+                if a != b and i not in chosen
+            )
+            if len(data) != len(self.transcript) or outside:
+                self.fail(
+                    f"a transcript of {len(data)} bytes (genuine: "
+                    f"{len(self.transcript)}) changed at {outside[:8]} is allowed"
+                )
+            # That transcript's client random is now spent: a new checker
+            # for the next ones, so that none is refused only as a replay.
+            checker = policy()
+        self.assertGreater(refused, 2500)
+        decision = checker.check_authentication(self.transcript, CARD)
+        self.assertTrue(decision.allowed, decision.reason)
 
 
 class FailClosedTests(SynchronousTestCase):
@@ -718,6 +785,50 @@ class FailClosedTests(SynchronousTestCase):
             self.assertFalse(decision.allowed)
             self.assertIn("could not check", decision.reason)
             self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+def _chosen_bytes(raws: list[bytes]) -> set[int]:
+    """
+    @return: the offsets, in the transcript made of C{raws}, of the bytes
+        that the client or the server chooses freely and that no check can
+        hold to one value: the session_ids of both hellos and the client's
+        session ticket (the server's opaque state), the CertificateRequest
+        (the server's lists, which the server's signature does not cover,
+        and of which the policy holds only the algorithm they imply), and
+        the client's ECDHE public value (any X25519 key).
+    """
+    starts = [sum(len(r) for r in raws[:i]) for i in range(len(raws))]
+    chosen: set[int] = set()
+
+    def take(message: int, offset: int, size: int) -> None:
+        begin = starts[message] + 4 + offset
+        chosen.update(range(begin, begin + size))
+
+    def length(message: int, offset: int, size: int) -> int:
+        body = raws[message][4:]
+        return int.from_bytes(body[offset : offset + size], "big")
+
+    # ClientHello: version, random, session_id, suites, compression, extensions.
+    offset = 2 + 32
+    take(0, offset + 1, length(0, offset, 1))
+    offset += 1 + length(0, offset, 1)
+    offset += 2 + length(0, offset, 2)
+    offset += 1 + length(0, offset, 1)
+    end = offset + 2 + length(0, offset, 2)
+    offset += 2
+    while offset < end:
+        ext_type, size = length(0, offset, 2), length(0, offset + 2, 2)
+        if ext_type == 35:  # session_ticket (RFC 5077)
+            take(0, offset + 4, size)
+        offset += 4 + size
+    # ServerHello: version, random, session_id.
+    take(1, 2 + 32 + 1, length(1, 2 + 32, 1))
+    # The CertificateRequest, whole: the policy reads in it only the
+    # algorithm it implies, which these tests ask for.
+    take(4, 0, len(raws[4]) - 4)
+    # ClientKeyExchange: the public value.
+    take(7, 1, length(7, 0, 1))
+    return chosen
 
 
 def _mutate(rng: random.Random, data: bytes, raws: list[bytes]) -> bytes:
@@ -874,17 +985,40 @@ class SignatureRequestTests(SynchronousTestCase):
 
     def test_mutated(self) -> None:
         """
-        Requests mutated at random each get a decision, never an error.
+        Requests mutated at random: each one that differs from the genuine
+        request is refused with a reason, never an error, unless the change
+        lies only inside its KeyInfo, which nothing signs and the agent does
+        not check: then the card signs exactly what it signs for the genuine
+        request, which is allowed.
         """
         rng = random.Random(20240612)
         checker = policy()
+        genuine = checker.check_signature(self.request, "SHA256WithRSA", [CERTIFICATE])
+        self.assertTrue(genuine.allowed, genuine.reason)
+        head = self.request.index(b"<ds:KeyInfo>")
+        tail = len(self.request) - (
+            self.request.index(b"</ds:KeyInfo>") + len(b"</ds:KeyInfo>")
+        )
+        refused = 0
         for _ in range(800):
             data = self.request
             for _ in range(rng.randint(1, 3)):
                 data = _mutate(rng, data, [self.request])
+            if data == self.request:
+                continue
             decision = checker.check_signature(data, "SHA256WithRSA", [CERTIFICATE])
             if not decision.allowed:
                 self.assertTrue(decision.reason)
+                refused += 1
+                continue
+            if (
+                data[:head] != self.request[:head]
+                or data[len(data) - tail :] != self.request[-tail:]
+                or decision.payload != genuine.payload
+                or decision.details != genuine.details
+            ):
+                self.fail(f"a request changed outside its KeyInfo is allowed: {data!r}")
+        self.assertGreater(refused, 400)
 
 
 # Through the agent ------------------------------------------------------------
@@ -957,12 +1091,26 @@ class SignatureEndpointTests(PolicyAgentTestCase):
         )
 
         request = signature_request(chain[0])
+        not_by_unique_id = etree.tostring(
+            _skeleton(
+                [("not an oid <>&", hashlib.sha256(b"mine").digest())],
+                "2.25.1",
+                chain[0],
+                chain[1:],
+                "SHA256WithRSA",
+                datetime.datetime.now(datetime.UTC),
+                f"sig-{uuid.uuid4()}",
+            ),
+            encoding="UTF-8",
+            xml_declaration=True,
+        )
         for data, algorithm in [
             (b"hello", "SHA256WithRSA"),
             (request, "SHA512WithRSA"),
             (request.replace(b"IHEManifest", b"Elsewhere"), "SHA256WithRSA"),
             (own_manifest(request, b"mine", redigest=False), "SHA256WithRSA"),
             (signature_request(CERTIFICATE), "SHA256WithRSA"),
+            (not_by_unique_id, "SHA256WithRSA"),
         ]:
             error = yield self.assertFailure(
                 client.sign_for_signature(data, algorithm), AgentError
@@ -972,7 +1120,8 @@ class SignatureEndpointTests(PolicyAgentTestCase):
             self.assertIn("the card's signature key does not sign this", str(error))
             self.assertNotIn("the agent: the agent", str(error))
         outcomes = [line["outcome"] for line in self.audit_lines()]
-        self.assertEqual(outcomes, ["signed"] + ["refused"] * 5)
+        self.assertEqual(outcomes, ["signed"] + ["refused"] * 6)
+        self.assertIn("documents by uniqueId", self.audit_lines()[-1]["reason"])
 
     @inlineCallbacks
     def test_own_manifest_on_record(self) -> Any:

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from twisted.application.service import IServiceMaker
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, succeed
 from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.internet.threads import deferToThread
@@ -33,6 +33,7 @@ from cpsdmp.agent.client import AgentError, CpsAgentClient, open_session
 from cpsdmp.agent.resource import AgentResource
 from cpsdmp.agent.tap import LISTENING_LINE
 from cpsdmp.protocols.server_tls import server_tls_options
+from cpsdmp.tapsupport import StartError
 from tests.agent_support import shared_testcard
 from tests.tlssupport import pki
 
@@ -51,6 +52,24 @@ def _soft() -> str:
     return shared_testcard().soft_card
 
 
+def _module() -> str:
+    """
+    @return: a PKCS#11 module that exists: the test card's SoftHSM2.
+    """
+    module = shared_testcard().pkcs11_module
+    assert module is not None
+    return module
+
+
+def _not_a_module() -> str:
+    """
+    @return: a shared library that is not a PKCS#11 module.
+    """
+    import _ctypes
+
+    return str(_ctypes.__file__)
+
+
 def _options(*argv: str) -> tap.Options:
     options = tap.Options()
     options.parseOptions(list(argv))
@@ -59,7 +78,7 @@ def _options(*argv: str) -> tap.Options:
 
 class OptionsTests(SynchronousTestCase):
     def test_defaults(self) -> None:
-        options = _options("--pkcs11-module", "/usr/lib/cps.so")
+        options = _options("--pkcs11-module", _module())
         self.assertEqual(options["listen"], "tcp:10035:interface=127.0.0.1")
         self.assertEqual(options["session-idle"], 900.0)
         self.assertIsNone(options["allow-origin"])
@@ -153,6 +172,29 @@ class OptionsTests(SynchronousTestCase):
             _options("--pkcs11-module", module, "--soft-card-signature", card.soft_card)
         self.assertIn(
             "--soft-card-signature goes with --soft-card", str(raised.exception)
+        )
+
+    def test_pkcs11_module_readable(self) -> None:
+        """
+        A --pkcs11-module path that names no readable file is a usage
+        error naming it, before anything starts; a bare library name is
+        left to the dynamic loader, at start.
+        """
+        folder = self.mktemp()
+        os.mkdir(folder)
+        for path, reason in [
+            ("/nonexistent.so", "No such file or directory"),
+            (folder, "Is a directory"),
+        ]:
+            with self.assertRaises(usage.UsageError) as raised:
+                _options("--pkcs11-module", path)
+            self.assertEqual(
+                str(raised.exception),
+                f"--pkcs11-module {path}: cannot read it ({reason})",
+            )
+        self.assertEqual(
+            _options("--pkcs11-module", "libcps3_pkcs11_lux.so")["pkcs11-module"],
+            "libcps3_pkcs11_lux.so",
         )
 
     def test_allow_origin(self) -> None:
@@ -375,7 +417,7 @@ class PolicyOptionsTests(SynchronousTestCase):
         the roots given by --trust, at 120 signatures a minute per session.
         """
         root = shared_testcard().ca_root
-        options = _options("--pkcs11-module", "/usr/lib/cps.so", "--trust", root)
+        options = _options("--pkcs11-module", _module(), "--trust", root)
         policy = tap.signing_policy(options)
         assert policy is not None
         self.assertEqual(
@@ -435,6 +477,45 @@ class PolicyOptionsTests(SynchronousTestCase):
             usage.UsageError, _options, "--soft-card", _soft(), "--trust", str(not_pem)
         )
 
+    def test_soft_card_without_signature_key(self) -> None:
+        """
+        A soft card given no --soft-card-signature has no signature key:
+        said at start, as a warning, since no submission can then be
+        signed; not said when it has one.
+        """
+        card = shared_testcard()
+        for argv, warned in [
+            (["--soft-card", card.soft_card], True),
+            (
+                [
+                    "--soft-card",
+                    card.soft_card,
+                    "--soft-card-signature",
+                    card.soft_card_signature,
+                ],
+                False,
+            ),
+        ]:
+            events: list[dict[str, Any]] = []
+            globalLogPublisher.addObserver(events.append)
+            try:
+                tap.makeService(_options(*argv))
+            finally:
+                globalLogPublisher.removeObserver(events.append)
+            said = [
+                formatEvent(e) for e in events if "no signature key" in formatEvent(e)
+            ]
+            if warned:
+                [line] = said
+                self.assertEqual(
+                    [e["log_level"].name for e in events if formatEvent(e) == line],
+                    ["warn"],
+                )
+                self.assertIn("--soft-card-signature", line)
+                self.assertIn("submissions cannot be signed", line)
+            else:
+                self.assertEqual(said, [])
+
     def test_audit_log(self) -> None:
         """
         --audit-log gives the resource an audit log on that file, closed
@@ -454,7 +535,8 @@ class PolicyOptionsTests(SynchronousTestCase):
 
 
 class ServiceStartTests(TestCase):
-    def test_endpoint_failing_as_made(self) -> None:
+    @inlineCallbacks
+    def test_endpoint_failing_as_made(self) -> Any:
         """
         An endpoint description that fails as the endpoint is made (past
         the options' check) fails the start like a busy port: the
@@ -474,6 +556,8 @@ class ServiceStartTests(TestCase):
         globalLogPublisher.addObserver(events.append)
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
         service.startService()
+        # The service listens once the card's thread has loaded its module.
+        yield self.assertFailure(service.listening, StartError)
         memory.advance(0)
         self.assertTrue(memory.hasStopped)
         [line] = [formatEvent(e) for e in events if "cannot listen" in formatEvent(e)]
@@ -503,6 +587,19 @@ class _Output(ProcessProtocol):
         self.output = b""
         self.listening: Deferred[tuple[str, str]] = Deferred()
         self.ended: Deferred[None] = Deferred()
+        self.exited = False
+        self._exit_waiters: list[Deferred[None]] = []
+
+    def wait_exit(self) -> Deferred[None]:
+        """
+        @return: a Deferred that fires once the process has ended, whatever
+            became of C{ended} (a test's timeout cancels it).
+        """
+        if self.exited:
+            return succeed(None)
+        waiting: Deferred[None] = Deferred()
+        self._exit_waiters.append(waiting)
+        return waiting
 
     def outReceived(self, data: bytes) -> None:
         self.output += data
@@ -514,6 +611,9 @@ class _Output(ProcessProtocol):
 
     def processEnded(self, reason: Any) -> None:
         self.status = reason.value.exitCode
+        self.exited = True
+        for waiting in self._exit_waiters:
+            waiting.callback(None)
         if not self.listening.called:
             self.listening.errback(
                 AssertionError(
@@ -537,9 +637,17 @@ class CommandTests(TestCase):
         )
 
         def stop() -> Deferred[None]:
-            if not output.ended.called:
-                transport.signalProcess("TERM")
-            return output.ended
+            # Not output.ended: a test that timed out waiting on it has
+            # cancelled it, and the process would be left running.
+            if output.exited:
+                return succeed(None)
+            transport.signalProcess("TERM")
+            return output.wait_exit().addTimeout(30, reactor).addErrback(kill)
+
+        def kill(failure: Any) -> Deferred[None]:
+            if not output.exited:
+                transport.signalProcess("KILL")
+            return output.wait_exit()
 
         self.addCleanup(stop)
         return output
@@ -604,7 +712,9 @@ class CommandTests(TestCase):
     def test_insecure_sign_anything(self) -> Any:
         """
         With C{--insecure-sign-anything} the agent signs anything, says so
-        loudly at start and warns at every signature.
+        loudly at start and warns at every signature it makes, and only
+        then: a request it refuses as bad input (a signature request that
+        is not XML) is not said to be signed.
         """
         card = shared_testcard()
         output = self.twist(
@@ -628,6 +738,10 @@ class CommandTests(TestCase):
             public_key = chain[0].public_key()
             assert isinstance(public_key, rsa.RSAPublicKey)
             public_key.verify(signature, b"hello", padding.PKCS1v15(), hashes.SHA256())
+        error = yield self.assertFailure(
+            client.sign_for_signature(b"hello", "SHA256WithRSA"), AgentError
+        )
+        self.assertEqual(error.problem["status"], 400)
         yield client.card()
         self.assertEqual(output.output.count(b"without any check"), 2)
         self.assertNotIn(context["token"].encode(), output.output)
@@ -655,6 +769,49 @@ class CommandTests(TestCase):
         self.assertEqual(output.status, 1, output.output)
         self.assertIn(b"cpsagent cannot listen on", output.output)
         self.assertNotIn(b"Traceback", output.output)
+
+    @inlineCallbacks
+    def test_not_a_pkcs11_module(self) -> Any:
+        """
+        A --pkcs11-module that cannot be loaded as a PKCS#11 module (a
+        shared library without C_GetFunctionList, a file that is no
+        library, a name the loader does not find) stops the agent at
+        start, in one line, with status 1, before it listens: not at the
+        first PIN.
+        """
+        text = Path(self.mktemp())
+        text.write_text("not a library\n")
+        cases = [
+            (_not_a_module(), "not a PKCS#11 module (no C_GetFunctionList)"),
+            (str(text), "not a shared library (file too short)"),
+            (
+                "libno-such-pkcs11.so",
+                "the dynamic loader finds no such library (No such file or directory)",
+            ),
+        ]
+        # At once, each within its own timeout: three processes one after
+        # the other could outlast the test's on a loaded machine.
+        outputs = [
+            self.twist(
+                "--log-format",
+                "text",
+                "cpsagent",
+                "--pkcs11-module",
+                module,
+                "--listen",
+                "tcp:0:interface=127.0.0.1",
+            )
+            for module, _ in cases
+        ]
+        for output in outputs:
+            output.listening.addErrback(lambda _: None)
+        yield gatherResults([o.ended.addTimeout(45, reactor) for o in outputs])
+        for (module, reason), output in zip(cases, outputs, strict=True):
+            self.assertEqual(output.status, 1, output.output)
+            line = f"cpsagent cannot load the PKCS#11 module {module}: {reason}\n"
+            self.assertIn(line.encode(), output.output)
+            self.assertNotIn(b"listening on", output.output)
+            self.assertNotIn(b"Traceback", output.output)
 
     @inlineCallbacks
     def test_tls_chain_served(self) -> Any:

@@ -239,3 +239,22 @@ class DmpServerOptionsTests(TestCase):
             )
             self.assertEqual(code, 0, err[-500:])
             self.assertIn(f"Ciphersuite: {suite}\n", err.decode())
+
+    @inlineCallbacks
+    def test_application_protocols(self):  # type: ignore[no-untyped-def]
+        """
+        ALPN (RFC 7301): a client offering http/1.1 gets it; one offering
+        only protocols the DMP does not speak (h2, http/1.0) goes on without
+        ALPN, never cut off with an internal_error alert.
+        """
+        card = ["-cert", str(self.client_cert), "-key", str(self.client_key)]
+        out, err, code = yield self.s_client("-alpn", "h2,http/1.1", *card)
+        self.assertEqual(code, 0, err[-500:])
+        self.assertIn(b"ALPN protocol: http/1.1", out)
+        for offered in ("h2", "http/1.0"):
+            out, err, code = yield self.s_client("-alpn", offered, *card)
+            text = (out + err).decode(errors="replace")
+            self.assertEqual(code, 0, text[-500:])
+            self.assertNotIn("alert", text)
+            self.assertIn("No ALPN negotiated", text)
+            self.assertIn("DMP sandbox ready", text)

@@ -35,6 +35,12 @@ class InstantCard:
         self.inner = inner
         self.description = "instant card (benchmark)"
 
+    def load(self) -> None:
+        self.inner.load()
+
+    def pin_final_try(self) -> bool:
+        return self.inner.pin_final_try()
+
     def login(self, pin: str) -> None:
         self.inner.login(pin)
 

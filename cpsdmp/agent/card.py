@@ -182,6 +182,20 @@ class WrongPin(CardError):
         super().__init__(message)
 
 
+class LastTry(CardError):
+    """
+    The card's next wrong PIN blocks it, and the request did not say that
+    the professional knows: the PIN was not presented.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(
+            "one try left: a wrong PIN now blocks the card, so the PIN was not "
+            "presented; ask the professional to check it, then send it again "
+            'with "lastTry": true'
+        )
+
+
 class CardFault(CardError):
     """
     The card answered with an error of its own (not a PIN, not a removal):
@@ -241,6 +255,27 @@ class KeyNotFound(CardError):
     """
 
 
+class NoSignatureKey(KeyNotFound):
+    """
+    The card has no signature key (or no certificate for it): it
+    authenticates its holder but cannot sign submissions.
+    """
+
+    def __init__(self, why: str) -> None:
+        super().__init__(
+            f"the card has no signature key ({why}): it cannot sign submissions"
+        )
+
+
+def _key_missing(usage: KeyUsage, why: str) -> KeyNotFound:
+    """
+    @return: the error for a card that lacks the key for C{usage}.
+    """
+    if usage is KeyUsage.signature:
+        return NoSignatureKey(why)
+    return KeyNotFound(f"the card lacks its {usage.value} key: {why}")
+
+
 class CardTimeout(CardError):
     """
     The card did not answer in time; the operation may still be under way
@@ -273,9 +308,23 @@ class CardBackend(Protocol):
         already unlocked. Raise L{WrongPin}, L{PinBlocked} or L{NoCard}.
         """
 
+    def pin_final_try(self) -> bool:
+        """
+        @return: whether the card says that its next wrong PIN blocks it
+            (PKCS#11's CKF_USER_PIN_FINAL_TRY). Raise L{NoCard} if there is
+            no card.
+        """
+
     def logout(self) -> None:
         """
         Lock the card.
+        """
+
+    def load(self) -> None:
+        """
+        Make ready what every card operation needs, the card itself aside
+        (a PKCS#11 module loaded and initialised), once, at start. Raise
+        L{NoCard} saying why it cannot be.
         """
 
     def check_present(self) -> None:
@@ -415,15 +464,35 @@ class WorkerCard:
         d: Deferred[_T] = deferToThreadPool(self._reactor, self._pool, run)
         return d.addTimeout(self.timeout, self._reactor, onTimeoutCancel=timed_out)
 
-    def login(self, pin: str) -> Deferred[None]:
+    def login(self, pin: str, last_try: bool = False) -> Deferred[None]:
         """
+        Present C{pin} to the card, unless the card says that a wrong PIN
+        now blocks it and C{last_try} does not say that the professional
+        knows: a program trying PINs blindly cannot block the card. Both
+        happen in one turn of the card's thread, nothing in between.
+
         @return: a Deferred that fires with C{None} once the card accepted
-            C{pin}, or fails with a L{CardError}.
+            C{pin}, or fails with a L{CardError}: L{LastTry} when the PIN
+            was not presented.
         """
-        return self._run(self.backend.login, pin)
+
+        def login() -> None:
+            if not last_try and self.backend.pin_final_try():
+                raise LastTry()
+            self.backend.login(pin)
+
+        return self._run(login)
 
     def logout(self) -> Deferred[None]:
         return self._run(self.backend.logout)
+
+    def load(self) -> Deferred[None]:
+        """
+        @return: a Deferred that fires with C{None} once what the card needs
+            is ready (see L{CardBackend.load}), or fails with a L{CardError}
+            saying why it cannot be.
+        """
+        return self._run(self.backend.load)
 
     def chain(self, usage: KeyUsage) -> Deferred[list[x509.Certificate]]:
         """
@@ -499,6 +568,29 @@ def build_chain(
     return chain
 
 
+def _load_problem(module: str, error: Exception) -> str:
+    """
+    @return: why the dynamic loader or the module's C_Initialize refused
+        C{module}, in words, from python-pkcs11's C{error}.
+    """
+    text = str(error).removeprefix(f"OS exception while loading {module}: ")
+    text = text.removeprefix(f"{module}: ")
+    if "C_GetFunctionList" in text:
+        return "not a PKCS#11 module (no C_GetFunctionList)"
+    if "file too short" in text or "invalid ELF header" in text:
+        return f"not a shared library ({text})"
+    if "cannot open shared object file: " in text:
+        reason = text.partition("cannot open shared object file: ")[2]
+        if "/" in module:
+            return f"cannot open it ({reason})"
+        return f"the dynamic loader finds no such library ({reason})"
+    if not text:
+        # A PKCS#11 return value from C_Initialize, which python-pkcs11
+        # raises as an exception of its own name, without words.
+        return f"its C_Initialize failed ({type(error).__name__})"
+    return text
+
+
 # What PKCS#11 answers when the token left the reader under our session.
 _REMOVED = (
     p11errors.DeviceRemoved,
@@ -545,13 +637,19 @@ class Pkcs11Backend:
         try:
             return pkcs11.lib(self.module)
         except (p11errors.PKCS11Error, OSError) as e:
-            raise NoCard(f"cannot load the PKCS#11 module {self.module}: {e}") from e
+            raise NoCard(
+                f"cannot load the PKCS#11 module {self.module}: "
+                + _load_problem(self.module, e)
+            ) from e
         finally:
             for name, value in saved.items():
                 if value is None:
                     os.environ.pop(name, None)
                 else:
                     os.environ[name] = value
+
+    def load(self) -> None:
+        self.library()
 
     def _token(self) -> Any:
         lib = self.library()
@@ -607,6 +705,10 @@ class Pkcs11Backend:
             raise CardFault(e) from e
         _log.info("card unlocked: {description}", description=self.description)
 
+    def pin_final_try(self) -> bool:
+        flags: pkcs11.TokenFlag = self._token().flags
+        return bool(flags & pkcs11.TokenFlag.USER_PIN_FINAL_TRY)
+
     @staticmethod
     def _fresh_flags(token: Any) -> pkcs11.TokenFlag:
         try:
@@ -657,7 +759,7 @@ class Pkcs11Backend:
                 )
             )
         except p11errors.NoSuchKey:
-            raise KeyNotFound(f"the card has no private key labelled {label}") from None
+            raise _key_missing(usage, f"no private key labelled {label}") from None
         except p11errors.UserNotLoggedIn:
             self._drop_session()
             raise NotLoggedIn() from None
@@ -668,7 +770,7 @@ class Pkcs11Backend:
             self._drop_session()
             raise CardFault(e) from e
         if not leaf_objects:
-            raise KeyNotFound(f"the card has no certificate for its key {label}")
+            raise _key_missing(usage, f"no certificate for its key {label}")
         leaf = x509.load_der_x509_certificate(leaf_objects[0][pkcs11.Attribute.VALUE])
         found: tuple[Any, list[x509.Certificate]] = (
             key,
@@ -778,9 +880,15 @@ class SoftCardBackend:
             self._files[KeyUsage.signature] = signature
         self._intermediates = list(intermediates)
         self.description = f"soft card {authentication}"
+        self.has_signature_key = signature is not None
         self._keys: dict[
             KeyUsage, tuple[rsa.RSAPrivateKey, list[x509.Certificate]]
         ] = {}
+
+    def load(self) -> None:
+        """
+        Nothing to load: the files are read at each PIN.
+        """
 
     def login(self, pin: str) -> None:
         self._keys.clear()
@@ -805,6 +913,12 @@ class SoftCardBackend:
             keys[usage] = (key, build_chain(leaf, list(extra) + self._intermediates))
         self._keys = keys
 
+    def pin_final_try(self) -> bool:
+        """
+        A PKCS#12 file has no try counter: it never blocks.
+        """
+        return False
+
     def logout(self) -> None:
         self._keys.clear()
 
@@ -820,7 +934,9 @@ class SoftCardBackend:
         try:
             return self._keys[usage]
         except KeyError:
-            raise KeyNotFound(f"the soft card has no {usage.value} key") from None
+            raise _key_missing(
+                usage, "the soft card was given no PKCS#12 file for it"
+            ) from None
 
     def chain(self, usage: KeyUsage) -> list[x509.Certificate]:
         return list(self._key(usage)[1])

@@ -91,6 +91,14 @@ class WrongPin(AgentError):
         return value if isinstance(value, int) else None
 
 
+class PinLastTry(AgentError):
+    """
+    The card's next wrong PIN blocks it: the agent did not present this
+    one, and presents one only when the professional confirms that it is
+    the last try (L{open_session}'s C{last_try}).
+    """
+
+
 class PinPause(AgentError):
     """
     A wrong PIN was entered moments ago, or the card is checking another
@@ -128,6 +136,12 @@ class NoCard(AgentError):
     """
 
 
+class NoSignatureKey(AgentError):
+    """
+    The card has no signature key: it cannot sign submissions.
+    """
+
+
 class CardRemoved(AgentError):
     """
     The card was taken out during the operation.
@@ -144,10 +158,12 @@ class CardTimeout(AgentError):
 _ERRORS: Mapping[str, type[AgentError]] = {
     problems.WRONG_PIN: WrongPin,
     problems.PIN_PAUSE: PinPause,
+    problems.PIN_LAST_TRY: PinLastTry,
     problems.PIN_BLOCKED: PinBlocked,
     problems.RATE_LIMITED: RateLimited,
     problems.NO_CARD: NoCard,
     problems.KEY_NOT_FOUND: NoCard,
+    problems.NO_SIGNATURE_KEY: NoSignatureKey,
     problems.CARD_REMOVED: CardRemoved,
     problems.CARD_FAULT: CardRemoved,
     problems.CARD_TIMEOUT: CardTimeout,
@@ -375,14 +391,17 @@ def open_session(
     tls_fingerprint: str,
     reactor: Any = None,
     timeout: float = DEFAULT_TIMEOUT,
+    last_try: bool = False,
 ) -> Deferred[dict[str, Any]]:
     """
     Unlock the card with C{pin}, as the frontend does.
 
+    @param last_try: the professional knows that a wrong PIN now blocks
+        the card (after a L{PinLastTry}), and the agent may present it.
     @return: a Deferred that fires with the agent context.
     """
     channel = _Channel(url, tls_fingerprint, reactor, timeout)
-    body = _dumps({"pin": pin})
+    body = _dumps({"pin": pin, "lastTry": True} if last_try else {"pin": pin})
     d = channel.request(
         "POST", "/cps/session", {"Content-Type": "application/json"}, body
     )

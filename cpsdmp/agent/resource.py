@@ -43,7 +43,9 @@ from cpsdmp.agent.card import (
     Holder,
     KeyNotFound,
     KeyUsage,
+    LastTry,
     NoCard,
+    NoSignatureKey,
     NotLoggedIn,
     PinBlocked,
     UnknownAlgorithm,
@@ -66,8 +68,10 @@ MAX_PIN_LENGTH = 16
 
 # Seconds during which, after a wrong PIN, the agent refuses to try another:
 # a local program cannot run through the card's few tries, nor guess a soft
-# card's PIN at the card's speed.
+# card's PIN at the card's speed. The pause doubles with each wrong PIN in a
+# row, up to MAX_WRONG_PIN_PAUSE (or the pause itself, if longer).
 WRONG_PIN_PAUSE = 5.0
+MAX_WRONG_PIN_PAUSE = 300.0
 
 
 class Request(Protocol):
@@ -100,7 +104,7 @@ class ICardLike(Protocol):
     What the resource needs from a card (see L{cpsdmp.agent.card.WorkerCard}).
     """
 
-    def login(self, pin: str) -> Deferred[None]: ...
+    def login(self, pin: str, last_try: bool = False) -> Deferred[None]: ...
 
     def logout(self) -> Deferred[None]: ...
 
@@ -186,12 +190,27 @@ _BEARER_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="cpsagent"'}
 
 def _card_problem(error: CardError) -> Problem:
     if isinstance(error, WrongPin):
+        detail = str(error)
+        if error.tries_left == 1:
+            detail += (
+                "; the agent presents the next PIN only if the request says "
+                '"lastTry": true, once the professional knows that a wrong '
+                "one blocks the card"
+            )
         return Problem(
             401,
             problems.WRONG_PIN,
             "Wrong PIN",
-            str(error),
+            detail,
             triesLeft=error.tries_left,
+        )
+    if isinstance(error, LastTry):
+        return Problem(
+            409,
+            problems.PIN_LAST_TRY,
+            "One try left before the card blocks",
+            str(error),
+            triesLeft=1,
         )
     if isinstance(error, PinBlocked):
         return Problem(423, problems.PIN_BLOCKED, "PIN blocked", str(error))
@@ -207,6 +226,10 @@ def _card_problem(error: CardError) -> Problem:
         return Problem(503, problems.CARD_FAULT, "Card error", str(error))
     if isinstance(error, CardTimeout):
         return Problem(503, problems.CARD_TIMEOUT, "Card timeout", str(error))
+    if isinstance(error, NoSignatureKey):
+        return Problem(
+            409, problems.NO_SIGNATURE_KEY, "No signature key on the card", str(error)
+        )
     if isinstance(error, KeyNotFound):
         return Problem(503, problems.KEY_NOT_FOUND, "Key not on the card", str(error))
     return Problem(503, problems.NO_CARD, "Card unavailable", str(error))
@@ -264,6 +287,8 @@ class AgentResource(Resource):
         self.card = card
         self.clock = clock
         self.wrong_pin_pause = wrong_pin_pause
+        self._wrong_pins = 0
+        self._pin_pause = wrong_pin_pause
         self._pin_retry_at = 0.0
         self._checking_pin = False
         self.tokens = TokenStore(clock, session_idle)
@@ -522,17 +547,32 @@ class AgentResource(Resource):
     async def _open_session(self, request: Request, rest: list[str]) -> None:
         if rest:
             raise Problem(404, problems.NOT_FOUND, "Not found", "no such endpoint")
-        pin = self._string_member(self._json_body(request), "pin")
+        body = self._json_body(request)
+        pin = self._string_member(body, "pin")
+        last_try = body.get("lastTry", False)
+        if not isinstance(last_try, bool):
+            raise Problem(
+                400,
+                problems.BAD_REQUEST,
+                "Bad request",
+                "'lastTry' is true or false: true once the professional knows "
+                "that a wrong PIN blocks the card; the card was not asked",
+            )
         check_pin_format(pin)
         wait = self._pin_retry_at - self.clock.seconds()
         if wait > 0:
             seconds = math.ceil(wait)
+            after = (
+                "a wrong PIN"
+                if self._wrong_pins <= 1
+                else f"{self._wrong_pins} wrong PINs in a row"
+            )
             raise Problem(
                 429,
                 problems.PIN_PAUSE,
                 "Too soon after a wrong PIN",
-                f"after a wrong PIN the agent accepts the next one only after "
-                f"{self.wrong_pin_pause:g} s; try again in {seconds} s (the card "
+                f"after {after} the agent accepts the next one only after "
+                f"{self._pin_pause:g} s; try again in {seconds} s (the card "
                 "was not asked)",
                 {"Retry-After": str(seconds)},
                 retryAfter=seconds,
@@ -552,9 +592,16 @@ class AgentResource(Resource):
         self._checking_pin = True
         checked = True
         try:
-            await self.card.login(pin)
+            await self.card.login(pin, last_try)
+        except LastTry:
+            _log.warn(
+                "security: a PIN from {caller} was not presented: the card has "
+                "one try left, and the request did not say lastTry",
+                caller=request.getClientAddress().host,
+            )
+            raise
         except WrongPin:
-            self._pin_retry_at = self.clock.seconds() + self.wrong_pin_pause
+            self._pause_after_wrong_pin()
             self.tokens.drop_all()
             raise
         except (PinBlocked, NoCard):
@@ -572,6 +619,7 @@ class AgentResource(Resource):
         finally:
             if checked:
                 self._checking_pin = False
+        self._wrong_pins = 0
         self._card_chain = None
         self._card_signature_chain = None
         token, expires = self.tokens.issue()
@@ -589,7 +637,19 @@ class AgentResource(Resource):
 
     def _pin_check_ended(self, _: object) -> None:
         self._checking_pin = False
-        self._pin_retry_at = self.clock.seconds() + self.wrong_pin_pause
+        self._pause_after_wrong_pin()
+
+    def _pause_after_wrong_pin(self) -> None:
+        """
+        Count one more wrong PIN in a row, and take no other PIN for the
+        pause that follows it: L{wrong_pin_pause}, doubled for each wrong
+        PIN in a row before it, at most L{MAX_WRONG_PIN_PAUSE} (or
+        L{wrong_pin_pause}, if longer).
+        """
+        self._wrong_pins += 1
+        doubled = self.wrong_pin_pause * 2.0 ** min(self._wrong_pins - 1, 32)
+        self._pin_pause = min(doubled, max(self.wrong_pin_pause, MAX_WRONG_PIN_PAUSE))
+        self._pin_retry_at = self.clock.seconds() + self._pin_pause
 
     async def _lock(self, request: Request, rest: list[str]) -> None:
         self.tokens.drop_all()
@@ -738,6 +798,13 @@ class AgentResource(Resource):
         if not record.write(outcome="signed", **decision.details):
             # Nothing the card signed leaves the agent without its line.
             raise _audit_unavailable()
+        if self.policy is None:
+            _log.warn(
+                "INSECURE: the card signed {length} bytes with the {usage} key "
+                "without any check (--insecure-sign-anything)",
+                length=len(decision.payload),
+                usage=usage.value,
+            )
         _log.info(
             "signed {length} bytes with {algorithm} by key {key} for {caller} "
             "in {duration_ms} ms (card {card_ms} ms)",
@@ -774,12 +841,6 @@ class AgentResource(Resource):
         self, usage: KeyUsage, algorithm: str, data: bytes
     ) -> PolicyDecision:
         if self.policy is None:
-            _log.warn(
-                "INSECURE: signing {length} bytes with the {usage} key without any "
-                "check (--insecure-sign-anything)",
-                length=len(data),
-                usage=usage.value,
-            )
             return PolicyDecision.allow("unchecked", _payload(usage, data))
         if usage is KeyUsage.signature:
             if self._card_signature_chain is None:

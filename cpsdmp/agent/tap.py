@@ -22,7 +22,7 @@ from cryptography.x509.oid import NameOID
 from twisted.application.service import IService, Service
 from twisted.internet import ssl
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import CancelledError, Deferred, gatherResults
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -39,15 +39,22 @@ from cpsdmp.agent.audit import (
 from cpsdmp.agent.card import (
     DEFAULT_CARD_TIMEOUT,
     CardBackend,
+    CardError,
     Pkcs11Backend,
     SoftCardBackend,
     WorkerCard,
     pkcs12_problem,
 )
 from cpsdmp.agent.policy import DMP_SERVERS, SANDBOX_SERVERS, SigningPolicy
-from cpsdmp.agent.resource import WRONG_PIN_PAUSE, AgentResource, agent_site
+from cpsdmp.agent.resource import (
+    MAX_WRONG_PIN_PAUSE,
+    WRONG_PIN_PAUSE,
+    AgentResource,
+    agent_site,
+)
 from cpsdmp.protocols.server_tls import load_server_identity, server_tls_options
 from cpsdmp.tapsupport import (
+    StartError,
     check_endpoint,
     exit_on_start_failure,
     is_loopback,
@@ -104,7 +111,8 @@ class Options(usage.Options):
             "wrong-pin-pause",
             None,
             WRONG_PIN_PAUSE,
-            "Seconds during which no PIN is tried after a wrong one.",
+            "Seconds during which no PIN is tried after a wrong one; doubled "
+            f"with each wrong PIN in a row, up to {MAX_WRONG_PIN_PAUSE:g} s.",
             float,
         ],
         [
@@ -263,6 +271,17 @@ class Options(usage.Options):
             raise usage.UsageError("--token-label goes with --pkcs11-module")
         if self["soft-card-signature"] and not self["soft-card"]:
             raise usage.UsageError("--soft-card-signature goes with --soft-card")
+        module = self["pkcs11-module"]
+        if module and "/" in module:
+            # A path: the file must be there. A bare library name is the
+            # dynamic loader's to find, at start.
+            try:
+                with open(module, "rb"):
+                    pass
+            except OSError as e:
+                raise usage.UsageError(
+                    f"--pkcs11-module {module}: cannot read it ({e.strerror})"
+                ) from None
         for option in ("soft-card", "soft-card-signature"):
             if self[option]:
                 path = self[option]
@@ -492,13 +511,25 @@ class AgentService(Service):
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
         self.card.start()
-        self._watch.start(CARD_WATCH_INTERVAL, now=False)
         factory = TLSMemoryBIOFactory(self._tls, False, agent_site(self.resource))
         self._factory = factory
 
-        listen(self._reactor, self._listen, factory).addCallbacks(
+        Deferred.fromCoroutine(self._start(factory)).addCallbacks(
             self._listened, self._not_listening
         )
+
+    async def _start(self, factory: TLSMemoryBIOFactory) -> IListeningPort:
+        # The card's module first, on the card's thread: one that cannot
+        # serve stops the agent now, not at the first PIN. The card itself
+        # may be out of the reader.
+        try:
+            await self.card.load()
+        except CardError as e:
+            raise StartError(str(e)) from None
+        if not self.running:
+            raise CancelledError("the agent was stopped as it started")
+        self._watch.start(CARD_WATCH_INTERVAL, now=False)
+        return await listen(self._reactor, self._listen, factory)
 
     def _listened(self, port: IListeningPort) -> None:
         self.port = port
@@ -522,13 +553,17 @@ class AgentService(Service):
         self.listening.callback(port)
 
     def _not_listening(self, failure: Failure) -> None:
-        self.listening.errback(failure)
-        self.listening.addErrback(lambda _: None)
-        if self._exit_on_failure:
+        # Said, and the stop asked for, before anyone waiting is told; an
+        # agent stopped as it started has nothing to say.
+        if isinstance(failure.value, CancelledError):
+            pass
+        elif self._exit_on_failure:
             exit_on_start_failure(self._reactor, "cpsagent", failure, _log)
         else:
             _log.error("cpsagent {reason}", reason=failure.getErrorMessage())
             self._reactor.callLater(0, self._reactor.stop)
+        self.listening.errback(failure)
+        self.listening.addErrback(lambda _: None)
 
     def stopService(self) -> Deferred[None] | None:
         super().stopService()  # type: ignore[no-untyped-call]
@@ -564,7 +599,13 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     else:
         key, certificate = self_signed_identity()
         chain = [certificate]
-    card = WorkerCard(card_backend(options), reactor, options["card-timeout"])
+    backend = card_backend(options)
+    if isinstance(backend, SoftCardBackend) and not backend.has_signature_key:
+        _log.warn(
+            "the soft card has no signature key (no --soft-card-signature): "
+            "submissions cannot be signed with it"
+        )
+    card = WorkerCard(backend, reactor, options["card-timeout"])
     policy = signing_policy(options)
     _announce_policy(policy, options)
     resource = AgentResource(

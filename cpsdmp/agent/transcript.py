@@ -3,9 +3,13 @@ The shape of what the project's TLS client has the card sign: the
 transcript of a TLS 1.2 handshake with client authentication, from the
 ClientHello to the ClientKeyExchange (RFC 5246, section 7.4.8). Each message
 is checked to be what that client sends, or what it accepts from a server,
-whole and with nothing after it, so that no caller-chosen bytes ride in a
-transcript the card signs. The checks that need trust (the server's chain,
-its ServerKeyExchange signature) are the signing policy's.
+whole and with nothing after it, so that nothing rides in a transcript the
+card signs but the fields of a handshake. A few of them no check can hold to
+one value, being the client's or the server's own choice: the session ids,
+a session ticket, the CertificateRequest's lists (of which only the
+signature algorithm they imply matters) and the client's public value. The
+checks that need trust (the server's chain, its ServerKeyExchange
+signature) are the signing policy's.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 The TLS identity of this project's own HTTPS servers (the agent, the
 facade): a private key and its certificate chain read from PEM files, and
 the OpenSSL server settings that send the whole chain, so that a client
-that trusts only the root can build the path.
+that trusts only the root can build the path, and that answer a client's
+application protocols (ALPN) the way an HTTP/1.1 server should.
 """
 
 from __future__ import annotations
@@ -10,13 +11,49 @@ from __future__ import annotations
 from collections.abc import Sequence
 from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
-from OpenSSL import crypto
+from OpenSSL import SSL, crypto
 from twisted.internet import ssl
+
+#: The one application protocol this project's servers speak (RFC 7301).
+HTTP_1_1 = b"http/1.1"
+
+
+def select_application_protocol(
+    connection: SSL.Connection, offered: list[bytes]
+) -> bytes | SSL._NoOverlappingProtocols:
+    """
+    Choose among the application protocols a client offers (RFC 7301,
+    section 3.2): HTTP/1.1 when offered; otherwise none, and the handshake
+    goes on without ALPN, as with a server that does not take part in it.
+    An HTTP/1.0 client is served that way (twisted.web answers HTTP/1.0),
+    and an HTTP/2-only one learns that its protocol was not chosen.
+
+    Twisted's own callback answers an empty name in that case, which
+    OpenSSL turns into an internal_error alert.
+    """
+    if HTTP_1_1 in offered:
+        return HTTP_1_1
+    return SSL.NO_OVERLAPPING_PROTOCOLS
+
+
+class HTTPServerOptions(ssl.CertificateOptions):
+    """
+    OpenSSL server settings for an HTTP/1.1 server: those of
+    L{ssl.CertificateOptions}, ALPN answered by
+    L{select_application_protocol}.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        # Set once, on the context every connection shares, before any
+        # connection uses it (OpenSSL forbids changing it afterwards).
+        self.getContext().set_alpn_select_callback(select_application_protocol)
 
 
 def load_server_identity(
@@ -79,9 +116,9 @@ def server_tls_options(
     """
     @param chain: the server's certificate, then its intermediates.
     @return: OpenSSL server settings, TLS 1.2 or later, that send the
-        whole chain.
+        whole chain and speak HTTP/1.1.
     """
-    return ssl.CertificateOptions(
+    return HTTPServerOptions(
         privateKey=crypto.PKey.from_cryptography_key(key),  # type: ignore[arg-type]
         certificate=crypto.X509.from_cryptography(chain[0]),
         extraCertChain=[crypto.X509.from_cryptography(c) for c in chain[1:]],

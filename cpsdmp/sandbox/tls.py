@@ -15,6 +15,8 @@ from cryptography.hazmat.primitives import serialization
 from OpenSSL import crypto
 from twisted.internet.ssl import AcceptableCiphers, CertificateOptions, TLSVersion
 
+from cpsdmp.protocols.server_tls import HTTPServerOptions
+
 # The suites the DMP accepts from software (OpenSSL names).
 DMP_CIPHERS = ":".join(
     [
@@ -26,9 +28,9 @@ DMP_CIPHERS = ":".join(
 )
 
 
-class _DmpServerOptions(CertificateOptions):
+class _DmpServerOptions(HTTPServerOptions):
     """
-    Certificate options that also name the accepted authorities in the
+    HTTP/1.1 server options that also name the accepted authorities in the
     CertificateRequest, as the DMP does, so that a client can pick its card.
     """
 

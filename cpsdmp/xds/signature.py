@@ -101,10 +101,31 @@ Signer = Callable[[bytes, str], "Deferred[bytes]"]
 #: machines.
 MAX_SIGNING_TIME_SKEW = timedelta(minutes=15)
 
-# What a submission set's uniqueId is (an OID), and what a document's is
-# (an OID, or a CDA id root^extension), at most as long as XDS allows.
+# A uniqueId as XDS writes it (ITI TF-3, 4.2.3.2.26 and 4.2.3.3.12): an OID
+# of at most 64 characters; a document's may also be the root^extension of
+# a CDA id, the extension at most 16 characters.
 _OID = re.compile(r"[0-2](\.(0|[1-9][0-9]*))+")
-MAX_UNIQUE_ID = 128
+MAX_OID = 64
+MAX_EXTENSION = 16
+
+
+def is_unique_id(value: str, *, document: bool) -> bool:
+    """
+    @return: whether C{value} is a submission set's uniqueId (an OID of at
+        most 64 characters) or, when C{document}, a document's (the same,
+        or OID^extension with an extension of 1 to 16 characters).
+    """
+    root, caret, extension = value.partition("^")
+    if caret and not (
+        document
+        and 0 < len(extension) <= MAX_EXTENSION
+        and extension.isprintable()
+        and not any(c.isspace() or c == "^" for c in extension)
+    ):
+        return False
+    return len(root) <= MAX_OID and _OID.fullmatch(root) is not None
+
+
 _SIGNATURE_ID = re.compile(
     r"sig-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
 )
@@ -486,9 +507,10 @@ def check_signature_request(
         "ds:Object/ds:SignatureProperties/ds:SignatureProperty[@Id='setId']",
         namespaces=ns,
     )
-    if not set_id or not _OID.fullmatch(set_id) or len(set_id) > MAX_UNIQUE_ID:
+    if not set_id or not is_unique_id(set_id, document=False):
         raise refused(
-            "the signature properties name no submission set uniqueId (an OID)"
+            "the signature properties name no submission set uniqueId (an OID "
+            f"of at most {MAX_OID} characters)"
         )
     signing_time = _signing_time(root, now or datetime.now(UTC))
     cert_digest = root.findtext(
@@ -554,12 +576,12 @@ def _manifest(manifest: etree._Element | None) -> list[tuple[str, bytes]]:
         if (
             not uri.startswith("urn:oid:")
             or document_uri(unique_id) != uri
-            or not 0 < len(unique_id) <= MAX_UNIQUE_ID
-            or not unique_id.isprintable()
+            or not is_unique_id(unique_id, document=True)
         ):
             raise refused(
                 "the manifest lists something else than documents by uniqueId "
-                f"({uri[:80]!r})"
+                f"(an OID of at most {MAX_OID} characters, or OID^extension with "
+                f"an extension of at most {MAX_EXTENSION}): {uri[:80]!r}"
             )
         try:
             digest = base64.b64decode(

@@ -31,6 +31,7 @@ from cpsdmp.xds.signature import (
     SIGNATURE_FORMAT,
     SignatureInvalid,
     SignatureRequestRefused,
+    _skeleton,
     check_signature_request,
     document_uri,
     local_signer,
@@ -523,6 +524,62 @@ class SignatureRequestTests(SynchronousTestCase):
             (lambda r: r.set("Id", "mine"), "the signature's Id"),
         ]:
             self.refused(with_digests(change), why)
+
+    def test_unique_ids(self) -> None:
+        """
+        The manifest lists documents by uniqueId, and the signature
+        properties name the set by its uniqueId, as XDS writes them: a
+        document's is an OID of at most 64 characters, or the root^extension
+        of a CDA id (its extension at most 16 characters); the set's is an
+        OID of at most 64 characters. Anything else is refused, though the
+        request is otherwise exactly what the project's signer would make of
+        it.
+        """
+        digest = hashlib.sha256(b"document").digest()
+        moment = datetime.now(UTC)
+
+        def made(documents: list[str], set_id: str = "2.25.1") -> bytes:
+            root = _skeleton(
+                [(unique_id, digest) for unique_id in documents],
+                set_id,
+                CERTIFICATE,
+                (),
+                "SHA256WithRSA",
+                moment,
+                "sig-00000000-0000-4000-8000-000000000000",
+            )
+            return etree.tostring(root, encoding="UTF-8", xml_declaration=True)
+
+        oid_64 = "1.2." + "3" * 60
+        for good in (
+            ["1.2.250.1.213.1.1.1.55.2024.9.1"],
+            [oid_64],
+            ["1.2.3^a-b_c"],
+        ):
+            checked = check_signature_request(made(good), "SHA256WithRSA", CERTIFICATE)
+            self.assertEqual([u for u, _ in checked.documents], good)
+        self.assertEqual(
+            check_signature_request(
+                made(["1.2.3"], oid_64), "SHA256WithRSA", CERTIFICATE
+            ).set_id,
+            oid_64,
+        )
+        for bad in [
+            "not an oid <>&",
+            "1.2." + "3" * 61,
+            "1.2.3^" + "x" * 17,
+            "1.2.3^",
+            "1.2.3^a^b",
+            "01.2.3",
+            "1.2.3.",
+            "urn:uuid:2e82c1f6-a085-4c72-9da3-8640a32e42ab",
+        ]:
+            self.refused(
+                made(["1.2.3", bad]),
+                "the manifest lists something else than documents by uniqueId",
+            )
+        for bad in ["1.2." + "3" * 61, "1.2.3^4", "not an oid"]:
+            self.refused(made(["1.2.3"], bad), "name no submission set uniqueId")
 
     def test_signing_certificate(self) -> None:
         """

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import re
 from collections.abc import Sequence
 
 from cryptography import x509
 from cryptography.x509 import DNSName, IPAddress
+from cryptography.x509.oid import ExtensionOID
 from cryptography.x509.verification import (
     PolicyBuilder,
     Store,
@@ -96,9 +98,65 @@ def check_server_chain(
     except VerificationError as e:
         raise ProtocolViolation(
             AlertDescription.unknown_ca,
-            "the server chain does not lead to a trusted root "
-            f"({leaf.issuer.rfc4514_string()} issued the certificate): {e}",
+            "the server chain does not lead to a trusted root: "
+            + path_problem(e, leaf, [*chain, *roots]),
         ) from None
+
+
+# How cryptography's path builder says what it found wrong, and with which
+# certificate (as Python shows the object).
+_PROCESSING = re.compile(r"\s*\(encountered processing (<Certificate\(.*?\)>)\)")
+_EXHAUSTED = "candidates exhausted: "
+_NO_ISSUER = "all candidates exhausted with no interior errors"
+_EXTENSION = re.compile(r"invalid extension: ([0-9.]+): (.*)")
+_EXTENSION_NAMES = {
+    getattr(ExtensionOID, name).dotted_string: name.replace("_", " ").lower()
+    for name in dir(ExtensionOID)
+    if name.isupper()
+}
+
+
+def path_problem(
+    error: VerificationError,
+    leaf: x509.Certificate,
+    certificates: Sequence[x509.Certificate],
+) -> str:
+    """
+    @return: what C{cryptography}'s path builder found wrong with the path
+        from C{leaf}, in words: each certificate by its subject (RFC 4514),
+        each extension by its name, never the library's own phrasing or
+        Python's representation of its objects.
+    @param certificates: the chain sent and the trusted roots, among which
+        the one at fault is found by the representation the error names.
+    """
+    text = str(error).removeprefix("validation failed: ")
+    subject = leaf.subject.rfc4514_string()
+    processing = _PROCESSING.search(text)
+    if processing is not None:
+        named = processing.group(1)
+        at_fault = next((c for c in certificates if repr(c) == named), None)
+        if at_fault is not None:
+            subject = at_fault.subject.rfc4514_string()
+        text = text[: processing.start()] + text[processing.end() :]
+    while text.startswith(_EXHAUSTED):
+        text = text[len(_EXHAUSTED) :]
+    if text == _NO_ISSUER:
+        return (
+            f"no trusted root issued the certificate of {subject} "
+            f"(issuer {leaf.issuer.rfc4514_string()}), directly or through "
+            "the intermediates the server sent"
+        )
+    extension = _EXTENSION.fullmatch(text)
+    if extension is not None:
+        oid, reason = extension.groups()
+        name = _EXTENSION_NAMES.get(oid, oid)
+        if reason == "Certificate is missing required extension":
+            return (
+                f"the certificate of {subject} lacks the {name} extension, "
+                "which the path check requires of every certificate but a root"
+            )
+        return f"the certificate of {subject} has a bad {name} extension: {reason}"
+    return f"the certificate of {subject}: {text}"
 
 
 class VerifiedChains:
