@@ -34,6 +34,7 @@ from referencing import Registry
 from referencing.jsonschema import DRAFT202012
 from treq.client import HTTPClient
 from twisted.internet import reactor, ssl
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import (
@@ -42,12 +43,16 @@ from twisted.internet.protocol import (
     ProcessProtocol,
     Protocol,
 )
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
+from twisted.internet.testing import StringTransport
+from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, readBody
 from twisted.web.http_headers import Headers
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
 
 from cpsdmp.agent.card import KeyUsage
 from cpsdmp.agent.card import PinBlocked as CardPinBlockedError
@@ -71,9 +76,10 @@ from cpsdmp.facade.client import (
     OutcomeUnknown,
 )
 from cpsdmp.facade.networks import AgentNetworkReactor
-from cpsdmp.facade.resource import ROUTES, UPDATE_ACTIONS, openapi
+from cpsdmp.facade.resource import ROUTES, UPDATE_ACTIONS, make_site, openapi
 from cpsdmp.facade.service import FacadeConfig
 from cpsdmp.facade.tap import FacadeService
+from cpsdmp.protocols.httpserver import IDLE_TIMEOUT
 from cpsdmp.sandbox.tap import SandboxService
 from cpsdmp.xds.cda import CdaError, document_entry
 from cpsdmp.xds.ebrim import INS_OID_TEST, CodedValue
@@ -2727,3 +2733,135 @@ class FacadeClientTests(TestCase):
         )
         error = yield self.assertFailure(client.health(), FacadeError)
         self.assertIn("HTTP 502", str(error))
+
+
+def _bare_service(reactor_: Any = None) -> Any:
+    """
+    @return: a facade service whose DMP and agents are never reached.
+    """
+    from cpsdmp.facade.service import DmpService
+
+    config = FacadeConfig(
+        dmp_url="https://127.0.0.1:1/si-dmp-server/v2/services",
+        roots=[],
+        structure=STRUCTURE,
+        software=SOFTWARE,
+        defaults=DEFAULTS,
+    )
+    return DmpService(config, reactor_)
+
+
+class _Pending(Resource):
+    """
+    A resource whose answers never come, as a request waiting on a slow
+    DMP.
+    """
+
+    isLeaf = True
+
+    def render(self, request: Any) -> Any:
+        return NOT_DONE_YET
+
+
+class ConnectionLimitTests(SynchronousTestCase):
+    """
+    The facade's connections: one that stays silent is closed after
+    L{IDLE_TIMEOUT}, whatever Twisted's default, but never one that sends a
+    body slowly or waits for its answer.
+    """
+
+    def connect(self, site: Any) -> tuple[Any, StringTransport]:
+        protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def test_silent_connection_closed(self) -> None:
+        clock = Clock()
+        site = make_site(_bare_service(clock), reactor=clock)
+        protocol, transport = self.connect(site)
+        protocol.dataReceived(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        clock.advance(IDLE_TIMEOUT - 1)
+        self.assertFalse(transport.disconnecting)
+        clock.advance(2)
+        self.assertTrue(transport.disconnecting)
+
+    def test_kept_connection_closed_when_idle(self) -> None:
+        clock = Clock()
+        site = make_site(_bare_service(clock), reactor=clock)
+        protocol, transport = self.connect(site)
+        protocol.dataReceived(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertIn(b"200 OK", transport.value())
+        clock.advance(IDLE_TIMEOUT + 1)
+        self.assertTrue(transport.disconnecting)
+
+    def test_slow_upload_not_cut(self) -> None:
+        """
+        A body that keeps coming, however slowly in all, is not cut.
+        """
+        clock = Clock()
+        site = make_site(_bare_service(clock), reactor=clock)
+        protocol, transport = self.connect(site)
+        protocol.dataReceived(
+            b"POST /dmp/td02Exist HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 10\r\n\r\n"
+        )
+        for _ in range(9):
+            clock.advance(IDLE_TIMEOUT - 1)
+            protocol.dataReceived(b" ")
+        self.assertFalse(transport.disconnecting)
+
+    def test_slow_answer_not_cut(self) -> None:
+        """
+        A request whose answer takes long (the DMP is slow) keeps its
+        connection.
+        """
+        clock = Clock()
+        site = make_site(_bare_service(clock), reactor=clock)
+        site.resource = _Pending()
+        protocol, transport = self.connect(site)
+        protocol.dataReceived(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        clock.advance(IDLE_TIMEOUT * 10)
+        self.assertFalse(transport.disconnecting)
+
+
+class HeaderLimitTests(TestCase):
+    """
+    A request line or header too long to read is answered 431 with a
+    problem document, then the connection closes, as the agent does.
+    """
+
+    timeout = 30
+
+    @inlineCallbacks
+    def test_header_too_large(self) -> Any:
+        site = make_site(_bare_service())
+        port = reactor.listenTCP(0, site, interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.addCleanup(port.stopListening)
+
+        def exchange(request: bytes) -> bytes:
+            with socket.create_connection(("127.0.0.1", port.getHost().port)) as s:
+                s.settimeout(10)
+                s.sendall(request)
+                answer = b""
+                while chunk := s.recv(65536):
+                    answer += chunk
+                return answer
+
+        for request in [
+            b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 17000 + b"\r\n\r\n",
+            b"GET /" + b"a" * 17000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+        ]:
+            answer = yield deferToThread(exchange, request)
+            head, _, body = answer.partition(b"\r\n\r\n")
+            self.assertTrue(head.startswith(b"HTTP/1.1 431 "), head)
+            self.assertIn(b"Connection: close", head)
+            document = json.loads(body)
+            self.assertEqual(
+                document["type"], "https://cpsdmp.invalid/problems/header-too-large"
+            )
+            self.assertIn("16384 bytes", document["detail"])
+            conforms(document, _pointer("components", "schemas", "Problem"))
+        for path, operations in openapi()["paths"].items():
+            for method, operation in operations.items():
+                self.assertIn("431", operation["responses"], f"{method} {path}")

@@ -51,6 +51,11 @@ from cpsdmp.facade.service import (
     excerpt,
 )
 from cpsdmp.protocols import bounded
+from cpsdmp.protocols.httpserver import (
+    IDLE_TIMEOUT,
+    HeaderLimitChannel,
+    closing_answer,
+)
 from cpsdmp.protocols.safexml import XmlRefused
 from cpsdmp.protocols.soap import SoapError, SoapFault
 from cpsdmp.protocols.tls import (
@@ -528,7 +533,7 @@ class Route:
     handler: Handler | None
     request: dict[str, Any] | None
     answer: dict[str, Any]
-    errors: tuple[int, ...] = (400, 401, 403, 413, 422, 423, 429, 502, 503, 504)
+    errors: tuple[int, ...] = (400, 401, 403, 413, 422, 423, 429, 431, 502, 503, 504)
     answer_types: tuple[str, ...] = (JSON,)
     request_types: tuple[str, ...] = (JSON,)
 
@@ -892,7 +897,7 @@ ROUTES: tuple[Route, ...] = (
             "required": ["status", "dmp"],
             "properties": {"status": {"const": "ok"}, "dmp": {"type": "string"}},
         },
-        errors=(),
+        errors=(431,),
     ),
     Route(
         "GET",
@@ -902,7 +907,7 @@ ROUTES: tuple[Route, ...] = (
         _openapi,
         None,
         {"type": "object", "required": ["openapi", "paths"]},
-        errors=(),
+        errors=(431,),
     ),
     Route(
         "POST",
@@ -1007,7 +1012,7 @@ ROUTES: tuple[Route, ...] = (
             },
         },
         request_types=(JSON, MULTIPART),
-        errors=(400, 401, 403, 413, 422, 423, 429, 502, 503, 504),
+        errors=(400, 401, 403, 413, 422, 423, 429, 431, 502, 503, 504),
     ),
     Route(
         "POST",
@@ -1085,7 +1090,7 @@ ROUTES: tuple[Route, ...] = (
             },
         },
         answer_types=(JSON, "application/octet-stream", ANY_MEDIA),
-        errors=(400, 401, 403, 404, 413, 422, 423, 429, 502, 503, 504),
+        errors=(400, 401, 403, 404, 413, 422, 423, 429, 431, 502, 503, 504),
     ),
     Route(
         "POST",
@@ -1116,7 +1121,7 @@ ROUTES: tuple[Route, ...] = (
                 "action": {"type": "string"},
             },
         },
-        errors=(400, 401, 403, 404, 409, 413, 422, 423, 429, 502, 503, 504),
+        errors=(400, 401, 403, 404, 409, 413, 422, 423, 429, 431, 502, 503, 504),
     ),
 )
 
@@ -1133,6 +1138,7 @@ _STATUS_TEXT = {
     423: "the card's PIN is blocked",
     429: "the agent allows no more card signatures for this session for now: "
     "try again after Retry-After seconds",
+    431: "a request line or header line over 16384 bytes; the connection closes",
     502: "the agent or the DMP failed: unreachable, TLS handshake refused "
     "(step and alert named), SOAP fault",
     503: "no CPS card in the reader",
@@ -1413,17 +1419,47 @@ class BoundedRequest(bounded.BoundedRequest):
         self.finish()
 
 
+class FacadeChannel(HeaderLimitChannel):
+    """
+    The facade's HTTP/1.1 connections: a request line or header too long to
+    read is answered 431 with a problem document.
+    """
+
+    def header_too_large(self) -> bytes:
+        problem = Problem(
+            431,
+            "header-too-large",
+            "Request header too large",
+            f"a request line or header line is at most {self.MAX_LENGTH} bytes",
+        )
+        return closing_answer(
+            431, PROBLEM_JSON, json.dumps(problem.document()).encode("utf-8")
+        )
+
+
 def make_site(
-    service: DmpService, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    service: DmpService,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    idle_timeout: float = IDLE_TIMEOUT,
+    reactor: Any = None,
 ) -> server.Site:
     """
+    @param idle_timeout: seconds a connection may stay silent while none of
+        its requests is being answered (L{IDLE_TIMEOUT}).
     @return: the facade's web site, bodies limited to C{max_request_bytes}.
     """
     # The facade reads a form itself, and answers a malformed one with a
     # problem document: twisted.web would answer a bare 400 and close.
-    site = server.Site(FacadeResource(service), parsePOSTFormSubmission=False)
+    site = server.Site(
+        FacadeResource(service),
+        parsePOSTFormSubmission=False,
+        timeout=idle_timeout,
+        reactor=reactor,
+    )
     site.requestFactory = type(  # type: ignore[assignment]
         "BoundedFacadeRequest", (BoundedRequest,), {"max_body": max_request_bytes}
     )
+    # HTTP/1.1 only (no HTTP/2 is negotiated), so the plain channel serves.
+    site.protocol = FacadeChannel  # type: ignore[assignment]
     site.displayTracebacks = False
     return site
