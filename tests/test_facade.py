@@ -143,6 +143,7 @@ class CountingBackend:
 
 
 PROBLEM = "application/problem+json"
+JSON = "application/json"
 #: The base URI under which the facade's description is given to jsonschema.
 DESCRIPTION = "urn:cpsdmp:facade:openapi.json"
 
@@ -2865,3 +2866,131 @@ class HeaderLimitTests(TestCase):
         for path, operations in openapi()["paths"].items():
             for method, operation in operations.items():
                 self.assertIn("431", operation["responses"], f"{method} {path}")
+
+
+#: A well-formed agent context of an agent that is not there: a request the
+#: facade sent on would fail as agent-unreachable (502), not as malformed.
+ABSENT_AGENT = {
+    "url": "https://127.0.0.1:1",
+    "token": "A" * 43,
+    "tlsFingerprint": "sha256:" + "ab" * 32,
+}
+
+
+def _object_text(*members: tuple[str, str]) -> str:
+    """
+    @return: the text of a JSON object of C{(name, JSON text)} members, in
+        order, the same name possibly twice.
+    """
+    return "{" + ", ".join(f"{json.dumps(n)}: {v}" for n, v in members) + "}"
+
+
+class RequestCheckTests(TestCase):
+    """
+    What the facade refuses in a request before it sends anything anywhere,
+    against a facade whose agent and DMP are not there: a request that got
+    past the checks would fail as unreachable instead.
+    """
+
+    timeout = 30
+
+    def setUp(self) -> None:
+        self.answers: list[SentAnswer] = []
+        self.addCleanup(lambda: check_answers(self.answers, openapi()))
+        site = make_site(_bare_service())
+        site.requestFactory = recording(site.requestFactory, self.answers)
+        port = reactor.listenTCP(0, site, interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.addCleanup(port.stopListening)
+        self.url = f"http://127.0.0.1:{port.getHost().port}"
+
+    @inlineCallbacks
+    def post(
+        self, path: str, body: bytes | dict[str, Any], content_type: str = JSON
+    ) -> Any:
+        """
+        @return: a Deferred that fires with the status and the JSON answer.
+        """
+        if isinstance(body, dict):
+            body = json.dumps(body).encode()
+        response, document = yield post_raw(self.url + path, body, content_type)
+        return response.code, document
+
+    @inlineCallbacks
+    def refused(
+        self,
+        path: str,
+        body: bytes | dict[str, Any],
+        status: int = 400,
+        content_type: str = JSON,
+    ) -> Any:
+        """
+        @return: a Deferred that fires with the detail of the problem,
+            checked to have C{status}.
+        """
+        code, document = yield self.post(path, body, content_type)
+        self.assertEqual(code, status, document)
+        return document["detail"]
+
+    @inlineCallbacks
+    def test_member_twice(self) -> Any:
+        """
+        A member given twice in one object is refused, wherever it is: the
+        facade would otherwise act on the last one unseen.
+        """
+        context = json.dumps(ABSENT_AGENT)
+        patient = json.dumps({"ins": "279035121518989"})
+        other = json.dumps({"ins": "185127505612306"})
+        for body in [
+            _object_text(
+                ("agentContext", context), ("patient", other), ("patient", patient)
+            ),
+            _object_text(
+                ("agentContext", context),
+                (
+                    "patient",
+                    _object_text(
+                        ("ins", '"185127505612306"'), ("ins", '"279035121518989"')
+                    ),
+                ),
+            ),
+            _object_text(
+                (
+                    "agentContext",
+                    _object_text(
+                        ("url", '"https://127.0.0.1:1"'),
+                        ("token", json.dumps("A" * 43)),
+                        ("token", json.dumps("B" * 43)),
+                        ("tlsFingerprint", json.dumps("sha256:" + "ab" * 32)),
+                    ),
+                ),
+                ("patient", patient),
+            ),
+        ]:
+            detail = yield self.refused("/dmp/td02Exist", body.encode())
+            self.assertIn("twice in one object", detail)
+        boundary = "b0undary"
+        document = ('name="doc"; filename="a.xml"', "text/xml", b"<x/>")
+        for twice, value in [("agentContext", context), ("overrides", "[{}]")]:
+            given = [(f'name="{twice}"', JSON, value.encode())] * 2
+            if twice != "agentContext":
+                given.append(('name="agentContext"', JSON, context.encode()))
+            detail = yield self.refused(
+                "/dmp/td21SubmitDocuments",
+                multipart(boundary, [*given, document]),
+                content_type=f"multipart/form-data; boundary={boundary}",
+            )
+            self.assertIn(f"two parts '{twice}'", detail)
+
+    @inlineCallbacks
+    def test_huge_number_said_in_words(self) -> Any:
+        body = (
+            b'{"agentContext": %s, "patient": {"ins": "279035121518989"}, "x": 1%s}'
+            % (json.dumps(ABSENT_AGENT).encode(), b"0" * 5000)
+        )
+        detail = yield self.refused("/dmp/td02Exist", body)
+        self.assertEqual(
+            detail, "the body has a number of 5001 digits (at most 64 are taken)"
+        )
+        for constant in [b"NaN", b"Infinity", b"-Infinity"]:
+            detail = yield self.refused("/dmp/td02Exist", b'{"x": %s}' % constant)
+            self.assertIn("which is not JSON", detail)

@@ -50,7 +50,7 @@ from cpsdmp.facade.service import (
     UnknownOutcome,
     excerpt,
 )
-from cpsdmp.protocols import bounded
+from cpsdmp.protocols import bounded, strictjson
 from cpsdmp.protocols.httpserver import (
     IDLE_TIMEOUT,
     HeaderLimitChannel,
@@ -1328,16 +1328,14 @@ class FacadeResource(Resource):
 
 def _json(raw: bytes, what: str) -> Any:
     """
-    @return: C{raw} read as JSON.
-    @raise BadRequest: it is not JSON, or nested too deeply to be read.
+    @return: C{raw} read as JSON, strictly (L{strictjson.loads}).
+    @raise BadRequest: it is not JSON, is nested too deeply to be read, or
+        names a member twice in one object.
     """
     try:
-        return json.loads(raw)
-    except RecursionError:
-        raise BadRequest(f"{what} is JSON nested too deeply") from None
-    except ValueError as error:
-        # UnicodeDecodeError included.
-        raise BadRequest(f"{what} is not JSON: {error}") from None
+        return strictjson.loads(raw)
+    except strictjson.JsonRefused as error:
+        raise BadRequest(f"{what} {error}") from None
 
 
 def _multipart(content_type: str, raw: bytes) -> dict[str, Any]:
@@ -1362,16 +1360,24 @@ def _multipart(content_type: str, raw: bytes) -> dict[str, Any]:
     context: Any = None
     overrides: Any = None
     documents: list[tuple[str, bytes]] = []
+    seen: set[str] = set()
     for part in message.iter_parts():
         name = part.get_param("name", header="content-disposition")
         filename = part.get_filename()
         payload = part.get_payload(decode=True)
         if not isinstance(payload, bytes):
             payload = b""
-        if name == "agentContext" and not filename:
-            context = _json(payload, "the part 'agentContext'")
-        elif name == "overrides" and not filename:
-            overrides = _json(payload, "the part 'overrides'")
+        if name in ("agentContext", "overrides") and not filename:
+            if name in seen:
+                raise BadRequest(
+                    f"the form has two parts {name!r}: give each JSON part once"
+                )
+            seen.add(name)
+            value = _json(payload, f"the part {name!r}")
+            if name == "agentContext":
+                context = value
+            else:
+                overrides = value
         elif filename:
             documents.append((filename, payload))
     if context is None:
