@@ -17,6 +17,7 @@ import socket
 import sys
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from ipaddress import ip_network
@@ -2225,7 +2226,7 @@ class MoreFaultTests(FacadeTestCase):
                         }
                     ]
                 },
-                "cannot be overridden",
+                "overrides has no member",
             ),
             (
                 "/dmp/td21SubmitDocuments",
@@ -2994,3 +2995,110 @@ class RequestCheckTests(TestCase):
         for constant in [b"NaN", b"Infinity", b"-Infinity"]:
             detail = yield self.refused("/dmp/td02Exist", b'{"x": %s}' % constant)
             self.assertIn("which is not JSON", detail)
+
+    @inlineCallbacks
+    def test_unknown_members(self) -> Any:
+        """
+        A member a route does not know is refused by name, at any depth: a
+        typo is not a filter silently left out.
+        """
+        patient = {"ins": "279035121518989"}
+        base = {"agentContext": ABSENT_AGENT, "patient": patient}
+        content = base64.b64encode(b"<x/>").decode()
+        for path, body, where in [
+            ("/dmp/td31Find", {**base, "clasCodes": [SYNTHESE]}, "the body"),
+            ("/dmp/td02Exist", {**base, "patients": patient}, "the body"),
+            (
+                "/dmp/td02Exist",
+                {**base, "patient": {**patient, "authorty": "1.2.3"}},
+                "patient",
+            ),
+            (
+                "/dmp/td02Exist",
+                {**base, "agentContext": {**ABSENT_AGENT, "tls": "x"}},
+                "agentContext",
+            ),
+            (
+                "/dmp/td31Find",
+                {**base, "classCodes": [{**SYNTHESE, "system": "x"}]},
+                "classCodes[0]",
+            ),
+            (
+                "/dmp/td21SubmitDocuments",
+                {"agentContext": ABSENT_AGENT, "documents": [{"contents": content}]},
+                "documents[0]",
+            ),
+            (
+                "/dmp/td21SubmitDocuments",
+                {
+                    "agentContext": ABSENT_AGENT,
+                    "documents": [{"content": content}],
+                    "patient": patient,
+                },
+                "the body",
+            ),
+            ("/dmp/td32Retrieve", {**base, "uniqueId": "1.2.3", "x": 1}, "the body"),
+            (
+                "/dmp/td33UpdateStatus",
+                {**base, "uniqueId": "1.2.3", "action": "mask", "force": True},
+                "the body",
+            ),
+        ]:
+            detail = yield self.refused(path, body)
+            self.assertTrue(detail.startswith(f"{where} has no member "), detail)
+            # The description refuses it too.
+            request = _pointer(
+                "paths", path, "post", "requestBody", "content", JSON, "schema"
+            )
+            self.assertRaises(AssertionError, conforms, body, request)
+        detail = yield self.refused("/dmp/td31Find", {**base, "clasCodes": [SYNTHESE]})
+        self.assertIn("'clasCodes'", detail)
+        self.assertIn("classCodes", detail)
+        boundary = "b0undary"
+        detail = yield self.refused(
+            "/dmp/td21SubmitDocuments",
+            multipart(
+                boundary,
+                [
+                    ('name="agentContext"', JSON, json.dumps(ABSENT_AGENT).encode()),
+                    ('name="overides"', JSON, b"[{}]"),
+                    ('name="doc"; filename="a.xml"', "text/xml", b"<x/>"),
+                ],
+            ),
+            content_type=f"multipart/form-data; boundary={boundary}",
+        )
+        self.assertIn("'overides'", detail)
+
+    @inlineCallbacks
+    def test_search_members_with_identifiers(self) -> Any:
+        """
+        statuses, creation times and codes filter a search (FindDocuments):
+        documents asked for by identifier (GetDocuments) come whatever their
+        status, so these are refused with uniqueIds or entryUUIDs rather
+        than ignored.
+        """
+        base = {"agentContext": ABSENT_AGENT, "patient": {"ins": "279035121518989"}}
+        for given in [
+            {"uniqueIds": ["1.2.3"], "statuses": ["deleted"]},
+            {"entryUUIDs": [str(uuid.uuid4().urn)], "classCodes": [SYNTHESE]},
+            {"uniqueIds": ["1.2.3"], "creationFrom": "2024"},
+        ]:
+            detail = yield self.refused("/dmp/td31Find", {**base, **given})
+            self.assertIn("filter", detail)
+            self.assertIn("leave", detail)
+
+    @inlineCallbacks
+    def test_entry_uuids_checked(self) -> Any:
+        base = {"agentContext": ABSENT_AGENT, "patient": {"ins": "279035121518989"}}
+        good = uuid.uuid4().urn
+        for value in [
+            "abc",
+            good[len("urn:uuid:") :],
+            good + "0",
+            "urn:uuid:" + "g" * 36,
+        ]:
+            detail = yield self.refused(
+                "/dmp/td31Find", {**base, "entryUUIDs": [good, value]}
+            )
+            self.assertIn("entryUUIDs[1]", detail)
+            self.assertIn("not an entryUUID", detail)

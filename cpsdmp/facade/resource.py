@@ -15,6 +15,7 @@ import binascii
 import email.parser
 import email.policy
 import json
+import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -290,6 +291,24 @@ def _object(body: Mapping[str, Any], name: str, required: bool = True) -> Any:
     return body[name]
 
 
+#: An entryUUID as XDS gives them (RFC 4122 URN).
+ENTRY_UUID_PATTERN = (
+    "^urn:uuid:[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}"
+    "-[0-9a-fA-F]{12}$"
+)
+_ENTRY_UUID = re.compile(ENTRY_UUID_PATTERN)
+#: The members of a TD3.1 that filter a search (FindDocuments), meaningless
+#: for documents asked for by identifier (GetDocuments).
+FIND_MEMBERS = frozenset(
+    {
+        "statuses",
+        "creationFrom",
+        "creationTo",
+        "classCodes",
+        "typeCodes",
+        "confidentialityCodes",
+    }
+)
 #: The longest uniqueId (an OID, with its extension) and XDS time taken.
 MAX_UNIQUE_ID = 128
 MAX_TIME = 32
@@ -325,6 +344,33 @@ def _strings(body: Mapping[str, Any], name: str, longest: int = 256) -> list[str
     for item in value:
         _bounded(item, name, longest)
     return value
+
+
+def check_members(value: Any, schema: Mapping[str, Any], where: str) -> None:
+    """
+    Refuse a member the request schema does not have, in an object whose
+    schema says C{additionalProperties: false}, however deep: a typo in a
+    member name (C{clasCodes}) must not be ignored silently.
+
+    @param where: how the message names C{value}.
+    @raise BadRequest: naming the unknown member and the known ones.
+    """
+    properties = schema.get("properties")
+    if isinstance(value, Mapping) and properties is not None:
+        if schema.get("additionalProperties") is False:
+            for name in value:
+                if name not in properties:
+                    raise BadRequest(
+                        f"{where} has no member {excerpt(name)}: its members are "
+                        + ", ".join(properties)
+                    )
+        for name, item in value.items():
+            if name in properties:
+                inner = f"{where}.{name}" if where != "the body" else name
+                check_members(item, properties[name], inner)
+    elif isinstance(value, list) and isinstance(schema.get("items"), Mapping):
+        for index, item in enumerate(value):
+            check_members(item, schema["items"], f"{where}[{index}]")
 
 
 def _context(body: Mapping[str, Any]) -> AgentContext:
@@ -423,7 +469,13 @@ _CONTEXT_SCHEMA = {
             "type": "string",
             "pattern": "^sha256:([0-9A-Fa-f]{64}|[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){31})$",
         },
+        "expires": {
+            "type": "string",
+            "description": "when the token lapses if unused, as the agent said; "
+            "not used by the facade",
+        },
     },
+    "additionalProperties": False,
 }
 _PATIENT_SCHEMA = {
     "type": "object",
@@ -440,6 +492,7 @@ _PATIENT_SCHEMA = {
             "description": "the INS authority OID; the facade's default if absent",
         },
     },
+    "additionalProperties": False,
 }
 _CODE_SCHEMA = {
     "type": "object",
@@ -449,6 +502,7 @@ _CODE_SCHEMA = {
         "codingScheme": {"type": "string"},
         "display": {"type": "string"},
     },
+    "additionalProperties": False,
 }
 _ENTRY_SCHEMA = {
     "type": "object",
@@ -701,7 +755,22 @@ async def _td31(resource: FacadeResource, request: server.Request, body: Any) ->
             )
     if unique_ids and entry_uuids:
         raise BadRequest("give uniqueIds or entryUUIDs, not both")
+    for index, value in enumerate(entry_uuids):
+        if not _ENTRY_UUID.fullmatch(value):
+            raise BadRequest(
+                f"entryUUIDs[{index}] {excerpt(value)} is not an entryUUID: "
+                "urn:uuid: and a UUID, as the DMP's answers give them"
+            )
     if unique_ids or entry_uuids:
+        search = sorted(FIND_MEMBERS & set(body))
+        if search:
+            raise BadRequest(
+                f"{', '.join(search)} {'filters' if len(search) == 1 else 'filter'} "
+                "a search of the patient's documents: "
+                f"with {'uniqueIds' if unique_ids else 'entryUUIDs'} the DMP "
+                "returns each document asked for, whatever its status; leave "
+                f"{'it' if len(search) == 1 else 'them'} out"
+            )
         # The DMP answers only about the patient the VIHF names.
         patient = resource.patient(_object(body, "patient"))
         result = await resource.service.td31(
@@ -919,6 +988,7 @@ ROUTES: tuple[Route, ...] = (
             "type": "object",
             "required": ["agentContext", "patient"],
             "properties": {**_AGENT, "patient": _PATIENT_SCHEMA},
+            "additionalProperties": False,
         },
         {
             "type": "object",
@@ -966,9 +1036,11 @@ ROUTES: tuple[Route, ...] = (
                             },
                             "overrides": _OVERRIDES_SCHEMA,
                         },
+                        "additionalProperties": False,
                     },
                 },
             },
+            "additionalProperties": False,
         },
         {
             "type": "object",
@@ -1021,7 +1093,10 @@ ROUTES: tuple[Route, ...] = (
         "TD3.1: the patient's documents (FindDocuments), or the patient's "
         "documents by uniqueIds or entryUUIDs (GetDocuments). The patient is "
         "required either way: it goes into the VIHF, and the DMP answers only "
-        "about that patient's record (another patient's document is unknown).",
+        "about that patient's record (another patient's document is unknown). "
+        "statuses, the creation times and the codes filter a search: given with "
+        "uniqueIds or entryUUIDs, which return each document whatever its "
+        "status, they are refused (400).",
         _td31,
         {
             "type": "object",
@@ -1045,10 +1120,11 @@ ROUTES: tuple[Route, ...] = (
                 },
                 "entryUUIDs": {
                     "type": "array",
-                    "items": {"type": "string", "maxLength": MAX_UNIQUE_ID},
+                    "items": {"type": "string", "pattern": ENTRY_UUID_PATTERN},
                     "minItems": 1,
                 },
             },
+            "additionalProperties": False,
         },
         {
             "type": "object",
@@ -1077,6 +1153,7 @@ ROUTES: tuple[Route, ...] = (
                 "patient": _PATIENT_SCHEMA,
                 "uniqueId": {"type": "string", "maxLength": MAX_UNIQUE_ID},
             },
+            "additionalProperties": False,
         },
         {
             "type": "object",
@@ -1111,6 +1188,7 @@ ROUTES: tuple[Route, ...] = (
                 "uniqueId": {"type": "string", "maxLength": MAX_UNIQUE_ID},
                 "action": {"enum": list(UPDATE_ACTIONS)},
             },
+            "additionalProperties": False,
         },
         {
             "type": "object",
@@ -1310,6 +1388,7 @@ class FacadeResource(Resource):
         body = _json(raw, "the body")
         if not isinstance(body, dict):
             raise BadRequest("the body must be a JSON object")
+        check_members(body, route.request, "the body")
         return body
 
     def _send_problem(self, request: server.Request, problem: Problem) -> None:
@@ -1380,6 +1459,11 @@ def _multipart(content_type: str, raw: bytes) -> dict[str, Any]:
                 overrides = value
         elif filename:
             documents.append((filename, payload))
+        else:
+            raise BadRequest(
+                f"the form's part {excerpt(name)} is not 'agentContext', nor "
+                "'overrides', nor a file (a part with a filename)"
+            )
     if context is None:
         raise BadRequest("the form has no part 'agentContext' (the JSON context)")
     if not documents:
