@@ -720,11 +720,12 @@ class FaultTests(FacadeTestCase):
         A CDA about a patient the DMP does not know is refused with the
         DMP's code.
         """
-        data = cda("BIO").replace(b"279035121518989", b"299999999999999")
+        # An INS with its right key, of a patient the local DMP does not have.
+        data = cda("BIO").replace(b"279035121518989", b"299999999999945")
         error = yield self.failure_of(self.submit(data), DmpRefused)
         self.assertEqual(error.status, 422)
         self.assertTrue(error.codes)
-        self.assertIn("299999999999999", json.dumps(error.problem))
+        self.assertIn("299999999999945", json.dumps(error.problem))
 
     @inlineCallbacks
     def test_invalid_cda(self) -> Any:
@@ -3102,3 +3103,35 @@ class RequestCheckTests(TestCase):
             )
             self.assertIn("entryUUIDs[1]", detail)
             self.assertIn("not an entryUUID", detail)
+
+    @inlineCallbacks
+    def test_patient_ins(self) -> Any:
+        """
+        An INS that is not a string is said to be one, not the patient; one
+        of the wrong shape or with the wrong key is refused before anything
+        is sent.
+        """
+        for ins, said in [
+            (279035121518989, "'patient.ins' must be a string"),
+            (None, "'patient.ins' must be a string"),
+            ("27903512151898X", "is not an INS: 15 characters"),
+            ("279035121518988", "does not match its first 13 characters"),
+        ]:
+            body = {"agentContext": ABSENT_AGENT, "patient": {"ins": ins}}
+            detail = yield self.refused("/dmp/td02Exist", body)
+            self.assertIn(said, detail)
+            request = _pointer(
+                "paths",
+                "/dmp/td02Exist",
+                "post",
+                "requestBody",
+                "content",
+                JSON,
+                "schema",
+            )
+            if said.startswith("is not"):
+                self.assertRaises(AssertionError, conforms, body, request)
+        detail = yield self.refused(
+            "/dmp/td02Exist", {"agentContext": ABSENT_AGENT, "patient": {}}
+        )
+        self.assertIn("lacks its 'ins'", detail)

@@ -428,7 +428,7 @@ class RefusalTests(SandboxTestCase):
         A patient without DMP: NF to TD0.2, XDSUnknownPatientId to TD2.1 and
         TD3.1.
         """
-        stranger = PatientId("100017512345699", INS_OID_TEST)
+        stranger = PatientId("100017512345603", INS_OID_TEST)
         answer = yield self.post(
             existence_test(self.endpoints, self.vihf(stranger), stranger)
         )

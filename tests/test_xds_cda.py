@@ -16,7 +16,13 @@ from twisted.trial.unittest import SynchronousTestCase
 from cpsdmp.protocols.safexml import XmlRefused
 from cpsdmp.xds.cda import CdaError, document_entry, hl7_time_to_utc, read_header
 from cpsdmp.xds.context import Structure, StructureIdentifier
-from cpsdmp.xds.ebrim import CodedValue
+from cpsdmp.xds.ebrim import (
+    INS_OID_TEST,
+    CodedValue,
+    MetadataError,
+    PatientId,
+    check_ins,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTOR = CodedValue("SA07", "1.2.250.1.71.4.2.4", "Cabinet individuel")
@@ -321,3 +327,40 @@ class LargeDocumentTests(SynchronousTestCase):
         growth = (after - before) * 1024
         # The bytes themselves (100 MB) plus a bounded margin.
         self.assertLess(growth, measured * 1.3, f"peak RSS grew by {growth} bytes")
+
+
+class InsTests(SynchronousTestCase):
+    """
+    A patient's INS: 15 characters, 13 digits (the 6th and 7th may be 2A or
+    2B, Corsica) and the key, 97 minus the first 13 modulo 97, 2A counted
+    as 19 and 2B as 18.
+    """
+
+    def test_valid(self) -> None:
+        for ins in [
+            "279035121518989",
+            "185127505612306",
+            # Corsica: the key is that of the number with 19 for 2A, 18 for 2B.
+            f"185082A123456{97 - 1850819123456 % 97:02d}",
+            f"185082B123456{97 - 1850818123456 % 97:02d}",
+        ]:
+            self.assertEqual(check_ins(ins), ins)
+            self.assertEqual(PatientId(ins, INS_OID_TEST).ins, ins)
+
+    def test_shape(self) -> None:
+        for ins in [
+            "27903512151898X",
+            "2790351215189",
+            "2790351215189890",
+            "2790A5121518989",
+            "185082C12345600",
+            "279035121518989 ",
+            "",
+        ]:
+            error = self.assertRaises(MetadataError, PatientId, ins, INS_OID_TEST)
+            self.assertIn("is not an INS: 15 characters", str(error))
+
+    def test_key(self) -> None:
+        for ins in ["279035121518988", "279035121518998", "18508" + "2A" + "12345600"]:
+            error = self.assertRaises(MetadataError, check_ins, ins)
+            self.assertIn("does not match its first 13 characters", str(error))

@@ -314,6 +314,23 @@ MAX_UNIQUE_ID = 128
 MAX_TIME = 32
 
 
+def _json_kind(value: Any) -> str:
+    """
+    @return: what C{value}, read from JSON, is, in JSON's words.
+    """
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true or false"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, Mapping):
+        return "an object"
+    return "a string"
+
+
 def _bounded(value: str, name: str, longest: int) -> str:
     if len(value) > longest:
         raise BadRequest(f"{name!r} is over {longest} characters: {excerpt(value)}")
@@ -484,7 +501,9 @@ _PATIENT_SCHEMA = {
         "ins": {
             "type": "string",
             "maxLength": 15,
-            "description": "the patient's INS (NIR or NIA)",
+            "pattern": "^[0-9]{5}([0-9]{2}|2A|2B)[0-9]{8}$",
+            "description": "the patient's INS (NIR or NIA): 13 digits (the 6th "
+            "and 7th may be 2A or 2B) and its 2-digit key, which is checked",
         },
         "authority": {
             "type": "string",
@@ -1308,8 +1327,15 @@ class FacadeResource(Resource):
         self._routes = {(r.method, r.path): r for r in ROUTES}
 
     def patient(self, value: Any) -> PatientId:
-        if not isinstance(value, Mapping) or not isinstance(value.get("ins"), str):
+        if not isinstance(value, Mapping):
             raise BadRequest("'patient' must be an object {ins, authority?}")
+        if "ins" not in value:
+            raise BadRequest("'patient' lacks its 'ins'")
+        if not isinstance(value["ins"], str):
+            raise BadRequest(
+                "'patient.ins' must be a string, the patient's INS of 15 "
+                f"characters, not {_json_kind(value['ins'])}"
+            )
         authority = value.get("authority") or self.service.config.defaults.ins_authority
         if not isinstance(authority, str):
             raise BadRequest("'patient.authority' must be an OID string")
