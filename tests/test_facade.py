@@ -95,6 +95,7 @@ SYNTHESE = {
     "display": "Synthèse",
 }
 REPOSITORY = Path(__file__).resolve().parents[1]
+CLASS_SYSTEM = "1.2.250.1.213.1.1.4.1"
 
 
 def overrides_for(data: bytes) -> dict[str, Any] | None:
@@ -821,7 +822,7 @@ class FaultTests(FacadeTestCase):
             self.facade.td31_find(self.context, CDA_PATIENT, creationFrom="yesterday"),
             MalformedRequest,
         )
-        self.assertIn("CreationTimeFrom", str(error))
+        self.assertIn("creationFrom", str(error))
         error = yield self.failure_of(
             self.facade.td33_update("1.2.3", "shred", self.context), MalformedRequest
         )
@@ -3135,3 +3136,83 @@ class RequestCheckTests(TestCase):
             "/dmp/td02Exist", {"agentContext": ABSENT_AGENT, "patient": {}}
         )
         self.assertIn("lacks its 'ins'", detail)
+
+    @inlineCallbacks
+    def test_override_values(self) -> Any:
+        """
+        Override values the DMP would refuse are 422 naming the document and
+        the attribute, before the card or the DMP is asked anything.
+        """
+        content = base64.b64encode(cda("BIO")).decode()
+        # The description refuses the shapes; a real date and the order of
+        # two times are beyond what a JSON schema says.
+        for overrides, said, described in [
+            (
+                {"creationTime": "yesterday"},
+                "creationTime 'yesterday' is not an XDS time",
+                True,
+            ),
+            (
+                {"serviceStartTime": "20301301", "serviceStopTime": "20200101"},
+                "serviceStartTime '20301301' is not a real date and time",
+                False,
+            ),
+            (
+                {"serviceStartTime": "20300101", "serviceStopTime": "20200101"},
+                "serviceStartTime 20300101 is after serviceStopTime 20200101",
+                False,
+            ),
+            ({"title": "x" * 100_000}, "title is 100000 characters long", True),
+            (
+                {"classCode": {"code": "ZZZ", "codingScheme": CLASS_SYSTEM}},
+                "classCode 'ZZZ' is not a class of TRE_A03",
+                True,
+            ),
+        ]:
+            body = {
+                "agentContext": ABSENT_AGENT,
+                "documents": [
+                    {"content": content},
+                    {"content": content, "overrides": overrides},
+                ],
+            }
+            code, document = yield self.post("/dmp/td21SubmitDocuments", body)
+            self.assertEqual(code, 422, document)
+            self.assertEqual(document["documentIndex"], 1)
+            self.assertTrue(
+                document["detail"].startswith(f"documents[1].overrides: {said}"),
+                document["detail"],
+            )
+            request = _pointer(
+                "paths",
+                "/dmp/td21SubmitDocuments",
+                "post",
+                "requestBody",
+                "content",
+                JSON,
+                "schema",
+            )
+            if described:
+                self.assertRaises(AssertionError, conforms, body, request)
+            else:
+                conforms(body, request)
+
+    @inlineCallbacks
+    def test_search_times(self) -> Any:
+        base = {"agentContext": ABSENT_AGENT, "patient": {"ins": "279035121518989"}}
+        for given, said in [
+            (
+                {"creationFrom": "20201301"},
+                "creationFrom '20201301' is not a real date",
+            ),
+            (
+                {"creationTo": "2020-01-01"},
+                "creationTo '2020-01-01' is not an XDS time",
+            ),
+            (
+                {"creationFrom": "2021", "creationTo": "20200101"},
+                "creationFrom 2021 is after creationTo 20200101",
+            ),
+        ]:
+            detail = yield self.refused("/dmp/td31Find", {**base, **given})
+            self.assertIn(said, detail)

@@ -364,3 +364,80 @@ class InsTests(SynchronousTestCase):
         for ins in ["279035121518988", "279035121518998", "18508" + "2A" + "12345600"]:
             error = self.assertRaises(MetadataError, check_ins, ins)
             self.assertIn("does not match its first 13 characters", str(error))
+
+
+class MetadataValueTests(SynchronousTestCase):
+    """
+    The values of a DocumentEntry, the CDA's and the overrides', pass the
+    checks the DMP makes: XDS times that are real dates, a service start
+    not after its stop, texts within the registry's lengths, a TRE_A03
+    classCode of the table.
+    """
+
+    def refused(self, overrides: dict[str, object], data: bytes | None = None) -> str:
+        error = self.assertRaises(
+            MetadataError, document_entry, data or cda(), STRUCTURE, None, overrides
+        )
+        return str(error)
+
+    def test_times(self) -> None:
+        for value in ["yesterday", "2024-01-01", "20201301", "20240230", "2024010124"]:
+            for name in ["creationTime", "serviceStartTime", "serviceStopTime"]:
+                self.assertIn(name, self.refused({name: value}))
+        said = self.refused(
+            {"serviceStartTime": "20301301", "serviceStopTime": "20200101"}
+        )
+        self.assertIn("serviceStartTime '20301301' is not a real date", said)
+        said = self.refused(
+            {"serviceStartTime": "20300101", "serviceStopTime": "20200101"}
+        )
+        self.assertIn(
+            "serviceStartTime 20300101 is after serviceStopTime 20200101", said
+        )
+        # The CDA's own start (2024-01-02) after an overridden stop.
+        said = self.refused({"serviceStopTime": "2023"})
+        self.assertIn("is after serviceStopTime 2023", said)
+        entry = document_entry(
+            cda(),
+            STRUCTURE,
+            overrides={
+                "creationTime": "20240229",
+                "serviceStartTime": "2024",
+                "serviceStopTime": "20240105120000",
+            },
+        )
+        self.assertEqual(entry.serviceStartTime, "2024")
+
+    def test_texts(self) -> None:
+        self.assertIn(
+            "title is 100000 characters long", self.refused({"title": "x" * 100000})
+        )
+        self.assertIn("title is empty", self.refused({"title": ""}))
+        self.assertIn("U+0001", self.refused({"comments": "a\x01b"}))
+        self.assertIn("comments is 1025", self.refused({"comments": "x" * 1025}))
+        self.assertIn("languageCode", self.refused({"languageCode": "français"}))
+        entry = document_entry(cda(), STRUCTURE, overrides={"title": "t" * 1024})
+        self.assertEqual(len(entry.title), 1024)
+
+    def test_class_code(self) -> None:
+        said = self.refused({"classCode": CodedValue("ZZZ", CLASS, "")})
+        self.assertIn("classCode 'ZZZ' is not a class of TRE_A03", said)
+        self.assertIn("11 (Synthèse)", said)
+        entry = document_entry(
+            cda(), STRUCTURE, overrides={"classCode": CodedValue("11", CLASS, "")}
+        )
+        self.assertEqual(entry.classCode.display, "Synthèse")
+
+    def test_codes(self) -> None:
+        said = self.refused({"formatCode": CodedValue("x" * 300, "1.2.3", "")})
+        self.assertIn("formatCode code is 300 characters long", said)
+        said = self.refused({"eventCodeList": [CodedValue("", "1.2.3", "")]})
+        self.assertIn("eventCodeList[0] code is empty", said)
+
+    def test_cda_service_times_in_order(self) -> None:
+        data = cda().replace(
+            b'<low value="20240102100000+0100"/>',
+            b'<low value="20240102100000+0100"/><high value="20230102100000+0100"/>',
+        )
+        error = self.assertRaises(MetadataError, document_entry, data, STRUCTURE)
+        self.assertIn("is after serviceStopTime 20230102090000", str(error))

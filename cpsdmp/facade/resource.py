@@ -76,6 +76,17 @@ from cpsdmp.xds.ebrim import (
 )
 from cpsdmp.xds.responses import RegistryFailure, UnexpectedAnswer
 from cpsdmp.xds.transactions import MASQUE_PS, FindDocuments, HL7Error
+from cpsdmp.xds.values import (
+    CLASS_CODE_SYSTEM,
+    CLASS_DISPLAYS,
+    DTM_PATTERN,
+    MAX_FREE_TEXT,
+    MAX_LONG_NAME,
+    check_code,
+    check_dtm,
+    check_overrides,
+    check_time_order,
+)
 
 _log = Logger()
 
@@ -403,7 +414,13 @@ def _coded(value: Any, name: str) -> CodedValue:
     scheme = value.get("codingScheme")
     if not isinstance(scheme, str) or not scheme:
         raise BadRequest(f"{name} lacks its codingScheme")
-    return CodedValue(value["code"], scheme, str(value.get("display", "")))
+    display = value.get("display", "")
+    if not isinstance(display, str):
+        raise BadRequest(f"{name}.display must be a string")
+    try:
+        return check_code(CodedValue(value["code"], scheme, display), name)
+    except MetadataError as error:
+        raise BadRequest(str(error)) from None
 
 
 #: DocumentEntry attributes a backend may override, and how each is read.
@@ -517,11 +534,17 @@ _CODE_SCHEMA = {
     "type": "object",
     "required": ["code", "codingScheme"],
     "properties": {
-        "code": {"type": "string"},
-        "codingScheme": {"type": "string"},
-        "display": {"type": "string"},
+        "code": {"type": "string", "minLength": 1, "maxLength": MAX_LONG_NAME},
+        "codingScheme": {"type": "string", "minLength": 1, "maxLength": MAX_LONG_NAME},
+        "display": {"type": "string", "maxLength": MAX_FREE_TEXT},
     },
     "additionalProperties": False,
+}
+#: A classCode: in the TRE_A03 system, one of its codes.
+_CLASS_CODE_SCHEMA = {
+    **_CODE_SCHEMA,
+    "if": {"properties": {"codingScheme": {"const": CLASS_CODE_SYSTEM}}},
+    "then": {"properties": {"code": {"enum": list(CLASS_DISPLAYS)}}},
 }
 _ENTRY_SCHEMA = {
     "type": "object",
@@ -687,15 +710,26 @@ async def _td21(resource: FacadeResource, request: server.Request, body: Any) ->
             else _b64(content, f"documents[{index}].content")
         )
         names.append(item.get("name"))
+        where = (
+            f"overrides[{index}] (for {excerpt(names[-1])})"
+            if form
+            else f"documents[{index}].overrides"
+        )
         try:
             overrides.append(read_overrides(item.get("overrides")))
         except BadRequest as error:
-            where = (
-                f"overrides[{index}] (for {excerpt(names[-1])})"
-                if form
-                else f"documents[{index}].overrides"
-            )
             raise BadRequest(f"{where}: {error}") from None
+        try:
+            # The values the DMP would refuse, before anything is sent.
+            check_overrides(overrides[-1])
+        except MetadataError as error:
+            raise Problem(
+                422,
+                "invalid-cda",
+                "The document or its metadata is invalid",
+                f"{where}: {error}",
+                {"documentIndex": index},
+            ) from None
     try:
         submitted = await resource.service.submit(context, documents, overrides)
     except DocumentRefused as refused:
@@ -750,11 +784,24 @@ def _find_parameters(
             raise BadRequest(f"{name!r} must be a list of codes")
         return [_coded(v, name) for v in value]
 
+    times = {}
+    for name in ("creationFrom", "creationTo"):
+        value = _string(body, name, False, MAX_TIME)
+        try:
+            times[name] = None if value is None else check_dtm(value, name)
+        except MetadataError as error:
+            raise BadRequest(str(error)) from None
+    try:
+        check_time_order(
+            times["creationFrom"], times["creationTo"], "creationFrom", "creationTo"
+        )
+    except MetadataError as error:
+        raise BadRequest(str(error)) from None
     return FindDocuments(
         patient=patient,
         statuses=urns,
-        creation_from=_string(body, "creationFrom", False, MAX_TIME),
-        creation_to=_string(body, "creationTo", False, MAX_TIME),
+        creation_from=times["creationFrom"],
+        creation_to=times["creationTo"],
         class_codes=codes("classCodes"),
         type_codes=codes("typeCodes"),
         confidentiality_codes=codes("confidentialityCodes"),
@@ -931,6 +978,8 @@ async def _td33(resource: FacadeResource, request: server.Request, body: Any) ->
 
 
 _AGENT = {"agentContext": _CONTEXT_SCHEMA}
+#: An XDS time, UTC: YYYY[MM[DD[hh[mm[ss]]]]], a real date and time.
+_TIME_SCHEMA = {"type": "string", "maxLength": MAX_TIME, "pattern": DTM_PATTERN}
 
 #: The DocumentEntry attributes a submission may set instead of the CDA's.
 _OVERRIDES_SCHEMA = {
@@ -938,18 +987,21 @@ _OVERRIDES_SCHEMA = {
     "description": "XDS attribute -> value; codes as {code, codingScheme, display}",
     "properties": {
         **{name: _CODE_SCHEMA for name in sorted(CODED_OVERRIDES)},
+        "classCode": _CLASS_CODE_SCHEMA,
         **{
             name: {"type": "array", "items": _CODE_SCHEMA}
             for name in sorted(CODED_LIST_OVERRIDES)
         },
         **{
             name: (
-                {"type": "string", "maxLength": MAX_TIME}
+                {"type": "string", "maxLength": MAX_TIME, "pattern": DTM_PATTERN}
                 if name.endswith("Time")
-                else {"type": "string"}
+                else {"type": "string", "maxLength": MAX_FREE_TEXT}
             )
             for name in sorted(TEXT_OVERRIDES)
         },
+        "title": {"type": "string", "minLength": 1, "maxLength": MAX_FREE_TEXT},
+        "languageCode": {"type": "string", "maxLength": 64},
     },
     "additionalProperties": False,
 }
@@ -1127,8 +1179,8 @@ ROUTES: tuple[Route, ...] = (
                     "type": "array",
                     "items": {"type": "string", "maxLength": 64},
                 },
-                "creationFrom": {"type": "string", "maxLength": MAX_TIME},
-                "creationTo": {"type": "string", "maxLength": MAX_TIME},
+                "creationFrom": _TIME_SCHEMA,
+                "creationTo": _TIME_SCHEMA,
                 "classCodes": {"type": "array", "items": _CODE_SCHEMA},
                 "typeCodes": {"type": "array", "items": _CODE_SCHEMA},
                 "confidentialityCodes": {"type": "array", "items": _CODE_SCHEMA},
