@@ -78,7 +78,7 @@ from cpsdmp.facade.client import (
 )
 from cpsdmp.facade.networks import AgentNetworkReactor
 from cpsdmp.facade.resource import ROUTES, UPDATE_ACTIONS, make_site, openapi
-from cpsdmp.facade.service import FacadeConfig
+from cpsdmp.facade.service import MAX_DOCUMENTS, FacadeConfig
 from cpsdmp.facade.tap import FacadeService
 from cpsdmp.protocols.httpserver import IDLE_TIMEOUT
 from cpsdmp.sandbox.tap import SandboxService
@@ -3216,3 +3216,140 @@ class RequestCheckTests(TestCase):
         ]:
             detail = yield self.refused("/dmp/td31Find", {**base, **given})
             self.assertIn(said, detail)
+
+    @inlineCallbacks
+    def test_submission_as_a_whole(self) -> Any:
+        """
+        What the DMP, or the agent, would refuse of a submission as a whole
+        is 422 naming the documents, before anything is asked of the card:
+        the same document twice (the agent refused the signature as a
+        security event), documents of two patients (said with a Python set).
+        """
+        data = cda("BIO")
+        other = data.replace(b"279035121518989", b"185127505612306").replace(
+            b"2024.9.1", b"2024.9.2"
+        )
+        for documents, said in [
+            (
+                [data, cda("VAC-NOTE"), data],
+                "documents[2]: the same document as documents[0] (uniqueId "
+                + unique_id(data),
+            ),
+            (
+                [data, other],
+                "documents[1]: its patient is 185127505612306 (authority "
+                f"{INS_OID_TEST}), that of documents[0] 279035121518989",
+            ),
+        ]:
+            body = {
+                "agentContext": ABSENT_AGENT,
+                "documents": [
+                    {
+                        "content": base64.b64encode(d).decode(),
+                        "overrides": overrides_for(d) or {},
+                    }
+                    for d in documents
+                ],
+            }
+            code, document = yield self.post("/dmp/td21SubmitDocuments", body)
+            self.assertEqual(code, 422, document)
+            self.assertEqual(document["documentIndex"], len(documents) - 1)
+            self.assertTrue(document["detail"].startswith(said), document["detail"])
+            self.assertNotIn("{", document["detail"])
+
+    @inlineCallbacks
+    def test_too_many_documents(self) -> Any:
+        """
+        More documents than a submission may carry are refused with 413
+        saying the maximum, as JSON or as a form, before any is read.
+        """
+        content = base64.b64encode(b"<not-read/>").decode()
+        body = {
+            "agentContext": ABSENT_AGENT,
+            "documents": [{"content": content}] * (MAX_DOCUMENTS + 1),
+        }
+        detail = yield self.refused("/dmp/td21SubmitDocuments", body, 413)
+        self.assertIn(
+            f"at most {MAX_DOCUMENTS} documents, not {MAX_DOCUMENTS + 1}", detail
+        )
+        boundary = "b0undary"
+        form = [('name="agentContext"', JSON, json.dumps(ABSENT_AGENT).encode())] + [
+            (f'name="d{i}"; filename="d{i}.xml"', "text/xml", b"<not-read/>")
+            for i in range(MAX_DOCUMENTS + 1)
+        ]
+        detail = yield self.refused(
+            "/dmp/td21SubmitDocuments",
+            multipart(boundary, form),
+            413,
+            content_type=f"multipart/form-data; boundary={boundary}",
+        )
+        self.assertIn(f"at most {MAX_DOCUMENTS} documents", detail)
+        request = _pointer(
+            "paths",
+            "/dmp/td21SubmitDocuments",
+            "post",
+            "requestBody",
+            "content",
+            JSON,
+            "schema",
+        )
+        self.assertRaises(AssertionError, conforms, body, request)
+
+
+class SubmissionSizeTests(SynchronousTestCase):
+    def test_largest_submission_signable(self) -> None:
+        """
+        The card's signature request for the largest submission the facade
+        takes, each document's uniqueId as long as the registry stores,
+        fits the agent's request body with room to spare.
+        """
+        from cryptography.hazmat.primitives.serialization import pkcs12
+
+        from cpsdmp.agent.resource import MAX_BODY
+        from cpsdmp.xds.signature import local_signer
+        from cpsdmp.xds.submit import SigningIdentity, prepare_td21
+        from cpsdmp.xds.transactions import DmpEndpoints
+        from cpsdmp.xds.values import MAX_LONG_NAME
+        from tests.xdsvalues import PROFESSIONAL
+
+        card = shared_testcard()
+        signature = pkcs12.load_pkcs12(
+            Path(card.soft_card_signature).read_bytes(), card.pin.encode()
+        )
+        assert signature.key is not None and signature.cert is not None
+        sizes = []
+        signer = local_signer(signature.key)
+
+        def measuring(request: bytes, algorithm: str) -> Any:
+            sizes.append(len(request))
+            return signer(request, algorithm)
+
+        data = cda("BIO")
+        root = b'<id root="1.2.250.1.213.1.1.1.55.2024.9.1"/>'
+        self.assertIn(root, data)
+        documents = []
+        for index in range(MAX_DOCUMENTS):
+            extension = str(index).rjust(MAX_LONG_NAME - len("1.2.3.4^"), "0")
+            documents.append(
+                data.replace(
+                    root, b'<id root="1.2.3.4" extension="%s"/>' % extension.encode()
+                )
+            )
+        prepared = self.successResultOf(
+            prepare_td21(
+                documents,
+                professional=PROFESSIONAL,
+                structure=STRUCTURE,
+                software=SOFTWARE,
+                defaults=DEFAULTS,
+                endpoints=DmpEndpoints("https://127.0.0.1:1/si-dmp-server/v2/services"),
+                issuer="CN=test",
+                signing=SigningIdentity(measuring, signature.cert.certificate),
+            )
+        )
+        self.assertEqual(len(prepared.submission.documents), MAX_DOCUMENTS + 1)
+        self.assertEqual(
+            len(prepared.submission.documents[0].entry.uniqueId), MAX_LONG_NAME
+        )
+        self.assertEqual(len(sizes), 1)
+        self.assertLess(sizes[0], MAX_BODY * 0.85, sizes[0])

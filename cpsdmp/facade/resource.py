@@ -39,6 +39,7 @@ from cpsdmp.agent.client import (
 )
 from cpsdmp.facade.networks import AgentNotAllowed
 from cpsdmp.facade.service import (
+    MAX_DOCUMENTS,
     AgentContext,
     CardHolderError,
     DmpAnswerLost,
@@ -48,6 +49,7 @@ from cpsdmp.facade.service import (
     DmpUnreachable,
     DocumentRefused,
     Submitted,
+    TooManyDocuments,
     UnknownOutcome,
     excerpt,
 )
@@ -280,6 +282,8 @@ def problem_for(error: BaseException) -> Problem:
         )
     if isinstance(error, CardHolderError):
         return Problem(502, "card-holder-unusable", "The card holder is unusable", text)
+    if isinstance(error, TooManyDocuments):
+        return Problem(413, "too-large", "Too many documents", text)
     if isinstance(error, CdaError | XmlRefused):
         return Problem(
             422, "invalid-cda", "The document or its metadata is invalid", text
@@ -609,6 +613,7 @@ MULTIPART_SCHEMA = {
         },
         "documents": {
             "type": "array",
+            "maxItems": MAX_DOCUMENTS,
             "items": {"type": "string", "contentMediaType": "text/xml"},
         },
     },
@@ -697,6 +702,12 @@ async def _td21(resource: FacadeResource, request: server.Request, body: Any) ->
     items = _object(body, "documents")
     if not isinstance(items, list) or not items:
         raise BadRequest("'documents' must be a non-empty list")
+    if len(items) > MAX_DOCUMENTS:
+        # Said before any document is read.
+        raise TooManyDocuments(
+            f"a submission carries at most {MAX_DOCUMENTS} documents, not "
+            f"{len(items)}: send them in several submissions"
+        )
     # A form's documents are files, named in what the facade answers.
     form = (request.getHeader("content-type") or "").lower().startswith(MULTIPART)
     documents, overrides, names = [], [], []
@@ -1097,6 +1108,7 @@ ROUTES: tuple[Route, ...] = (
                 "documents": {
                     "type": "array",
                     "minItems": 1,
+                    "maxItems": MAX_DOCUMENTS,
                     "items": {
                         "type": "object",
                         "required": ["content"],
@@ -1282,7 +1294,7 @@ _STATUS_TEXT = {
     404: "no such document for this patient: unknown, deleted or replaced "
     "(the detail says which)",
     409: "the document is already in the state asked for",
-    413: "request body too large",
+    413: "request body too large; for a submission, more documents than it may carry",
     422: "the document is invalid, or the DMP refused (its codes in 'errors')",
     423: "the card's PIN is blocked",
     429: "the agent allows no more card signatures for this session for now: "

@@ -203,6 +203,12 @@ class DocumentRefused(FacadeError):
         self.error = error
 
 
+class TooManyDocuments(FacadeError):
+    """
+    A submission carries more documents than L{MAX_DOCUMENTS}.
+    """
+
+
 class UnknownOutcome(FacadeError):
     """
     A submission whose answer never came could not be confirmed either way.
@@ -223,6 +229,11 @@ _FINGERPRINT = re.compile(
     r"sha256:(?:[0-9A-Fa-f]{64}|[0-9A-Fa-f]{2}(?::[0-9A-Fa-f]{2}){31})"
 )
 MAX_URL_LENGTH = 2048
+#: The most documents one submission carries. The card's signature request
+#: lists each document (its uniqueId and digest, some 230 bytes, and up to
+#: some 450 with the longest uniqueId the registry stores) and must stay
+#: within the agent's 64 KiB request body: a hundred documents leave room.
+MAX_DOCUMENTS = 100
 
 
 def excerpt(value: object, length: int = 40) -> str:
@@ -1113,6 +1124,11 @@ class DmpService:
         """
         if overrides is not None and len(overrides) != len(documents):
             raise MetadataError("one overrides mapping per document, or none")
+        if len(documents) > MAX_DOCUMENTS:
+            raise TooManyDocuments(
+                f"a submission carries at most {MAX_DOCUMENTS} documents, not "
+                f"{len(documents)}: send them in several submissions"
+            )
         entries = []
         for index, data in enumerate(documents):
             try:
@@ -1125,6 +1141,33 @@ class DmpService:
             except (MetadataError, XmlRefused) as error:
                 raise DocumentRefused(index, error) from error
             entries.append((entry, data))
+
+        # What the DMP refuses of the submission as a whole, said before the
+        # card is asked anything: a document twice, several patients.
+        first: dict[str, int] = {}
+        for index, (entry, _) in enumerate(entries):
+            earlier = first.setdefault(entry.uniqueId, index)
+            if earlier != index:
+                raise DocumentRefused(
+                    index,
+                    MetadataError(
+                        f"the same document as documents[{earlier}] (uniqueId "
+                        f"{entry.uniqueId}): a submission carries each document once"
+                    ),
+                )
+        patient = entries[0][0].patientId if entries else None
+        for index, (entry, _) in enumerate(entries):
+            if entry.patientId != patient:
+                assert patient is not None
+                raise DocumentRefused(
+                    index,
+                    MetadataError(
+                        f"its patient is {entry.patientId.ins} (authority "
+                        f"{entry.patientId.authority}), that of documents[0] "
+                        f"{patient.ins} (authority {patient.authority}): a "
+                        "submission is about one patient"
+                    ),
+                )
         return entries
 
     async def _signed(

@@ -420,10 +420,13 @@ def new_submission(
     """
     if not entries:
         raise MetadataError("a submission needs at least one document")
-    patients = {str(entry.patientId) for entry, _ in entries}
+    patients = sorted(
+        {f"{e.patientId.ins} (authority {e.patientId.authority})" for e, _ in entries}
+    )
     if len(patients) != 1:
         raise MetadataError(
-            f"the documents of a submission must be about one patient, not {patients}"
+            "the documents of a submission must be about one patient; these are "
+            f"about {len(patients)}: {', '.join(patients)}"
         )
     if defaults.content_type is None:
         raise MetadataError(
