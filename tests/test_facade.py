@@ -55,7 +55,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from cpsdmp.agent.card import KeyUsage
+from cpsdmp.agent.card import KeyNotFound, KeyUsage
 from cpsdmp.agent.card import PinBlocked as CardPinBlockedError
 from cpsdmp.agent.client import CpsAgentClient, open_session
 from cpsdmp.facade.client import (
@@ -63,6 +63,7 @@ from cpsdmp.facade.client import (
     AgentNotAllowed,
     AgentSessionExpired,
     AgentTimedOut,
+    CardMissing,
     CardPinBlocked,
     CardRateLimited,
     DmpFailed,
@@ -696,6 +697,39 @@ class BlockedCard(SharedCard):
 
     def sign_digest(self, usage: KeyUsage, algorithm: Any, digest: bytes) -> bytes:
         raise CardPinBlockedError()
+
+
+class NoSignatureKey(SharedCard):
+    """
+    A card with an authentication key but no signature key.
+    """
+
+    def chain(self, usage: KeyUsage) -> Any:
+        if usage is KeyUsage.signature:
+            raise KeyNotFound("the card has no private key labelled CPS_PRIV_SIG")
+        return self._backend.chain(usage)
+
+
+class SignatureKeyTests(FacadeTestCase):
+    @inlineCallbacks
+    def test_read_only_without_signature_key(self) -> Any:
+        """
+        The card's signature key is asked for only when a submission needs
+        the set signed: behind a card without one, the reads work and a
+        submission says the key is missing.
+        """
+        agent = yield start_agent(self, NoSignatureKey(self.backend))
+        context = yield open_session(agent.url, self.card.pin, agent.fingerprint)
+        exists = yield self.facade.td02_exist(CDA_PATIENT, context)
+        self.assertTrue(exists["exists"])
+        found = yield self.facade.td31_find(context, CDA_PATIENT)
+        self.assertIsInstance(found, list)
+        error = yield self.failure_of(
+            self.submit(cda("BIO"), context=context), CardMissing
+        )
+        self.assertEqual(error.status, 503)
+        self.assertIn("CPS_PRIV_SIG", str(error))
+        self.assertEqual(self.backend.signatures[KeyUsage.signature], 0)
 
 
 class FaultTests(FacadeTestCase):

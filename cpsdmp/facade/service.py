@@ -525,8 +525,23 @@ class ProfessionalSession:
     dmp_endpoints: _RecordingEndpoints
     pool: HTTPConnectionPool
     connections: ConnectionInfo
-    signing: SigningIdentity | None
     card_fingerprint: str
+    #: The card's signature key and certificate, read from the agent when a
+    #: submission first needs them (L{signing_identity}).
+    signing: SigningIdentity | None = None
+
+    async def signing_identity(self) -> SigningIdentity:
+        """
+        @return: the card's signature identity, asked of the agent the first
+            time only: an agent without a signature key serves every other
+            transaction.
+        """
+        if self.signing is None:
+            chain = await self.agent.signature_certificate_chain()
+            self.signing = SigningIdentity(
+                self.agent.sign_for_signature, chain[0], chain[1:]
+            )
+        return self.signing
 
     def close(self) -> Deferred[Any]:
         return DeferredList([self.pool.closeCachedConnections(), self.agent.close()])
@@ -699,12 +714,6 @@ class DmpService:
     ) -> ProfessionalSession:
         holder = await agent.card()
         chain = await agent.certificate_chain()
-        signing = None
-        if self.config.sign_submission_set:
-            signature_chain = await agent.signature_certificate_chain()
-            signing = SigningIdentity(
-                agent.sign_for_signature, signature_chain[0], signature_chain[1:]
-            )
         professional = professional_from(holder.get("holder", holder), chain[0])
         fingerprint = card_fingerprint(chain[0])
         key = TimedKey(agent)
@@ -733,7 +742,6 @@ class DmpService:
             dmp_endpoints=_RecordingEndpoints(self.reactor, tls, connections),
             pool=pool,
             connections=connections,
-            signing=signing,
             card_fingerprint=fingerprint,
         )
 
@@ -1175,12 +1183,12 @@ class DmpService:
         session: ProfessionalSession,
         submission: Submission,
         timings: dict[str, Any],
+        signing: SigningIdentity | None,
     ) -> Submission:
         """
         @return: C{submission} with the set's signature made by the card's
-            signature key, when the facade signs submission sets.
+            signature key, C{signing}, when the facade signs submission sets.
         """
-        signing = session.signing
         if signing is None:
             return submission
         return await sign_submission(
@@ -1215,6 +1223,15 @@ class DmpService:
         timings: dict[str, Any] = {}
         entries = self.derive(documents, overrides)
         session = await self._session(context)
+        # Read before the DMP is reached: a card without a signature key
+        # fails the submission before a connection is made for it.
+        signing = None
+        if self.config.sign_submission_set:
+            try:
+                signing = await session.signing_identity()
+            except TokenExpired:
+                self.forget(context)
+                raise
         submission = new_submission(
             entries,
             session.professional,
@@ -1230,7 +1247,7 @@ class DmpService:
         made: list[PreparedSubmission] = []
 
         async def make() -> OutgoingMessage:
-            signed = await self._signed(session, submission, timings)
+            signed = await self._signed(session, submission, timings, signing)
             message = provide_and_register(self.endpoints, vihf, signed)
             made.append(PreparedSubmission(signed, message))
             return message
