@@ -1948,18 +1948,31 @@ class AgentContextTests(FacadeTestCase):
         """
         A fingerprint with colons between its bytes or in capitals, and a
         token of another length than the agent's own, are well formed: the
-        agent is asked, and says whether it knows them.
+        agent is asked, and says whether it knows them. Each spelling of the
+        fingerprint is the same context: its kept connection is reused, and
+        the card signed one handshake only.
         """
         fingerprint = self.context["tlsFingerprint"]
         digest = fingerprint.split(":", 1)[1]
+        first = yield self.facade.td02_exist(CDA_PATIENT, self.context)
+        self.assertEqual(first["timings"]["connection"], "new handshake")
+        # Every time in seconds, the card's handshake signature included,
+        # rounded to the microsecond.
+        self.assertIsNotNone(first["timings"]["handshakeSignature"])
+        for name, value in first["timings"].items():
+            if isinstance(value, float):
+                self.assertEqual(value, round(value, 6), name)
         for variant in [
             "sha256:" + digest.upper(),
             "sha256:" + ":".join(digest[i : i + 2] for i in range(0, 64, 2)),
+            "sha256:" + ":".join(digest[i : i + 2] for i in range(0, 64, 2)).upper(),
         ]:
             answer = yield self.facade.td02_exist(
                 CDA_PATIENT, dict(self.context, tlsFingerprint=variant)
             )
             self.assertTrue(answer["exists"])
+            self.assertEqual(answer["timings"]["connection"], "reused", variant)
+        self.assertEqual(self.authentication_signatures, 1)
         error = yield self.failure_of(
             self.facade.td02_exist(
                 CDA_PATIENT, dict(self.context, token=secrets.token_urlsafe(12))

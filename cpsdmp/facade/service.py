@@ -328,6 +328,10 @@ class AgentContext:
                 "agentContext.tlsFingerprint must be sha256: and the 64 hex "
                 f"digits of the agent's certificate, not {excerpt(fingerprint)}"
             )
+        # One spelling of a fingerprint (lowercase, without colons), so that
+        # the same agent context is one session, one pool and one TLS
+        # session, however the frontend wrote it.
+        fingerprint = "sha256:" + fingerprint[len("sha256:") :].replace(":", "").lower()
         return cls(url, token, fingerprint)
 
     def __repr__(self) -> str:
@@ -887,7 +891,9 @@ class DmpService:
                         if handshake_seconds is None
                         else round(handshake_seconds, 6)
                     ),
-                    handshakeSignature=card_seconds,
+                    handshakeSignature=(
+                        None if card_seconds is None else round(card_seconds, 6)
+                    ),
                 )
 
     async def _connect(self, session: ProfessionalSession, url: str) -> Any:
