@@ -1148,8 +1148,11 @@ class FaultTests(FacadeTestCase):
         event = logged()
         self.assertEqual(
             (event["code"], event["connection"], event["signature"]),
-            ("DmpUnreachable", "not established", "none"),
+            ("failed", "not established", "none"),
         )
+        # In words, not the name of a Python class.
+        self.assertIn("TD0.2: failed (no connection to the DMP at", formatEvent(event))
+        self.assertNotIn("DmpUnreachable", formatEvent(event))
         self.assertIn("connection not established", formatEvent(event))
 
         other_ca = Path(self.mktemp() + ".pem")
@@ -1176,6 +1179,10 @@ class FaultTests(FacadeTestCase):
         event = logged()
         self.assertEqual(event["connection"], "new handshake (unused)")
         self.assertIn("connection new handshake (unused)", formatEvent(event))
+        self.assertIn("TD2.1: failed (", formatEvent(event))
+        self.assertIn("signatures per 60 s", formatEvent(event))
+        self.assertNotIn("RateLimited", formatEvent(event))
+        self.assertNotIn("AgentError", formatEvent(event))
 
     @inlineCallbacks
     def test_untrusted_card(self) -> Any:

@@ -811,6 +811,7 @@ class DmpService:
         sent = False
         making = 0.0
         code = "-"
+        reason = ""
         try:
             protocol = await self._connect(session, message.url)
             connection = _connection_of(protocol, session.connections)
@@ -852,7 +853,12 @@ class DmpService:
             return value
         except Exception as error:
             if code == "-":
-                code = getattr(error, "code", None) or type(error).__name__
+                # The DMP's own code when it gave one (a refusal), else the
+                # failure in words.
+                given = getattr(error, "code", None)
+                code = given if isinstance(given, str) and given else "failed"
+                if code == "failed":
+                    reason = f" ({_in_words(error)})"
             raise
         finally:
             duration = time.monotonic() - started - making
@@ -869,10 +875,11 @@ class DmpService:
                 handshake_seconds = connection.handshake_seconds
             set_seconds = (timings or {}).get("submissionSetSignature")
             _log.info(
-                "DMP {action}: {code} in {duration:.3f}s, connection {connection}, "
-                "card signature {signature}{set_signature}",
+                "DMP {action}: {code}{reason} in {duration:.3f}s, connection "
+                "{connection}, card signature {signature}{set_signature}",
                 action=name,
                 code=code,
+                reason=reason,
                 duration=duration,
                 connection=used,
                 signature="none" if card_seconds is None else f"{card_seconds:.3f}s",
@@ -1275,7 +1282,7 @@ class DmpService:
         except (DmpAnswerLost, DmpTimeout) as first:
             _log.warn(
                 "TD2.1 outcome unknown ({why}); checking {count} uniqueIds",
-                why=type(first).__name__,
+                why=_in_words(first),
                 count=len(unique_ids),
             )
         # The message was made and sent, or started to be.
@@ -1456,11 +1463,27 @@ def _host_header(uri: URI) -> bytes:
     return host + b":%d" % uri.port
 
 
+def _in_words(error: BaseException, longest: int = 300) -> str:
+    """
+    @return: what C{error} says, for a log line: its message, cut, or what
+        kind of failure it is when it has none.
+    """
+    said = " ".join(str(error).split())
+    if not said:
+        kinds: dict[type[BaseException], str] = {
+            CancelledError: "cancelled",
+            TimeoutError: "timed out",
+            ConnectionLost: "connection lost",
+        }
+        said = kinds.get(type(error), "no detail given")
+    return said if len(said) <= longest else said[:longest] + "..."
+
+
 def _reasons(error: Exception) -> str:
     reasons = getattr(error, "reasons", None)
     if reasons:
-        return "; ".join(str(r.value) for r in reasons)
-    return str(error) or type(error).__name__
+        return "; ".join(_in_words(r.value) for r in reasons)
+    return _in_words(error)
 
 
 def _code_of(result: object) -> str:
