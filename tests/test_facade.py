@@ -445,7 +445,8 @@ class ScenarioTests(FacadeTestCase):
     def test_json_retrieval(self) -> Any:
         """
         Without Accept: application/octet-stream, TD3.2 answers JSON with
-        the bytes in base64 and the document's mimeType.
+        the bytes in base64 and the document's mimeType; the raw bytes as
+        Accept weighs the forms, 406 when it allows none.
         """
         data = cda("VAC-NOTE")
         submitted = yield self.submit(data)
@@ -464,10 +465,25 @@ class ScenarioTests(FacadeTestCase):
         self.assertEqual(answer[1]["mimeType"], "text/xml")
 
         body = {"agentContext": self.context, "patient": CDA_PATIENT}
+        # Accept read with its weights (RFC 9110, 12.5.1): the answer is
+        # what it weighs most, JSON when it prefers nothing, and 406 when
+        # it allows none of JSON, the document's type and octet-stream.
         for accept, media_type in [
             ("application/octet-stream", "application/octet-stream"),
             ("text/xml", "text/xml"),
             ("text/xml, application/octet-stream;q=0.5", "text/xml"),
+            ("text/xml;q=0.5, application/octet-stream", "application/octet-stream"),
+            ("text/*", "text/xml"),
+            ("application/json;q=0.1, */*;q=0.5", "text/xml"),
+            (
+                "application/json;q=0.5, application/octet-stream",
+                "application/octet-stream",
+            ),
+            ("*/*", "application/json"),
+            ("application/*", "application/json"),
+            ("application/octet-stream;q=0", None),
+            ("application/pdf", None),
+            ("application/json;q=0, text/xml;q=0, application/octet-stream;q=0", None),
         ]:
             response = yield Agent(reactor).request(
                 b"POST",
@@ -481,12 +497,23 @@ class ScenarioTests(FacadeTestCase):
                 _body(json.dumps(dict(body, uniqueId=unique_id)).encode()),
             )
             content = yield readBody(response)
-            self.assertEqual(content, data, accept)
+            if media_type is None:
+                self.assertEqual(response.code, 406, accept)
+                problem = json.loads(content)
+                self.assertIn(
+                    "allows none of the forms of this answer", problem["detail"]
+                )
+                continue
+            self.assertEqual(response.code, 200, accept)
             self.assertEqual(
                 response.headers.getRawHeaders(b"content-type"),
                 [media_type.encode()],
                 accept,
             )
+            if media_type == "application/json":
+                self.assertEqual(base64.b64decode(json.loads(content)["content"]), data)
+            else:
+                self.assertEqual(content, data, accept)
 
     @inlineCallbacks
     def test_multipart_submission(self) -> Any:

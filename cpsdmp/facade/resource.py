@@ -869,6 +869,90 @@ async def _td31(resource: FacadeResource, request: server.Request, body: Any) ->
     }
 
 
+OCTET_STREAM = "application/octet-stream"
+
+
+def read_accept(header: str | None) -> list[tuple[str, float]]:
+    """
+    @return: the media ranges of an C{Accept} header (RFC 9110, 12.5.1),
+        lowercase, each with its weight; a range whose weight is not a
+        number from 0 to 1 is left out. Empty when there is no header.
+    """
+    ranges = []
+    for part in (header or "").split(","):
+        media, *parameters = (p.strip() for p in part.split(";"))
+        if "/" not in media:
+            continue
+        weight = 1.0
+        for parameter in parameters:
+            name, _, value = parameter.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    weight = float(value.strip())
+                except ValueError:
+                    weight = -1.0
+        if 0 <= weight <= 1:
+            ranges.append((media.lower(), weight))
+    return ranges
+
+
+def negotiate(
+    accepted: Sequence[tuple[str, float]], offers: Sequence[str]
+) -> str | None:
+    """
+    @param offers: the media types an answer can be, the preferred first.
+    @return: the offer C{accepted} weighs most, each weighed by the most
+        specific range that matches it (C{text/xml} before C{text/*} before
+        C{*/*}); among equals, the more specific match, then the preferred
+        offer. The first offer when there is no Accept header; C{None} when
+        none is acceptable.
+    """
+    if not accepted:
+        return offers[0]
+    best: tuple[float, int, int] | None = None
+    chosen = None
+    for rank, offer in enumerate(offers):
+        matches = [
+            (_specificity(media, offer.lower()), weight)
+            for media, weight in accepted
+            if _specificity(media, offer.lower()) >= 0
+        ]
+        if not matches:
+            continue
+        # The most specific range that matches says the weight.
+        specificity, weight = max(matches)
+        if weight <= 0:
+            continue
+        key = (weight, specificity, -rank)
+        if best is None or key > best:
+            best, chosen = key, offer
+    return chosen
+
+
+def _specificity(media: str, offer: str) -> int:
+    """
+    @return: how closely the range C{media} names the type C{offer}: 2 for
+        the type itself, 1 for its C{type/*}, 0 for C{*/*}, -1 when it does
+        not match it.
+    """
+    if media == offer:
+        return 2
+    if media == offer.split("/", 1)[0] + "/*":
+        return 1
+    return 0 if media == "*/*" else -1
+
+
+def _not_acceptable(request: server.Request, offers: Sequence[str]) -> Problem:
+    said = request.getHeader("accept") or ""
+    return Problem(
+        406,
+        "not-acceptable",
+        "No acceptable answer",
+        f"Accept {excerpt(said)} allows none of the forms of this answer: "
+        + ", ".join(offers),
+    )
+
+
 def _not_found(unique_id: str, entries: Sequence[DocumentEntry]) -> Problem:
     """
     @param entries: what the registry has under C{unique_id} for the
@@ -894,6 +978,10 @@ async def _td32(resource: FacadeResource, request: server.Request, body: Any) ->
     context = _context(body)
     unique_id = _unique_id(body)
     patient = resource.patient(_object(body, "patient"))
+    accepted = read_accept(request.getHeader("accept"))
+    if accepted and not any(q > 0 for _, q in accepted):
+        # Nothing at all is acceptable: said before the DMP is asked.
+        raise _not_acceptable(request, [JSON, "the document's own", OCTET_STREAM])
     try:
         documents = await resource.service.td32(context, patient, [unique_id])
     except RegistryFailure as error:
@@ -919,12 +1007,15 @@ async def _td32(resource: FacadeResource, request: server.Request, body: Any) ->
             f"asked for one document, the DMP returned {len(documents)}",
         )
     document = documents[0]
-    accept = (request.getHeader("accept") or "").lower()
-    wanted = {part.split(";")[0].strip() for part in accept.split(",")}
-    if document.mime_type and document.mime_type.lower() in wanted:
-        return RawAnswer(bytes(document.data), document.mime_type)
-    if "application/octet-stream" in wanted:
-        return RawAnswer(bytes(document.data), "application/octet-stream")
+    offers = [JSON]
+    if document.mime_type:
+        offers.append(document.mime_type)
+    offers.append(OCTET_STREAM)
+    chosen = negotiate(accepted, offers)
+    if chosen is None:
+        raise _not_acceptable(request, offers)
+    if chosen != JSON:
+        return RawAnswer(bytes(document.data), chosen)
     return {
         "uniqueId": document.unique_id,
         "repositoryUniqueId": document.repository,
@@ -1222,8 +1313,10 @@ ROUTES: tuple[Route, ...] = (
         "POST",
         "/dmp/td32Retrieve",
         "td32Retrieve",
-        "TD3.2: a document's exact bytes, base64 in JSON, or raw with "
-        "Accept: application/octet-stream or the document's mimeType. The "
+        "TD3.2: a document's exact bytes, base64 in JSON, or raw as "
+        "application/octet-stream or under the document's mimeType: whichever "
+        "Accept weighs most (JSON when it prefers none; 406 when it allows "
+        "none of the three). The "
         "patient is required: it goes into the VIHF, and a document of another "
         "patient is answered as one the DMP does not have (404, as an unknown "
         "or deleted one).",
@@ -1250,7 +1343,7 @@ ROUTES: tuple[Route, ...] = (
             },
         },
         answer_types=(JSON, "application/octet-stream", ANY_MEDIA),
-        errors=(400, 401, 403, 404, 413, 422, 423, 429, 431, 502, 503, 504),
+        errors=(400, 401, 403, 404, 406, 413, 422, 423, 429, 431, 502, 503, 504),
     ),
     Route(
         "POST",
@@ -1293,6 +1386,8 @@ _STATUS_TEXT = {
     "reach agents in (--agent-network); nothing was sent there",
     404: "no such document for this patient: unknown, deleted or replaced "
     "(the detail says which)",
+    406: "Accept allows none of the answer's forms (JSON, the document's own "
+    "media type, application/octet-stream)",
     409: "the document is already in the state asked for",
     413: "request body too large; for a submission, more documents than it may carry",
     422: "the document is invalid, or the DMP refused (its codes in 'errors')",
