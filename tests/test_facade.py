@@ -84,7 +84,7 @@ from cpsdmp.facade.tap import FacadeService
 from cpsdmp.protocols.httpserver import IDLE_TIMEOUT
 from cpsdmp.sandbox.tap import SandboxService
 from cpsdmp.xds.cda import CdaError, document_entry
-from cpsdmp.xds.ebrim import INS_OID_TEST, CodedValue
+from cpsdmp.xds.ebrim import INS_OID_TEST, CodedValue, Status
 from tests.agent_support import shared_testcard, start_agent, token_backend
 from tests.conformance.material import example_cdas
 from tests.xdsvalues import DEFAULTS, SOFTWARE, STRUCTURE
@@ -1329,8 +1329,15 @@ class _Downstream(Protocol):
         self.pending: list[bytes] = []
         self.sent = 0
         self.cut = False
+        #: Who spoke last on this connection, the facade or the DMP: the
+        #: facade speaking again after the DMP starts a new exchange.
+        self.last: str | None = None
+        self.doomed = False
 
     def connectionMade(self) -> None:
+        if self.proxy.refuse_new:
+            self.transport.abortConnection()  # type: ignore[union-attr]
+            return
         endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.proxy.target)
         connectProtocol(endpoint, _Upstream(self))
 
@@ -1349,6 +1356,28 @@ class _Downstream(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self.cut:
             return
+        if self.last != "facade":
+            self.last = "facade"
+            self.proxy.exchanges += 1
+            if (
+                self.proxy.mode == "lose-nth"
+                and self.proxy.exchanges == self.proxy.lose_at
+            ):
+                self.proxy.mode = None
+                self.proxy.cuts += 1
+                if self.proxy.lose == "answer":
+                    # The request reaches the DMP, its answer never comes back.
+                    self.doomed = True
+                else:
+                    # The request never reaches the DMP.
+                    self.cut = True
+                    if self.upstream is not None:
+                        self.upstream.transport.abortConnection()
+                    call = reactor.callLater(0.3, self.transport.abortConnection)  # type: ignore[attr-defined, union-attr]
+                    self.proxy.later.append((call, self.transport))
+                    if self.proxy.lose == "request-and-all":
+                        self.proxy.refuse_new = True
+                    return
         self.sent += len(data)
         big = self.sent >= self.proxy.threshold
         if self.proxy.mode == "late-request" and (
@@ -1414,6 +1443,12 @@ class _Downstream(Protocol):
             self.forward(data)
 
     def from_server(self, data: bytes) -> None:
+        self.last = "dmp"
+        if self.doomed:
+            self.transport.abortConnection()  # type: ignore[union-attr]
+            if self.upstream is not None:
+                self.upstream.transport.abortConnection()
+            return
         if self.late:
             # The DMP answered the late submission; nobody waits for it now.
             callback, self.on_answer = self.on_answer, None
@@ -1465,6 +1500,23 @@ class LosingProxy(Factory):
         self.late: _Downstream | None = None
         self.late_data: list[bytes] = []
         self.downstreams: list[_Downstream] = []
+        #: C{lose-nth}: the exchanges begun through the proxy (the facade
+        #: speaking after the DMP), and the one whose C{lose} is lost:
+        #: C{answer}, C{request}, or C{request-and-all} (every connection
+        #: after it refused too).
+        self.exchanges = 0
+        self.lose_at = 0
+        self.lose = "answer"
+        self.refuse_new = False
+
+    def lose_exchange(self, nth: int, what: str) -> None:
+        """
+        Lose what C{what} says of the C{nth} exchange from now.
+        """
+        self.exchanges = 0
+        self.lose_at = nth
+        self.lose = what
+        self.mode = "lose-nth"
 
     def release_late(self, resend: _Downstream) -> None:
         """
@@ -1501,7 +1553,12 @@ class LosingProxy(Factory):
         return downstream
 
 
-class LostAnswerTests(FacadeTestCase):
+class ProxiedTestCase(FacadeTestCase):
+    """
+    A facade that reaches the DMP through a L{LosingProxy}, with a kept
+    connection to it.
+    """
+
     @inlineCallbacks
     def setUp(self) -> Any:
         yield super().setUp()
@@ -1515,6 +1572,8 @@ class LostAnswerTests(FacadeTestCase):
         self.assertGreater(len(self.data), self.proxy.threshold)
         yield self.facade.td02_exist(CDA_PATIENT, self.context)
 
+
+class LostAnswerTests(ProxiedTestCase):
     @inlineCallbacks
     def stored_copies(self) -> Any:
         found = yield self.facade.td31_find(
@@ -1677,6 +1736,82 @@ class LostAnswerTests(FacadeTestCase):
         self.assertEqual(error.status, 504)
         self.assertEqual(self.proxy.cuts, 2)
         self.assertEqual(error.unique_ids, [unique_id(self.data)])
+
+
+class LostUpdateTests(ProxiedTestCase):
+    """
+    TD3.3 whose answer never came: never sent again blindly; the document's
+    state, searched by uniqueId, tells whether the update was applied.
+    """
+
+    @inlineCallbacks
+    def update(self, lose: str) -> Any:
+        """
+        Submit a document, then mask it with the C{lose} part of the update
+        lost (the search before the update is the first exchange, the update
+        the second).
+
+        @return: a Deferred that fires with the update's outcome, or the
+            failure's error, and the document's uniqueId.
+        """
+        data = cda("VAC-NOTE")
+        yield self.submit(data)
+        unique = unique_id(data)
+        self.proxy.lose_exchange(2, lose)
+        try:
+            answer = yield self.facade.td33_update(
+                unique, "mask", self.context, CDA_PATIENT
+            )
+        except FacadeError as error:
+            answer = error
+        self.assertEqual(self.proxy.cuts, 1)
+        return answer, unique
+
+    @inlineCallbacks
+    def masked(self, unique: str) -> Any:
+        found = yield self.facade.td31_find(
+            self.context, CDA_PATIENT, uniqueIds=[unique]
+        )
+        current = [d for d in found if d["availabilityStatus"] == Status.Approved]
+        return any(c["code"] == "MASQUE_PS" for c in current[-1]["confidentialityCode"])
+
+    @inlineCallbacks
+    def test_update_answer_lost_but_applied(self) -> Any:
+        answer, unique = yield self.update("answer")
+        self.assertEqual(
+            answer,
+            {
+                "status": "Success",
+                "uniqueId": unique,
+                "action": "mask",
+                "outcome": "applied-after-lost-answer",
+            },
+        )
+        self.assertTrue((yield self.masked(unique)))
+
+    @inlineCallbacks
+    def test_update_lost_not_applied(self) -> Any:
+        error, unique = yield self.update("request")
+        self.assertIsInstance(error, FacadeProblem)
+        self.assertEqual(error.status, 502)
+        self.assertEqual(error.problem["outcome"], "not-applied")
+        self.assertIn("was not applied and can be sent again", str(error))
+        self.assertFalse((yield self.masked(unique)))
+        # Sent again, it is applied once.
+        answer = yield self.facade.td33_update(
+            unique, "mask", self.context, CDA_PATIENT
+        )
+        self.assertEqual(answer["outcome"], "answered")
+        self.assertTrue((yield self.masked(unique)))
+
+    @inlineCallbacks
+    def test_update_outcome_unknown(self) -> Any:
+        error, unique = yield self.update("request-and-all")
+        self.assertIsInstance(error, OutcomeUnknown)
+        self.assertEqual(error.status, 504)
+        self.assertEqual(error.unique_ids, [unique])
+        self.assertIn("may or may not have been applied", str(error))
+        self.assertIn("TD3.1 by uniqueId", str(error))
 
 
 class OpenApiTests(FacadeTestCase):

@@ -44,6 +44,7 @@ from cpsdmp.facade.service import (
     CardHolderError,
     DmpAnswerLost,
     DmpHttpError,
+    DmpNotReached,
     DmpService,
     DmpTimeout,
     DmpUnreachable,
@@ -229,7 +230,7 @@ def problem_for(error: BaseException) -> Problem:
         return Problem(
             504,
             "outcome-unknown",
-            "The submission's outcome is unknown",
+            "The outcome is unknown",
             text,
             {"uniqueIds": error.unique_ids, "outcome": "unknown"},
         )
@@ -1057,17 +1058,14 @@ async def _td33(resource: FacadeResource, request: server.Request, body: Any) ->
     found = await resource.service.td31(
         context, patient=patient, unique_ids=[unique_id]
     )
-    current = [
-        e
-        for e in found.entries
-        if e.availabilityStatus in (Status.Approved, Status.Archived)
-    ]
+    current = _current(found.entries)
     if not current:
         raise _not_found(unique_id, found.entries)
     entry = current[-1]
     conflict = _conflict(entry, action)
     if conflict is not None:
         raise Problem(409, "conflict", "Not possible in the document's state", conflict)
+    outcome = "answered"
     try:
         await resource.service.td33(context, entry, action)
     except MetadataError as error:
@@ -1076,7 +1074,89 @@ async def _td33(resource: FacadeResource, request: server.Request, body: Any) ->
         raise Problem(
             502, "dmp-bad-answer", "The DMP's answer is not usable", str(error)
         ) from error
-    return {"status": "Success", "uniqueId": unique_id, "action": action}
+    except DmpNotReached:
+        raise
+    except (DmpAnswerLost, DmpTimeout) as lost:
+        # The update went out and its answer never came: the document's
+        # state, asked by uniqueId, tells whether it was applied.
+        applied = await _applied(resource, context, patient, unique_id, action)
+        if applied is None:
+            raise UnknownOutcome(
+                "the DMP's answer to the update never came and the "
+                "check of the document's state failed too: the update may or "
+                "may not have been applied; search for the document (TD3.1 by "
+                f"uniqueId {unique_id}) to see its state before sending it again",
+                [unique_id],
+            ) from lost
+        if not applied:
+            raise Problem(
+                502,
+                "dmp-answer-lost",
+                "The DMP's answer was lost",
+                "the DMP's answer to the update never came; a search "
+                f"by uniqueId shows that document {unique_id} is not "
+                f"{_DONE[action]}: the update was not applied and can be sent "
+                "again (the facade checks the state first)",
+                {"outcome": "not-applied", "uniqueIds": [unique_id]},
+            ) from lost
+        outcome = "applied-after-lost-answer"
+    return {
+        "status": "Success",
+        "uniqueId": unique_id,
+        "action": action,
+        "outcome": outcome,
+    }
+
+
+#: What a document is once each action is applied.
+_DONE = {
+    "mask": "masked",
+    "unmask": "unmasked",
+    "archive": "archived",
+    "unarchive": "unarchived",
+    "delete": "deleted",
+}
+
+
+def _current(entries: Sequence[DocumentEntry]) -> list[DocumentEntry]:
+    """
+    @return: the versions of a document that stand, neither deleted nor
+        replaced.
+    """
+    return [
+        e for e in entries if e.availabilityStatus in (Status.Approved, Status.Archived)
+    ]
+
+
+async def _applied(
+    resource: FacadeResource,
+    context: AgentContext,
+    patient: PatientId,
+    unique_id: str,
+    action: str,
+) -> bool | None:
+    """
+    @return: whether the document is in the state C{action} leads to, by a
+        TD3.1 by uniqueId; C{None} when the search failed.
+    """
+    try:
+        found = await resource.service.td31(
+            context, patient=patient, unique_ids=[unique_id]
+        )
+    except Exception as error:
+        _log.warn(
+            "TD3.3 check by uniqueId failed: {error}", error=excerpt(str(error), 300)
+        )
+        return None
+    current = _current(found.entries)
+    if action == "delete":
+        return not current and any(
+            e.availabilityStatus == Status.Deleted for e in found.entries
+        )
+    if not current:
+        return None
+    # Done when doing it again would change nothing.
+    return _conflict(current[-1], action) is not None
 
 
 _AGENT = {"agentContext": _CONTEXT_SCHEMA}
@@ -1368,11 +1448,16 @@ ROUTES: tuple[Route, ...] = (
         },
         {
             "type": "object",
-            "required": ["status", "uniqueId", "action"],
+            "required": ["status", "uniqueId", "action", "outcome"],
             "properties": {
                 "status": {"const": "Success"},
                 "uniqueId": {"type": "string"},
                 "action": {"type": "string"},
+                "outcome": {
+                    "enum": ["answered", "applied-after-lost-answer"],
+                    "description": "applied-after-lost-answer: the DMP's answer "
+                    "never came, and a search by uniqueId shows the update applied",
+                },
             },
         },
         errors=(400, 401, 403, 404, 409, 413, 422, 423, 429, 431, 502, 503, 504),
@@ -1398,8 +1483,8 @@ _STATUS_TEXT = {
     502: "the agent or the DMP failed: unreachable, TLS handshake refused "
     "(step and alert named), SOAP fault",
     503: "no CPS card in the reader",
-    504: "the DMP or the agent did not answer in time; for a submission, "
-    "an outcome that could not be confirmed",
+    504: "the DMP or the agent did not answer in time; for a submission or "
+    "a status update, an outcome that could not be confirmed",
 }
 
 
