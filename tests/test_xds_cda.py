@@ -427,6 +427,17 @@ class MetadataValueTests(SynchronousTestCase):
             cda(), STRUCTURE, overrides={"classCode": CodedValue("11", CLASS, "")}
         )
         self.assertEqual(entry.classCode.display, "Synthèse")
+        # As JSON gives it: {code, codingScheme, display}.
+        entry = document_entry(
+            cda(),
+            STRUCTURE,
+            overrides={
+                "classCode": {"code": "11", "codingScheme": CLASS, "display": ""}
+            },
+        )
+        self.assertEqual(entry.classCode, CodedValue("11", CLASS, "Synthèse"))
+        said = self.refused({"classCode": {"code": "ZZZ", "codingScheme": CLASS}})
+        self.assertIn("classCode 'ZZZ' is not a class of TRE_A03", said)
 
     def test_codes(self) -> None:
         said = self.refused({"formatCode": CodedValue("x" * 300, "1.2.3", "")})

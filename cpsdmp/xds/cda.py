@@ -18,7 +18,7 @@ naming it.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 
@@ -396,6 +396,22 @@ def _format_code(header: CdaHeader) -> CodedValue | None:
     return None
 
 
+def _as_code(value: object) -> object:
+    """
+    @return: C{value}, a code given as C{{code, codingScheme, display}}
+        (or a list of them) made a L{CodedValue}; anything else unchanged.
+    """
+    if isinstance(value, list):
+        return [_as_code(item) for item in value]
+    if isinstance(value, Mapping) and {"code", "codingScheme"} <= set(value):
+        return CodedValue(
+            str(value["code"]),
+            str(value["codingScheme"]),
+            str(value.get("display", "")),
+        )
+    return value
+
+
 def document_entry(
     document: bytes | memoryview,
     structure: Structure | None = None,
@@ -408,7 +424,8 @@ def document_entry(
     @param document: the exact bytes that will be submitted.
     @param structure: supplies healthcareFacilityTypeCode and
         practiceSettingCode when the CDA does not.
-    @param overrides: XDS attribute name -> value, applied last.
+    @param overrides: XDS attribute name -> value, applied last; a code as
+        a L{CodedValue} or as C{{code, codingScheme, display}}.
     @raise CdaError: a mandatory element is missing, or a value has no
         mapping (the message names it).
     @raise MetadataError: an override, or a value of the CDA, is one the DMP
@@ -417,7 +434,7 @@ def document_entry(
         TRE_A03.
     @raise XmlRefused: the document is unsafe or not well-formed XML.
     """
-    overrides = dict(overrides or {})
+    overrides = {name: _as_code(value) for name, value in (overrides or {}).items()}
     check_overrides(overrides)
     defaults = defaults or SubmissionDefaults()
     header = read_header(document)
