@@ -3569,3 +3569,55 @@ class SubmissionSizeTests(SynchronousTestCase):
         )
         self.assertEqual(len(sizes), 1)
         self.assertLess(sizes[0], MAX_BODY * 0.85, sizes[0])
+
+
+class StopTests(TestCase):
+    """
+    The facade stopping while a request waits on an agent that hangs: the
+    request is answered at once, and the stop does not wait for the
+    agent's timeout.
+    """
+
+    timeout = 60
+
+    @inlineCallbacks
+    def test_stop_answers_requests_under_way(self) -> Any:
+        hung = reactor.listenTCP(
+            0, Factory.forProtocol(Protocol), interface="127.0.0.1"
+        )  # type: ignore[attr-defined]
+        self.addCleanup(hung.stopListening)
+        config = FacadeConfig(
+            dmp_url="https://127.0.0.1:1/si-dmp-server/v2/services",
+            roots=[],
+            structure=STRUCTURE,
+            software=SOFTWARE,
+            defaults=DEFAULTS,
+            agent_timeout=30.0,
+        )
+        service = FacadeService("tcp:0:interface=127.0.0.1", config)
+        answers: list[SentAnswer] = []
+        service.site.requestFactory = recording(service.site.requestFactory, answers)
+        port = yield service.start()
+        self.addCleanup(service.stopService)
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+
+        context = dict(ABSENT_AGENT, url=f"https://127.0.0.1:{hung.getHost().port}")
+        answering = post_json(
+            f"http://127.0.0.1:{port.getHost().port}/dmp/td02Exist",
+            {"agentContext": context, "patient": {"ins": "279035121518989"}},
+        )
+        yield deferLater(reactor, 0.5, lambda: None)
+        self.assertFalse(answering.called)
+
+        started = time.monotonic()
+        yield service.stopService()
+        self.assertLess(time.monotonic() - started, 5)
+        response, problem = yield answering
+        self.assertEqual(response.code, 503, problem)
+        self.assertEqual(problem["type"], "https://cpsdmp.invalid/problems/stopping")
+        self.assertIn("send it again once the facade is back", problem["detail"])
+        check_answers(answers, openapi())
+        said = [formatEvent(e) or "" for e in events]
+        self.assertTrue(any("1 requests under way" in line for line in said), said)

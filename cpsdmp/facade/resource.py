@@ -16,11 +16,12 @@ import email.parser
 import email.policy
 import json
 import re
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.internet.defer import ensureDeferred
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, succeed
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
@@ -49,6 +50,7 @@ from cpsdmp.facade.service import (
     DmpTimeout,
     DmpUnreachable,
     DocumentRefused,
+    FacadeStopping,
     Submitted,
     TooManyDocuments,
     UnknownOutcome,
@@ -99,6 +101,9 @@ MAX_DETAIL = 1000
 #: The registry's and repository's word for a document it does not have.
 MISSING_DOCUMENT = "XDSMissingDocument"
 DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
+#: Seconds the facade, as it stops, waits for the answers of the requests
+#: it stopped to go out.
+STOP_WAIT = 5.0
 JSON = "application/json"
 PROBLEM_JSON = "application/problem+json"
 MULTIPART = "multipart/form-data"
@@ -283,6 +288,8 @@ def problem_for(error: BaseException) -> Problem:
         )
     if isinstance(error, CardHolderError):
         return Problem(502, "card-holder-unusable", "The card holder is unusable", text)
+    if isinstance(error, FacadeStopping):
+        return Problem(503, "stopping", "The facade is stopping", text)
     if isinstance(error, TooManyDocuments):
         return Problem(413, "too-large", "Too many documents", text)
     if isinstance(error, CdaError | XmlRefused):
@@ -488,7 +495,9 @@ def _b64(value: Any, name: str) -> bytes:
 
 
 # The routes ------------------------------------------------------------------------
-Handler = Callable[["FacadeResource", server.Request, Any], Awaitable[Any]]
+Handler = Callable[
+    ["FacadeResource", server.Request, Any], Coroutine[Deferred[Any], Any, Any]
+]
 
 _CONTEXT_SCHEMA = {
     "type": "object",
@@ -1482,7 +1491,7 @@ _STATUS_TEXT = {
     431: "a request line or header line over 16384 bytes; the connection closes",
     502: "the agent or the DMP failed: unreachable, TLS handshake refused "
     "(step and alert named), SOAP fault",
-    503: "no CPS card in the reader",
+    503: "no CPS card in the reader, or the facade is stopping",
     504: "the DMP or the agent did not answer in time; for a submission or "
     "a status update, an outcome that could not be confirmed",
 }
@@ -1569,6 +1578,38 @@ class FacadeResource(Resource):
         super().__init__()
         self.service = service
         self._routes = {(r.method, r.path): r for r in ROUTES}
+        #: The requests being answered, and the work that answers each.
+        self._in_flight: dict[server.Request, Deferred[Any]] = {}
+        #: Those L{stop} cut short.
+        self._stopped: set[server.Request] = set()
+        service.on_close.append(self.stop)
+
+    def stop(self) -> Deferred[Any]:
+        """
+        Stop the requests under way, as the facade stops: each is answered
+        at once (503, or its unknown outcome when it may have changed the
+        DMP) and its connection closed, instead of waiting for an agent or
+        a DMP that may hang.
+
+        @return: a Deferred that fires once their connections are closed, or
+            after L{STOP_WAIT} seconds.
+        """
+        under_way = list(self._in_flight.items())
+        if under_way:
+            _log.info(
+                "stopping: {count} requests under way are answered and closed",
+                count=len(under_way),
+            )
+        closed = []
+        for request, work in under_way:
+            self._stopped.add(request)
+            channel = request.channel
+            if isinstance(channel, FacadeChannel):
+                closed.append(channel.when_closed())
+            work.cancel()
+        waiting = DeferredList(closed)
+        waiting.addTimeout(STOP_WAIT, self.service.reactor)
+        return waiting.addErrback(lambda _: None)
 
     def patient(self, value: Any) -> PatientId:
         if not isinstance(value, Mapping):
@@ -1616,11 +1657,26 @@ class FacadeResource(Resource):
 
     async def _handle(self, route: Route, request: server.Request) -> None:
         assert route.handler is not None
+        # The request lets go of its channel once finished.
+        channel = request.channel
         try:
             body = self._body(route, request)
-            answer = await route.handler(self, request, body)
+            work = ensureDeferred(route.handler(self, request, body))
+            self._in_flight[request] = work
+            try:
+                answer = await work
+            finally:
+                self._in_flight.pop(request, None)
         except Exception as error:
             problem = problem_for(error)
+            if request in self._stopped and not isinstance(error, UnknownOutcome):
+                problem = Problem(
+                    503,
+                    "stopping",
+                    "The facade is stopping",
+                    "the facade stopped while this request was under way, before "
+                    "it was done; send it again once the facade is back",
+                )
             if problem.status == 500:
                 _log.failure(
                     "{operation} failed", Failure(), operation=route.operation_id
@@ -1633,6 +1689,7 @@ class FacadeResource(Resource):
                     kind=problem.kind,
                 )
             self._send_problem(request, problem)
+            self._close_if_stopping(request, channel)
             return
         if request._disconnected:
             return
@@ -1643,6 +1700,15 @@ class FacadeResource(Resource):
             request.setHeader(b"content-type", JSON.encode())
             request.write(json.dumps(answer, ensure_ascii=False).encode("utf-8"))
         request.finish()
+        self._close_if_stopping(request, channel)
+
+    def _close_if_stopping(self, request: server.Request, channel: Any) -> None:
+        """
+        Once the facade stops, close each connection after its answer.
+        """
+        self._stopped.discard(request)
+        if self.service.stopping and channel is not None:
+            channel.loseConnection()
 
     def _body(self, route: Route, request: server.Request) -> Any:
         if route.request is None:
@@ -1782,8 +1848,31 @@ class BoundedRequest(bounded.BoundedRequest):
 class FacadeChannel(HeaderLimitChannel):
     """
     The facade's HTTP/1.1 connections: a request line or header too long to
-    read is answered 431 with a problem document.
+    read is answered 431 with a problem document; L{when_closed} tells when
+    the connection is closed, its answers sent.
     """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._closed = False
+        self._waiting: list[Deferred[None]] = []
+
+    def when_closed(self) -> Deferred[None]:
+        """
+        @return: a Deferred that fires once the connection is closed.
+        """
+        if self._closed:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._waiting.append(d)
+        return d
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        super().connectionLost(reason)
+        self._closed = True
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(None)
 
     def header_too_large(self) -> bytes:
         problem = Problem(

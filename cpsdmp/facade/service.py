@@ -34,6 +34,7 @@ from twisted.internet.defer import (
     DeferredList,
     TimeoutError,
     ensureDeferred,
+    maybeDeferred,
 )
 from twisted.internet.error import ConnectError, ConnectionLost, DNSLookupError
 from twisted.internet.interfaces import (
@@ -201,6 +202,12 @@ class DocumentRefused(FacadeError):
         super().__init__(f"documents[{index}]: {error}")
         self.index = index
         self.error = error
+
+
+class FacadeStopping(FacadeError):
+    """
+    The facade is stopping: the request was stopped, or not begun.
+    """
 
 
 class TooManyDocuments(FacadeError):
@@ -672,6 +679,11 @@ class DmpService:
         self._sessions: OrderedDict[
             tuple[AgentContext, str], Deferred[ProfessionalSession]
         ] = OrderedDict()
+        #: Set by L{close}: no new exchange starts.
+        self.stopping = False
+        #: Called by L{close} first, each returning a Deferred: what answers
+        #: requests (the REST resource) stops the ones under way.
+        self.on_close: list[Callable[[], Deferred[Any]]] = []
 
     # Sessions -----------------------------------------------------------------
     def session(self, context: AgentContext) -> Deferred[ProfessionalSession]:
@@ -680,6 +692,7 @@ class DmpService:
             made on first use: the card holder and certificates read through
             the agent (no signature yet).
         """
+        self._check_running()
         key = (context, self.config.dmp_url)
         existing = self._sessions.get(key)
         if existing is not None:
@@ -759,16 +772,40 @@ class DmpService:
 
     def close(self) -> Deferred[Any]:
         """
-        Close every pooled connection.
+        Stop: the requests under way are stopped (L{on_close}), no new
+        exchange starts, and every pooled connection is closed.
 
         @return: a Deferred that fires when they are closed.
         """
-        sessions, self._sessions = list(self._sessions.values()), OrderedDict()
-        closing = [
-            _share(d).addCallback(lambda s: s.close()).addErrback(lambda _: None)
-            for d in sessions
-        ]
-        return DeferredList(closing)
+        self.stopping = True
+        hooks, self.on_close = self.on_close, []
+        stopped = DeferredList([maybeDeferred(hook) for hook in hooks])
+
+        def close_sessions(_: object) -> Deferred[Any]:
+            sessions, self._sessions = list(self._sessions.values()), OrderedDict()
+            closing = []
+            for d in sessions:
+                closing.append(
+                    _share(d)
+                    .addCallback(lambda s: s.close())
+                    .addErrback(lambda _: None)
+                )
+                # A session still being opened waits on the agent, which
+                # may hang: it is given up.
+                if not d.called:
+                    d.cancel()
+            return DeferredList(closing)
+
+        return stopped.addCallback(close_sessions)
+
+    def _check_running(self) -> None:
+        """
+        @raise FacadeStopping: the facade is stopping.
+        """
+        if self.stopping:
+            raise FacadeStopping(
+                "the facade is stopping: nothing more is sent to the agent or the DMP"
+            )
 
     def vihf(
         self, session: ProfessionalSession, patient: PatientId | None
@@ -805,6 +842,7 @@ class DmpService:
             answer never came.
         @raise DmpTimeout: no answer in time.
         """
+        self._check_running()
         started = time.monotonic()
         signatures = session.key.signatures
         connection: _Connection | None = None
