@@ -17,6 +17,7 @@ import socket
 import sys
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from ipaddress import ip_network
@@ -34,6 +35,7 @@ from referencing import Registry
 from referencing.jsonschema import DRAFT202012
 from treq.client import HTTPClient
 from twisted.internet import reactor, ssl
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import (
@@ -42,14 +44,18 @@ from twisted.internet.protocol import (
     ProcessProtocol,
     Protocol,
 )
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
+from twisted.internet.testing import StringTransport
+from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, readBody
 from twisted.web.http_headers import Headers
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
 
-from cpsdmp.agent.card import KeyUsage
+from cpsdmp.agent.card import KeyNotFound, KeyUsage
 from cpsdmp.agent.card import PinBlocked as CardPinBlockedError
 from cpsdmp.agent.client import CpsAgentClient, open_session
 from cpsdmp.facade.client import (
@@ -57,6 +63,7 @@ from cpsdmp.facade.client import (
     AgentNotAllowed,
     AgentSessionExpired,
     AgentTimedOut,
+    CardMissing,
     CardPinBlocked,
     CardRateLimited,
     DmpFailed,
@@ -71,12 +78,13 @@ from cpsdmp.facade.client import (
     OutcomeUnknown,
 )
 from cpsdmp.facade.networks import AgentNetworkReactor
-from cpsdmp.facade.resource import ROUTES, UPDATE_ACTIONS, openapi
-from cpsdmp.facade.service import FacadeConfig
+from cpsdmp.facade.resource import ROUTES, UPDATE_ACTIONS, make_site, openapi
+from cpsdmp.facade.service import MAX_DOCUMENTS, FacadeConfig
 from cpsdmp.facade.tap import FacadeService
+from cpsdmp.protocols.httpserver import IDLE_TIMEOUT
 from cpsdmp.sandbox.tap import SandboxService
 from cpsdmp.xds.cda import CdaError, document_entry
-from cpsdmp.xds.ebrim import INS_OID_TEST, CodedValue
+from cpsdmp.xds.ebrim import INS_OID_TEST, CodedValue, Status
 from tests.agent_support import shared_testcard, start_agent, token_backend
 from tests.conformance.material import example_cdas
 from tests.xdsvalues import DEFAULTS, SOFTWARE, STRUCTURE
@@ -88,6 +96,7 @@ SYNTHESE = {
     "display": "Synthèse",
 }
 REPOSITORY = Path(__file__).resolve().parents[1]
+CLASS_SYSTEM = "1.2.250.1.213.1.1.4.1"
 
 
 def overrides_for(data: bytes) -> dict[str, Any] | None:
@@ -137,6 +146,7 @@ class CountingBackend:
 
 
 PROBLEM = "application/problem+json"
+JSON = "application/json"
 #: The base URI under which the facade's description is given to jsonschema.
 DESCRIPTION = "urn:cpsdmp:facade:openapi.json"
 
@@ -435,7 +445,8 @@ class ScenarioTests(FacadeTestCase):
     def test_json_retrieval(self) -> Any:
         """
         Without Accept: application/octet-stream, TD3.2 answers JSON with
-        the bytes in base64 and the document's mimeType.
+        the bytes in base64 and the document's mimeType; the raw bytes as
+        Accept weighs the forms, 406 when it allows none.
         """
         data = cda("VAC-NOTE")
         submitted = yield self.submit(data)
@@ -454,10 +465,25 @@ class ScenarioTests(FacadeTestCase):
         self.assertEqual(answer[1]["mimeType"], "text/xml")
 
         body = {"agentContext": self.context, "patient": CDA_PATIENT}
+        # Accept read with its weights (RFC 9110, 12.5.1): the answer is
+        # what it weighs most, JSON when it prefers nothing, and 406 when
+        # it allows none of JSON, the document's type and octet-stream.
         for accept, media_type in [
             ("application/octet-stream", "application/octet-stream"),
             ("text/xml", "text/xml"),
             ("text/xml, application/octet-stream;q=0.5", "text/xml"),
+            ("text/xml;q=0.5, application/octet-stream", "application/octet-stream"),
+            ("text/*", "text/xml"),
+            ("application/json;q=0.1, */*;q=0.5", "text/xml"),
+            (
+                "application/json;q=0.5, application/octet-stream",
+                "application/octet-stream",
+            ),
+            ("*/*", "application/json"),
+            ("application/*", "application/json"),
+            ("application/octet-stream;q=0", None),
+            ("application/pdf", None),
+            ("application/json;q=0, text/xml;q=0, application/octet-stream;q=0", None),
         ]:
             response = yield Agent(reactor).request(
                 b"POST",
@@ -471,12 +497,23 @@ class ScenarioTests(FacadeTestCase):
                 _body(json.dumps(dict(body, uniqueId=unique_id)).encode()),
             )
             content = yield readBody(response)
-            self.assertEqual(content, data, accept)
+            if media_type is None:
+                self.assertEqual(response.code, 406, accept)
+                problem = json.loads(content)
+                self.assertIn(
+                    "allows none of the forms of this answer", problem["detail"]
+                )
+                continue
+            self.assertEqual(response.code, 200, accept)
             self.assertEqual(
                 response.headers.getRawHeaders(b"content-type"),
                 [media_type.encode()],
                 accept,
             )
+            if media_type == "application/json":
+                self.assertEqual(base64.b64decode(json.loads(content)["content"]), data)
+            else:
+                self.assertEqual(content, data, accept)
 
     @inlineCallbacks
     def test_multipart_submission(self) -> Any:
@@ -689,6 +726,39 @@ class BlockedCard(SharedCard):
         raise CardPinBlockedError()
 
 
+class NoSignatureKey(SharedCard):
+    """
+    A card with an authentication key but no signature key.
+    """
+
+    def chain(self, usage: KeyUsage) -> Any:
+        if usage is KeyUsage.signature:
+            raise KeyNotFound("the card has no private key labelled CPS_PRIV_SIG")
+        return self._backend.chain(usage)
+
+
+class SignatureKeyTests(FacadeTestCase):
+    @inlineCallbacks
+    def test_read_only_without_signature_key(self) -> Any:
+        """
+        The card's signature key is asked for only when a submission needs
+        the set signed: behind a card without one, the reads work and a
+        submission says the key is missing.
+        """
+        agent = yield start_agent(self, NoSignatureKey(self.backend))
+        context = yield open_session(agent.url, self.card.pin, agent.fingerprint)
+        exists = yield self.facade.td02_exist(CDA_PATIENT, context)
+        self.assertTrue(exists["exists"])
+        found = yield self.facade.td31_find(context, CDA_PATIENT)
+        self.assertIsInstance(found, list)
+        error = yield self.failure_of(
+            self.submit(cda("BIO"), context=context), CardMissing
+        )
+        self.assertEqual(error.status, 503)
+        self.assertIn("CPS_PRIV_SIG", str(error))
+        self.assertEqual(self.backend.signatures[KeyUsage.signature], 0)
+
+
 class FaultTests(FacadeTestCase):
     @inlineCallbacks
     def test_duplicate_submission(self) -> Any:
@@ -712,11 +782,12 @@ class FaultTests(FacadeTestCase):
         A CDA about a patient the DMP does not know is refused with the
         DMP's code.
         """
-        data = cda("BIO").replace(b"279035121518989", b"299999999999999")
+        # An INS with its right key, of a patient the local DMP does not have.
+        data = cda("BIO").replace(b"279035121518989", b"299999999999945")
         error = yield self.failure_of(self.submit(data), DmpRefused)
         self.assertEqual(error.status, 422)
         self.assertTrue(error.codes)
-        self.assertIn("299999999999999", json.dumps(error.problem))
+        self.assertIn("299999999999945", json.dumps(error.problem))
 
     @inlineCallbacks
     def test_invalid_cda(self) -> Any:
@@ -812,7 +883,7 @@ class FaultTests(FacadeTestCase):
             self.facade.td31_find(self.context, CDA_PATIENT, creationFrom="yesterday"),
             MalformedRequest,
         )
-        self.assertIn("CreationTimeFrom", str(error))
+        self.assertIn("creationFrom", str(error))
         error = yield self.failure_of(
             self.facade.td33_update("1.2.3", "shred", self.context), MalformedRequest
         )
@@ -1104,8 +1175,11 @@ class FaultTests(FacadeTestCase):
         event = logged()
         self.assertEqual(
             (event["code"], event["connection"], event["signature"]),
-            ("DmpUnreachable", "not established", "none"),
+            ("failed", "not established", "none"),
         )
+        # In words, not the name of a Python class.
+        self.assertIn("TD0.2: failed (no connection to the DMP at", formatEvent(event))
+        self.assertNotIn("DmpUnreachable", formatEvent(event))
         self.assertIn("connection not established", formatEvent(event))
 
         other_ca = Path(self.mktemp() + ".pem")
@@ -1132,6 +1206,10 @@ class FaultTests(FacadeTestCase):
         event = logged()
         self.assertEqual(event["connection"], "new handshake (unused)")
         self.assertIn("connection new handshake (unused)", formatEvent(event))
+        self.assertIn("TD2.1: failed (", formatEvent(event))
+        self.assertIn("signatures per 60 s", formatEvent(event))
+        self.assertNotIn("RateLimited", formatEvent(event))
+        self.assertNotIn("AgentError", formatEvent(event))
 
     @inlineCallbacks
     def test_untrusted_card(self) -> Any:
@@ -1251,8 +1329,15 @@ class _Downstream(Protocol):
         self.pending: list[bytes] = []
         self.sent = 0
         self.cut = False
+        #: Who spoke last on this connection, the facade or the DMP: the
+        #: facade speaking again after the DMP starts a new exchange.
+        self.last: str | None = None
+        self.doomed = False
 
     def connectionMade(self) -> None:
+        if self.proxy.refuse_new:
+            self.transport.abortConnection()  # type: ignore[union-attr]
+            return
         endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.proxy.target)
         connectProtocol(endpoint, _Upstream(self))
 
@@ -1271,6 +1356,28 @@ class _Downstream(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self.cut:
             return
+        if self.last != "facade":
+            self.last = "facade"
+            self.proxy.exchanges += 1
+            if (
+                self.proxy.mode == "lose-nth"
+                and self.proxy.exchanges == self.proxy.lose_at
+            ):
+                self.proxy.mode = None
+                self.proxy.cuts += 1
+                if self.proxy.lose == "answer":
+                    # The request reaches the DMP, its answer never comes back.
+                    self.doomed = True
+                else:
+                    # The request never reaches the DMP.
+                    self.cut = True
+                    if self.upstream is not None:
+                        self.upstream.transport.abortConnection()
+                    call = reactor.callLater(0.3, self.transport.abortConnection)  # type: ignore[attr-defined, union-attr]
+                    self.proxy.later.append((call, self.transport))
+                    if self.proxy.lose == "request-and-all":
+                        self.proxy.refuse_new = True
+                    return
         self.sent += len(data)
         big = self.sent >= self.proxy.threshold
         if self.proxy.mode == "late-request" and (
@@ -1336,6 +1443,12 @@ class _Downstream(Protocol):
             self.forward(data)
 
     def from_server(self, data: bytes) -> None:
+        self.last = "dmp"
+        if self.doomed:
+            self.transport.abortConnection()  # type: ignore[union-attr]
+            if self.upstream is not None:
+                self.upstream.transport.abortConnection()
+            return
         if self.late:
             # The DMP answered the late submission; nobody waits for it now.
             callback, self.on_answer = self.on_answer, None
@@ -1387,6 +1500,23 @@ class LosingProxy(Factory):
         self.late: _Downstream | None = None
         self.late_data: list[bytes] = []
         self.downstreams: list[_Downstream] = []
+        #: C{lose-nth}: the exchanges begun through the proxy (the facade
+        #: speaking after the DMP), and the one whose C{lose} is lost:
+        #: C{answer}, C{request}, or C{request-and-all} (every connection
+        #: after it refused too).
+        self.exchanges = 0
+        self.lose_at = 0
+        self.lose = "answer"
+        self.refuse_new = False
+
+    def lose_exchange(self, nth: int, what: str) -> None:
+        """
+        Lose what C{what} says of the C{nth} exchange from now.
+        """
+        self.exchanges = 0
+        self.lose_at = nth
+        self.lose = what
+        self.mode = "lose-nth"
 
     def release_late(self, resend: _Downstream) -> None:
         """
@@ -1423,7 +1553,12 @@ class LosingProxy(Factory):
         return downstream
 
 
-class LostAnswerTests(FacadeTestCase):
+class ProxiedTestCase(FacadeTestCase):
+    """
+    A facade that reaches the DMP through a L{LosingProxy}, with a kept
+    connection to it.
+    """
+
     @inlineCallbacks
     def setUp(self) -> Any:
         yield super().setUp()
@@ -1437,6 +1572,8 @@ class LostAnswerTests(FacadeTestCase):
         self.assertGreater(len(self.data), self.proxy.threshold)
         yield self.facade.td02_exist(CDA_PATIENT, self.context)
 
+
+class LostAnswerTests(ProxiedTestCase):
     @inlineCallbacks
     def stored_copies(self) -> Any:
         found = yield self.facade.td31_find(
@@ -1599,6 +1736,82 @@ class LostAnswerTests(FacadeTestCase):
         self.assertEqual(error.status, 504)
         self.assertEqual(self.proxy.cuts, 2)
         self.assertEqual(error.unique_ids, [unique_id(self.data)])
+
+
+class LostUpdateTests(ProxiedTestCase):
+    """
+    TD3.3 whose answer never came: never sent again blindly; the document's
+    state, searched by uniqueId, tells whether the update was applied.
+    """
+
+    @inlineCallbacks
+    def update(self, lose: str) -> Any:
+        """
+        Submit a document, then mask it with the C{lose} part of the update
+        lost (the search before the update is the first exchange, the update
+        the second).
+
+        @return: a Deferred that fires with the update's outcome, or the
+            failure's error, and the document's uniqueId.
+        """
+        data = cda("VAC-NOTE")
+        yield self.submit(data)
+        unique = unique_id(data)
+        self.proxy.lose_exchange(2, lose)
+        try:
+            answer = yield self.facade.td33_update(
+                unique, "mask", self.context, CDA_PATIENT
+            )
+        except FacadeError as error:
+            answer = error
+        self.assertEqual(self.proxy.cuts, 1)
+        return answer, unique
+
+    @inlineCallbacks
+    def masked(self, unique: str) -> Any:
+        found = yield self.facade.td31_find(
+            self.context, CDA_PATIENT, uniqueIds=[unique]
+        )
+        current = [d for d in found if d["availabilityStatus"] == Status.Approved]
+        return any(c["code"] == "MASQUE_PS" for c in current[-1]["confidentialityCode"])
+
+    @inlineCallbacks
+    def test_update_answer_lost_but_applied(self) -> Any:
+        answer, unique = yield self.update("answer")
+        self.assertEqual(
+            answer,
+            {
+                "status": "Success",
+                "uniqueId": unique,
+                "action": "mask",
+                "outcome": "applied-after-lost-answer",
+            },
+        )
+        self.assertTrue((yield self.masked(unique)))
+
+    @inlineCallbacks
+    def test_update_lost_not_applied(self) -> Any:
+        error, unique = yield self.update("request")
+        self.assertIsInstance(error, FacadeProblem)
+        self.assertEqual(error.status, 502)
+        self.assertEqual(error.problem["outcome"], "not-applied")
+        self.assertIn("was not applied and can be sent again", str(error))
+        self.assertFalse((yield self.masked(unique)))
+        # Sent again, it is applied once.
+        answer = yield self.facade.td33_update(
+            unique, "mask", self.context, CDA_PATIENT
+        )
+        self.assertEqual(answer["outcome"], "answered")
+        self.assertTrue((yield self.masked(unique)))
+
+    @inlineCallbacks
+    def test_update_outcome_unknown(self) -> Any:
+        error, unique = yield self.update("request-and-all")
+        self.assertIsInstance(error, OutcomeUnknown)
+        self.assertEqual(error.status, 504)
+        self.assertEqual(error.unique_ids, [unique])
+        self.assertIn("may or may not have been applied", str(error))
+        self.assertIn("TD3.1 by uniqueId", str(error))
 
 
 class OpenApiTests(FacadeTestCase):
@@ -1904,18 +2117,31 @@ class AgentContextTests(FacadeTestCase):
         """
         A fingerprint with colons between its bytes or in capitals, and a
         token of another length than the agent's own, are well formed: the
-        agent is asked, and says whether it knows them.
+        agent is asked, and says whether it knows them. Each spelling of the
+        fingerprint is the same context: its kept connection is reused, and
+        the card signed one handshake only.
         """
         fingerprint = self.context["tlsFingerprint"]
         digest = fingerprint.split(":", 1)[1]
+        first = yield self.facade.td02_exist(CDA_PATIENT, self.context)
+        self.assertEqual(first["timings"]["connection"], "new handshake")
+        # Every time in seconds, the card's handshake signature included,
+        # rounded to the microsecond.
+        self.assertIsNotNone(first["timings"]["handshakeSignature"])
+        for name, value in first["timings"].items():
+            if isinstance(value, float):
+                self.assertEqual(value, round(value, 6), name)
         for variant in [
             "sha256:" + digest.upper(),
             "sha256:" + ":".join(digest[i : i + 2] for i in range(0, 64, 2)),
+            "sha256:" + ":".join(digest[i : i + 2] for i in range(0, 64, 2)).upper(),
         ]:
             answer = yield self.facade.td02_exist(
                 CDA_PATIENT, dict(self.context, tlsFingerprint=variant)
             )
             self.assertTrue(answer["exists"])
+            self.assertEqual(answer["timings"]["connection"], "reused", variant)
+        self.assertEqual(self.authentication_signatures, 1)
         error = yield self.failure_of(
             self.facade.td02_exist(
                 CDA_PATIENT, dict(self.context, token=secrets.token_urlsafe(12))
@@ -2218,7 +2444,7 @@ class MoreFaultTests(FacadeTestCase):
                         }
                     ]
                 },
-                "cannot be overridden",
+                "overrides has no member",
             ),
             (
                 "/dmp/td21SubmitDocuments",
@@ -2727,3 +2953,671 @@ class FacadeClientTests(TestCase):
         )
         error = yield self.assertFailure(client.health(), FacadeError)
         self.assertIn("HTTP 502", str(error))
+
+
+def _bare_service(reactor_: Any = None) -> Any:
+    """
+    @return: a facade service whose DMP and agents are never reached.
+    """
+    from cpsdmp.facade.service import DmpService
+
+    config = FacadeConfig(
+        dmp_url="https://127.0.0.1:1/si-dmp-server/v2/services",
+        roots=[],
+        structure=STRUCTURE,
+        software=SOFTWARE,
+        defaults=DEFAULTS,
+    )
+    return DmpService(config, reactor_)
+
+
+class _Pending(Resource):
+    """
+    A resource whose answers never come, as a request waiting on a slow
+    DMP.
+    """
+
+    isLeaf = True
+
+    def render(self, request: Any) -> Any:
+        return NOT_DONE_YET
+
+
+class ConnectionLimitTests(SynchronousTestCase):
+    """
+    The facade's connections: one that stays silent is closed after
+    L{IDLE_TIMEOUT}, whatever Twisted's default, but never one that sends a
+    body slowly or waits for its answer.
+    """
+
+    def connect(self, site: Any) -> tuple[Any, StringTransport]:
+        protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def test_silent_connection_closed(self) -> None:
+        clock = Clock()
+        site = make_site(_bare_service(clock), reactor=clock)
+        protocol, transport = self.connect(site)
+        protocol.dataReceived(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        clock.advance(IDLE_TIMEOUT - 1)
+        self.assertFalse(transport.disconnecting)
+        clock.advance(2)
+        self.assertTrue(transport.disconnecting)
+
+    def test_kept_connection_closed_when_idle(self) -> None:
+        clock = Clock()
+        site = make_site(_bare_service(clock), reactor=clock)
+        protocol, transport = self.connect(site)
+        protocol.dataReceived(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertIn(b"200 OK", transport.value())
+        clock.advance(IDLE_TIMEOUT + 1)
+        self.assertTrue(transport.disconnecting)
+
+    def test_slow_upload_not_cut(self) -> None:
+        """
+        A body that keeps coming, however slowly in all, is not cut.
+        """
+        clock = Clock()
+        site = make_site(_bare_service(clock), reactor=clock)
+        protocol, transport = self.connect(site)
+        protocol.dataReceived(
+            b"POST /dmp/td02Exist HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 10\r\n\r\n"
+        )
+        for _ in range(9):
+            clock.advance(IDLE_TIMEOUT - 1)
+            protocol.dataReceived(b" ")
+        self.assertFalse(transport.disconnecting)
+
+    def test_slow_answer_not_cut(self) -> None:
+        """
+        A request whose answer takes long (the DMP is slow) keeps its
+        connection.
+        """
+        clock = Clock()
+        site = make_site(_bare_service(clock), reactor=clock)
+        site.resource = _Pending()
+        protocol, transport = self.connect(site)
+        protocol.dataReceived(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        clock.advance(IDLE_TIMEOUT * 10)
+        self.assertFalse(transport.disconnecting)
+
+
+class HeaderLimitTests(TestCase):
+    """
+    A request line or header too long to read is answered 431 with a
+    problem document, then the connection closes, as the agent does.
+    """
+
+    timeout = 30
+
+    @inlineCallbacks
+    def test_header_too_large(self) -> Any:
+        site = make_site(_bare_service())
+        port = reactor.listenTCP(0, site, interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.addCleanup(port.stopListening)
+
+        def exchange(request: bytes) -> bytes:
+            with socket.create_connection(("127.0.0.1", port.getHost().port)) as s:
+                s.settimeout(10)
+                s.sendall(request)
+                answer = b""
+                while chunk := s.recv(65536):
+                    answer += chunk
+                return answer
+
+        for request in [
+            b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 17000 + b"\r\n\r\n",
+            b"GET /" + b"a" * 17000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+        ]:
+            answer = yield deferToThread(exchange, request)
+            head, _, body = answer.partition(b"\r\n\r\n")
+            self.assertTrue(head.startswith(b"HTTP/1.1 431 "), head)
+            self.assertIn(b"Connection: close", head)
+            document = json.loads(body)
+            self.assertEqual(
+                document["type"], "https://cpsdmp.invalid/problems/header-too-large"
+            )
+            self.assertIn("16384 bytes", document["detail"])
+            conforms(document, _pointer("components", "schemas", "Problem"))
+        for path, operations in openapi()["paths"].items():
+            for method, operation in operations.items():
+                self.assertIn("431", operation["responses"], f"{method} {path}")
+
+
+#: A well-formed agent context of an agent that is not there: a request the
+#: facade sent on would fail as agent-unreachable (502), not as malformed.
+ABSENT_AGENT = {
+    "url": "https://127.0.0.1:1",
+    "token": "A" * 43,
+    "tlsFingerprint": "sha256:" + "ab" * 32,
+}
+
+
+def _object_text(*members: tuple[str, str]) -> str:
+    """
+    @return: the text of a JSON object of C{(name, JSON text)} members, in
+        order, the same name possibly twice.
+    """
+    return "{" + ", ".join(f"{json.dumps(n)}: {v}" for n, v in members) + "}"
+
+
+class RequestCheckTests(TestCase):
+    """
+    What the facade refuses in a request before it sends anything anywhere,
+    against a facade whose agent and DMP are not there: a request that got
+    past the checks would fail as unreachable instead.
+    """
+
+    timeout = 30
+
+    def setUp(self) -> None:
+        self.answers: list[SentAnswer] = []
+        self.addCleanup(lambda: check_answers(self.answers, openapi()))
+        site = make_site(_bare_service())
+        site.requestFactory = recording(site.requestFactory, self.answers)
+        port = reactor.listenTCP(0, site, interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.addCleanup(port.stopListening)
+        self.url = f"http://127.0.0.1:{port.getHost().port}"
+
+    @inlineCallbacks
+    def post(
+        self, path: str, body: bytes | dict[str, Any], content_type: str = JSON
+    ) -> Any:
+        """
+        @return: a Deferred that fires with the status and the JSON answer.
+        """
+        if isinstance(body, dict):
+            body = json.dumps(body).encode()
+        response, document = yield post_raw(self.url + path, body, content_type)
+        return response.code, document
+
+    @inlineCallbacks
+    def refused(
+        self,
+        path: str,
+        body: bytes | dict[str, Any],
+        status: int = 400,
+        content_type: str = JSON,
+    ) -> Any:
+        """
+        @return: a Deferred that fires with the detail of the problem,
+            checked to have C{status}.
+        """
+        code, document = yield self.post(path, body, content_type)
+        self.assertEqual(code, status, document)
+        return document["detail"]
+
+    @inlineCallbacks
+    def test_member_twice(self) -> Any:
+        """
+        A member given twice in one object is refused, wherever it is: the
+        facade would otherwise act on the last one unseen.
+        """
+        context = json.dumps(ABSENT_AGENT)
+        patient = json.dumps({"ins": "279035121518989"})
+        other = json.dumps({"ins": "185127505612306"})
+        for body in [
+            _object_text(
+                ("agentContext", context), ("patient", other), ("patient", patient)
+            ),
+            _object_text(
+                ("agentContext", context),
+                (
+                    "patient",
+                    _object_text(
+                        ("ins", '"185127505612306"'), ("ins", '"279035121518989"')
+                    ),
+                ),
+            ),
+            _object_text(
+                (
+                    "agentContext",
+                    _object_text(
+                        ("url", '"https://127.0.0.1:1"'),
+                        ("token", json.dumps("A" * 43)),
+                        ("token", json.dumps("B" * 43)),
+                        ("tlsFingerprint", json.dumps("sha256:" + "ab" * 32)),
+                    ),
+                ),
+                ("patient", patient),
+            ),
+        ]:
+            detail = yield self.refused("/dmp/td02Exist", body.encode())
+            self.assertIn("twice in one object", detail)
+        boundary = "b0undary"
+        document = ('name="doc"; filename="a.xml"', "text/xml", b"<x/>")
+        for twice, value in [("agentContext", context), ("overrides", "[{}]")]:
+            given = [(f'name="{twice}"', JSON, value.encode())] * 2
+            if twice != "agentContext":
+                given.append(('name="agentContext"', JSON, context.encode()))
+            detail = yield self.refused(
+                "/dmp/td21SubmitDocuments",
+                multipart(boundary, [*given, document]),
+                content_type=f"multipart/form-data; boundary={boundary}",
+            )
+            self.assertIn(f"two parts '{twice}'", detail)
+
+    @inlineCallbacks
+    def test_huge_number_said_in_words(self) -> Any:
+        body = (
+            b'{"agentContext": %s, "patient": {"ins": "279035121518989"}, "x": 1%s}'
+            % (json.dumps(ABSENT_AGENT).encode(), b"0" * 5000)
+        )
+        detail = yield self.refused("/dmp/td02Exist", body)
+        self.assertEqual(
+            detail, "the body has a number of 5001 digits (at most 64 are taken)"
+        )
+        for constant in [b"NaN", b"Infinity", b"-Infinity"]:
+            detail = yield self.refused("/dmp/td02Exist", b'{"x": %s}' % constant)
+            self.assertIn("which is not JSON", detail)
+
+    @inlineCallbacks
+    def test_unknown_members(self) -> Any:
+        """
+        A member a route does not know is refused by name, at any depth: a
+        typo is not a filter silently left out.
+        """
+        patient = {"ins": "279035121518989"}
+        base = {"agentContext": ABSENT_AGENT, "patient": patient}
+        content = base64.b64encode(b"<x/>").decode()
+        for path, body, where in [
+            ("/dmp/td31Find", {**base, "clasCodes": [SYNTHESE]}, "the body"),
+            ("/dmp/td02Exist", {**base, "patients": patient}, "the body"),
+            (
+                "/dmp/td02Exist",
+                {**base, "patient": {**patient, "authorty": "1.2.3"}},
+                "patient",
+            ),
+            (
+                "/dmp/td02Exist",
+                {**base, "agentContext": {**ABSENT_AGENT, "tls": "x"}},
+                "agentContext",
+            ),
+            (
+                "/dmp/td31Find",
+                {**base, "classCodes": [{**SYNTHESE, "system": "x"}]},
+                "classCodes[0]",
+            ),
+            (
+                "/dmp/td21SubmitDocuments",
+                {"agentContext": ABSENT_AGENT, "documents": [{"contents": content}]},
+                "documents[0]",
+            ),
+            (
+                "/dmp/td21SubmitDocuments",
+                {
+                    "agentContext": ABSENT_AGENT,
+                    "documents": [{"content": content}],
+                    "patient": patient,
+                },
+                "the body",
+            ),
+            ("/dmp/td32Retrieve", {**base, "uniqueId": "1.2.3", "x": 1}, "the body"),
+            (
+                "/dmp/td33UpdateStatus",
+                {**base, "uniqueId": "1.2.3", "action": "mask", "force": True},
+                "the body",
+            ),
+        ]:
+            detail = yield self.refused(path, body)
+            self.assertTrue(detail.startswith(f"{where} has no member "), detail)
+            # The description refuses it too.
+            request = _pointer(
+                "paths", path, "post", "requestBody", "content", JSON, "schema"
+            )
+            self.assertRaises(AssertionError, conforms, body, request)
+        detail = yield self.refused("/dmp/td31Find", {**base, "clasCodes": [SYNTHESE]})
+        self.assertIn("'clasCodes'", detail)
+        self.assertIn("classCodes", detail)
+        boundary = "b0undary"
+        detail = yield self.refused(
+            "/dmp/td21SubmitDocuments",
+            multipart(
+                boundary,
+                [
+                    ('name="agentContext"', JSON, json.dumps(ABSENT_AGENT).encode()),
+                    ('name="overides"', JSON, b"[{}]"),
+                    ('name="doc"; filename="a.xml"', "text/xml", b"<x/>"),
+                ],
+            ),
+            content_type=f"multipart/form-data; boundary={boundary}",
+        )
+        self.assertIn("'overides'", detail)
+
+    @inlineCallbacks
+    def test_search_members_with_identifiers(self) -> Any:
+        """
+        statuses, creation times and codes filter a search (FindDocuments):
+        documents asked for by identifier (GetDocuments) come whatever their
+        status, so these are refused with uniqueIds or entryUUIDs rather
+        than ignored.
+        """
+        base = {"agentContext": ABSENT_AGENT, "patient": {"ins": "279035121518989"}}
+        for given in [
+            {"uniqueIds": ["1.2.3"], "statuses": ["deleted"]},
+            {"entryUUIDs": [str(uuid.uuid4().urn)], "classCodes": [SYNTHESE]},
+            {"uniqueIds": ["1.2.3"], "creationFrom": "2024"},
+        ]:
+            detail = yield self.refused("/dmp/td31Find", {**base, **given})
+            self.assertIn("filter", detail)
+            self.assertIn("leave", detail)
+
+    @inlineCallbacks
+    def test_entry_uuids_checked(self) -> Any:
+        base = {"agentContext": ABSENT_AGENT, "patient": {"ins": "279035121518989"}}
+        good = uuid.uuid4().urn
+        for value in [
+            "abc",
+            good[len("urn:uuid:") :],
+            good + "0",
+            "urn:uuid:" + "g" * 36,
+        ]:
+            detail = yield self.refused(
+                "/dmp/td31Find", {**base, "entryUUIDs": [good, value]}
+            )
+            self.assertIn("entryUUIDs[1]", detail)
+            self.assertIn("not an entryUUID", detail)
+
+    @inlineCallbacks
+    def test_patient_ins(self) -> Any:
+        """
+        An INS that is not a string is said to be one, not the patient; one
+        of the wrong shape or with the wrong key is refused before anything
+        is sent.
+        """
+        for ins, said in [
+            (279035121518989, "'patient.ins' must be a string"),
+            (None, "'patient.ins' must be a string"),
+            ("27903512151898X", "is not an INS: 15 characters"),
+            ("279035121518988", "does not match its first 13 characters"),
+        ]:
+            body = {"agentContext": ABSENT_AGENT, "patient": {"ins": ins}}
+            detail = yield self.refused("/dmp/td02Exist", body)
+            self.assertIn(said, detail)
+            request = _pointer(
+                "paths",
+                "/dmp/td02Exist",
+                "post",
+                "requestBody",
+                "content",
+                JSON,
+                "schema",
+            )
+            if said.startswith("is not"):
+                self.assertRaises(AssertionError, conforms, body, request)
+        detail = yield self.refused(
+            "/dmp/td02Exist", {"agentContext": ABSENT_AGENT, "patient": {}}
+        )
+        self.assertIn("lacks its 'ins'", detail)
+
+    @inlineCallbacks
+    def test_override_values(self) -> Any:
+        """
+        Override values the DMP would refuse are 422 naming the document and
+        the attribute, before the card or the DMP is asked anything.
+        """
+        content = base64.b64encode(cda("BIO")).decode()
+        # The description refuses the shapes; a real date and the order of
+        # two times are beyond what a JSON schema says.
+        for overrides, said, described in [
+            (
+                {"creationTime": "yesterday"},
+                "creationTime 'yesterday' is not an XDS time",
+                True,
+            ),
+            (
+                {"serviceStartTime": "20301301", "serviceStopTime": "20200101"},
+                "serviceStartTime '20301301' is not a real date and time",
+                False,
+            ),
+            (
+                {"serviceStartTime": "20300101", "serviceStopTime": "20200101"},
+                "serviceStartTime 20300101 is after serviceStopTime 20200101",
+                False,
+            ),
+            ({"title": "x" * 100_000}, "title is 100000 characters long", True),
+            (
+                {"classCode": {"code": "ZZZ", "codingScheme": CLASS_SYSTEM}},
+                "classCode 'ZZZ' is not a class of TRE_A03",
+                True,
+            ),
+        ]:
+            body = {
+                "agentContext": ABSENT_AGENT,
+                "documents": [
+                    {"content": content},
+                    {"content": content, "overrides": overrides},
+                ],
+            }
+            code, document = yield self.post("/dmp/td21SubmitDocuments", body)
+            self.assertEqual(code, 422, document)
+            self.assertEqual(document["documentIndex"], 1)
+            self.assertTrue(
+                document["detail"].startswith(f"documents[1].overrides: {said}"),
+                document["detail"],
+            )
+            request = _pointer(
+                "paths",
+                "/dmp/td21SubmitDocuments",
+                "post",
+                "requestBody",
+                "content",
+                JSON,
+                "schema",
+            )
+            if described:
+                self.assertRaises(AssertionError, conforms, body, request)
+            else:
+                conforms(body, request)
+
+    @inlineCallbacks
+    def test_search_times(self) -> Any:
+        base = {"agentContext": ABSENT_AGENT, "patient": {"ins": "279035121518989"}}
+        for given, said in [
+            (
+                {"creationFrom": "20201301"},
+                "creationFrom '20201301' is not a real date",
+            ),
+            (
+                {"creationTo": "2020-01-01"},
+                "creationTo '2020-01-01' is not an XDS time",
+            ),
+            (
+                {"creationFrom": "2021", "creationTo": "20200101"},
+                "creationFrom 2021 is after creationTo 20200101",
+            ),
+        ]:
+            detail = yield self.refused("/dmp/td31Find", {**base, **given})
+            self.assertIn(said, detail)
+
+    @inlineCallbacks
+    def test_submission_as_a_whole(self) -> Any:
+        """
+        What the DMP, or the agent, would refuse of a submission as a whole
+        is 422 naming the documents, before anything is asked of the card:
+        the same document twice (the agent refused the signature as a
+        security event), documents of two patients (said with a Python set).
+        """
+        data = cda("BIO")
+        other = data.replace(b"279035121518989", b"185127505612306").replace(
+            b"2024.9.1", b"2024.9.2"
+        )
+        for documents, said in [
+            (
+                [data, cda("VAC-NOTE"), data],
+                "documents[2]: the same document as documents[0] (uniqueId "
+                + unique_id(data),
+            ),
+            (
+                [data, other],
+                "documents[1]: its patient is 185127505612306 (authority "
+                f"{INS_OID_TEST}), that of documents[0] 279035121518989",
+            ),
+        ]:
+            body = {
+                "agentContext": ABSENT_AGENT,
+                "documents": [
+                    {
+                        "content": base64.b64encode(d).decode(),
+                        "overrides": overrides_for(d) or {},
+                    }
+                    for d in documents
+                ],
+            }
+            code, document = yield self.post("/dmp/td21SubmitDocuments", body)
+            self.assertEqual(code, 422, document)
+            self.assertEqual(document["documentIndex"], len(documents) - 1)
+            self.assertTrue(document["detail"].startswith(said), document["detail"])
+            self.assertNotIn("{", document["detail"])
+
+    @inlineCallbacks
+    def test_too_many_documents(self) -> Any:
+        """
+        More documents than a submission may carry are refused with 413
+        saying the maximum, as JSON or as a form, before any is read.
+        """
+        content = base64.b64encode(b"<not-read/>").decode()
+        body = {
+            "agentContext": ABSENT_AGENT,
+            "documents": [{"content": content}] * (MAX_DOCUMENTS + 1),
+        }
+        detail = yield self.refused("/dmp/td21SubmitDocuments", body, 413)
+        self.assertIn(
+            f"at most {MAX_DOCUMENTS} documents, not {MAX_DOCUMENTS + 1}", detail
+        )
+        boundary = "b0undary"
+        form = [('name="agentContext"', JSON, json.dumps(ABSENT_AGENT).encode())] + [
+            (f'name="d{i}"; filename="d{i}.xml"', "text/xml", b"<not-read/>")
+            for i in range(MAX_DOCUMENTS + 1)
+        ]
+        detail = yield self.refused(
+            "/dmp/td21SubmitDocuments",
+            multipart(boundary, form),
+            413,
+            content_type=f"multipart/form-data; boundary={boundary}",
+        )
+        self.assertIn(f"at most {MAX_DOCUMENTS} documents", detail)
+        request = _pointer(
+            "paths",
+            "/dmp/td21SubmitDocuments",
+            "post",
+            "requestBody",
+            "content",
+            JSON,
+            "schema",
+        )
+        self.assertRaises(AssertionError, conforms, body, request)
+
+
+class SubmissionSizeTests(SynchronousTestCase):
+    def test_largest_submission_signable(self) -> None:
+        """
+        The card's signature request for the largest submission the facade
+        takes, each document's uniqueId as long as the registry stores,
+        fits the agent's request body with room to spare.
+        """
+        from cryptography.hazmat.primitives.serialization import pkcs12
+
+        from cpsdmp.agent.resource import MAX_BODY
+        from cpsdmp.xds.signature import local_signer
+        from cpsdmp.xds.submit import SigningIdentity, prepare_td21
+        from cpsdmp.xds.transactions import DmpEndpoints
+        from cpsdmp.xds.values import MAX_LONG_NAME
+        from tests.xdsvalues import PROFESSIONAL
+
+        card = shared_testcard()
+        signature = pkcs12.load_pkcs12(
+            Path(card.soft_card_signature).read_bytes(), card.pin.encode()
+        )
+        assert signature.key is not None and signature.cert is not None
+        sizes = []
+        signer = local_signer(signature.key)
+
+        def measuring(request: bytes, algorithm: str) -> Any:
+            sizes.append(len(request))
+            return signer(request, algorithm)
+
+        data = cda("BIO")
+        root = b'<id root="1.2.250.1.213.1.1.1.55.2024.9.1"/>'
+        self.assertIn(root, data)
+        documents = []
+        for index in range(MAX_DOCUMENTS):
+            extension = str(index).rjust(MAX_LONG_NAME - len("1.2.3.4^"), "0")
+            documents.append(
+                data.replace(
+                    root, b'<id root="1.2.3.4" extension="%s"/>' % extension.encode()
+                )
+            )
+        prepared = self.successResultOf(
+            prepare_td21(
+                documents,
+                professional=PROFESSIONAL,
+                structure=STRUCTURE,
+                software=SOFTWARE,
+                defaults=DEFAULTS,
+                endpoints=DmpEndpoints("https://127.0.0.1:1/si-dmp-server/v2/services"),
+                issuer="CN=test",
+                signing=SigningIdentity(measuring, signature.cert.certificate),
+            )
+        )
+        self.assertEqual(len(prepared.submission.documents), MAX_DOCUMENTS + 1)
+        self.assertEqual(
+            len(prepared.submission.documents[0].entry.uniqueId), MAX_LONG_NAME
+        )
+        self.assertEqual(len(sizes), 1)
+        self.assertLess(sizes[0], MAX_BODY * 0.85, sizes[0])
+
+
+class StopTests(TestCase):
+    """
+    The facade stopping while a request waits on an agent that hangs: the
+    request is answered at once, and the stop does not wait for the
+    agent's timeout.
+    """
+
+    timeout = 60
+
+    @inlineCallbacks
+    def test_stop_answers_requests_under_way(self) -> Any:
+        hung = reactor.listenTCP(
+            0, Factory.forProtocol(Protocol), interface="127.0.0.1"
+        )  # type: ignore[attr-defined]
+        self.addCleanup(hung.stopListening)
+        config = FacadeConfig(
+            dmp_url="https://127.0.0.1:1/si-dmp-server/v2/services",
+            roots=[],
+            structure=STRUCTURE,
+            software=SOFTWARE,
+            defaults=DEFAULTS,
+            agent_timeout=30.0,
+        )
+        service = FacadeService("tcp:0:interface=127.0.0.1", config)
+        answers: list[SentAnswer] = []
+        service.site.requestFactory = recording(service.site.requestFactory, answers)
+        port = yield service.start()
+        self.addCleanup(service.stopService)
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+
+        context = dict(ABSENT_AGENT, url=f"https://127.0.0.1:{hung.getHost().port}")
+        answering = post_json(
+            f"http://127.0.0.1:{port.getHost().port}/dmp/td02Exist",
+            {"agentContext": context, "patient": {"ins": "279035121518989"}},
+        )
+        yield deferLater(reactor, 0.5, lambda: None)
+        self.assertFalse(answering.called)
+
+        started = time.monotonic()
+        yield service.stopService()
+        self.assertLess(time.monotonic() - started, 5)
+        response, problem = yield answering
+        self.assertEqual(response.code, 503, problem)
+        self.assertEqual(problem["type"], "https://cpsdmp.invalid/problems/stopping")
+        self.assertIn("send it again once the facade is back", problem["detail"])
+        check_answers(answers, openapi())
+        said = [formatEvent(e) or "" for e in events]
+        self.assertTrue(any("1 requests under way" in line for line in said), said)

@@ -39,7 +39,7 @@ from zope.interface import implementer
 from cpsdmp.agent.testcard import TestCard, init_testcard
 from cpsdmp.protocols.soap import SoapFault, SoapResponse, read_message
 from cpsdmp.sandbox.tap import SandboxService
-from cpsdmp.xds.cda import CdaError, document_entry
+from cpsdmp.xds.cda import CLASS_CODE_SYSTEM, CdaError, document_entry
 from cpsdmp.xds.context import Professional
 from cpsdmp.xds.ebrim import (
     INS_OID_TEST,
@@ -48,6 +48,7 @@ from cpsdmp.xds.ebrim import (
     DocumentEntry,
     DocumentEntryScheme,
     PatientId,
+    Slot,
     Status,
     new_entry_uuid,
     uuid_oid,
@@ -428,7 +429,7 @@ class RefusalTests(SandboxTestCase):
         A patient without DMP: NF to TD0.2, XDSUnknownPatientId to TD2.1 and
         TD3.1.
         """
-        stranger = PatientId("100017512345699", INS_OID_TEST)
+        stranger = PatientId("100017512345603", INS_OID_TEST)
         answer = yield self.post(
             existence_test(self.endpoints, self.vihf(stranger), stranger)
         )
@@ -469,6 +470,46 @@ class RefusalTests(SandboxTestCase):
         self.assertEqual(failure.code, "XDSRepositoryMetadataError")
         self.assertIn("typeCode", str(failure))
         self.assertEqual((yield self.service.store.count("documents")), 0)
+
+    @inlineCallbacks
+    def test_metadata_values_refused(self):  # type: ignore[no-untyped-def]
+        """
+        Values the DMP refuses, whoever made the metadata: a time that is
+        not an XDS time or not a real date, a service start after its
+        stop, a title over what the registry stores, a classCode of
+        TRE_A03 that the table has not. Nothing is stored.
+        """
+        for changes, named in [
+            ({"creationTime": "yesterday"}, "creationTime"),
+            ({"creationTime": "20201301"}, "creationTime"),
+            ({"serviceStartTime": "20301301"}, "serviceStartTime"),
+            (
+                {"serviceStartTime": "20300101", "serviceStopTime": "20200101"},
+                "serviceStartTime 20300101 is after serviceStopTime 20200101",
+            ),
+            ({"title": "x" * 100_000}, "title is 100000 characters long"),
+            ({"classCode": CodedValue("ZZZ", CLASS_CODE_SYSTEM, "")}, "'ZZZ'"),
+        ]:
+            answer = yield self.post(self.td21([_entry(_cda(), **changes)]))
+            failure = self.assertRaises(RegistryFailure, read_registry_response, answer)
+            self.assertEqual(failure.code, "XDSRegistryMetadataError", changes)
+            self.assertIn(named, str(failure))
+        self.assertEqual((yield self.service.store.count("documents")), 0)
+
+    @inlineCallbacks
+    def test_search_times_checked(self):  # type: ignore[no-untyped-def]
+        """
+        A FindDocuments whose creation time is not a real date is refused.
+        """
+        query = find_documents(self.endpoints, self.vihf(), FindDocuments(CDA_PATIENT))
+        for slot in query.envelope.iter(
+            "{urn:oasis:names:tc:ebxml-regrep:xsd:rim:3.0}AdhocQuery"
+        ):
+            slot.append(
+                Slot("$XDSDocumentEntryCreationTimeFrom", ["20201301"]).to_element()
+            )
+        codes = yield self.refused(query, lambda answer: read_query(answer))
+        self.assertEqual(codes, ["XDSRegistryError"])
 
     @inlineCallbacks
     def test_duplicate_unique_id(self):  # type: ignore[no-untyped-def]

@@ -16,7 +16,13 @@ from twisted.trial.unittest import SynchronousTestCase
 from cpsdmp.protocols.safexml import XmlRefused
 from cpsdmp.xds.cda import CdaError, document_entry, hl7_time_to_utc, read_header
 from cpsdmp.xds.context import Structure, StructureIdentifier
-from cpsdmp.xds.ebrim import CodedValue
+from cpsdmp.xds.ebrim import (
+    INS_OID_TEST,
+    CodedValue,
+    MetadataError,
+    PatientId,
+    check_ins,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTOR = CodedValue("SA07", "1.2.250.1.71.4.2.4", "Cabinet individuel")
@@ -321,3 +327,128 @@ class LargeDocumentTests(SynchronousTestCase):
         growth = (after - before) * 1024
         # The bytes themselves (100 MB) plus a bounded margin.
         self.assertLess(growth, measured * 1.3, f"peak RSS grew by {growth} bytes")
+
+
+class InsTests(SynchronousTestCase):
+    """
+    A patient's INS: 15 characters, 13 digits (the 6th and 7th may be 2A or
+    2B, Corsica) and the key, 97 minus the first 13 modulo 97, 2A counted
+    as 19 and 2B as 18.
+    """
+
+    def test_valid(self) -> None:
+        for ins in [
+            "279035121518989",
+            "185127505612306",
+            # Corsica: the key is that of the number with 19 for 2A, 18 for 2B.
+            f"185082A123456{97 - 1850819123456 % 97:02d}",
+            f"185082B123456{97 - 1850818123456 % 97:02d}",
+        ]:
+            self.assertEqual(check_ins(ins), ins)
+            self.assertEqual(PatientId(ins, INS_OID_TEST).ins, ins)
+
+    def test_shape(self) -> None:
+        for ins in [
+            "27903512151898X",
+            "2790351215189",
+            "2790351215189890",
+            "2790A5121518989",
+            "185082C12345600",
+            "279035121518989 ",
+            "",
+        ]:
+            error = self.assertRaises(MetadataError, PatientId, ins, INS_OID_TEST)
+            self.assertIn("is not an INS: 15 characters", str(error))
+
+    def test_key(self) -> None:
+        for ins in ["279035121518988", "279035121518998", "18508" + "2A" + "12345600"]:
+            error = self.assertRaises(MetadataError, check_ins, ins)
+            self.assertIn("does not match its first 13 characters", str(error))
+
+
+class MetadataValueTests(SynchronousTestCase):
+    """
+    The values of a DocumentEntry, the CDA's and the overrides', pass the
+    checks the DMP makes: XDS times that are real dates, a service start
+    not after its stop, texts within the registry's lengths, a TRE_A03
+    classCode of the table.
+    """
+
+    def refused(self, overrides: dict[str, object], data: bytes | None = None) -> str:
+        error = self.assertRaises(
+            MetadataError, document_entry, data or cda(), STRUCTURE, None, overrides
+        )
+        return str(error)
+
+    def test_times(self) -> None:
+        for value in ["yesterday", "2024-01-01", "20201301", "20240230", "2024010124"]:
+            for name in ["creationTime", "serviceStartTime", "serviceStopTime"]:
+                self.assertIn(name, self.refused({name: value}))
+        said = self.refused(
+            {"serviceStartTime": "20301301", "serviceStopTime": "20200101"}
+        )
+        self.assertIn("serviceStartTime '20301301' is not a real date", said)
+        said = self.refused(
+            {"serviceStartTime": "20300101", "serviceStopTime": "20200101"}
+        )
+        self.assertIn(
+            "serviceStartTime 20300101 is after serviceStopTime 20200101", said
+        )
+        # The CDA's own start (2024-01-02) after an overridden stop.
+        said = self.refused({"serviceStopTime": "2023"})
+        self.assertIn("is after serviceStopTime 2023", said)
+        entry = document_entry(
+            cda(),
+            STRUCTURE,
+            overrides={
+                "creationTime": "20240229",
+                "serviceStartTime": "2024",
+                "serviceStopTime": "20240105120000",
+            },
+        )
+        self.assertEqual(entry.serviceStartTime, "2024")
+
+    def test_texts(self) -> None:
+        self.assertIn(
+            "title is 100000 characters long", self.refused({"title": "x" * 100000})
+        )
+        self.assertIn("title is empty", self.refused({"title": ""}))
+        self.assertIn("U+0001", self.refused({"comments": "a\x01b"}))
+        self.assertIn("comments is 1025", self.refused({"comments": "x" * 1025}))
+        self.assertIn("languageCode", self.refused({"languageCode": "français"}))
+        entry = document_entry(cda(), STRUCTURE, overrides={"title": "t" * 1024})
+        self.assertEqual(len(entry.title), 1024)
+
+    def test_class_code(self) -> None:
+        said = self.refused({"classCode": CodedValue("ZZZ", CLASS, "")})
+        self.assertIn("classCode 'ZZZ' is not a class of TRE_A03", said)
+        self.assertIn("11 (Synthèse)", said)
+        entry = document_entry(
+            cda(), STRUCTURE, overrides={"classCode": CodedValue("11", CLASS, "")}
+        )
+        self.assertEqual(entry.classCode.display, "Synthèse")
+        # As JSON gives it: {code, codingScheme, display}.
+        entry = document_entry(
+            cda(),
+            STRUCTURE,
+            overrides={
+                "classCode": {"code": "11", "codingScheme": CLASS, "display": ""}
+            },
+        )
+        self.assertEqual(entry.classCode, CodedValue("11", CLASS, "Synthèse"))
+        said = self.refused({"classCode": {"code": "ZZZ", "codingScheme": CLASS}})
+        self.assertIn("classCode 'ZZZ' is not a class of TRE_A03", said)
+
+    def test_codes(self) -> None:
+        said = self.refused({"formatCode": CodedValue("x" * 300, "1.2.3", "")})
+        self.assertIn("formatCode code is 300 characters long", said)
+        said = self.refused({"eventCodeList": [CodedValue("", "1.2.3", "")]})
+        self.assertIn("eventCodeList[0] code is empty", said)
+
+    def test_cda_service_times_in_order(self) -> None:
+        data = cda().replace(
+            b'<low value="20240102100000+0100"/>',
+            b'<low value="20240102100000+0100"/><high value="20230102100000+0100"/>',
+        )
+        error = self.assertRaises(MetadataError, document_entry, data, STRUCTURE)
+        self.assertIn("is after serviceStopTime 20230102090000", str(error))

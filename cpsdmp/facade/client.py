@@ -432,7 +432,9 @@ class FacadeClient:
         """
         @param action: C{mask}, C{unmask}, C{archive}, C{unarchive} or C{delete}.
         @param patient: the document's patient, required by the facade.
-        @return: a Deferred that fires with C{{"status": "Success", ...}}.
+        @return: a Deferred that fires with C{{"status": "Success", "uniqueId",
+            "action", "outcome"}}; C{outcome} is C{applied-after-lost-answer}
+            when the DMP's answer was lost and its state shows the update.
         """
         body: dict[str, Any] = {
             "agentContext": dict(agent_context),

@@ -15,11 +15,13 @@ import binascii
 import email.parser
 import email.policy
 import json
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+import re
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.internet.defer import ensureDeferred
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, succeed
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
@@ -38,19 +40,28 @@ from cpsdmp.agent.client import (
 )
 from cpsdmp.facade.networks import AgentNotAllowed
 from cpsdmp.facade.service import (
+    MAX_DOCUMENTS,
     AgentContext,
     CardHolderError,
     DmpAnswerLost,
     DmpHttpError,
+    DmpNotReached,
     DmpService,
     DmpTimeout,
     DmpUnreachable,
     DocumentRefused,
+    FacadeStopping,
     Submitted,
+    TooManyDocuments,
     UnknownOutcome,
     excerpt,
 )
-from cpsdmp.protocols import bounded
+from cpsdmp.protocols import bounded, strictjson
+from cpsdmp.protocols.httpserver import (
+    IDLE_TIMEOUT,
+    HeaderLimitChannel,
+    closing_answer,
+)
 from cpsdmp.protocols.safexml import XmlRefused
 from cpsdmp.protocols.soap import SoapError, SoapFault
 from cpsdmp.protocols.tls import (
@@ -70,6 +81,17 @@ from cpsdmp.xds.ebrim import (
 )
 from cpsdmp.xds.responses import RegistryFailure, UnexpectedAnswer
 from cpsdmp.xds.transactions import MASQUE_PS, FindDocuments, HL7Error
+from cpsdmp.xds.values import (
+    CLASS_CODE_SYSTEM,
+    CLASS_DISPLAYS,
+    DTM_PATTERN,
+    MAX_FREE_TEXT,
+    MAX_LONG_NAME,
+    check_code,
+    check_dtm,
+    check_overrides,
+    check_time_order,
+)
 
 _log = Logger()
 
@@ -79,6 +101,9 @@ MAX_DETAIL = 1000
 #: The registry's and repository's word for a document it does not have.
 MISSING_DOCUMENT = "XDSMissingDocument"
 DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
+#: Seconds the facade, as it stops, waits for the answers of the requests
+#: it stopped to go out.
+STOP_WAIT = 5.0
 JSON = "application/json"
 PROBLEM_JSON = "application/problem+json"
 MULTIPART = "multipart/form-data"
@@ -210,7 +235,7 @@ def problem_for(error: BaseException) -> Problem:
         return Problem(
             504,
             "outcome-unknown",
-            "The submission's outcome is unknown",
+            "The outcome is unknown",
             text,
             {"uniqueIds": error.unique_ids, "outcome": "unknown"},
         )
@@ -263,6 +288,10 @@ def problem_for(error: BaseException) -> Problem:
         )
     if isinstance(error, CardHolderError):
         return Problem(502, "card-holder-unusable", "The card holder is unusable", text)
+    if isinstance(error, FacadeStopping):
+        return Problem(503, "stopping", "The facade is stopping", text)
+    if isinstance(error, TooManyDocuments):
+        return Problem(413, "too-large", "Too many documents", text)
     if isinstance(error, CdaError | XmlRefused):
         return Problem(
             422, "invalid-cda", "The document or its metadata is invalid", text
@@ -285,9 +314,44 @@ def _object(body: Mapping[str, Any], name: str, required: bool = True) -> Any:
     return body[name]
 
 
+#: An entryUUID as XDS gives them (RFC 4122 URN).
+ENTRY_UUID_PATTERN = (
+    "^urn:uuid:[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}"
+    "-[0-9a-fA-F]{12}$"
+)
+_ENTRY_UUID = re.compile(ENTRY_UUID_PATTERN)
+#: The members of a TD3.1 that filter a search (FindDocuments), meaningless
+#: for documents asked for by identifier (GetDocuments).
+FIND_MEMBERS = frozenset(
+    {
+        "statuses",
+        "creationFrom",
+        "creationTo",
+        "classCodes",
+        "typeCodes",
+        "confidentialityCodes",
+    }
+)
 #: The longest uniqueId (an OID, with its extension) and XDS time taken.
 MAX_UNIQUE_ID = 128
 MAX_TIME = 32
+
+
+def _json_kind(value: Any) -> str:
+    """
+    @return: what C{value}, read from JSON, is, in JSON's words.
+    """
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true or false"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, Mapping):
+        return "an object"
+    return "a string"
 
 
 def _bounded(value: str, name: str, longest: int) -> str:
@@ -322,6 +386,33 @@ def _strings(body: Mapping[str, Any], name: str, longest: int = 256) -> list[str
     return value
 
 
+def check_members(value: Any, schema: Mapping[str, Any], where: str) -> None:
+    """
+    Refuse a member the request schema does not have, in an object whose
+    schema says C{additionalProperties: false}, however deep: a typo in a
+    member name (C{clasCodes}) must not be ignored silently.
+
+    @param where: how the message names C{value}.
+    @raise BadRequest: naming the unknown member and the known ones.
+    """
+    properties = schema.get("properties")
+    if isinstance(value, Mapping) and properties is not None:
+        if schema.get("additionalProperties") is False:
+            for name in value:
+                if name not in properties:
+                    raise BadRequest(
+                        f"{where} has no member {excerpt(name)}: its members are "
+                        + ", ".join(properties)
+                    )
+        for name, item in value.items():
+            if name in properties:
+                inner = f"{where}.{name}" if where != "the body" else name
+                check_members(item, properties[name], inner)
+    elif isinstance(value, list) and isinstance(schema.get("items"), Mapping):
+        for index, item in enumerate(value):
+            check_members(item, schema["items"], f"{where}[{index}]")
+
+
 def _context(body: Mapping[str, Any]) -> AgentContext:
     try:
         return AgentContext.from_json(_object(body, "agentContext"))
@@ -335,7 +426,13 @@ def _coded(value: Any, name: str) -> CodedValue:
     scheme = value.get("codingScheme")
     if not isinstance(scheme, str) or not scheme:
         raise BadRequest(f"{name} lacks its codingScheme")
-    return CodedValue(value["code"], scheme, str(value.get("display", "")))
+    display = value.get("display", "")
+    if not isinstance(display, str):
+        raise BadRequest(f"{name}.display must be a string")
+    try:
+        return check_code(CodedValue(value["code"], scheme, display), name)
+    except MetadataError as error:
+        raise BadRequest(str(error)) from None
 
 
 #: DocumentEntry attributes a backend may override, and how each is read.
@@ -398,7 +495,9 @@ def _b64(value: Any, name: str) -> bytes:
 
 
 # The routes ------------------------------------------------------------------------
-Handler = Callable[["FacadeResource", server.Request, Any], Awaitable[Any]]
+Handler = Callable[
+    ["FacadeResource", server.Request, Any], Coroutine[Deferred[Any], Any, Any]
+]
 
 _CONTEXT_SCHEMA = {
     "type": "object",
@@ -418,7 +517,13 @@ _CONTEXT_SCHEMA = {
             "type": "string",
             "pattern": "^sha256:([0-9A-Fa-f]{64}|[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){31})$",
         },
+        "expires": {
+            "type": "string",
+            "description": "when the token lapses if unused, as the agent said; "
+            "not used by the facade",
+        },
     },
+    "additionalProperties": False,
 }
 _PATIENT_SCHEMA = {
     "type": "object",
@@ -427,7 +532,9 @@ _PATIENT_SCHEMA = {
         "ins": {
             "type": "string",
             "maxLength": 15,
-            "description": "the patient's INS (NIR or NIA)",
+            "pattern": "^[0-9]{5}([0-9]{2}|2A|2B)[0-9]{8}$",
+            "description": "the patient's INS (NIR or NIA): 13 digits (the 6th "
+            "and 7th may be 2A or 2B) and its 2-digit key, which is checked",
         },
         "authority": {
             "type": "string",
@@ -435,15 +542,23 @@ _PATIENT_SCHEMA = {
             "description": "the INS authority OID; the facade's default if absent",
         },
     },
+    "additionalProperties": False,
 }
 _CODE_SCHEMA = {
     "type": "object",
     "required": ["code", "codingScheme"],
     "properties": {
-        "code": {"type": "string"},
-        "codingScheme": {"type": "string"},
-        "display": {"type": "string"},
+        "code": {"type": "string", "minLength": 1, "maxLength": MAX_LONG_NAME},
+        "codingScheme": {"type": "string", "minLength": 1, "maxLength": MAX_LONG_NAME},
+        "display": {"type": "string", "maxLength": MAX_FREE_TEXT},
     },
+    "additionalProperties": False,
+}
+#: A classCode: in the TRE_A03 system, one of its codes.
+_CLASS_CODE_SCHEMA = {
+    **_CODE_SCHEMA,
+    "if": {"properties": {"codingScheme": {"const": CLASS_CODE_SYSTEM}}},
+    "then": {"properties": {"code": {"enum": list(CLASS_DISPLAYS)}}},
 }
 _ENTRY_SCHEMA = {
     "type": "object",
@@ -508,6 +623,7 @@ MULTIPART_SCHEMA = {
         },
         "documents": {
             "type": "array",
+            "maxItems": MAX_DOCUMENTS,
             "items": {"type": "string", "contentMediaType": "text/xml"},
         },
     },
@@ -528,7 +644,7 @@ class Route:
     handler: Handler | None
     request: dict[str, Any] | None
     answer: dict[str, Any]
-    errors: tuple[int, ...] = (400, 401, 403, 413, 422, 423, 429, 502, 503, 504)
+    errors: tuple[int, ...] = (400, 401, 403, 413, 422, 423, 429, 431, 502, 503, 504)
     answer_types: tuple[str, ...] = (JSON,)
     request_types: tuple[str, ...] = (JSON,)
 
@@ -596,6 +712,12 @@ async def _td21(resource: FacadeResource, request: server.Request, body: Any) ->
     items = _object(body, "documents")
     if not isinstance(items, list) or not items:
         raise BadRequest("'documents' must be a non-empty list")
+    if len(items) > MAX_DOCUMENTS:
+        # Said before any document is read.
+        raise TooManyDocuments(
+            f"a submission carries at most {MAX_DOCUMENTS} documents, not "
+            f"{len(items)}: send them in several submissions"
+        )
     # A form's documents are files, named in what the facade answers.
     form = (request.getHeader("content-type") or "").lower().startswith(MULTIPART)
     documents, overrides, names = [], [], []
@@ -609,15 +731,26 @@ async def _td21(resource: FacadeResource, request: server.Request, body: Any) ->
             else _b64(content, f"documents[{index}].content")
         )
         names.append(item.get("name"))
+        where = (
+            f"overrides[{index}] (for {excerpt(names[-1])})"
+            if form
+            else f"documents[{index}].overrides"
+        )
         try:
             overrides.append(read_overrides(item.get("overrides")))
         except BadRequest as error:
-            where = (
-                f"overrides[{index}] (for {excerpt(names[-1])})"
-                if form
-                else f"documents[{index}].overrides"
-            )
             raise BadRequest(f"{where}: {error}") from None
+        try:
+            # The values the DMP would refuse, before anything is sent.
+            check_overrides(overrides[-1])
+        except MetadataError as error:
+            raise Problem(
+                422,
+                "invalid-cda",
+                "The document or its metadata is invalid",
+                f"{where}: {error}",
+                {"documentIndex": index},
+            ) from None
     try:
         submitted = await resource.service.submit(context, documents, overrides)
     except DocumentRefused as refused:
@@ -672,11 +805,24 @@ def _find_parameters(
             raise BadRequest(f"{name!r} must be a list of codes")
         return [_coded(v, name) for v in value]
 
+    times = {}
+    for name in ("creationFrom", "creationTo"):
+        value = _string(body, name, False, MAX_TIME)
+        try:
+            times[name] = None if value is None else check_dtm(value, name)
+        except MetadataError as error:
+            raise BadRequest(str(error)) from None
+    try:
+        check_time_order(
+            times["creationFrom"], times["creationTo"], "creationFrom", "creationTo"
+        )
+    except MetadataError as error:
+        raise BadRequest(str(error)) from None
     return FindDocuments(
         patient=patient,
         statuses=urns,
-        creation_from=_string(body, "creationFrom", False, MAX_TIME),
-        creation_to=_string(body, "creationTo", False, MAX_TIME),
+        creation_from=times["creationFrom"],
+        creation_to=times["creationTo"],
         class_codes=codes("classCodes"),
         type_codes=codes("typeCodes"),
         confidentiality_codes=codes("confidentialityCodes"),
@@ -696,7 +842,22 @@ async def _td31(resource: FacadeResource, request: server.Request, body: Any) ->
             )
     if unique_ids and entry_uuids:
         raise BadRequest("give uniqueIds or entryUUIDs, not both")
+    for index, value in enumerate(entry_uuids):
+        if not _ENTRY_UUID.fullmatch(value):
+            raise BadRequest(
+                f"entryUUIDs[{index}] {excerpt(value)} is not an entryUUID: "
+                "urn:uuid: and a UUID, as the DMP's answers give them"
+            )
     if unique_ids or entry_uuids:
+        search = sorted(FIND_MEMBERS & set(body))
+        if search:
+            raise BadRequest(
+                f"{', '.join(search)} {'filters' if len(search) == 1 else 'filter'} "
+                "a search of the patient's documents: "
+                f"with {'uniqueIds' if unique_ids else 'entryUUIDs'} the DMP "
+                "returns each document asked for, whatever its status; leave "
+                f"{'it' if len(search) == 1 else 'them'} out"
+            )
         # The DMP answers only about the patient the VIHF names.
         patient = resource.patient(_object(body, "patient"))
         result = await resource.service.td31(
@@ -716,6 +877,90 @@ async def _td31(resource: FacadeResource, request: server.Request, body: Any) ->
             for w in result.result.warnings
         ],
     }
+
+
+OCTET_STREAM = "application/octet-stream"
+
+
+def read_accept(header: str | None) -> list[tuple[str, float]]:
+    """
+    @return: the media ranges of an C{Accept} header (RFC 9110, 12.5.1),
+        lowercase, each with its weight; a range whose weight is not a
+        number from 0 to 1 is left out. Empty when there is no header.
+    """
+    ranges = []
+    for part in (header or "").split(","):
+        media, *parameters = (p.strip() for p in part.split(";"))
+        if "/" not in media:
+            continue
+        weight = 1.0
+        for parameter in parameters:
+            name, _, value = parameter.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    weight = float(value.strip())
+                except ValueError:
+                    weight = -1.0
+        if 0 <= weight <= 1:
+            ranges.append((media.lower(), weight))
+    return ranges
+
+
+def negotiate(
+    accepted: Sequence[tuple[str, float]], offers: Sequence[str]
+) -> str | None:
+    """
+    @param offers: the media types an answer can be, the preferred first.
+    @return: the offer C{accepted} weighs most, each weighed by the most
+        specific range that matches it (C{text/xml} before C{text/*} before
+        C{*/*}); among equals, the more specific match, then the preferred
+        offer. The first offer when there is no Accept header; C{None} when
+        none is acceptable.
+    """
+    if not accepted:
+        return offers[0]
+    best: tuple[float, int, int] | None = None
+    chosen = None
+    for rank, offer in enumerate(offers):
+        matches = [
+            (_specificity(media, offer.lower()), weight)
+            for media, weight in accepted
+            if _specificity(media, offer.lower()) >= 0
+        ]
+        if not matches:
+            continue
+        # The most specific range that matches says the weight.
+        specificity, weight = max(matches)
+        if weight <= 0:
+            continue
+        key = (weight, specificity, -rank)
+        if best is None or key > best:
+            best, chosen = key, offer
+    return chosen
+
+
+def _specificity(media: str, offer: str) -> int:
+    """
+    @return: how closely the range C{media} names the type C{offer}: 2 for
+        the type itself, 1 for its C{type/*}, 0 for C{*/*}, -1 when it does
+        not match it.
+    """
+    if media == offer:
+        return 2
+    if media == offer.split("/", 1)[0] + "/*":
+        return 1
+    return 0 if media == "*/*" else -1
+
+
+def _not_acceptable(request: server.Request, offers: Sequence[str]) -> Problem:
+    said = request.getHeader("accept") or ""
+    return Problem(
+        406,
+        "not-acceptable",
+        "No acceptable answer",
+        f"Accept {excerpt(said)} allows none of the forms of this answer: "
+        + ", ".join(offers),
+    )
 
 
 def _not_found(unique_id: str, entries: Sequence[DocumentEntry]) -> Problem:
@@ -743,6 +988,10 @@ async def _td32(resource: FacadeResource, request: server.Request, body: Any) ->
     context = _context(body)
     unique_id = _unique_id(body)
     patient = resource.patient(_object(body, "patient"))
+    accepted = read_accept(request.getHeader("accept"))
+    if accepted and not any(q > 0 for _, q in accepted):
+        # Nothing at all is acceptable: said before the DMP is asked.
+        raise _not_acceptable(request, [JSON, "the document's own", OCTET_STREAM])
     try:
         documents = await resource.service.td32(context, patient, [unique_id])
     except RegistryFailure as error:
@@ -768,12 +1017,15 @@ async def _td32(resource: FacadeResource, request: server.Request, body: Any) ->
             f"asked for one document, the DMP returned {len(documents)}",
         )
     document = documents[0]
-    accept = (request.getHeader("accept") or "").lower()
-    wanted = {part.split(";")[0].strip() for part in accept.split(",")}
-    if document.mime_type and document.mime_type.lower() in wanted:
-        return RawAnswer(bytes(document.data), document.mime_type)
-    if "application/octet-stream" in wanted:
-        return RawAnswer(bytes(document.data), "application/octet-stream")
+    offers = [JSON]
+    if document.mime_type:
+        offers.append(document.mime_type)
+    offers.append(OCTET_STREAM)
+    chosen = negotiate(accepted, offers)
+    if chosen is None:
+        raise _not_acceptable(request, offers)
+    if chosen != JSON:
+        return RawAnswer(bytes(document.data), chosen)
     return {
         "uniqueId": document.unique_id,
         "repositoryUniqueId": document.repository,
@@ -815,17 +1067,14 @@ async def _td33(resource: FacadeResource, request: server.Request, body: Any) ->
     found = await resource.service.td31(
         context, patient=patient, unique_ids=[unique_id]
     )
-    current = [
-        e
-        for e in found.entries
-        if e.availabilityStatus in (Status.Approved, Status.Archived)
-    ]
+    current = _current(found.entries)
     if not current:
         raise _not_found(unique_id, found.entries)
     entry = current[-1]
     conflict = _conflict(entry, action)
     if conflict is not None:
         raise Problem(409, "conflict", "Not possible in the document's state", conflict)
+    outcome = "answered"
     try:
         await resource.service.td33(context, entry, action)
     except MetadataError as error:
@@ -834,10 +1083,94 @@ async def _td33(resource: FacadeResource, request: server.Request, body: Any) ->
         raise Problem(
             502, "dmp-bad-answer", "The DMP's answer is not usable", str(error)
         ) from error
-    return {"status": "Success", "uniqueId": unique_id, "action": action}
+    except DmpNotReached:
+        raise
+    except (DmpAnswerLost, DmpTimeout) as lost:
+        # The update went out and its answer never came: the document's
+        # state, asked by uniqueId, tells whether it was applied.
+        applied = await _applied(resource, context, patient, unique_id, action)
+        if applied is None:
+            raise UnknownOutcome(
+                "the DMP's answer to the update never came and the "
+                "check of the document's state failed too: the update may or "
+                "may not have been applied; search for the document (TD3.1 by "
+                f"uniqueId {unique_id}) to see its state before sending it again",
+                [unique_id],
+            ) from lost
+        if not applied:
+            raise Problem(
+                502,
+                "dmp-answer-lost",
+                "The DMP's answer was lost",
+                "the DMP's answer to the update never came; a search "
+                f"by uniqueId shows that document {unique_id} is not "
+                f"{_DONE[action]}: the update was not applied and can be sent "
+                "again (the facade checks the state first)",
+                {"outcome": "not-applied", "uniqueIds": [unique_id]},
+            ) from lost
+        outcome = "applied-after-lost-answer"
+    return {
+        "status": "Success",
+        "uniqueId": unique_id,
+        "action": action,
+        "outcome": outcome,
+    }
+
+
+#: What a document is once each action is applied.
+_DONE = {
+    "mask": "masked",
+    "unmask": "unmasked",
+    "archive": "archived",
+    "unarchive": "unarchived",
+    "delete": "deleted",
+}
+
+
+def _current(entries: Sequence[DocumentEntry]) -> list[DocumentEntry]:
+    """
+    @return: the versions of a document that stand, neither deleted nor
+        replaced.
+    """
+    return [
+        e for e in entries if e.availabilityStatus in (Status.Approved, Status.Archived)
+    ]
+
+
+async def _applied(
+    resource: FacadeResource,
+    context: AgentContext,
+    patient: PatientId,
+    unique_id: str,
+    action: str,
+) -> bool | None:
+    """
+    @return: whether the document is in the state C{action} leads to, by a
+        TD3.1 by uniqueId; C{None} when the search failed.
+    """
+    try:
+        found = await resource.service.td31(
+            context, patient=patient, unique_ids=[unique_id]
+        )
+    except Exception as error:
+        _log.warn(
+            "TD3.3 check by uniqueId failed: {error}", error=excerpt(str(error), 300)
+        )
+        return None
+    current = _current(found.entries)
+    if action == "delete":
+        return not current and any(
+            e.availabilityStatus == Status.Deleted for e in found.entries
+        )
+    if not current:
+        return None
+    # Done when doing it again would change nothing.
+    return _conflict(current[-1], action) is not None
 
 
 _AGENT = {"agentContext": _CONTEXT_SCHEMA}
+#: An XDS time, UTC: YYYY[MM[DD[hh[mm[ss]]]]], a real date and time.
+_TIME_SCHEMA = {"type": "string", "maxLength": MAX_TIME, "pattern": DTM_PATTERN}
 
 #: The DocumentEntry attributes a submission may set instead of the CDA's.
 _OVERRIDES_SCHEMA = {
@@ -845,18 +1178,21 @@ _OVERRIDES_SCHEMA = {
     "description": "XDS attribute -> value; codes as {code, codingScheme, display}",
     "properties": {
         **{name: _CODE_SCHEMA for name in sorted(CODED_OVERRIDES)},
+        "classCode": _CLASS_CODE_SCHEMA,
         **{
             name: {"type": "array", "items": _CODE_SCHEMA}
             for name in sorted(CODED_LIST_OVERRIDES)
         },
         **{
             name: (
-                {"type": "string", "maxLength": MAX_TIME}
+                {"type": "string", "maxLength": MAX_TIME, "pattern": DTM_PATTERN}
                 if name.endswith("Time")
-                else {"type": "string"}
+                else {"type": "string", "maxLength": MAX_FREE_TEXT}
             )
             for name in sorted(TEXT_OVERRIDES)
         },
+        "title": {"type": "string", "minLength": 1, "maxLength": MAX_FREE_TEXT},
+        "languageCode": {"type": "string", "maxLength": 64},
     },
     "additionalProperties": False,
 }
@@ -892,7 +1228,7 @@ ROUTES: tuple[Route, ...] = (
             "required": ["status", "dmp"],
             "properties": {"status": {"const": "ok"}, "dmp": {"type": "string"}},
         },
-        errors=(),
+        errors=(431,),
     ),
     Route(
         "GET",
@@ -902,7 +1238,7 @@ ROUTES: tuple[Route, ...] = (
         _openapi,
         None,
         {"type": "object", "required": ["openapi", "paths"]},
-        errors=(),
+        errors=(431,),
     ),
     Route(
         "POST",
@@ -914,6 +1250,7 @@ ROUTES: tuple[Route, ...] = (
             "type": "object",
             "required": ["agentContext", "patient"],
             "properties": {**_AGENT, "patient": _PATIENT_SCHEMA},
+            "additionalProperties": False,
         },
         {
             "type": "object",
@@ -951,6 +1288,7 @@ ROUTES: tuple[Route, ...] = (
                 "documents": {
                     "type": "array",
                     "minItems": 1,
+                    "maxItems": MAX_DOCUMENTS,
                     "items": {
                         "type": "object",
                         "required": ["content"],
@@ -961,9 +1299,11 @@ ROUTES: tuple[Route, ...] = (
                             },
                             "overrides": _OVERRIDES_SCHEMA,
                         },
+                        "additionalProperties": False,
                     },
                 },
             },
+            "additionalProperties": False,
         },
         {
             "type": "object",
@@ -1007,7 +1347,7 @@ ROUTES: tuple[Route, ...] = (
             },
         },
         request_types=(JSON, MULTIPART),
-        errors=(400, 401, 403, 413, 422, 423, 429, 502, 503, 504),
+        errors=(400, 401, 403, 413, 422, 423, 429, 431, 502, 503, 504),
     ),
     Route(
         "POST",
@@ -1016,7 +1356,10 @@ ROUTES: tuple[Route, ...] = (
         "TD3.1: the patient's documents (FindDocuments), or the patient's "
         "documents by uniqueIds or entryUUIDs (GetDocuments). The patient is "
         "required either way: it goes into the VIHF, and the DMP answers only "
-        "about that patient's record (another patient's document is unknown).",
+        "about that patient's record (another patient's document is unknown). "
+        "statuses, the creation times and the codes filter a search: given with "
+        "uniqueIds or entryUUIDs, which return each document whatever its "
+        "status, they are refused (400).",
         _td31,
         {
             "type": "object",
@@ -1028,8 +1371,8 @@ ROUTES: tuple[Route, ...] = (
                     "type": "array",
                     "items": {"type": "string", "maxLength": 64},
                 },
-                "creationFrom": {"type": "string", "maxLength": MAX_TIME},
-                "creationTo": {"type": "string", "maxLength": MAX_TIME},
+                "creationFrom": _TIME_SCHEMA,
+                "creationTo": _TIME_SCHEMA,
                 "classCodes": {"type": "array", "items": _CODE_SCHEMA},
                 "typeCodes": {"type": "array", "items": _CODE_SCHEMA},
                 "confidentialityCodes": {"type": "array", "items": _CODE_SCHEMA},
@@ -1040,10 +1383,11 @@ ROUTES: tuple[Route, ...] = (
                 },
                 "entryUUIDs": {
                     "type": "array",
-                    "items": {"type": "string", "maxLength": MAX_UNIQUE_ID},
+                    "items": {"type": "string", "pattern": ENTRY_UUID_PATTERN},
                     "minItems": 1,
                 },
             },
+            "additionalProperties": False,
         },
         {
             "type": "object",
@@ -1058,8 +1402,10 @@ ROUTES: tuple[Route, ...] = (
         "POST",
         "/dmp/td32Retrieve",
         "td32Retrieve",
-        "TD3.2: a document's exact bytes, base64 in JSON, or raw with "
-        "Accept: application/octet-stream or the document's mimeType. The "
+        "TD3.2: a document's exact bytes, base64 in JSON, or raw as "
+        "application/octet-stream or under the document's mimeType: whichever "
+        "Accept weighs most (JSON when it prefers none; 406 when it allows "
+        "none of the three). The "
         "patient is required: it goes into the VIHF, and a document of another "
         "patient is answered as one the DMP does not have (404, as an unknown "
         "or deleted one).",
@@ -1072,6 +1418,7 @@ ROUTES: tuple[Route, ...] = (
                 "patient": _PATIENT_SCHEMA,
                 "uniqueId": {"type": "string", "maxLength": MAX_UNIQUE_ID},
             },
+            "additionalProperties": False,
         },
         {
             "type": "object",
@@ -1085,7 +1432,7 @@ ROUTES: tuple[Route, ...] = (
             },
         },
         answer_types=(JSON, "application/octet-stream", ANY_MEDIA),
-        errors=(400, 401, 403, 404, 413, 422, 423, 429, 502, 503, 504),
+        errors=(400, 401, 403, 404, 406, 413, 422, 423, 429, 431, 502, 503, 504),
     ),
     Route(
         "POST",
@@ -1106,17 +1453,23 @@ ROUTES: tuple[Route, ...] = (
                 "uniqueId": {"type": "string", "maxLength": MAX_UNIQUE_ID},
                 "action": {"enum": list(UPDATE_ACTIONS)},
             },
+            "additionalProperties": False,
         },
         {
             "type": "object",
-            "required": ["status", "uniqueId", "action"],
+            "required": ["status", "uniqueId", "action", "outcome"],
             "properties": {
                 "status": {"const": "Success"},
                 "uniqueId": {"type": "string"},
                 "action": {"type": "string"},
+                "outcome": {
+                    "enum": ["answered", "applied-after-lost-answer"],
+                    "description": "applied-after-lost-answer: the DMP's answer "
+                    "never came, and a search by uniqueId shows the update applied",
+                },
             },
         },
-        errors=(400, 401, 403, 404, 409, 413, 422, 423, 429, 502, 503, 504),
+        errors=(400, 401, 403, 404, 409, 413, 422, 423, 429, 431, 502, 503, 504),
     ),
 )
 
@@ -1127,17 +1480,20 @@ _STATUS_TEXT = {
     "reach agents in (--agent-network); nothing was sent there",
     404: "no such document for this patient: unknown, deleted or replaced "
     "(the detail says which)",
+    406: "Accept allows none of the answer's forms (JSON, the document's own "
+    "media type, application/octet-stream)",
     409: "the document is already in the state asked for",
-    413: "request body too large",
+    413: "request body too large; for a submission, more documents than it may carry",
     422: "the document is invalid, or the DMP refused (its codes in 'errors')",
     423: "the card's PIN is blocked",
     429: "the agent allows no more card signatures for this session for now: "
     "try again after Retry-After seconds",
+    431: "a request line or header line over 16384 bytes; the connection closes",
     502: "the agent or the DMP failed: unreachable, TLS handshake refused "
     "(step and alert named), SOAP fault",
-    503: "no CPS card in the reader",
-    504: "the DMP or the agent did not answer in time; for a submission, "
-    "an outcome that could not be confirmed",
+    503: "no CPS card in the reader, or the facade is stopping",
+    504: "the DMP or the agent did not answer in time; for a submission or "
+    "a status update, an outcome that could not be confirmed",
 }
 
 
@@ -1222,10 +1578,49 @@ class FacadeResource(Resource):
         super().__init__()
         self.service = service
         self._routes = {(r.method, r.path): r for r in ROUTES}
+        #: The requests being answered, and the work that answers each.
+        self._in_flight: dict[server.Request, Deferred[Any]] = {}
+        #: Those L{stop} cut short.
+        self._stopped: set[server.Request] = set()
+        service.on_close.append(self.stop)
+
+    def stop(self) -> Deferred[Any]:
+        """
+        Stop the requests under way, as the facade stops: each is answered
+        at once (503, or its unknown outcome when it may have changed the
+        DMP) and its connection closed, instead of waiting for an agent or
+        a DMP that may hang.
+
+        @return: a Deferred that fires once their connections are closed, or
+            after L{STOP_WAIT} seconds.
+        """
+        under_way = list(self._in_flight.items())
+        if under_way:
+            _log.info(
+                "stopping: {count} requests under way are answered and closed",
+                count=len(under_way),
+            )
+        closed = []
+        for request, work in under_way:
+            self._stopped.add(request)
+            channel = request.channel
+            if isinstance(channel, FacadeChannel):
+                closed.append(channel.when_closed())
+            work.cancel()
+        waiting = DeferredList(closed)
+        waiting.addTimeout(STOP_WAIT, self.service.reactor)
+        return waiting.addErrback(lambda _: None)
 
     def patient(self, value: Any) -> PatientId:
-        if not isinstance(value, Mapping) or not isinstance(value.get("ins"), str):
+        if not isinstance(value, Mapping):
             raise BadRequest("'patient' must be an object {ins, authority?}")
+        if "ins" not in value:
+            raise BadRequest("'patient' lacks its 'ins'")
+        if not isinstance(value["ins"], str):
+            raise BadRequest(
+                "'patient.ins' must be a string, the patient's INS of 15 "
+                f"characters, not {_json_kind(value['ins'])}"
+            )
         authority = value.get("authority") or self.service.config.defaults.ins_authority
         if not isinstance(authority, str):
             raise BadRequest("'patient.authority' must be an OID string")
@@ -1262,11 +1657,26 @@ class FacadeResource(Resource):
 
     async def _handle(self, route: Route, request: server.Request) -> None:
         assert route.handler is not None
+        # The request lets go of its channel once finished.
+        channel = request.channel
         try:
             body = self._body(route, request)
-            answer = await route.handler(self, request, body)
+            work = ensureDeferred(route.handler(self, request, body))
+            self._in_flight[request] = work
+            try:
+                answer = await work
+            finally:
+                self._in_flight.pop(request, None)
         except Exception as error:
             problem = problem_for(error)
+            if request in self._stopped and not isinstance(error, UnknownOutcome):
+                problem = Problem(
+                    503,
+                    "stopping",
+                    "The facade is stopping",
+                    "the facade stopped while this request was under way, before "
+                    "it was done; send it again once the facade is back",
+                )
             if problem.status == 500:
                 _log.failure(
                     "{operation} failed", Failure(), operation=route.operation_id
@@ -1279,6 +1689,7 @@ class FacadeResource(Resource):
                     kind=problem.kind,
                 )
             self._send_problem(request, problem)
+            self._close_if_stopping(request, channel)
             return
         if request._disconnected:
             return
@@ -1289,6 +1700,15 @@ class FacadeResource(Resource):
             request.setHeader(b"content-type", JSON.encode())
             request.write(json.dumps(answer, ensure_ascii=False).encode("utf-8"))
         request.finish()
+        self._close_if_stopping(request, channel)
+
+    def _close_if_stopping(self, request: server.Request, channel: Any) -> None:
+        """
+        Once the facade stops, close each connection after its answer.
+        """
+        self._stopped.discard(request)
+        if self.service.stopping and channel is not None:
+            channel.loseConnection()
 
     def _body(self, route: Route, request: server.Request) -> Any:
         if route.request is None:
@@ -1304,6 +1724,7 @@ class FacadeResource(Resource):
         body = _json(raw, "the body")
         if not isinstance(body, dict):
             raise BadRequest("the body must be a JSON object")
+        check_members(body, route.request, "the body")
         return body
 
     def _send_problem(self, request: server.Request, problem: Problem) -> None:
@@ -1322,16 +1743,14 @@ class FacadeResource(Resource):
 
 def _json(raw: bytes, what: str) -> Any:
     """
-    @return: C{raw} read as JSON.
-    @raise BadRequest: it is not JSON, or nested too deeply to be read.
+    @return: C{raw} read as JSON, strictly (L{strictjson.loads}).
+    @raise BadRequest: it is not JSON, is nested too deeply to be read, or
+        names a member twice in one object.
     """
     try:
-        return json.loads(raw)
-    except RecursionError:
-        raise BadRequest(f"{what} is JSON nested too deeply") from None
-    except ValueError as error:
-        # UnicodeDecodeError included.
-        raise BadRequest(f"{what} is not JSON: {error}") from None
+        return strictjson.loads(raw)
+    except strictjson.JsonRefused as error:
+        raise BadRequest(f"{what} {error}") from None
 
 
 def _multipart(content_type: str, raw: bytes) -> dict[str, Any]:
@@ -1356,18 +1775,31 @@ def _multipart(content_type: str, raw: bytes) -> dict[str, Any]:
     context: Any = None
     overrides: Any = None
     documents: list[tuple[str, bytes]] = []
+    seen: set[str] = set()
     for part in message.iter_parts():
         name = part.get_param("name", header="content-disposition")
         filename = part.get_filename()
         payload = part.get_payload(decode=True)
         if not isinstance(payload, bytes):
             payload = b""
-        if name == "agentContext" and not filename:
-            context = _json(payload, "the part 'agentContext'")
-        elif name == "overrides" and not filename:
-            overrides = _json(payload, "the part 'overrides'")
+        if name in ("agentContext", "overrides") and not filename:
+            if name in seen:
+                raise BadRequest(
+                    f"the form has two parts {name!r}: give each JSON part once"
+                )
+            seen.add(name)
+            value = _json(payload, f"the part {name!r}")
+            if name == "agentContext":
+                context = value
+            else:
+                overrides = value
         elif filename:
             documents.append((filename, payload))
+        else:
+            raise BadRequest(
+                f"the form's part {excerpt(name)} is not 'agentContext', nor "
+                "'overrides', nor a file (a part with a filename)"
+            )
     if context is None:
         raise BadRequest("the form has no part 'agentContext' (the JSON context)")
     if not documents:
@@ -1413,17 +1845,70 @@ class BoundedRequest(bounded.BoundedRequest):
         self.finish()
 
 
+class FacadeChannel(HeaderLimitChannel):
+    """
+    The facade's HTTP/1.1 connections: a request line or header too long to
+    read is answered 431 with a problem document; L{when_closed} tells when
+    the connection is closed, its answers sent.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._closed = False
+        self._waiting: list[Deferred[None]] = []
+
+    def when_closed(self) -> Deferred[None]:
+        """
+        @return: a Deferred that fires once the connection is closed.
+        """
+        if self._closed:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._waiting.append(d)
+        return d
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        super().connectionLost(reason)
+        self._closed = True
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(None)
+
+    def header_too_large(self) -> bytes:
+        problem = Problem(
+            431,
+            "header-too-large",
+            "Request header too large",
+            f"a request line or header line is at most {self.MAX_LENGTH} bytes",
+        )
+        return closing_answer(
+            431, PROBLEM_JSON, json.dumps(problem.document()).encode("utf-8")
+        )
+
+
 def make_site(
-    service: DmpService, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    service: DmpService,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    idle_timeout: float = IDLE_TIMEOUT,
+    reactor: Any = None,
 ) -> server.Site:
     """
+    @param idle_timeout: seconds a connection may stay silent while none of
+        its requests is being answered (L{IDLE_TIMEOUT}).
     @return: the facade's web site, bodies limited to C{max_request_bytes}.
     """
     # The facade reads a form itself, and answers a malformed one with a
     # problem document: twisted.web would answer a bare 400 and close.
-    site = server.Site(FacadeResource(service), parsePOSTFormSubmission=False)
+    site = server.Site(
+        FacadeResource(service),
+        parsePOSTFormSubmission=False,
+        timeout=idle_timeout,
+        reactor=reactor,
+    )
     site.requestFactory = type(  # type: ignore[assignment]
         "BoundedFacadeRequest", (BoundedRequest,), {"max_body": max_request_bytes}
     )
+    # HTTP/1.1 only (no HTTP/2 is negotiated), so the plain channel serves.
+    site.protocol = FacadeChannel  # type: ignore[assignment]
     site.displayTracebacks = False
     return site

@@ -34,6 +34,7 @@ from twisted.internet.defer import (
     DeferredList,
     TimeoutError,
     ensureDeferred,
+    maybeDeferred,
 )
 from twisted.internet.error import ConnectError, ConnectionLost, DNSLookupError
 from twisted.internet.interfaces import (
@@ -203,6 +204,18 @@ class DocumentRefused(FacadeError):
         self.error = error
 
 
+class FacadeStopping(FacadeError):
+    """
+    The facade is stopping: the request was stopped, or not begun.
+    """
+
+
+class TooManyDocuments(FacadeError):
+    """
+    A submission carries more documents than L{MAX_DOCUMENTS}.
+    """
+
+
 class UnknownOutcome(FacadeError):
     """
     A submission whose answer never came could not be confirmed either way.
@@ -223,6 +236,11 @@ _FINGERPRINT = re.compile(
     r"sha256:(?:[0-9A-Fa-f]{64}|[0-9A-Fa-f]{2}(?::[0-9A-Fa-f]{2}){31})"
 )
 MAX_URL_LENGTH = 2048
+#: The most documents one submission carries. The card's signature request
+#: lists each document (its uniqueId and digest, some 230 bytes, and up to
+#: some 450 with the longest uniqueId the registry stores) and must stay
+#: within the agent's 64 KiB request body: a hundred documents leave room.
+MAX_DOCUMENTS = 100
 
 
 def excerpt(value: object, length: int = 40) -> str:
@@ -317,6 +335,10 @@ class AgentContext:
                 "agentContext.tlsFingerprint must be sha256: and the 64 hex "
                 f"digits of the agent's certificate, not {excerpt(fingerprint)}"
             )
+        # One spelling of a fingerprint (lowercase, without colons), so that
+        # the same agent context is one session, one pool and one TLS
+        # session, however the frontend wrote it.
+        fingerprint = "sha256:" + fingerprint[len("sha256:") :].replace(":", "").lower()
         return cls(url, token, fingerprint)
 
     def __repr__(self) -> str:
@@ -514,8 +536,23 @@ class ProfessionalSession:
     dmp_endpoints: _RecordingEndpoints
     pool: HTTPConnectionPool
     connections: ConnectionInfo
-    signing: SigningIdentity | None
     card_fingerprint: str
+    #: The card's signature key and certificate, read from the agent when a
+    #: submission first needs them (L{signing_identity}).
+    signing: SigningIdentity | None = None
+
+    async def signing_identity(self) -> SigningIdentity:
+        """
+        @return: the card's signature identity, asked of the agent the first
+            time only: an agent without a signature key serves every other
+            transaction.
+        """
+        if self.signing is None:
+            chain = await self.agent.signature_certificate_chain()
+            self.signing = SigningIdentity(
+                self.agent.sign_for_signature, chain[0], chain[1:]
+            )
+        return self.signing
 
     def close(self) -> Deferred[Any]:
         return DeferredList([self.pool.closeCachedConnections(), self.agent.close()])
@@ -642,6 +679,11 @@ class DmpService:
         self._sessions: OrderedDict[
             tuple[AgentContext, str], Deferred[ProfessionalSession]
         ] = OrderedDict()
+        #: Set by L{close}: no new exchange starts.
+        self.stopping = False
+        #: Called by L{close} first, each returning a Deferred: what answers
+        #: requests (the REST resource) stops the ones under way.
+        self.on_close: list[Callable[[], Deferred[Any]]] = []
 
     # Sessions -----------------------------------------------------------------
     def session(self, context: AgentContext) -> Deferred[ProfessionalSession]:
@@ -650,6 +692,7 @@ class DmpService:
             made on first use: the card holder and certificates read through
             the agent (no signature yet).
         """
+        self._check_running()
         key = (context, self.config.dmp_url)
         existing = self._sessions.get(key)
         if existing is not None:
@@ -688,12 +731,6 @@ class DmpService:
     ) -> ProfessionalSession:
         holder = await agent.card()
         chain = await agent.certificate_chain()
-        signing = None
-        if self.config.sign_submission_set:
-            signature_chain = await agent.signature_certificate_chain()
-            signing = SigningIdentity(
-                agent.sign_for_signature, signature_chain[0], signature_chain[1:]
-            )
         professional = professional_from(holder.get("holder", holder), chain[0])
         fingerprint = card_fingerprint(chain[0])
         key = TimedKey(agent)
@@ -722,7 +759,6 @@ class DmpService:
             dmp_endpoints=_RecordingEndpoints(self.reactor, tls, connections),
             pool=pool,
             connections=connections,
-            signing=signing,
             card_fingerprint=fingerprint,
         )
 
@@ -736,16 +772,40 @@ class DmpService:
 
     def close(self) -> Deferred[Any]:
         """
-        Close every pooled connection.
+        Stop: the requests under way are stopped (L{on_close}), no new
+        exchange starts, and every pooled connection is closed.
 
         @return: a Deferred that fires when they are closed.
         """
-        sessions, self._sessions = list(self._sessions.values()), OrderedDict()
-        closing = [
-            _share(d).addCallback(lambda s: s.close()).addErrback(lambda _: None)
-            for d in sessions
-        ]
-        return DeferredList(closing)
+        self.stopping = True
+        hooks, self.on_close = self.on_close, []
+        stopped = DeferredList([maybeDeferred(hook) for hook in hooks])
+
+        def close_sessions(_: object) -> Deferred[Any]:
+            sessions, self._sessions = list(self._sessions.values()), OrderedDict()
+            closing = []
+            for d in sessions:
+                closing.append(
+                    _share(d)
+                    .addCallback(lambda s: s.close())
+                    .addErrback(lambda _: None)
+                )
+                # A session still being opened waits on the agent, which
+                # may hang: it is given up.
+                if not d.called:
+                    d.cancel()
+            return DeferredList(closing)
+
+        return stopped.addCallback(close_sessions)
+
+    def _check_running(self) -> None:
+        """
+        @raise FacadeStopping: the facade is stopping.
+        """
+        if self.stopping:
+            raise FacadeStopping(
+                "the facade is stopping: nothing more is sent to the agent or the DMP"
+            )
 
     def vihf(
         self, session: ProfessionalSession, patient: PatientId | None
@@ -782,12 +842,14 @@ class DmpService:
             answer never came.
         @raise DmpTimeout: no answer in time.
         """
+        self._check_running()
         started = time.monotonic()
         signatures = session.key.signatures
         connection: _Connection | None = None
         sent = False
         making = 0.0
         code = "-"
+        reason = ""
         try:
             protocol = await self._connect(session, message.url)
             connection = _connection_of(protocol, session.connections)
@@ -829,7 +891,12 @@ class DmpService:
             return value
         except Exception as error:
             if code == "-":
-                code = getattr(error, "code", None) or type(error).__name__
+                # The DMP's own code when it gave one (a refusal), else the
+                # failure in words.
+                given = getattr(error, "code", None)
+                code = given if isinstance(given, str) and given else "failed"
+                if code == "failed":
+                    reason = f" ({_in_words(error)})"
             raise
         finally:
             duration = time.monotonic() - started - making
@@ -846,10 +913,11 @@ class DmpService:
                 handshake_seconds = connection.handshake_seconds
             set_seconds = (timings or {}).get("submissionSetSignature")
             _log.info(
-                "DMP {action}: {code} in {duration:.3f}s, connection {connection}, "
-                "card signature {signature}{set_signature}",
+                "DMP {action}: {code}{reason} in {duration:.3f}s, connection "
+                "{connection}, card signature {signature}{set_signature}",
                 action=name,
                 code=code,
+                reason=reason,
                 duration=duration,
                 connection=used,
                 signature="none" if card_seconds is None else f"{card_seconds:.3f}s",
@@ -868,7 +936,9 @@ class DmpService:
                         if handshake_seconds is None
                         else round(handshake_seconds, 6)
                     ),
-                    handshakeSignature=card_seconds,
+                    handshakeSignature=(
+                        None if card_seconds is None else round(card_seconds, 6)
+                    ),
                 )
 
     async def _connect(self, session: ProfessionalSession, url: str) -> Any:
@@ -1113,6 +1183,11 @@ class DmpService:
         """
         if overrides is not None and len(overrides) != len(documents):
             raise MetadataError("one overrides mapping per document, or none")
+        if len(documents) > MAX_DOCUMENTS:
+            raise TooManyDocuments(
+                f"a submission carries at most {MAX_DOCUMENTS} documents, not "
+                f"{len(documents)}: send them in several submissions"
+            )
         entries = []
         for index, data in enumerate(documents):
             try:
@@ -1125,6 +1200,33 @@ class DmpService:
             except (MetadataError, XmlRefused) as error:
                 raise DocumentRefused(index, error) from error
             entries.append((entry, data))
+
+        # What the DMP refuses of the submission as a whole, said before the
+        # card is asked anything: a document twice, several patients.
+        first: dict[str, int] = {}
+        for index, (entry, _) in enumerate(entries):
+            earlier = first.setdefault(entry.uniqueId, index)
+            if earlier != index:
+                raise DocumentRefused(
+                    index,
+                    MetadataError(
+                        f"the same document as documents[{earlier}] (uniqueId "
+                        f"{entry.uniqueId}): a submission carries each document once"
+                    ),
+                )
+        patient = entries[0][0].patientId if entries else None
+        for index, (entry, _) in enumerate(entries):
+            if entry.patientId != patient:
+                assert patient is not None
+                raise DocumentRefused(
+                    index,
+                    MetadataError(
+                        f"its patient is {entry.patientId.ins} (authority "
+                        f"{entry.patientId.authority}), that of documents[0] "
+                        f"{patient.ins} (authority {patient.authority}): a "
+                        "submission is about one patient"
+                    ),
+                )
         return entries
 
     async def _signed(
@@ -1132,12 +1234,12 @@ class DmpService:
         session: ProfessionalSession,
         submission: Submission,
         timings: dict[str, Any],
+        signing: SigningIdentity | None,
     ) -> Submission:
         """
         @return: C{submission} with the set's signature made by the card's
-            signature key, when the facade signs submission sets.
+            signature key, C{signing}, when the facade signs submission sets.
         """
-        signing = session.signing
         if signing is None:
             return submission
         return await sign_submission(
@@ -1172,6 +1274,15 @@ class DmpService:
         timings: dict[str, Any] = {}
         entries = self.derive(documents, overrides)
         session = await self._session(context)
+        # Read before the DMP is reached: a card without a signature key
+        # fails the submission before a connection is made for it.
+        signing = None
+        if self.config.sign_submission_set:
+            try:
+                signing = await session.signing_identity()
+            except TokenExpired:
+                self.forget(context)
+                raise
         submission = new_submission(
             entries,
             session.professional,
@@ -1187,7 +1298,7 @@ class DmpService:
         made: list[PreparedSubmission] = []
 
         async def make() -> OutgoingMessage:
-            signed = await self._signed(session, submission, timings)
+            signed = await self._signed(session, submission, timings, signing)
             message = provide_and_register(self.endpoints, vihf, signed)
             made.append(PreparedSubmission(signed, message))
             return message
@@ -1209,7 +1320,7 @@ class DmpService:
         except (DmpAnswerLost, DmpTimeout) as first:
             _log.warn(
                 "TD2.1 outcome unknown ({why}); checking {count} uniqueIds",
-                why=type(first).__name__,
+                why=_in_words(first),
                 count=len(unique_ids),
             )
         # The message was made and sent, or started to be.
@@ -1390,11 +1501,27 @@ def _host_header(uri: URI) -> bytes:
     return host + b":%d" % uri.port
 
 
+def _in_words(error: BaseException, longest: int = 300) -> str:
+    """
+    @return: what C{error} says, for a log line: its message, cut, or what
+        kind of failure it is when it has none.
+    """
+    said = " ".join(str(error).split())
+    if not said:
+        kinds: dict[type[BaseException], str] = {
+            CancelledError: "cancelled",
+            TimeoutError: "timed out",
+            ConnectionLost: "connection lost",
+        }
+        said = kinds.get(type(error), "no detail given")
+    return said if len(said) <= longest else said[:longest] + "..."
+
+
 def _reasons(error: Exception) -> str:
     reasons = getattr(error, "reasons", None)
     if reasons:
-        return "; ".join(str(r.value) for r in reasons)
-    return str(error) or type(error).__name__
+        return "; ".join(_in_words(r.value) for r in reasons)
+    return _in_words(error)
 
 
 def _code_of(result: object) -> str:

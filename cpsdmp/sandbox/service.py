@@ -103,6 +103,7 @@ from cpsdmp.xds.transactions import (
     FIND_DOCUMENTS,
     GET_DOCUMENTS,
 )
+from cpsdmp.xds.values import check_dtm, check_entry
 from cpsdmp.xds.vihf import RESOURCE_ID, SAML2, WSSE
 
 _log = Logger()
@@ -676,6 +677,19 @@ def _entry_errors(
         )
         for name in missing
     ]
+    if not missing:
+        # The values the registry refuses: times that are not real XDS
+        # times or out of order, texts too long, a classCode not of TRE_A03.
+        try:
+            check_entry(entry)
+        except MetadataError as error:
+            errors.append(
+                _error(
+                    "XDSRegistryMetadataError",
+                    f"DocumentEntry {entry.uniqueId}: {error}",
+                    entry.entryUUID,
+                )
+            )
     if entry.patientId != patient:
         errors.append(
             _error(
@@ -725,15 +739,11 @@ def _find_filter(query: StoredQuery) -> FindFilter:
             raise Refused(
                 [_error("XDSStoredQueryParamNumber", f"$XDSDocumentEntry{name} twice")]
             )
-        if values and not values[0].isdigit():
-            raise Refused(
-                [
-                    _error(
-                        "XDSRegistryError",
-                        f"$XDSDocumentEntry{name} {values[0]!r} is not an XDS time",
-                    )
-                ]
-            )
+        if values:
+            try:
+                check_dtm(values[0], f"$XDSDocumentEntry{name}")
+            except MetadataError as error:
+                raise Refused([_error("XDSRegistryError", str(error))]) from None
         return values[0] if values else None
 
     return FindFilter(

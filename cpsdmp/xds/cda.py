@@ -18,7 +18,7 @@ naming it.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 
@@ -41,6 +41,13 @@ from cpsdmp.xds.ebrim import (
     new_entry_uuid,
     source_patient_id,
     xds_time,
+)
+from cpsdmp.xds.values import (
+    CLASS_CODE_SYSTEM,
+    CLASS_DISPLAYS,
+    check_dtm,
+    check_entry,
+    check_overrides,
 )
 
 HL7 = "urn:hl7-org:v3"
@@ -79,27 +86,8 @@ class UnknownClassCode(CdaError):
 
 
 # Tables ---------------------------------------------------------------------------
-#: TRE_A03 document classes (XDS classCode).
-CLASS_CODE_SYSTEM = "1.2.250.1.213.1.1.4.1"
 COMPTE_RENDU = CodedValue("10", CLASS_CODE_SYSTEM, "Compte rendu")
 SYNTHESE = CodedValue("11", CLASS_CODE_SYSTEM, "Synthèse")
-
-#: The classes of TRE_A03-ClasseDocument (NOS, version of 2023-12-15) and
-#: their display names, for a classCode given by its code alone.
-CLASS_DISPLAYS = {
-    "10": "Compte rendu",
-    "11": "Synthèse",
-    "31": "Imagerie médicale",
-    "42": "Prescription",
-    "43": "Dispensation",
-    "44": "Plan de soins, protocole de soins",
-    "45": "Traitement administré",
-    "52": "Certificat, déclaration",
-    "60": "Données de remboursement",
-    "90": "Autres documents déposés par le patient",
-    "95": "Document de gestion",
-    "99": "Document technique",
-}
 
 #: typeCode (LOINC) -> classCode: the entries of the CI-SIS table
 #: ASS_X04-CorrespondanceType-Classe that this module knows. It is a partial
@@ -196,14 +184,11 @@ def hl7_time_to_utc(value: str, where: str) -> str:
     if match is None:
         raise CdaError(f"{where} value {value!r} is not an HL7 date/time")
     if match["time"] is None:
-        # Kept at its precision, but only if it is a real date: a missing
-        # month or day is checked as the first of it.
-        date = match["date"]
+        # Kept at its precision, but only if it is a real date.
         try:
-            datetime.strptime(date + "0101"[len(date) - 4 :], "%Y%m%d")
-        except ValueError:
-            raise CdaError(f"{where} value {value!r} is not a valid date") from None
-        return date
+            return check_dtm(match["date"], f"{where} value")
+        except MetadataError as error:
+            raise CdaError(str(error)) from None
     if match["zone"] is None:
         raise CdaError(
             f"{where} value {value!r} has a time of day but no zone offset "
@@ -411,6 +396,22 @@ def _format_code(header: CdaHeader) -> CodedValue | None:
     return None
 
 
+def _as_code(value: object) -> object:
+    """
+    @return: C{value}, a code given as C{{code, codingScheme, display}}
+        (or a list of them) made a L{CodedValue}; anything else unchanged.
+    """
+    if isinstance(value, list):
+        return [_as_code(item) for item in value]
+    if isinstance(value, Mapping) and {"code", "codingScheme"} <= set(value):
+        return CodedValue(
+            str(value["code"]),
+            str(value["codingScheme"]),
+            str(value.get("display", "")),
+        )
+    return value
+
+
 def document_entry(
     document: bytes | memoryview,
     structure: Structure | None = None,
@@ -423,12 +424,18 @@ def document_entry(
     @param document: the exact bytes that will be submitted.
     @param structure: supplies healthcareFacilityTypeCode and
         practiceSettingCode when the CDA does not.
-    @param overrides: XDS attribute name -> value, applied last.
+    @param overrides: XDS attribute name -> value, applied last; a code as
+        a L{CodedValue} or as C{{code, codingScheme, display}}.
     @raise CdaError: a mandatory element is missing, or a value has no
         mapping (the message names it).
+    @raise MetadataError: an override, or a value of the CDA, is one the DMP
+        refuses (L{cpsdmp.xds.values}): a time that is not a real XDS time,
+        a service start after its stop, a text too long, a classCode not of
+        TRE_A03.
     @raise XmlRefused: the document is unsafe or not well-formed XML.
     """
-    overrides = dict(overrides or {})
+    overrides = {name: _as_code(value) for name, value in (overrides or {}).items()}
+    check_overrides(overrides)
     defaults = defaults or SubmissionDefaults()
     header = read_header(document)
     root = header.root
@@ -539,10 +546,12 @@ def document_entry(
         if not hasattr(entry, name):
             raise MetadataError(f"{name} is not a DocumentEntry attribute")
         setattr(entry, name, value)
-    return entry
+    return check_entry(entry)
 
 
 __all__ = [
+    "CLASS_CODE_SYSTEM",
+    "CLASS_DISPLAYS",
     "CdaError",
     "CdaHeader",
     "UnknownClassCode",

@@ -25,6 +25,7 @@ from cpsdmp.xds.context import (
     PRACTICE_SETTING_SYSTEM,
 )
 from cpsdmp.xds.ebrim import CodedValue, MetadataError
+from cpsdmp.xds.values import check_class_code
 
 # The largest CDA read; a DMP document is far smaller, and reading stops here
 # whatever the file claims (a device, a pipe, a file still growing).
@@ -60,7 +61,14 @@ def coded(default_scheme: str) -> Any:
             raise argparse.ArgumentTypeError(
                 f"{value!r}: give the coding scheme too (code^display^OID)"
             )
-        return CodedValue(code, scheme or default_scheme, display)
+        given = CodedValue(code, scheme or default_scheme, display)
+        if given.scheme == CLASS_CODE_SYSTEM:
+            # A class of the TRE_A03 table, or the DMP refuses it.
+            try:
+                check_class_code(given)
+            except MetadataError as error:
+                raise argparse.ArgumentTypeError(str(error)) from None
+        return given
 
     return parse
 

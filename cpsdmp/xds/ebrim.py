@@ -207,6 +207,33 @@ class CodedValue:
         return {"code": self.code, "codingScheme": self.scheme, "display": self.display}
 
 
+#: An INS (NIR or NIA): sex, year and month of birth, the department
+#: (2A or 2B for Corsica), the commune, the order number, then a 2-digit key.
+_INS = re.compile(r"[0-9]{5}(?:[0-9]{2}|2A|2B)[0-9]{6}[0-9]{2}")
+
+
+def check_ins(ins: str) -> str:
+    """
+    @return: C{ins} if it is an INS: 15 characters, 13 digits (the 6th and
+        7th may be 2A or 2B, Corsica) then the key, 97 minus the number of
+        the first 13 modulo 97 (2A counted as 19, 2B as 18).
+    @raise MetadataError: saying which of the two it fails.
+    """
+    shown = ins if len(ins) <= 20 else ins[:20] + f"... ({len(ins)} characters)"
+    if not _INS.fullmatch(ins):
+        raise MetadataError(
+            f"patient INS {shown!r} is not an INS: 15 characters, 13 digits "
+            "(the 6th and 7th may be 2A or 2B for Corsica) and a 2-digit key"
+        )
+    number = int(ins[:13].replace("2A", "19").replace("2B", "18"))
+    if int(ins[13:]) != 97 - number % 97:
+        raise MetadataError(
+            f"patient INS {shown!r} has a key, {ins[13:]}, that does not match "
+            "its first 13 characters: one of them is wrong"
+        )
+    return ins
+
+
 @dataclass(frozen=True)
 class PatientId:
     """
@@ -217,10 +244,7 @@ class PatientId:
     authority: str = INS_OID_PRODUCTION
 
     def __post_init__(self) -> None:
-        if not re.fullmatch(r"[0-9A-Z]{13,15}", self.ins):
-            raise MetadataError(
-                f"patient INS {self.ins!r} is not a 13 to 15 character NIR or NIA"
-            )
+        check_ins(self.ins)
         if self.authority not in INS_OIDS:
             raise MetadataError(
                 f"patient identifier authority {self.authority} is not an INS "

@@ -72,6 +72,7 @@ from cpsdmp.xds.responses import (
     raise_for_status,
     registry_result,
 )
+from cpsdmp.xds.values import check_dtm, check_time_order
 from cpsdmp.xds.vihf import VihfRequest, security_header
 
 HL7 = "urn:hl7-org:v3"
@@ -419,10 +420,13 @@ def new_submission(
     """
     if not entries:
         raise MetadataError("a submission needs at least one document")
-    patients = {str(entry.patientId) for entry, _ in entries}
+    patients = sorted(
+        {f"{e.patientId.ins} (authority {e.patientId.authority})" for e, _ in entries}
+    )
     if len(patients) != 1:
         raise MetadataError(
-            f"the documents of a submission must be about one patient, not {patients}"
+            "the documents of a submission must be about one patient; these are "
+            f"about {len(patients)}: {', '.join(patients)}"
         )
     if defaults.content_type is None:
         raise MetadataError(
@@ -529,18 +533,24 @@ class FindDocuments:
             Slot("$XDSDocumentEntryPatientId", [f"'{self.patient}'"]),
             Slot("$XDSDocumentEntryStatus", [_quoted(list(self.statuses))]),
         ]
-        for name, value in [
-            ("CreationTimeFrom", self.creation_from),
-            ("CreationTimeTo", self.creation_to),
-            ("ServiceStartTimeFrom", self.service_start_from),
-            ("ServiceStartTimeTo", self.service_start_to),
-            ("ServiceStopTimeFrom", self.service_stop_from),
-            ("ServiceStopTimeTo", self.service_stop_to),
-        ]:
+        bounds = {
+            "CreationTimeFrom": self.creation_from,
+            "CreationTimeTo": self.creation_to,
+            "ServiceStartTimeFrom": self.service_start_from,
+            "ServiceStartTimeTo": self.service_start_to,
+            "ServiceStopTimeFrom": self.service_stop_from,
+            "ServiceStopTimeTo": self.service_stop_to,
+        }
+        for name, value in bounds.items():
             if value is not None:
-                if not value.isdigit():
-                    raise MetadataError(f"{name} {value!r} is not an XDS time")
+                check_dtm(value, name)
                 slots.append(Slot(f"$XDSDocumentEntry{name}", [value]))
+        for first, last in [
+            ("CreationTimeFrom", "CreationTimeTo"),
+            ("ServiceStartTimeFrom", "ServiceStartTimeTo"),
+            ("ServiceStopTimeFrom", "ServiceStopTimeTo"),
+        ]:
+            check_time_order(bounds[first], bounds[last], first, last)
         for name, codes in [
             ("TypeCode", self.type_codes),
             ("ClassCode", self.class_codes),

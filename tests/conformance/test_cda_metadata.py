@@ -7,22 +7,25 @@ value sets of the material, and whose ebRIM form is valid against rim.xsd.
 from __future__ import annotations
 
 import hashlib
+import re
 from datetime import UTC, datetime
 
 from lxml import etree
 from twisted.trial.unittest import SynchronousTestCase
 
+from cpsdmp.sandbox.store import TEST_PATIENTS
 from cpsdmp.xds.cda import (
     CLASS_BY_TYPE,
     CdaError,
     document_entry,
 )
-from cpsdmp.xds.ebrim import CodedValue, DocumentEntry
+from cpsdmp.xds.ebrim import CodedValue, DocumentEntry, check_ins
 from tests.conformance.material import (
     CDA_XSD,
     RIM_XSD,
     assert_valid,
     example_cdas,
+    material,
     schema,
     value_set,
 )
@@ -34,6 +37,8 @@ INS_ROOTS = (
     "1.2.250.1.213.1.4.10",
     "1.2.250.1.213.1.4.11",
 )
+#: The start of every INS authority OID, as a pattern.
+INS_OID = r"1\.2\.250\.1\.213\.1\.4\.(?:8|9|10|11)\b"
 SOME_CLASS = CodedValue("11", "1.2.250.1.213.1.1.4.1", "Synthèse")
 IDNPS = "1.2.250.1.71.4.2.1"
 IDNST = "1.2.250.1.71.4.2.2"
@@ -263,3 +268,39 @@ class ExampleCdaTests(SynchronousTestCase):
         for (code, system), class_code in CLASS_BY_TYPE.items():
             self.assertIn((code, system), value_set("JDV_J07"))
             self.assertEqual(class_code.scheme, "1.2.250.1.213.1.1.4.1")
+
+
+class InsKeyTests(SynchronousTestCase):
+    """
+    The patients of the public material, those of the ANS example CDAs and
+    of the official example messages, have the shape and the key that
+    L{check_ins} requires, so that the check refuses a typo and not these;
+    so do the local DMP's seeded patients. (One example CDA names a
+    participant, not the patient, by an INS whose key does not match:
+    276059205062865 in VAC_2023.01.xml; the facade reads only the patient's.)
+    """
+
+    def test_material_ins(self) -> None:
+        found = set()
+        for path in example_cdas():
+            tree = etree.parse(str(path))
+            for identifier in tree.xpath(
+                "h:recordTarget/h:patientRole/h:id", namespaces=NS
+            ):
+                if identifier.get("root") in INS_ROOTS:
+                    found.add(identifier.get("extension"))
+        messages = material() / "gie-sv-dmp-package" / "exemples-messages"
+        for path in messages.rglob("*.xml"):
+            text = path.read_bytes().decode("utf-8", "replace")
+            # As a CX (INS^^^&OID&ISO^NH) and as an HL7 v3 id.
+            found.update(re.findall(r"([0-9A-Z]{15})\^\^\^&amp;" + INS_OID, text))
+            found.update(
+                re.findall(r'extension="([0-9A-Z]{15})" root="' + INS_OID, text)
+            )
+        self.assertGreaterEqual(len(found), 4, found)
+        for ins in sorted(found):
+            self.assertEqual(check_ins(ins), ins)
+
+    def test_seeded_patients(self) -> None:
+        for record in TEST_PATIENTS:
+            self.assertEqual(check_ins(record.patient.ins), record.patient.ins)

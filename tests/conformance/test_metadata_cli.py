@@ -217,6 +217,22 @@ class MetadataCommandTests(SynchronousTestCase):
                 run(path, *argv)
             self.assertIn("argument", err.getvalue())
 
+    def test_class_code_of_the_table(self) -> None:
+        """
+        A TRE_A03 classCode the table has not is refused as a usage error
+        that lists the table's codes (it printed ZZZ^^1.2.250.1.213.1.1.4.1).
+        """
+        path = str(example("DLU-EHPAD-FLUDR"))
+        for given in ["ZZZ", "ZZZ^x^1.2.250.1.213.1.1.4.1", "12"]:
+            err = io.StringIO()
+            with redirect_stderr(err), self.assertRaises(SystemExit) as stopped:
+                run(path, "--class-code", given)
+            self.assertEqual(stopped.exception.code, 2)
+            self.assertIn("is not a class of TRE_A03", err.getvalue())
+            self.assertIn("11 (Synthèse)", err.getvalue())
+        status, out, err = run(path, "--json", "--class-code", "11")
+        self.assertEqual((status, err), (0, ""))
+
     def test_size_bound(self) -> None:
         """
         Reading stops at the bound whatever the file is, so a device or a

@@ -1,0 +1,63 @@
+"""
+What this project's HTTP servers (the agent, the facade) add to twisted.web
+at the connection level: an idle timeout of their own, so that a client
+that opens a connection and says nothing is let go whatever Twisted's
+default, and an answer to a request line or header too long to read, where
+twisted.web's line reader drops the connection without a word (and, over
+TLS, leaves the caller waiting).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from http import HTTPStatus
+
+from twisted.web.http import HTTPChannel
+
+#: Seconds a connection may stay silent while no request is being answered:
+#: before a request's headers are complete, between the chunks of its body,
+#: and between two requests on a kept connection. Twisted stops this clock
+#: while a request is answered, however long the answer takes.
+IDLE_TIMEOUT = 60.0
+
+
+def closing_answer(
+    status: int,
+    content_type: str,
+    payload: bytes,
+    headers: Sequence[tuple[bytes, bytes]] = (),
+) -> bytes:
+    """
+    @return: a whole HTTP/1.1 answer that closes the connection, for what is
+        refused before a request exists (a header too long to read).
+    """
+    lines = [
+        b"HTTP/1.1 %d %s" % (status, HTTPStatus(status).phrase.encode("ascii")),
+        b"Content-Type: " + content_type.encode("ascii"),
+        b"Cache-Control: no-store",
+        b"Content-Length: %d" % len(payload),
+        b"Connection: close",
+        *(name + b": " + value for name, value in headers),
+    ]
+    return b"\r\n".join(lines) + b"\r\n\r\n" + payload
+
+
+class HeaderLimitChannel(HTTPChannel):
+    """
+    An HTTP/1.1 channel that answers a request line or header line over
+    C{MAX_LENGTH} bytes with what L{header_too_large} makes (a 431) and
+    closes the connection.
+    """
+
+    def header_too_large(self) -> bytes:
+        """
+        @return: the whole answer, as L{closing_answer} makes it.
+        """
+        raise NotImplementedError()
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(self.header_too_large())
+        # HTTPChannel's own loseConnection lets go of the transport's
+        # producer first; without it, TLS never closes.
+        self.loseConnection()  # type: ignore[no-untyped-call]
