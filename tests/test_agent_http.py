@@ -336,6 +336,46 @@ class SessionTests(AgentTestCase):
             self.assertProblem(answer, 400, problems.BAD_REQUEST)
 
     @inlineCallbacks
+    def test_strict_json(self) -> Any:
+        """
+        JSON is read strictly, as the facade reads it: a member twice in one
+        object (which one would the agent act on?), NaN or Infinity, or a
+        number of thousands of digits is refused, said in words, and the
+        card is not asked.
+        """
+        context = yield self.session()
+        for path, body, said in [
+            (
+                "/cps/session",
+                b'{"pin": "0000", "pin": "%s"}' % self.testcard.pin.encode(),
+                "has the member 'pin' twice in one object",
+            ),
+            ("/cps/session", b'{"pin": NaN}', "has NaN, which is not JSON"),
+            (
+                "/cps/session",
+                b'{"pin": "0000", "lastTry": -Infinity}',
+                "has -Infinity, which is not JSON",
+            ),
+            (
+                "/cps/sign/for/signature/SHA256WithRSA",
+                b'{"data": "AAAA", "n": %s}' % (b"9" * 5000),
+                "has a number of 5000 digits (at most 64 are taken)",
+            ),
+        ]:
+            answer = yield self.request(
+                "POST",
+                path,
+                {"Content-Type": "application/json"},
+                body,
+                context["token"],
+            )
+            document = self.assertProblem(answer, 400, problems.BAD_REQUEST)
+            self.assertEqual(document["detail"], "the body " + said)
+        # No wrong PIN reached the card: the session is still open.
+        answer = yield self.request("GET", "/cps/card", token=context["token"])
+        self.assertEqual(answer.code, 200, answer.body)
+
+    @inlineCallbacks
     def test_unknown_endpoint(self) -> Any:
         answer = yield self.request("GET", "/cps/nothing")
         self.assertProblem(answer, 404, problems.NOT_FOUND)
@@ -1168,6 +1208,27 @@ class CorsTests(AgentTestCase):
             b'{"pin": "0000"}',
         )
         self.assertProblem(answer, 403, problems.FORBIDDEN_ORIGIN)
+
+    @inlineCallbacks
+    def test_body_too_large_readable_by_the_origin(self) -> Any:
+        """
+        A body over 64 KiB, refused before it is read, is answered with the
+        CORS grant for the allowed origin, so that its page can read the
+        413, and with none for another origin.
+        """
+        body = b" " * (70 * 1024)
+        for origin, granted in [
+            (self.allow_origin, self.allow_origin),
+            ("https://evil.example", None),
+        ]:
+            answer = yield self.request(
+                "POST",
+                "/cps/session",
+                {"Origin": origin, "Content-Type": "application/json"},
+                body,
+            )
+            self.assertProblem(answer, 413, problems.BODY_TOO_LARGE)
+            self.assertEqual(answer.header("access-control-allow-origin"), granted)
 
 
 class _FaultBackend:

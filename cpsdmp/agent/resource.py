@@ -54,6 +54,12 @@ from cpsdmp.agent.card import (
 )
 from cpsdmp.agent.policy import PolicyDecision, SigningPolicy
 from cpsdmp.agent.tokens import TokenStore, is_token_shaped
+from cpsdmp.protocols import strictjson
+from cpsdmp.protocols.httpserver import (
+    IDLE_TIMEOUT,
+    HeaderLimitChannel,
+    closing_answer,
+)
 from cpsdmp.xds.signature import SignatureRequestRefused, to_be_signed
 
 _log = Logger()
@@ -151,19 +157,6 @@ class Problem(Exception):
             "detail": self.detail,
             **self.extra,
         }
-
-
-class _DuplicateMember(ValueError):
-    pass
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    members: dict[str, Any] = {}
-    for name, value in pairs:
-        if name in members:
-            raise _DuplicateMember(repr(name))
-        members[name] = value
-    return members
 
 
 def check_pin_format(pin: str) -> None:
@@ -474,14 +467,10 @@ class AgentResource(Resource):
         assert request.content is not None
         raw = request.content.read()
         try:
-            body = json.loads(raw, object_pairs_hook=_no_duplicates)
-        except _DuplicateMember as e:
+            body = strictjson.loads(raw)
+        except strictjson.JsonRefused as error:
             raise Problem(
-                400, problems.BAD_REQUEST, "Bad JSON", f"member {e} appears twice"
-            ) from None
-        except (ValueError, UnicodeDecodeError, RecursionError):
-            raise Problem(
-                400, problems.BAD_REQUEST, "Bad JSON", "the body is not valid JSON"
+                400, problems.BAD_REQUEST, "Bad JSON", f"the body {error}"
             ) from None
         if not isinstance(body, dict):
             raise Problem(
@@ -981,43 +970,32 @@ class _LimitedRequest(server.Request):
         )
         site = getattr(self.channel, "site", None)
         allowed = getattr(getattr(site, "resource", None), "allow_origin", None)
+        origin = self.getHeader(b"origin")
+        headers: list[tuple[bytes, bytes]] = []
+        if origin is not None and allowed is not None and origin == allowed.encode():
+            headers.append((b"Access-Control-Allow-Origin", origin))
         assert self.channel is not None and self.channel.transport is not None
-        self.channel.transport.write(
-            _problem_answer(problem, self.getHeader(b"origin"), allowed)
-        )
+        self.channel.transport.write(_problem_answer(problem, headers))
         if close_now:
             self._close()
 
 
-def _problem_answer(
-    problem: Problem, origin: bytes | None, allowed: str | None
-) -> bytes:
+def _problem_answer(problem: Problem, headers: list[tuple[bytes, bytes]]) -> bytes:
     """
     @return: a whole HTTP/1.1 answer carrying C{problem}, that closes the
         connection, for what is refused before a request exists.
     """
     payload = json.dumps(problem.document()).encode()
-    head = [
-        b"HTTP/1.1 %d %s" % (problem.status, reason_phrase(problem.status)),
-        b"Content-Type: " + problems.CONTENT_TYPE.encode(),
-        b"Cache-Control: no-store",
-        b"Content-Length: " + str(len(payload)).encode(),
-        b"Connection: close",
-    ]
-    if origin is not None and allowed is not None and origin == allowed.encode():
-        head.append(b"Access-Control-Allow-Origin: " + origin)
-    return b"\r\n".join(head) + b"\r\n\r\n" + payload
+    return closing_answer(problem.status, problems.CONTENT_TYPE, payload, headers)
 
 
-class _AgentChannel(http.HTTPChannel):
+class _AgentChannel(HeaderLimitChannel):
     """
-    An HTTP channel that answers a header line too long to read (a bearer
-    token of 100 KB) with a 431 problem and closes, where twisted.web's
-    line reader would drop the connection without a word and, over TLS,
-    leave the caller waiting.
+    The agent's HTTP/1.1 connections: a header line too long to read (a
+    bearer token of 100 KB) is answered 431 with a problem document.
     """
 
-    def lineLengthExceeded(self, line: bytes) -> None:
+    def header_too_large(self) -> bytes:
         problem = Problem(
             431,
             problems.HEADER_TOO_LARGE,
@@ -1025,19 +1003,18 @@ class _AgentChannel(http.HTTPChannel):
             f"a request line or header of the agent's requests is at most "
             f"{self.MAX_LENGTH} bytes (a token is 43 characters)",
         )
-        assert self.transport is not None
-        self.transport.write(_problem_answer(problem, None, None))
-        # HTTPChannel's own loseConnection lets go of the transport's
-        # producer first; without it, TLS never closes.
-        self.loseConnection()  # type: ignore[no-untyped-call]
+        return _problem_answer(problem, [])
 
 
 def agent_site(resource: AgentResource) -> server.Site:
     """
     @return: a site serving C{resource} at its root with the body and
-        header limits.
+        header limits, and the idle timeout of the project's servers
+        (L{IDLE_TIMEOUT}).
     """
-    site = server.Site(resource, requestFactory=_LimitedRequest)  # type: ignore[no-untyped-call]
+    site = server.Site(  # type: ignore[no-untyped-call]
+        resource, requestFactory=_LimitedRequest, timeout=IDLE_TIMEOUT
+    )
     # HTTP/1.1 only (no HTTP/2 is negotiated), so the plain channel serves.
     site.protocol = _AgentChannel  # type: ignore[method-assign,assignment]
     site.displayTracebacks = False
