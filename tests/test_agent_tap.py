@@ -366,27 +366,51 @@ class OptionsTests(SynchronousTestCase):
 
     def test_bad_numbers(self) -> None:
         """
-        Idle times and pauses that are not finite, positive and sensible are
-        refused at start, not at the first session.
+        Idle times, timeouts and pauses that are not finite numbers within
+        their range are refused at start, not at the first session, in one
+        line naming the option, the value and the form expected.
         """
-        for value in ["inf", "nan", "1e309", "0", "-5", "1e9"]:
-            self.assertRaises(
-                usage.UsageError,
-                _options,
-                "--soft-card",
-                _soft(),
-                "--session-idle",
-                value,
-            )
-        for value in ["inf", "-1", "86400"]:
-            self.assertRaises(
-                usage.UsageError,
-                _options,
-                "--soft-card",
-                _soft(),
-                "--wrong-pin-pause",
-                value,
-            )
+        for option, values, form in [
+            (
+                "session-idle",
+                ["inf", "nan", "1e309", "0", "-5", "1e9", "abc", "15m"],
+                "a number of seconds above 0 and at most 604800, such as 900",
+            ),
+            (
+                "card-timeout",
+                ["inf", "0", "-1", "600.5", "abc"],
+                "a number of seconds above 0 and at most 600, such as 30",
+            ),
+            (
+                "wrong-pin-pause",
+                ["inf", "-1", "86400", "5s"],
+                "a number of seconds from 0 to 3600, such as 5",
+            ),
+        ]:
+            for value in values:
+                with self.assertRaises(usage.UsageError) as raised:
+                    _options("--soft-card", _soft(), f"--{option}", value)
+                self.assertEqual(
+                    str(raised.exception), f"--{option} {value}: not {form}"
+                )
+
+    def test_numbers_within_range(self) -> None:
+        """
+        The ends of each range are taken, as numbers.
+        """
+        options = _options(
+            "--soft-card",
+            _soft(),
+            "--session-idle",
+            "604800",
+            "--card-timeout",
+            "600",
+            "--wrong-pin-pause",
+            "0",
+        )
+        self.assertEqual(options["session-idle"], 604800.0)
+        self.assertEqual(options["card-timeout"], 600.0)
+        self.assertEqual(options["wrong-pin-pause"], 0.0)
 
     def test_public_url(self) -> None:
         options = _options("--soft-card", _soft(), "--public-url", "https://ws1:10035")
@@ -874,6 +898,11 @@ class CommandTests(TestCase):
             (["--listen", "garbage:x"], b"--listen garbage:x"),
             (["--allow-origin", "*"], b"--allow-origin '*'"),
             (["--soft-card", card.ca_root], b"--soft-card"),
+            (
+                ["--card-timeout", "abc"],
+                b"--card-timeout abc: not a number of seconds above 0 and at "
+                b"most 600, such as 30",
+            ),
         ]:
             testcard = (
                 [] if argv[0] == "--soft-card" else ["--testcard", card.directory]

@@ -8,7 +8,6 @@ from __future__ import annotations
 import datetime
 import hashlib
 import ipaddress
-import math
 import os
 import re
 from pathlib import Path
@@ -52,13 +51,16 @@ from cpsdmp.agent.resource import (
     AgentResource,
     agent_site,
 )
-from cpsdmp.protocols.server_tls import load_server_identity, server_tls_options
+from cpsdmp.protocols.server_tls import server_tls_options
 from cpsdmp.tapsupport import (
     StartError,
     check_endpoint,
     exit_on_start_failure,
     is_loopback,
     listen,
+    number_option,
+    read_certificates,
+    read_tls_identity,
 )
 
 _log = Logger()
@@ -73,6 +75,10 @@ LISTENING_LINE = re.compile(
 
 # The longest idle time a token may be given: a week.
 MAX_SESSION_IDLE = 7 * 24 * 3600.0
+
+# The longest --card-timeout and --wrong-pin-pause, in seconds.
+MAX_CARD_TIMEOUT = 600.0
+MAX_WRONG_PIN_PAUSE_OPTION = 3600.0
 
 # Seconds between two checks that the card is still in the reader.
 CARD_WATCH_INTERVAL = 2.0
@@ -106,14 +112,27 @@ class Options(usage.Options):
         ["soft-card-signature", None, None, "PKCS#12 file of the signature key."],
         ["testcard", None, None, "Use the test card made in this folder."],
         ["allow-origin", None, None, "The one web origin allowed to call (CORS)."],
-        ["session-idle", None, 900.0, "Seconds a token lives unused.", float],
+        [
+            "session-idle",
+            None,
+            900.0,
+            "Seconds a token lives unused.",
+            number_option("session-idle", "seconds", "900", maximum=MAX_SESSION_IDLE),
+        ],
         [
             "wrong-pin-pause",
             None,
             WRONG_PIN_PAUSE,
             "Seconds during which no PIN is tried after a wrong one; doubled "
             f"with each wrong PIN in a row, up to {MAX_WRONG_PIN_PAUSE:g} s.",
-            float,
+            number_option(
+                "wrong-pin-pause",
+                "seconds",
+                f"{WRONG_PIN_PAUSE:g}",
+                minimum=0,
+                minimum_allowed=True,
+                maximum=MAX_WRONG_PIN_PAUSE_OPTION,
+            ),
         ],
         [
             "public-url",
@@ -134,7 +153,12 @@ class Options(usage.Options):
             None,
             DEFAULT_CARD_TIMEOUT,
             "Seconds a card operation may take before the agent answers 503.",
-            float,
+            number_option(
+                "card-timeout",
+                "seconds",
+                f"{DEFAULT_CARD_TIMEOUT:g}",
+                maximum=MAX_CARD_TIMEOUT,
+            ),
         ],
     ]
 
@@ -188,28 +212,8 @@ class Options(usage.Options):
         if bool(self["tls-cert"]) != bool(self["tls-key"]):
             raise usage.UsageError("--tls-cert and --tls-key go together")
         if self["tls-cert"]:
-            try:
-                self["tls-identity"] = load_server_identity(
-                    self["tls-cert"], self["tls-key"]
-                )
-            except ValueError as e:
-                raise usage.UsageError(str(e)) from None
-        idle = self["session-idle"]
-        if not (math.isfinite(idle) and 0 < idle <= MAX_SESSION_IDLE):
-            raise usage.UsageError(
-                f"--session-idle must be a number of seconds from 1 to "
-                f"{MAX_SESSION_IDLE:g}"
-            )
-        if not (
-            math.isfinite(self["card-timeout"]) and 0 < self["card-timeout"] <= 600
-        ):
-            raise usage.UsageError(
-                "--card-timeout must be a number of seconds from 1 to 600"
-            )
-        pause = self["wrong-pin-pause"]
-        if not (math.isfinite(pause) and 0 <= pause <= 3600):
-            raise usage.UsageError(
-                "--wrong-pin-pause must be a number of seconds from 0 to 3600"
+            self["tls-identity"] = read_tls_identity(
+                "tls-cert", self["tls-cert"], "tls-key", self["tls-key"]
             )
         url = self["public-url"]
         if url is not None and not (
@@ -228,20 +232,11 @@ class Options(usage.Options):
         except ValueError as e:
             raise usage.UsageError(f"--rate-limit: {e}") from None
         for option, paths in [
-            ("--trust", self["trust"]),
-            ("--intermediate", self["intermediates"]),
+            ("trust", self["trust"]),
+            ("intermediate", self["intermediates"]),
         ]:
             for path in paths:
-                try:
-                    _load_certificates([path])
-                except OSError as e:
-                    raise usage.UsageError(
-                        f"{option} {path}: cannot read it ({e.strerror})"
-                    ) from None
-                except ValueError:
-                    raise usage.UsageError(
-                        f"{option} {path}: no PEM certificate in it"
-                    ) from None
+                read_certificates(option, path)
         if self["audit-log"]:
             try:
                 os.close(create_private(self["audit-log"]))
