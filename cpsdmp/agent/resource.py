@@ -13,7 +13,6 @@ import json
 import math
 import time
 from collections.abc import Awaitable, Callable
-from http import HTTPStatus
 from typing import IO, Any, Protocol, cast
 
 from cryptography import x509
@@ -59,6 +58,7 @@ from cpsdmp.protocols.httpserver import (
     IDLE_TIMEOUT,
     HeaderLimitChannel,
     closing_answer,
+    reason_phrase,
 )
 from cpsdmp.xds.signature import SignatureRequestRefused, to_be_signed
 
@@ -226,14 +226,6 @@ def _card_problem(error: CardError) -> Problem:
     if isinstance(error, KeyNotFound):
         return Problem(503, problems.KEY_NOT_FOUND, "Key not on the card", str(error))
     return Problem(503, problems.NO_CARD, "Card unavailable", str(error))
-
-
-def reason_phrase(code: int) -> bytes:
-    """
-    @return: the reason phrase of status C{code} (twisted.web knows none
-        for 423 or 429, and would send "Unknown Status").
-    """
-    return HTTPStatus(code).phrase.encode("ascii")
 
 
 def _set_status(request: Request, code: int) -> None:

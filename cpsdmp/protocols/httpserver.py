@@ -21,6 +21,14 @@ from twisted.web.http import HTTPChannel
 IDLE_TIMEOUT = 60.0
 
 
+def reason_phrase(status: int) -> bytes:
+    """
+    @return: the reason phrase of C{status} (RFC 9110); twisted.web knows
+        none for 422, 423, 429 or 431, and would send "Unknown Status".
+    """
+    return HTTPStatus(status).phrase.encode("ascii")
+
+
 def closing_answer(
     status: int,
     content_type: str,
@@ -32,7 +40,7 @@ def closing_answer(
         refused before a request exists (a header too long to read).
     """
     lines = [
-        b"HTTP/1.1 %d %s" % (status, HTTPStatus(status).phrase.encode("ascii")),
+        b"HTTP/1.1 %d %s" % (status, reason_phrase(status)),
         b"Content-Type: " + content_type.encode("ascii"),
         b"Cache-Control: no-store",
         b"Content-Length: %d" % len(payload),
