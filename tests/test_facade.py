@@ -775,6 +775,18 @@ class FaultTests(FacadeTestCase):
         self.assertEqual(
             set(error.errors[0]), {"code", "context", "severity", "location"}
         )
+        # The location (the document's uniqueId) is kept as the DMP gave
+        # it; the detail names the document once, as its context does.
+        stored = unique_id(data)
+        self.assertEqual(error.errors[0]["location"], stored)
+        self.assertEqual(error.problem["detail"].count(stored), 1)
+        self.assertTrue(
+            error.problem["detail"].endswith(
+                f"error XDSDuplicateUniqueIdInRegistry: a document with "
+                f"uniqueId {stored} is already stored"
+            ),
+            error.problem["detail"],
+        )
 
     @inlineCallbacks
     def test_unknown_patient(self) -> Any:

@@ -55,8 +55,15 @@ class RegistryError:
         return self.severity != SEVERITY_WARNING
 
     def __str__(self) -> str:
+        """
+        The error in words. Its location is where XDS says the error is,
+        often the id of the object concerned, which the context may
+        already name: it is added only when the context does not say it.
+        """
         kind = "warning" if not self.is_error else "error"
-        where = f" at {self.location}" if self.location else ""
+        where = ""
+        if self.location and self.location not in self.context:
+            where = f" (location {self.location})"
         return f"{kind} {self.code}: {self.context}{where}"
 
 

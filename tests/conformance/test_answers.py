@@ -70,6 +70,28 @@ class AnswerTests(SynchronousTestCase):
             read(plain_answer(element, ACTION_PROVIDE_AND_REGISTER_ANSWER, None)),
         )
         self.assertEqual(failure.errors, [error])
+        self.assertEqual(str(error), "error XDSRegistryError: refus (location x)")
+
+    def test_error_in_words(self) -> None:
+        """
+        An error's location is said when its context does not already name
+        it, and only then.
+        """
+        for context, location, said in [
+            ("refus", "", "error XDSRegistryError: refus"),
+            (
+                "refus",
+                "urn:uuid:a",
+                "error XDSRegistryError: refus (location urn:uuid:a)",
+            ),
+            (
+                "document 1.2.3 refused",
+                "1.2.3",
+                "error XDSRegistryError: document 1.2.3 refused",
+            ),
+        ]:
+            error = RegistryError("XDSRegistryError", context, SEVERITY_ERROR, location)
+            self.assertEqual(str(error), said)
 
     def test_query_response(self) -> None:
         """
