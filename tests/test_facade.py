@@ -817,6 +817,40 @@ class FaultTests(FacadeTestCase):
         self.assertEqual(error.status, 422)
 
     @inlineCallbacks
+    def test_unique_id_too_long(self) -> Any:
+        """
+        A CDA id whose extension makes a document uniqueId over what XDS
+        takes (root^extension, the extension at most 16 characters) is 422
+        naming the document and its uniqueId, before the card is asked to
+        sign anything (the agent refused the set's signature, 502); an
+        extension of 16 characters is submitted.
+        """
+        root = b'<id root="1.2.250.1.213.1.1.1.55.2024.9.1"/>'
+        data = cda("BIO")
+        self.assertIn(root, data)
+        too_long = data.replace(root, root[:-2] + b' extension="A2345678901234567"/>')
+        error = yield self.failure_of(
+            self.facade.td21_submit([cda("VAC-NOTE"), too_long], self.context),
+            InvalidDocument,
+        )
+        self.assertEqual(error.status, 422)
+        self.assertEqual(error.problem["documentIndex"], 1)
+        detail = error.problem["detail"]
+        self.assertTrue(detail.startswith("documents[1]: "), detail)
+        self.assertIn("1.2.250.1.213.1.1.1.55.2024.9.1^A2345678901234567", detail)
+        self.assertIn("the extension at most 16 characters", detail)
+        self.assertEqual(
+            self.backend.signatures,
+            {KeyUsage.authentication: 0, KeyUsage.signature: 0},
+        )
+        longest = data.replace(root, root[:-2] + b' extension="A234567890123456"/>')
+        answer = yield self.submit(longest)
+        self.assertEqual(
+            answer["documents"][0]["uniqueId"],
+            "1.2.250.1.213.1.1.1.55.2024.9.1^A234567890123456",
+        )
+
+    @inlineCallbacks
     def test_which_document_is_invalid(self) -> Any:
         """
         With several documents in one submission, the error names the bad
@@ -3528,8 +3562,9 @@ class SubmissionSizeTests(SynchronousTestCase):
     def test_largest_submission_signable(self) -> None:
         """
         The card's signature request for the largest submission the facade
-        takes, each document's uniqueId as long as the registry stores,
-        fits the agent's request body with room to spare.
+        takes, each document's uniqueId as long as XDS takes it (an OID of
+        64 characters and an extension of 16), fits the agent's request
+        body with room to spare.
         """
         from cryptography.hazmat.primitives.serialization import pkcs12
 
@@ -3537,7 +3572,7 @@ class SubmissionSizeTests(SynchronousTestCase):
         from cpsdmp.xds.signature import local_signer
         from cpsdmp.xds.submit import SigningIdentity, prepare_td21
         from cpsdmp.xds.transactions import DmpEndpoints
-        from cpsdmp.xds.values import MAX_LONG_NAME
+        from cpsdmp.xds.values import MAX_EXTENSION, MAX_OID
         from tests.xdsvalues import PROFESSIONAL
 
         card = shared_testcard()
@@ -3555,12 +3590,15 @@ class SubmissionSizeTests(SynchronousTestCase):
         data = cda("BIO")
         root = b'<id root="1.2.250.1.213.1.1.1.55.2024.9.1"/>'
         self.assertIn(root, data)
+        longest_oid = "1.2.250." + "1" * (MAX_OID - len("1.2.250."))
         documents = []
         for index in range(MAX_DOCUMENTS):
-            extension = str(index).rjust(MAX_LONG_NAME - len("1.2.3.4^"), "0")
+            extension = str(index).rjust(MAX_EXTENSION, "0")
             documents.append(
                 data.replace(
-                    root, b'<id root="1.2.3.4" extension="%s"/>' % extension.encode()
+                    root,
+                    b'<id root="%s" extension="%s"/>'
+                    % (longest_oid.encode(), extension.encode()),
                 )
             )
         prepared = self.successResultOf(
@@ -3577,7 +3615,8 @@ class SubmissionSizeTests(SynchronousTestCase):
         )
         self.assertEqual(len(prepared.submission.documents), MAX_DOCUMENTS + 1)
         self.assertEqual(
-            len(prepared.submission.documents[0].entry.uniqueId), MAX_LONG_NAME
+            len(prepared.submission.documents[0].entry.uniqueId),
+            MAX_OID + 1 + MAX_EXTENSION,
         )
         self.assertEqual(len(sizes), 1)
         self.assertLess(sizes[0], MAX_BODY * 0.85, sizes[0])

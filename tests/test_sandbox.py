@@ -286,7 +286,7 @@ def _entry(data: bytes, **changes: Any) -> tuple[DocumentEntry, bytes]:
     @return: the metadata of a CDA under a fresh uniqueId, with C{changes}.
     """
     entry = document_entry(data, STRUCTURE, DEFAULTS, _overrides(data))
-    return dataclasses.replace(entry, uniqueId=uuid_oid(), **changes), data
+    return dataclasses.replace(entry, **{"uniqueId": uuid_oid(), **changes}), data
 
 
 class ScenarioTests(SandboxTestCase):
@@ -477,7 +477,8 @@ class RefusalTests(SandboxTestCase):
         Values the DMP refuses, whoever made the metadata: a time that is
         not an XDS time or not a real date, a service start after its
         stop, a title over what the registry stores, a classCode of
-        TRE_A03 that the table has not. Nothing is stored.
+        TRE_A03 that the table has not, a uniqueId whose extension is over
+        16 characters. Nothing is stored.
         """
         for changes, named in [
             ({"creationTime": "yesterday"}, "creationTime"),
@@ -489,6 +490,7 @@ class RefusalTests(SandboxTestCase):
             ),
             ({"title": "x" * 100_000}, "title is 100000 characters long"),
             ({"classCode": CodedValue("ZZZ", CLASS_CODE_SYSTEM, "")}, "'ZZZ'"),
+            ({"uniqueId": "1.2.3^A2345678901234567"}, "its extension has 17"),
         ]:
             answer = yield self.post(self.td21([_entry(_cda(), **changes)]))
             failure = self.assertRaises(RegistryFailure, read_registry_response, answer)

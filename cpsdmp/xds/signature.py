@@ -61,6 +61,7 @@ from cpsdmp.xds.transactions import (
     SubmittedDocument,
     author_of,
 )
+from cpsdmp.xds.values import MAX_EXTENSION, MAX_OID, is_unique_id
 
 _log = Logger()
 
@@ -100,31 +101,6 @@ Signer = Callable[[bytes, str], "Deferred[bytes]"]
 #: facade that builds it and the workstation that signs it are different
 #: machines.
 MAX_SIGNING_TIME_SKEW = timedelta(minutes=15)
-
-# A uniqueId as XDS writes it (ITI TF-3, 4.2.3.2.26 and 4.2.3.3.12): an OID
-# of at most 64 characters; a document's may also be the root^extension of
-# a CDA id, the extension at most 16 characters.
-_OID = re.compile(r"[0-2](\.(0|[1-9][0-9]*))+")
-MAX_OID = 64
-MAX_EXTENSION = 16
-
-
-def is_unique_id(value: str, *, document: bool) -> bool:
-    """
-    @return: whether C{value} is a submission set's uniqueId (an OID of at
-        most 64 characters) or, when C{document}, a document's (the same,
-        or OID^extension with an extension of 1 to 16 characters).
-    """
-    root, caret, extension = value.partition("^")
-    if caret and not (
-        document
-        and 0 < len(extension) <= MAX_EXTENSION
-        and extension.isprintable()
-        and not any(c.isspace() or c == "^" for c in extension)
-    ):
-        return False
-    return len(root) <= MAX_OID and _OID.fullmatch(root) is not None
-
 
 _SIGNATURE_ID = re.compile(
     r"sig-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"

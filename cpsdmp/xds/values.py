@@ -4,7 +4,9 @@ shared by what makes the metadata (the CDA reading, the overrides a caller
 gives, the facade's search values) and by the local DMP, which refuses what
 the real one refuses: XDS times that are real dates in the DTM format, a
 start of service not after its end, texts and codes within what the ebRIM
-schema lets the registry store, and a classCode of the TRE_A03 table.
+schema lets the registry store, a classCode of the TRE_A03 table, and a
+uniqueId as XDS writes it (which the agent also holds a signature's
+manifest to).
 """
 
 from __future__ import annotations
@@ -50,11 +52,60 @@ _NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 _LANGUAGE = re.compile(r"[A-Za-z]{2,8}(?:-[A-Za-z0-9]{1,8})*")
 
 
-def _shown(value: str) -> str:
+#: A uniqueId as XDS writes it (IHE ITI TF-3, 4.2.3.2.26 and 4.2.3.3.12):
+#: an OID of at most 64 characters; a document's may also be the
+#: root^extension of a CDA id, the extension at most 16 characters.
+_OID = re.compile(r"[0-2](\.(0|[1-9][0-9]*))+")
+MAX_OID = 64
+MAX_EXTENSION = 16
+
+
+def _shown(value: str, longest: int = 40) -> str:
     return (
         repr(value)
-        if len(value) <= 40
-        else repr(value[:40]) + (f"... ({len(value)} characters)")
+        if len(value) <= longest
+        else repr(value[:longest]) + (f"... ({len(value)} characters)")
+    )
+
+
+def is_unique_id(value: str, *, document: bool) -> bool:
+    """
+    @return: whether C{value} is a submission set's uniqueId (an OID of at
+        most 64 characters) or, when C{document}, a document's (the same,
+        or OID^extension with an extension of 1 to 16 characters).
+    """
+    root, caret, extension = value.partition("^")
+    if caret and not (
+        document
+        and 0 < len(extension) <= MAX_EXTENSION
+        and extension.isprintable()
+        and not any(c.isspace() or c == "^" for c in extension)
+    ):
+        return False
+    return len(root) <= MAX_OID and _OID.fullmatch(root) is not None
+
+
+def check_unique_id(value: str) -> str:
+    """
+    @return: C{value}, a document's uniqueId as XDS takes it
+        (L{is_unique_id}), the rule the agent holds the manifest of a
+        submission-set signature to.
+    @raise MetadataError: saying the rule, and the length of the OID or of
+        the extension when it is over.
+    """
+    if is_unique_id(value, document=True):
+        return value
+    root, _, extension = value.partition("^")
+    longer = ""
+    if len(root) > MAX_OID:
+        longer = f" (its OID has {len(root)})"
+    elif len(extension) > MAX_EXTENSION:
+        longer = f" (its extension has {len(extension)})"
+    raise MetadataError(
+        f"uniqueId {_shown(value, 100)} is not a document uniqueId as XDS takes "
+        f"it: an OID of at most {MAX_OID} characters, or the root^extension of "
+        f"the CDA's id, the root such an OID and the extension at most "
+        f"{MAX_EXTENSION} characters, without spaces{longer}"
     )
 
 
@@ -206,7 +257,7 @@ def check_overrides(overrides: Mapping[str, object]) -> None:
 def check_entry(entry: DocumentEntry) -> DocumentEntry:
     """
     Check the values of a DocumentEntry the DMP would refuse: its times,
-    texts, language and codes.
+    texts, language, codes and uniqueId.
 
     @return: C{entry}.
     @raise MetadataError: naming the first attribute that fails.
@@ -236,5 +287,5 @@ def check_entry(entry: DocumentEntry) -> DocumentEntry:
         "eventCodeList",
     ):
         check_value(name, getattr(entry, name))
-    check_text(entry.uniqueId, "uniqueId", MAX_LONG_NAME)
+    check_unique_id(entry.uniqueId)
     return entry
