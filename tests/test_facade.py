@@ -55,7 +55,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from cpsdmp.agent.card import KeyNotFound, KeyUsage
+from cpsdmp.agent.card import KeyUsage
 from cpsdmp.agent.card import PinBlocked as CardPinBlockedError
 from cpsdmp.agent.client import CpsAgentClient, open_session
 from cpsdmp.facade.client import (
@@ -63,7 +63,6 @@ from cpsdmp.facade.client import (
     AgentNotAllowed,
     AgentSessionExpired,
     AgentTimedOut,
-    CardMissing,
     CardPinBlocked,
     CardRateLimited,
     DmpFailed,
@@ -77,6 +76,7 @@ from cpsdmp.facade.client import (
     MalformedRequest,
     OutcomeUnknown,
 )
+from cpsdmp.facade.client import NoSignatureKey as FacadeNoSignatureKey
 from cpsdmp.facade.networks import AgentNetworkReactor
 from cpsdmp.facade.resource import ROUTES, UPDATE_ACTIONS, make_site, openapi
 from cpsdmp.facade.service import MAX_DOCUMENTS, FacadeConfig
@@ -726,37 +726,54 @@ class BlockedCard(SharedCard):
         raise CardPinBlockedError()
 
 
-class NoSignatureKey(SharedCard):
-    """
-    A card with an authentication key but no signature key.
-    """
-
-    def chain(self, usage: KeyUsage) -> Any:
-        if usage is KeyUsage.signature:
-            raise KeyNotFound("the card has no private key labelled CPS_PRIV_SIG")
-        return self._backend.chain(usage)
-
-
 class SignatureKeyTests(FacadeTestCase):
     @inlineCallbacks
     def test_read_only_without_signature_key(self) -> Any:
         """
-        The card's signature key is asked for only when a submission needs
-        the set signed: behind a card without one, the reads work and a
-        submission says the key is missing.
+        Behind an agent started with a soft card and no
+        --soft-card-signature, the card's signature key is asked for only
+        when a submission needs the set signed: the other transactions work,
+        and a submission is 409 no-signature-key, saying so, with nothing
+        sent to the DMP.
         """
-        agent = yield start_agent(self, NoSignatureKey(self.backend))
+        from cpsdmp.agent import tap
+
+        data = cda("BIO")
+        yield self.submit(data)
+        stored = unique_id(data)
+
+        options = tap.Options()
+        options.parseOptions(["--soft-card", self.card.soft_card])
+        agent = yield start_agent(self, tap.card_backend(options))
         context = yield open_session(agent.url, self.card.pin, agent.fingerprint)
         exists = yield self.facade.td02_exist(CDA_PATIENT, context)
         self.assertTrue(exists["exists"])
         found = yield self.facade.td31_find(context, CDA_PATIENT)
-        self.assertIsInstance(found, list)
+        self.assertIn(stored, [d["uniqueId"] for d in found])
+        content = yield self.facade.td32_retrieve(stored, context, CDA_PATIENT)
+        self.assertEqual(content, data)
+        updated = yield self.facade.td33_update(stored, "mask", context, CDA_PATIENT)
+        self.assertEqual(updated["status"], "Success")
+
+        other = cda("VAC-NOTE")
         error = yield self.failure_of(
-            self.submit(cda("BIO"), context=context), CardMissing
+            self.submit(other, context=context), FacadeNoSignatureKey
         )
-        self.assertEqual(error.status, 503)
-        self.assertIn("CPS_PRIV_SIG", str(error))
-        self.assertEqual(self.backend.signatures[KeyUsage.signature], 0)
+        self.assertEqual(error.status, 409)
+        self.assertEqual(error.kind, "no-signature-key")
+        detail = error.problem["detail"]
+        self.assertTrue(
+            detail.startswith(
+                "the card has no signature key: submissions cannot be signed; "
+                "read-only transactions (TD0.2, TD3.1, TD3.2) and status "
+                "updates (TD3.3) still work."
+            ),
+            detail,
+        )
+        found = yield self.facade.td31_find(
+            context, CDA_PATIENT, uniqueIds=[unique_id(other)]
+        )
+        self.assertEqual(found, [])
 
 
 class FaultTests(FacadeTestCase):

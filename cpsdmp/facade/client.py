@@ -85,6 +85,13 @@ class CardMissing(FacadeProblem):
     pass
 
 
+class NoSignatureKey(FacadeProblem):
+    """
+    The card has no signature key: it cannot sign a submission set. The
+    other transactions work with it; nothing was sent to the DMP.
+    """
+
+
 class CardRateLimited(FacadeProblem):
     """
     The agent refused a card signature: the session reached its signature
@@ -169,6 +176,7 @@ _KINDS: Mapping[str, type[FacadeProblem]] = {
     "pin-blocked": CardPinBlocked,
     "card-rate-limited": CardRateLimited,
     "no-card": CardMissing,
+    "no-signature-key": NoSignatureKey,
     "invalid-cda": InvalidDocument,
     "card-holder-unusable": AgentFailed,
     "document-not-found": DocumentNotFound,

@@ -33,6 +33,7 @@ from cpsdmp.agent.client import (
     AgentUnreachable,
     CardRemoved,
     NoCard,
+    NoSignatureKey,
     PinBlocked,
     RateLimited,
     TokenExpired,
@@ -206,6 +207,15 @@ def problem_for(error: BaseException) -> Problem:
                 504, "agent-timeout", "The agent did not answer in time", text
             )
         return Problem(502, "agent-unreachable", "The agent is unreachable", text)
+    if isinstance(error, NoSignatureKey):
+        return Problem(
+            409,
+            "no-signature-key",
+            "The card has no signature key",
+            "the card has no signature key: submissions cannot be signed; "
+            "read-only transactions (TD0.2, TD3.1, TD3.2) and status updates "
+            f"(TD3.3) still work. The agent said: {text}",
+        )
     if isinstance(error, AgentError):
         return Problem(502, "agent-error", "The agent refused", text)
     if isinstance(error, HandshakeFailed):
@@ -647,6 +657,9 @@ class Route:
     errors: tuple[int, ...] = (400, 401, 403, 413, 422, 423, 429, 431, 502, 503, 504)
     answer_types: tuple[str, ...] = (JSON,)
     request_types: tuple[str, ...] = (JSON,)
+    #: What an error status means for this operation, where it is not what
+    #: it means for every operation (L{_STATUS_TEXT}).
+    error_texts: tuple[tuple[int, str], ...] = ()
 
 
 async def _health(resource: FacadeResource, request: server.Request, body: Any) -> Any:
@@ -1347,7 +1360,15 @@ ROUTES: tuple[Route, ...] = (
             },
         },
         request_types=(JSON, MULTIPART),
-        errors=(400, 401, 403, 413, 422, 423, 429, 431, 502, 503, 504),
+        errors=(400, 401, 403, 409, 413, 422, 423, 429, 431, 502, 503, 504),
+        error_texts=(
+            (
+                409,
+                "no-signature-key: the card has no signature key, so the "
+                "submission set cannot be signed; nothing was sent to the DMP. "
+                "The other transactions still work with this card",
+            ),
+        ),
     ),
     Route(
         "POST",
@@ -1523,9 +1544,10 @@ def openapi() -> dict[str, Any]:
                 },
             }
         }
+        texts = {**_STATUS_TEXT, **dict(route.error_texts)}
         for status in route.errors:
             responses[str(status)] = {
-                "description": _STATUS_TEXT[status],
+                "description": texts[status],
                 "content": {
                     PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/Problem"}}
                 },
