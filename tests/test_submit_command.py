@@ -127,6 +127,26 @@ class BadArgumentTests(SynchronousTestCase):
         self.assert_bad_argument(result, f"cpsdmp submit: {bad}: ")
         self.assertIn("not well-formed XML", result.stderr)
 
+    def test_too_many_documents(self) -> None:
+        """
+        More documents than the facade takes in one submission are refused
+        before any is read or anything sent; as many are read.
+        """
+        from cpsdmp.facade.service import MAX_DOCUMENTS
+
+        _, context = _files()
+        unread = ["/nonexistent.xml"] * (MAX_DOCUMENTS + 1)
+        result = _submit(*unread, "--agent-context", str(context))
+        self.assert_bad_argument(
+            result,
+            f"cpsdmp submit: {MAX_DOCUMENTS + 1} documents: a submission carries "
+            f"at most {MAX_DOCUMENTS}; submit them in several",
+        )
+        result = _submit(*unread[1:], "--agent-context", str(context))
+        self.assert_bad_argument(
+            result, "cpsdmp submit: /nonexistent.xml: No such file or directory"
+        )
+
     def test_file_missing(self) -> None:
         _, context = _files()
         result = _submit("/nonexistent.xml", "--agent-context", str(context))

@@ -46,8 +46,9 @@ def add_parser(subparsers: Any) -> None:
         description="Submit CDA documents of one patient to the DMP through "
         "a running facade, with the professional's agent context.",
         epilog="Exit status: 0 when the DMP took the documents, 1 on a "
-        "failure or a refusal, 2 for a bad argument or a file that is not a "
-        "CDA (nothing is sent then).",
+        "failure or a refusal, 2 for a bad argument, a file that is not a "
+        "CDA or more documents than a submission carries (nothing is sent "
+        "then).",
     )
     parser.add_argument(
         "cda", nargs="+", type=Path, metavar="CDA", help="CDA documents (XML)"
@@ -256,6 +257,15 @@ def _read_document(path: Path) -> bytes:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cpsdmp.facade.service import MAX_DOCUMENTS
+
+    if len(args.cda) > MAX_DOCUMENTS:
+        print(
+            f"cpsdmp submit: {len(args.cda)} documents: a submission carries at "
+            f"most {MAX_DOCUMENTS}; submit them in several",
+            file=sys.stderr,
+        )
+        return 2
     try:
         context = _read_context(args.agent_context)
         documents = [_read_document(path) for path in args.cda]
