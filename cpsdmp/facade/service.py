@@ -237,8 +237,8 @@ _FINGERPRINT = re.compile(
 )
 MAX_URL_LENGTH = 2048
 #: The most documents one submission carries. The card's signature request
-#: lists each document (its uniqueId and digest, some 230 bytes, and up to
-#: some 450 with the longest uniqueId the registry stores) and must stay
+#: lists each document (its uniqueId and digest, some 230 bytes, and some
+#: 275 with the longest uniqueId XDS takes, 81 characters) and must stay
 #: within the agent's 64 KiB request body: a hundred documents leave room.
 MAX_DOCUMENTS = 100
 
