@@ -2351,6 +2351,30 @@ class MoreFaultTests(FacadeTestCase):
         self.assertEqual(error.status, 504)
 
     @inlineCallbacks
+    def test_reason_phrases(self) -> Any:
+        """
+        Every problem's status line carries its reason phrase, also for the
+        statuses twisted.web has no name for (it would say "Unknown
+        Status"): 422 for a document that is not a CDA, 400 for bad JSON.
+        """
+        body = json.dumps(
+            {
+                "agentContext": self.context,
+                "documents": [{"content": base64.b64encode(b"<not-xml").decode()}],
+            }
+        ).encode()
+        response, problem = yield post_raw(
+            self.facade_url + "/dmp/td21SubmitDocuments", body, "application/json"
+        )
+        self.assertEqual(
+            (response.code, response.phrase), (422, b"Unprocessable Entity"), problem
+        )
+        response, problem = yield post_raw(
+            self.facade_url + "/dmp/td02Exist", b"{", "application/json"
+        )
+        self.assertEqual((response.code, response.phrase), (400, b"Bad Request"))
+
+    @inlineCallbacks
     def test_deeply_nested_json(self) -> Any:
         """
         A body, or a multipart JSON part, of 200,000 nested lists: 400, as a

@@ -62,6 +62,7 @@ from cpsdmp.protocols.httpserver import (
     IDLE_TIMEOUT,
     HeaderLimitChannel,
     closing_answer,
+    reason_phrase,
 )
 from cpsdmp.protocols.safexml import XmlRefused
 from cpsdmp.protocols.soap import SoapError, SoapFault
@@ -1752,7 +1753,7 @@ class FacadeResource(Resource):
     def _send_problem(self, request: server.Request, problem: Problem) -> None:
         if request._disconnected:
             return
-        request.setResponseCode(problem.status)
+        request.setResponseCode(problem.status, reason_phrase(problem.status))
         request.setHeader(b"content-type", PROBLEM_JSON.encode())
         retry_after = problem.extra.get("retryAfter")
         if isinstance(retry_after, int):
@@ -1860,7 +1861,7 @@ class BoundedRequest(bounded.BoundedRequest):
             "Request body too large",
             f"the body is over {self.max_body} bytes",
         )
-        self.setResponseCode(413)
+        self.setResponseCode(413, reason_phrase(413))
         self.setHeader(b"content-type", PROBLEM_JSON.encode())
         self.setHeader(b"connection", b"close")
         self.write(json.dumps(problem.document()).encode())
