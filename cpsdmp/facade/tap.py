@@ -8,7 +8,6 @@ certificate) in front of the DMP.
 
 from __future__ import annotations
 
-import re
 from ipaddress import IPv4Network, IPv6Network
 from typing import Any
 from urllib.parse import urlsplit
@@ -43,7 +42,7 @@ from cpsdmp.xds.context import (
     StructureIdentifier,
     SubmissionDefaults,
 )
-from cpsdmp.xds.ebrim import INS_OID_PRODUCTION, INS_OID_TEST, CodedValue
+from cpsdmp.xds.ebrim import INS_OID_PRODUCTION, INS_OID_TEST, CodedValue, is_oid
 
 _log = Logger()
 
@@ -53,7 +52,6 @@ PRODUCTION_URL = "https://lps2.dmp.gouv.fr/si-dmp-server/v2/services"
 #: The code system of the submission sets' contentTypeCode (--content-type).
 CONTENT_TYPE_SYSTEM = "1.2.250.1.213.2.2"
 # A dotted OID (ITU-T X.660): no empty arc, no leading zero, first arc 0 to 2.
-_OID = re.compile(r"[0-2](\.(0|[1-9][0-9]*))+")
 
 
 def _coded(option: str, system: str, value: str) -> CodedValue:
@@ -225,7 +223,7 @@ class Options(usage.Options):
             raise usage.UsageError("--tls-cert and --tls-key go together")
         if self["tls-cert"]:
             read_tls_identity("tls-cert", self["tls-cert"], "tls-key", self["tls-key"])
-        if not _OID.fullmatch(self["source-oid"]):
+        if not is_oid(self["source-oid"]):
             raise usage.UsageError(
                 f"--source-oid {self['source-oid']}: not an OID (digits separated "
                 "by dots, such as 1.2.250.1.999.1.1.1)"

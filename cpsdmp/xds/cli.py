@@ -24,7 +24,7 @@ from cpsdmp.xds.context import (
     ACTIVITY_SECTOR_SYSTEM,
     PRACTICE_SETTING_SYSTEM,
 )
-from cpsdmp.xds.ebrim import CodedValue, MetadataError
+from cpsdmp.xds.ebrim import CodedValue, MetadataError, is_oid
 from cpsdmp.xds.values import check_class_code
 
 # The largest CDA read; a DMP document is far smaller, and reading stops here
@@ -34,7 +34,6 @@ MAX_CDA_BYTES = 128 * 1024 * 1024
 # A code may be a URN (every formatCode is one), hence the colon; never an
 # HL7 v2 delimiter.
 _CODE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:/-]*")
-_OID = re.compile(r"[0-2](\.(0|[1-9][0-9]*))+")
 
 
 def coded(default_scheme: str) -> Any:
@@ -52,7 +51,7 @@ def coded(default_scheme: str) -> Any:
                 f"{value!r}: a code is letters, digits and _ . : / - "
                 "(code[^display[^codingScheme]])"
             )
-        if scheme and not _OID.fullmatch(scheme):
+        if scheme and not is_oid(scheme):
             raise argparse.ArgumentTypeError(
                 f"{value!r}: the coding scheme must be an OID such as "
                 "1.2.250.1.213.1.1.4.1"

@@ -167,7 +167,17 @@ def _components(value: str, count: int) -> list[str]:
     return parts + [""] * (count - len(parts))
 
 
-_OID = re.compile(r"^[0-2](\.(0|[1-9][0-9]*))+$")
+_OID = re.compile(r"[0-2](\.(0|[1-9][0-9]*))+")
+#: The longest OID XDS takes (IHE ITI TF-3, 4.2.3.2.26).
+MAX_OID = 64
+
+
+def is_oid(value: str) -> bool:
+    """
+    @return: whether C{value} is a dotted OID of at most L{MAX_OID}
+        characters.
+    """
+    return len(value) <= MAX_OID and _OID.fullmatch(value) is not None
 
 
 def check_oid(value: str, what: str) -> str:
@@ -175,7 +185,7 @@ def check_oid(value: str, what: str) -> str:
     @return: C{value} if it is a dotted OID.
     @raise MetadataError: if it is not.
     """
-    if not _OID.match(value) or len(value) > 64:
+    if not is_oid(value):
         raise MetadataError(f"{what} {value!r} is not an OID")
     return value
 

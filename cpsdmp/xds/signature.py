@@ -44,6 +44,7 @@ from twisted.logger import Logger
 from cpsdmp.protocols.safexml import XmlRefused, parse_xml
 from cpsdmp.xds.context import Professional, Structure
 from cpsdmp.xds.ebrim import (
+    MAX_OID,
     Association,
     AssociationType,
     CodedValue,
@@ -61,7 +62,7 @@ from cpsdmp.xds.transactions import (
     SubmittedDocument,
     author_of,
 )
-from cpsdmp.xds.values import MAX_EXTENSION, MAX_OID, is_unique_id
+from cpsdmp.xds.values import MAX_EXTENSION, is_unique_id
 
 _log = Logger()
 

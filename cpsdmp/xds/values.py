@@ -15,7 +15,13 @@ import re
 from collections.abc import Mapping
 from datetime import datetime
 
-from cpsdmp.xds.ebrim import CodedValue, DocumentEntry, MetadataError
+from cpsdmp.xds.ebrim import (
+    MAX_OID,
+    CodedValue,
+    DocumentEntry,
+    MetadataError,
+    is_oid,
+)
 
 #: TRE_A03 document classes (XDS classCode).
 CLASS_CODE_SYSTEM = "1.2.250.1.213.1.1.4.1"
@@ -55,8 +61,6 @@ _LANGUAGE = re.compile(r"[A-Za-z]{2,8}(?:-[A-Za-z0-9]{1,8})*")
 #: A uniqueId as XDS writes it (IHE ITI TF-3, 4.2.3.2.26 and 4.2.3.3.12):
 #: an OID of at most 64 characters; a document's may also be the
 #: root^extension of a CDA id, the extension at most 16 characters.
-_OID = re.compile(r"[0-2](\.(0|[1-9][0-9]*))+")
-MAX_OID = 64
 MAX_EXTENSION = 16
 
 
@@ -82,7 +86,7 @@ def is_unique_id(value: str, *, document: bool) -> bool:
         and not any(c.isspace() or c == "^" for c in extension)
     ):
         return False
-    return len(root) <= MAX_OID and _OID.fullmatch(root) is not None
+    return is_oid(root)
 
 
 def check_unique_id(value: str) -> str:
