@@ -336,7 +336,7 @@ async def run(reactor: Any, arguments: argparse.Namespace) -> dict[str, Any]:
             for r in audit
             if r.get("key") == "authentication" and r.get("outcome") == "signed"
         )
-        chain.clean_up()
+        chain.clean_up(keep=False)
     return figures
 
 
