@@ -336,6 +336,30 @@ class SessionTests(AgentTestCase):
             self.assertProblem(answer, 400, problems.BAD_REQUEST)
 
     @inlineCallbacks
+    def test_unknown_members(self) -> Any:
+        """
+        A member the endpoint does not know is refused, named, before the
+        card is asked: a misspelt C{lastTry} must not be taken for its
+        absence, and the right PIN with it opens nothing.
+        """
+        body = b'{"pin": "%s", "lastry": true}' % self.testcard.pin.encode()
+        answer = yield self.request(
+            "POST", "/cps/session", {"Content-Type": "application/json"}, body
+        )
+        document = self.assertProblem(answer, 400, problems.BAD_REQUEST)
+        self.assertIn("'lastry'", document["detail"])
+        context = yield self.session()
+        answer = yield self.request(
+            "POST",
+            "/cps/sign/for/signature/SHA256WithRSA",
+            {"Content-Type": "application/json"},
+            b'{"data": "eA==", "algorithm": "SHA1WithRSA"}',
+            context["token"],
+        )
+        document = self.assertProblem(answer, 400, problems.BAD_REQUEST)
+        self.assertIn("'algorithm'", document["detail"])
+
+    @inlineCallbacks
     def test_strict_json(self) -> Any:
         """
         JSON is read strictly, as the facade reads it: a member twice in one

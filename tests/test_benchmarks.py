@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,20 +22,28 @@ ROOT = Path(cpsdmp.__file__).resolve().parent.parent
 
 
 def _bench(name: str, *arguments: str) -> str:
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / name / "bench.py"), *arguments],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+    """
+    Run one benchmark script with its own temporary folder, and check that it
+    leaves nothing there: a test card left behind would hold its PIN and keys.
+    """
+    with tempfile.TemporaryDirectory() as scratch:
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "benchmarks" / name / "bench.py"), *arguments],
+            capture_output=True,
+            text=True,
+            timeout=240,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": scratch},
+        )
+        left = sorted(p.name for p in Path(scratch).iterdir())
     if result.returncode != 0:
         raise AssertionError(
             f"benchmarks/{name}/bench.py exited with {result.returncode}:\n"
             + result.stdout[-3000:]
             + result.stderr[-3000:]
         )
+    if left:
+        raise AssertionError(f"benchmarks/{name}/bench.py left {left} behind")
     return result.stdout
 
 

@@ -342,7 +342,15 @@ def summary(times: list[float]) -> dict[str, float]:
 
 
 async def run(reactor: Any, arguments: argparse.Namespace) -> None:
-    folder = arguments.testcard or Path(tempfile.mkdtemp(prefix="cpsdmp-bench-"))
+    if arguments.testcard:
+        await measure(reactor, arguments, arguments.testcard)
+        return
+    # The test card made for this run (its PIN, its keys) goes with it.
+    with tempfile.TemporaryDirectory(prefix="cpsdmp-bench-") as folder:
+        await measure(reactor, arguments, Path(folder))
+
+
+async def measure(reactor: Any, arguments: argparse.Namespace, folder: Path) -> None:
     card = init_testcard(folder, softhsm=True)
 
     direct_times = direct(card, arguments.count)

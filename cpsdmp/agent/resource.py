@@ -471,6 +471,22 @@ class AgentResource(Resource):
         return body
 
     @staticmethod
+    def _only_members(body: dict[str, Any], *names: str) -> None:
+        """
+        Refuse a body with a member this endpoint does not know: a misspelt
+        option must not be silently ignored.
+        """
+        unknown = sorted(set(body) - set(names))
+        if unknown:
+            known = ", ".join(repr(n) for n in names)
+            raise Problem(
+                400,
+                problems.BAD_REQUEST,
+                "Bad request",
+                f"unknown member {unknown[0]!r} in the body (it takes {known})",
+            )
+
+    @staticmethod
     def _string_member(body: dict[str, Any], name: str) -> str:
         value = body.get(name)
         if not isinstance(value, str):
@@ -529,6 +545,7 @@ class AgentResource(Resource):
         if rest:
             raise Problem(404, problems.NOT_FOUND, "Not found", "no such endpoint")
         body = self._json_body(request)
+        self._only_members(body, "pin", "lastTry")
         pin = self._string_member(body, "pin")
         last_try = body.get("lastTry", False)
         if not isinstance(last_try, bool):
@@ -740,7 +757,9 @@ class AgentResource(Resource):
             assert request.content is not None
             data = request.content.read()
         else:
-            encoded = self._string_member(self._json_body(request), "data")
+            body = self._json_body(request)
+            self._only_members(body, "data")
+            encoded = self._string_member(body, "data")
             try:
                 data = base64.b64decode(encoded, validate=True)
             except (binascii.Error, ValueError):
