@@ -20,7 +20,7 @@ SUBCOMMANDS = [
     "cpsdmp.xds.cli",
     "cpsdmp.facade.cli",
     "cpsdmp.demo",
-    "cpsdmp.protocols.tls.probe",
+    "cpsdmp.probe",
 ]
 
 

@@ -5,10 +5,12 @@ its JSON, and its exit status when the handshake fails.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import socket
 import sys
+from pathlib import Path
 from typing import Any
 
 from twisted.internet import reactor
@@ -32,7 +34,7 @@ class ProbeCommandTests(OpenSSLServerMixin, TestCase):
         env = dict(os.environ, PYTHONPATH=_ROOT)
         d = getProcessOutputAndValue(
             sys.executable,
-            ["-m", "cpsdmp.protocols.tls.probe", *args],
+            ["-m", "cpsdmp.cli", "probe", *args],
             env=env,
             path=_ROOT,
             reactor=reactor,
@@ -210,3 +212,31 @@ class ServerNameTests(SynchronousTestCase):
             MemoryReactorClock(), "hôpital.example.", 443, config
         )
         self.assertEqual(endpoint.host, "xn--hpital-ixa.example")
+
+
+class LayeringTests(SynchronousTestCase):
+    def test_protocols_import_no_application(self) -> None:
+        """
+        The protocol modules import nothing of cpsdmp outside
+        C{cpsdmp.protocols}, neither by an import statement nor by name
+        through importlib.
+        """
+        protocols = Path(_ROOT, "cpsdmp", "protocols")
+        found = []
+        for path in sorted(protocols.rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text("utf-8"))):
+                if isinstance(node, ast.ImportFrom) and node.level == 0:
+                    names = [node.module or ""]
+                elif isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names]
+                elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                    names = [node.value]
+                else:
+                    continue
+                found.extend(
+                    f"{path.relative_to(_ROOT)}: {name}"
+                    for name in names
+                    if (name == "cpsdmp" or name.startswith("cpsdmp."))
+                    and not name.startswith("cpsdmp.protocols")
+                )
+        self.assertEqual(found, [])
