@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import math
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from pathlib import Path
+from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 # Module that defines each subcommand, in the order `--help` lists them.
@@ -62,6 +64,55 @@ def http_url(value: str) -> str:
             f"{value!r} is not an http:// or https:// URL with a host"
         )
     return value
+
+
+class BadInput(Exception):
+    """
+    A file given as an argument cannot serve; the message names it and says
+    why, in one line.
+    """
+
+
+# What an agent context holds (POST /cps/session's answer of the agent).
+AGENT_CONTEXT_KEYS = ("url", "token", "tlsFingerprint")
+
+
+def read_agent_context(path: Path) -> dict[str, Any]:
+    """
+    @return: the agent context of a JSON file: an object whose C{url},
+        C{token} and C{tlsFingerprint} are strings.
+    @raise BadInput: the file cannot be read or is not an agent context.
+    """
+    try:
+        text = path.read_text("utf-8")
+    except OSError as error:
+        raise BadInput(
+            f"cannot read the agent context {path}: {error.strerror}"
+        ) from None
+    except ValueError as error:
+        raise BadInput(f"the agent context {path} is not UTF-8 text: {error}") from None
+    try:
+        context = json.loads(text)
+    except ValueError as error:
+        raise BadInput(f"the agent context {path} is not JSON: {error}") from None
+    if not isinstance(context, dict):
+        raise BadInput(
+            f"the agent context {path} is not an agent context (a JSON object "
+            "with url, token and tlsFingerprint)"
+        )
+    missing = [key for key in AGENT_CONTEXT_KEYS if key not in context]
+    if missing:
+        raise BadInput(f"the agent context {path} lacks {', '.join(missing)}")
+    not_text = [
+        key
+        for key in AGENT_CONTEXT_KEYS
+        if not isinstance(context[key], str) or not context[key]
+    ]
+    if not_text:
+        raise BadInput(
+            f"the agent context {path} has {', '.join(not_text)} empty or not a string"
+        )
+    return context
 
 
 def build_parser() -> argparse.ArgumentParser:

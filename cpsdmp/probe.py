@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -19,7 +20,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from twisted.internet.defer import Deferred
 from twisted.internet.task import react
 
-from cpsdmp.cli import positive_seconds
+from cpsdmp.cli import BadInput, positive_seconds, read_agent_context
 from cpsdmp.protocols.tls.alerts import TLSError
 from cpsdmp.protocols.tls.endpoint import server_name
 from cpsdmp.protocols.tls.handshake import TLSClientConfig
@@ -55,14 +56,16 @@ def _local_key(key_path: str, cert_path: str) -> IRemoteKey:
 
 
 def _agent_key(context_path: str) -> IRemoteKey:
-    try:
-        with open(context_path, encoding="utf-8") as f:
-            context = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ProbeError(f"cannot read the agent context {context_path}: {e}") from None
     from cpsdmp.agent.client import CpsAgentClient
 
-    return CpsAgentClient.from_context(context)
+    try:
+        context = read_agent_context(Path(context_path))
+    except BadInput as e:
+        raise ProbeError(str(e)) from None
+    try:
+        return CpsAgentClient.from_context(context)
+    except ValueError as e:
+        raise ProbeError(f"the agent context {context_path}: {e}") from None
 
 
 def _target(url: str) -> tuple[str, int]:

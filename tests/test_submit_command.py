@@ -160,6 +160,10 @@ class BadArgumentTests(SynchronousTestCase):
             ("{not json", "is not JSON"),
             ('["url"]', "is not an agent context"),
             ('{"url": "https://x"}', "lacks token, tlsFingerprint"),
+            (
+                json.dumps({"url": 1, "token": None, "tlsFingerprint": "x"}),
+                "has url, token empty or not a string",
+            ),
         ]:
             context = Path("bad-context.json").absolute()
             context.write_text(content)

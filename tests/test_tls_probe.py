@@ -115,18 +115,36 @@ class ProbeCommandTests(OpenSSLServerMixin, TestCase):
         self.assertIn("not an https URL", err.decode())
 
     @inlineCallbacks
-    def test_unreadable_agent_context(self) -> Any:
+    def test_agent_context_not_one(self) -> Any:
         """
-        An agent context that is not one is reported, exit status 2.
+        An agent context file that is not one (not JSON, not an object,
+        members missing or not strings, a fingerprint that is not one) is
+        said in one line naming the file, exit status 2, as submit says it.
         """
         path = os.path.abspath(self.mktemp())
-        with open(path, "w") as f:
-            f.write("{not json")
-        out, err, status = yield self._probe(
-            "https://localhost/", "--ca", pki().root_file, "--agent-context", path
-        )
-        self.assertEqual(status, 2)
-        self.assertIn("cannot read the agent context", err.decode())
+        good = {"url": "https://127.0.0.1:1", "token": "t" * 43}
+        for content, expected in [
+            ("{not json", "is not JSON"),
+            ('["url"]', "is not an agent context"),
+            ('{"url": "https://x"}', "lacks token, tlsFingerprint"),
+            (
+                json.dumps({"url": 1, "token": None, "tlsFingerprint": "x"}),
+                "has url, token empty or not a string",
+            ),
+            (
+                json.dumps({**good, "tlsFingerprint": "md5:00"}),
+                "not a sha256:<hex> certificate fingerprint",
+            ),
+        ]:
+            with open(path, "w") as f:
+                f.write(content)
+            out, err, status = yield self._probe(
+                "https://localhost/", "--ca", pki().root_file, "--agent-context", path
+            )
+            self.assertEqual(status, 2, err.decode())
+            self.assertEqual(len(err.decode().splitlines()), 1, err.decode())
+            self.assertIn(f"cpsdmp probe: the agent context {path}", err.decode())
+            self.assertIn(expected, err.decode())
 
     @inlineCallbacks
     def test_bad_timeout(self) -> Any:

@@ -28,15 +28,12 @@ from twisted.web.client import (
 from twisted.web.iweb import IAgent
 from zope.interface import implementer
 
-from cpsdmp.cli import http_url, positive_seconds
+from cpsdmp.cli import BadInput, http_url, positive_seconds, read_agent_context
 from cpsdmp.protocols.safexml import XmlRefused
 from cpsdmp.xds.cda import CLASS_CODE_SYSTEM, CdaError, read_header
 from cpsdmp.xds.cli import coded, read_cda
 
 DEFAULT_FACADE = "http://127.0.0.1:10080"
-
-# What an agent context holds for the facade (POST /cps/session's answer).
-CONTEXT_KEYS = ("url", "token", "tlsFingerprint")
 
 
 def add_parser(subparsers: Any) -> None:
@@ -218,41 +215,17 @@ def _http_client(reactor: Any, roots: list[x509.Certificate] | None) -> Any:
     return HTTPClient(_TlsFailuresInWords(agent, bool(roots)))
 
 
-class _BadInput(Exception):
-    """
-    An argument that cannot serve; the message names the file.
-    """
-
-
-def _read_context(path: Path) -> dict[str, Any]:
-    try:
-        context = json.loads(path.read_text("utf-8"))
-    except OSError as error:
-        raise _BadInput(f"{path}: {error.strerror}") from None
-    except ValueError as error:
-        raise _BadInput(f"the agent context {path} is not JSON: {error}") from None
-    if not isinstance(context, dict):
-        raise _BadInput(
-            f"the agent context {path} is not an agent context (a JSON object "
-            "with url, token and tlsFingerprint)"
-        )
-    missing = [key for key in CONTEXT_KEYS if key not in context]
-    if missing:
-        raise _BadInput(f"the agent context {path} lacks {', '.join(missing)}")
-    return context
-
-
 def _read_document(path: Path) -> bytes:
     try:
         data = read_cda(path)
     except OSError as error:
-        raise _BadInput(f"{path}: {error.strerror}") from None
+        raise BadInput(f"{path}: {error.strerror}") from None
     except ValueError as error:
-        raise _BadInput(f"{path}: {error}") from None
+        raise BadInput(f"{path}: {error}") from None
     try:
         read_header(data)
     except (CdaError, XmlRefused) as error:
-        raise _BadInput(f"{path}: {error}") from None
+        raise BadInput(f"{path}: {error}") from None
     return data
 
 
@@ -267,9 +240,9 @@ def run(args: argparse.Namespace) -> int:
         )
         return 2
     try:
-        context = _read_context(args.agent_context)
+        context = read_agent_context(args.agent_context)
         documents = [_read_document(path) for path in args.cda]
-    except _BadInput as error:
+    except BadInput as error:
         print(f"cpsdmp submit: {error}", file=sys.stderr)
         return 2
     overrides = None
