@@ -35,6 +35,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
+def usage_error(command: str, message: str) -> int:
+    """
+    Say, as the parser does, a combination of arguments that cannot serve.
+
+    @return: the exit status for a bad argument, 2.
+    """
+    print(f"cpsdmp {command}: {message} (see cpsdmp {command} --help)", file=sys.stderr)
+    return 2
+
+
 def positive_seconds(value: str) -> float:
     """
     An argparse type: a finite number of seconds above zero.

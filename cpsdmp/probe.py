@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from twisted.internet.defer import Deferred
 from twisted.internet.task import react
 
-from cpsdmp.cli import BadInput, positive_seconds, read_agent_context
+from cpsdmp.cli import BadInput, positive_seconds, read_agent_context, usage_error
 from cpsdmp.protocols.tls.alerts import TLSError
 from cpsdmp.protocols.tls.endpoint import server_name
 from cpsdmp.protocols.tls.handshake import TLSClientConfig
@@ -119,8 +119,10 @@ def add_parser(subparsers: Any) -> None:
         "probe",
         help="run the remote-key TLS handshake against a server and report it",
         description="Connect to URL with the cpsdmp TLS client, the client key "
-        "being the agent's card (--agent-context) or a local key (--key/--cert), "
-        "and report the session like `openssl s_client -brief`.",
+        "being the agent's card (--agent-context) or a local key (--key with "
+        "--cert), one or the other, and report the session like `openssl "
+        "s_client -brief`. With neither, no client certificate is offered: a "
+        "server that requires one refuses the handshake.",
         epilog="Exit status: 0 when the handshake succeeded, 1 when it "
         "failed, 2 for a bad argument.",
     )
@@ -132,13 +134,15 @@ def add_parser(subparsers: Any) -> None:
         "--agent-context",
         metavar="FILE",
         help="JSON agent context {url, token, tlsFingerprint}: the card behind "
-        "that agent signs",
+        "that agent signs (not with --key/--cert)",
     )
     parser.add_argument(
-        "--key", metavar="PEM", help="PEM private key (instead of the agent)"
+        "--key",
+        metavar="PEM",
+        help="PEM private key, with --cert (instead of the agent)",
     )
     parser.add_argument(
-        "--cert", metavar="PEM", help="PEM client certificate and its chain"
+        "--cert", metavar="PEM", help="PEM client certificate and its chain, with --key"
     )
     parser.add_argument(
         "--reconnect", action="store_true", help="connect twice, say if it resumed"
@@ -174,8 +178,6 @@ def add_parser(subparsers: Any) -> None:
 
 def _config(args: argparse.Namespace) -> TLSClientConfig:
     if args.key or args.cert:
-        if not (args.key and args.cert):
-            raise ProbeError("--key and --cert go together")
         remote: IRemoteKey | None = _local_key(args.key, args.cert)
     elif args.agent_context:
         remote = _agent_key(args.agent_context)
@@ -199,6 +201,14 @@ def run(args: argparse.Namespace) -> int:
     @return: 0 when every handshake succeeded, 1 when one failed, 2 when
         the probe could not start.
     """
+    if args.agent_context and (args.key or args.cert):
+        return usage_error(
+            "probe",
+            "--agent-context and --key/--cert exclude each other: the client "
+            "key is the agent's card or a local key, not both",
+        )
+    if bool(args.key) != bool(args.cert):
+        return usage_error("probe", "--key and --cert go together")
     try:
         host, port = _target(args.url)
         config = _config(args)

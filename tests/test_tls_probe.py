@@ -147,6 +147,49 @@ class ProbeCommandTests(OpenSSLServerMixin, TestCase):
             self.assertIn(expected, err.decode())
 
     @inlineCallbacks
+    def test_agent_context_and_local_key(self) -> Any:
+        """
+        The agent's card and a local key exclude each other: a usage error
+        in one line, exit status 2, before any file is read.
+        """
+        out, err, status = yield self._probe(
+            "https://localhost:1/",
+            *self._key_args(),
+            "--agent-context",
+            "/nonexistent.json",
+        )
+        self.assertEqual(status, 2, err.decode())
+        self.assertEqual(
+            err.decode(),
+            "cpsdmp probe: --agent-context and --key/--cert exclude each other: "
+            "the client key is the agent's card or a local key, not both (see "
+            "cpsdmp probe --help)\n",
+        )
+        out, err, status = yield self._probe(
+            "https://localhost:1/", "--ca", pki().root_file, "--key", "/k.pem"
+        )
+        self.assertEqual(status, 2, err.decode())
+        self.assertIn("cpsdmp probe: --key and --cert go together", err.decode())
+
+    @inlineCallbacks
+    def test_no_client_key(self) -> Any:
+        """
+        With neither the agent nor a local key, no client certificate is
+        offered, as the help says: a server that requires one refuses.
+        """
+        out, err, status = yield self._probe("--help")
+        self.assertIn(
+            "With neither, no client certificate is offered",
+            " ".join(out.decode().split()),
+        )
+        server = self.start_server("-www", "-Verify", "1")
+        out, err, status = yield self._probe(
+            f"https://localhost:{server.port}/", "--ca", pki().root_file
+        )
+        self.assertEqual(status, 1, out.decode())
+        self.assertIn("CONNECTION FAILED", err.decode())
+
+    @inlineCallbacks
     def test_bad_timeout(self) -> Any:
         """
         A timeout that is not a positive number of seconds is a bad argument:
