@@ -223,6 +223,83 @@ class RefusedDocumentTests(FacadeTestCase):
         self.assertNotIn(str(good), result.stderr)
 
 
+class DmpRefusalTests(FacadeTestCase):
+    @inlineCallbacks
+    def test_refusal_names_file_once(self) -> Any:
+        """
+        When the DMP refuses a submission (the same document twice), the
+        refusal names the file, and says the DMP's error once.
+        """
+        cda = Path("twice.xml").absolute()
+        cda.write_bytes(sample_cda(self.card.professional))
+        context = Path("context.json").absolute()
+        context.write_text(json.dumps(self.context))
+        argv = [str(cda), "--agent-context", str(context), "--facade", self.facade_url]
+        first = yield deferToThread(_submit, *argv)
+        self.assertEqual(first.returncode, 0, first.stderr)
+        result = yield deferToThread(_submit, *argv)
+        self.assertEqual(result.returncode, 1, result.stderr)
+        lines = result.stderr.splitlines()
+        self.assertEqual(
+            lines[0], f"cpsdmp submit: {cda}: 422 The DMP refused the request"
+        )
+        self.assertEqual(len(lines), 2, result.stderr)
+        self.assertRegex(
+            lines[1],
+            r"^  DMP Error XDSDuplicateUniqueIdInRegistry: a document with "
+            r"uniqueId [0-9.]+ is already stored$",
+        )
+
+
+class ProblemLinesTests(SynchronousTestCase):
+    def problem(self, **members: Any) -> Any:
+        from cpsdmp.facade.client import PROBLEM_BASE, problem_error
+
+        kind = members.pop("kind")
+        return problem_error(
+            members["status"], {"type": PROBLEM_BASE + kind, **members}
+        )
+
+    def test_detail_repeating_title(self) -> None:
+        """
+        A detail that begins with the title is said without the title, and
+        a refusal of the whole submission names each file.
+        """
+        from cpsdmp.facade.cli import _problem_lines
+
+        problem = self.problem(
+            kind="dmp-refused",
+            status=422,
+            title="The DMP refused the request",
+            detail="the DMP refused the request (partial success): no",
+        )
+        self.assertEqual(
+            _problem_lines(problem, [Path("a.xml"), Path("b.xml")]),
+            [
+                "cpsdmp submit: a.xml, b.xml: 422 the DMP refused the request "
+                "(partial success): no"
+            ],
+        )
+
+    def test_title_and_detail(self) -> None:
+        """
+        A detail that says something else follows the title; a problem that
+        is not about the documents names none.
+        """
+        from cpsdmp.facade.cli import _problem_lines
+
+        problem = self.problem(
+            kind="agent-timeout",
+            status=504,
+            title="The agent did not answer in time",
+            detail="after 30 s",
+        )
+        self.assertEqual(
+            _problem_lines(problem, [Path("a.xml")]),
+            ["cpsdmp submit: 504 The agent did not answer in time: after 30 s"],
+        )
+
+
 class FacadeOverHttpsTests(FacadeTestCase):
     """
     A facade that serves HTTPS, with a certificate of the test PKI, which

@@ -229,6 +229,36 @@ def _read_document(path: Path) -> bytes:
     return data
 
 
+def _problem_lines(problem: Any, files: list[Path]) -> list[str]:
+    """
+    @param problem: a L{cpsdmp.facade.client.FacadeProblem}.
+    @param files: the files submitted, in their order.
+    @return: the lines that say a problem of the facade: the files it is
+        about and its title, then the DMP's own errors one a line when it
+        gave some (the detail sums them up: not said twice), or else the
+        detail (without the title when the detail repeats it).
+    """
+    about = "cpsdmp submit"
+    index = problem.problem.get("documentIndex")
+    if isinstance(index, int) and 0 <= index < len(files):
+        about += f": {files[index]}"
+    elif problem.kind in ("invalid-cda", "dmp-refused"):
+        # About the submission as a whole: every file of it.
+        about += f": {', '.join(str(path) for path in files)}"
+    title = str(problem.problem.get("title") or "error")
+    detail = str(problem.problem.get("detail") or "")
+    if not problem.errors:
+        # A detail that repeats the title says it all.
+        if detail.lower().startswith(title.lower()):
+            return [f"{about}: {problem.status} {detail}"]
+        return [f"{about}: {problem}"]
+    return [f"{about}: {problem.status} {title}"] + [
+        f"  DMP {error.get('severity', '')} {error.get('code', '')}: "
+        f"{error.get('context', '')}"
+        for error in problem.errors
+    ]
+
+
 def run(args: argparse.Namespace) -> int:
     from cpsdmp.facade.service import MAX_DOCUMENTS
 
@@ -265,19 +295,8 @@ def run(args: argparse.Namespace) -> int:
         try:
             answer = await client.td21_submit(documents, context, overrides)
         except FacadeProblem as problem:
-            about = "cpsdmp submit"
-            index = problem.problem.get("documentIndex")
-            if isinstance(index, int) and 0 <= index < len(args.cda):
-                about += f": {args.cda[index]}"
-            elif len(args.cda) == 1 and problem.kind == "invalid-cda":
-                about += f": {args.cda[0]}"
-            print(f"{about}: {problem}", file=sys.stderr)
-            for error in problem.errors:
-                print(
-                    f"  DMP {error.get('severity', '')} {error.get('code', '')}: "
-                    f"{error.get('context', '')}",
-                    file=sys.stderr,
-                )
+            for line in _problem_lines(problem, args.cda):
+                print(line, file=sys.stderr)
             if args.json:
                 print(json.dumps(problem.problem, ensure_ascii=False, indent=2))
             outcome["status"] = 1
