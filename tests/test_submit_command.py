@@ -147,6 +147,42 @@ class BadArgumentTests(SynchronousTestCase):
             result, "cpsdmp submit: /nonexistent.xml: No such file or directory"
         )
 
+    def test_cda_without_class(self) -> None:
+        """
+        A CDA whose type has no classCode in the table, without
+        --class-code: named, with the option to give, exit status 2, and
+        nothing sent.
+        """
+        cda, context = _files()
+        cda.write_bytes(
+            cda.read_bytes().replace(b'code="11488-4"', b'code="11506-3"', 1)
+        )
+        result = _submit(
+            str(cda),
+            "--agent-context",
+            str(context),
+            "--facade",
+            f"http://127.0.0.1:{_closed_port()}",
+        )
+        self.assert_bad_argument(
+            result, f"cpsdmp submit: {cda}: no classCode is known for the typeCode"
+        )
+        self.assertIn("11506-3", result.stderr)
+        self.assertIn("give it with --class-code CODE", result.stderr)
+        self.assertNotIn("overrides", result.stderr)
+        # Given, the document goes on to the facade (here, none listens).
+        result = _submit(
+            str(cda),
+            "--agent-context",
+            str(context),
+            "--facade",
+            f"http://127.0.0.1:{_closed_port()}",
+            "--class-code",
+            "11",
+        )
+        self.assertEqual(result.returncode, 1, result.stderr)
+        self.assertIn("no connection to the facade", result.stderr)
+
     def test_file_missing(self) -> None:
         _, context = _files()
         result = _submit("/nonexistent.xml", "--agent-context", str(context))

@@ -30,8 +30,15 @@ from zope.interface import implementer
 
 from cpsdmp.cli import BadInput, http_url, positive_seconds, read_agent_context
 from cpsdmp.protocols.safexml import XmlRefused
-from cpsdmp.xds.cda import CLASS_CODE_SYSTEM, CdaError, read_header
+from cpsdmp.xds.cda import (
+    CLASS_CODE_SYSTEM,
+    CdaError,
+    UnknownClassCode,
+    document_entry,
+    read_header,
+)
 from cpsdmp.xds.cli import coded, read_cda
+from cpsdmp.xds.ebrim import CodedValue, MetadataError
 
 DEFAULT_FACADE = "http://127.0.0.1:10080"
 
@@ -44,8 +51,8 @@ def add_parser(subparsers: Any) -> None:
         "a running facade, with the professional's agent context.",
         epilog="Exit status: 0 when the DMP took the documents, 1 on a "
         "failure or a refusal, 2 for a bad argument, a file that is not a "
-        "CDA or more documents than a submission carries (nothing is sent "
-        "then).",
+        "CDA, a CDA of a type without classCode and no --class-code, or more "
+        "documents than a submission carries (nothing is sent then).",
     )
     parser.add_argument(
         "cda", nargs="+", type=Path, metavar="CDA", help="CDA documents (XML)"
@@ -215,7 +222,12 @@ def _http_client(reactor: Any, roots: list[x509.Certificate] | None) -> Any:
     return HTTPClient(_TlsFailuresInWords(agent, bool(roots)))
 
 
-def _read_document(path: Path) -> bytes:
+def _read_document(path: Path, class_code: CodedValue | None) -> bytes:
+    """
+    @return: the bytes of a CDA, once it is read as one and its classCode is
+        known (from its typeCode, or C{class_code}); the rest of its
+        metadata is the facade's to check, with its structure and defaults.
+    """
     try:
         data = read_cda(path)
     except OSError as error:
@@ -226,6 +238,15 @@ def _read_document(path: Path) -> bytes:
         read_header(data)
     except (CdaError, XmlRefused) as error:
         raise BadInput(f"{path}: {error}") from None
+    try:
+        document_entry(
+            data, overrides={"classCode": class_code} if class_code else None
+        )
+    except UnknownClassCode as error:
+        hint = "give it with --class-code CODE (a TRE_A03 code)"
+        raise BadInput(f"{path}: {error.hinting(hint)}") from None
+    except (CdaError, XmlRefused, MetadataError):
+        pass  # the facade says it, naming the document
     return data
 
 
@@ -271,7 +292,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         context = read_agent_context(args.agent_context)
-        documents = [_read_document(path) for path in args.cda]
+        documents = [_read_document(path, args.class_code) for path in args.cda]
     except BadInput as error:
         print(f"cpsdmp submit: {error}", file=sys.stderr)
         return 2
