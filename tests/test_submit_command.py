@@ -501,6 +501,38 @@ class FacadeCaArgumentTests(SynchronousTestCase):
             self.assertIn(f"argument --facade-ca: {path}: {expected}", result.stderr)
 
 
+class ClassCodeOptionTests(SynchronousTestCase):
+    def test_replaces_known_class(self) -> None:
+        """
+        C{--class-code} replaces the classCode the typeCode gives, and the
+        help of submit and of metadata says so.
+        """
+        cda, _ = _files()
+        metadata = [sys.executable, "-m", "cpsdmp.cli", "metadata", "--json"]
+        env = {**os.environ, "PYTHONPATH": str(REPOSITORY)}
+        derived = subprocess.run(
+            [*metadata, str(cda)], capture_output=True, text=True, env=env
+        )
+        self.assertEqual(json.loads(derived.stdout)["classCode"]["code"], "10")
+        given = subprocess.run(
+            [*metadata, str(cda), "--class-code", "11"],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
+        self.assertEqual(json.loads(given.stdout)["classCode"]["code"], "11")
+        for command in ["submit", "metadata"]:
+            shown = subprocess.run(
+                [sys.executable, "-m", "cpsdmp.cli", command, "--help"],
+                capture_output=True,
+                text=True,
+                env=env,
+            )
+            self.assertIn(
+                "in place of the one its typeCode gives", " ".join(shown.stdout.split())
+            )
+
+
 class ReadmeTests(SynchronousTestCase):
     def test_options_listed(self) -> None:
         """

@@ -76,8 +76,9 @@ def add_parser(subparsers: Any) -> None:
         "--class-code",
         metavar="CODE[^DISPLAY[^SCHEME]]",
         type=coded(CLASS_CODE_SYSTEM),
-        help="classCode of every document, when the CDA's type has none "
-        "(as for cpsdmp metadata)",
+        help="classCode of every document, in place of the one its typeCode "
+        "gives; needed for a type the table has none for (as for cpsdmp "
+        "metadata)",
     )
     parser.add_argument(
         "--facade-ca",

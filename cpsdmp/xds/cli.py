@@ -111,7 +111,9 @@ def add_parser(subparsers: Any) -> None:
         "--class-code",
         type=coded(CLASS_CODE_SYSTEM),
         metavar=_CE,
-        help="classCode to use (TRE_A03; a code alone gets its display name)",
+        help="classCode of the document, in place of the one its typeCode "
+        "gives; needed for a type the table has none for (TRE_A03; a code "
+        "alone gets its display name)",
     )
     parser.add_argument(
         "--format-code",
