@@ -20,7 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from cpsdmp.agent.testcard import TestCard, init_testcard
 from cpsdmp.facade.tap import FacadeService
-from cpsdmp.xds.sample import sample_cda
+from cpsdmp.xds.sample import DEFAULT_PATIENT, sample_cda
 from tests.test_facade import FacadeTestCase
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -334,6 +334,48 @@ class ProblemLinesTests(SynchronousTestCase):
             _problem_lines(problem, [Path("a.xml")]),
             ["cpsdmp submit: 504 The agent did not answer in time: after 30 s"],
         )
+
+
+class FormSubmissionTests(FacadeTestCase):
+    @inlineCallbacks
+    def test_document_sent_as_is(self) -> Any:
+        """
+        The documents go as the files of a form, as they are: a document
+        whose base64 in JSON would be over the facade's limit on a body goes
+        through, and the DMP keeps its exact bytes (CRLF line ends too),
+        whatever its file's name.
+        """
+        from tests.test_facade import CDA_PATIENT
+
+        data = sample_cda(self.card.professional, text="x" * 300_000)
+        data = data.replace(b"><", b">\r\n<")
+        limit = len(data) + 20_000
+        self.assertGreater(len(data) * 4 // 3, limit)
+        service = FacadeService(
+            "tcp:0:interface=127.0.0.1",
+            self.service.dmp.config,
+            max_request_bytes=limit,
+        )
+        self.addCleanup(service.stopService)
+        port = yield service.start()
+        cda = Path('compte rendu \u00e9t\u00e9 "1".xml').absolute()
+        cda.write_bytes(data)
+        context = Path("context.json").absolute()
+        context.write_text(json.dumps(self.context))
+        result = yield deferToThread(
+            _submit,
+            str(cda),
+            "--agent-context",
+            str(context),
+            "--facade",
+            f"http://127.0.0.1:{port.getHost().port}",
+            "--json",
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        unique_id = json.loads(result.stdout)["documents"][0]["uniqueId"]
+        patient = {**CDA_PATIENT, "ins": DEFAULT_PATIENT.ins}
+        kept = yield self.facade.td32_retrieve(unique_id, self.context, patient)
+        self.assertEqual(kept, data)
 
 
 class FacadeOverHttpsTests(FacadeTestCase):
