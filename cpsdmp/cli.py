@@ -10,6 +10,8 @@ import argparse
 import importlib
 import json
 import math
+import os
+import stat
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -87,6 +89,30 @@ class BadInput(Exception):
 AGENT_CONTEXT_KEYS = ("url", "token", "tlsFingerprint")
 
 
+# An agent context is a few hundred bytes; reading stops here whatever the
+# file holds.
+MAX_AGENT_CONTEXT_BYTES = 64 * 1024
+
+
+def _read_small_file(path: Path, limit: int, what: str) -> bytes:
+    """
+    @param what: what the file is, for the messages.
+    @return: the bytes of a regular file of at most C{limit} bytes.
+    @raise BadInput: it is not a regular file (a pipe would never end, a
+        device never stop) or it is larger.
+    @raise OSError: it cannot be read.
+    """
+    # Opened without waiting for a writer, in case it is a pipe.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise BadInput(f"{what} {path} is not a regular file")
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise BadInput(f"{what} {path} is larger than {limit // 1024} KiB")
+    return data
+
+
 def read_agent_context(path: Path) -> dict[str, Any]:
     """
     @return: the agent context of a JSON file: an object whose C{url},
@@ -94,7 +120,9 @@ def read_agent_context(path: Path) -> dict[str, Any]:
     @raise BadInput: the file cannot be read or is not an agent context.
     """
     try:
-        text = path.read_text("utf-8")
+        text = _read_small_file(
+            path, MAX_AGENT_CONTEXT_BYTES, "the agent context"
+        ).decode("utf-8")
     except OSError as error:
         raise BadInput(
             f"cannot read the agent context {path}: {error.strerror}"

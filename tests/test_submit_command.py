@@ -207,6 +207,27 @@ class BadArgumentTests(SynchronousTestCase):
             self.assert_bad_argument(result, f"the agent context {context} ")
             self.assertIn(expected, result.stderr)
 
+    def test_agent_context_not_a_small_file(self) -> None:
+        """
+        An agent context that is not a regular file (a device, a pipe no one
+        writes to) or is larger than one can be is refused at once, without
+        reading it all or waiting.
+        """
+        cda, _ = _files()
+        fifo = Path("fifo").absolute()
+        os.mkfifo(fifo)
+        large = Path("large.json").absolute()
+        large.write_text(" " * (64 * 1024) + "{}")
+        here = str(Path(".").absolute())
+        for path, expected in [
+            ("/dev/zero", "the agent context /dev/zero is not a regular file"),
+            (str(fifo), f"the agent context {fifo} is not a regular file"),
+            (here, f"cannot read the agent context {here}: Is a directory"),
+            (str(large), f"the agent context {large} is larger than 64 KiB"),
+        ]:
+            result = _submit(str(cda), "--agent-context", path)
+            self.assert_bad_argument(result, f"cpsdmp submit: {expected}")
+
 
 class FailureTests(SynchronousTestCase):
     def test_facade_unreachable(self) -> None:

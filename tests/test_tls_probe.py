@@ -145,6 +145,18 @@ class ProbeCommandTests(OpenSSLServerMixin, TestCase):
             self.assertEqual(len(err.decode().splitlines()), 1, err.decode())
             self.assertIn(f"cpsdmp probe: the agent context {path}", err.decode())
             self.assertIn(expected, err.decode())
+        out, err, status = yield self._probe(
+            "https://localhost/",
+            "--ca",
+            pki().root_file,
+            "--agent-context",
+            "/dev/zero",
+        )
+        self.assertEqual(status, 2, err.decode())
+        self.assertEqual(
+            err.decode(),
+            "cpsdmp probe: the agent context /dev/zero is not a regular file\n",
+        )
 
     @inlineCallbacks
     def test_agent_context_and_local_key(self) -> Any:
