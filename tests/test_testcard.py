@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import pkcs12
@@ -287,6 +288,47 @@ class CommandTests(TestCase):
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertIn(str(directory / "testcard.json"), result.stdout)
         self.assertTrue(TestCard.load(directory).is_complete())
+
+    def _init(self, *argv: str, **options: Any) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "cpsdmp.cli", "testcard", "init", *argv],
+            stderr=subprocess.PIPE,
+            timeout=120,
+            text=True,
+            env={**os.environ, "PYTHONPATH": _source_root()},
+            **options,
+        )
+
+    def test_output_closed(self) -> None:
+        """
+        Output to a pipe its reader closed (`| head -1`): no traceback, exit
+        status 1.
+        """
+        directory = Path("testcard-pipe").absolute()
+        init_testcard(directory, softhsm=False)
+        read, write = os.pipe()
+        os.close(read)
+        try:
+            result = self._init("--dir", str(directory), "--soft-only", stdout=write)
+        finally:
+            os.close(write)
+        self.assertEqual(result.stderr, "")
+        self.assertEqual(result.returncode, 1)
+
+    def test_dir_not_a_folder(self) -> None:
+        """
+        A --dir that names a file, or a path through one: one line that says
+        so, exit status 2.
+        """
+        file = Path("a-file").absolute()
+        file.write_text("not a folder\n")
+        for directory, expected in [
+            (file, f"cannot use {file} for a test card: it is not a folder"),
+            (file / "x", f"cannot use {file / 'x'} for a test card: Not a directory"),
+        ]:
+            result = self._init("--dir", str(directory), stdout=subprocess.DEVNULL)
+            self.assertEqual(result.returncode, 2, result.stderr)
+            self.assertEqual(result.stderr, f"cpsdmp testcard: {expected}\n")
 
     def test_nothing_written_outside(self) -> None:
         """

@@ -79,6 +79,13 @@ class TestCardError(Exception):
     """
 
 
+class UnusableFolder(TestCardError):
+    """
+    The folder asked for cannot hold a test card: it is a file, or it
+    cannot be made or locked.
+    """
+
+
 def find_softhsm2_module() -> str | None:
     """
     @return: the path of SoftHSM2's PKCS#11 module, or C{None} if it is not
@@ -286,8 +293,15 @@ def init_testcard(
         folder.mkdir(parents=True, exist_ok=True)
         lock = _locked(folder)
         lock.__enter__()
+    except FileExistsError:
+        # mkdir with exist_ok: something other than a folder is there.
+        raise UnusableFolder(
+            f"cannot use {folder} for a test card: it is not a folder"
+        ) from None
     except OSError as e:
-        raise TestCardError(f"cannot use {folder} for a test card: {e}") from None
+        raise UnusableFolder(
+            f"cannot use {folder} for a test card: {e.strerror}"
+        ) from None
     try:
         try:
             existing: TestCard | None = TestCard.load(folder)

@@ -8,7 +8,12 @@ import argparse
 import sys
 from typing import Any
 
-from cpsdmp.agent.testcard import TestCardError, init_testcard, softhsm2_missing
+from cpsdmp.agent.testcard import (
+    TestCardError,
+    UnusableFolder,
+    init_testcard,
+    softhsm2_missing,
+)
 
 
 def add_parser(subparsers: Any) -> None:
@@ -50,6 +55,9 @@ def add_parser(subparsers: Any) -> None:
 def run_init(args: argparse.Namespace) -> int:
     try:
         card = init_testcard(args.dir, softhsm=args.softhsm, report=print)
+    except UnusableFolder as e:
+        print(f"cpsdmp testcard: {e}", file=sys.stderr)
+        return 2
     except TestCardError as e:
         print(f"cpsdmp testcard: {e}", file=sys.stderr)
         return 1
