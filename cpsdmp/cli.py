@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
+from cryptography import x509
+
 # Module that defines each subcommand, in the order `--help` lists them.
 SUBCOMMANDS = [
     "cpsdmp.agent.testcard_cli",
@@ -89,6 +91,9 @@ class BadInput(Exception):
 AGENT_CONTEXT_KEYS = ("url", "token", "tlsFingerprint")
 
 
+# A bundle of trusted roots is some hundreds of KiB at most.
+MAX_PEM_BYTES = 16 * 1024 * 1024
+
 # An agent context is a few hundred bytes; reading stops here whatever the
 # file holds.
 MAX_AGENT_CONTEXT_BYTES = 64 * 1024
@@ -151,6 +156,32 @@ def read_agent_context(path: Path) -> dict[str, Any]:
             f"the agent context {path} has {', '.join(not_text)} empty or not a string"
         )
     return context
+
+
+def pem_certificates(path: str) -> list[x509.Certificate]:
+    """
+    An argparse type: the PEM certificates of a file, in their order.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_PEM_BYTES + 1)
+    except OSError as error:
+        raise argparse.ArgumentTypeError(
+            f"{path}: cannot read it ({error.strerror})"
+        ) from None
+    if len(data) > MAX_PEM_BYTES:
+        raise argparse.ArgumentTypeError(
+            f"{path}: larger than {MAX_PEM_BYTES // (1024 * 1024)} MiB: not "
+            "PEM certificates"
+        )
+    try:
+        return x509.load_pem_x509_certificates(data)
+    except ValueError:
+        if b"-----BEGIN CERTIFICATE-----" in data:
+            message = f"{path}: a PEM certificate in it cannot be read"
+        else:
+            message = f"no PEM certificate in {path}"
+        raise argparse.ArgumentTypeError(message) from None
 
 
 def build_parser() -> argparse.ArgumentParser:

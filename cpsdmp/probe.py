@@ -20,7 +20,14 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from twisted.internet.defer import Deferred
 from twisted.internet.task import react
 
-from cpsdmp.cli import BadInput, positive_seconds, read_agent_context, usage_error
+from cpsdmp.cli import (
+    MAX_PEM_BYTES,
+    BadInput,
+    pem_certificates,
+    positive_seconds,
+    read_agent_context,
+    usage_error,
+)
 from cpsdmp.protocols.tls.alerts import TLSError
 from cpsdmp.protocols.tls.endpoint import server_name
 from cpsdmp.protocols.tls.handshake import TLSClientConfig
@@ -35,24 +42,25 @@ class ProbeError(Exception):
     """
 
 
-def _load_certificates(path: str) -> list[x509.Certificate]:
-    try:
-        with open(path, "rb") as f:
-            certificates = x509.load_pem_x509_certificates(f.read())
-    except (OSError, ValueError) as e:
-        raise ProbeError(f"cannot read certificates from {path}: {e}") from None
-    return certificates
-
-
-def _local_key(key_path: str, cert_path: str) -> IRemoteKey:
+def _local_key(key_path: str, chain: list[x509.Certificate]) -> IRemoteKey:
     try:
         with open(key_path, "rb") as f:
-            key = load_pem_private_key(f.read(), password=None)
-    except (OSError, ValueError, TypeError) as e:
-        raise ProbeError(f"cannot read the private key {key_path}: {e}") from None
+            data = f.read(MAX_PEM_BYTES + 1)
+    except OSError as e:
+        raise ProbeError(
+            f"cannot read the private key {key_path}: {e.strerror}"
+        ) from None
+    try:
+        key = load_pem_private_key(data, password=None)
+    except TypeError:
+        raise ProbeError(
+            f"the private key in {key_path} is encrypted: give one that is not"
+        ) from None
+    except ValueError:
+        raise ProbeError(f"no PEM private key that can be read in {key_path}") from None
     if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
         raise ProbeError(f"{key_path} holds neither an RSA nor an EC key")
-    return LocalKey(key, _load_certificates(cert_path))
+    return LocalKey(key, chain)
 
 
 def _agent_key(context_path: str) -> IRemoteKey:
@@ -128,7 +136,11 @@ def add_parser(subparsers: Any) -> None:
     )
     parser.add_argument("url", metavar="URL", help="https://host[:port]/...")
     parser.add_argument(
-        "--ca", required=True, metavar="PEM", help="PEM file of the trusted roots"
+        "--ca",
+        required=True,
+        type=pem_certificates,
+        metavar="PEM",
+        help="PEM file of the trusted roots",
     )
     parser.add_argument(
         "--agent-context",
@@ -142,7 +154,10 @@ def add_parser(subparsers: Any) -> None:
         help="PEM private key, with --cert (instead of the agent)",
     )
     parser.add_argument(
-        "--cert", metavar="PEM", help="PEM client certificate and its chain, with --key"
+        "--cert",
+        type=pem_certificates,
+        metavar="PEM",
+        help="PEM client certificate and its chain, with --key",
     )
     parser.add_argument(
         "--reconnect", action="store_true", help="connect twice, say if it resumed"
@@ -184,7 +199,7 @@ def _config(args: argparse.Namespace) -> TLSClientConfig:
     else:
         remote = None
     return TLSClientConfig(
-        roots=_load_certificates(args.ca),
+        roots=args.ca,
         remote_key=remote,
         alpn=[p.encode("ascii") for p in args.alpn],
         allow_no_extended_master_secret=args.allow_no_ems,

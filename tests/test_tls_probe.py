@@ -162,7 +162,7 @@ class ProbeCommandTests(OpenSSLServerMixin, TestCase):
     def test_agent_context_and_local_key(self) -> Any:
         """
         The agent's card and a local key exclude each other: a usage error
-        in one line, exit status 2, before any file is read.
+        in one line, exit status 2, before the agent context is read.
         """
         out, err, status = yield self._probe(
             "https://localhost:1/",
@@ -200,6 +200,35 @@ class ProbeCommandTests(OpenSSLServerMixin, TestCase):
         )
         self.assertEqual(status, 1, out.decode())
         self.assertIn("CONNECTION FAILED", err.decode())
+
+    @inlineCallbacks
+    def test_files_not_pem(self) -> Any:
+        """
+        A file of roots, a certificate or a key that holds no PEM of its
+        kind: one line naming it, exit status 2, nothing of the library's
+        own text.
+        """
+        readme = os.path.join(_ROOT, "README.md")
+        client = pki()["client-rsa"]
+        for args, expected in [
+            (
+                ["--ca", readme],
+                f"cpsdmp probe: argument --ca: no PEM certificate in {readme} "
+                "(see cpsdmp probe --help)",
+            ),
+            (
+                ["--ca", pki().root_file, "--key", client.key_file, "--cert", readme],
+                f"cpsdmp probe: argument --cert: no PEM certificate in {readme} "
+                "(see cpsdmp probe --help)",
+            ),
+            (
+                ["--ca", pki().root_file, "--key", readme, "--cert", client.cert_file],
+                f"cpsdmp probe: no PEM private key that can be read in {readme}",
+            ),
+        ]:
+            out, err, status = yield self._probe("https://localhost:1/", *args)
+            self.assertEqual(status, 2, err.decode())
+            self.assertEqual(err.decode(), expected + "\n")
 
     @inlineCallbacks
     def test_bad_timeout(self) -> Any:

@@ -28,7 +28,13 @@ from twisted.web.client import (
 from twisted.web.iweb import IAgent
 from zope.interface import implementer
 
-from cpsdmp.cli import BadInput, http_url, positive_seconds, read_agent_context
+from cpsdmp.cli import (
+    BadInput,
+    http_url,
+    pem_certificates,
+    positive_seconds,
+    read_agent_context,
+)
 from cpsdmp.protocols.safexml import XmlRefused
 from cpsdmp.xds.cda import (
     CLASS_CODE_SYSTEM,
@@ -82,7 +88,7 @@ def add_parser(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--facade-ca",
-        type=_pem_certificates,
+        type=pem_certificates,
         metavar="PEM",
         help="for an https:// facade: the roots its certificate may lead to "
         "(default: those this machine trusts)",
@@ -96,23 +102,6 @@ def add_parser(subparsers: Any) -> None:
         help="seconds to wait for the facade's answer (default 300)",
     )
     parser.set_defaults(func=run)
-
-
-def _pem_certificates(path: str) -> list[x509.Certificate]:
-    """
-    An argparse type: the PEM certificates of a file.
-    """
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as error:
-        raise argparse.ArgumentTypeError(
-            f"{path}: cannot read it ({error.strerror})"
-        ) from None
-    try:
-        return x509.load_pem_x509_certificates(data)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{path}: no PEM certificate in it") from None
 
 
 class FacadeTlsFailure(Exception):
