@@ -566,6 +566,30 @@ class FacadeCaArgumentTests(SynchronousTestCase):
             self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
             self.assertIn(f"argument --facade-ca: {expected}", result.stderr)
 
+    def test_facade_ca_with_http(self) -> None:
+        """
+        Roots for a facade reached over http:// would be ignored: refused as
+        a usage error, exit status 2.
+        """
+        cda, context = _files()
+        root = Path("root.pem").absolute()
+        root.write_bytes(Path(_other_card().ca_root).read_bytes())
+        result = _submit(
+            str(cda),
+            "--agent-context",
+            str(context),
+            "--facade",
+            "http://127.0.0.1:1",
+            "--facade-ca",
+            str(root),
+        )
+        self.assertEqual(result.returncode, 2, result.stderr)
+        self.assertEqual(
+            result.stderr,
+            "cpsdmp submit: --facade-ca applies to an https:// facade only; "
+            "http://127.0.0.1:1 is not one (see cpsdmp submit --help)\n",
+        )
+
 
 class ClassCodeOptionTests(SynchronousTestCase):
     def test_replaces_known_class(self) -> None:

@@ -34,6 +34,7 @@ from cpsdmp.cli import (
     pem_certificates,
     positive_seconds,
     read_agent_context,
+    usage_error,
 )
 from cpsdmp.protocols.safexml import XmlRefused
 from cpsdmp.xds.cda import (
@@ -90,8 +91,8 @@ def add_parser(subparsers: Any) -> None:
         "--facade-ca",
         type=pem_certificates,
         metavar="PEM",
-        help="for an https:// facade: the roots its certificate may lead to "
-        "(default: those this machine trusts)",
+        help="for an https:// facade, and only for one: the roots its "
+        "certificate may lead to (default: those this machine trusts)",
     )
     parser.add_argument("--json", action="store_true", help="print the JSON answer")
     parser.add_argument(
@@ -273,6 +274,11 @@ def _problem_lines(problem: Any, files: list[Path]) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     from cpsdmp.facade.service import MAX_DOCUMENTS
 
+    if args.facade_ca and urlsplit(args.facade).scheme != "https":
+        return usage_error(
+            "submit",
+            f"--facade-ca applies to an https:// facade only; {args.facade} is not one",
+        )
     if len(args.cda) > MAX_DOCUMENTS:
         print(
             f"cpsdmp submit: {len(args.cda)} documents: a submission carries at "
