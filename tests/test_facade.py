@@ -2794,6 +2794,24 @@ class ProblemMappingTests(SynchronousTestCase):
         for refused in [{"patientId": "x"}, {"classCode": {"code": "11"}}]:
             self.assertRaises(AssertionError, conforms, refused, schema)
 
+    def test_lone_surrogate_in_detail(self) -> None:
+        """
+        A problem whose detail quotes a lone surrogate (which a JSON escape
+        can give and UTF-8 cannot encode) is still sent, the surrogate as
+        the same JSON escape.
+        """
+        from twisted.web.test.requesthelper import DummyRequest
+
+        from cpsdmp.facade.resource import FacadeResource, Problem
+
+        request = DummyRequest([b""])
+        request._disconnected = False
+        resource = FacadeResource(_bare_service())
+        resource._send_problem(request, Problem(400, "x", "X", "bad \ud800 here"))
+        self.assertEqual(request.responseCode, 400)
+        document = json.loads(b"".join(request.written))
+        self.assertEqual(document["detail"], "bad \ud800 here")
+
 
 class OptionsTests(SynchronousTestCase):
     def test_needs_roots(self) -> None:
@@ -3407,6 +3425,100 @@ class RequestCheckTests(TestCase):
             )
             self.assertIn("entryUUIDs[1]", detail)
             self.assertIn("not an entryUUID", detail)
+
+    @inlineCallbacks
+    def test_unique_ids_checked(self) -> Any:
+        """
+        A uniqueId that is not an OID or OID^extension, such as one with a
+        control character or a lone surrogate XML cannot carry, is refused
+        with 400 naming the member, in each route that takes one.
+        """
+        base = {"agentContext": ABSENT_AGENT, "patient": {"ins": "279035121518989"}}
+        for value in [
+            "1.2.3\x01",
+            "1.2.3^AB\x00",
+            "1.2.3^\ud800",
+            "1.2.3\ud800",
+            "\x0b",
+            "1.2.3^",
+            "1.2.3^a b",
+            "urn:oid:1.2.3",
+        ]:
+            for path, body, member in [
+                ("/dmp/td32Retrieve", {**base, "uniqueId": value}, "uniqueId"),
+                (
+                    "/dmp/td33UpdateStatus",
+                    {**base, "uniqueId": value, "action": "mask"},
+                    "uniqueId",
+                ),
+                (
+                    "/dmp/td31Find",
+                    {**base, "uniqueIds": ["1.2.3^A1", value]},
+                    "uniqueIds[1]",
+                ),
+            ]:
+                code, document = yield self.post(path, json.dumps(body).encode("ascii"))
+                self.assertEqual(code, 400, (path, value, document))
+                self.assertEqual(
+                    document["type"].rsplit("/", 1)[-1], "malformed-request"
+                )
+                self.assertTrue(
+                    document["detail"].startswith(f"{member} "), document["detail"]
+                )
+                self.assertIn("is not a uniqueId", document["detail"])
+
+    @inlineCallbacks
+    def test_texts_xml_cannot_carry(self) -> Any:
+        """
+        Other texts of a request that go into the DMP's messages are refused
+        with 400 when XML cannot carry one of their characters, before
+        anything is sent.
+        """
+        base = {"agentContext": ABSENT_AGENT, "patient": {"ins": "279035121518989"}}
+        for body, said in [
+            (
+                {**base, "patient": {"ins": "279035121518989", "authority": "1.2\x01"}},
+                "is not an INS authority",
+            ),
+            (
+                {**base, "patient": {"ins": "279035121518989", "authority": "\ud800"}},
+                "is not an INS authority",
+            ),
+            ({**base, "statuses": ["urn:x\x02"]}, "status"),
+            ({**base, "statuses": ["urn:\udc00"]}, "status"),
+            (
+                {**base, "classCodes": [{"code": "11", "codingScheme": "1.2\x03"}]},
+                "classCodes codingScheme",
+            ),
+            (
+                {
+                    **base,
+                    "typeCodes": [
+                        {"code": "1", "codingScheme": "1.2", "display": "\ud800"}
+                    ],
+                },
+                "typeCodes display",
+            ),
+        ]:
+            code, document = yield self.post(
+                "/dmp/td31Find", json.dumps(body).encode("ascii")
+            )
+            self.assertEqual(code, 400, (body, document))
+            self.assertIn(said, document["detail"])
+        content = base64.b64encode(cda("BIO")).decode()
+        for overrides, said in [
+            ({"title": "a\x07b"}, "title has a character XML cannot carry (U+0007)"),
+            ({"comments": "\ud83d"}, "comments has a character XML cannot carry"),
+        ]:
+            body = {
+                "agentContext": ABSENT_AGENT,
+                "documents": [{"content": content, "overrides": overrides}],
+            }
+            code, document = yield self.post(
+                "/dmp/td21SubmitDocuments", json.dumps(body).encode("ascii")
+            )
+            self.assertEqual(code, 422, document)
+            self.assertIn(said, document["detail"])
 
     @inlineCallbacks
     def test_patient_ins(self) -> Any:

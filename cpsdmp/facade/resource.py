@@ -89,6 +89,7 @@ from cpsdmp.xds.values import (
     DTM_PATTERN,
     MAX_FREE_TEXT,
     MAX_LONG_NAME,
+    check_asked_unique_id,
     check_code,
     check_dtm,
     check_overrides,
@@ -385,7 +386,18 @@ def _string(
 def _unique_id(body: Mapping[str, Any]) -> str:
     value = _string(body, "uniqueId", longest=MAX_UNIQUE_ID)
     assert value is not None
-    return value
+    return _asked_unique_id(value, "uniqueId")
+
+
+def _asked_unique_id(value: str, name: str) -> str:
+    """
+    @return: C{value}, a document's uniqueId as the DMP can be asked for it.
+    @raise BadRequest: naming C{name}, before the value goes into XML.
+    """
+    try:
+        return check_asked_unique_id(value, name, MAX_UNIQUE_ID)
+    except MetadataError as error:
+        raise BadRequest(str(error)) from None
 
 
 def _strings(body: Mapping[str, Any], name: str, longest: int = 256) -> list[str]:
@@ -794,24 +806,30 @@ async def _td21(resource: FacadeResource, request: server.Request, body: Any) ->
     return _submitted(submitted)
 
 
+#: The availability statuses a search takes, by name; each may also be
+#: given as its URN.
+STATUS_NAMES = {
+    "approved": Status.Approved,
+    "archived": Status.Archived,
+    "deprecated": Status.Deprecated,
+    "deleted": Status.Deleted,
+}
+
+
 def _find_parameters(
     resource: FacadeResource, body: Mapping[str, Any]
 ) -> FindDocuments:
     patient = resource.patient(_object(body, "patient"))
     statuses = _strings(body, "statuses", 64) or ["Approved"]
-    names = {
-        "approved": Status.Approved,
-        "archived": Status.Archived,
-        "deprecated": Status.Deprecated,
-        "deleted": Status.Deleted,
-    }
-    try:
-        urns = [s if s.startswith("urn:") else names[s.lower()] for s in statuses]
-    except KeyError as error:
-        raise BadRequest(
-            f"unknown status {excerpt(error.args[0])}: approved, archived, "
-            "deprecated or deleted"
-        ) from None
+    urns = []
+    for status in statuses:
+        urn = STATUS_NAMES.get(status.lower(), status)
+        if urn not in STATUS_NAMES.values():
+            raise BadRequest(
+                f"unknown status {excerpt(status)}: approved, archived, "
+                "deprecated or deleted, or the URN of one of them"
+            )
+        urns.append(urn)
 
     def codes(name: str) -> list[CodedValue]:
         value = body.get(name, [])
@@ -856,6 +874,8 @@ async def _td31(resource: FacadeResource, request: server.Request, body: Any) ->
             )
     if unique_ids and entry_uuids:
         raise BadRequest("give uniqueIds or entryUUIDs, not both")
+    for index, value in enumerate(unique_ids):
+        _asked_unique_id(value, f"uniqueIds[{index}]")
     for index, value in enumerate(entry_uuids):
         if not _ENTRY_UUID.fullmatch(value):
             raise BadRequest(
@@ -1758,8 +1778,12 @@ class FacadeResource(Resource):
         retry_after = problem.extra.get("retryAfter")
         if isinstance(retry_after, int):
             request.setHeader(b"retry-after", str(retry_after).encode())
+        # A detail that quotes a request's lone surrogate (a JSON escape
+        # UTF-8 cannot encode) says it as the same JSON escape.
         request.write(
-            json.dumps(problem.document(), ensure_ascii=False).encode("utf-8")
+            json.dumps(problem.document(), ensure_ascii=False).encode(
+                "utf-8", "backslashreplace"
+            )
         )
         request.finish()
 

@@ -257,7 +257,7 @@ class PatientId:
         check_ins(self.ins)
         if self.authority not in INS_OIDS:
             raise MetadataError(
-                f"patient identifier authority {self.authority} is not an INS "
+                f"patient identifier authority {self.authority!r} is not an INS "
                 f"authority (expected one of {', '.join(sorted(INS_OIDS))})"
             )
 

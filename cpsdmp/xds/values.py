@@ -72,16 +72,20 @@ def _shown(value: str, longest: int = 40) -> str:
     )
 
 
-def is_unique_id(value: str, *, document: bool) -> bool:
+def is_unique_id(
+    value: str, *, document: bool, longest_extension: int = MAX_EXTENSION
+) -> bool:
     """
+    @param longest_extension: the longest extension taken.
     @return: whether C{value} is a submission set's uniqueId (an OID of at
         most 64 characters) or, when C{document}, a document's (the same,
-        or OID^extension with an extension of 1 to 16 characters).
+        or OID^extension with an extension of 1 to 16 characters, printable
+        and without spaces, so that XML can carry it).
     """
     root, caret, extension = value.partition("^")
     if caret and not (
         document
-        and 0 < len(extension) <= MAX_EXTENSION
+        and 0 < len(extension) <= longest_extension
         and extension.isprintable()
         and not any(c.isspace() or c == "^" for c in extension)
     ):
@@ -110,6 +114,30 @@ def check_unique_id(value: str) -> str:
         f"it: an OID of at most {MAX_OID} characters, or the root^extension of "
         f"the CDA's id, the root such an OID and the extension at most "
         f"{MAX_EXTENSION} characters, without spaces{longer}"
+    )
+
+
+def check_asked_unique_id(value: str, what: str, longest: int) -> str:
+    """
+    Check a document's uniqueId a caller asks the DMP about (to find,
+    retrieve or update it): an OID, or OID^extension, of at most
+    C{longest} characters. The extension may be longer than what a
+    submission takes (L{check_unique_id}): the DMP may hold documents
+    other software stored so.
+
+    @param what: the member that gave it, for the message.
+    @return: C{value}.
+    @raise MetadataError: naming C{what}, before the value goes into XML,
+        which cannot carry a control character or a lone surrogate.
+    """
+    if len(value) <= longest and is_unique_id(
+        value, document=True, longest_extension=longest
+    ):
+        return value
+    raise MetadataError(
+        f"{what} {_shown(value)} is not a uniqueId: an OID (digits and dots, "
+        f"such as 1.2.250.1.213.1.1.9) or an OID^extension, the extension "
+        f"printable characters without spaces, at most {longest} characters in all"
     )
 
 
