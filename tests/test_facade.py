@@ -3076,6 +3076,41 @@ def _bare_service(reactor_: Any = None) -> Any:
     return DmpService(config, reactor_)
 
 
+class SessionCacheTests(TestCase):
+    """
+    A session that could not be opened is never kept: the next request with
+    the same context tries again and fails the same way.
+    """
+
+    timeout = 30
+
+    def fail_twice(self, context: Any) -> Any:
+        from cpsdmp.agent.client import AgentUnreachable
+
+        service = _bare_service()
+        for _ in range(2):
+            d = service.session(context)
+            yield self.assertFailure(d, AgentUnreachable)
+            self.assertEqual(len(service._sessions), 0)
+
+    @inlineCallbacks
+    def test_failed_at_once_not_kept(self) -> Any:
+        from cpsdmp.facade.service import AgentContext
+
+        # Past AgentContext.from_json, which refuses such a host: the
+        # agent client fails before anything is sent.
+        context = AgentContext(
+            "https://exa mple:10036", "A" * 43, "sha256:" + "ab" * 32
+        )
+        yield from self.fail_twice(context)
+
+    @inlineCallbacks
+    def test_failed_later_not_kept(self) -> Any:
+        from cpsdmp.facade.service import AgentContext
+
+        yield from self.fail_twice(AgentContext.from_json(ABSENT_AGENT))
+
+
 class _Pending(Resource):
     """
     A resource whose answers never come, as a request waiting on a slow
@@ -3425,6 +3460,40 @@ class RequestCheckTests(TestCase):
             )
             self.assertIn("entryUUIDs[1]", detail)
             self.assertIn("not an entryUUID", detail)
+
+    @inlineCallbacks
+    def test_agent_url_host_checked(self) -> Any:
+        """
+        An agent URL whose host is not a host name or an IPv4 address is
+        refused with 400 naming agentContext.url, each time it is given: the
+        first refusal leaves nothing behind that the next request trips on.
+        """
+        base = {"patient": {"ins": "279035121518989"}}
+        for url in [
+            "https://exa mple:10036",
+            "https://exa mple:10036",
+            "https://a_b:10036",
+            "https://-agent:10036",
+            "https://agent..local:10036",
+            "https://poste\u00e9.local:10036",
+            "https://" + "a" * 64 + ".local:10036",
+        ]:
+            body = {**base, "agentContext": {**ABSENT_AGENT, "url": url}}
+            code, document = yield self.post(
+                "/dmp/td02Exist", json.dumps(body).encode("ascii")
+            )
+            self.assertEqual(code, 400, (url, document))
+            self.assertTrue(
+                document["detail"].startswith("agentContext.url "), document["detail"]
+            )
+            self.assertIn("host", document["detail"])
+        for url in ["https://agent-1.local:10036", "https://127.0.0.1:1"]:
+            body = {**base, "agentContext": {**ABSENT_AGENT, "url": url}}
+            code, document = yield self.post(
+                "/dmp/td02Exist", json.dumps(body).encode("ascii")
+            )
+            # Past the checks: the agent is not there.
+            self.assertEqual(code, 502, (url, document))
 
     @inlineCallbacks
     def test_unique_ids_checked(self) -> Any:

@@ -254,6 +254,13 @@ def excerpt(value: object, length: int = 40) -> str:
     return repr(text)
 
 
+#: A host name (RFC 1123, 2.1), which an IPv4 address also is.
+_HOST_NAME = re.compile(
+    r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*\.?",
+    re.ASCII,
+)
+
+
 def _agent_url(url: str) -> str:
     """
     @return: C{url}, an C{https://} URL of a host, with neither credentials,
@@ -283,6 +290,12 @@ def _agent_url(url: str) -> str:
         raise ValueError(
             "agentContext.url: an IPv6 address cannot be the agent's host; "
             f"give a name that resolves to it: {excerpt(url)}"
+        )
+    if not _HOST_NAME.fullmatch(parts.hostname) or len(parts.hostname) > 253:
+        raise ValueError(
+            "agentContext.url must name its host by an IPv4 address or a DNS "
+            "name (labels of letters, digits and inner hyphens, at most 63 "
+            f"characters each; a non-ASCII name in its xn-- form): {excerpt(url)}"
         )
     if parts.query or parts.fragment or "?" in url or "#" in url:
         raise ValueError(
@@ -705,8 +718,11 @@ class DmpService:
                 del self._sessions[key]
             return failure
 
-        d.addErrback(forget)
+        # Kept before the errback is added: a session that fails at once
+        # (the agent client refusing its URL) is dropped as one that fails
+        # later, and never shared as a spent result.
         self._sessions[key] = d
+        d.addErrback(forget)
         while len(self._sessions) > self.config.max_sessions:
             _, oldest = self._sessions.popitem(last=False)
             oldest.addCallback(lambda s: s.close()).addErrback(lambda _: None)
