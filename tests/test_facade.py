@@ -3258,6 +3258,7 @@ class RequestCheckTests(TestCase):
         self.addCleanup(lambda: check_answers(self.answers, openapi()))
         site = make_site(_bare_service())
         site.requestFactory = recording(site.requestFactory, self.answers)
+        self.site = site
         port = reactor.listenTCP(0, site, interface="127.0.0.1")  # type: ignore[attr-defined]
         self.addCleanup(port.stopListening)
         self.url = f"http://127.0.0.1:{port.getHost().port}"
@@ -3460,6 +3461,74 @@ class RequestCheckTests(TestCase):
             )
             self.assertIn("entryUUIDs[1]", detail)
             self.assertIn("not an entryUUID", detail)
+
+    def exchange_raw(self, request: bytes, then: bytes = b"") -> Deferred[bytes]:
+        """
+        Send C{request} on a plain socket, then, once the first answer bytes
+        come, C{then}.
+
+        @return: a Deferred that fires with all the facade sent until it
+            closed the connection, or until 10 seconds of silence.
+        """
+        host, port = self.url.removeprefix("http://").split(":")
+
+        def run() -> bytes:
+            with socket.create_connection((host, int(port)), timeout=10) as sock:
+                sock.sendall(request)
+                received = b""
+                try:
+                    while chunk := sock.recv(65536):
+                        if not received and then:
+                            sock.sendall(then)
+                        received += chunk
+                except (TimeoutError, ConnectionResetError):
+                    pass
+                return received
+
+        return deferToThread(run)
+
+    @inlineCallbacks
+    def test_huge_content_length_refused_at_once(self) -> Any:
+        """
+        A Content-Length over the facade's body limit is answered 413 as
+        soon as the headers are read, without the 100 Continue its Expect
+        asks for, and the connection closes: nothing of the body is sent or
+        waited for.
+        """
+        head = (
+            b"POST /dmp/td21SubmitDocuments HTTP/1.1\r\n"
+            b"Host: facade\r\n"
+            b"Content-Type: application/json\r\n"
+            b"Content-Length: 10000000000\r\n"
+            b"Expect: 100-continue\r\n\r\n"
+        )
+        started = time.monotonic()
+        received = yield self.exchange_raw(head)
+        self.assertLess(time.monotonic() - started, 5)
+        self.assertNotIn(b"100 Continue", received)
+        status, _, rest = received.partition(b"\r\n")
+        self.assertTrue(status.startswith(b"HTTP/1.1 413 "), status)
+        headers, _, payload = rest.partition(b"\r\n\r\n")
+        self.assertIn(b"Connection: close", headers)
+        problem = json.loads(payload)
+        self.assertEqual(problem["status"], 413)
+        self.assertIn(f"over {64 * 1024 * 1024} bytes", problem["detail"])
+
+    @inlineCallbacks
+    def test_refused_body_sent_anyway(self) -> Any:
+        """
+        A client that sends a refused body without waiting for the answer
+        reads the 413 once, and the request is never processed.
+        """
+        self.site.requestFactory.max_body = 1000
+        body = json.dumps({"agentContext": ABSENT_AGENT, "x": "y" * 5000}).encode()
+        received = yield self.exchange_raw(
+            b"POST /dmp/td02Exist HTTP/1.1\r\nHost: facade\r\n"
+            b"Content-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body) + body
+        )
+        self.assertTrue(received.startswith(b"HTTP/1.1 413 "), received)
+        self.assertEqual(received.count(b"HTTP/1.1"), 1, received)
 
     @inlineCallbacks
     def test_agent_url_host_checked(self) -> Any:
