@@ -3659,6 +3659,25 @@ class RequestCheckTests(TestCase):
             self.assertIn(said, document["detail"])
 
     @inlineCallbacks
+    def test_cda_past_parser_limits(self) -> Any:
+        """
+        A CDA past the XML parser's limits is 422 saying so in the facade's
+        words, not with libxml2's advice to switch its huge-tree option on.
+        """
+        deep = b"<ClinicalDocument>" + b"<x>" * 300 + b"</x>" * 300
+        deep += b"</ClinicalDocument>"
+        body = {
+            "agentContext": ABSENT_AGENT,
+            "documents": [{"content": base64.b64encode(deep).decode()}],
+        }
+        code, document = yield self.post("/dmp/td21SubmitDocuments", body)
+        self.assertEqual(code, 422, document)
+        detail = document["detail"]
+        self.assertIn("exceeds the XML parser's limits", detail)
+        self.assertIn("elements nested more than 256 deep", detail)
+        self.assertNotIn("XML_PARSE_HUGE", detail)
+
+    @inlineCallbacks
     def test_patient_ins(self) -> Any:
         """
         An INS that is not a string is said to be one, not the patient; one

@@ -115,3 +115,55 @@ class IterEventsTests(SynchronousTestCase):
         self.assertRaises(
             XmlRefused, list, iter_events(chunked(data, 100), max_bytes=1000)
         )
+
+
+class ParserLimitTests(SynchronousTestCase):
+    """
+    A document past libxml2's limits (without its huge-tree option, which
+    stays off) is refused in our words, with where it stopped, and without
+    libxml2's advice to switch that option on.
+    """
+
+    DEEP = b"<a>" * 300 + b"</a>" * 300
+    LONG_TEXT = b"<a>" + b"x" * 11_000_000 + b"</a>"
+    LONG_ATTRIBUTE = b'<a b="' + b"x" * 11_000_000 + b'"/>'
+
+    def refused(self, data: bytes) -> list[str]:
+        """
+        @return: the messages of both parsers for C{data}.
+        """
+        messages = [str(self.assertRaises(XmlRefused, parse_xml, data, what="CDA"))]
+        messages.append(
+            str(
+                self.assertRaises(
+                    XmlRefused, list, iter_events(chunked(data), what="CDA")
+                )
+            )
+        )
+        for message in messages:
+            self.assertTrue(
+                message.startswith("CDA exceeds the XML parser's limits: "), message
+            )
+            self.assertNotIn("XML_PARSE_HUGE", message)
+            self.assertNotIn("\n", message)
+            self.assertRegex(message, r"line \d+, column \d+")
+        return messages
+
+    def test_depth(self) -> None:
+        for message in self.refused(self.DEEP):
+            self.assertIn("elements nested more than 256 deep", message)
+
+    def test_long_text(self) -> None:
+        for message in self.refused(self.LONG_TEXT):
+            self.assertIn("a text of more than 10000000 characters", message)
+
+    def test_long_attribute(self) -> None:
+        for message in self.refused(self.LONG_ATTRIBUTE):
+            self.assertIn("more than 10000000 characters", message)
+
+    def test_malformed_said_as_before(self) -> None:
+        """
+        XML that is not well-formed is still said so.
+        """
+        error = self.assertRaises(XmlRefused, parse_xml, b"<a><b></a>", what="CDA")
+        self.assertTrue(str(error).startswith("CDA is not well-formed XML: "))

@@ -74,6 +74,46 @@ def _doctype_refused(what: str) -> None:
     )
 
 
+#: The limits libxml2 keeps without its huge-tree option, which stays off:
+#: how it words each one, and how we do.
+_LIMITS = (
+    ("Excessive depth in document", "elements nested more than 256 deep"),
+    ("Text node too long", "a text of more than 10000000 characters"),
+    (
+        "Buffer size limit exceeded",
+        "an attribute value, a comment or another single piece of more than "
+        "10000000 characters",
+    ),
+    ("Name too long", "a name of more than 50000 characters"),
+)
+_LIMIT_ERRORS = (
+    etree.ErrorTypes.ERR_RESOURCE_LIMIT,
+    etree.ErrorTypes.ERR_NAME_TOO_LONG,
+)
+
+
+def _syntax_refused(what: str, error: etree.XMLSyntaxError) -> XmlRefused:
+    """
+    @return: the refusal of a document lxml could not parse: not
+        well-formed, or past one of the parser's limits, said in our words
+        rather than libxml2's, whose advice to switch its huge-tree option
+        on is not for the sender of a document to follow.
+    """
+    message = error.msg or str(error)
+    if error.code not in _LIMIT_ERRORS and "XML_PARSE_HUGE" not in message:
+        return XmlRefused(f"{what} is not well-formed XML: {error}")
+    reason = "a resource limit"
+    for words, ours in _LIMITS:
+        if words in message:
+            reason = ours
+            break
+    line, column = error.position
+    return XmlRefused(
+        f"{what} exceeds the XML parser's limits: {reason} (line {line}, "
+        f"column {column}); it is not read past them"
+    )
+
+
 def parse_xml(
     data: bytes,
     *,
@@ -103,7 +143,7 @@ def parse_xml(
     try:
         root = etree.fromstring(data, make_parser(encoding))
     except etree.XMLSyntaxError as error:
-        raise XmlRefused(f"{what} is not well-formed XML: {error}") from None
+        raise _syntax_refused(what, error) from None
     if root is None:
         raise XmlRefused(f"{what} is empty")
     _refuse_doctype(root.getroottree(), what)
@@ -149,7 +189,7 @@ def iter_events(
         for event, element in parser.read_events():
             yield event, element
     except etree.XMLSyntaxError as error:
-        raise XmlRefused(f"{what} is not well-formed XML: {error}") from None
+        raise _syntax_refused(what, error) from None
 
 
 def chunked(data: bytes | memoryview, size: int = 64 * 1024) -> Iterator[bytes]:
