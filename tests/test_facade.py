@@ -67,6 +67,7 @@ from cpsdmp.facade.client import (
     CardRateLimited,
     DmpFailed,
     DmpRefused,
+    DmpTimedOut,
     DocumentNotFound,
     FacadeClient,
     FacadeError,
@@ -1461,6 +1462,18 @@ class _Downstream(Protocol):
                 self.proxy.release_late(self)
             self.waiting.append(data)
             return
+        # The facade's request is in TLS records of application data.
+        request = self.application_data(data)
+        if request and self.proxy.mode == "hold-answers":
+            # It reaches the DMP, whose answer is held here for good.
+            self.held = True
+            self.proxy.cuts += 1
+        elif request and self.proxy.mode == "lose-then-hold":
+            # It reaches the DMP, whose answer is lost with the connection;
+            # the next requests are held.
+            self.doomed = True
+            self.proxy.mode = "hold-answers"
+            self.proxy.cuts += 1
         if big and self.proxy.mode == "swallow-request":
             # The request reaches the proxy, never the DMP.
             self.cut = True
@@ -1492,6 +1505,32 @@ class _Downstream(Protocol):
             self.pending.append(data)
         else:
             self.upstream.transport.write(data)
+
+    #: What the facade sent of a TLS record header, and what is left of the
+    #: record it is in.
+    _header = b""
+    _record_left = 0
+
+    def application_data(self, data: bytes) -> bool:
+        """
+        @return: whether C{data}, the next bytes the facade sent, has a TLS
+            record of application data (its request) in it.
+        """
+        found = False
+        while data:
+            if self._record_left:
+                taken = min(self._record_left, len(data))
+                self._record_left -= taken
+                data = data[taken:]
+                continue
+            needed = 5 - len(self._header)
+            self._header += data[:needed]
+            data = data[needed:]
+            if len(self._header) == 5:
+                found = found or self._header[0] == 0x17
+                self._record_left = int.from_bytes(self._header[3:5], "big")
+                self._header = b""
+        return found
 
     def forward(self, data: bytes) -> None:
         if self.upstream is None:
@@ -1875,6 +1914,56 @@ class LostUpdateTests(ProxiedTestCase):
         self.assertEqual(error.unique_ids, [unique])
         self.assertIn("may or may not have been applied", str(error))
         self.assertIn("TD3.1 by uniqueId", str(error))
+
+
+class ReadTimeoutTests(ProxiedTestCase):
+    @inlineCallbacks
+    def test_read_never_answered(self) -> Any:
+        """
+        A read the DMP never answers is 504 once the DMP's timeout has
+        passed, not twice that, and says what happened: the request was
+        sent and no answer came.
+        """
+        facade = yield self.start_facade(self.dmp_url(self.proxy_port), dmp_timeout=2.0)
+        yield facade.td02_exist(CDA_PATIENT, self.context)
+        self.proxy.mode = "hold-answers"
+        for read in [
+            lambda: facade.td31_find(self.context, CDA_PATIENT),
+            lambda: facade.td32_retrieve("1.2.3", self.context, CDA_PATIENT),
+        ]:
+            started = time.monotonic()
+            error = yield self.failure_of(read(), DmpTimedOut)
+            waited = time.monotonic() - started
+            self.assertEqual((error.status, error.kind), (504, "dmp-timeout"))
+            self.assertLess(waited, 3.5)
+            detail = error.problem["detail"]
+            self.assertNotIn("nothing was sent", detail)
+            self.assertIn(
+                "was sent to the DMP and no answer came within 2 seconds", detail
+            )
+        self.assertEqual(self.proxy.cuts, 2)
+
+    @inlineCallbacks
+    def test_resent_read_never_answered(self) -> Any:
+        """
+        A read whose answer is lost with its connection is sent once more,
+        within what is left of the DMP's timeout; when no answer comes to
+        it either, the 504 says both.
+        """
+        facade = yield self.start_facade(self.dmp_url(self.proxy_port), dmp_timeout=2.0)
+        yield facade.td02_exist(CDA_PATIENT, self.context)
+        self.proxy.mode = "lose-then-hold"
+        started = time.monotonic()
+        error = yield self.failure_of(
+            facade.td31_find(self.context, CDA_PATIENT), DmpTimedOut
+        )
+        self.assertLess(time.monotonic() - started, 3.5)
+        self.assertEqual(self.proxy.cuts, 2)
+        detail = error.problem["detail"]
+        self.assertIn("the DMP's answer never came", detail)
+        self.assertIn("sent once more", detail)
+        self.assertIn("left of the DMP's timeout of 2 seconds", detail)
+        self.assertNotIn("nothing was sent", detail)
 
 
 class OpenApiTests(FacadeTestCase):

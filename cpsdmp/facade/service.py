@@ -43,6 +43,7 @@ from twisted.internet.interfaces import (
     IStreamClientEndpoint,
 )
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 # The request a connection of HTTPConnectionPool.getConnection takes, and
 # its refusal on a closed connection, are named only in twisted.web's
@@ -843,6 +844,7 @@ class DmpService:
         message: OutgoingMessage | LateMessage,
         reader: Callable[[SoapResponse], T],
         timings: dict[str, Any] | None = None,
+        deadline: float | None = None,
     ) -> T:
         """
         POST one SOAP message to the DMP and read its answer: first the
@@ -851,6 +853,9 @@ class DmpService:
         each wait with the DMP's timeout. Log one event for it, and note in
         C{timings} its duration (the making of a late message left out),
         the connection used and the card's TLS signature.
+
+        @param deadline: when given, a C{time.monotonic()} by which both
+            waits must end, if it comes before their timeouts.
 
         @raise DmpUnreachable: no connection could be made.
         @raise DmpNotReached: none was made in time; nothing was sent.
@@ -867,7 +872,7 @@ class DmpService:
         code = "-"
         reason = ""
         try:
-            protocol = await self._connect(session, message.url)
+            protocol = await self._connect(session, message.url, deadline)
             connection = _connection_of(protocol, session.connections)
             if isinstance(message, LateMessage):
                 made_at = time.monotonic()
@@ -881,15 +886,15 @@ class DmpService:
                 making = time.monotonic() - made_at
             try:
                 sent = True
-                answer = await self._send(session, protocol, message)
+                answer = await self._send(session, protocol, message, deadline)
             except RequestNotSent:
                 # The kept connection closed while the message was made, and
                 # nothing was sent: a new one resumes the TLS session.
                 sent = False
-                protocol = await self._connect(session, message.url)
+                protocol = await self._connect(session, message.url, deadline)
                 connection = _connection_of(protocol, session.connections)
                 sent = True
-                answer = await self._send(session, protocol, message)
+                answer = await self._send(session, protocol, message, deadline)
             content_type, body, status = answer
             try:
                 result = read_message(content_type, body)
@@ -957,25 +962,37 @@ class DmpService:
                     ),
                 )
 
-    async def _connect(self, session: ProfessionalSession, url: str) -> Any:
+    def _wait(self, deadline: float | None) -> float:
+        """
+        @return: the seconds a wait may last: the DMP's timeout, or less
+            when C{deadline} comes first.
+        """
+        if deadline is None:
+            return self.config.dmp_timeout
+        return max(0.0, min(self.config.dmp_timeout, deadline - time.monotonic()))
+
+    async def _connect(
+        self, session: ProfessionalSession, url: str, deadline: float | None = None
+    ) -> Any:
         """
         @return: an HTTP client connection to the DMP from the session's
             pool: a kept one, or a new one once its TLS handshake is done.
         @raise DmpUnreachable: no connection could be made.
-        @raise DmpNotReached: none within the DMP's timeout.
+        @raise DmpNotReached: none within the DMP's timeout (or by
+            C{deadline}).
         """
         uri = URI.fromBytes(url.encode("ascii"))
         key = (uri.scheme, uri.host, uri.port)
         endpoint = session.dmp_endpoints.endpointForURI(uri)
         session.key.last_error = None
         connecting: Deferred[Any] = session.pool.getConnection(key, endpoint)
-        connecting.addTimeout(self.config.dmp_timeout, self.reactor)
+        seconds = self._wait(deadline)
+        connecting.addTimeout(seconds, self.reactor)
         try:
             return await connecting
         except (TimeoutError, CancelledError) as error:
             raise DmpNotReached(
-                f"no connection to the DMP within {self.config.dmp_timeout:g} "
-                "seconds: nothing was sent"
+                f"no connection to the DMP within {seconds:g} seconds: nothing was sent"
             ) from error
         except TLSError as error:
             agent_error = session.key.last_error
@@ -999,18 +1016,23 @@ class DmpService:
             ) from error
 
     async def _send(
-        self, session: ProfessionalSession, protocol: Any, message: OutgoingMessage
+        self,
+        session: ProfessionalSession,
+        protocol: Any,
+        message: OutgoingMessage,
+        deadline: float | None = None,
     ) -> tuple[str, bytes, int]:
         """
         POST C{message} over C{protocol} and read the whole answer, within
-        the DMP's timeout.
+        the DMP's timeout (or by C{deadline}).
 
         @return: the answer's Content-Type, body and HTTP status.
         @raise RequestNotSent: the connection was closed: nothing was sent.
+        @raise DmpTimeout: no whole answer in time.
         """
         return await _timed(
             self._post(session, protocol, message),
-            self.config.dmp_timeout,
+            self._wait(deadline),
             self.reactor,
         )
 
@@ -1456,15 +1478,40 @@ class DmpService:
         """
         Run one exchange; a read (C{idempotent}) whose answer was lost, as
         when the DMP closed a kept connection just as it was reused, is
-        sent once more.
+        sent once more, within what is left of the DMP's timeout counted
+        from the first send. A read the DMP did not answer in time is not:
+        the whole wait stays within that timeout.
+
+        @raise DmpTimeout: no answer in time, to the read or to its resend,
+            saying which was sent.
         """
+        started = time.monotonic()
         try:
             try:
                 return await self.exchange(session, name, message, reader, timings)
-            except DmpAnswerLost:
+            except DmpAnswerLost as error:
                 if not idempotent:
                     raise
-            return await self.exchange(session, name, message, reader, timings)
+                lost = error
+            timeout = self.config.dmp_timeout
+            left = timeout - (time.monotonic() - started)
+            if left <= 0:
+                raise lost
+            try:
+                return await self.exchange(
+                    session, name, message, reader, timings, started + timeout
+                )
+            except DmpTimeout as error:
+                waited = (
+                    "no new connection to the DMP was made"
+                    if isinstance(error, DmpNotReached)
+                    else "no answer came"
+                )
+                raise DmpTimeout(
+                    f"{lost}; the request, a read, was sent once more, and "
+                    f"{waited} within the {left:.3g} seconds left of the DMP's "
+                    f"timeout of {timeout:g} seconds"
+                ) from error
         except TokenExpired:
             self.forget(context)
             raise
@@ -1495,13 +1542,19 @@ async def _timed(work: Coroutine[Any, Any, T], seconds: float, reactor: Any) -> 
     @raise DmpTimeout: it took longer than C{seconds}.
     """
     d: Deferred[T] = ensureDeferred(work)
-    d.addTimeout(seconds, reactor)
-    try:
-        return await d
-    except (TimeoutError, CancelledError) as error:
-        raise DmpTimeout(
-            f"the DMP did not answer within {seconds:g} seconds"
-        ) from error
+
+    def timed_out(result: object, timeout: float) -> Failure:
+        # Whatever the cancelled work failed with (the HTTP client says the
+        # answer never came), the cause is the timeout.
+        return Failure(
+            DmpTimeout(
+                f"the request was sent to the DMP and no answer came within "
+                f"{timeout:g} seconds"
+            )
+        )
+
+    d.addTimeout(seconds, reactor, onTimeoutCancel=timed_out)
+    return await d
 
 
 def _host_header(uri: URI) -> bytes:

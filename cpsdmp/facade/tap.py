@@ -165,7 +165,9 @@ class Options(usage.Options):
             "dmp-timeout",
             None,
             60.0,
-            "Seconds to wait for the DMP's answer.",
+            "Seconds to wait for a connection to the DMP, and again for its "
+            "answer; a read whose answer was lost is sent once more within "
+            "what is left of them from its first send.",
             number_option("dmp-timeout", "seconds", _SECONDS),
         ],
         [
