@@ -265,25 +265,38 @@ def check_answers(answers: list[SentAnswer], description: dict[str, Any]) -> Non
         operations = description["paths"].get(answer.path, {})
         operation = operations.get(answer.method.lower())
         if operation is None:
-            # Not described: only "no such route" or "not this method".
+            # Not described: only "no such route" or "not this method", as
+            # the description's shared responses say.
             assert answer.status == (405 if operations else 404), where
             assert answer.media_type == "application/problem+json", where
             conforms(
                 json.loads(answer.body),
-                _pointer("components", "schemas", "Problem"),
+                _pointer(
+                    "components",
+                    "responses",
+                    "MethodNotAllowed" if operations else "NotFound",
+                    "content",
+                    "application/problem+json",
+                    "schema",
+                ),
                 description,
             )
             continue
         status = str(answer.status)
         assert status in operation["responses"], f"{where}: status not described"
-        content = operation["responses"][status]["content"]
+        base = ("paths", answer.path, answer.method.lower(), "responses", status)
+        response = operation["responses"][status]
+        if "$ref" in response:
+            # A shared response: "#/components/responses/<name>".
+            base = tuple(response["$ref"].removeprefix("#/").split("/"))
+            response = description["components"]["responses"][base[-1]]
+        content = response["content"]
         media = answer.media_type if answer.media_type in content else "*/*"
         assert media in content, f"{where}: {answer.media_type} not described"
-        base = ("paths", answer.path, answer.method.lower())
         if media in ("application/json", "application/problem+json"):
             conforms(
                 json.loads(answer.body),
-                _pointer(*base, "responses", status, "content", media, "schema"),
+                _pointer(*base, "content", media, "schema"),
                 description,
             )
         if (
@@ -293,7 +306,15 @@ def check_answers(answers: list[SentAnswer], description: dict[str, Any]) -> Non
         ):
             conforms(
                 json.loads(answer.request_body),
-                _pointer(*base, "requestBody", "content", "application/json", "schema"),
+                _pointer(
+                    "paths",
+                    answer.path,
+                    answer.method.lower(),
+                    "requestBody",
+                    "content",
+                    "application/json",
+                    "schema",
+                ),
                 description,
             )
 
@@ -3746,6 +3767,101 @@ class RequestCheckTests(TestCase):
             )
             self.assertEqual(code, 422, document)
             self.assertIn(said, document["detail"])
+
+    @inlineCallbacks
+    def test_described_as_refused(self) -> Any:
+        """
+        What the description's patterns refuse, the facade refuses with 400
+        (the patient's authority, a uniqueId, base64 content, the agent
+        context's expires); what they take, it takes past its checks.
+        """
+        patient = {"ins": "279035121518989"}
+        base = {"agentContext": ABSENT_AGENT, "patient": patient}
+        content = base64.b64encode(b"<x/>").decode()
+
+        def submit(content: str) -> dict[str, Any]:
+            return {"agentContext": ABSENT_AGENT, "documents": [{"content": content}]}
+
+        def find(**members: Any) -> dict[str, Any]:
+            return {**base, **members}
+
+        refused = [
+            ("/dmp/td02Exist", {**base, "patient": {**patient, "authority": "1.2.3"}}),
+            (
+                "/dmp/td02Exist",
+                {**base, "agentContext": {**ABSENT_AGENT, "expires": 1700000000}},
+            ),
+            (
+                "/dmp/td02Exist",
+                {**base, "agentContext": {**ABSENT_AGENT, "expires": None}},
+            ),
+            ("/dmp/td32Retrieve", find(uniqueId="")),
+            ("/dmp/td32Retrieve", find(uniqueId="1.2.3^")),
+            ("/dmp/td32Retrieve", find(uniqueId="1.2.3^A\x01")),
+            ("/dmp/td32Retrieve", find(uniqueId="1.2.3 ")),
+            ("/dmp/td32Retrieve", find(uniqueId="ABC")),
+            ("/dmp/td33UpdateStatus", find(uniqueId="", action="mask")),
+            ("/dmp/td31Find", find(uniqueIds=[""])),
+            ("/dmp/td31Find", find(uniqueIds=["1.2.3", "1.2..3"])),
+            ("/dmp/td21SubmitDocuments", submit(content[:4] + "\n" + content[4:])),
+            ("/dmp/td21SubmitDocuments", submit(content.rstrip("="))),
+            ("/dmp/td21SubmitDocuments", submit(content + "==")),
+            ("/dmp/td21SubmitDocuments", submit("AB=C")),
+        ]
+        taken = [
+            (
+                "/dmp/td02Exist",
+                {**base, "patient": {**patient, "authority": INS_OID_TEST}},
+            ),
+            (
+                "/dmp/td02Exist",
+                {
+                    **base,
+                    "agentContext": {**ABSENT_AGENT, "expires": "2030-01-01T00:00:00Z"},
+                },
+            ),
+            ("/dmp/td32Retrieve", find(uniqueId="1.2.250.1.213.1.1.9^AB-12_x")),
+            ("/dmp/td33UpdateStatus", find(uniqueId="1.2.3", action="mask")),
+            ("/dmp/td31Find", find(uniqueIds=["1.2.3^Été"])),
+            ("/dmp/td21SubmitDocuments", submit(content)),
+        ]
+        for path, body in refused + taken:
+            code, document = yield self.post(path, body)
+            request = _pointer(
+                "paths", path, "post", "requestBody", "content", JSON, "schema"
+            )
+            if (path, body) in refused:
+                self.assertEqual(code, 400, (path, body, document))
+                self.assertRaises(AssertionError, conforms, body, request)
+            else:
+                # Past the checks: the agent is not there, or the CDA is no CDA.
+                self.assertIn(code, (422, 502), (path, body, document))
+                conforms(body, request)
+
+    @inlineCallbacks
+    def test_internal_error_described(self) -> Any:
+        """
+        A failure of the facade's own is 500 with a problem document, as the
+        description says every operation may answer (the answers are
+        checked against it when the test ends).
+        """
+
+        async def broken(*args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("a bug")
+
+        self.site.resource.service.td02 = broken
+        code, document = yield self.post(
+            "/dmp/td02Exist",
+            {"agentContext": ABSENT_AGENT, "patient": {"ins": "279035121518989"}},
+        )
+        self.assertEqual(code, 500)
+        self.assertEqual(document["type"].rsplit("/", 1)[-1], "internal-error")
+        self.assertNotIn("a bug", document["detail"])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(
+            openapi()["paths"]["/dmp/td02Exist"]["post"]["responses"]["500"],
+            {"$ref": "#/components/responses/InternalError"},
+        )
 
     @inlineCallbacks
     def test_cda_past_parser_limits(self) -> Any:

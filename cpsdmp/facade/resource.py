@@ -75,6 +75,7 @@ from cpsdmp.protocols.tls import (
 )
 from cpsdmp.xds.cda import CdaError, UnknownClassCode
 from cpsdmp.xds.ebrim import (
+    INS_OIDS,
     CodedValue,
     DocumentEntry,
     MetadataError,
@@ -346,6 +347,19 @@ FIND_MEMBERS = frozenset(
 )
 #: The longest uniqueId (an OID, with its extension) and XDS time taken.
 MAX_UNIQUE_ID = 128
+#: A document's uniqueId as the facade takes one to ask for: an OID, or
+#: OID^extension, the extension without spaces or control characters (the
+#: facade also holds the OID to 64 characters and the extension to
+#: printable characters, which a pattern cannot say).
+UNIQUE_ID_PATTERN = (
+    r"^[0-2](\.(0|[1-9][0-9]*))+"
+    r"(\^[^\s^\x00-\x1f\x7f-\x9f\ud800-\udfff\ufffe\uffff]+)?$"
+)
+_UNIQUE_ID_SCHEMA = {
+    "type": "string",
+    "maxLength": MAX_UNIQUE_ID,
+    "pattern": UNIQUE_ID_PATTERN,
+}
 MAX_TIME = 32
 
 
@@ -508,9 +522,24 @@ def read_overrides(value: Any) -> dict[str, object]:
     return result
 
 
+#: Base64 (RFC 4648, section 4) as the facade takes it: the alphabet alone,
+#: no line breaks, padded to a multiple of 4 characters.
+BASE64_PATTERN = "^([A-Za-z0-9+/]{4})*([A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
+#: The same, checked faster on a large text: the alphabet, at most two '='
+#: at the end, and a length that is a multiple of 4.
+_BASE64 = re.compile("[A-Za-z0-9+/]*={0,2}")
+
+
 def _b64(value: Any, name: str) -> bytes:
     if not isinstance(value, str):
         raise BadRequest(f"{name} must be base64 text")
+    # b64decode alone takes more '=' than padding needs.
+    if len(value) % 4 or not _BASE64.fullmatch(value):
+        raise BadRequest(
+            f"{name} is not base64 as the facade takes it: the base64 alphabet "
+            "without line breaks or spaces, padded with '=' to a multiple of 4 "
+            "characters"
+        )
     try:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
@@ -542,8 +571,9 @@ _CONTEXT_SCHEMA = {
         },
         "expires": {
             "type": "string",
+            "maxLength": 64,
             "description": "when the token lapses if unused, as the agent said; "
-            "not used by the facade",
+            "not used by the facade, which takes it as a string only",
         },
     },
     "additionalProperties": False,
@@ -561,8 +591,9 @@ _PATIENT_SCHEMA = {
         },
         "authority": {
             "type": "string",
-            "maxLength": 64,
-            "description": "the INS authority OID; the facade's default if absent",
+            "enum": sorted(INS_OIDS),
+            "description": "the INS authority OID (NIR, NIA, or those of the "
+            "test and demonstration INS); the facade's default if absent",
         },
     },
     "additionalProperties": False,
@@ -1330,6 +1361,7 @@ ROUTES: tuple[Route, ...] = (
                             "content": {
                                 "type": "string",
                                 "contentEncoding": "base64",
+                                "pattern": BASE64_PATTERN,
                             },
                             "overrides": _OVERRIDES_SCHEMA,
                         },
@@ -1420,7 +1452,7 @@ ROUTES: tuple[Route, ...] = (
                 "confidentialityCodes": {"type": "array", "items": _CODE_SCHEMA},
                 "uniqueIds": {
                     "type": "array",
-                    "items": {"type": "string", "maxLength": MAX_UNIQUE_ID},
+                    "items": _UNIQUE_ID_SCHEMA,
                     "minItems": 1,
                 },
                 "entryUUIDs": {
@@ -1458,7 +1490,7 @@ ROUTES: tuple[Route, ...] = (
             "properties": {
                 **_AGENT,
                 "patient": _PATIENT_SCHEMA,
-                "uniqueId": {"type": "string", "maxLength": MAX_UNIQUE_ID},
+                "uniqueId": _UNIQUE_ID_SCHEMA,
             },
             "additionalProperties": False,
         },
@@ -1492,7 +1524,7 @@ ROUTES: tuple[Route, ...] = (
             "properties": {
                 **_AGENT,
                 "patient": _PATIENT_SCHEMA,
-                "uniqueId": {"type": "string", "maxLength": MAX_UNIQUE_ID},
+                "uniqueId": _UNIQUE_ID_SCHEMA,
                 "action": {"enum": list(UPDATE_ACTIONS)},
             },
             "additionalProperties": False,
@@ -1573,6 +1605,8 @@ def openapi() -> dict[str, Any]:
                     PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/Problem"}}
                 },
             }
+        # Any operation may fail in the facade itself.
+        responses["500"] = {"$ref": "#/components/responses/InternalError"}
         operation: dict[str, Any] = {
             "operationId": route.operation_id,
             "summary": route.summary,
@@ -1593,10 +1627,57 @@ def openapi() -> dict[str, Any]:
             "title": "cpsdmp facade",
             "version": "1",
             "description": "DMP transactions for backends, authenticated with "
-            "the professional's CPS card through their agent.",
+            "the professional's CPS card through their agent. A path not "
+            "described here is answered 404 (components/responses/NotFound), a "
+            "method a described path does not take 405 with an Allow header "
+            "(components/responses/MethodNotAllowed), both as problem documents.",
         },
         "paths": paths,
-        "components": {"schemas": {"Problem": PROBLEM_SCHEMA}},
+        "components": {
+            "schemas": {"Problem": PROBLEM_SCHEMA},
+            "responses": {
+                "NotFound": _problem_response(
+                    "no such path: a problem of type not-found", "not-found"
+                ),
+                "MethodNotAllowed": {
+                    **_problem_response(
+                        "the path does not take this method: a problem of type "
+                        "method-not-allowed, its detail naming the methods it takes",
+                        "method-not-allowed",
+                    ),
+                    "headers": {
+                        "Allow": {
+                            "description": "the methods the path takes",
+                            "schema": {"type": "string"},
+                        }
+                    },
+                },
+                "InternalError": _problem_response(
+                    "an unexpected failure in the facade, logged there: a "
+                    "problem of type internal-error",
+                    "internal-error",
+                ),
+            },
+        },
+    }
+
+
+def _problem_response(description: str, kind: str) -> dict[str, Any]:
+    """
+    @return: an OpenAPI response: a problem document of type C{kind}.
+    """
+    return {
+        "description": description,
+        "content": {
+            PROBLEM_JSON: {
+                "schema": {
+                    "allOf": [
+                        {"$ref": "#/components/schemas/Problem"},
+                        {"properties": {"type": {"const": PROBLEM_BASE + kind}}},
+                    ]
+                }
+            }
+        },
     }
 
 

@@ -337,6 +337,13 @@ class AgentContext:
                 raise ValueError(f"agentContext lacks the string member {name!r}")
             members.append(member)
         url, token, fingerprint = members
+        expires = value.get("expires", "")
+        if not isinstance(expires, str) or len(expires) > 64:
+            # Not used, but said in the API's description as the agent gives it.
+            raise ValueError(
+                "agentContext.expires must be a string of at most 64 characters, "
+                f"the time the agent gave, not {excerpt(expires)}"
+            )
         _agent_url(url)
         if not _TOKEN.fullmatch(token):
             raise ValueError(
