@@ -65,30 +65,48 @@ class Reader:
     off its end is a decode_error naming the message.
     """
 
+    # Called a few dozen times per handshake: each method does its own
+    # bounds check rather than going through take().
+    __slots__ = ("_data", "_offset", "_end", "_what")
+
     def __init__(self, data: bytes, what: str) -> None:
         self._data = data
         self._offset = 0
+        self._end = len(data)
         self._what = what
 
     def take(self, n: int) -> bytes:
-        end = self._offset + n
-        if end > len(self._data):
+        start = self._offset
+        end = start + n
+        if end > self._end:
             raise _decode_error(self._what)
-        chunk = self._data[self._offset : end]
         self._offset = end
-        return chunk
+        return self._data[start:end]
 
     def uint(self, size: int) -> int:
-        return int.from_bytes(self.take(size), "big")
+        start = self._offset
+        end = start + size
+        if end > self._end:
+            raise _decode_error(self._what)
+        self._offset = end
+        return int.from_bytes(self._data[start:end], "big")
 
     def vector(self, length_size: int) -> bytes:
-        return self.take(self.uint(length_size))
+        data = self._data
+        start = self._offset + length_size
+        if start > self._end:
+            raise _decode_error(self._what)
+        end = start + int.from_bytes(data[self._offset : start], "big")
+        if end > self._end:
+            raise _decode_error(self._what)
+        self._offset = end
+        return data[start:end]
 
     def remaining(self) -> int:
-        return len(self._data) - self._offset
+        return self._end - self._offset
 
     def done(self) -> None:
-        if self._offset != len(self._data):
+        if self._offset != self._end:
             raise _decode_error(self._what)
 
 
@@ -108,7 +126,7 @@ def _extension(ext_type: int, data: bytes) -> bytes:
 
 
 def _uint16_list(values: list[int]) -> bytes:
-    return vector(b"".join(struct.pack(">H", v) for v in values), 2)
+    return vector(struct.pack(f">{len(values)}H", *values), 2)
 
 
 @dataclass
@@ -212,7 +230,7 @@ class ClientHello:
 def _uint16s(data: bytes) -> list[int]:
     if len(data) % 2:
         raise _decode_error("list of 16-bit values")
-    return [int.from_bytes(data[i : i + 2], "big") for i in range(0, len(data), 2)]
+    return list(struct.unpack(f">{len(data) // 2}H", data))
 
 
 def _uint16_vector(data: bytes | None, what: str) -> list[int]:
@@ -334,10 +352,7 @@ class CertificateRequest:
         schemes_data = r.vector(2)
         if len(schemes_data) % 2:
             raise _decode_error("CertificateRequest signature algorithms")
-        schemes = [
-            int.from_bytes(schemes_data[i : i + 2], "big")
-            for i in range(0, len(schemes_data), 2)
-        ]
+        schemes = list(struct.unpack(f">{len(schemes_data) // 2}H", schemes_data))
         names = Reader(r.vector(2), "CertificateRequest authorities")
         r.done()
         authorities = []
