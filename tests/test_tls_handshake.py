@@ -213,6 +213,8 @@ class RemoteKeyTimingTests(SynchronousTestCase):
         info = pair.established[0]
         self.assertEqual(info.timings["WAIT_CLIENT_CERTIFICATE"], 2)
         self.assertEqual(info.timings["WAIT_SIGNATURE"], 3)
+        # the key holder's timers and the handshake's are all cancelled
+        self.assertEqual(pair.clock.getDelayedCalls(), [])
         # application data both ways
         pair.client.write(b"ping")
         pair.pump()

@@ -23,10 +23,9 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from twisted.internet.defer import (
     CancelledError,
     Deferred,
-    TimeoutError,
     maybeDeferred,
 )
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -697,10 +696,23 @@ class ClientHandshake:
         once, later, with an error, never, or be cancelled.
         """
         state = self.state
-        d.addTimeout(self.config.remote_key_timeout, self._clock)
         self._pending = d
+        # The timer is set only when the answer did not come at once: a
+        # local key answers synchronously, and a timer set and cancelled at
+        # each call would cost two reactor calls for nothing.
+        timer: IDelayedCall | None = None
+        answered = timed_out = False
+
+        def time_out() -> None:
+            nonlocal timed_out
+            timed_out = True
+            d.cancel()
 
         def fired(result: Any) -> None:
+            nonlocal answered
+            answered = True
+            if timer is not None and timer.active():
+                timer.cancel()
             if self._pending is not d or self.state is not state:
                 return
             self._pending = None
@@ -716,10 +728,14 @@ class ClientHandshake:
                 )
 
         def failed(failure: Failure) -> None:
+            nonlocal answered
+            answered = True
+            if timer is not None and timer.active():
+                timer.cancel()
             if self._pending is not d or self.state is not state:
                 return
             self._pending = None
-            if isinstance(failure.value, TimeoutError):
+            if timed_out and isinstance(failure.value, CancelledError):
                 reason = (
                     "the key holder did not answer within "
                     f"{self.config.remote_key_timeout:g} seconds"
@@ -731,6 +747,8 @@ class ClientHandshake:
             self.fail(AlertDescription.internal_error, reason)
 
         d.addCallbacks(fired, failed)
+        if not answered:
+            timer = self._clock.callLater(self.config.remote_key_timeout, time_out)
 
     def _got_chain(self, chain: list[x509.Certificate]) -> None:
         if not chain:
