@@ -11,6 +11,7 @@ import os
 import struct
 from typing import Any
 
+from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa, x25519
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -1121,6 +1122,32 @@ class ClientHelloTests(SynchronousTestCase):
             ext[ExtensionType.application_layer_protocol_negotiation],
             b"\x00\x09\x08http/1.1",
         )
+
+
+class ClientCertificateMessageTests(SynchronousTestCase):
+    def test_encoded_once_per_chain(self) -> None:
+        """
+        The same certificate objects give the message encoded the first
+        time; other certificates, even equal ones, are encoded afresh.
+        """
+        config = _config(None)
+        chain = pki()["client-rsa"].chain
+        first = config.client_certificate_message(chain)
+        self.assertEqual(
+            first, encode_certificate([c.public_bytes(Encoding.DER) for c in chain])
+        )
+        self.assertIs(config.client_certificate_message(list(chain)), first)
+        other = pki()["client-ec"].chain
+        self.assertEqual(
+            config.client_certificate_message(other),
+            encode_certificate([c.public_bytes(Encoding.DER) for c in other]),
+        )
+        equal = [
+            x509.load_der_x509_certificate(c.public_bytes(Encoding.DER)) for c in chain
+        ]
+        again = config.client_certificate_message(equal)
+        self.assertEqual(again, first)
+        self.assertIsNot(again, first)
 
 
 class UnexpectedErrorTests(SynchronousTestCase):

@@ -145,11 +145,32 @@ class TLSClientConfig:
     # The time at which the server chain is checked; None means now.
     verification_time: datetime.datetime | None = None
     verified_chains: VerifiedChains = field(default_factory=VerifiedChains)
+    # The last client chain sent and its Certificate message: a key holder
+    # hands the same certificate objects at each handshake.
+    _client_certificate: tuple[tuple[x509.Certificate, ...], bytes] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     def identity(self) -> Hashable:
         if self.client_identity is not None:
             return self.client_identity
         return self.remote_key
+
+    def client_certificate_message(self, chain: Sequence[x509.Certificate]) -> bytes:
+        """
+        @return: the Certificate message carrying C{chain}, encoded once for
+            as long as the key holder hands the very same certificates.
+        """
+        cached = self._client_certificate
+        if (
+            cached is not None
+            and len(cached[0]) == len(chain)
+            and all(a is b for a, b in zip(cached[0], chain, strict=True))
+        ):
+            return cached[1]
+        message = encode_certificate([c.public_bytes(Encoding.DER) for c in chain])
+        self._client_certificate = (tuple(chain), message)
+        return message
 
 
 @dataclass
@@ -771,9 +792,7 @@ class ClientHandshake:
             )
         self._client_chain = list(chain)
         self.info.client_chain = self._client_chain
-        self._flight.append(
-            encode_certificate([c.public_bytes(Encoding.DER) for c in chain])
-        )
+        self._flight.append(self.config.client_certificate_message(chain))
         self._transcript += self._flight[-1]
         self._key_exchange()
 
