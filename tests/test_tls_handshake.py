@@ -49,7 +49,7 @@ from cpsdmp.protocols.tls.records import (
     key_block_length,
     protections_for,
 )
-from cpsdmp.protocols.tls.schemes import SignatureScheme
+from cpsdmp.protocols.tls.schemes import SignatureScheme, verify_signature
 from cpsdmp.protocols.tls.session import SessionCache
 from cpsdmp.protocols.tls.suites import SUITES_BY_CODE
 from cpsdmp.protocols.tls.validation import VerifiedChains
@@ -1148,6 +1148,35 @@ class ClientCertificateMessageTests(SynchronousTestCase):
         again = config.client_certificate_message(equal)
         self.assertEqual(again, first)
         self.assertIsNot(again, first)
+
+
+class PrehashedVerificationTests(SynchronousTestCase):
+    def test_same_answer_as_over_the_data(self) -> None:
+        """
+        A signature checked against the digest of the signed bytes gives
+        the answer it gives against the bytes, for every scheme of each
+        kind of key; a signature over other bytes fails both ways.
+        """
+        data = os.urandom(3000)
+        for identity in ("client-rsa", "client-ec"):
+            key = pki()[identity].local_key()
+            public = pki()[identity].chain[0].public_key()
+            for scheme in key.supported_signature_schemes:
+                signature = ControlledKey.successResultOf(key.sign(data, scheme))
+                h = hashes.Hash(scheme.hash_algorithm)
+                h.update(data)
+                digest = h.finalize()
+                self.assertTrue(verify_signature(public, scheme, signature, data))
+                self.assertTrue(
+                    verify_signature(public, scheme, signature, digest, prehashed=True)
+                )
+                other = hashes.Hash(scheme.hash_algorithm)
+                other.update(data + b"!")
+                self.assertFalse(
+                    verify_signature(
+                        public, scheme, signature, other.finalize(), prehashed=True
+                    )
+                )
 
 
 class UnexpectedErrorTests(SynchronousTestCase):

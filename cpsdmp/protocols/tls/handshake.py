@@ -241,6 +241,10 @@ class ClientHandshake:
         self.info = TLSInfo()
         self._entered = clock.seconds()
         self._transcript = bytearray()
+        # The transcript under the PRF hash, kept up to date once first
+        # asked for, so that each Finished hashes only what came since.
+        self._running_hash: hashes.Hash | None = None
+        self._prf_hash: hashes.HashAlgorithm | None = None
         self._client_random = b""
         self._server_random = b""
         self._offered_session: Session | None = None
@@ -275,16 +279,23 @@ class ClientHandshake:
 
     @property
     def _hash(self) -> hashes.HashAlgorithm:
-        assert self._suite is not None
-        return self._suite.prf_hash()
+        assert self._prf_hash is not None
+        return self._prf_hash
+
+    def _add_to_transcript(self, raw: bytes) -> None:
+        self._transcript += raw
+        if self._running_hash is not None:
+            self._running_hash.update(raw)
 
     def _transcript_hash(self) -> bytes:
-        h = hashes.Hash(self._hash)
-        h.update(bytes(self._transcript))
-        return h.finalize()
+        running = self._running_hash
+        if running is None:
+            running = self._running_hash = hashes.Hash(self._hash)
+            running.update(self._transcript)
+        return running.copy().finalize()
 
     def _send_handshake(self, raw: bytes) -> None:
-        self._transcript += raw
+        self._add_to_transcript(raw)
         self._write(self._records.seal(ContentType.handshake, raw))
 
     def _install_keys(self) -> tuple[RecordProtection, RecordProtection]:
@@ -444,7 +455,7 @@ class ClientHandshake:
             # Checked against the transcript before it joins it.
             self._finished(body, raw)
             return
-        self._transcript += raw
+        self._add_to_transcript(raw)
         if msg_type == HandshakeType.server_hello:
             self._server_hello(body)
         elif msg_type == HandshakeType.certificate:
@@ -547,6 +558,7 @@ class ClientHandshake:
         self._expect_ticket = ExtensionType.session_ticket in extensions
         self._server_random = hello.random
         self._suite = suite
+        self._prf_hash = suite.prf_hash()
         self.info.cipher_suite = suite.name
         self.info.openssl_cipher = suite.openssl_name
         self.info.extended_master_secret = self._ems
@@ -707,7 +719,7 @@ class ClientHandshake:
             # No identity configured: an empty Certificate lets the server
             # decide (RFC 5246, section 7.4.6).
             self._flight.append(encode_certificate([]))
-            self._transcript += self._flight[-1]
+            self._add_to_transcript(self._flight[-1])
         self._key_exchange()
         self._send_finished()
 
@@ -793,7 +805,7 @@ class ClientHandshake:
         self._client_chain = list(chain)
         self.info.client_chain = self._client_chain
         self._flight.append(self.config.client_certificate_message(chain))
-        self._transcript += self._flight[-1]
+        self._add_to_transcript(self._flight[-1])
         self._key_exchange()
 
         self._enter(State.WAIT_SIGNATURE)
@@ -810,12 +822,17 @@ class ClientHandshake:
     def _got_signature(self, signature: bytes) -> None:
         assert self._client_chain is not None and self._client_scheme is not None
         started = self._entered
+        scheme = self._client_scheme
+        # The signed bytes are the transcript so far: under the PRF's own
+        # hash, their digest is at hand already.
+        prehashed = scheme.hash_algorithm.name == self._hash.name
         try:
             good = verify_signature(
                 self._client_chain[0].public_key(),
-                self._client_scheme,
+                scheme,
                 signature,
-                bytes(self._transcript),
+                self._transcript_hash() if prehashed else bytes(self._transcript),
+                prehashed=prehashed,
             )
         except UnsupportedKey:
             good = False
@@ -835,7 +852,7 @@ class ClientHandshake:
         )
         self.info.client_signature_scheme = self._client_scheme.name
         self._flight.append(encode_certificate_verify(self._client_scheme, signature))
-        self._transcript += self._flight[-1]
+        self._add_to_transcript(self._flight[-1])
         self._send_finished()
 
     def _key_exchange(self) -> None:
@@ -862,7 +879,7 @@ class ClientHandshake:
             )
             shared = private.exchange(ec.ECDH(), self._server_public)
         self._flight.append(encode_client_key_exchange(public))
-        self._transcript += self._flight[-1]
+        self._add_to_transcript(self._flight[-1])
         if self._ems:
             self._master_secret = prf.extended_master_secret(
                 self._hash, shared, self._transcript_hash()
@@ -893,7 +910,7 @@ class ClientHandshake:
                 self._transcript_hash(),
             )
         )
-        self._transcript += finished
+        self._add_to_transcript(finished)
         data.append(self._records.seal(ContentType.handshake, finished))
         self._write(b"".join(data))
         if self.state is not State.WAIT_RESUMED_FINISHED:
@@ -916,7 +933,7 @@ class ClientHandshake:
                 AlertDescription.decrypt_error,
                 "the server Finished does not match the handshake",
             )
-        self._transcript += raw
+        self._add_to_transcript(raw)
         if self.state is State.WAIT_RESUMED_FINISHED:
             # An abbreviated handshake: our Finished comes second.
             self._send_finished()

@@ -12,6 +12,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 
 class SignatureScheme(enum.IntEnum):
@@ -66,25 +67,34 @@ class UnsupportedKey(Exception):
 
 
 def verify_signature(
-    public_key: PublicKeyTypes, scheme: SignatureScheme, signature: bytes, data: bytes
+    public_key: PublicKeyTypes,
+    scheme: SignatureScheme,
+    signature: bytes,
+    data: bytes,
+    prehashed: bool = False,
 ) -> bool:
     """
     Check C{signature} over C{data} with C{public_key} under C{scheme}.
 
+    @param prehashed: C{data} is already the digest of the signed bytes
+        under the scheme's hash.
     @return: C{True} when it verifies, C{False} otherwise.
     @raise UnsupportedKey: when the scheme does not fit the key type.
     """
     algorithm = scheme.hash_algorithm
+    digest: hashes.HashAlgorithm | Prehashed = (
+        Prehashed(algorithm) if prehashed else algorithm
+    )
     try:
         if isinstance(public_key, rsa.RSAPublicKey) and scheme.is_rsa_pkcs1:
-            public_key.verify(signature, data, padding.PKCS1v15(), algorithm)
+            public_key.verify(signature, data, padding.PKCS1v15(), digest)
         elif isinstance(public_key, rsa.RSAPublicKey) and scheme.is_rsa_pss:
             pss = padding.PSS(
                 mgf=padding.MGF1(algorithm), salt_length=padding.PSS.DIGEST_LENGTH
             )
-            public_key.verify(signature, data, pss, algorithm)
+            public_key.verify(signature, data, pss, digest)
         elif isinstance(public_key, ec.EllipticCurvePublicKey) and scheme.is_ecdsa:
-            public_key.verify(signature, data, ec.ECDSA(algorithm))
+            public_key.verify(signature, data, ec.ECDSA(digest))
         else:
             raise UnsupportedKey(
                 f"signature scheme {scheme.name} does not apply to a "
