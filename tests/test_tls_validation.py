@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 
+from cryptography.hazmat.primitives.serialization import Encoding
 from twisted.trial.unittest import SynchronousTestCase
 
 from cpsdmp.protocols.tls.alerts import AlertDescription, ProtocolViolation
@@ -80,3 +81,34 @@ class VerifiedChainsTests(SynchronousTestCase):
             cache.check(chain, [pki().root], "elsewhere.example")
         with self.assertRaises(ProtocolViolation):
             cache.check(chain, [pki().other_root], "localhost")
+
+    def test_encoded_remembered_then_expired(self) -> None:
+        """
+        A chain as sent (DER) is parsed and verified once; the same bytes
+        again give the same certificates, and an expired leaf is still
+        refused as such.
+        """
+        cache = VerifiedChains()
+        chain = pki()["server-rsa"].chain
+        encoded = [c.public_bytes(Encoding.DER) for c in chain]
+        parsed, verified = cache.check_encoded(encoded, [pki().root], "localhost")
+        self.assertEqual(parsed, chain)
+        self.assertEqual(verified[-1], pki().root)
+        again, verified_again = cache.check_encoded(
+            list(encoded), [pki().root], "localhost"
+        )
+        self.assertEqual(again, parsed)
+        self.assertIs(again[0], parsed[0])
+        self.assertEqual(verified_again, verified)
+        later = chain[0].not_valid_after_utc + datetime.timedelta(days=1)
+        with self.assertRaises(ProtocolViolation) as e:
+            cache.check_encoded(encoded, [pki().root], "localhost", later)
+        self.assertEqual(e.exception.description, AlertDescription.certificate_expired)
+        with self.assertRaises(ProtocolViolation):
+            cache.check_encoded(encoded, [pki().root], "elsewhere.example")
+
+    def test_encoded_unreadable(self) -> None:
+        with self.assertRaises(ProtocolViolation) as e:
+            VerifiedChains().check_encoded([b"\x30\x03junk"], [pki().root], "localhost")
+        self.assertEqual(e.exception.description, AlertDescription.bad_certificate)
+        self.assertIn("unreadable certificate", str(e.exception))

@@ -605,17 +605,11 @@ class ClientHandshake:
 
     def _certificate(self, body: bytes) -> None:
         assert self._suite is not None
-        try:
-            chain = [
-                x509.load_der_x509_certificate(der) for der in decode_certificate(body)
-            ]
-        except ValueError:
-            raise _violation(
-                AlertDescription.bad_certificate,
-                "the server sent an unreadable certificate",
-            ) from None
-        verified = self.config.verified_chains.check(
-            chain, self.config.roots, self.host, self.config.verification_time
+        chain, verified = self.config.verified_chains.check_encoded(
+            decode_certificate(body),
+            self.config.roots,
+            self.host,
+            self.config.verification_time,
         )
         key = chain[0].public_key()
         wanted = (

@@ -169,6 +169,9 @@ class VerifiedChains:
     def __init__(self, size: int = 64) -> None:
         self._size = size
         self._chains: dict[tuple[object, ...], list[x509.Certificate]] = {}
+        self._encoded: dict[
+            tuple[object, ...], tuple[list[x509.Certificate], list[x509.Certificate]]
+        ] = {}
 
     def check(
         self,
@@ -192,3 +195,39 @@ class VerifiedChains:
             self._chains.pop(next(iter(self._chains)))
         self._chains[key] = verified
         return verified
+
+    def check_encoded(
+        self,
+        encoded: Sequence[bytes],
+        roots: Sequence[x509.Certificate],
+        host: str,
+        now: datetime.datetime | None = None,
+    ) -> tuple[list[x509.Certificate], list[x509.Certificate]]:
+        """
+        Like L{check}, from the chain as the server sent it (DER, leaf
+        first): the same bytes again are neither parsed nor verified again,
+        only their validity dates are checked.
+
+        @return: the chain sent, parsed, and the verified chain (lists of
+            their own, the certificates shared).
+        @raise ProtocolViolation: with the alert to send and the reason.
+        """
+        when = now or datetime.datetime.now(datetime.UTC)
+        key = (host, tuple(roots), tuple(encoded))
+        known = self._encoded.get(key)
+        if known is not None and all(
+            c.not_valid_before_utc <= when <= c.not_valid_after_utc for c in known[1]
+        ):
+            return list(known[0]), list(known[1])
+        try:
+            chain = [x509.load_der_x509_certificate(der) for der in encoded]
+        except ValueError:
+            raise ProtocolViolation(
+                AlertDescription.bad_certificate,
+                "the server sent an unreadable certificate",
+            ) from None
+        verified = self.check(chain, roots, host, when)
+        if len(self._encoded) >= self._size:
+            self._encoded.pop(next(iter(self._encoded)))
+        self._encoded[key] = (chain, verified)
+        return list(chain), list(verified)
