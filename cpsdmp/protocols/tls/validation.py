@@ -6,6 +6,7 @@ C{cryptography.x509.verification} and its name with C{service_identity}.
 from __future__ import annotations
 
 import datetime
+import functools
 import ipaddress
 import re
 from collections.abc import Sequence
@@ -28,7 +29,9 @@ from service_identity.cryptography import (
 from cpsdmp.protocols.tls.alerts import AlertDescription, ProtocolViolation
 
 
+@functools.lru_cache(maxsize=256)
 def is_ip_literal(host: str) -> bool:
+    # Cached: asked at every handshake, and a name fails two parsers.
     try:
         ipaddress.ip_address(host)
     except ValueError:
