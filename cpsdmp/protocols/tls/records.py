@@ -46,6 +46,14 @@ def _bad_mac() -> ProtocolViolation:
     )
 
 
+def _sequence_exhausted() -> ProtocolViolation:
+    return ProtocolViolation(
+        AlertDescription.internal_error,
+        "the write sequence number has reached its limit of 2^64 - 1 "
+        "records: the connection must end",
+    )
+
+
 class RecordProtection(Protocol):
     """
     One direction's record protection: C{seal} turns a plaintext fragment
@@ -251,15 +259,19 @@ class RecordLayer:
         @return: the records carrying C{data}, fragmented as needed, as
             pieces to write in order (for C{writeSequence}).
         """
-        out: list[bytes] = []
         step = self._max_fragment
+        if len(data) <= step:
+            # One record: every handshake message, most writes.
+            seq = self._write_seq
+            if seq > MAX_SEQUENCE - (content_type != ContentType.alert):
+                raise _sequence_exhausted()
+            pieces = self._write.seal(content_type, seq, data)
+            self._write_seq = seq + 1
+            return [_HEADER.pack(content_type, TLS12, sum(map(len, pieces))), *pieces]
+        out: list[bytes] = []
         last = self._write_seq + max(1, -(-len(data) // step)) - 1
         if last > MAX_SEQUENCE - (content_type != ContentType.alert):
-            raise ProtocolViolation(
-                AlertDescription.internal_error,
-                "the write sequence number has reached its limit of 2^64 - 1 "
-                "records: the connection must end",
-            )
+            raise _sequence_exhausted()
         write = self._write
         view = memoryview(data)
         for start in range(0, max(len(data), 1), step):
