@@ -409,14 +409,21 @@ class HandshakeReassembler:
     """
 
     def __init__(self) -> None:
-        self._buffer = bytearray()
+        # The bytes fed and not yet taken start at _offset; messages are
+        # cut out of them without moving the rest.
+        self._buffer = b""
+        self._offset = 0
 
     def feed(self, data: bytes) -> None:
-        self._buffer += data
+        if self._offset < len(self._buffer):
+            self._buffer = self._buffer[self._offset :] + data
+        else:
+            self._buffer = bytes(data)
+        self._offset = 0
 
     @property
     def pending(self) -> bool:
-        return bool(self._buffer)
+        return self._offset < len(self._buffer)
 
     def next_message(self) -> tuple[int, bytes, bytes] | None:
         """
@@ -424,16 +431,18 @@ class HandshakeReassembler:
             included, for the transcript), or C{None} until it is complete.
         """
         buffer = self._buffer
-        if len(buffer) < 4:
+        start = self._offset
+        if len(buffer) - start < 4:
             return None
-        length = int.from_bytes(buffer[1:4], "big")
+        length = int.from_bytes(buffer[start + 1 : start + 4], "big")
         if length > MAX_HANDSHAKE_MESSAGE:
             raise ProtocolViolation(
                 AlertDescription.decode_error,
                 f"handshake message of {length} bytes is too large",
             )
-        if len(buffer) < 4 + length:
+        end = start + 4 + length
+        if len(buffer) < end:
             return None
-        raw = bytes(buffer[: 4 + length])
-        del buffer[: 4 + length]
+        self._offset = end
+        raw = buffer if start == 0 and end == len(buffer) else buffer[start:end]
         return raw[0], raw[4:], raw
