@@ -122,6 +122,19 @@ def format_report(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def alpn_name(value: str) -> bytes:
+    """
+    An argparse type: an ALPN protocol name, 1 to 255 printable ASCII
+    characters.
+    """
+    if not (1 <= len(value) <= 255 and all("!" <= c <= "~" for c in value)):
+        raise argparse.ArgumentTypeError(
+            f"{value[:40]!r} is not an ALPN protocol name (1 to 255 printable "
+            "ASCII characters)"
+        )
+    return value.encode("ascii")
+
+
 def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "probe",
@@ -177,6 +190,7 @@ def add_parser(subparsers: Any) -> None:
         "--alpn",
         action="append",
         default=[],
+        type=alpn_name,
         metavar="PROTOCOL",
         help="protocol to offer by ALPN, such as http/1.1 (repeatable)",
     )
@@ -201,7 +215,7 @@ def _config(args: argparse.Namespace) -> TLSClientConfig:
     return TLSClientConfig(
         roots=args.ca,
         remote_key=remote,
-        alpn=[p.encode("ascii") for p in args.alpn],
+        alpn=args.alpn,
         allow_no_extended_master_secret=args.allow_no_ems,
         allow_no_renegotiation_info=args.allow_no_renegotiation_info,
         remote_key_timeout=args.timeout,

@@ -1124,6 +1124,36 @@ class ClientHelloTests(SynchronousTestCase):
         )
 
 
+class ConfigTests(SynchronousTestCase):
+    def test_alpn_names_checked(self) -> None:
+        """
+        ALPN names that a ClientHello cannot carry are refused when the
+        configuration is made, not once connected.
+        """
+        for names in ([b""], [b"h" * 256], [b"h" * 255] * 300):
+            with self.assertRaises(ValueError):
+                _config(None, alpn=names)
+        self.assertEqual(_config(None, alpn=[b"h" * 255]).alpn, [b"h" * 255])
+
+    def test_client_hello_not_made(self) -> None:
+        """
+        A ClientHello that cannot be encoded (here a configuration changed
+        after its checks) fails the handshake at once, its waiters told and
+        the connection closed, rather than leaving them waiting.
+        """
+        config = _config(None)
+        config.alpn = [b"h" * 256]
+        client = TLSClientProtocol(Collector(), config, "localhost", 443, Clock())
+        transport = StringTransport()
+        results: list[Any] = []
+        client.when_established().addBoth(results.append)
+        client.makeConnection(transport)
+        self.assertIsInstance(results[0].value, HandshakeFailed)
+        self.assertIn("the ClientHello could not be made", str(results[0].value))
+        self.assertEqual(transport.value(), b"")
+        self.assertTrue(transport.disconnecting)
+
+
 class ClientCertificateMessageTests(SynchronousTestCase):
     def test_encoded_once_per_chain(self) -> None:
         """

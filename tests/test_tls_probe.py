@@ -159,6 +159,21 @@ class ProbeCommandTests(OpenSSLServerMixin, TestCase):
         )
 
     @inlineCallbacks
+    def test_alpn_names_checked(self) -> Any:
+        """
+        An ALPN name that no ClientHello can carry (empty, over 255 bytes)
+        or that is not printable ASCII is a usage error, exit status 2,
+        before any connection.
+        """
+        for name in ["", "h" * 256, "h2 x", "\u00e9t\u00e9"]:
+            out, err, status = yield self._probe(
+                "https://localhost:1/", *self._key_args(), "--alpn", name
+            )
+            self.assertEqual(status, 2, err.decode())
+            self.assertIn("is not an ALPN protocol name", err.decode())
+            self.assertNotIn("Traceback", err.decode())
+
+    @inlineCallbacks
     def test_agent_context_and_local_key(self) -> Any:
         """
         The agent's card and a local key exclude each other: a usage error

@@ -151,6 +151,18 @@ class TLSClientConfig:
         default=None, init=False, repr=False, compare=False
     )
 
+    def __post_init__(self) -> None:
+        # RFC 7301, section 3.1: each name 1 to 255 bytes, the list under
+        # 2^16 bytes. Said now, rather than as a ClientHello that cannot be
+        # encoded once connected.
+        for name in self.alpn:
+            if not isinstance(name, bytes) or not 1 <= len(name) <= 255:
+                raise ValueError(
+                    f"an ALPN protocol name is 1 to 255 bytes, not {name!r:.40}"
+                )
+        if sum(len(name) + 1 for name in self.alpn) > 0xFFFF - 2:
+            raise ValueError("the ALPN protocol names are too long together")
+
     def identity(self) -> Hashable:
         if self.client_identity is not None:
             return self.client_identity

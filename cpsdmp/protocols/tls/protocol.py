@@ -125,7 +125,12 @@ class TLSClientProtocol(Protocol):
             self._established,
             self._failed,
         )
-        self._handshake.start()
+        try:
+            self._handshake.start()
+        except Exception as error:
+            # Nothing of ours may leave the connection open and its waiters
+            # waiting: a ClientHello that cannot be made fails the handshake.
+            self._handshake.fail(None, f"the ClientHello could not be made: {error}")
 
     def _write_raw(self, data: bytes) -> None:
         if self.transport is not None:
