@@ -247,8 +247,9 @@ class SessionTests(AgentTestCase):
     @inlineCallbacks
     def test_wrong_pin(self) -> Any:
         """
-        A wrong PIN is 401 saying the card does not tell the tries left, and
-        it ends the sessions opened before it.
+        A wrong PIN sent while a session is open is 401, saying that the card
+        was not asked and does not tell the tries left; the session stays
+        open.
         """
         client = yield self.client()
         answer = yield self.request(
@@ -261,7 +262,8 @@ class SessionTests(AgentTestCase):
         self.assertIn("triesLeft", document)
         self.assertIsNone(document["triesLeft"])
         self.assertIn("wrong PIN", document["detail"])
-        yield self.assertFailure(client.card(), TokenExpired)
+        self.assertIn("the card was not asked", document["detail"])
+        yield client.card()
 
     @inlineCallbacks
     def test_malformed_pin_never_reaches_the_card(self) -> Any:
@@ -440,8 +442,9 @@ class StatusLineTests(AgentTestCase):
             )
             answers.append(answer)
         codes = [a.code for a in answers]
+        # The wrong PIN left the session open: DELETE still finds it.
         self.assertEqual(
-            codes, [201, 200, 400, 401, 403, 404, 405, 413, 204, 401, 429, 401]
+            codes, [201, 200, 400, 401, 403, 404, 405, 413, 204, 401, 429, 204]
         )
         for answer in answers:
             self.assertEqual(
@@ -715,6 +718,9 @@ class LastTryTests(AgentTestCase):
         self.addCleanup(client.close)
         yield client.card()
 
+        # Locked, so that the next PINs reach the card rather than being
+        # compared with the one that unlocked it.
+        yield client.lock()
         for _ in range(2):
             yield self.post({"pin": "0000"})
         answer = yield self.post({"pin": "0000", "lastTry": True})
@@ -722,6 +728,32 @@ class LastTryTests(AgentTestCase):
         self.assertEqual(self.card.tries, 0)
         self.assertEqual(self.card.presented[-1], "0000")
         self.assertEqual(len(self.card.presented), 6)
+
+    @inlineCallbacks
+    def test_no_try_spent_while_unlocked(self) -> Any:
+        """
+        Wrong PINs sent while a session is open never reach the card: they
+        spend none of its tries, and the session stays open.
+        """
+        context = yield open_session(
+            self.agent.url, self.testcard.pin, self.agent.fingerprint
+        )
+        assert self.clock is not None
+        for _ in range(3):
+            answer = yield self.request(
+                "POST",
+                "/cps/session",
+                {"Content-Type": "application/json"},
+                b'{"pin": "0000", "lastTry": true}',
+            )
+            self.assertProblem(answer, 401, problems.WRONG_PIN)
+            # Past the pause, within the session's idle time.
+            self.clock.advance(60)
+        self.assertEqual(self.card.presented, [self.testcard.pin])
+        self.assertEqual(self.card.tries, _CardWithTries.TRIES)
+        client = CpsAgentClient.from_context(context)
+        self.addCleanup(client.close)
+        yield client.card()
 
     @inlineCallbacks
     def test_last_try_must_be_true_or_false(self) -> Any:
@@ -841,6 +873,117 @@ class WrongPinStormTests(AgentTestCase):
         for refused in paused:
             self.assertIn("the card was not asked", str(refused))
         self.assertEqual(self.counting.logins, 1)
+
+
+class UnlockedCardTests(AgentTestCase):
+    """
+    PINs sent while the card is unlocked, sessions open: compared with the
+    PIN that unlocked it, never presented to the card.
+    """
+
+    def setUp(self) -> Any:
+        self.clock = Clock()
+        self.clock.advance(1_800_000_000)
+        self.events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        return super().setUp()
+
+    def backend(self) -> Any:
+        self.counting = _CountingLogin()
+        return self.counting
+
+    def security(self) -> list[str]:
+        """
+        @return: the security events logged so far, formatted.
+        """
+        said = [formatEvent(e) for e in self.events]
+        return [line for line in said if line.startswith("security: ")]
+
+    @inlineCallbacks
+    def test_wrong_pin_keeps_the_sessions(self) -> Any:
+        """
+        A wrong PIN while a session is open: 401 wrong-pin with the card not
+        asked, the session still open, the pause after a wrong PIN applied;
+        after it, the right PIN opens a second session, without the card
+        either.
+        """
+        assert self.clock is not None
+        first = yield self.client()
+        error = yield self.assertFailure(
+            open_session(self.agent.url, "0000", self.agent.fingerprint), WrongPin
+        )
+        self.assertIsNone(error.tries_left)
+        self.assertIn("the card was not asked", str(error))
+        yield first.card()
+        paused = yield self.assertFailure(
+            open_session(self.agent.url, self.testcard.pin, self.agent.fingerprint),
+            PinPause,
+        )
+        self.assertEqual(paused.retry_after, 5)
+        self.clock.advance(5)
+        second = yield self.client()
+        yield gatherResults([first.card(), second.card()])
+        self.assertEqual(self.counting.logins, 1)
+
+    @inlineCallbacks
+    def test_card_asked_again_once_locked(self) -> Any:
+        """
+        Once the sessions are over (locked, or lapsed), the PIN that unlocked
+        the card is forgotten: the next PIN, right or wrong, goes to the
+        card, and a wrong one is said as the card's answer.
+        """
+        assert self.clock is not None
+        client = yield self.client()
+        yield client.lock()
+        error = yield self.assertFailure(
+            open_session(self.agent.url, "0000", self.agent.fingerprint), WrongPin
+        )
+        self.assertNotIn("the card was not asked", str(error))
+        self.assertEqual(self.counting.logins, 2)
+        self.clock.advance(5)
+        yield self.client()
+        self.assertEqual(self.counting.logins, 3)
+        self.clock.advance(900)
+        yield self.client()
+        self.assertEqual(self.counting.logins, 4)
+
+    @inlineCallbacks
+    def test_security_events(self) -> Any:
+        """
+        A wrong PIN is a security event naming the caller, whether the card
+        was asked and the tries left; so is the end of every session, with
+        why. Neither the PIN nor a token is in the log.
+        """
+        assert self.clock is not None
+        yield self.assertFailure(
+            open_session(self.agent.url, "0000", self.agent.fingerprint), WrongPin
+        )
+        self.clock.advance(5)
+        context = yield self.session()
+        yield self.assertFailure(
+            open_session(self.agent.url, "1111", self.agent.fingerprint), WrongPin
+        )
+        client = CpsAgentClient.from_context(context)
+        self.addCleanup(client.close)
+        yield client.lock()
+        self.assertEqual(
+            self.security(),
+            [
+                "security: wrong PIN from 127.0.0.1, checked by the card; "
+                "tries left: unknown",
+                "security: wrong PIN from 127.0.0.1, not the one that unlocked "
+                "the card: the card was not asked; tries left: unknown",
+                "security: all sessions ended (1 open): card locked by 127.0.0.1",
+            ],
+        )
+        said = "\n".join(
+            formatEvent(e) + repr([v for k, v in e.items() if not k.startswith("log_")])
+            for e in self.events
+            if e.get("log_namespace", "").startswith("cpsdmp")
+        )
+        for secret in ("0000", "1111", self.testcard.pin, context["token"]):
+            self.assertNotIn(secret, said)
 
 
 class ExpiryTests(AgentTestCase):
@@ -1410,8 +1553,15 @@ class FaultTests(TestCase):
 
         backend = _FaultBackend(CardPinBlocked(), None)
         agent = yield self.start(backend)
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
         failure = yield self.assertFailure(
             open_session(agent.url, "1234", agent.fingerprint), PinBlocked
+        )
+        self.assertIn(
+            "security: the card's PIN is blocked (PIN from 127.0.0.1)",
+            [formatEvent(e) for e in events],
         )
         self.assertEqual(failure.problem["status"], 423)
         self.assertIn("PUK", failure.problem["detail"])

@@ -82,7 +82,9 @@ class TokenExpired(AgentError):
 
 class WrongPin(AgentError):
     """
-    The card refused the PIN; C{tries_left} is C{None} when it did not say.
+    The PIN was refused: by the card, or, while sessions are open, by the
+    agent, which then does not ask the card; C{tries_left} is C{None} when
+    the card did not say.
     """
 
     @property

@@ -9,8 +9,11 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime
+import hashlib
+import hmac
 import json
 import math
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from typing import IO, Any, Protocol, cast
@@ -276,6 +279,12 @@ class AgentResource(Resource):
         self._pin_pause = wrong_pin_pause
         self._pin_retry_at = 0.0
         self._checking_pin = False
+        # The HMAC of the PIN that unlocked the card, under a key of this
+        # process only, kept while sessions are open: a PIN sent then is
+        # compared with it, and never reaches the card. The PIN itself is
+        # never kept.
+        self._pin_key = secrets.token_bytes(32)
+        self._pin_mac: bytes | None = None
         self.tokens = TokenStore(clock, session_idle)
         self.allow_origin = allow_origin
         self.policy = policy
@@ -309,16 +318,10 @@ class AgentResource(Resource):
         try:
             await self.card.check_present()
         except (CardRemoved, NoCard):
-            if len(self.tokens):
-                _log.info("card out of the reader: sessions ended")
-                self.tokens.drop_all()
+            self._end_sessions("the card is out of the reader")
         except CardError as error:
             # The card dropped its session with the error: so do the tokens.
-            if len(self.tokens):
-                _log.warn(
-                    "card check failed, sessions ended: {reason}", reason=str(error)
-                )
-                self.tokens.drop_all()
+            self._end_sessions(f"the card check failed: {error}")
         except Exception:
             _log.failure("could not check that the card is in the reader")
 
@@ -366,10 +369,25 @@ class AgentResource(Resource):
             if isinstance(
                 error, (CardRemoved, CardFault, NoCard, NotLoggedIn, PinBlocked)
             ):
-                self.tokens.drop_all()
-                self._card_chain = None
-                self._card_signature_chain = None
+                self._end_sessions(f"the card answered: {error}")
             self._write_problem(request, _card_problem(error))
+
+    def _end_sessions(self, why: str) -> None:
+        """
+        End every session, and forget the PIN that unlocked the card: the
+        next PIN goes to the card.
+        """
+        count = len(self.tokens)
+        self.tokens.drop_all()
+        self._pin_mac = None
+        self._card_chain = None
+        self._card_signature_chain = None
+        if count:
+            _log.warn(
+                "security: all sessions ended ({count} open): {why}",
+                count=count,
+                why=why,
+            )
 
     def _internal_error(self, failure: Failure, request: Request) -> None:
         """
@@ -587,6 +605,13 @@ class AgentResource(Resource):
                 {"Retry-After": "1"},
                 retryAfter=1,
             )
+        caller = str(request.getClientAddress().host)
+        if self._pin_mac is not None and not len(self.tokens):
+            # The sessions lapsed: the card is asked again.
+            self._pin_mac = None
+        if self._pin_mac is not None:
+            await self._open_another_session(request, pin, caller)
+            return
         self._checking_pin = True
         checked = True
         try:
@@ -595,22 +620,35 @@ class AgentResource(Resource):
             _log.warn(
                 "security: a PIN from {caller} was not presented: the card has "
                 "one try left, and the request did not say lastTry",
-                caller=request.getClientAddress().host,
+                caller=caller,
             )
             raise
-        except WrongPin:
+        except WrongPin as error:
             self._pause_after_wrong_pin()
-            self.tokens.drop_all()
+            _log.warn(
+                "security: wrong PIN from {caller}, checked by the card; "
+                "tries left: {tries_left}",
+                caller=caller,
+                tries_left="unknown" if error.tries_left is None else error.tries_left,
+            )
+            # The card dropped its session to check this PIN.
+            self._end_sessions(f"a wrong PIN from {caller} locked the card")
             raise
-        except (PinBlocked, NoCard):
+        except PinBlocked:
+            _log.warn(
+                "security: the card's PIN is blocked (PIN from {caller})", caller=caller
+            )
+            self._end_sessions("the card's PIN is blocked")
+            raise
+        except NoCard as error:
             # The card is locked now: no earlier token may use it.
-            self.tokens.drop_all()
+            self._end_sessions(f"no card: {error}")
             raise
         except CardTimeout:
             # The card may still be checking this PIN: no other PIN reaches
             # it until it is done, and then only after the pause, as after
             # a wrong one.
-            self.tokens.drop_all()
+            self._end_sessions("the card did not answer a PIN in time")
             checked = False
             self.card.when_idle().addCallback(self._pin_check_ended)
             raise
@@ -620,8 +658,51 @@ class AgentResource(Resource):
         self._wrong_pins = 0
         self._card_chain = None
         self._card_signature_chain = None
+        self._pin_mac = self._mac(pin)
+        self._issue(request, caller)
+
+    async def _open_another_session(
+        self, request: Request, pin: str, caller: str
+    ) -> None:
+        """
+        Open one more session on the card an earlier PIN unlocked, if C{pin}
+        is that PIN, without presenting it to the card: a wrong one neither
+        costs a try nor locks the card under the sessions already open.
+
+        @raise Problem: 401 for another PIN.
+        """
+        known = self._pin_mac
+        assert known is not None
+        if not hmac.compare_digest(self._mac(pin), known):
+            self._pause_after_wrong_pin()
+            _log.warn(
+                "security: wrong PIN from {caller}, not the one that unlocked "
+                "the card: the card was not asked; tries left: unknown",
+                caller=caller,
+            )
+            raise Problem(
+                401,
+                problems.WRONG_PIN,
+                "Wrong PIN",
+                "wrong PIN: it is not the PIN that unlocked the card; the card "
+                "was not asked, so it does not tell how many tries remain, and "
+                "the sessions open stay open",
+                triesLeft=None,
+            )
+        # The card is still in the reader, or the sessions end here.
+        await self.card.check_present()
+        if self._pin_mac is None:
+            # The card was locked while it was checked.
+            raise NotLoggedIn()
+        self._wrong_pins = 0
+        self._issue(request, caller)
+
+    def _mac(self, pin: str) -> bytes:
+        return hmac.new(self._pin_key, pin.encode(), hashlib.sha256).digest()
+
+    def _issue(self, request: Request, caller: str) -> None:
         token, expires = self.tokens.issue()
-        _log.info("session opened for {caller}", caller=request.getClientAddress().host)
+        _log.info("session opened for {caller}", caller=caller)
         self._write_json(
             request,
             {
@@ -650,11 +731,10 @@ class AgentResource(Resource):
         self._pin_retry_at = self.clock.seconds() + self._pin_pause
 
     async def _lock(self, request: Request, rest: list[str]) -> None:
-        self.tokens.drop_all()
-        self._card_chain = None
-        self._card_signature_chain = None
+        caller = request.getClientAddress().host
+        self._end_sessions(f"card locked by {caller}")
         await self.card.logout()
-        _log.info("card locked by {caller}", caller=request.getClientAddress().host)
+        _log.info("card locked by {caller}", caller=caller)
         if not request._disconnected:
             _set_status(request, 204)
             request.finish()
