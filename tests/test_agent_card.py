@@ -342,6 +342,21 @@ class Pkcs11FaultTests(SynchronousTestCase):
         self.assertIn("1 try left", str(raised.exception))
         self.assertEqual(token.logins, 1, "the agent retried a wrong PIN")
 
+    def test_count_low(self) -> None:
+        """
+        CKF_USER_PIN_COUNT_LOW says that a wrong PIN was entered since the
+        last right one, not that few tries remain: the error says what it
+        means, and that the card does not tell the tries left.
+        """
+        token = _FakeToken(p11errors.PinIncorrect, pkcs11.TokenFlag.USER_PIN_COUNT_LOW)
+        with self.assertRaises(WrongPin) as raised:
+            _FakeTokenBackend(token).login("1111")
+        self.assertIsNone(raised.exception.tries_left)
+        message = str(raised.exception)
+        self.assertIn("a wrong PIN was entered since the last right one", message)
+        self.assertIn("does not tell how many tries remain", message)
+        self.assertNotIn("few tries remain", message)
+
     def test_final_try_told_before_a_pin(self) -> None:
         """
         Before any PIN, the backend reads from the token's flags whether the

@@ -164,7 +164,9 @@ class CardError(Exception):
 
 class WrongPin(CardError):
     """
-    The PIN was refused. C{tries_left} is C{None} when the card does not say.
+    The PIN was refused. C{tries_left} is C{None} when the card does not say;
+    C{count_low} is PKCS#11's CKF_USER_PIN_COUNT_LOW, which says that a wrong
+    PIN was entered since the last right one, not how many tries remain.
     """
 
     def __init__(self, tries_left: int | None, count_low: bool = False) -> None:
@@ -173,7 +175,11 @@ class WrongPin(CardError):
             plural = "try" if tries_left == 1 else "tries"
             message = f"wrong PIN: {tries_left} {plural} left before the card blocks"
         elif count_low:
-            message = "wrong PIN: the card warns that few tries remain before it blocks"
+            message = (
+                "wrong PIN: the card does not tell how many tries remain, only "
+                "that a wrong PIN was entered since the last right one; it "
+                "blocks after a few wrong PINs"
+            )
         else:
             message = (
                 "wrong PIN: the card does not tell how many tries remain; "
