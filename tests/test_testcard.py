@@ -330,6 +330,49 @@ class CommandTests(TestCase):
             self.assertEqual(result.returncode, 2, result.stderr)
             self.assertEqual(result.stderr, f"cpsdmp testcard: {expected}\n")
 
+    def test_folder_not_named(self) -> None:
+        """
+        `--dir ''` is a usage error: one line, exit status 2.
+        """
+        result = self._init("--dir", "", stdout=subprocess.DEVNULL)
+        self.assertEqual(result.returncode, 2, result.stderr)
+        self.assertEqual(
+            result.stderr,
+            "cpsdmp testcard: the test card's folder is empty: name a folder\n",
+        )
+
+    def test_foreign_folder_untouched(self) -> None:
+        """
+        A --dir that holds files but no test card is refused in one line,
+        exit status 2, and nothing in it is removed, rewritten or added; an
+        empty folder that exists is used.
+        """
+        directory = Path("someone-elses").absolute()
+        (directory / "tokens").mkdir(parents=True)
+        (directory / "tokens" / "important.txt").write_text("x\n")
+        (directory / "ca-root.pem").write_text("mine\n")
+        result = self._init("--dir", str(directory), stdout=subprocess.DEVNULL)
+        self.assertEqual(result.returncode, 2, result.stderr)
+        self.assertEqual(
+            result.stderr,
+            f"cpsdmp testcard: cannot use {directory} for a test card: it holds "
+            "files but no test card (testcard.json); name an empty or new folder\n",
+        )
+        self.assertEqual(
+            sorted(str(p.relative_to(directory)) for p in directory.rglob("*")),
+            ["ca-root.pem", "tokens", "tokens/important.txt"],
+        )
+        self.assertEqual((directory / "ca-root.pem").read_text(), "mine\n")
+        self.assertEqual((directory / "tokens" / "important.txt").read_text(), "x\n")
+
+        empty = Path("empty-folder").absolute()
+        empty.mkdir()
+        result = self._init(
+            "--dir", str(empty), "--soft-only", stdout=subprocess.DEVNULL
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertTrue(TestCard.load(empty).is_complete())
+
     def test_nothing_written_outside(self) -> None:
         """
         `cpsdmp testcard init --dir DIR`, run twice with a SoftHSM2 token,
@@ -470,6 +513,32 @@ class TokenDamageTests(TestCase):
         reports: list[str] = []
         init_testcard(directory, softhsm=True, report=reports.append)
         self.assertIn("made a new test card", reports[-1])
+
+
+class TokenRemakeTests(TestCase):
+    def test_only_its_own_token_removed(self) -> None:
+        """
+        A card made anew removes its old SoftHSM2 token folder and nothing
+        else: a file of someone else's among the tokens stops it, in one
+        sentence, before any file of the card is rewritten.
+        """
+        directory = Path("testcard-token-remade").absolute()
+        card = init_testcard(directory, softhsm=True)
+        tokens = directory / "tokens"
+        (old,) = list(tokens.iterdir())
+        Path(card.ca_root).write_text("garbage")
+        (tokens / "important.txt").write_text("x\n")
+        with self.assertRaises(testcard.UnusableFolder) as raised:
+            init_testcard(directory, softhsm=True)
+        self.assertIn("important.txt is not a SoftHSM2 token", str(raised.exception))
+        self.assertEqual((tokens / "important.txt").read_text(), "x\n")
+        self.assertEqual(Path(card.ca_root).read_text(), "garbage")
+
+        (tokens / "important.txt").unlink()
+        again = init_testcard(directory, softhsm=True)
+        self.assertIsNone(again.damage())
+        (new,) = list(tokens.iterdir())
+        self.assertNotEqual(new.name, old.name)
 
 
 _SECOND = testcard.pki.Professional(

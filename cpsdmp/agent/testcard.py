@@ -26,6 +26,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -81,8 +82,9 @@ class TestCardError(Exception):
 
 class UnusableFolder(TestCardError):
     """
-    The folder asked for cannot hold a test card: it is a file, or it
-    cannot be made or locked.
+    The folder asked for cannot hold a test card: it is not named, it is a
+    file, it cannot be made or locked, or it holds files that are not a
+    test card's.
     """
 
 
@@ -249,7 +251,7 @@ class TestCard:
 
 @contextmanager
 def _locked(directory: Path) -> Iterator[None]:
-    with open(directory / ".testcard.lock", "w") as lock:
+    with open(directory / _LOCK_NAME, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
@@ -287,8 +289,9 @@ def init_testcard(
         naming it.
     """
     if not str(directory).strip():
-        raise TestCardError("the test card's folder is empty: name a folder")
+        raise UnusableFolder("the test card's folder is empty: name a folder")
     folder = Path(directory).resolve()
+    _check_own(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         lock = _locked(folder)
@@ -325,6 +328,9 @@ def init_testcard(
             softhsm = softhsm2_missing() is None
         elif softhsm and (reason := softhsm2_missing()):
             raise TestCardError(f"cannot make a SoftHSM2 test card: {reason}")
+        if softhsm:
+            # Refused before anything is written, if it holds what is not ours.
+            _own_token_folders(folder / "tokens")
         try:
             card = _build(
                 folder,
@@ -343,6 +349,74 @@ def init_testcard(
         return card
     finally:
         lock.__exit__(None, None, None)
+
+
+# What a test card's folder holds once made, or while it is made.
+_LOCK_NAME = ".testcard.lock"
+_DESCRIPTION_NAME = "testcard.json"
+
+# The files of a SoftHSM2 token folder (directories.tokendir/<uuid>/).
+_UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+_TOKEN_FOLDER = re.compile(_UUID)
+_TOKEN_FILE = re.compile(rf"generation|(token|{_UUID})\.(object|lock)")
+
+
+def _check_own(folder: Path) -> None:
+    """
+    Refuse, touching nothing, an existing folder that holds files but no
+    test card: init writes only in an empty or new folder, or in one where
+    it made a test card before.
+
+    @raise UnusableFolder: naming the folder.
+    """
+    try:
+        names = {p.name for p in folder.iterdir()}
+    except FileNotFoundError:
+        return
+    except NotADirectoryError:
+        return  # said when the folder is made
+    except OSError as e:
+        raise UnusableFolder(
+            f"cannot use {folder} for a test card: {e.strerror}"
+        ) from None
+    if names and not names & {_DESCRIPTION_NAME, _LOCK_NAME}:
+        raise UnusableFolder(
+            f"cannot use {folder} for a test card: it holds files but no test "
+            f"card ({_DESCRIPTION_NAME}); name an empty or new folder"
+        )
+
+
+def _own_token_folders(tokens: Path) -> list[Path]:
+    """
+    @return: the SoftHSM2 token folders in C{tokens}, which a new token
+        replaces.
+    @raise UnusableFolder: if C{tokens} holds anything else, naming it:
+        nothing that init did not make is removed.
+    """
+    if not tokens.exists():
+        return []
+    if not tokens.is_dir() or tokens.is_symlink():
+        raise UnusableFolder(
+            f"cannot make the test card's token in {tokens}: it is not a folder "
+            "the test card made; move it away"
+        )
+    own = []
+    for entry in sorted(tokens.iterdir()):
+        if (
+            entry.is_dir()
+            and not entry.is_symlink()
+            and _TOKEN_FOLDER.fullmatch(entry.name)
+            and all(
+                f.is_file() and _TOKEN_FILE.fullmatch(f.name) for f in entry.iterdir()
+            )
+        ):
+            own.append(entry)
+            continue
+        raise UnusableFolder(
+            f"cannot make the test card's token in {tokens}: {entry.name} is "
+            "not a SoftHSM2 token the test card made; move it away"
+        )
+    return own
 
 
 def _issuer_mismatch(card: TestCard, issuer: TestCard) -> str | None:
@@ -592,9 +666,9 @@ def _make_token(
     module = find_softhsm2_module()
     assert module is not None
     tokens = folder / "tokens"
-    if tokens.exists():
-        shutil.rmtree(tokens)
-    tokens.mkdir(mode=0o700)
+    for token in _own_token_folders(tokens):
+        shutil.rmtree(token)
+    tokens.mkdir(mode=0o700, exist_ok=True)
     conf = folder / "softhsm2.conf"
     conf.write_text(
         f"directories.tokendir = {tokens}\n"

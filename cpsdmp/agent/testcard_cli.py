@@ -31,7 +31,8 @@ def add_parser(subparsers: Any) -> None:
             "CPS card: a SoftHSM2 token holding the professional's keys and "
             "certificates under a real card's labels (its own softhsm2.conf in "
             "DIR), and a PKCS#12 soft card. DIR/testcard.json describes it all. "
-            "Run again, it reuses what reads back whole."
+            "Run again, it reuses what reads back whole. DIR is new, empty, or "
+            "holds a test card made before: a folder of other files is refused."
         ),
     )
     init.add_argument("--dir", required=True, help="folder that holds everything")
