@@ -91,17 +91,25 @@ def number_option(
 def check_endpoint(option: str, description: str) -> None:
     """
     @raise usage.UsageError: when C{description} is not a server endpoint
-        description that Twisted can parse.
+        description that Twisted can parse, or names a TCP port outside 0
+        to 65535 (which Twisted parses, and only the listening refuses).
     """
     try:
         # Only parsed: the endpoint keeps the reactor and does nothing with
         # it until it listens, which this one never does.
-        serverFromString(_NOT_A_REACTOR, description)
+        endpoint = serverFromString(_NOT_A_REACTOR, description)
     except Exception as e:  # endpoint parsers raise many kinds
         raise usage.UsageError(
             f"--{option} {description}: not a server endpoint ({e}); for "
             "example tcp:PORT:interface=127.0.0.1"
         ) from None
+    # The TCP and SSL endpoints keep their port there; others have none.
+    port = getattr(endpoint, "_port", None)
+    if isinstance(port, int) and not 0 <= port <= 65535:
+        raise usage.UsageError(
+            f"--{option} {description}: port {port} is not from 0 to 65535; "
+            "for example tcp:PORT:interface=127.0.0.1"
+        )
 
 
 _NOT_A_REACTOR = object()

@@ -73,6 +73,10 @@ def _sandbox(*argv: str) -> list[str]:
     return ["dmpsandbox", "--testcard", _card().directory, *_ANY_PORT, *argv]
 
 
+def _agent(*argv: str) -> list[str]:
+    return ["cpsagent", "--testcard", _card().directory, *_ANY_PORT, *argv]
+
+
 class StartFailureTests(SynchronousTestCase):
     """
     A service that cannot listen or open its database says so in one line
@@ -96,10 +100,6 @@ class StartFailureTests(SynchronousTestCase):
             f"dmpfacade cannot listen on tcp:{port}:interface=127.0.0.1: "
             "Address already in use",
         )
-
-    def test_facade_port_out_of_range(self) -> None:
-        result = _twist(*_facade("--listen", "tcp:99999"))
-        self.assert_one_line_failure(result, "dmpfacade cannot listen on tcp:99999: ")
 
     def test_sandbox_port_in_use(self) -> None:
         port = _busy_port(self)
@@ -256,6 +256,23 @@ class UsageTests(SynchronousTestCase):
             self.assertEqual(result.returncode, EX_USAGE, output)
             self.assertNotIn("Traceback", output)
             self.assertIn("Error: --listen bogus:1: not a server endpoint", output)
+
+    def test_listen_port_out_of_range(self) -> None:
+        """
+        A --listen port outside 0 to 65535 is a usage error of each
+        service, before it starts, not a failure to listen once it runs.
+        """
+        for command in (_facade, _sandbox, _agent):
+            for listen in ("tcp:99999", "tcp6:port=70000:interface=\\:\\:1"):
+                result = _twist(*command("--listen", listen))
+                output = result.stdout + result.stderr
+                self.assertEqual(result.returncode, EX_USAGE, output)
+                self.assertNotIn("Starting reactor", output)
+                self.assertRegex(
+                    output,
+                    rf"Error: --listen {re.escape(listen)}: port \d+ is not from "
+                    "0 to 65535",
+                )
 
 
 def _read_lines(stream: IO[str], lines: queue.Queue[str | None]) -> None:
