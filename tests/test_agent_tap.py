@@ -364,6 +364,23 @@ class OptionsTests(SynchronousTestCase):
             _options("--soft-card", _soft(), "--audit-log", audit)
         self.assertIn(f"--audit-log {audit}", str(raised.exception))
 
+    def test_audit_log_refusing_writes(self) -> None:
+        """
+        An --audit-log that opens but refuses every write (/dev/full) is a
+        usage error at start; a new file, and a device that takes writes,
+        are not, and nothing is written to the file.
+        """
+        with self.assertRaises(usage.UsageError) as raised:
+            _options("--soft-card", _soft(), "--audit-log", "/dev/full")
+        self.assertEqual(
+            str(raised.exception),
+            "--audit-log /dev/full: cannot write it (No space left on device)",
+        )
+        audit = Path(self.mktemp())
+        for path in (str(audit), "/dev/null"):
+            _options("--soft-card", _soft(), "--audit-log", path)
+        self.assertEqual(audit.read_bytes(), b"")
+
     def test_bad_numbers(self) -> None:
         """
         Idle times, timeouts and pauses that are not finite numbers within

@@ -239,7 +239,13 @@ class Options(usage.Options):
                 read_certificates(option, path)
         if self["audit-log"]:
             try:
-                os.close(create_private(self["audit-log"]))
+                fd = create_private(self["audit-log"])
+                try:
+                    # Nothing is written to a file, but a device that
+                    # refuses every write (/dev/full) refuses this one too.
+                    os.write(fd, b"")
+                finally:
+                    os.close(fd)
             except OSError as e:
                 raise usage.UsageError(
                     f"--audit-log {self['audit-log']}: cannot write it ({e.strerror})"
