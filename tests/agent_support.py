@@ -19,6 +19,8 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.trial.unittest import TestCase
+from twisted.web.resource import Resource
+from twisted.web.server import Site
 
 from cpsdmp.agent.audit import AuditLog, RateLimit
 from cpsdmp.agent.card import (
@@ -151,3 +153,31 @@ def start_agent(
     agent.service.startService()
     testcase.addCleanup(agent.service.stopService)
     return agent.service.listening.addCallback(lambda _: agent)
+
+
+class HostileAgent:
+    """
+    Something that holds a TLS certificate, as an agent does, and answers
+    with C{resource}: an agent gone wrong, or not an agent at all.
+    """
+
+    def __init__(self, testcase: TestCase, resource: Resource) -> None:
+        key, certificate = self_signed_identity()
+        self.fingerprint = fingerprint(certificate)
+        self._port = reactor.listenSSL(  # type: ignore[attr-defined]
+            0,
+            Site(resource),
+            server_tls_options(key, [certificate]),
+            interface="127.0.0.1",
+        )
+        testcase.addCleanup(self._port.stopListening)
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self._port.getHost().port}"
+
+    def context(self) -> dict[str, str]:
+        """
+        @return: an agent context naming this server.
+        """
+        return {"url": self.url, "token": "t" * 43, "tlsFingerprint": self.fingerprint}

@@ -34,12 +34,15 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from cpsdmp.agent import problems
 from cpsdmp.agent.card import ALGORITHMS, KeyUsage, Pkcs11Backend, SoftCardBackend
 from cpsdmp.agent.client import (
+    MAX_ANSWER_BYTES,
     AgentCertificateMismatch,
     AgentError,
     AgentUnreachable,
@@ -62,6 +65,7 @@ from cpsdmp.protocols.tls.interfaces import IRemoteKey
 from cpsdmp.protocols.tls.schemes import SignatureScheme, verify_signature
 from cpsdmp.xds.signature import to_be_signed
 from tests.agent_support import (
+    HostileAgent,
     RunningAgent,
     shared_testcard,
     signature_request,
@@ -1776,3 +1780,179 @@ class NoSignatureKeyTests(AgentTestCase):
         self.addCleanup(client.close)
         yield self.assertFailure(client.signature_certificate_chain(), NoSignatureKey)
         yield client.certificate_chain()
+
+
+class _Endless(Resource):
+    """
+    A 200 whose chunked body never ends: 64 KiB chunks for as long as the
+    connection lasts.
+    """
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent = 0
+        self.lost: Deferred[None] = Deferred()
+
+    def render_GET(self, request: Request) -> Any:
+        request.setHeader(b"content-type", b"application/json")
+        ended = request.notifyFinish()
+        ended.addBoth(lambda _: self.lost.callback(None))
+
+        def more() -> None:
+            if ended.called:
+                return
+            request.write(b" " * 65536)
+            self.sent += 65536
+            reactor.callLater(0, more)  # type: ignore[attr-defined]
+
+        more()
+        return NOT_DONE_YET
+
+
+class _Announced(Resource):
+    """
+    A 200 that announces a gigabyte of body and sends none of it.
+    """
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lost: Deferred[None] = Deferred()
+
+    def render_GET(self, request: Request) -> Any:
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"content-length", b"1000000000")
+        request.notifyFinish().addBoth(lambda _: self.lost.callback(None))
+        request.write(b"{")
+        return NOT_DONE_YET
+
+
+class _Fixed(Resource):
+    """
+    Fixed answers by path: C{answers[path] = (code, headers, body)}.
+    """
+
+    isLeaf = True
+
+    def __init__(self, answers: Mapping[str, tuple[int, dict[str, str], bytes]]):
+        super().__init__()
+        self.answers = answers
+
+    def render(self, request: Request) -> bytes:
+        code, headers, body = self.answers[request.path.decode()]
+        request.setResponseCode(code)
+        for name, value in headers.items():
+            request.setHeader(name, value)
+        return body
+
+
+_JSON = {"content-type": "application/json"}
+
+
+class HostileAnswerTests(TestCase):
+    """
+    CpsAgentClient in front of something that answers as no agent does.
+    """
+
+    def client(self, resource: Resource) -> CpsAgentClient:
+        hostile = HostileAgent(self, resource)
+        client = CpsAgentClient.from_context(hostile.context(), timeout=10)
+        self.addCleanup(client.close)
+        return client
+
+    @inlineCallbacks
+    def test_endless_answer(self) -> Any:
+        """
+        An endless chunked answer is read up to the limit, then refused and
+        its connection closed, long before the timeout.
+        """
+        endless = _Endless()
+        client = self.client(endless)
+        failure = yield self.assertFailure(client.card(), AgentError)
+        self.assertNotIsInstance(failure, AgentUnreachable)
+        self.assertIn(
+            f"the agent's answer to GET /cps/card exceeds {MAX_ANSWER_BYTES} bytes",
+            str(failure),
+        )
+        yield endless.lost
+        self.assertLess(endless.sent, 64 * MAX_ANSWER_BYTES)
+
+    @inlineCallbacks
+    def test_announced_too_large(self) -> Any:
+        """
+        A Content-Length over the limit is refused as soon as it is read,
+        without waiting for the body.
+        """
+        announced = _Announced()
+        client = self.client(announced)
+        failure = yield self.assertFailure(client.certificate_chain(), AgentError)
+        self.assertIn(
+            "the agent's answer to GET /cps/authenticationCertificate exceeds "
+            f"{MAX_ANSWER_BYTES} bytes",
+            str(failure),
+        )
+        yield announced.lost
+
+    @inlineCallbacks
+    def test_redirect_refused(self) -> Any:
+        """
+        A 302 is not followed, and is an error, not a card.
+        """
+        card = json.dumps(
+            {"present": True, "holder": {"id": "8", "name": "A", "profession": "B"}}
+        ).encode()
+        client = self.client(
+            _Fixed(
+                {
+                    "/cps/card": (302, {"location": "/elsewhere"}, b""),
+                    "/elsewhere": (200, _JSON, card),
+                }
+            )
+        )
+        failure = yield self.assertFailure(client.card(), AgentError)
+        self.assertIn("the agent answered GET /cps/card: HTTP 302", str(failure))
+
+    @inlineCallbacks
+    def test_holder_checked(self) -> Any:
+        """
+        A holder whose members are not short strings is refused, naming the
+        member.
+        """
+        for holder, said in [
+            ({"id": "8" * 300, "name": "A", "profession": "B"}, "'holder.id' longer"),
+            ({"id": "8", "name": ["A"], "profession": "B"}, "'holder.name' as a"),
+            ({"id": "8", "name": "A"}, "lacks 'holder.profession'"),
+            (None, "lacks the 'holder' object"),
+        ]:
+            body = json.dumps({"present": True, "holder": holder}).encode()
+            client = self.client(_Fixed({"/cps/card": (200, _JSON, body)}))
+            failure = yield self.assertFailure(client.card(), AgentError)
+            self.assertIn(said, str(failure))
+
+    @inlineCallbacks
+    def test_malformed_answers_named(self) -> Any:
+        """
+        JSON that lacks what the client needs is refused naming the member
+        and the request, not with a KeyError's representation.
+        """
+        path = "/cps/authenticationCertificate"
+        for body, said in [
+            (b"{}", "lacks 'certificate'"),
+            (b'{"certificate": 3}', "lacks 'certificate'"),
+            (b'{"certificate": "AAAA", "chain": "x"}', "'chain' that is not"),
+            (b'{"certificate": "AAAA"}', "holds an unreadable certificate"),
+        ]:
+            client = self.client(_Fixed({path: (200, _JSON, body)}))
+            failure = yield self.assertFailure(client.certificate_chain(), AgentError)
+            self.assertIn(f"the agent's answer to GET {path}", str(failure))
+            self.assertIn(said, str(failure))
+        signing = "/cps/sign/for/authentication/SHA256WithRSA"
+        client = self.client(_Fixed({signing: (200, _JSON, b'{"sig": "AA=="}')}))
+        failure = yield self.assertFailure(
+            client.sign(b"data", "SHA256WithRSA"), AgentError
+        )
+        self.assertIn(f"the agent's answer to POST {signing}", str(failure))
+        self.assertIn("lacks 'signature'", str(failure))

@@ -25,15 +25,18 @@ from twisted.internet.defer import (
 )
 from twisted.internet.error import ConnectError
 from twisted.internet.interfaces import IConsumer, IOpenSSLClientConnectionCreator
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web.client import (
     Agent,
     HTTPConnectionPool,
     RequestGenerationFailed,
     RequestTransmissionFailed,
+    ResponseDone,
     ResponseFailed,
     ResponseNeverReceived,
 )
+from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, IPolicyForHTTPS
 from zope.interface import implementer
@@ -44,6 +47,14 @@ from cpsdmp.protocols.tls.interfaces import IRemoteKey
 from cpsdmp.protocols.tls.schemes import SignatureScheme
 
 DEFAULT_TIMEOUT = 30.0
+
+#: The most read of one agent answer: its answers are a few KB (a certificate
+#: chain, a signature), so anything far larger is not an agent's.
+MAX_ANSWER_BYTES = 1024 * 1024
+
+#: The longest holder member taken from C{/cps/card}: an identifier, a name
+#: and a profession are short.
+MAX_HOLDER_MEMBER = 256
 
 # The TLS signature schemes the card's keys serve, and the agent's name of
 # each: the ones, in the order, the agent's policy expects of a handshake.
@@ -263,6 +274,49 @@ class _BytesProducer:
         pass
 
 
+class _CappedBody(Protocol):
+    """
+    Collects a response body up to C{limit} bytes; past it, or when the
+    announced length is past it, stops the connection at once (no TLS
+    close, no reading on) and fails L{done} with C{too_large}.
+    """
+
+    def __init__(self, limit: int, announced: int, too_large: AgentError) -> None:
+        self.done: Deferred[bytes] = Deferred()
+        self._limit = limit
+        self._announced = announced
+        self._received = 0
+        self._chunks: list[bytes] = []
+        self._too_large = too_large
+
+    def connectionMade(self) -> None:
+        if self._announced > self._limit:
+            self._stop()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.done.called:
+            return
+        self._received += len(data)
+        if self._received > self._limit:
+            self._stop()
+        else:
+            self._chunks.append(data)
+
+    def _stop(self) -> None:
+        # The HTTP client's transport proxy hands stopProducing to the
+        # connection, which closes without a TLS close or waiting for the peer.
+        self.transport.stopProducing()  # type: ignore[union-attr]
+        self.done.errback(self._too_large)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self.done.called:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):  # type: ignore[no-untyped-call]
+            self.done.callback(b"".join(self._chunks))
+        else:
+            self.done.errback(reason)
+
+
 def _reactor_or_default(reactor: Any) -> Any:
     if reactor is None:
         from twisted.internet import reactor as default
@@ -277,10 +331,18 @@ class _Channel:
     timeout on every call, mapping failures and problems to exceptions.
     """
 
-    def __init__(self, url: str, tls_fingerprint: str, reactor: Any, timeout: float):
+    def __init__(
+        self,
+        url: str,
+        tls_fingerprint: str,
+        reactor: Any,
+        timeout: float,
+        max_answer: int = MAX_ANSWER_BYTES,
+    ):
         self.url = url.rstrip("/")
         self.reactor = _reactor_or_default(reactor)
         self.timeout = timeout
+        self.max_answer = max_answer
         self.policy = PinnedCertificatePolicy(tls_fingerprint)
         # twisted.web.client carries no annotations: hence the Any.
         make_pool: Any = HTTPConnectionPool
@@ -326,23 +388,44 @@ class _Channel:
         headers: Mapping[str, str],
         body: bytes | None,
     ) -> tuple[int, Mapping[str, Any] | bytes]:
+        # Redirects are not followed: an agent answers where it is asked.
         response = await self.http.request(
             method,
             self.url + path,
             headers=Headers({k: [v] for k, v in headers.items()}),
             data=body,
+            allow_redirects=False,
+            unbuffered=True,
         )
-        content: bytes = await response.content()
+        content = await self._read(response, method, path)
         content_type = (response.headers.getRawHeaders("content-type") or [""])[0]
         is_json = content_type.split(";")[0].strip().endswith("json")
         if 200 <= response.code < 300:
             if is_json:
-                return response.code, _json(content)
+                return response.code, _json(content, method, path)
             return response.code, content
-        problem = _json(content) if is_json else {}
+        problem = _json(content, method, path) if is_json else {}
         detail = problem.get("detail") or f"HTTP {response.code}"
         error = _ERRORS.get(str(problem.get("type")), AgentError)
         raise error(f"the agent answered {method} {path}: {detail}", problem)
+
+    async def _read(self, response: Any, method: str, path: str) -> bytes:
+        """
+        @return: the answer's body, read as it comes up to L{max_answer}
+            bytes; past that, or when its Content-Length says it would be,
+            the connection is stopped and the answer refused.
+        """
+        length = response.length
+        body = _CappedBody(
+            self.max_answer,
+            length if isinstance(length, int) else 0,
+            AgentError(
+                f"the agent's answer to {method} {path} exceeds {self.max_answer} bytes"
+            ),
+        )
+        response.deliverBody(body)
+        content: bytes = await body.done
+        return content
 
     def _failed(self, failure: Failure, method: str, path: str) -> Failure:
         error = failure.value
@@ -375,15 +458,19 @@ class _Channel:
         return closing
 
 
-def _json(content: bytes) -> dict[str, Any]:
+def _json(content: bytes, method: str, path: str) -> dict[str, Any]:
     import json
 
     try:
         value = json.loads(content)
     except ValueError:
-        raise AgentError("the agent answered with malformed JSON") from None
+        raise AgentError(
+            f"the agent answered {method} {path} with malformed JSON"
+        ) from None
     if not isinstance(value, dict):
-        raise AgentError("the agent answered with JSON that is not an object")
+        raise AgentError(
+            f"the agent answered {method} {path} with JSON that is not an object"
+        )
     return value
 
 
@@ -426,14 +513,44 @@ def _dumps(value: Mapping[str, Any]) -> bytes:
     return json.dumps(value).encode()
 
 
-def _certificates(content: Mapping[str, Any] | bytes) -> list[x509.Certificate]:
+def _card(content: Mapping[str, Any] | bytes) -> dict[str, Any]:
+    said = "the agent's answer to GET /cps/card"
     if not isinstance(content, Mapping):
-        raise AgentError("the agent answered a certificate request with no JSON")
+        raise AgentError(f"{said} is not JSON")
+    holder = content.get("holder")
+    if not isinstance(holder, Mapping):
+        raise AgentError(f"{said} lacks the 'holder' object")
+    for name in ("id", "name", "profession"):
+        value = holder.get(name)
+        if not isinstance(value, str):
+            raise AgentError(f"{said} lacks 'holder.{name}' as a string")
+        if len(value) > MAX_HOLDER_MEMBER:
+            raise AgentError(
+                f"{said} has a 'holder.{name}' longer than {MAX_HOLDER_MEMBER} "
+                "characters"
+            )
+    return dict(content)
+
+
+def _certificates(
+    content: Mapping[str, Any] | bytes, path: str
+) -> list[x509.Certificate]:
+    said = f"the agent's answer to GET {path}"
+    if not isinstance(content, Mapping):
+        raise AgentError(f"{said} is not JSON")
+    leaf = content.get("certificate")
+    chain = content.get("chain", [])
+    if not isinstance(leaf, str):
+        raise AgentError(f"{said} lacks 'certificate' as a base64 string")
+    if not isinstance(chain, list) or not all(isinstance(c, str) for c in chain):
+        raise AgentError(f"{said} has a 'chain' that is not a list of base64 strings")
     try:
-        ders = [content["certificate"], *content.get("chain", [])]
-        return [x509.load_der_x509_certificate(base64.b64decode(d)) for d in ders]
-    except (KeyError, TypeError, ValueError) as e:
-        raise AgentError(f"the agent sent an unreadable certificate: {e}") from e
+        return [
+            x509.load_der_x509_certificate(base64.b64decode(d, validate=True))
+            for d in [leaf, *chain]
+        ]
+    except ValueError as e:
+        raise AgentError(f"{said} holds an unreadable certificate: {e}") from None
 
 
 #: What the HTTP client's failures mean, in words a professional can act on.
@@ -516,13 +633,11 @@ class CpsAgentClient:
             C{{"present": True, "holder": {"id", "name", "profession"}}}.
         """
         d = self._channel.request("GET", "/cps/card", self._headers())
-        return d.addCallback(
-            lambda answer: dict(answer[1]) if isinstance(answer[1], Mapping) else {}
-        )
+        return d.addCallback(lambda answer: _card(answer[1]))
 
     def _chain(self, path: str) -> Deferred[list[x509.Certificate]]:
         d = self._channel.request("GET", path, self._headers())
-        return d.addCallback(lambda answer: _certificates(answer[1]))
+        return d.addCallback(lambda answer: _certificates(answer[1], path))
 
     def certificate_chain(self) -> Deferred[list[x509.Certificate]]:
         """
@@ -553,9 +668,18 @@ class CpsAgentClient:
 
         def signature(answer: tuple[int, Mapping[str, Any] | bytes]) -> bytes:
             content = answer[1]
-            if isinstance(content, Mapping):
-                return base64.b64decode(content["signature"])
-            return content
+            if not isinstance(content, Mapping):
+                return content
+            value = content.get("signature")
+            try:
+                if isinstance(value, str):
+                    return base64.b64decode(value, validate=True)
+            except ValueError:
+                pass
+            raise AgentError(
+                f"the agent's answer to POST /cps/sign/for/{usage}/{algorithm} "
+                "lacks 'signature' as a base64 string"
+            )
 
         return d.addCallback(signature)
 
