@@ -36,9 +36,9 @@ from cpsdmp.agent.card import (
     WrongPin,
     algorithm_named,
     build_chain,
-    holder_from_certificate,
     pkcs12_problem,
 )
+from cpsdmp.agent.holder import holder_from_certificate
 from cpsdmp.agent.pki import verify_card_chain
 from tests.agent_support import shared_testcard, token_backend
 

@@ -36,7 +36,7 @@ from referencing.jsonschema import DRAFT202012
 from treq.client import HTTPClient
 from twisted.internet import reactor, ssl
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import (
     ClientFactory,
@@ -58,6 +58,7 @@ from twisted.web.server import NOT_DONE_YET
 from cpsdmp.agent.card import KeyUsage
 from cpsdmp.agent.card import PinBlocked as CardPinBlockedError
 from cpsdmp.agent.client import CpsAgentClient, open_session
+from cpsdmp.agent.holder import Holder
 from cpsdmp.facade.client import (
     AgentFailed,
     AgentNotAllowed,
@@ -2459,6 +2460,23 @@ class MoreFaultTests(FacadeTestCase):
             facade.td02_exist(CDA_PATIENT, context), AgentTimedOut
         )
         self.assertEqual(error.status, 504)
+
+    @inlineCallbacks
+    def test_agent_describes_another_profession(self) -> Any:
+        """
+        An agent (or something between it and the facade) that says the
+        card holder is a pharmacist when the authentication certificate
+        names a doctor: 502 card-holder-unusable, nothing submitted.
+        """
+        card = self.agent.resource.card
+        genuine = yield card.holder()
+        self.assertEqual(genuine.profession, "Médecin")
+        rewritten = Holder(genuine.id, genuine.name, "Pharmacien")
+        card.holder = lambda: succeed(rewritten)  # type: ignore[method-assign]
+        error = yield self.failure_of(self.submit(cda("BIO")), AgentFailed)
+        self.assertEqual((error.status, error.kind), (502, "card-holder-unusable"))
+        self.assertIn("profession is not the one", error.problem["detail"])
+        self.assertEqual(self.backend.signatures[KeyUsage.signature], 0)
 
     @inlineCallbacks
     def test_reason_phrases(self) -> Any:

@@ -21,12 +21,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
 from cryptography.hazmat.primitives.serialization import pkcs12
-from cryptography.x509.oid import NameOID
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
+
+from cpsdmp.agent.holder import Holder, holder_from_certificate
 
 _log = Logger()
 _T = TypeVar("_T")
@@ -117,42 +118,6 @@ def algorithm_named(name: str) -> Algorithm:
             f"unknown signature algorithm {name!r}; the card signs with "
             + ", ".join(ALGORITHMS)
         ) from None
-
-
-@dataclass(frozen=True)
-class Holder:
-    """
-    Who the card belongs to, as its authentication certificate says.
-    """
-
-    id: str
-    name: str
-    profession: str
-
-
-def holder_from_certificate(certificate: x509.Certificate) -> Holder:
-    """
-    Read the holder's identifier (RPPS-style), name and profession from a
-    card certificate's subject.
-    """
-    subject = certificate.subject
-
-    def first(oid: x509.ObjectIdentifier) -> str:
-        values = subject.get_attributes_for_oid(oid)
-        return str(values[0].value) if values else ""
-
-    common_name = first(NameOID.COMMON_NAME)
-    identifier = first(NameOID.SERIAL_NUMBER)
-    head, _, tail = common_name.partition("/")
-    if not identifier and head.strip().isdigit():
-        identifier = head.strip()
-    name = " ".join(
-        part for part in (first(NameOID.GIVEN_NAME), first(NameOID.SURNAME)) if part
-    )
-    if not name:
-        name = tail.strip() if tail else common_name
-    profession = first(NameOID.TITLE) or first(NameOID.ORGANIZATIONAL_UNIT_NAME)
-    return Holder(id=identifier, name=name, profession=profession)
 
 
 class CardError(Exception):

@@ -42,6 +42,11 @@ from twisted.web.iweb import IBodyProducer, IPolicyForHTTPS
 from zope.interface import implementer
 
 from cpsdmp.agent import problems
+
+# Re-exported: the facade reads the holder from the certificate as the agent
+# does, and imports nothing of the agent but this module.
+from cpsdmp.agent.holder import Holder as Holder
+from cpsdmp.agent.holder import holder_from_certificate as holder_from_certificate
 from cpsdmp.agent.policy import CARD_TLS_SCHEMES
 from cpsdmp.protocols.tls.interfaces import IRemoteKey
 from cpsdmp.protocols.tls.schemes import SignatureScheme

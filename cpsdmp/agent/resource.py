@@ -42,7 +42,6 @@ from cpsdmp.agent.card import (
     CardFault,
     CardRemoved,
     CardTimeout,
-    Holder,
     KeyNotFound,
     KeyUsage,
     LastTry,
@@ -54,6 +53,7 @@ from cpsdmp.agent.card import (
     WrongPin,
     algorithm_named,
 )
+from cpsdmp.agent.holder import Holder
 from cpsdmp.agent.policy import PolicyDecision, SigningPolicy
 from cpsdmp.agent.tokens import TokenStore, is_token_shaped
 from cpsdmp.protocols import strictjson

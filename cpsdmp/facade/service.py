@@ -61,7 +61,12 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
-from cpsdmp.agent.client import AgentError, CpsAgentClient, TokenExpired
+from cpsdmp.agent.client import (
+    AgentError,
+    CpsAgentClient,
+    TokenExpired,
+    holder_from_certificate,
+)
 from cpsdmp.facade.networks import (
     DEFAULT_AGENT_NETWORKS,
     AgentNetworkReactor,
@@ -144,7 +149,8 @@ class FacadeError(Exception):
 
 class CardHolderError(FacadeError):
     """
-    The card holder, as the agent describes them, cannot act on the DMP.
+    The card holder cannot act on the DMP, or the agent describes another
+    one than its certificate names.
     """
 
 
@@ -639,32 +645,42 @@ def card_fingerprint(certificate: x509.Certificate) -> str:
 
 
 def professional_from(
-    holder: Mapping[str, Any], certificate: x509.Certificate
+    described: Mapping[str, Any], certificate: x509.Certificate
 ) -> Professional:
     """
-    The card holder as the XDS builders want them: identifier and profession
-    from the agent's C{/cps/card}, family and given names from the
-    authentication certificate.
+    The card holder as the XDS builders want them, read from the
+    authentication certificate (the one the DMP validates during the TLS
+    handshake), never from the agent's word alone.
 
+    @param described: the holder as the agent's C{/cps/card} describes them;
+        it must say what the certificate says.
+    @raise CardHolderError: the agent describes someone else.
     @raise UnknownProfession: no TRE_G15 code for the card's profession.
     """
+    holder = holder_from_certificate(certificate)
+    for member in ("id", "name", "profession"):
+        if described.get(member) != getattr(holder, member):
+            raise CardHolderError(
+                f"the agent describes a card holder whose {member} is not the "
+                "one its authentication certificate names: refusing to act "
+                "for them"
+            )
 
     def first(oid: x509.ObjectIdentifier) -> str:
         values = certificate.subject.get_attributes_for_oid(oid)
         return str(values[0].value) if values else ""
 
-    label = str(holder.get("profession", "")).strip()
+    label = holder.profession.strip()
     code = label if label.isdigit() else PROFESSIONS.get(label.lower())
     if code is None:
         raise UnknownProfession(
             f"the card's profession {label!r} has no TRE_G15 code known to the facade"
         )
-    name = str(holder.get("name", ""))
-    family = first(NameOID.SURNAME) or name.rpartition(" ")[2]
-    given = first(NameOID.GIVEN_NAME) or name.rpartition(" ")[0]
+    family = first(NameOID.SURNAME) or holder.name.rpartition(" ")[2]
+    given = first(NameOID.GIVEN_NAME) or holder.name.rpartition(" ")[0]
     try:
         return Professional(
-            identifier=str(holder.get("id", "")),
+            identifier=holder.id,
             family=family,
             given=given,
             profession=CodedValue(code, PROFESSION_SYSTEM, label),
@@ -755,7 +771,7 @@ class DmpService:
     ) -> ProfessionalSession:
         holder = await agent.card()
         chain = await agent.certificate_chain()
-        professional = professional_from(holder.get("holder", holder), chain[0])
+        professional = professional_from(holder["holder"], chain[0])
         fingerprint = card_fingerprint(chain[0])
         key = TimedKey(agent)
         tls = TLSClientConfig(
