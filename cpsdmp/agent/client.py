@@ -437,11 +437,13 @@ class _Channel:
         if isinstance(error, AgentError):
             return failure
         if self.policy.refused is not None:
-            seen, self.policy.refused = self.policy.refused, None
+            # The certificate seen is not quoted: with a context naming any
+            # address, that would tell who holds which certificate there.
+            self.policy.refused = None
             raise AgentCertificateMismatch(
-                f"refusing {self.url}: its TLS certificate is {seen}, the agent "
-                f"context names {self.policy.fingerprint}; it is another agent "
-                f"or a restarted one, so open a new session"
+                f"refusing {self.url}: its TLS certificate does not match the "
+                f"agent context's {self.policy.fingerprint}; it is another "
+                "agent or a restarted one, so open a new session"
             )
         if isinstance(error, (TimeoutError, CancelledError)):
             raise AgentUnreachable(
