@@ -3993,6 +3993,64 @@ class RequestCheckTests(TestCase):
                 conforms(body, request)
 
     @inlineCallbacks
+    def test_coding_schemes_are_oids(self) -> Any:
+        """
+        A code a request gives has an OID for codingScheme, as the CLI
+        requires: anything else is 400 naming the member, and the
+        description refuses it too.
+        """
+        content = base64.b64encode(cda("BIO")).decode()
+        search = {"agentContext": ABSENT_AGENT, "patient": {"ins": "279035121518989"}}
+        for path, body, said in [
+            (
+                "/dmp/td21SubmitDocuments",
+                {
+                    "agentContext": ABSENT_AGENT,
+                    "documents": [
+                        {
+                            "content": content,
+                            "overrides": {
+                                "classCode": {
+                                    "code": "ZZZ",
+                                    "codingScheme": "x",
+                                    "display": "y",
+                                }
+                            },
+                        }
+                    ],
+                },
+                "documents[0].overrides: classCode.codingScheme 'x' is not an OID",
+            ),
+            (
+                "/dmp/td21SubmitDocuments",
+                {
+                    "agentContext": ABSENT_AGENT,
+                    "documents": [
+                        {
+                            "content": content,
+                            "overrides": {
+                                "eventCodeList": [{"code": "1", "codingScheme": "1.x"}]
+                            },
+                        }
+                    ],
+                },
+                "eventCodeList.codingScheme '1.x' is not an OID",
+            ),
+            (
+                "/dmp/td31Find",
+                {**search, "classCodes": [{"code": "11", "codingScheme": "TRE_A03"}]},
+                "classCodes.codingScheme 'TRE_A03' is not an OID",
+            ),
+        ]:
+            code, document = yield self.post(path, body)
+            self.assertEqual(code, 400, document)
+            self.assertIn(said, document["detail"])
+            request = _pointer(
+                "paths", path, "post", "requestBody", "content", JSON, "schema"
+            )
+            self.assertRaises(AssertionError, conforms, body, request)
+
+    @inlineCallbacks
     def test_search_times(self) -> Any:
         base = {"agentContext": ABSENT_AGENT, "patient": {"ins": "279035121518989"}}
         for given, said in [

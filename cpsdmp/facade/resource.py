@@ -76,11 +76,13 @@ from cpsdmp.protocols.tls import (
 from cpsdmp.xds.cda import CdaError, UnknownClassCode
 from cpsdmp.xds.ebrim import (
     INS_OIDS,
+    MAX_OID,
     CodedValue,
     DocumentEntry,
     MetadataError,
     PatientId,
     Status,
+    is_oid,
 )
 from cpsdmp.xds.responses import RegistryFailure, UnexpectedAnswer
 from cpsdmp.xds.transactions import MASQUE_PS, FindDocuments, HL7Error
@@ -467,9 +469,15 @@ def _coded(value: Any, name: str) -> CodedValue:
     if not isinstance(display, str):
         raise BadRequest(f"{name}.display must be a string")
     try:
-        return check_code(CodedValue(value["code"], scheme, display), name)
+        code = check_code(CodedValue(value["code"], scheme, display), name)
     except MetadataError as error:
         raise BadRequest(str(error)) from None
+    if not is_oid(scheme):
+        raise BadRequest(
+            f"{name}.codingScheme {excerpt(scheme)} is not an OID such as "
+            f"{CLASS_CODE_SYSTEM}"
+        )
+    return code
 
 
 #: DocumentEntry attributes a backend may override, and how each is read.
@@ -608,9 +616,21 @@ _CODE_SCHEMA = {
     },
     "additionalProperties": False,
 }
+#: A code a request gives: its codingScheme is an OID (IHE ITI TF-3, 4.2.3.1.7).
+_GIVEN_CODE_SCHEMA = {
+    **_CODE_SCHEMA,
+    "properties": {
+        **_CODE_SCHEMA["properties"],  # type: ignore[dict-item]
+        "codingScheme": {
+            "type": "string",
+            "maxLength": MAX_OID,
+            "pattern": r"^[0-2](\.(0|[1-9][0-9]*))+$",
+        },
+    },
+}
 #: A classCode: in the TRE_A03 system, one of its codes.
 _CLASS_CODE_SCHEMA = {
-    **_CODE_SCHEMA,
+    **_GIVEN_CODE_SCHEMA,
     "if": {"properties": {"codingScheme": {"const": CLASS_CODE_SYSTEM}}},
     "then": {"properties": {"code": {"enum": list(CLASS_DISPLAYS)}}},
 }
@@ -1242,10 +1262,10 @@ _OVERRIDES_SCHEMA = {
     "type": "object",
     "description": "XDS attribute -> value; codes as {code, codingScheme, display}",
     "properties": {
-        **{name: _CODE_SCHEMA for name in sorted(CODED_OVERRIDES)},
+        **{name: _GIVEN_CODE_SCHEMA for name in sorted(CODED_OVERRIDES)},
         "classCode": _CLASS_CODE_SCHEMA,
         **{
-            name: {"type": "array", "items": _CODE_SCHEMA}
+            name: {"type": "array", "items": _GIVEN_CODE_SCHEMA}
             for name in sorted(CODED_LIST_OVERRIDES)
         },
         **{
@@ -1447,9 +1467,12 @@ ROUTES: tuple[Route, ...] = (
                 },
                 "creationFrom": _TIME_SCHEMA,
                 "creationTo": _TIME_SCHEMA,
-                "classCodes": {"type": "array", "items": _CODE_SCHEMA},
-                "typeCodes": {"type": "array", "items": _CODE_SCHEMA},
-                "confidentialityCodes": {"type": "array", "items": _CODE_SCHEMA},
+                "classCodes": {"type": "array", "items": _GIVEN_CODE_SCHEMA},
+                "typeCodes": {"type": "array", "items": _GIVEN_CODE_SCHEMA},
+                "confidentialityCodes": {
+                    "type": "array",
+                    "items": _GIVEN_CODE_SCHEMA,
+                },
                 "uniqueIds": {
                     "type": "array",
                     "items": _UNIQUE_ID_SCHEMA,
