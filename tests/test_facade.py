@@ -4071,6 +4071,45 @@ class RequestCheckTests(TestCase):
             self.assertIn(said, detail)
 
     @inlineCallbacks
+    def test_given_is_not_absent(self) -> Any:
+        """
+        A member given as null, false, 0, an empty string, list or object is
+        not taken for an absent one (whose default would apply): it is
+        refused with 400 naming it.
+        """
+        ins = "279035121518989"
+        base = {"agentContext": ABSENT_AGENT, "patient": {"ins": ins}}
+        content = base64.b64encode(cda("BIO")).decode()
+        calls: list[tuple[str, dict[str, Any], str]] = [
+            (
+                "/dmp/td02Exist",
+                {**base, "patient": {"ins": ins, "authority": authority}},
+                "authority",
+            )
+            for authority in [0, False, "", [], {}, None]
+        ]
+        calls += [
+            ("/dmp/td31Find", {**base, "creationFrom": None}, "creationFrom"),
+            ("/dmp/td31Find", {**base, "creationTo": None}, "creationTo"),
+            ("/dmp/td31Find", {**base, "statuses": []}, "statuses"),
+            (
+                "/dmp/td21SubmitDocuments",
+                {
+                    "agentContext": ABSENT_AGENT,
+                    "documents": [{"content": content, "overrides": None}],
+                },
+                "documents[0].overrides",
+            ),
+        ]
+        for path, body, named in calls:
+            detail = yield self.refused(path, body)
+            self.assertIn(named, detail)
+            request = _pointer(
+                "paths", path, "post", "requestBody", "content", JSON, "schema"
+            )
+            self.assertRaises(AssertionError, conforms, body, request)
+
+    @inlineCallbacks
     def test_submission_as_a_whole(self) -> Any:
         """
         What the DMP, or the agent, would refuse of a submission as a whole

@@ -391,9 +391,9 @@ def _bounded(value: str, name: str, longest: int) -> str:
 def _string(
     body: Mapping[str, Any], name: str, required: bool = True, longest: int = 256
 ) -> str | None:
-    value = _object(body, name, required)
-    if value is None and not required:
+    if name not in body and not required:
         return None
+    value = _object(body, name, required)
     if not isinstance(value, str) or not value:
         raise BadRequest(f"{name!r} must be a non-empty string")
     return _bounded(value, name, longest)
@@ -504,8 +504,6 @@ def read_overrides(value: Any) -> dict[str, object]:
     @return: XDS attribute -> value for L{cpsdmp.xds.cda.document_entry}.
     @raise BadRequest: an unknown attribute or a malformed value.
     """
-    if value is None:
-        return {}
     if not isinstance(value, Mapping):
         raise BadRequest("overrides must be an object keyed by XDS attribute")
     result: dict[str, object] = {}
@@ -814,7 +812,7 @@ async def _td21(resource: FacadeResource, request: server.Request, body: Any) ->
             else f"documents[{index}].overrides"
         )
         try:
-            overrides.append(read_overrides(item.get("overrides")))
+            overrides.append(read_overrides(item.get("overrides", {})))
         except BadRequest as error:
             raise BadRequest(f"{where}: {error}") from None
         try:
@@ -871,7 +869,9 @@ def _find_parameters(
     resource: FacadeResource, body: Mapping[str, Any]
 ) -> FindDocuments:
     patient = resource.patient(_object(body, "patient"))
-    statuses = _strings(body, "statuses", 64) or ["Approved"]
+    statuses = _strings(body, "statuses", 64) if "statuses" in body else ["Approved"]
+    if not statuses:
+        raise BadRequest("'statuses' must list at least one status, or be absent")
     urns = []
     for status in statuses:
         urn = STATUS_NAMES.get(status.lower(), status)
@@ -1463,6 +1463,7 @@ ROUTES: tuple[Route, ...] = (
                 "patient": _PATIENT_SCHEMA,
                 "statuses": {
                     "type": "array",
+                    "minItems": 1,
                     "items": {"type": "string", "maxLength": 64},
                 },
                 "creationFrom": _TIME_SCHEMA,
@@ -1768,9 +1769,12 @@ class FacadeResource(Resource):
                 "'patient.ins' must be a string, the patient's INS of 15 "
                 f"characters, not {_json_kind(value['ins'])}"
             )
-        authority = value.get("authority") or self.service.config.defaults.ins_authority
+        authority = value.get("authority", self.service.config.defaults.ins_authority)
         if not isinstance(authority, str):
-            raise BadRequest("'patient.authority' must be an OID string")
+            raise BadRequest(
+                "'patient.authority' must be the OID of an INS authority, not "
+                f"{_json_kind(authority)}"
+            )
         # Bounded before any message quotes them: an INS has at most 15
         # characters, an OID at most 64.
         _bounded(value["ins"], "patient.ins", 15)
@@ -1967,7 +1971,7 @@ def _multipart(content_type: str, raw: bytes) -> dict[str, Any]:
             {
                 "content": data,
                 "name": filename,
-                "overrides": overrides[i] if overrides else None,
+                "overrides": overrides[i] if overrides else {},
             }
             for i, (filename, data) in enumerate(documents)
         ],
