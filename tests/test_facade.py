@@ -210,6 +210,8 @@ class SentAnswer:
     body: bytes
     request_media_type: str
     request_body: bytes
+    #: Its Cache-Control and X-Content-Type-Options headers.
+    safety: tuple[list[bytes] | None, list[bytes] | None] = (None, None)
 
 
 def recording(factory: type[Any], answers: list[SentAnswer]) -> type[Any]:
@@ -244,6 +246,10 @@ def recording(factory: type[Any], answers: list[SentAnswer]) -> type[Any]:
                     self.sent,
                     sent_media.decode().split(";")[0].strip(),
                     request_body,
+                    (
+                        self.responseHeaders.getRawHeaders(b"cache-control"),
+                        self.responseHeaders.getRawHeaders(b"x-content-type-options"),
+                    ),
                 )
             )
             return super().finish()
@@ -263,6 +269,8 @@ def check_answers(answers: list[SentAnswer], description: dict[str, Any]) -> Non
     """
     for answer in answers:
         where = f"{answer.method} {answer.path} -> {answer.status}"
+        # Every answer may carry health data: never cached, never sniffed.
+        assert answer.safety == ([b"no-store"], [b"nosniff"]), where
         operations = description["paths"].get(answer.path, {})
         operation = operations.get(answer.method.lower())
         if operation is None:
@@ -533,10 +541,19 @@ class ScenarioTests(FacadeTestCase):
                 [media_type.encode()],
                 accept,
             )
+            disposition = response.headers.getRawHeaders(b"content-disposition")
             if media_type == "application/json":
                 self.assertEqual(base64.b64decode(json.loads(content)["content"]), data)
+                self.assertIsNone(disposition)
             else:
                 self.assertEqual(content, data, accept)
+                # A file to save, never a page for a browser to display.
+                extension = ".xml" if media_type == "text/xml" else ".bin"
+                self.assertEqual(
+                    disposition,
+                    [f'attachment; filename="{unique_id}{extension}"'.encode()],
+                    accept,
+                )
 
     @inlineCallbacks
     def test_multipart_submission(self) -> Any:
@@ -2939,6 +2956,23 @@ class ProblemMappingTests(SynchronousTestCase):
         self.assertEqual(request.responseCode, 400)
         document = json.loads(b"".join(request.written))
         self.assertEqual(document["detail"], "bad \ud800 here")
+
+
+class DocumentFilenameTests(SynchronousTestCase):
+    def test_only_safe_characters(self) -> None:
+        """
+        A retrieved document's file name keeps only letters, digits, dots,
+        dashes and underscores of its uniqueId, never starts with a dot,
+        and has its media type's extension.
+        """
+        from cpsdmp.facade.resource import document_filename
+
+        for unique_id, media_type, name in [
+            ("1.2.250.1^abc", "text/xml", "1.2.250.1_abc.xml"),
+            ('../"x"\r\n;y', "application/octet-stream", "__x____y.bin"),
+            ("..", "application/pdf", "document.pdf"),
+        ]:
+            self.assertEqual(document_filename(unique_id, media_type), name)
 
 
 class OptionsTests(SynchronousTestCase):

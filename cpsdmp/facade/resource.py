@@ -1110,7 +1110,9 @@ async def _td32(resource: FacadeResource, request: server.Request, body: Any) ->
     if chosen is None:
         raise _not_acceptable(request, offers)
     if chosen != JSON:
-        return RawAnswer(bytes(document.data), chosen)
+        return RawAnswer(
+            bytes(document.data), chosen, document_filename(unique_id, chosen)
+        )
     return {
         "uniqueId": document.unique_id,
         "repositoryUniqueId": document.repository,
@@ -1654,7 +1656,11 @@ def openapi() -> dict[str, Any]:
             "the professional's CPS card through their agent. A path not "
             "described here is answered 404 (components/responses/NotFound), a "
             "method a described path does not take 405 with an Allow header "
-            "(components/responses/MethodNotAllowed), both as problem documents.",
+            "(components/responses/MethodNotAllowed), both as problem documents. "
+            "Every answer carries Cache-Control: no-store and "
+            "X-Content-Type-Options: nosniff; a document retrieved raw "
+            "(td32Retrieve) comes as Content-Disposition: attachment with a "
+            "file name made of its uniqueId.",
         },
         "paths": paths,
         "components": {
@@ -1713,6 +1719,22 @@ class RawAnswer:
 
     data: bytes
     media_type: str
+    #: When set, the answer is a file to save, never to display: a CDA
+    #: served as text/xml may carry a stylesheet a browser would run.
+    filename: str | None = None
+
+
+#: The extension a retrieved document's file takes, by media type.
+_EXTENSIONS = {"text/xml": ".xml", "application/xml": ".xml", "application/pdf": ".pdf"}
+
+
+def document_filename(unique_id: str, media_type: str) -> str:
+    """
+    @return: a file name for a retrieved document: its uniqueId with only
+        letters, digits, dots, dashes and underscores, and an extension.
+    """
+    stem = re.sub(r"[^A-Za-z0-9._-]", "_", unique_id)[:128].lstrip(".") or "document"
+    return stem + _EXTENSIONS.get(media_type, ".bin")
 
 
 class FacadeResource(Resource):
@@ -1846,6 +1868,11 @@ class FacadeResource(Resource):
             return
         if isinstance(answer, RawAnswer):
             request.setHeader(b"content-type", answer.media_type.encode())
+            if answer.filename is not None:
+                request.setHeader(
+                    b"content-disposition",
+                    f'attachment; filename="{answer.filename}"'.encode("ascii"),
+                )
             request.write(answer.data)
         else:
             request.setHeader(b"content-type", JSON.encode())
@@ -1997,6 +2024,13 @@ class BoundedRequest(bounded.BoundedRequest):
     #: Set by L{refuse_at_once}: the request is answered and never processed.
     refused = False
     _drained = 0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Answers carry health data: no cache keeps them, and no browser
+        # reads them as another type than the one they say.
+        self.setHeader(b"cache-control", b"no-store")
+        self.setHeader(b"x-content-type-options", b"nosniff")
 
     def too_large_problem(self) -> Problem:
         return Problem(
