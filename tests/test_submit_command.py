@@ -341,7 +341,7 @@ class ProblemLinesTests(SynchronousTestCase):
     def test_title_and_detail(self) -> None:
         """
         A detail that says something else follows the title; a problem that
-        is not about the documents names none.
+        stopped the whole submission, whatever its cause, names its files.
         """
         from cpsdmp.facade.cli import _problem_lines
 
@@ -353,7 +353,7 @@ class ProblemLinesTests(SynchronousTestCase):
         )
         self.assertEqual(
             _problem_lines(problem, [Path("a.xml")]),
-            ["cpsdmp submit: 504 The agent did not answer in time: after 30 s"],
+            ["cpsdmp submit: a.xml: 504 The agent did not answer in time: after 30 s"],
         )
 
 

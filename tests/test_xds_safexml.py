@@ -167,3 +167,22 @@ class ParserLimitTests(SynchronousTestCase):
         """
         error = self.assertRaises(XmlRefused, parse_xml, b"<a><b></a>", what="CDA")
         self.assertTrue(str(error).startswith("CDA is not well-formed XML: "))
+
+
+class SyntaxErrorTests(SynchronousTestCase):
+    def test_one_line(self) -> None:
+        """
+        A document that is not well-formed is said in one line, with the
+        line and column, both when parsed whole and when read as events:
+        libxml2 ends some of its messages with a newline mid-sentence.
+        """
+        document = b'<?xml version="1.0"?>\n<a>x\x00y</a>'
+        with self.assertRaises(XmlRefused) as whole:
+            parse_xml(document, what="the CDA")
+        with self.assertRaises(XmlRefused) as events:
+            list(iter_events(chunked(document, 4), what="the CDA"))
+        for refused in (whole.exception, events.exception):
+            said = str(refused)
+            self.assertNotIn("\n", said)
+            self.assertTrue(said.startswith("the CDA is not well-formed XML: "), said)
+            self.assertIn("Char 0x0 out of allowed range, line 2", said)

@@ -245,17 +245,19 @@ def _problem_lines(problem: Any, files: list[Path]) -> list[str]:
     """
     @param problem: a L{cpsdmp.facade.client.FacadeProblem}.
     @param files: the files submitted, in their order.
-    @return: the lines that say a problem of the facade: the files it is
-        about and its title, then the DMP's own errors one a line when it
-        gave some (the detail sums them up: not said twice), or else the
-        detail (without the title when the detail repeats it).
+    @return: the lines that say a problem of the facade: the file it is
+        about, or else all the files submitted, and its title, then the
+        DMP's own errors one a line when it gave some (the detail sums them
+        up: not said twice), or else the detail (without the title when the
+        detail repeats it).
     """
     about = "cpsdmp submit"
     index = problem.problem.get("documentIndex")
     if isinstance(index, int) and 0 <= index < len(files):
         about += f": {files[index]}"
-    elif problem.kind in ("invalid-cda", "dmp-refused", "too-large"):
-        # About the submission as a whole: every file of it.
+    else:
+        # About the submission as a whole, whatever stopped it (the DMP, the
+        # card, a rate limit): a script submitting many files is told which.
         about += f": {', '.join(str(path) for path in files)}"
     title = str(problem.problem.get("title") or "error")
     detail = str(problem.problem.get("detail") or "")

@@ -8,6 +8,7 @@ outright: neither SOAP 1.2 nor a CDA document needs one.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Iterator
 
 from lxml import etree
@@ -92,6 +93,9 @@ _LIMIT_ERRORS = (
 )
 
 
+_LXML_SOURCE = re.compile(r" \(<string>, line \d+\)$")
+
+
 def _syntax_refused(what: str, error: etree.XMLSyntaxError) -> XmlRefused:
     """
     @return: the refusal of a document lxml could not parse: not
@@ -101,7 +105,11 @@ def _syntax_refused(what: str, error: etree.XMLSyntaxError) -> XmlRefused:
     """
     message = error.msg or str(error)
     if error.code not in _LIMIT_ERRORS and "XML_PARSE_HUGE" not in message:
-        return XmlRefused(f"{what} is not well-formed XML: {error}")
+        # libxml2 ends some messages with a newline, mid-sentence in lxml's
+        # text: an error is said in one line.
+        said = " ".join(str(error).split()).replace(" ,", ",")
+        said = _LXML_SOURCE.sub("", said)  # "(<string>, line 2)" says it again
+        return XmlRefused(f"{what} is not well-formed XML: {said}")
     reason = "a resource limit"
     for words, ours in _LIMITS:
         if words in message:
