@@ -272,7 +272,11 @@ def check_answers(answers: list[SentAnswer], description: dict[str, Any]) -> Non
         # Every answer may carry health data: never cached, never sniffed.
         assert answer.safety == ([b"no-store"], [b"nosniff"]), where
         operations = description["paths"].get(answer.path, {})
-        operation = operations.get(answer.method.lower())
+        method = answer.method.lower()
+        if method == "head" and "get" in operations:
+            # What GET would answer, the body left out on the wire.
+            method = "get"
+        operation = operations.get(method)
         if operation is None:
             # Not described: only "no such route" or "not this method", as
             # the description's shared responses say.
@@ -293,7 +297,7 @@ def check_answers(answers: list[SentAnswer], description: dict[str, Any]) -> Non
             continue
         status = str(answer.status)
         assert status in operation["responses"], f"{where}: status not described"
-        base = ("paths", answer.path, answer.method.lower(), "responses", status)
+        base = ("paths", answer.path, method, "responses", status)
         response = operation["responses"][status]
         if "$ref" in response:
             # A shared response: "#/components/responses/<name>".
@@ -318,7 +322,7 @@ def check_answers(answers: list[SentAnswer], description: dict[str, Any]) -> Non
                 _pointer(
                     "paths",
                     answer.path,
-                    answer.method.lower(),
+                    method,
                     "requestBody",
                     "content",
                     "application/json",
@@ -2048,6 +2052,29 @@ class OpenApiTests(FacadeTestCase):
             {(a.method, a.path) for a in self.answers} & described, described
         )
         check_answers(self.answers, served)
+
+    @inlineCallbacks
+    def test_head(self) -> Any:
+        """
+        HEAD on a GET route answers as GET would, without the body; the
+        Allow header of a 405 names HEAD wherever GET is taken.
+        """
+        for path in ("/health", "/openapi.json"):
+            response = yield Agent(reactor).request(
+                b"HEAD", (self.facade_url + path).encode()
+            )
+            body = yield readBody(response)
+            self.assertEqual((response.code, body), (200, b""), path)
+            self.assertEqual(
+                response.headers.getRawHeaders(b"content-type"),
+                [b"application/json"],
+            )
+        response = yield Agent(reactor).request(
+            b"DELETE", (self.facade_url + "/health").encode()
+        )
+        yield readBody(response)
+        self.assertEqual(response.code, 405)
+        self.assertEqual(response.headers.getRawHeaders(b"allow"), [b"GET, HEAD"])
 
     def test_answers_checked(self) -> None:
         """

@@ -1809,9 +1809,12 @@ class FacadeResource(Resource):
     def render(self, request: server.Request) -> Any:
         method = (request.method or b"").decode("ascii", "replace")
         path = (request.path or b"").decode("utf-8", "replace")
-        route = self._routes.get((method, path))
+        # HEAD is GET without the body, which twisted.web leaves out.
+        route = self._routes.get(("GET" if method == "HEAD" else method, path))
         if route is None:
             allowed = sorted(m for m, p in self._routes if p == path)
+            if "GET" in allowed:
+                allowed = sorted([*allowed, "HEAD"])
             if allowed:
                 request.setHeader(b"allow", ", ".join(allowed).encode())
                 problem = Problem(
