@@ -18,6 +18,7 @@ from cryptography import x509
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import ServerFactory
 from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
@@ -158,15 +159,17 @@ def start_agent(
 class HostileAgent:
     """
     Something that holds a TLS certificate, as an agent does, and answers
-    with C{resource}: an agent gone wrong, or not an agent at all.
+    with C{resource}, or speaks C{resource}'s protocol when it is a factory
+    (to answer what no HTTP server would send): an agent gone wrong, or not
+    an agent at all.
     """
 
-    def __init__(self, testcase: TestCase, resource: Resource) -> None:
+    def __init__(self, testcase: TestCase, resource: Resource | ServerFactory) -> None:
         key, certificate = self_signed_identity()
         self.fingerprint = fingerprint(certificate)
         self._port = reactor.listenSSL(  # type: ignore[attr-defined]
             0,
-            Site(resource),
+            resource if isinstance(resource, ServerFactory) else Site(resource),
             server_tls_options(key, [certificate]),
             interface="127.0.0.1",
         )

@@ -27,7 +27,7 @@ from twisted.internet.endpoints import (
     connectProtocol,
     wrapClientTLS,
 )
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import formatEvent, globalLogPublisher
@@ -43,6 +43,7 @@ from cpsdmp.agent import problems
 from cpsdmp.agent.card import ALGORITHMS, KeyUsage, Pkcs11Backend, SoftCardBackend
 from cpsdmp.agent.client import (
     MAX_ANSWER_BYTES,
+    MAX_HEAD_BYTES,
     AgentCertificateMismatch,
     AgentError,
     AgentUnreachable,
@@ -1852,6 +1853,40 @@ class _Fixed(Resource):
         return body
 
 
+class _EndlessHeader(Protocol):
+    """
+    Answers a request with a status line, then 8 KiB header lines, 64 KiB a
+    turn, for as long as the connection lasts: what no HTTP server sends.
+    """
+
+    factory: _EndlessHeaders
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.factory.sent:
+            return
+        self.transport.write(b"HTTP/1.1 200 OK\r\n")  # type: ignore[union-attr]
+        self.more()
+
+    def more(self) -> None:
+        if self.factory.lost.called:
+            return
+        line = b"x-filler: " + b"a" * 8180 + b"\r\n"
+        self.transport.write(line * 8)  # type: ignore[union-attr]
+        self.factory.sent += len(line) * 8
+        reactor.callLater(0, self.more)  # type: ignore[attr-defined]
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.factory.lost.callback(None)
+
+
+class _EndlessHeaders(ServerFactory):
+    protocol = _EndlessHeader
+
+    def __init__(self) -> None:
+        self.sent = 0
+        self.lost: Deferred[None] = Deferred()
+
+
 _JSON = {"content-type": "application/json"}
 
 
@@ -1860,7 +1895,7 @@ class HostileAnswerTests(TestCase):
     CpsAgentClient in front of something that answers as no agent does.
     """
 
-    def client(self, resource: Resource) -> CpsAgentClient:
+    def client(self, resource: Resource | ServerFactory) -> CpsAgentClient:
         hostile = HostileAgent(self, resource)
         client = CpsAgentClient.from_context(hostile.context(), timeout=10)
         self.addCleanup(client.close)
@@ -1882,6 +1917,43 @@ class HostileAnswerTests(TestCase):
         )
         yield endless.lost
         self.assertLess(endless.sent, 64 * MAX_ANSWER_BYTES)
+
+    @inlineCallbacks
+    def test_endless_headers(self) -> Any:
+        """
+        Header lines that never end are read up to the limit of a whole
+        answer, then refused and their connection dropped, long before the
+        timeout.
+        """
+        endless = _EndlessHeaders()
+        client = self.client(endless)
+        failure = yield self.assertFailure(client.card(), AgentError)
+        self.assertNotIsInstance(failure, AgentUnreachable)
+        self.assertIn(
+            "the agent's answer to GET /cps/card exceeds "
+            f"{MAX_ANSWER_BYTES + MAX_HEAD_BYTES} bytes, headers included",
+            str(failure),
+        )
+        yield endless.lost
+        self.assertLess(endless.sent, 64 * (MAX_ANSWER_BYTES + MAX_HEAD_BYTES))
+
+    @inlineCallbacks
+    def test_limit_is_per_answer(self) -> Any:
+        """
+        Answers on one kept connection are each held to the limit, not all
+        of them together.
+        """
+        body = json.dumps(
+            {
+                "present": True,
+                "holder": {"id": "8", "name": "A", "profession": "B"},
+                "padding": " " * (MAX_ANSWER_BYTES - 1000),
+            }
+        ).encode()
+        client = self.client(_Fixed({"/cps/card": (200, _JSON, body)}))
+        for _ in range(3):
+            card = yield client.card()
+            self.assertEqual(card["holder"]["id"], "8")
 
     @inlineCallbacks
     def test_announced_too_large(self) -> Any:

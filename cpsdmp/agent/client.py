@@ -23,11 +23,20 @@ from twisted.internet.defer import (
     fail,
     succeed,
 )
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectError
-from twisted.internet.interfaces import IConsumer, IOpenSSLClientConnectionCreator
+from twisted.internet.interfaces import (
+    IConsumer,
+    IOpenSSLClientConnectionCreator,
+    IProtocol,
+    IProtocolFactory,
+    IStreamClientEndpoint,
+)
 from twisted.internet.protocol import Protocol, connectionDone
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from twisted.web.client import (
+    URI,
     Agent,
     HTTPConnectionPool,
     RequestGenerationFailed,
@@ -36,9 +45,10 @@ from twisted.web.client import (
     ResponseFailed,
     ResponseNeverReceived,
 )
+from twisted.web.error import SchemeNotSupported
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer, IPolicyForHTTPS
+from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IPolicyForHTTPS
 from zope.interface import implementer
 
 from cpsdmp.agent import problems
@@ -56,6 +66,10 @@ DEFAULT_TIMEOUT = 30.0
 #: The most read of one agent answer: its answers are a few KB (a certificate
 #: chain, a signature), so anything far larger is not an agent's.
 MAX_ANSWER_BYTES = 1024 * 1024
+
+#: What an answer's status line and headers may add to its body, read from
+#: the connection: the agent's take a few hundred bytes.
+MAX_HEAD_BYTES = 256 * 1024
 
 #: The longest holder member taken from C{/cps/card}: an identifier, a name
 #: and a profession are short.
@@ -322,6 +336,104 @@ class _CappedBody(Protocol):
             self.done.errback(reason)
 
 
+class _OverBudget(Exception):
+    """
+    The connection was dropped: the answer read on it passed its budget.
+    """
+
+
+class _BudgetedConnection(ProtocolWrapper):
+    """
+    Between the HTTP client and the TLS connection: counts the bytes read
+    since the client last wrote (a request), and past the factory's budget
+    drops the connection, without reading on, and tells the client why.
+
+    The HTTP client bounds each header line but not their number; this
+    bounds everything an answer makes it hold. An answer whose body runs to
+    the connection's close, cut here, reads as ended where it was cut (the
+    client gives no reason for such an end): a body the agent could have
+    sent as well, still bounded.
+    """
+
+    factory: _Budget
+
+    def __init__(self, factory: _Budget, wrapped: IProtocol) -> None:
+        super().__init__(factory, wrapped)
+        self._read = 0
+        self._dropped = False
+
+    def write(self, data: bytes) -> None:
+        self._read = 0
+        super().write(data)  # type: ignore[no-untyped-call]
+
+    def writeSequence(self, data: list[bytes]) -> None:
+        self._read = 0
+        super().writeSequence(data)  # type: ignore[no-untyped-call]
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._dropped:
+            return
+        self._read += len(data)
+        if self._read > self.factory.budget:
+            self._dropped = True
+            self.transport.abortConnection()  # type: ignore[union-attr]
+            return
+        super().dataReceived(data)  # type: ignore[no-untyped-call]
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._dropped:
+            reason = Failure(_OverBudget())  # type: ignore[no-untyped-call]
+        super().connectionLost(reason)  # type: ignore[no-untyped-call]
+
+
+class _Budget(WrappingFactory[_BudgetedConnection]):
+    protocol = _BudgetedConnection
+
+    def __init__(self, wrapped: IProtocolFactory, budget: int) -> None:
+        super().__init__(wrapped)  # type: ignore[no-untyped-call]
+        self.budget = budget
+
+
+@implementer(IStreamClientEndpoint)
+class _BudgetedEndpoint:
+    def __init__(self, wrapped: IStreamClientEndpoint, budget: int) -> None:
+        self._wrapped = wrapped
+        self._budget = budget
+
+    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
+        def unwrapped(wrapper: IProtocol) -> IProtocol:
+            assert isinstance(wrapper, _BudgetedConnection)
+            return wrapper.wrappedProtocol
+
+        d = self._wrapped.connect(_Budget(protocolFactory, self._budget))
+        return d.addCallback(unwrapped)
+
+
+@implementer(IAgentEndpointFactory)
+class _PinnedEndpoints:
+    """
+    The agent's connections: TLS only, to the certificate C{policy} pins,
+    each holding at most C{budget} bytes of one answer.
+    """
+
+    def __init__(
+        self, reactor: Any, policy: PinnedCertificatePolicy, timeout: float, budget: int
+    ) -> None:
+        self._reactor = reactor
+        self._policy = policy
+        self._timeout = timeout
+        self._budget = budget
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        if uri.scheme != b"https":
+            raise SchemeNotSupported(f"the agent answers on https, not {uri.scheme!r}")
+        tcp = HostnameEndpoint(
+            self._reactor, uri.host.decode("ascii"), uri.port, timeout=self._timeout
+        )
+        tls = wrapClientTLS(self._policy.creatorForNetloc(uri.host, uri.port), tcp)
+        return _BudgetedEndpoint(tls, self._budget)
+
+
 def _reactor_or_default(reactor: Any) -> Any:
     if reactor is None:
         from twisted.internet import reactor as default
@@ -354,12 +466,12 @@ class _Channel:
         make_agent: Any = Agent
         self._pool = make_pool(self.reactor, persistent=True)
         self._pool.maxPersistentPerHost = 8
-        agent = make_agent(
-            self.reactor,
-            contextFactory=self.policy,
-            pool=self._pool,
-            connectTimeout=timeout,
-        )
+        # The body is capped as it is read (_CappedBody); the connection
+        # itself, where the status line and headers are read, to a little
+        # more.
+        self.max_read = max_answer + MAX_HEAD_BYTES
+        endpoints = _PinnedEndpoints(self.reactor, self.policy, timeout, self.max_read)
+        agent = make_agent.usingEndpointFactory(self.reactor, endpoints, self._pool)
         self.http = HTTPClient(agent, data_to_body_producer=_BytesProducer)
 
     def request(
@@ -444,6 +556,12 @@ class _Channel:
                 f"refusing {self.url}: its TLS certificate does not match the "
                 f"agent context's {self.policy.fingerprint}; it is another "
                 "agent or a restarted one, so open a new session"
+            )
+        reasons = getattr(error, "reasons", [])
+        if any(reason.check(_OverBudget) for reason in reasons):
+            raise AgentError(
+                f"the agent's answer to {method} {path} exceeds {self.max_read} "
+                "bytes, headers included"
             )
         if isinstance(error, (TimeoutError, CancelledError)):
             raise AgentUnreachable(
