@@ -44,6 +44,7 @@ from cpsdmp.agent.card import ALGORITHMS, KeyUsage, Pkcs11Backend, SoftCardBacke
 from cpsdmp.agent.client import (
     MAX_ANSWER_BYTES,
     MAX_HEAD_BYTES,
+    MAX_QUOTED,
     AgentCertificateMismatch,
     AgentError,
     AgentUnreachable,
@@ -1989,6 +1990,63 @@ class HostileAnswerTests(TestCase):
         )
         failure = yield self.assertFailure(client.card(), AgentError)
         self.assertIn("the agent answered GET /cps/card: HTTP 302", str(failure))
+
+    @inlineCallbacks
+    def test_problem_quoted_in_one_short_line(self) -> Any:
+        """
+        A problem's long, many-lined detail and title are quoted in one line
+        cut to L{MAX_QUOTED} characters, in the error and in its problem.
+        """
+        detail = "the card said:\n" + "line\r\n\tof words\x1b[2J " * 10000
+        problem = {
+            "type": problems.TOKEN_EXPIRED,
+            "title": "expired\n" * 1000,
+            "detail": detail,
+            "status": 401,
+        }
+        client = self.client(
+            _Fixed(
+                {
+                    "/cps/card": (
+                        401,
+                        {"content-type": "application/problem+json"},
+                        json.dumps(problem).encode(),
+                    )
+                }
+            )
+        )
+        failure = yield self.assertFailure(client.card(), TokenExpired)
+        said = str(failure)
+        self.assertTrue(
+            said.startswith(
+                "the agent answered GET /cps/card: the card said: line of words"
+            ),
+            said,
+        )
+        self.assertTrue(said.endswith("…"), said)
+        self.assertLessEqual(len(said), MAX_QUOTED + 40)
+        for name in ("title", "detail"):
+            quoted = failure.problem[name]
+            self.assertLessEqual(len(quoted), MAX_QUOTED)
+            self.assertTrue(quoted.endswith("…"), quoted)
+            self.assertTrue(quoted.isprintable(), quoted)
+        self.assertIn(failure.problem["detail"], said)
+        self.assertEqual(failure.problem["status"], 401)
+
+    @inlineCallbacks
+    def test_short_problem_quoted_whole(self) -> Any:
+        """
+        A detail of one short line is quoted as the agent said it.
+        """
+        problem = {"type": problems.NO_CARD, "detail": "no card in the reader"}
+        client = self.client(
+            _Fixed({"/cps/card": (503, _JSON, json.dumps(problem).encode())})
+        )
+        failure = yield self.assertFailure(client.card(), NoCard)
+        self.assertEqual(
+            str(failure), "the agent answered GET /cps/card: no card in the reader"
+        )
+        self.assertEqual(failure.problem["detail"], "no card in the reader")
 
     @inlineCallbacks
     def test_holder_checked(self) -> Any:

@@ -71,6 +71,10 @@ MAX_ANSWER_BYTES = 1024 * 1024
 #: the connection: the agent's take a few hundred bytes.
 MAX_HEAD_BYTES = 256 * 1024
 
+#: The most quoted of what the agent says in a problem (its title, its
+#: detail), in characters: one line, for a log or a professional to read.
+MAX_QUOTED = 300
+
 #: The longest holder member taken from C{/cps/card}: an identifier, a name
 #: and a profession are short.
 MAX_HOLDER_MEMBER = 256
@@ -82,7 +86,8 @@ SCHEME_ALGORITHMS: Mapping[SignatureScheme, str] = CARD_TLS_SCHEMES
 
 class AgentError(Exception):
     """
-    The agent refused or failed; C{problem} is its problem document, if any.
+    The agent refused or failed; C{problem} is its problem document, if any,
+    its title and detail cut to one short line (L{MAX_QUOTED}).
     """
 
     def __init__(self, message: str, problem: Mapping[str, Any] | None = None) -> None:
@@ -522,6 +527,9 @@ class _Channel:
                 return response.code, _json(content, method, path)
             return response.code, content
         problem = _json(content, method, path) if is_json else {}
+        for name in ("title", "detail"):
+            if problem.get(name):
+                problem[name] = _one_line(str(problem[name]))
         detail = problem.get("detail") or f"HTTP {response.code}"
         error = _ERRORS.get(str(problem.get("type")), AgentError)
         raise error(f"the agent answered {method} {path}: {detail}", problem)
@@ -581,6 +589,18 @@ class _Channel:
     def close(self) -> Deferred[None]:
         closing: Deferred[None] = self._pool.closeCachedConnections()
         return closing
+
+
+def _one_line(text: str) -> str:
+    """
+    @return: C{text}, from the agent, as one line of printable characters,
+        cut to L{MAX_QUOTED} with an ellipsis.
+    """
+    printable = "".join(c if c.isprintable() else " " for c in text[: 4 * MAX_QUOTED])
+    line = " ".join(printable.split())
+    if len(line) > MAX_QUOTED or len(text) > 4 * MAX_QUOTED:
+        return line[: MAX_QUOTED - 1].rstrip() + "…"
+    return line
 
 
 def _json(content: bytes, method: str, path: str) -> dict[str, Any]:
