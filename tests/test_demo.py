@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import IO
 
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -532,6 +532,46 @@ class StepTests(SynchronousTestCase):
         self.assertEqual(
             str(failure.value), f"agent started: no result within {STEP_TIMEOUT:g} s"
         )
+
+
+class _Submitted(Exception):
+    pass
+
+
+class _FormFacade:
+    """
+    A facade that says the patient's DMP exists and keeps how a submission
+    was asked, then stops the scenario.
+    """
+
+    def __init__(self) -> None:
+        self.submissions: list[tuple[tuple[object, ...], dict[str, object]]] = []
+
+    def td02_exist(self, patient: object, context: object) -> Deferred[object]:
+        return succeed({"exists": True, "responseCode": "DMP_EXISTS"})
+
+    def td21_submit(self, *args: object, **kwargs: object) -> Deferred[object]:
+        self.submissions.append((args, kwargs))
+        return fail(_Submitted())
+
+
+class ScenarioTests(SynchronousTestCase):
+    def test_submission_as_a_form(self) -> None:
+        """
+        The demo submits a document as a multipart form named after its
+        file, as cpsdmp submit does: in base64 in JSON, a document of 50 MB
+        would pass the facade's limit on a body.
+        """
+        facade = _FormFacade()
+        demo = Demo(Clock(), self.mktemp(), keep=True)
+        data = sample_cda(_PROFESSIONAL)
+        d = ensureDeferred(
+            demo.scenario(facade, {"url": "x"}, "report.xml", data)  # type: ignore[arg-type]
+        )
+        self.failureResultOf(d, DemoFailed)
+        [(args, kwargs)] = facade.submissions
+        self.assertEqual(args[0], [data])
+        self.assertEqual(kwargs.get("names"), ["report.xml"])
 
 
 class GeneratedDocumentDemoTests(TestCase):
