@@ -465,6 +465,14 @@ class BadArgumentTests(SynchronousTestCase):
             "/nonexistent.xml",
         )
 
+    def test_cda_not_a_regular_file(self) -> None:
+        """
+        A pipe no one writes to is refused at once, not waited on.
+        """
+        fifo = Path(self.mktemp()).absolute()
+        os.mkfifo(fifo)
+        self.assert_refused(f"--cda {fifo}: not a regular file", "--cda", str(fifo))
+
     def test_cda_not_a_cda(self) -> None:
         """
         Of several --cda files, the one that is not a CDA is named.

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import stat
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,7 @@ from cpsdmp.xds.ebrim import CodedValue, MetadataError, is_oid
 from cpsdmp.xds.values import check_class_code
 
 # The largest CDA read; a DMP document is far smaller, and reading stops here
-# whatever the file claims (a device, a pipe, a file still growing).
+# whatever the file claims (a file still growing).
 MAX_CDA_BYTES = 128 * 1024 * 1024
 
 # A code may be a URN (every formatCode is one), hence the colon; never an
@@ -81,10 +83,19 @@ def _title(value: str) -> str:
 def read_cda(path: Path, limit: int = MAX_CDA_BYTES) -> bytes:
     """
     @return: the file's bytes, read up to C{limit} and no further.
-    @raise ValueError: when the file is larger.
+    @raise ValueError: when the file is larger, or is not a regular file (a
+        pipe no one writes to would be waited on forever, a device read
+        until the limit).
     """
-    with path.open("rb") as f:
-        data = f.read(limit + 1)
+    # Opened without waiting for a writer, in case it is a pipe.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError("not a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(limit + 1)
+    finally:
+        os.close(fd)
     if len(data) > limit:
         raise ValueError(f"larger than {limit // (1024 * 1024)} MiB: not a CDA")
     return data

@@ -235,12 +235,27 @@ class MetadataCommandTests(SynchronousTestCase):
 
     def test_size_bound(self) -> None:
         """
-        Reading stops at the bound whatever the file is, so a device or a
-        huge file is refused without being read whole.
+        Reading stops at the bound, so a huge file is refused without being
+        read whole.
         """
+        huge = Path(self.mktemp())
+        with huge.open("wb") as f:
+            f.truncate(1024 * 1024 + 1)
         with self.assertRaises(ValueError) as raised:
-            cli.read_cda(Path("/dev/zero"), limit=1024 * 1024)
+            cli.read_cda(huge, limit=1024 * 1024)
         self.assertIn("larger than 1 MiB", str(raised.exception))
         small = Path(self.mktemp())
         small.write_bytes(b"<x/>")
         self.assertEqual(cli.read_cda(small, limit=4), b"<x/>")
+
+    def test_not_a_regular_file(self) -> None:
+        """
+        A device, a folder or a pipe no one writes to is refused at once,
+        without waiting for a writer.
+        """
+        fifo = Path(self.mktemp())
+        os.mkfifo(fifo)
+        for path in [Path("/dev/zero"), Path("."), fifo]:
+            with self.assertRaises(ValueError) as raised:
+                cli.read_cda(path)
+            self.assertEqual(str(raised.exception), "not a regular file")
