@@ -22,7 +22,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.endpoints import serverFromString
+from twisted.internet.endpoints import (
+    TCP4ServerEndpoint,
+    TCP6ServerEndpoint,
+    serverFromString,
+)
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.logger import Logger
@@ -90,9 +94,15 @@ def number_option(
 
 def check_endpoint(option: str, description: str) -> None:
     """
+    Check a --listen endpoint: TCP, over IPv4 (C{tcp:}) or IPv6
+    (C{tcp6:}), the only kind the services serve on. Each wraps its own TLS,
+    so an C{ssl:} endpoint would be TLS in TLS; and a caller on a UNIX
+    socket has no address to check, log or give an agent's URL with.
+
     @raise usage.UsageError: when C{description} is not a server endpoint
-        description that Twisted can parse, or names a TCP port outside 0
-        to 65535 (which Twisted parses, and only the listening refuses).
+        description that Twisted can parse, is not a TCP one, or names a
+        TCP port outside 0 to 65535 (which Twisted parses, and only the
+        listening refuses).
     """
     try:
         # Only parsed: the endpoint keeps the reactor and does nothing with
@@ -103,7 +113,12 @@ def check_endpoint(option: str, description: str) -> None:
             f"--{option} {description}: not a server endpoint ({e}); for "
             "example tcp:PORT:interface=127.0.0.1"
         ) from None
-    # The TCP and SSL endpoints keep their port there; others have none.
+    if not isinstance(endpoint, TCP4ServerEndpoint | TCP6ServerEndpoint):
+        raise usage.UsageError(
+            f"--{option} {description}: not a TCP endpoint (tcp: or tcp6:); "
+            "for example tcp:PORT:interface=127.0.0.1"
+        )
+    # The TCP endpoints keep their port there.
     port = getattr(endpoint, "_port", None)
     if isinstance(port, int) and not 0 <= port <= 65535:
         raise usage.UsageError(

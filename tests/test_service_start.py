@@ -274,6 +274,25 @@ class UsageTests(SynchronousTestCase):
                     "0 to 65535",
                 )
 
+    def test_listen_not_tcp(self) -> None:
+        """
+        A --listen that is not a TCP endpoint (a UNIX socket, whose callers
+        have no address; TLS, which each service does itself) is a usage
+        error of each service, before it starts.
+        """
+        card = _card()
+        tls = f"ssl:0:privateKey={card.sandbox_key}:certKey={card.sandbox_cert}"
+        for command in (_facade, _sandbox, _agent):
+            for listen in ("unix:/tmp/cpsdmp-no-such-folder/socket", tls):
+                result = _twist(*command("--listen", listen))
+                output = result.stdout + result.stderr
+                self.assertEqual(result.returncode, EX_USAGE, output)
+                self.assertNotIn("Starting reactor", output)
+                self.assertIn(
+                    f"Error: --listen {listen}: not a TCP endpoint (tcp: or tcp6:)",
+                    output,
+                )
+
 
 def _read_lines(stream: IO[str], lines: queue.Queue[str | None]) -> None:
     for line in stream:
