@@ -21,6 +21,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from treq.client import HTTPClient
 from twisted.internet import reactor
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, succeed
 from twisted.internet.endpoints import (
     TCP4ClientEndpoint,
@@ -31,7 +32,7 @@ from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import formatEvent, globalLogPublisher
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from twisted.web.resource import Resource
@@ -63,6 +64,7 @@ from cpsdmp.agent.client import (
 )
 from cpsdmp.agent.pki import verify_card_chain
 from cpsdmp.agent.tap import CARD_WATCH_INTERVAL
+from cpsdmp.protocols.httpserver import peer_name
 from cpsdmp.protocols.tls.interfaces import IRemoteKey
 from cpsdmp.protocols.tls.schemes import SignatureScheme, verify_signature
 from cpsdmp.xds.signature import to_be_signed
@@ -2089,3 +2091,23 @@ class HostileAnswerTests(TestCase):
         )
         self.assertIn(f"the agent's answer to POST {signing}", str(failure))
         self.assertIn("lacks 'signature'", str(failure))
+
+
+class PeerNameTests(SynchronousTestCase):
+    """
+    How a caller is named in the agent's logs and audit records, whatever
+    kind of address it has.
+    """
+
+    def test_ip_addresses(self) -> None:
+        self.assertEqual(peer_name(IPv4Address("TCP", "127.0.0.1", 5000)), "127.0.0.1")
+        self.assertEqual(peer_name(IPv6Address("TCP", "::1", 5000)), "::1")
+
+    def test_other_addresses(self) -> None:
+        """
+        A UNIX socket's caller has no host: it is named all the same, rather
+        than failing the request.
+        """
+        self.assertEqual(peer_name(UNIXAddress(b"/run/x/asock")), "unix:/run/x/asock")
+        self.assertEqual(peer_name(UNIXAddress(None)), "unix:(unnamed)")
+        self.assertEqual(peer_name(None), "unknown")

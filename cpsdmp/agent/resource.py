@@ -61,6 +61,7 @@ from cpsdmp.protocols.httpserver import (
     IDLE_TIMEOUT,
     HeaderLimitChannel,
     closing_answer,
+    peer_name,
     reason_phrase,
 )
 from cpsdmp.xds.signature import SignatureRequestRefused, to_be_signed
@@ -605,7 +606,7 @@ class AgentResource(Resource):
                 {"Retry-After": "1"},
                 retryAfter=1,
             )
-        caller = str(request.getClientAddress().host)
+        caller = peer_name(request.getClientAddress())
         if self._pin_mac is not None and not len(self.tokens):
             # The sessions lapsed: the card is asked again.
             self._pin_mac = None
@@ -731,7 +732,7 @@ class AgentResource(Resource):
         self._pin_retry_at = self.clock.seconds() + self._pin_pause
 
     async def _lock(self, request: Request, rest: list[str]) -> None:
-        caller = request.getClientAddress().host
+        caller = peer_name(request.getClientAddress())
         self._end_sessions(f"card locked by {caller}")
         await self.card.logout()
         _log.info("card locked by {caller}", caller=caller)
@@ -782,7 +783,7 @@ class AgentResource(Resource):
             context=self._context(request),
             usage=usage.value,
             algorithm=_loggable(rest[2]),
-            caller=str(request.getClientAddress().host),
+            caller=peer_name(request.getClientAddress()),
         )
         try:
             await self._sign_with(request, usage, rest[2], record)
@@ -891,7 +892,7 @@ class AgentResource(Resource):
             length=len(decision.payload),
             algorithm=algorithm.name,
             key=KEY_LABELS[usage],
-            caller=request.getClientAddress().host,
+            caller=peer_name(request.getClientAddress()),
             duration_ms=round((time.perf_counter() - started) * 1000, 2),
             card_ms=round(card_seconds * 1000, 2),
         )

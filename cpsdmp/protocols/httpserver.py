@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from http import HTTPStatus
 
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.web.http import HTTPChannel
 
 #: Seconds a connection may stay silent while no request is being answered:
@@ -19,6 +20,23 @@ from twisted.web.http import HTTPChannel
 #: and between two requests on a kept connection. Twisted stops this clock
 #: while a request is answered, however long the answer takes.
 IDLE_TIMEOUT = 60.0
+
+
+def peer_name(address: object) -> str:
+    """
+    @return: the host of an IP address, as logs and audit records give a
+        caller (C{127.0.0.1}, C{::1}); for any other kind of address (a
+        UNIX socket's, none at all), a printable name of it rather than an
+        error.
+    """
+    if isinstance(address, IPv4Address | IPv6Address):
+        return str(address.host)
+    if isinstance(address, UNIXAddress):
+        name = address.name
+        if isinstance(name, bytes):
+            name = name.decode("utf-8", "replace")
+        return f"unix:{name}" if name else "unix:(unnamed)"
+    return "unknown" if address is None else str(address)
 
 
 def reason_phrase(status: int) -> bytes:
