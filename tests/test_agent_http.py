@@ -58,6 +58,7 @@ from cpsdmp.agent.client import (
     PinLastTry,
     PinnedCertificatePolicy,
     PinPause,
+    RateLimited,
     TokenExpired,
     WrongPin,
     open_session,
@@ -2034,6 +2035,60 @@ class HostileAnswerTests(TestCase):
             self.assertTrue(quoted.isprintable(), quoted)
         self.assertIn(failure.problem["detail"], said)
         self.assertEqual(failure.problem["status"], 401)
+
+    @inlineCallbacks
+    def test_retry_after_bounded(self) -> Any:
+        """
+        A wait of the agent's is taken when it is a whole number of seconds
+        from 1 to 3600; any other is taken as none, so that it is not
+        passed on.
+        """
+        for given, taken in [
+            (10, 10),
+            (3600, 3600),
+            (10**30, None),
+            (0, None),
+            (-5, None),
+            (True, None),
+            (1.5, None),
+            ("10", None),
+        ]:
+            problem = {"type": problems.RATE_LIMITED, "retryAfter": given}
+            client = self.client(
+                _Fixed({"/cps/card": (429, _JSON, json.dumps(problem).encode())})
+            )
+            failure = yield self.assertFailure(client.card(), RateLimited)
+            self.assertEqual(failure.retry_after, taken, given)
+
+    @inlineCallbacks
+    def test_deeply_nested_answer(self) -> Any:
+        """
+        An answer nested deeper than Python's stack reads is refused as the
+        agent's error, in words, not as an agent that did not answer.
+        """
+        body = b"[" * 100_000 + b"]" * 100_000
+        client = self.client(_Fixed({"/cps/card": (200, _JSON, body)}))
+        failure = yield self.assertFailure(client.card(), AgentError)
+        self.assertNotIsInstance(failure, AgentUnreachable)
+        self.assertEqual(
+            str(failure),
+            "the agent's answer to GET /cps/card is JSON nested too deeply",
+        )
+
+    @inlineCallbacks
+    def test_member_twice(self) -> Any:
+        """
+        An answer with a member twice in one object is refused, as the
+        agent's requests are.
+        """
+        body = b'{"present": true, "present": false}'
+        client = self.client(_Fixed({"/cps/card": (200, _JSON, body)}))
+        failure = yield self.assertFailure(client.card(), AgentError)
+        self.assertEqual(
+            str(failure),
+            "the agent's answer to GET /cps/card has the member 'present' twice "
+            "in one object",
+        )
 
     @inlineCallbacks
     def test_short_problem_quoted_whole(self) -> Any:

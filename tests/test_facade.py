@@ -2919,6 +2919,34 @@ class ProblemMappingTests(SynchronousTestCase):
         )
         self.assertNotIn("bug", json.dumps(problem_for(RuntimeError("bug")).document()))
 
+    def test_rate_limited(self) -> None:
+        """
+        The agent's rate limit is a 429 whose words fit any call, with the
+        agent's wait when it is sensible, else a minute; a wait of the
+        agent's that is not is never passed on to the backend.
+        """
+        from cpsdmp.agent import problems
+        from cpsdmp.agent.client import RateLimited
+        from cpsdmp.facade.resource import problem_for
+
+        for retry, seconds in [(5, 5), (10**30, 60), (None, 60)]:
+            error = RateLimited(
+                "the agent answered GET /cps/card: too many requests",
+                {"type": problems.RATE_LIMITED, "retryAfter": retry},
+            )
+            problem = problem_for(error)
+            document = problem.document()
+            self.assertEqual((problem.status, problem.kind), (429, "card-rate-limited"))
+            self.assertEqual(document["retryAfter"], seconds)
+            self.assertEqual(
+                document["title"],
+                "The agent takes no more requests of this session for now",
+            )
+            self.assertEqual(
+                document["detail"],
+                "the agent answered GET /cps/card: too many requests",
+            )
+
     def test_long_detail_cut(self) -> None:
         """
         Whatever a message quotes, a problem's detail is at most 1000

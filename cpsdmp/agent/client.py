@@ -58,6 +58,7 @@ from cpsdmp.agent import problems
 from cpsdmp.agent.holder import Holder as Holder
 from cpsdmp.agent.holder import holder_from_certificate as holder_from_certificate
 from cpsdmp.agent.policy import CARD_TLS_SCHEMES
+from cpsdmp.protocols import strictjson
 from cpsdmp.protocols.tls.interfaces import IRemoteKey
 from cpsdmp.protocols.tls.schemes import SignatureScheme
 
@@ -145,8 +146,7 @@ class PinPause(AgentError):
 
     @property
     def retry_after(self) -> int | None:
-        value = self.problem.get("retryAfter")
-        return value if isinstance(value, int) else None
+        return _retry_after(self.problem)
 
 
 class RateLimited(AgentError):
@@ -157,8 +157,25 @@ class RateLimited(AgentError):
 
     @property
     def retry_after(self) -> int | None:
-        value = self.problem.get("retryAfter")
-        return value if isinstance(value, int) else None
+        return _retry_after(self.problem)
+
+
+#: The longest wait taken from an agent's C{retryAfter}, in seconds: its
+#: pauses and windows are seconds to minutes, and the value may be passed
+#: on to a backend as a Retry-After header.
+MAX_RETRY_AFTER = 3600
+
+
+def _retry_after(problem: Mapping[str, Any]) -> int | None:
+    """
+    @return: the problem's C{retryAfter}, when a whole number of seconds
+        from 1 to L{MAX_RETRY_AFTER}; else C{None}, as if it had none.
+    """
+    value = problem.get("retryAfter")
+    if isinstance(value, int) and not isinstance(value, bool):
+        if 1 <= value <= MAX_RETRY_AFTER:
+            return value
+    return None
 
 
 class PinBlocked(AgentError):
@@ -604,13 +621,13 @@ def _one_line(text: str) -> str:
 
 
 def _json(content: bytes, method: str, path: str) -> dict[str, Any]:
-    import json
-
+    # Read as the servers here read requests: a member twice, or nesting
+    # deep enough to exhaust Python's stack, is refused in words.
     try:
-        value = json.loads(content)
-    except ValueError:
+        value = strictjson.loads(content)
+    except strictjson.JsonRefused as error:
         raise AgentError(
-            f"the agent answered {method} {path} with malformed JSON"
+            f"the agent's answer to {method} {path} {_one_line(str(error))}"
         ) from None
     if not isinstance(value, dict):
         raise AgentError(

@@ -188,13 +188,14 @@ def problem_for(error: BaseException) -> Problem:
     if isinstance(error, WrongPin):
         return Problem(401, "wrong-pin", "The card refused the PIN", text)
     if isinstance(error, RateLimited):
+        # The agent's own wait when it gives a sensible one (the client
+        # takes 1 to 3600 s), else a minute; the text names the call.
         seconds = error.retry_after or 60
-        said = error.problem.get("detail") or text
         return Problem(
             429,
             "card-rate-limited",
-            "The agent allows no more signatures for now",
-            f"the agent refused a card signature: {said}",
+            "The agent takes no more requests of this session for now",
+            text,
             {"retryAfter": seconds},
         )
     if isinstance(error, NoCard | CardRemoved):
@@ -1586,8 +1587,8 @@ _STATUS_TEXT = {
     413: "request body too large; for a submission, more documents than it may carry",
     422: "the document is invalid, or the DMP refused (its codes in 'errors')",
     423: "the card's PIN is blocked",
-    429: "the agent allows no more card signatures for this session for now: "
-    "try again after Retry-After seconds",
+    429: "the agent takes no more requests of this session for now (it limits "
+    "card signatures): try again after Retry-After seconds",
     431: "a request line or header line over 16384 bytes; the connection closes",
     502: "the agent or the DMP failed: unreachable, TLS handshake refused "
     "(step and alert named), SOAP fault",
