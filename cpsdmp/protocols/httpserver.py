@@ -33,9 +33,11 @@ def peer_name(address: object) -> str:
         return str(address.host)
     if isinstance(address, UNIXAddress):
         name = address.name
+        if not name:
+            return "unix:(unnamed)"
         if isinstance(name, bytes):
-            name = name.decode("utf-8", "replace")
-        return f"unix:{name}" if name else "unix:(unnamed)"
+            return "unix:" + name.decode("utf-8", "replace")
+        return f"unix:{name}"
     return "unknown" if address is None else str(address)
 
 
