@@ -3353,6 +3353,29 @@ class ConnectionLimitTests(SynchronousTestCase):
         protocol.makeConnection(transport)
         return protocol, transport
 
+    def test_early_answers_not_sniffed(self) -> None:
+        """
+        The 413 to a Content-Length over the limit and the 431 to a header
+        line too long, sent before a request exists, carry the headers of
+        every other answer: no-store and nosniff.
+        """
+        for data, status in [
+            (
+                b"POST /dmp/td02Exist HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Length: 99999999999999\r\n\r\n",
+                b"413",
+            ),
+            (b"GET /" + b"a" * 17000 + b" HTTP/1.1\r\n", b"431"),
+        ]:
+            clock = Clock()
+            site = make_site(_bare_service(clock), reactor=clock)
+            protocol, transport = self.connect(site)
+            protocol.dataReceived(data)
+            head = transport.value().partition(b"\r\n\r\n")[0]
+            self.assertTrue(head.startswith(b"HTTP/1.1 " + status), head)
+            self.assertIn(b"Cache-Control: no-store", head)
+            self.assertIn(b"X-Content-Type-Options: nosniff", head)
+
     def test_silent_connection_closed(self) -> None:
         clock = Clock()
         site = make_site(_bare_service(clock), reactor=clock)

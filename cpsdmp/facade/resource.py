@@ -2009,25 +2009,14 @@ def _multipart(content_type: str, raw: bytes) -> dict[str, Any]:
     }
 
 
-#: A body refused by its Content-Length, up to this size, is read and
-#: dropped before the connection closes, so that a client that sends it
-#: without waiting reads the 413 rather than a connection reset; past it,
-#: the connection closes at once.
-DRAIN_LIMIT = 1024 * 1024
-
-
 class BoundedRequest(bounded.BoundedRequest):
     """
     A request whose body is refused (413) above C{max_body} bytes: at once
-    when its Content-Length says so (L{refuse_at_once}), else, for a chunked
-    body, once it is read, what is over the limit read off the connection
-    but not kept.
+    when its Content-Length says so, else, for a chunked body, once it is
+    read, what is over the limit read off the connection but not kept.
     """
 
     max_body = DEFAULT_MAX_REQUEST_BYTES
-    #: Set by L{refuse_at_once}: the request is answered and never processed.
-    refused = False
-    _drained = 0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -2044,37 +2033,9 @@ class BoundedRequest(bounded.BoundedRequest):
             f"the body is over {self.max_body} bytes",
         )
 
-    def refuse_at_once(self, length: int) -> None:
-        """
-        Answer 413 as soon as the headers announce a body of C{length}
-        bytes, over the limit, before reading any of it; the connection
-        then closes.
-        """
-        self.refused = True
-        assert self.channel is not None and self.channel.transport is not None
+    def too_large_answer(self) -> bytes:
         payload = json.dumps(self.too_large_problem().document()).encode()
-        self.channel.transport.write(closing_answer(413, PROBLEM_JSON, payload))
-        if length > DRAIN_LIMIT:
-            self._close()
-
-    def handleContentChunk(self, data: bytes) -> None:
-        if self.refused:
-            self._drained += len(data)
-            if self._drained > DRAIN_LIMIT:
-                self._close()
-            return
-        super().handleContentChunk(data)
-
-    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
-        if self.refused:
-            # Its whole body drained: the 413 is already sent.
-            self._close()
-            return
-        super().requestReceived(command, path, version)
-
-    def _close(self) -> None:
-        if self.channel is not None:
-            self.channel.loseConnection()
+        return closing_answer(413, PROBLEM_JSON, payload)
 
     def refuse_too_large(self) -> None:
         self.setResponseCode(413, reason_phrase(413))
@@ -2112,20 +2073,6 @@ class FacadeChannel(HeaderLimitChannel):
         waiting, self._waiting = self._waiting, []
         for d in waiting:
             d.callback(None)
-
-    def allHeadersReceived(self) -> None:
-        request = self.requests[-1]
-        if (
-            isinstance(request, BoundedRequest)
-            and self.length is not None
-            and self.length > request.max_body
-        ):
-            # Refused before its body is read, and before the 100 Continue
-            # an Expect header asks for, which would have the client send it.
-            self.persistent = False
-            request.refuse_at_once(self.length)
-            return
-        super().allHeadersReceived()
 
     def header_too_large(self) -> bytes:
         problem = Problem(

@@ -2,9 +2,10 @@
 What this project's HTTP servers (the agent, the facade) add to twisted.web
 at the connection level: an idle timeout of their own, so that a client
 that opens a connection and says nothing is let go whatever Twisted's
-default, and an answer to a request line or header too long to read, where
+default; an answer to a request line or header too long to read, where
 twisted.web's line reader drops the connection without a word (and, over
-TLS, leaves the caller waiting).
+TLS, leaves the caller waiting); and a 413 as soon as the headers announce
+a body over the limit, where twisted.web would read it all first.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from http import HTTPStatus
 
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.web.http import HTTPChannel
+
+from cpsdmp.protocols.bounded import BoundedRequest
 
 #: Seconds a connection may stay silent while no request is being answered:
 #: before a request's headers are complete, between the chunks of its body,
@@ -63,6 +66,7 @@ def closing_answer(
         b"HTTP/1.1 %d %s" % (status, reason_phrase(status)),
         b"Content-Type: " + content_type.encode("ascii"),
         b"Cache-Control: no-store",
+        b"X-Content-Type-Options: nosniff",
         b"Content-Length: %d" % len(payload),
         b"Connection: close",
         *(name + b": " + value for name, value in headers),
@@ -74,8 +78,23 @@ class HeaderLimitChannel(HTTPChannel):
     """
     An HTTP/1.1 channel that answers a request line or header line over
     C{MAX_LENGTH} bytes with what L{header_too_large} makes (a 431) and
-    closes the connection.
+    closes the connection; and a L{BoundedRequest} whose Content-Length is
+    over its limit with the request's own 413, before reading its body.
     """
+
+    def allHeadersReceived(self) -> None:
+        request = self.requests[-1]
+        if (
+            isinstance(request, BoundedRequest)
+            and self.length is not None
+            and self.length > request.max_body
+        ):
+            # Refused before its body is read, and before the 100 Continue
+            # an Expect header asks for, which would have the client send it.
+            self.persistent = False
+            request.refuse_at_once(self.length)
+            return
+        super().allHeadersReceived()  # type: ignore[no-untyped-call]
 
     def header_too_large(self) -> bytes:
         """

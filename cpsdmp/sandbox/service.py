@@ -31,6 +31,7 @@ from twisted.web import server
 from twisted.web.resource import Resource
 
 from cpsdmp.protocols import bounded
+from cpsdmp.protocols.httpserver import HeaderLimitChannel, closing_answer
 from cpsdmp.protocols.safexml import parse_xml
 from cpsdmp.protocols.soap import (
     SOAP12,
@@ -940,19 +941,40 @@ def _peer_certificate(request: server.Request) -> x509.Certificate | None:
 
 class BoundedRequest(bounded.BoundedRequest):
     """
-    A request whose body is refused (413) above C{max_body} bytes: what is
-    over the limit is read off the connection but never kept.
+    A request whose body is refused (413) above C{max_body} bytes: at once
+    when its Content-Length says so; else what is over the limit is read
+    off the connection but never kept.
     """
 
     max_body = DEFAULT_MAX_REQUEST_BYTES
 
-    def refuse_too_large(self) -> None:
+    def _refusal(self) -> bytes:
         _log.info("request refused: body over {limit} bytes", limit=self.max_body)
+        return f"request body over {self.max_body} bytes\n".encode()
+
+    def refuse_too_large(self) -> None:
         self.setResponseCode(413)
-        self.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        self.setHeader(b"content-type", _TEXT)
         self.setHeader(b"connection", b"close")
-        self.write(f"request body over {self.max_body} bytes\n".encode())
+        self.write(self._refusal())
         self.finish()
+
+    def too_large_answer(self) -> bytes:
+        return closing_answer(413, _TEXT.decode(), self._refusal())
+
+
+_TEXT = b"text/plain; charset=utf-8"
+
+
+class _SandboxChannel(HeaderLimitChannel):
+    """
+    The local DMP's HTTP/1.1 connections: a body announced over the limit
+    is refused before it is read, a header line too long answered 431.
+    """
+
+    def header_too_large(self) -> bytes:
+        said = f"a request line or header line is at most {self.MAX_LENGTH} bytes\n"
+        return closing_answer(431, _TEXT.decode(), said.encode())
 
 
 def make_site(
@@ -974,4 +996,6 @@ def make_site(
     site.requestFactory = type(  # type: ignore[assignment]
         "BoundedRequest", (BoundedRequest,), {"max_body": max_request_bytes}
     )
+    # HTTP/1.1 only (no HTTP/2 is negotiated), so the plain channel serves.
+    site.protocol = _SandboxChannel  # type: ignore[assignment]
     return site
