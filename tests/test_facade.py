@@ -3786,6 +3786,13 @@ class RequestCheckTests(TestCase):
             "https://agent..local:10036",
             "https://poste\u00e9.local:10036",
             "https://" + "a" * 64 + ".local:10036",
+            # Shorthand forms an address resolver reads, and numbers that
+            # are not an address: neither an IPv4 address nor a name.
+            "https://2130706433:10035",
+            "https://0x7f.1:10035",
+            "https://127.1:10035",
+            "https://999.1.1.1:10035",
+            "https://127.0.0.01:10035",
         ]:
             body = {**base, "agentContext": {**ABSENT_AGENT, "url": url}}
             code, document = yield self.post(
@@ -3796,13 +3803,50 @@ class RequestCheckTests(TestCase):
                 document["detail"].startswith("agentContext.url "), document["detail"]
             )
             self.assertIn("host", document["detail"])
-        for url in ["https://agent-1.local:10036", "https://127.0.0.1:1"]:
+        for url in [
+            "https://agent-1.local:10036",
+            "https://127.0.0.1:1",
+            "https://localhost.:1",
+            "https://LOCALHOST:1/",
+            "https://127.0.0.1.:1",
+        ]:
             body = {**base, "agentContext": {**ABSENT_AGENT, "url": url}}
             code, document = yield self.post(
                 "/dmp/td02Exist", json.dumps(body).encode("ascii")
             )
             # Past the checks: the agent is not there.
             self.assertEqual(code, 502, (url, document))
+            self.assertNotIn("..", document["detail"])
+
+    @inlineCallbacks
+    def test_agent_url_port_and_path_checked(self) -> Any:
+        """
+        An agent URL whose port is not plain digits from 1 to 65535, or that
+        has a path, credentials, a query or a fragment, is refused with 400
+        naming agentContext.url.
+        """
+        base = {"patient": {"ins": "279035121518989"}}
+        for url, said in [
+            ("https://127.0.0.1:010035", "port"),
+            ("https://127.0.0.1:0", "port"),
+            ("https://127.0.0.1:65536", "port"),
+            ("https://127.0.0.1:", "port"),
+            ("https://127.0.0.1:+1", "port"),
+            ("https://127.0.0.1:10035/cps/../x", "path"),
+            ("https://127.0.0.1:10035/cps", "path"),
+            ("https://user@127.0.0.1:10035", "credentials"),
+            ("https://127.0.0.1:10035/?a=1", "query"),
+            ("https://127.0.0.1:10035#x", "fragment"),
+        ]:
+            body = {**base, "agentContext": {**ABSENT_AGENT, "url": url}}
+            code, document = yield self.post(
+                "/dmp/td02Exist", json.dumps(body).encode("ascii")
+            )
+            self.assertEqual(code, 400, (url, document))
+            self.assertTrue(
+                document["detail"].startswith("agentContext.url "), document["detail"]
+            )
+            self.assertIn(said, document["detail"])
 
     @inlineCallbacks
     def test_unique_ids_checked(self) -> Any:

@@ -568,8 +568,9 @@ _CONTEXT_SCHEMA = {
             "type": "string",
             "pattern": "^https://",
             "maxLength": 2048,
-            "description": "the agent's https:// URL; the facade reaches only "
-            "agents in the networks its operator allows (--agent-network)",
+            "description": "the agent's URL, https://HOST[:PORT] (an IPv4 "
+            "address or a DNS name, no path); the facade reaches only agents in "
+            "the networks its operator allows (--agent-network)",
         },
         "token": {"type": "string", "pattern": "^[A-Za-z0-9_-]{16,512}$"},
         "tlsFingerprint": {

@@ -15,6 +15,7 @@ was stored.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import time
 import weakref
@@ -261,54 +262,84 @@ def excerpt(value: object, length: int = 40) -> str:
     return repr(text)
 
 
-#: A host name (RFC 1123, 2.1), which an IPv4 address also is.
-_HOST_NAME = re.compile(
-    r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*\.?",
-    re.ASCII,
-)
+#: A label of a DNS name (RFC 1123, 2.1): letters, digits and inner hyphens.
+_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", re.ASCII)
+#: A port as plain decimal digits, without a leading zero.
+_PORT = re.compile(r"[1-9][0-9]{0,4}", re.ASCII)
+
+
+def _agent_host(host: str) -> bool:
+    """
+    @return: whether C{host} (lowercase, without a trailing dot) is an IPv4
+        address in dotted-quad form, or a DNS name whose last label is not
+        all digits: the shorthand forms an address resolver reads
+        (C{127.1}, C{0x7f.1}, C{2130706433}) are neither.
+    """
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        pass
+    else:
+        return True
+    labels = host.split(".")
+    return (
+        len(host) <= 253
+        and all(_LABEL.fullmatch(label) for label in labels)
+        and not labels[-1].isdigit()
+    )
 
 
 def _agent_url(url: str) -> str:
     """
-    @return: C{url}, an C{https://} URL of a host, with neither credentials,
-        query nor fragment.
+    @return: C{url} as the facade uses it, C{https://HOST[:PORT]}: its host
+        an IPv4 address or a DNS name (lowercase, a trailing dot dropped),
+        its port plain digits, and nothing else (no credentials, no path
+        but C{/}, no query, no fragment).
     @raise ValueError: saying what is wrong with it.
     """
     if len(url) > MAX_URL_LENGTH:
         raise ValueError(f"agentContext.url is over {MAX_URL_LENGTH} characters")
-    parts = urlsplit(url)
     if not url.startswith("https://"):
         raise ValueError(
             f"agentContext.url must be an https:// URL (the agent only speaks "
             f"HTTPS and the token must not travel in clear), not {excerpt(url)}"
         )
-    try:
-        port = parts.port
-    except ValueError:
-        port = 0
-    if port is not None and not 0 < port < 65536:
-        raise ValueError(f"agentContext.url has an invalid port: {excerpt(url)}")
-    if not parts.hostname or parts.username is not None:
+    parts = urlsplit(url)
+    if "@" in parts.netloc or not parts.netloc:
         raise ValueError(
             f"agentContext.url must name a host, without credentials: {excerpt(url)}"
         )
-    if ":" in parts.hostname:
+    if parts.netloc.startswith("["):
         # The HTTP client's URL handling (hyperlink) fails on them.
         raise ValueError(
             "agentContext.url: an IPv6 address cannot be the agent's host; "
             f"give a name that resolves to it: {excerpt(url)}"
         )
-    if not _HOST_NAME.fullmatch(parts.hostname) or len(parts.hostname) > 253:
+    host, colon, port = parts.netloc.partition(":")
+    if colon and not (_PORT.fullmatch(port) and int(port) < 65536):
         raise ValueError(
-            "agentContext.url must name its host by an IPv4 address or a DNS "
-            "name (labels of letters, digits and inner hyphens, at most 63 "
-            f"characters each; a non-ASCII name in its xn-- form): {excerpt(url)}"
+            "agentContext.url has an invalid port (digits from 1 to 65535, "
+            f"without a leading zero): {excerpt(url)}"
+        )
+    host = host.lower()
+    host = host[:-1] if host.endswith(".") else host
+    if not _agent_host(host):
+        raise ValueError(
+            "agentContext.url must name its host by an IPv4 address (four "
+            "decimal numbers) or a DNS name (labels of letters, digits and "
+            "inner hyphens, at most 63 characters each, the last not all "
+            f"digits; a non-ASCII name in its xn-- form): {excerpt(url)}"
         )
     if parts.query or parts.fragment or "?" in url or "#" in url:
         raise ValueError(
             f"agentContext.url must have no query or fragment: {excerpt(url)}"
         )
-    return url
+    if parts.path not in ("", "/"):
+        raise ValueError(
+            "agentContext.url must have no path: the agent's endpoints are at "
+            f"its root: {excerpt(url)}"
+        )
+    return f"https://{host}{colon}{port}"
 
 
 @dataclass(frozen=True)
@@ -350,7 +381,7 @@ class AgentContext:
                 "agentContext.expires must be a string of at most 64 characters, "
                 f"the time the agent gave, not {excerpt(expires)}"
             )
-        _agent_url(url)
+        url = _agent_url(url)
         if not _TOKEN.fullmatch(token):
             raise ValueError(
                 f"agentContext.token is not an agent token: 16 to 512 characters "
