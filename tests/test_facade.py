@@ -2947,6 +2947,26 @@ class ProblemMappingTests(SynchronousTestCase):
                 "the agent answered GET /cps/card: too many requests",
             )
 
+    def test_conflict_said(self) -> None:
+        """
+        A TD3.3 that would change nothing says the document's state as it
+        is: "already" only for the state asked for.
+        """
+        from cpsdmp.facade.resource import _conflict
+
+        classcode = CodedValue("11", CLASS_SYSTEM, "Synthèse")
+        entry = document_entry(
+            cda("BIO"), STRUCTURE, DEFAULTS, {"classCode": classcode}
+        )
+        said = f"document {entry.uniqueId} is"
+        self.assertEqual(
+            _conflict(entry, "unmask"), f"{said} not masked: nothing to unmask"
+        )
+        self.assertEqual(
+            _conflict(entry, "unarchive"), f"{said} not archived: nothing to unarchive"
+        )
+        self.assertIsNone(_conflict(entry, "mask"))
+
     def test_long_detail_cut(self) -> None:
         """
         Whatever a message quotes, a problem's detail is at most 1000

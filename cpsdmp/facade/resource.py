@@ -1134,16 +1134,16 @@ def _conflict(entry: DocumentEntry, action: str) -> str | None:
     """
     masked = any(c.code == MASQUE_PS.code for c in entry.confidentialityCode)
     archived = entry.availabilityStatus == Status.Archived
-    already = {
-        "mask": "masked" if masked else None,
+    state = {
+        "mask": "already masked" if masked else None,
         "unmask": None if masked else "not masked",
-        "archive": "archived" if archived else None,
+        "archive": "already archived" if archived else None,
         "unarchive": None if archived else "not archived",
         "delete": None,
     }[action]
-    if already is None:
+    if state is None:
         return None
-    return f"document {entry.uniqueId} is already {already}: nothing to {action}"
+    return f"document {entry.uniqueId} is {state}: nothing to {action}"
 
 
 async def _td33(resource: FacadeResource, request: server.Request, body: Any) -> Any:
