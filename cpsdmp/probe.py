@@ -112,8 +112,11 @@ def format_report(data: dict[str, Any]) -> str:
         lines.append("Client certificate: requested, none sent")
     else:
         lines.append("Client certificate: not requested")
-    if data["alpn"]:
-        lines.append(f"ALPN protocol: {data['alpn']}")
+    offered = data.get("alpn_offered")
+    if offered:
+        lines.append(f"ALPN offered: {', '.join(offered)}")
+    if data["alpn"] or offered:
+        lines.append(f"ALPN protocol: {data['alpn'] or '(none negotiated)'}")
     lines.append(f"Resumed: {'yes' if data['resumed'] else 'no'}")
     lines.append(f"Remote signature: {data['remote_signature_seconds']:.3f} s")
     lines.append("Time per step:")
@@ -274,6 +277,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"CONNECTION FAILED ({kind}): {error}", file=sys.stderr)
         return 1
     reports = [report(info, host, port, len(config.roots)) for info in result]
+    if args.alpn:
+        for data in reports:
+            data["alpn_offered"] = [name.decode("ascii") for name in args.alpn]
     if args.json:
         out: Any = reports[0] if len(reports) == 1 else reports
         print(json.dumps(out, indent=2))

@@ -94,6 +94,34 @@ class ProbeCommandTests(OpenSSLServerMixin, TestCase):
         )
 
     @inlineCallbacks
+    def test_alpn_offered_said(self) -> Any:
+        """
+        With --alpn, the report says what was offered next to what the
+        server chose, and that it chose none when it did not.
+        """
+        server = self.start_server("-www", "-alpn", "http/1.1")
+        out, err, status = yield self._probe(
+            f"https://localhost:{server.port}/",
+            *self._key_args(),
+            "--alpn",
+            "h2",
+            "--alpn",
+            "http/1.1",
+        )
+        self.assertEqual(status, 0, err.decode())
+        self.assertIn(
+            "ALPN offered: h2, http/1.1\nALPN protocol: http/1.1\n", out.decode()
+        )
+        server = self.start_server("-www")
+        out, err, status = yield self._probe(
+            f"https://localhost:{server.port}/", *self._key_args(), "--alpn", "h2"
+        )
+        self.assertEqual(status, 0, err.decode())
+        self.assertIn(
+            "ALPN offered: h2\nALPN protocol: (none negotiated)\n", out.decode()
+        )
+
+    @inlineCallbacks
     def test_failure_status(self) -> Any:
         """
         An untrusted server: exit status 1 and the reason on stderr.
