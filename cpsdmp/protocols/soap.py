@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import email.message
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +27,11 @@ from twisted.internet.interfaces import IConsumer
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
+from cpsdmp.protocols.multipart import (
+    MultipartError,
+    content_type_params,
+    split_parts,
+)
 from cpsdmp.protocols.safexml import DEFAULT_MAX_BYTES, XmlRefused, parse_xml
 
 SOAP12 = "http://www.w3.org/2003/05/soap-envelope"
@@ -278,15 +282,6 @@ class SoapResponse:
             raise SoapError(f"the MIME part {content_id} is missing") from None
 
 
-def _content_type_params(value: str) -> tuple[str, dict[str, str]]:
-    message = email.message.Message()
-    message["Content-Type"] = value
-    params: dict[str, str] = {}
-    for key, param in message.get_params(failobj=[])[1:]:
-        params[key.lower()] = str(param)
-    return message.get_content_type(), params
-
-
 def read_message(
     content_type: str, body: bytes, max_xml_bytes: int = DEFAULT_MAX_BYTES
 ) -> SoapResponse:
@@ -299,7 +294,7 @@ def read_message(
     @raise SoapError: the message is not SOAP 1.2 or its MIME is malformed.
     @raise XmlRefused: the XML is unsafe, malformed or too large.
     """
-    media_type, params = _content_type_params(content_type)
+    media_type, params = content_type_params(content_type)
     if media_type == "multipart/related":
         root, attachments = _read_multipart(body, params)
     else:
@@ -322,29 +317,14 @@ def _read_multipart(
     boundary = params.get("boundary")
     if not boundary:
         raise SoapError("multipart/related without boundary")
-    delimiter = b"--" + boundary.encode("ascii")
-    view = memoryview(body)
     start_id = params.get("start", "").strip("<>")
-
-    position = body.find(delimiter)
-    if position < 0:
-        raise SoapError("the MIME boundary does not occur in the body")
-    parts: list[tuple[dict[str, str], memoryview]] = []
-    while True:
-        position += len(delimiter)
-        if body.startswith(b"--", position):
-            break
-        headers_start = body.find(_CRLF, position) + 2
-        headers_end = body.find(_CRLF + _CRLF, headers_start)
-        if headers_start < 2 or headers_end < 0:
-            raise SoapError("a MIME part has no header block")
-        headers = _part_headers(body[headers_start:headers_end])
-        content_start = headers_end + 4
-        following = body.find(_CRLF + delimiter, content_start)
-        if following < 0:
-            raise SoapError("a MIME part is not terminated by the boundary")
-        parts.append((headers, view[content_start:following]))
-        position = following + 2
+    try:
+        parts = [
+            (_part_headers(part.header_block), part.content)
+            for part in split_parts(body, boundary)
+        ]
+    except MultipartError as error:
+        raise SoapError(f"the MIME message cannot be read: {error}") from None
     if not parts:
         raise SoapError("multipart/related without parts")
 
@@ -384,6 +364,8 @@ def _decoded(headers: dict[str, str], content: memoryview) -> memoryview:
 def _part_headers(block: bytes) -> dict[str, str]:
     headers: dict[str, str] = {}
     for line in block.decode("latin-1").split("\r\n"):
+        if not line:
+            continue
         name, _, value = line.partition(":")
         headers[name.strip().lower()] = value.strip()
     return headers
