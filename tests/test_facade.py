@@ -2609,6 +2609,38 @@ class MoreFaultTests(FacadeTestCase):
                 multipart("xyz", [(context[0], context[1], b'"x"'), document]),
                 "agentContext",
             ),
+            (
+                "multipart/form-data; boundary=xyz",
+                multipart("xyz", [context, document]).removesuffix(b"--xyz--\r\n"),
+                "it is truncated",
+            ),
+            (
+                "multipart/form-data; boundary=xyz",
+                multipart("xyz", [context, ('filename="a.xml"', "text/xml", b"<x/>")]),
+                "part 2 has no name",
+            ),
+            (
+                "multipart/form-data; boundary=xyz",
+                multipart(
+                    "xyz", [(context[0] + '; filename="c.json"', JSON, b"{}"), document]
+                ),
+                "part 'agentContext' has a filename",
+            ),
+            (
+                "multipart/form-data; boundary=xyz",
+                multipart(
+                    "xyz",
+                    [
+                        context,
+                        (
+                            'name="d"; filename="a.xml"',
+                            "text/xml\r\nContent-Transfer-Encoding: base64",
+                            base64.b64encode(cda("BIO")),
+                        ),
+                    ],
+                ),
+                "part 'd' has the Content-Transfer-Encoding 'base64'",
+            ),
         ]:
             response, problem = yield post_raw(url, body, content_type)
             self.assertEqual(response.code, 400, (body[:20], problem))
@@ -2623,7 +2655,7 @@ class MoreFaultTests(FacadeTestCase):
             for e in events
             if e.get("operation") == "td21SubmitDocuments" and e.get("status") == 400
         ]
-        self.assertEqual(len(logged), 5)
+        self.assertEqual(len(logged), 9)
         self.assertEqual(self.backend.signatures[KeyUsage.signature], 0)
 
     @inlineCallbacks
@@ -4352,6 +4384,16 @@ class RequestCheckTests(TestCase):
             content_type=f"multipart/form-data; boundary={boundary}",
         )
         self.assertIn(f"at most {MAX_DOCUMENTS} documents", detail)
+        # A form of more parts than a submission has is refused when one too
+        # many begins, without reading on (this one is not even ended).
+        form += [('name="d"; filename="d.xml"', "text/xml", b"<not-read/>")] * 300
+        detail = yield self.refused(
+            "/dmp/td21SubmitDocuments",
+            multipart(boundary, form).removesuffix(f"--{boundary}--\r\n".encode()),
+            413,
+            content_type=f"multipart/form-data; boundary={boundary}",
+        )
+        self.assertIn(f"more than {MAX_DOCUMENTS + 2} parts", detail)
         request = _pointer(
             "paths",
             "/dmp/td21SubmitDocuments",

@@ -64,6 +64,12 @@ from cpsdmp.protocols.httpserver import (
     closing_answer,
     reason_phrase,
 )
+from cpsdmp.protocols.multipart import (
+    MultipartError,
+    TooManyParts,
+    content_type_params,
+    split_parts,
+)
 from cpsdmp.protocols.safexml import XmlRefused
 from cpsdmp.protocols.soap import SoapError, SoapFault
 from cpsdmp.protocols.tls import (
@@ -684,9 +690,17 @@ PROBLEM_SCHEMA = {
 }
 _WARNINGS = {"type": "array", "items": _DMP_ERROR_SCHEMA}
 #: TD2.1 as a form: the agent context and the overrides as JSON parts, each
-#: CDA as a file part (any name).
+#: CDA as a file part (a part with a filename), under any name.
 MULTIPART_SCHEMA = {
     "type": "object",
+    "description": (
+        "A part 'agentContext', an optional part 'overrides', and one to "
+        f"{MAX_DOCUMENTS} file parts: every part with a filename is a CDA "
+        "document, whatever its name ('documents' here), in the order given. "
+        "Parts are sent as they are: a Content-Transfer-Encoding other than "
+        "7bit, 8bit or binary is refused, as is a form without its closing "
+        "delimiter."
+    ),
     "required": ["agentContext"],
     "properties": {
         "agentContext": {"type": "string", "contentMediaType": JSON},
@@ -697,10 +711,12 @@ MULTIPART_SCHEMA = {
         },
         "documents": {
             "type": "array",
+            "minItems": 1,
             "maxItems": MAX_DOCUMENTS,
             "items": {"type": "string", "contentMediaType": "text/xml"},
         },
     },
+    "additionalProperties": {"type": "string", "contentMediaType": "text/xml"},
 }
 
 
@@ -1940,51 +1956,80 @@ def _json(raw: bytes, what: str) -> Any:
         raise BadRequest(f"{what} {error}") from None
 
 
+#: Reads a form part's header block.
+_FORM_HEADERS = email.parser.BytesHeaderParser(policy=email.policy.HTTP)
+
+
 def _multipart(content_type: str, raw: bytes) -> dict[str, Any]:
     """
     Read a multipart/form-data TD2.1: the part C{agentContext}, an optional
     part C{overrides}, and every part with a file name as a document.
+
+    The parts are found by their delimiter lines, in one pass over the body,
+    and a form with more parts than a submission takes is refused as soon
+    as one too many begins; only each part's small header block is parsed,
+    and a document is a slice of the body, its bytes as they were sent.
     """
-    parser = email.parser.BytesParser(policy=email.policy.HTTP)
-    message = parser.parsebytes(
-        b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + raw
-    )
-    if not message.is_multipart():
-        boundary = message.get_param("boundary")
-        if not boundary:
-            raise BadRequest(
-                "the multipart/form-data body has no boundary in its Content-Type"
-            )
+    _, params = content_type_params(content_type)
+    boundary = params.get("boundary")
+    if not boundary:
         raise BadRequest(
-            "the multipart/form-data body has no part: its boundary "
-            f"{excerpt(boundary)} is not found in it"
+            "the multipart/form-data body has no boundary in its Content-Type"
         )
+    try:
+        parts = split_parts(raw, boundary, MAX_DOCUMENTS + 2)
+    except TooManyParts:
+        raise TooManyDocuments(
+            f"a submission carries at most {MAX_DOCUMENTS} documents, and the "
+            f"form has more than {MAX_DOCUMENTS + 2} parts (the context, the "
+            "overrides and the documents): send them in several submissions"
+        ) from None
+    except MultipartError as error:
+        raise BadRequest(
+            f"the multipart/form-data body cannot be read: {error}"
+        ) from None
     context: Any = None
     overrides: Any = None
     documents: list[tuple[str, bytes]] = []
     seen: set[str] = set()
-    for part in message.iter_parts():
-        name = part.get_param("name", header="content-disposition")
-        filename = part.get_filename()
-        payload = part.get_payload(decode=True)
-        if not isinstance(payload, bytes):
-            payload = b""
-        if name in ("agentContext", "overrides") and not filename:
+    for number, part in enumerate(parts, 1):
+        headers = _FORM_HEADERS.parsebytes(part.header_block)
+        name = headers.get_param("name", header="content-disposition")
+        filename = headers.get_filename()
+        if not name:
+            raise BadRequest(
+                f"the form's part {number} has no name: each part's "
+                'Content-Disposition is form-data; name="..."'
+            )
+        which = f"part {excerpt(str(name))}"
+        encoding = str(headers.get("content-transfer-encoding", "binary"))
+        if encoding.strip().lower() not in ("7bit", "8bit", "binary"):
+            raise BadRequest(
+                f"the form's {which} has the Content-Transfer-Encoding "
+                f"{excerpt(encoding)}: a form's parts are sent as they are "
+                "(RFC 7578 deprecates transfer encodings)"
+            )
+        if name in ("agentContext", "overrides"):
+            if filename:
+                raise BadRequest(
+                    f"the form's part {name!r} has a filename: it is JSON, not a "
+                    "document; send it without a filename"
+                )
             if name in seen:
                 raise BadRequest(
                     f"the form has two parts {name!r}: give each JSON part once"
                 )
             seen.add(name)
-            value = _json(payload, f"the part {name!r}")
+            value = _json(bytes(part.content), f"the part {name!r}")
             if name == "agentContext":
                 context = value
             else:
                 overrides = value
         elif filename:
-            documents.append((filename, payload))
+            documents.append((filename, bytes(part.content)))
         else:
             raise BadRequest(
-                f"the form's part {excerpt(name)} is not 'agentContext', nor "
+                f"the form's {which} is not 'agentContext', nor "
                 "'overrides', nor a file (a part with a filename)"
             )
     if context is None:
