@@ -3584,6 +3584,16 @@ class RequestCheckTests(TestCase):
         return document["detail"]
 
     @inlineCallbacks
+    def test_wrong_content_type_quoted_as_given(self) -> Any:
+        """
+        A Content-Type a route does not take is quoted in the refusal as the
+        request gave it: a boundary keeps its case.
+        """
+        given = "multipart/form-data; boundary=AbC-XyZ"
+        detail = yield self.refused("/dmp/td02Exist", b"{}", content_type=given)
+        self.assertIn(f"not {given!r}", detail)
+
+    @inlineCallbacks
     def test_member_twice(self) -> Any:
         """
         A member given twice in one object is refused, wherever it is: the

@@ -1912,14 +1912,17 @@ class FacadeResource(Resource):
     def _body(self, route: Route, request: server.Request) -> Any:
         if route.request is None:
             return None
-        content_type = (request.getHeader("content-type") or "").lower()
+        given = request.getHeader("content-type") or ""
+        content_type = given.lower()
         assert request.content is not None
         request.content.seek(0)
         raw = request.content.read()
         if content_type.startswith(MULTIPART) and (MULTIPART in route.request_types):
-            return _multipart(request.getHeader("content-type") or "", raw)
+            return _multipart(given, raw)
         if not content_type.startswith(JSON):
-            raise BadRequest(f"the body must be {JSON}, not {content_type or 'absent'}")
+            # Quoted as given: a boundary's case is its own.
+            said = excerpt(given, 80) if given else "absent"
+            raise BadRequest(f"the body must be {JSON}, not {said}")
         body = _json(raw, "the body")
         if not isinstance(body, dict):
             raise BadRequest("the body must be a JSON object")
