@@ -1008,13 +1008,34 @@ class FaultTests(FacadeTestCase):
         self.assertIn(
             submitted["documents"][0]["uniqueId"], [d["uniqueId"] for d in found]
         )
-        for name in ["uniqueIds", "entryUUIDs"]:
+        for name in [
+            "uniqueIds",
+            "entryUUIDs",
+            "classCodes",
+            "typeCodes",
+            "confidentialityCodes",
+        ]:
             error = yield self.failure_of(
                 self.facade.td31_find(self.context, CDA_PATIENT, **{name: []}),
                 MalformedRequest,
             )
             self.assertEqual(error.status, 400)
             self.assertIn(f"'{name}' is empty", str(error))
+            request = _pointer(
+                "paths",
+                "/dmp/td31Find",
+                "post",
+                "requestBody",
+                "content",
+                JSON,
+                "schema",
+            )
+            self.assertRaises(
+                AssertionError,
+                conforms,
+                {"agentContext": ABSENT_AGENT, "patient": CDA_PATIENT, name: []},
+                request,
+            )
 
     @inlineCallbacks
     def test_other_patients_document(self) -> Any:
@@ -3972,7 +3993,7 @@ class RequestCheckTests(TestCase):
             ({**base, "statuses": ["urn:\udc00"]}, "status"),
             (
                 {**base, "classCodes": [{"code": "11", "codingScheme": "1.2\x03"}]},
-                "classCodes codingScheme",
+                "classCodes[0] codingScheme",
             ),
             (
                 {
@@ -3981,7 +4002,7 @@ class RequestCheckTests(TestCase):
                         {"code": "1", "codingScheme": "1.2", "display": "\ud800"}
                     ],
                 },
-                "typeCodes display",
+                "typeCodes[0] display",
             ),
         ]:
             code, document = yield self.post(
@@ -4252,12 +4273,12 @@ class RequestCheckTests(TestCase):
                         }
                     ],
                 },
-                "eventCodeList.codingScheme '1.x' is not an OID",
+                "eventCodeList[0].codingScheme '1.x' is not an OID",
             ),
             (
                 "/dmp/td31Find",
                 {**search, "classCodes": [{"code": "11", "codingScheme": "TRE_A03"}]},
-                "classCodes.codingScheme 'TRE_A03' is not an OID",
+                "classCodes[0].codingScheme 'TRE_A03' is not an OID",
             ),
         ]:
             code, document = yield self.post(path, body)

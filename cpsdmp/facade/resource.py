@@ -427,8 +427,8 @@ def _strings(body: Mapping[str, Any], name: str, longest: int = 256) -> list[str
     value = body.get(name, [])
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise BadRequest(f"{name!r} must be a list of strings")
-    for item in value:
-        _bounded(item, name, longest)
+    for index, item in enumerate(value):
+        _bounded(item, f"{name}[{index}]", longest)
     return value
 
 
@@ -520,7 +520,7 @@ def read_overrides(value: Any) -> dict[str, object]:
         elif name in CODED_LIST_OVERRIDES:
             if not isinstance(item, list):
                 raise BadRequest(f"{name} must be a list of codes")
-            result[name] = [_coded(i, name) for i in item]
+            result[name] = [_coded(i, f"{name}[{j}]") for j, i in enumerate(item)]
         elif name in TEXT_OVERRIDES:
             if not isinstance(item, str):
                 raise BadRequest(f"{name} must be a string")
@@ -901,10 +901,18 @@ def _find_parameters(
         urns.append(urn)
 
     def codes(name: str) -> list[CodedValue]:
-        value = body.get(name, [])
+        if name not in body:
+            return []
+        value = body[name]
         if not isinstance(value, list):
             raise BadRequest(f"{name!r} must be a list of codes")
-        return [_coded(v, name) for v in value]
+        # An empty list filters nothing out: it is refused, not taken as
+        # no filter.
+        if not value:
+            raise BadRequest(
+                f"{name!r} is empty: list the codes wanted, or leave it out"
+            )
+        return [_coded(v, f"{name}[{index}]") for index, v in enumerate(value)]
 
     times = {}
     for name in ("creationFrom", "creationTo"):
@@ -1488,10 +1496,19 @@ ROUTES: tuple[Route, ...] = (
                 },
                 "creationFrom": _TIME_SCHEMA,
                 "creationTo": _TIME_SCHEMA,
-                "classCodes": {"type": "array", "items": _GIVEN_CODE_SCHEMA},
-                "typeCodes": {"type": "array", "items": _GIVEN_CODE_SCHEMA},
+                "classCodes": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": _GIVEN_CODE_SCHEMA,
+                },
+                "typeCodes": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": _GIVEN_CODE_SCHEMA,
+                },
                 "confidentialityCodes": {
                     "type": "array",
+                    "minItems": 1,
                     "items": _GIVEN_CODE_SCHEMA,
                 },
                 "uniqueIds": {
