@@ -1038,6 +1038,31 @@ class FaultTests(FacadeTestCase):
             )
 
     @inlineCallbacks
+    def test_documents_asked_once(self) -> Any:
+        """
+        TD3.1 asking for a document twice is refused, naming the repeat; an
+        entryUUID is found whatever the case of its hexadecimal digits, and
+        the same one in two cases is a repeat.
+        """
+        submitted = yield self.submit(cda("VAC-NOTE"))
+        (document,) = submitted["documents"]
+        unique, entry_uuid = document["uniqueId"], document["entryUUID"]
+        upper = "urn:uuid:" + entry_uuid.removeprefix("urn:uuid:").upper()
+        for name, values in [
+            ("uniqueIds", [unique, "1.2.3", unique]),
+            ("entryUUIDs", [entry_uuid, str(uuid.uuid4().urn), upper]),
+        ]:
+            error = yield self.failure_of(
+                self.facade.td31_find(self.context, CDA_PATIENT, **{name: values}),
+                MalformedRequest,
+            )
+            self.assertIn(f"{name}[2] repeats {name}[0]", str(error))
+        (found,) = yield self.facade.td31_find(
+            self.context, CDA_PATIENT, entryUUIDs=[upper]
+        )
+        self.assertEqual(found["entryUUID"], entry_uuid)
+
+    @inlineCallbacks
     def test_other_patients_document(self) -> Any:
         """
         A document of patient B asked for with patient A: TD3.1 by uniqueId

@@ -829,6 +829,15 @@ class QueryTests(SandboxTestCase):
             get_documents(self.endpoints, self.vihf(), entry_uuids=[second.entryUUID])
         )
         (entry,) = read_query(answer).entries
+        # An entryUUID is found whatever its case; asked twice, answered once.
+        for asked in [
+            {"entry_uuids": [second.entryUUID.upper(), second.entryUUID]},
+            {"unique_ids": [second.uniqueId, second.uniqueId]},
+        ]:
+            answer = yield self.post(
+                get_documents(self.endpoints, self.vihf(), **asked)
+            )
+            self.assertEqual(read_query(answer).entries, [entry], asked)
         self.assertEqual(entry.uniqueId, second.uniqueId)
         self.assertEqual(entry.availabilityStatus, Status.Approved)
         self.assertEqual(entry.version, "1")

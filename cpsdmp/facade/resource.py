@@ -959,6 +959,18 @@ async def _td31(resource: FacadeResource, request: server.Request, body: Any) ->
                 f"entryUUIDs[{index}] {excerpt(value)} is not an entryUUID: "
                 "urn:uuid: and a UUID, as the DMP's answers give them"
             )
+    # A UUID's hexadecimal digits are written in lower case (RFC 4122,
+    # section 3), as the DMP compares them.
+    entry_uuids = [value.lower() for value in entry_uuids]
+    for name, values in [("uniqueIds", unique_ids), ("entryUUIDs", entry_uuids)]:
+        first: dict[str, int] = {}
+        for index, value in enumerate(values):
+            if value in first:
+                raise BadRequest(
+                    f"{name}[{index}] repeats {name}[{first[value]}]: ask for "
+                    "each document once"
+                )
+            first[value] = index
     if unique_ids or entry_uuids:
         search = sorted(FIND_MEMBERS & set(body))
         if search:
@@ -1515,11 +1527,14 @@ ROUTES: tuple[Route, ...] = (
                     "type": "array",
                     "items": _UNIQUE_ID_SCHEMA,
                     "minItems": 1,
+                    "uniqueItems": True,
                 },
                 "entryUUIDs": {
                     "type": "array",
                     "items": {"type": "string", "pattern": ENTRY_UUID_PATTERN},
                     "minItems": 1,
+                    "uniqueItems": True,
+                    "description": "compared without regard to case",
                 },
             },
             "additionalProperties": False,

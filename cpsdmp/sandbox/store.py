@@ -692,22 +692,25 @@ class Store:
         unique_ids: Sequence[str] = (),
     ) -> Deferred[list[StoredEntry]]:
         """
-        @return: a Deferred that fires with the entries named by entryUUID,
-            and the current version of the documents named by uniqueId, of
-            C{patient} only: another patient's are left out as unknown ones.
+        @return: a Deferred that fires with the entries named by entryUUID
+            (whatever the case of its hexadecimal digits), and the current
+            version of the documents named by uniqueId, of C{patient} only:
+            another patient's are left out as unknown ones. An entry asked
+            for twice is answered once.
         """
 
         def get(cursor: adbapi.Transaction) -> list[StoredEntry]:
-            found = []
+            found: dict[str, StoredEntry] = {}
             for entry_uuid in entry_uuids:
                 cursor.execute(
                     f"SELECT {self._COLUMNS} FROM entries WHERE entry_uuid = ? "
-                    "AND patient_id = ?",
+                    "COLLATE NOCASE AND patient_id = ?",
                     (entry_uuid, str(patient)),
                 )
                 row = cursor.fetchone()
                 if row:
-                    found.append(_stored(row))
+                    entry = _stored(row)
+                    found.setdefault(entry.entry_uuid, entry)
             for unique_id in unique_ids:
                 cursor.execute(
                     f"SELECT {self._COLUMNS} FROM entries WHERE unique_id = ? "
@@ -716,8 +719,9 @@ class Store:
                 )
                 row = cursor.fetchone()
                 if row:
-                    found.append(_stored(row))
-            return found
+                    entry = _stored(row)
+                    found.setdefault(entry.entry_uuid, entry)
+            return list(found.values())
 
         return self._run(get)
 
