@@ -109,10 +109,15 @@ def _read_small_file(path: Path, limit: int, what: str) -> bytes:
     """
     # Opened without waiting for a writer, in case it is a pipe.
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    with os.fdopen(fd, "rb") as f:
+    try:
+        # Asked before a file object is made of it: that refuses a folder
+        # with an error of its own, and leaves the descriptor open.
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise BadInput(f"{what} {path} is not a regular file")
-        data = f.read(limit + 1)
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(limit + 1)
+    finally:
+        os.close(fd)
     if len(data) > limit:
         raise BadInput(f"{what} {path} is larger than {limit // 1024} KiB")
     return data

@@ -222,11 +222,32 @@ class BadArgumentTests(SynchronousTestCase):
         for path, expected in [
             ("/dev/zero", "the agent context /dev/zero is not a regular file"),
             (str(fifo), f"the agent context {fifo} is not a regular file"),
-            (here, f"cannot read the agent context {here}: Is a directory"),
+            (here, f"the agent context {here} is not a regular file"),
             (str(large), f"the agent context {large} is larger than 64 KiB"),
         ]:
             result = _submit(str(cda), "--agent-context", path)
             self.assert_bad_argument(result, f"cpsdmp submit: {expected}")
+
+
+class AgentContextFileTests(SynchronousTestCase):
+    def test_folder_refused_and_closed(self) -> None:
+        """
+        A folder given as the agent context is refused as not a regular
+        file, and the descriptor opened to find it out is closed.
+        """
+        from cpsdmp.cli import BadInput, read_agent_context
+
+        folder = Path(self.mktemp())
+        folder.mkdir()
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(3):
+            with self.assertRaises(BadInput) as raised:
+                read_agent_context(folder)
+            self.assertEqual(
+                str(raised.exception),
+                f"the agent context {folder} is not a regular file",
+            )
+        self.assertEqual(len(os.listdir("/proc/self/fd")), before)
 
 
 class FailureTests(SynchronousTestCase):
