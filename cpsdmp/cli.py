@@ -99,12 +99,24 @@ MAX_PEM_BYTES = 16 * 1024 * 1024
 MAX_AGENT_CONTEXT_BYTES = 64 * 1024
 
 
-def _read_small_file(path: Path, limit: int, what: str) -> bytes:
+def _size(limit: int) -> str:
+    mib = 1024 * 1024
+    return f"{limit // mib} MiB" if limit % mib == 0 else f"{limit // 1024} KiB"
+
+
+class FileTooLarge(ValueError):
     """
-    @param what: what the file is, for the messages.
-    @return: the bytes of a regular file of at most C{limit} bytes.
-    @raise BadInput: it is not a regular file (a pipe would never end, a
-        device never stop) or it is larger.
+    A file is larger than it may be.
+    """
+
+
+def read_regular_file(path: Path, limit: int) -> bytes:
+    """
+    @return: the bytes of a regular file of at most C{limit} bytes, read up
+        to C{limit} and no further.
+    @raise ValueError: it is not a regular file (a pipe no one writes to
+        would be waited on forever, a device read until the limit), or
+        L{FileTooLarge}; the message says which, to follow the file's name.
     @raise OSError: it cannot be read.
     """
     # Opened without waiting for a writer, in case it is a pipe.
@@ -113,13 +125,13 @@ def _read_small_file(path: Path, limit: int, what: str) -> bytes:
         # Asked before a file object is made of it: that refuses a folder
         # with an error of its own, and leaves the descriptor open.
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise BadInput(f"{what} {path} is not a regular file")
+            raise ValueError("not a regular file")
         with os.fdopen(fd, "rb", closefd=False) as f:
             data = f.read(limit + 1)
     finally:
         os.close(fd)
     if len(data) > limit:
-        raise BadInput(f"{what} {path} is larger than {limit // 1024} KiB")
+        raise FileTooLarge(f"larger than {_size(limit)}")
     return data
 
 
@@ -130,13 +142,15 @@ def read_agent_context(path: Path) -> dict[str, Any]:
     @raise BadInput: the file cannot be read or is not an agent context.
     """
     try:
-        text = _read_small_file(
-            path, MAX_AGENT_CONTEXT_BYTES, "the agent context"
-        ).decode("utf-8")
+        data = read_regular_file(path, MAX_AGENT_CONTEXT_BYTES)
     except OSError as error:
         raise BadInput(
             f"cannot read the agent context {path}: {error.strerror}"
         ) from None
+    except ValueError as error:
+        raise BadInput(f"the agent context {path} is {error}") from None
+    try:
+        text = data.decode("utf-8")
     except ValueError as error:
         raise BadInput(f"the agent context {path} is not UTF-8 text: {error}") from None
     try:

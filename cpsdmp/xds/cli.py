@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import stat
 import sys
 from pathlib import Path
 from typing import Any
 
+from cpsdmp.cli import FileTooLarge, read_regular_file
 from cpsdmp.protocols.safexml import XmlRefused
 from cpsdmp.xds.cda import (
     CLASS_CODE_SYSTEM,
@@ -83,22 +82,12 @@ def _title(value: str) -> str:
 def read_cda(path: Path, limit: int = MAX_CDA_BYTES) -> bytes:
     """
     @return: the file's bytes, read up to C{limit} and no further.
-    @raise ValueError: when the file is larger, or is not a regular file (a
-        pipe no one writes to would be waited on forever, a device read
-        until the limit).
+    @raise ValueError: when the file is larger, or is not a regular file.
     """
-    # Opened without waiting for a writer, in case it is a pipe.
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ValueError("not a regular file")
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            data = f.read(limit + 1)
-    finally:
-        os.close(fd)
-    if len(data) > limit:
-        raise ValueError(f"larger than {limit // (1024 * 1024)} MiB: not a CDA")
-    return data
+        return read_regular_file(path, limit)
+    except FileTooLarge as error:
+        raise FileTooLarge(f"{error}: not a CDA") from None
 
 
 # How a code is given on the command line (an HL7 v2 CE).
