@@ -1218,7 +1218,7 @@ class UnexpectedErrorTests(SynchronousTestCase):
         """
 
         class Broken(VerifiedChains):
-            def check(self, *args: Any, **kw: Any) -> Any:
+            def check_encoded(self, *args: Any, **kw: Any) -> Any:
                 raise RuntimeError("no memory left for chains")
 
         pair = Pair(_config(pki()["client-rsa"].local_key(), verified_chains=Broken()))

@@ -229,7 +229,8 @@ class VerifiedChains:
                 AlertDescription.bad_certificate,
                 "the server sent an unreadable certificate",
             ) from None
-        verified = self.check(chain, roots, host, when)
+        # Kept here only: the parsed chain is not remembered a second time.
+        verified = check_server_chain(chain, roots, host, when)
         if len(self._encoded) >= self._size:
             self._encoded.pop(next(iter(self._encoded)))
         self._encoded[key] = (chain, verified)
