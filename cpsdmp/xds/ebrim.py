@@ -180,16 +180,6 @@ def is_oid(value: str) -> bool:
     return len(value) <= MAX_OID and _OID.fullmatch(value) is not None
 
 
-def check_oid(value: str, what: str) -> str:
-    """
-    @return: C{value} if it is a dotted OID.
-    @raise MetadataError: if it is not.
-    """
-    if not is_oid(value):
-        raise MetadataError(f"{what} {value!r} is not an OID")
-    return value
-
-
 @dataclass(frozen=True)
 class CodedValue:
     """
