@@ -191,21 +191,16 @@ class BadArgumentTests(SynchronousTestCase):
         )
 
     def test_agent_context_not_one(self) -> None:
+        """
+        An agent context file that is not one is a bad argument, said in one
+        line naming the file (each way of not being one: L{AgentContextFileTests}).
+        """
         cda, _ = _files()
-        for content, expected in [
-            ("{not json", "is not JSON"),
-            ('["url"]', "is not an agent context"),
-            ('{"url": "https://x"}', "lacks token, tlsFingerprint"),
-            (
-                json.dumps({"url": 1, "token": None, "tlsFingerprint": "x"}),
-                "has url, token empty or not a string",
-            ),
-        ]:
-            context = Path("bad-context.json").absolute()
-            context.write_text(content)
-            result = _submit(str(cda), "--agent-context", str(context))
-            self.assert_bad_argument(result, f"the agent context {context} ")
-            self.assertIn(expected, result.stderr)
+        context = Path("bad-context.json").absolute()
+        context.write_text('{"url": "https://x"}')
+        result = _submit(str(cda), "--agent-context", str(context))
+        self.assert_bad_argument(result, f"the agent context {context} ")
+        self.assertIn("lacks token, tlsFingerprint", result.stderr)
 
     def test_agent_context_not_a_small_file(self) -> None:
         """
@@ -230,6 +225,31 @@ class BadArgumentTests(SynchronousTestCase):
 
 
 class AgentContextFileTests(SynchronousTestCase):
+    def test_not_an_agent_context(self) -> None:
+        """
+        The reader that submit and probe share says how a file is not an
+        agent context: not JSON, not an object, members missing, or not
+        strings.
+        """
+        from cpsdmp.cli import BadInput, read_agent_context
+
+        path = Path(self.mktemp())
+        for content, expected in [
+            ("{not json", "is not JSON"),
+            ('["url"]', "is not an agent context"),
+            ('{"url": "https://x"}', "lacks token, tlsFingerprint"),
+            (
+                json.dumps({"url": 1, "token": None, "tlsFingerprint": "x"}),
+                "has url, token empty or not a string",
+            ),
+        ]:
+            path.write_text(content)
+            with self.assertRaises(BadInput) as raised:
+                read_agent_context(path)
+            said = str(raised.exception)
+            self.assertTrue(said.startswith(f"the agent context {path} "), said)
+            self.assertIn(expected, said)
+
     def test_folder_refused_and_closed(self) -> None:
         """
         A folder given as the agent context is refused as not a regular
