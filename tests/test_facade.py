@@ -3885,7 +3885,14 @@ class RequestCheckTests(TestCase):
         refused with 400 naming agentContext.url, each time it is given: the
         first refusal leaves nothing behind that the next request trips on.
         """
-        base = {"patient": {"ins": "279035121518989"}}
+
+        def exist(url: str) -> Any:
+            body = {
+                "patient": {"ins": "279035121518989"},
+                "agentContext": {**ABSENT_AGENT, "url": url},
+            }
+            return self.post("/dmp/td02Exist", json.dumps(body).encode("ascii"))
+
         for url in [
             "https://exa mple:10036",
             "https://exa mple:10036",
@@ -3902,10 +3909,7 @@ class RequestCheckTests(TestCase):
             "https://999.1.1.1:10035",
             "https://127.0.0.01:10035",
         ]:
-            body = {**base, "agentContext": {**ABSENT_AGENT, "url": url}}
-            code, document = yield self.post(
-                "/dmp/td02Exist", json.dumps(body).encode("ascii")
-            )
+            code, document = yield exist(url)
             self.assertEqual(code, 400, (url, document))
             self.assertTrue(
                 document["detail"].startswith("agentContext.url "), document["detail"]
@@ -3918,10 +3922,7 @@ class RequestCheckTests(TestCase):
             "https://LOCALHOST:1/",
             "https://127.0.0.1.:1",
         ]:
-            body = {**base, "agentContext": {**ABSENT_AGENT, "url": url}}
-            code, document = yield self.post(
-                "/dmp/td02Exist", json.dumps(body).encode("ascii")
-            )
+            code, document = yield exist(url)
             # Past the checks: the agent is not there.
             self.assertEqual(code, 502, (url, document))
             self.assertNotIn("..", document["detail"])
